@@ -1,0 +1,390 @@
+"""``IdMapping``: one table's learned hash function, raw id -> row in ``[0, num_rows)``.
+
+A mapping is a set of *entries* (ids whose row was chosen by a fitting method: hot ids, clustered
+ids) plus a seeded hash that places every other id (rare, unseen, negative, out of any range) in
+a reserved region of rows. Only the entries cost memory, stored in whichever layout is cheaper
+for this table:
+
+* ``dense``: an int32 row per id over the span ``[offset, offset + len(table))`` of the entry ids.
+  Ids of the span without an entry hold their precomputed hash row, so applying it is one gather
+  and a range check. Cost: 4 bytes x span.
+* ``sorted``: sorted keys (int32 relative to ``offset`` when the span fits, else int64) and int32
+  rows, applied with ``searchsorted``. Cost: 8 or 12 bytes x entries; for sparse 64-bit ids.
+* ``none``: no entries (the hashing trick).
+
+``probes=2`` is frequency-based double hashing: an id without an entry takes two distinct rows of
+the hash region, whose embeddings the bag sums. Only ``remap_jagged`` can express that in a
+KeyedJaggedTensor (an id becomes two values); ``__call__`` returns an (n, 2) tensor with -1 in the
+second column for ids that have an entry.
+
+The mapping is an ``nn.Module`` whose tensors are buffers, so it moves with ``.to(device)`` and is
+saved in a model's ``state_dict``. ``save``/``load`` use safetensors with a checksum.
+"""
+
+import hashlib
+import json
+import os
+import tempfile
+from typing import Dict, Mapping, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from lhf_torchrec.mapping.hashing import hash_ids
+
+FORMAT_VERSION = 1
+_INT32_MAX = (1 << 31) - 1
+_KEY_PREFIX = "lhf_torchrec.mapping"
+
+
+def storage_cost(entry_ids: np.ndarray) -> Tuple[str, int]:
+    """The cheaper storage for these (sorted, unique) entry ids and its size in bytes."""
+    n = int(entry_ids.size)
+    if n == 0:
+        return "none", 0
+    span = int(entry_ids[-1]) - int(entry_ids[0]) + 1
+    sorted_bytes = n * (4 + (4 if span - 1 <= _INT32_MAX else 8))
+    dense_bytes = 4 * span
+    return ("dense", dense_bytes) if dense_bytes <= sorted_bytes else ("sorted", sorted_bytes)
+
+
+class IdMapping(nn.Module):
+    """Maps raw int64 ids to rows of a compressed embedding table.
+
+    Built by the fitting methods (:func:`lhf_torchrec.fit_mapping`) or :meth:`from_entries`;
+    applied with ``mapping(ids)``. Example::
+
+        mapping = IdMapping.from_entries(np.array([7, 42]), np.array([0, 1]), num_rows=10,
+                                         hash_offset=2, hash_rows=8, method="frequency")
+        mapping(torch.tensor([42, 7, 123456789]))   # tensor([1, 0, <a row in [2, 10)>])
+    """
+
+    def __init__(
+        self,
+        num_rows: int,
+        *,
+        hash_offset: int = 0,
+        hash_rows: Optional[int] = None,
+        probes: int = 1,
+        seed: int = 0,
+        storage: str = "none",
+        offset: int = 0,
+        tensors: Optional[Mapping[str, torch.Tensor]] = None,
+        num_entries: int = 0,
+        method: str = "hash",
+        params: Optional[Mapping] = None,
+        layout: Optional[Mapping[str, int]] = None,
+        table_name: str = "table",
+    ) -> None:
+        super().__init__()
+        if not isinstance(num_rows, (int, np.integer)) or num_rows < 1:
+            raise ValueError(f"table '{table_name}': num_rows must be an integer >= 1, got {num_rows!r}")
+        hash_rows = num_rows - hash_offset if hash_rows is None else hash_rows
+        if hash_rows < probes or hash_offset < 0 or hash_offset + hash_rows > num_rows:
+            raise ValueError(
+                f"table '{table_name}': hash region [{hash_offset}, {hash_offset + hash_rows}) must lie in "
+                f"[0, {num_rows}) and hold at least {probes} row(s)"
+            )
+        if probes not in (1, 2):
+            raise ValueError(f"table '{table_name}': probes must be 1 or 2, got {probes}")
+        expected = {"none": set(), "dense": {"table"}, "sorted": {"keys", "values"}}
+        tensors = dict(tensors or {})
+        if storage not in expected or set(tensors) != expected[storage]:
+            raise ValueError(
+                f"table '{table_name}': storage '{storage}' needs tensors {sorted(expected.get(storage, []))}, "
+                f"got {sorted(tensors)}"
+            )
+        self.num_rows = int(num_rows)
+        self.hash_offset = int(hash_offset)
+        self.hash_rows = int(hash_rows)
+        self.probes = int(probes)
+        self.seed = int(seed)
+        self.storage = storage
+        self.offset = int(offset)
+        self.num_entries = int(num_entries)
+        self.method = method
+        self.params = dict(params or {})
+        self.layout = {k: int(v) for k, v in (layout or {"hashed": num_rows}).items()}
+        self.table_name = table_name
+        for name, tensor in tensors.items():
+            self.register_buffer(name, tensor.contiguous())
+        self._check_rows()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_entries(
+        cls,
+        entry_ids: np.ndarray,
+        entry_rows: np.ndarray,
+        num_rows: int,
+        *,
+        hash_offset: int = 0,
+        hash_rows: Optional[int] = None,
+        probes: int = 1,
+        seed: int = 0,
+        method: str = "hash",
+        params: Optional[Mapping] = None,
+        layout: Optional[Mapping[str, int]] = None,
+        table_name: str = "table",
+    ) -> "IdMapping":
+        """Builds a mapping from explicit (id, row) entries, in the cheaper storage for them."""
+        entry_ids = np.asarray(entry_ids, dtype=np.int64)
+        entry_rows = np.asarray(entry_rows, dtype=np.int64)
+        order = np.argsort(entry_ids, kind="stable")
+        entry_ids, entry_rows = entry_ids[order], entry_rows[order]
+        if entry_ids.size and np.any(entry_ids[1:] == entry_ids[:-1]):
+            dup = entry_ids[1:][entry_ids[1:] == entry_ids[:-1]][0]
+            raise ValueError(f"table '{table_name}': id {dup} has more than one entry")
+        if entry_rows.size and (entry_rows.min() < 0 or entry_rows.max() >= num_rows):
+            bad = entry_rows[(entry_rows < 0) | (entry_rows >= num_rows)][0]
+            raise ValueError(f"table '{table_name}': entry row {bad} is outside [0, {num_rows})")
+        storage, _ = storage_cost(entry_ids)
+        hash_rows = num_rows - hash_offset if hash_rows is None else hash_rows
+        tensors: Dict[str, torch.Tensor] = {}
+        offset = int(entry_ids[0]) if entry_ids.size else 0
+        if storage == "dense":
+            span = int(entry_ids[-1]) - offset + 1
+            if probes == 1:
+                # Precompute the hash of every id in the span: lookups then never hash in-span ids.
+                span_ids = torch.arange(offset, offset + span, dtype=torch.int64)
+                table = (hash_offset + hash_ids(span_ids, hash_rows, seed)).to(torch.int32)
+            else:
+                table = torch.full((span,), -1, dtype=torch.int32)
+            table[torch.from_numpy(entry_ids - offset)] = torch.from_numpy(entry_rows).to(torch.int32)
+            tensors["table"] = table
+        elif storage == "sorted":
+            relative = int(entry_ids[-1]) - offset <= _INT32_MAX
+            keys = entry_ids - offset if relative else entry_ids
+            offset = offset if relative else 0
+            tensors["keys"] = torch.from_numpy(keys.astype(np.int32 if relative else np.int64))
+            tensors["values"] = torch.from_numpy(entry_rows.astype(np.int32))
+        return cls(
+            num_rows,
+            hash_offset=hash_offset,
+            hash_rows=hash_rows,
+            probes=probes,
+            seed=seed,
+            storage=storage,
+            offset=offset,
+            tensors=tensors,
+            num_entries=int(entry_ids.size),
+            method=method,
+            params=params,
+            layout=layout,
+            table_name=table_name,
+        )
+
+    def _check_rows(self) -> None:
+        rows = self.table if self.storage == "dense" else self.values if self.storage == "sorted" else None
+        if rows is not None and rows.numel() and (int(rows.max()) >= self.num_rows or int(rows.min()) < -1):
+            raise ValueError(f"table '{self.table_name}': stored rows exceed [0, {self.num_rows})")
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of memory the mapping holds (its buffers)."""
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    # ------------------------------------------------------------------ applying
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows of ``ids`` (same shape; an extra last dim of 2 when ``probes == 2``)."""
+        if not isinstance(ids, torch.Tensor):
+            raise TypeError(f"table '{self.table_name}': ids must be a torch.Tensor, got {type(ids).__name__}")
+        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            raise TypeError(f"table '{self.table_name}': ids must be an integer tensor, got dtype {ids.dtype}")
+        flat = ids.reshape(-1).to(torch.int64)
+        rows, found = self._lookup(flat)
+        if self.probes == 1:
+            return self._fill_hashed(rows, found, flat).view(ids.shape)
+        first, second = self._double_hash(flat)
+        rows = torch.where(found, rows, first)
+        second = torch.where(found, torch.full_like(second, -1), second)
+        return torch.stack([rows, second], dim=-1).view(*ids.shape, 2)
+
+    def remap_jagged(
+        self, values: torch.Tensor, lengths: torch.Tensor, weights: Optional[torch.Tensor] = None
+    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """Remaps the values of a jagged feature; with ``probes == 2`` bags grow by one value per hashed id."""
+        if self.probes == 1:
+            return self(values), lengths, weights
+        rows = self(values)
+        keep = rows >= 0
+        per_value = keep.sum(dim=1)
+        bag_of_value = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths)
+        new_lengths = torch.zeros_like(lengths).index_add_(0, bag_of_value, per_value.to(lengths.dtype))
+        new_weights = None if weights is None else torch.repeat_interleave(weights, per_value)
+        return rows[keep], new_lengths, new_weights
+
+    def _lookup(self, ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(rows, found): rows of ids that have a stored row; ``found`` is False where they must be hashed."""
+        if self.storage == "dense":
+            table: torch.Tensor = self.table
+            relative = ids - self.offset
+            in_span = (relative >= 0) & (relative < table.numel())
+            rows = table[relative.clamp(0, table.numel() - 1)].to(torch.int64)
+            return rows, (in_span & (rows >= 0)) if self.probes == 2 else in_span
+        if self.storage == "sorted":
+            keys: torch.Tensor = self.keys
+            query = ids - self.offset if keys.dtype == torch.int32 else ids
+            in_range = (query >= 0) & (query <= _INT32_MAX) if keys.dtype == torch.int32 else torch.ones_like(ids, dtype=torch.bool)
+            query = query.clamp(0, _INT32_MAX).to(torch.int32) if keys.dtype == torch.int32 else query
+            pos = torch.searchsorted(keys, query).clamp_(max=keys.numel() - 1)
+            found = in_range & (keys[pos] == query)
+            return self.values[pos].to(torch.int64), found
+        return torch.zeros_like(ids), torch.zeros_like(ids, dtype=torch.bool)
+
+    def _fill_hashed(self, rows: torch.Tensor, found: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        if self.storage == "none":
+            return self.hash_offset + hash_ids(ids, self.hash_rows, self.seed)
+        if ids.device.type == "cpu":
+            # On CPU hash only the ids that need it: the hash costs more than the gather, and most
+            # lookups of a fitted table hit an entry. On accelerators the masked copy would sync.
+            missing = (~found).nonzero().squeeze(1)
+            if missing.numel():
+                rows[missing] = self.hash_offset + hash_ids(ids[missing], self.hash_rows, self.seed)
+            return rows
+        return torch.where(found, rows, self.hash_offset + hash_ids(ids, self.hash_rows, self.seed))
+
+    def _double_hash(self, ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        first = hash_ids(ids, self.hash_rows, self.seed)
+        # The second probe is drawn from the other hash_rows - 1 rows, so the two rows always differ.
+        step = 1 + hash_ids(ids, self.hash_rows - 1, self.seed + 1)
+        second = torch.remainder(first + step, self.hash_rows)
+        return self.hash_offset + first, self.hash_offset + second
+
+    # ------------------------------------------------------------------ description and persistence
+    def metadata(self) -> Dict:
+        return {
+            "format_version": FORMAT_VERSION,
+            "table_name": self.table_name,
+            "method": self.method,
+            "params": self.params,
+            "num_rows": self.num_rows,
+            "num_entries": self.num_entries,
+            "seed": self.seed,
+            "storage": self.storage,
+            "offset": self.offset,
+            "hash_offset": self.hash_offset,
+            "hash_rows": self.hash_rows,
+            "probes": self.probes,
+            "layout": self.layout,
+            "nbytes": self.nbytes,
+        }
+
+    def _state_tensors(self) -> Dict[str, torch.Tensor]:
+        return {name: buf.detach().cpu().contiguous() for name, buf in self.named_buffers()}
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the metadata and tensors: equal fingerprints mean the same function."""
+        meta = self.metadata()
+        del meta["table_name"]  # the same function under another table name is the same function
+        digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
+        for name, tensor in sorted(self._state_tensors().items()):
+            digest.update(name.encode())
+            digest.update(tensor.numpy().tobytes())
+        return digest.hexdigest()
+
+    def extra_repr(self) -> str:
+        return (
+            f"table={self.table_name!r}, method={self.method!r}, num_rows={self.num_rows}, "
+            f"entries={self.num_entries}, storage={self.storage!r}, nbytes={self.nbytes}, layout={self.layout}"
+        )
+
+    def save(self, path: str) -> None:
+        """Writes this mapping alone to a safetensors file (atomically)."""
+        save_mappings(path, {self.table_name: self})
+
+    @classmethod
+    def load(cls, path: str) -> "IdMapping":
+        mappings = load_mappings(path)
+        if len(mappings) != 1:
+            raise ValueError(f"{path}: holds {len(mappings)} mappings ({sorted(mappings)}); use load_mappings")
+        return next(iter(mappings.values()))
+
+
+def save_mappings(path: str, mappings: Mapping[str, IdMapping]) -> None:
+    """Writes the mappings of several tables to one safetensors file, atomically.
+
+    Each table's metadata (method, hyper-parameters, rows, entries, seed, layout, format version)
+    and a sha256 checksum go into the file's header; no pickle is involved.
+    """
+    from safetensors.torch import save_file
+
+    tensors: Dict[str, torch.Tensor] = {}
+    header: Dict[str, str] = {"format": _KEY_PREFIX, "format_version": str(FORMAT_VERSION)}
+    for table, mapping in mappings.items():
+        if "/" in table:
+            raise ValueError(f"table name '{table}' may not contain '/'")
+        meta = mapping.metadata()
+        meta["table_name"] = table
+        meta["checksum"] = mapping.fingerprint
+        header[f"table/{table}"] = json.dumps(meta, sort_keys=True)
+        for name, tensor in mapping._state_tensors().items():
+            tensors[f"{table}/{name}"] = tensor
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".safetensors")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=header)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_mappings(path: str, device: Optional[torch.device] = None) -> Dict[str, IdMapping]:
+    """Reads a file written by :func:`save_mappings`; every table's checksum is verified."""
+    from safetensors import SafetensorError, safe_open
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"mapping file {path} does not exist")
+    try:
+        with safe_open(path, framework="pt") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable safetensors mapping file ({e})") from e
+    if header.get("format") != _KEY_PREFIX:
+        raise ValueError(f"{path}: not an lhf_torchrec mapping file (header format={header.get('format')!r})")
+    if header.get("format_version") != str(FORMAT_VERSION):
+        raise ValueError(
+            f"{path}: mapping format version {header.get('format_version')} is not supported "
+            f"(this version reads {FORMAT_VERSION})"
+        )
+    out: Dict[str, IdMapping] = {}
+    for key, value in header.items():
+        if not key.startswith("table/"):
+            continue
+        table = key[len("table/"):]
+        try:
+            meta = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: metadata of table '{table}' is not valid JSON ({e})") from e
+        own = {k.split("/", 1)[1]: t for k, t in tensors.items() if k.split("/", 1)[0] == table}
+        try:
+            mapping = IdMapping(
+                meta["num_rows"],
+                hash_offset=meta["hash_offset"],
+                hash_rows=meta["hash_rows"],
+                probes=meta["probes"],
+                seed=meta["seed"],
+                storage=meta["storage"],
+                offset=meta["offset"],
+                tensors=own,
+                num_entries=meta["num_entries"],
+                method=meta["method"],
+                params=meta["params"],
+                layout=meta["layout"],
+                table_name=table,
+            )
+        except (KeyError, ValueError, TypeError) as e:
+            raise ValueError(f"{path}: mapping of table '{table}' is malformed ({e})") from e
+        if mapping.fingerprint != meta.get("checksum"):
+            raise ValueError(f"{path}: checksum mismatch for table '{table}': the file is corrupted or was edited")
+        out[table] = mapping.to(device) if device is not None else mapping
+    if not out:
+        raise ValueError(f"{path}: holds no mappings")
+    return out
