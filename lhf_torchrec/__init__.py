@@ -1,0 +1,26 @@
+"""lhf-torchrec: learned hash functions that compress TorchRec embedding tables.
+
+The pieces, in the order a pipeline uses them:
+
+* :mod:`lhf_torchrec.mapping`: profile id accesses, fit a mapping (``fit_mapping``), budgets;
+"""
+
+from lhf_torchrec.mapping import (
+    IdEmbeddings,
+    IdMapping,
+    IdProfile,
+    fit_mapping,
+    load_mappings,
+    plan_budget,
+    save_mappings,
+)
+
+__all__ = [
+    "IdEmbeddings",
+    "IdMapping",
+    "IdProfile",
+    "fit_mapping",
+    "load_mappings",
+    "plan_budget",
+    "save_mappings",
+]

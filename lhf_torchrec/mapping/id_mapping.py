@@ -38,13 +38,11 @@ _INT32_MAX = (1 << 31) - 1
 _KEY_PREFIX = "lhf_torchrec.mapping"
 
 
-def storage_cost(entry_ids: np.ndarray) -> Tuple[str, int]:
-    """The cheaper storage for these (sorted, unique) entry ids and its size in bytes."""
-    n = int(entry_ids.size)
-    if n == 0:
+def storage_cost(num_entries: int, span: int) -> Tuple[str, int]:
+    """The cheaper storage for ``num_entries`` entry ids spread over ``span`` ids, and its bytes."""
+    if num_entries == 0:
         return "none", 0
-    span = int(entry_ids[-1]) - int(entry_ids[0]) + 1
-    sorted_bytes = n * (4 + (4 if span - 1 <= _INT32_MAX else 8))
+    sorted_bytes = num_entries * (4 + (4 if span - 1 <= _INT32_MAX else 8))
     dense_bytes = 4 * span
     return ("dense", dense_bytes) if dense_bytes <= sorted_bytes else ("sorted", sorted_bytes)
 
@@ -139,12 +137,12 @@ class IdMapping(nn.Module):
         if entry_rows.size and (entry_rows.min() < 0 or entry_rows.max() >= num_rows):
             bad = entry_rows[(entry_rows < 0) | (entry_rows >= num_rows)][0]
             raise ValueError(f"table '{table_name}': entry row {bad} is outside [0, {num_rows})")
-        storage, _ = storage_cost(entry_ids)
+        offset = int(entry_ids[0]) if entry_ids.size else 0
+        span = int(entry_ids[-1]) - offset + 1 if entry_ids.size else 0
+        storage, _ = storage_cost(int(entry_ids.size), span)
         hash_rows = num_rows - hash_offset if hash_rows is None else hash_rows
         tensors: Dict[str, torch.Tensor] = {}
-        offset = int(entry_ids[0]) if entry_ids.size else 0
         if storage == "dense":
-            span = int(entry_ids[-1]) - offset + 1
             if probes == 1:
                 # Precompute the hash of every id in the span: lookups then never hash in-span ids.
                 span_ids = torch.arange(offset, offset + span, dtype=torch.int64)

@@ -1,0 +1,126 @@
+"""Memory budgets: total bytes = table rows x (embedding + optimizer state) + mapping bytes.
+
+Every comparison between methods is made at equal total bytes, with the mapping counted: an int32
+entry per id costs as much as a sixteenth of a dim-16 fp32 row, so a mapping that stored every id
+would cap compression. :func:`plan_budget` finds the largest number of rows M whose table plus
+mapping fits a budget, for any method, from the access profile alone.
+"""
+
+from dataclasses import asdict, dataclass
+from typing import Dict
+
+import numpy as np
+
+from lhf_torchrec.mapping.id_mapping import storage_cost
+from lhf_torchrec.mapping.methods import METHODS, ProfileLike, RowSplit, as_profile, make_estimator, ranked_ids
+from lhf_torchrec.mapping.profile import IdProfile
+
+WEIGHT_BYTES = 4  # fp32 table weights
+
+# Optimizer state per row, in floats, as a function of the embedding dim (FBGEMM's fused optimizers).
+OPTIMIZER_STATE_FLOATS = {
+    "sgd": lambda dim: 0,
+    "rowwise_adagrad": lambda dim: 1,
+    "adagrad": lambda dim: dim,
+    "adam": lambda dim: 2 * dim,
+}
+
+
+def row_bytes(embedding_dim: int, optimizer: str = "sgd") -> int:
+    """Bytes one table row costs during training: fp32 weights plus the optimizer's state."""
+    if optimizer not in OPTIMIZER_STATE_FLOATS:
+        raise ValueError(f"unknown optimizer '{optimizer}'; choose one of {sorted(OPTIMIZER_STATE_FLOATS)}")
+    if embedding_dim < 1:
+        raise ValueError(f"embedding_dim must be >= 1, got {embedding_dim}")
+    return WEIGHT_BYTES * (embedding_dim + OPTIMIZER_STATE_FLOATS[optimizer](embedding_dim))
+
+
+@dataclass(frozen=True)
+class BudgetPlan:
+    """A method's row split at a budget, and what each part costs in bytes."""
+
+    table: str
+    method: str
+    embedding_dim: int
+    optimizer: str
+    split: RowSplit
+    storage: str
+    table_bytes: int
+    optimizer_bytes: int
+    mapping_bytes: int
+    budget_bytes: int
+
+    @property
+    def num_rows(self) -> int:
+        return self.split.num_rows
+
+    @property
+    def total_bytes(self) -> int:
+        return self.table_bytes + self.optimizer_bytes + self.mapping_bytes
+
+    def as_dict(self) -> Dict:
+        out = asdict(self)
+        out.update(out.pop("split"))
+        out["total_bytes"] = self.total_bytes
+        return out
+
+
+class _PrefixCost:
+    """Mapping bytes when the entries are the E most accessed ids, for any E, in O(1)."""
+
+    def __init__(self, profile: IdProfile) -> None:
+        ranked = ranked_ids(profile)
+        self._low = np.minimum.accumulate(ranked) if ranked.size else ranked
+        self._high = np.maximum.accumulate(ranked) if ranked.size else ranked
+
+    def __call__(self, num_entries: int):
+        if num_entries == 0:
+            return storage_cost(0, 0)
+        span = int(self._high[num_entries - 1]) - int(self._low[num_entries - 1]) + 1
+        return storage_cost(num_entries, span)
+
+
+def plan_budget(
+    data: ProfileLike,
+    *,
+    embedding_dim: int,
+    total_bytes: int,
+    method: str = "combination",
+    optimizer: str = "sgd",
+    table: str = "table",
+    **hyperparams,
+) -> BudgetPlan:
+    """The largest table (rows M) of ``method`` whose weights, optimizer state and mapping fit in
+    ``total_bytes``, with its hot / clustered / hashed split. ``hyperparams`` go to the estimator.
+
+    Example::
+
+        plan = plan_budget(profile, embedding_dim=16, total_bytes=full_bytes // 10, method="combination")
+        plan.num_rows, plan.split.num_hot, plan.mapping_bytes
+    """
+    profile = as_profile(data, table)
+    per_row = row_bytes(embedding_dim, optimizer)
+    prefix_cost = _PrefixCost(profile)
+
+    def plan_for(num_rows: int) -> BudgetPlan:
+        split = make_estimator(method, num_rows, **hyperparams).split(profile, table)
+        storage, mapping_bytes = prefix_cost(split.num_entries)
+        weight = num_rows * WEIGHT_BYTES * embedding_dim
+        return BudgetPlan(table, method, embedding_dim, optimizer, split, storage, weight,
+                          num_rows * per_row - weight, mapping_bytes, int(total_bytes))
+
+    low = METHODS[method].probes if method in METHODS else 1
+    smallest = plan_for(low)
+    if smallest.total_bytes > total_bytes:
+        raise ValueError(
+            f"table '{table}': a budget of {total_bytes} bytes cannot hold method '{method}': its mapping alone "
+            f"needs {smallest.mapping_bytes} bytes and one row {per_row} bytes"
+        )
+    high = max(low, int(total_bytes) // per_row)
+    while low < high:  # the largest M with plan_for(M) within budget; total bytes grow with M
+        mid = (low + high + 1) // 2
+        if plan_for(mid).total_bytes <= total_bytes:
+            low = mid
+        else:
+            high = mid - 1
+    return plan_for(low)

@@ -1,0 +1,55 @@
+"""``fit_mapping``: one call from data (and embeddings) to a fitted :class:`IdMapping`."""
+
+from typing import Optional
+
+from lhf_torchrec.mapping.budget import plan_budget
+from lhf_torchrec.mapping.embeddings import EmbeddingsLike
+from lhf_torchrec.mapping.id_mapping import IdMapping
+from lhf_torchrec.mapping.methods import METHODS, ProfileLike, as_profile, make_estimator
+
+
+def fit_mapping(
+    data: Optional[ProfileLike],
+    method: str = "combination",
+    num_rows: Optional[int] = None,
+    embeddings: Optional[EmbeddingsLike] = None,
+    seed: int = 0,
+    *,
+    total_bytes: Optional[int] = None,
+    embedding_dim: Optional[int] = None,
+    optimizer: str = "sgd",
+    table: str = "table",
+    **hyperparams,
+) -> IdMapping:
+    """Fits one table's mapping with ``method`` (see :mod:`lhf_torchrec.mapping.methods`).
+
+    ``data`` is an :class:`IdProfile` or an array/tensor of raw id accesses. Give either
+    ``num_rows`` or a budget (``total_bytes`` and ``embedding_dim``): then the number of rows is the
+    largest whose table, optimizer state and mapping fit (:func:`plan_budget`). ``embeddings`` (raw
+    id -> vector, see :mod:`lhf_torchrec.mapping.embeddings`) are required by ``learned`` and
+    ``combination``.
+
+    Example::
+
+        mapping = fit_mapping(train_ids, method="frequency", num_rows=10_000)
+        rows = mapping(torch.tensor([3, 1 << 40, -7]))      # every id lands in [0, 10_000)
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown mapping method '{method}'; choose one of {sorted(METHODS)}")
+    if (num_rows is None) == (total_bytes is None):
+        raise ValueError(f"table '{table}': give exactly one of num_rows or total_bytes")
+    if method == "hash" and data is None:
+        profile = None
+    else:
+        profile = as_profile(data, table)
+    if total_bytes is not None:
+        if embedding_dim is None:
+            raise ValueError(f"table '{table}': a total_bytes budget needs embedding_dim")
+        if profile is None:
+            raise ValueError(f"table '{table}': a total_bytes budget needs data to profile")
+        num_rows = plan_budget(
+            profile, embedding_dim=embedding_dim, total_bytes=total_bytes, method=method,
+            optimizer=optimizer, table=table, **hyperparams,
+        ).num_rows
+    estimator = make_estimator(method, num_rows, seed=seed, **hyperparams)
+    return estimator.fit(profile, embeddings, table=table).mapping_

@@ -1,0 +1,163 @@
+"""Frequency-weighted k-means in torch, flat for small problems and two-level for large ones.
+
+Clustering is what makes ids that the model sees as similar share a row, so its objective is the
+access-weighted quantization error ``sum_i w_i ||x_i - c(i)||^2`` (w_i = access count): a popular
+id moved far from its embedding costs more than a rare one.
+
+``n * k`` distances do not fit for 10M ids into 1M rows, so :func:`cluster` goes two-level: a
+coarse k-means with about sqrt(k) cells (fitted on a sample), then each cell is split into a
+share of the k clusters proportional to its weighted error (the allocation that minimizes the
+total error when every cell's error falls at the same rate with more clusters), each by a flat
+k-means inside the cell. Runs on any device torch runs on.
+"""
+
+import logging
+import math
+from typing import Optional, Tuple
+
+import torch
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+# Largest distance block (rows x centers) computed at once: 2^24 floats = 64 MiB.
+_BLOCK = 1 << 24
+# Above this many distance evaluations per iteration, cluster() goes two-level.
+_FLAT_LIMIT = 1 << 32
+
+
+def _weighted_sample(weights: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """k distinct indices, drawn with probability proportional to weight (Efraimidis-Spirakis)."""
+    u = torch.rand(weights.shape, generator=generator, device=weights.device, dtype=torch.float64)
+    keys = torch.log(u.clamp_min(1e-300)) / weights.to(torch.float64).clamp_min(1e-12)
+    return torch.topk(keys, k).indices
+
+
+def assign(x: torch.Tensor, centers: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Nearest center of every row of ``x`` and the squared distance to it, in blocks."""
+    labels = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
+    dist = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
+    center_sq = (centers * centers).sum(1)
+    step = max(1, _BLOCK // max(1, centers.shape[0]))
+    for start in range(0, x.shape[0], step):
+        block = x[start:start + step]
+        d = torch.addmm(center_sq, block, centers.T, beta=1.0, alpha=-2.0)
+        best, idx = d.min(dim=1)
+        labels[start:start + step] = idx
+        dist[start:start + step] = (best + (block * block).sum(1)).clamp_min_(0)
+    return labels, dist
+
+
+def weighted_kmeans(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    k: int,
+    *,
+    n_iter: int = 20,
+    tol: float = 1e-3,
+    generator: torch.Generator,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd's algorithm on weighted points. Returns (centers (k, d), labels (n,)).
+
+    Seeds are k distinct points drawn by weight; a cluster that empties is re-seeded with the point
+    that contributes most to the error.
+    """
+    n = x.shape[0]
+    if k >= n:
+        return x.clone(), torch.arange(n, device=x.device)
+    w = weights.to(x.dtype)
+    centers = x[_weighted_sample(weights, k, generator)].clone()
+    labels = torch.full((n,), -1, dtype=torch.int64, device=x.device)
+    for _ in range(n_iter):
+        new_labels, dist = assign(x, centers)
+        changed = (new_labels != labels).sum().item()
+        labels = new_labels
+        mass = torch.zeros(k, dtype=x.dtype, device=x.device).index_add_(0, labels, w)
+        sums = torch.zeros_like(centers).index_add_(0, labels, x * w[:, None])
+        empty = (mass <= 0).nonzero().squeeze(1)
+        centers = sums / mass.clamp_min(1e-12)[:, None]
+        if empty.numel():
+            # Points are taken from distinct clusters' worst offenders; their labels move with them.
+            worst = torch.topk(dist * w, empty.numel()).indices
+            centers[empty] = x[worst]
+            labels[worst] = empty
+        if changed <= tol * n and empty.numel() == 0:
+            break
+    return centers, labels
+
+
+def _allocate(errors: torch.Tensor, sizes: torch.Tensor, k: int) -> torch.Tensor:
+    """Integer shares of k, proportional to ``errors``, each in [1, size]: water-filling."""
+    sizes = sizes.cpu()
+    share = (sizes > 0).to(torch.int64)
+    remaining = k - int(share.sum())
+    errors = errors.double().clamp_min(1e-30).cpu()
+    while remaining > 0:
+        open_ = share < sizes
+        if not open_.any():
+            break
+        ideal = torch.where(open_, errors / errors[open_].sum() * remaining, torch.zeros_like(errors))
+        add = torch.minimum(ideal.floor().to(torch.int64), sizes - share)
+        if add.sum() == 0:
+            # Fewer than one whole cluster per open cell is left: give them to the largest remainders.
+            order = torch.argsort(torch.where(open_, ideal - ideal.floor(), torch.full_like(ideal, -1.0)), descending=True)
+            add = torch.zeros_like(share)
+            add[order[:remaining]] = 1
+            add = torch.minimum(add, sizes - share)
+        share += add
+        remaining -= int(add.sum())
+    return share
+
+
+def cluster(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    k: int,
+    *,
+    seed: int = 0,
+    n_iter: int = 20,
+    sample_per_cell: int = 256,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Cluster labels in ``[0, min(k, n))`` for every row of ``x``; flat or two-level by problem size."""
+    n = x.shape[0]
+    generator = torch.Generator(device=x.device).manual_seed(seed)
+    if k >= n:
+        return torch.arange(n, device=x.device)
+    if n * k <= _FLAT_LIMIT:
+        return weighted_kmeans(x, weights, k, n_iter=n_iter, generator=generator)[1]
+
+    cells = max(2, int(math.ceil(math.sqrt(k))))
+    sample = min(n, cells * sample_per_cell)
+    picked = torch.randperm(n, generator=generator, device=x.device)[:sample]
+    coarse, _ = weighted_kmeans(x[picked], weights[picked], cells, n_iter=n_iter, generator=generator)
+    cell_of, dist = assign(x, coarse)
+    w = weights.to(x.dtype)
+    cell_error = torch.zeros(cells, dtype=torch.float64, device=x.device).index_add_(0, cell_of, (dist * w).double())
+    cell_size = torch.bincount(cell_of, minlength=cells)
+    share = _allocate(cell_error, cell_size, k)
+    logger.info("two-level k-means: %d ids into %d clusters through %d cells", n, k, cells)
+
+    labels = torch.empty(n, dtype=torch.int64, device=x.device)
+    order = torch.argsort(cell_of, stable=True)
+    bounds = torch.cumsum(cell_size, 0).tolist()
+    first_label = 0
+    start = 0
+    for cell in tqdm(range(cells), desc="k-means cells", disable=not progress, leave=False):
+        members = order[start:bounds[cell]]
+        start = bounds[cell]
+        if members.numel() == 0:
+            continue
+        kc = int(share[cell])
+        _, local = weighted_kmeans(x[members], weights[members], kc, n_iter=n_iter, generator=generator)
+        labels[members] = first_label + local
+        first_label += min(kc, members.numel())
+    return labels
+
+
+def cluster_centers(x: torch.Tensor, weights: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """Weighted mean of each cluster (rows of clusters without members are zero)."""
+    w = weights.to(x.dtype)
+    mass = torch.zeros(k, dtype=x.dtype, device=x.device).index_add_(0, labels, w)
+    sums = torch.zeros(k, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, labels, x * w[:, None])
+    return sums / mass.clamp_min(1e-12)[:, None]

@@ -1,0 +1,293 @@
+"""The learned hash functions, as estimators: constructor takes hyper-parameters, ``fit`` learns.
+
+Every method produces an :class:`IdMapping` (``mapping_``) whose rows are laid out as::
+
+    [0, H)            hot ids, one row each (most accessed first)
+    [H, H + C)        clusters of ids with enough history, by learned embedding
+    [H + C, M)        hash region: every other id (rare, unseen, negative) by a seeded hash
+
+=============  ====================================================================================
+``hash``        the hashing trick: H = C = 0, every id hashed into all M rows
+``frequency``   the H most accessed ids own a row; the rest are hashed into the other M - H rows
+``double_hash`` frequency-based double hashing (Zhang et al., RecSys 2020): as ``frequency``, but a
+                non-hot id takes two distinct rows of the hash region whose embeddings the bag sums
+``learned``     ids with at least ``min_count`` accesses are clustered by their learned embedding
+                (access-weighted k-means) into M rows; other ids are hashed over the same M rows
+``combination`` hot ids own rows, ids with at least ``min_count`` accesses are clustered into C rows,
+                the rest are hashed into R reserved rows: the best mapping of Ghaemmaghami et al.,
+                "Learning to Collide" (2022)
+=============  ====================================================================================
+
+Which ids get an entry is always a prefix of the ids ranked by access count, so the memory of a
+mapping is known from the profile alone (:mod:`lhf_torchrec.mapping.budget` relies on that).
+"""
+
+import logging
+from dataclasses import dataclass
+from typing import Dict, Optional, Type, Union
+
+import numpy as np
+import torch
+
+from lhf_torchrec.mapping.embeddings import IdEmbeddings, EmbeddingsLike, embeddings_of
+from lhf_torchrec.mapping.id_mapping import IdMapping
+from lhf_torchrec.mapping.kmeans import cluster, cluster_centers
+from lhf_torchrec.mapping.profile import IdArray, IdProfile
+
+logger = logging.getLogger(__name__)
+
+ProfileLike = Union[IdProfile, IdArray]
+
+
+def as_profile(data: ProfileLike, table: str) -> IdProfile:
+    """An :class:`IdProfile` of ``data`` (a profile, or an array of accesses), never empty."""
+    profile = data if isinstance(data, IdProfile) else IdProfile.from_ids(data, table=table)
+    if profile.num_ids == 0:
+        raise ValueError(f"table '{table}': no ids to fit on (the data is empty)")
+    return profile
+
+
+def ranked_ids(profile: IdProfile) -> np.ndarray:
+    """Profiled ids, most accessed first (ties broken by smaller id)."""
+    return profile.ids[np.lexsort((profile.ids, -profile.counts))]
+
+
+@dataclass(frozen=True)
+class RowSplit:
+    """How a method spends ``num_rows`` rows, and how many ids get an entry in the mapping."""
+
+    num_rows: int
+    num_hot: int
+    num_clustered: int
+    num_hashed: int
+    num_entries: int
+    hash_offset: int
+    hash_rows: int
+    probes: int = 1
+
+    def layout(self) -> Dict[str, int]:
+        return {"hot": self.num_hot, "clustered": self.num_clustered, "hashed": self.num_hashed}
+
+
+def _check_fraction(name: str, value: float, table: str) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"table '{table}': {name} must be in [0, 1], got {value}")
+
+
+class MappingEstimator:
+    """Base class: ``fit(data, embeddings=None, table=...)`` sets ``mapping_`` and ``split_``."""
+
+    method: str = ""
+    needs_embeddings: bool = False
+    probes: int = 1  # rows per hashed id
+
+
+    def __init__(self, num_rows: int, *, seed: int = 0) -> None:
+        self.num_rows = num_rows
+        self.seed = seed
+
+    def get_params(self) -> Dict:
+        return {k: v for k, v in vars(self).items() if not k.endswith("_")}
+
+    def split(self, profile: IdProfile, table: str = "table") -> RowSplit:
+        """The row split this estimator would use for ``profile`` (no fitting)."""
+        raise NotImplementedError
+
+    def fit(self, data: ProfileLike, embeddings: Optional[EmbeddingsLike] = None, *, table: str = "table"):
+        raise NotImplementedError
+
+    def transform(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.mapping_(ids)
+
+    def _check_num_rows(self, table: str) -> None:
+        if not isinstance(self.num_rows, (int, np.integer)) or self.num_rows < self.probes:
+            raise ValueError(
+                f"table '{table}': num_rows must be an integer >= {self.probes} for method '{self.method}', "
+                f"got {self.num_rows!r}"
+            )
+
+    def _build(self, split: RowSplit, entry_ids: np.ndarray, entry_rows: np.ndarray, table: str) -> IdMapping:
+        self.split_ = split
+        self.mapping_ = IdMapping.from_entries(
+            entry_ids,
+            entry_rows,
+            split.num_rows,
+            hash_offset=split.hash_offset,
+            hash_rows=split.hash_rows,
+            probes=split.probes,
+            seed=self.seed,
+            method=self.method,
+            params=self.get_params(),
+            layout=split.layout(),
+            table_name=table,
+        )
+        return self.mapping_
+
+
+class HashingTrick(MappingEstimator):
+    """``row = hash(id) mod M`` with a seeded universal hash; needs no data."""
+
+    method = "hash"
+
+    def split(self, profile: Optional[IdProfile] = None, table: str = "table") -> RowSplit:
+        self._check_num_rows(table)
+        return RowSplit(self.num_rows, 0, 0, self.num_rows, 0, 0, self.num_rows)
+
+    def fit(self, data: Optional[ProfileLike] = None, embeddings: Optional[EmbeddingsLike] = None, *, table: str = "table"):
+        if data is not None:
+            as_profile(data, table)
+        self._build(self.split(None, table), np.zeros(0, np.int64), np.zeros(0, np.int64), table)
+        return self
+
+
+class FrequencyHashing(MappingEstimator):
+    """The ``round(hot_fraction * M)`` most accessed ids own a row; all others share the rest by hash."""
+
+    method = "frequency"
+
+    def __init__(self, num_rows: int, *, hot_fraction: float = 0.5, seed: int = 0) -> None:
+        super().__init__(num_rows, seed=seed)
+        self.hot_fraction = hot_fraction
+
+    def split(self, profile: IdProfile, table: str = "table") -> RowSplit:
+        self._check_num_rows(table)
+        _check_fraction("hot_fraction", self.hot_fraction, table)
+        m = self.num_rows
+        hot = min(int(round(self.hot_fraction * m)), profile.num_ids, m - self.probes)
+        hot = max(hot, 0)
+        return RowSplit(m, hot, 0, m - hot, hot, hot, m - hot, self.probes)
+
+    def fit(self, data: ProfileLike, embeddings: Optional[EmbeddingsLike] = None, *, table: str = "table"):
+        profile = as_profile(data, table)
+        split = self.split(profile, table)
+        self.hot_ids_ = ranked_ids(profile)[: split.num_hot]
+        self._build(split, self.hot_ids_, np.arange(split.num_hot), table)
+        return self
+
+
+class DoubleHashing(FrequencyHashing):
+    """Frequency-based double hashing (Zhang et al. 2020): hot ids own rows; any other id takes two
+    distinct rows of the hash region, summed by the bag (SUM pooling only)."""
+
+    method = "double_hash"
+    probes = 2
+
+
+class LearnedClustering(MappingEstimator):
+    """Ids with ``>= min_count`` accesses are clustered by embedding (access-weighted k-means) into
+    all M rows; every other id is hashed over the same rows."""
+
+    method = "learned"
+    needs_embeddings = True
+
+    def __init__(self, num_rows: int, *, min_count: int = 1, n_iter: int = 20, seed: int = 0) -> None:
+        super().__init__(num_rows, seed=seed)
+        self.min_count = min_count
+        self.n_iter = n_iter
+
+    def split(self, profile: IdProfile, table: str = "table") -> RowSplit:
+        self._check_num_rows(table)
+        m = self.num_rows
+        entries = int((profile.counts >= self.min_count).sum())
+        return RowSplit(m, 0, m, 0, entries, 0, m)
+
+    def _candidates(self, profile: IdProfile, start: int, stop: int, embeddings, table: str):
+        ids = ranked_ids(profile)[start:stop]
+        has, vectors = embeddings_of(embeddings, ids, table)
+        if not has.all():
+            logger.warning("table '%s': %d of %d ids to cluster have no embedding; they are hashed",
+                           table, int((~has).sum()), ids.size)
+        return ids[has], vectors[torch.from_numpy(has)], profile.counts_of(ids[has])
+
+    def _cluster(self, ids: np.ndarray, vectors: torch.Tensor, counts: np.ndarray, k: int) -> np.ndarray:
+        weights = torch.from_numpy(counts).to(vectors.dtype)
+        labels = cluster(vectors, weights, k, seed=self.seed, n_iter=self.n_iter)
+        self.cluster_ids_ = ids
+        self.cluster_labels_ = labels.cpu().numpy()
+        self.cluster_centers_ = cluster_centers(vectors, weights, labels, max(k, 1))
+        return self.cluster_labels_
+
+    def fit(self, data: ProfileLike, embeddings: Optional[EmbeddingsLike] = None, *, table: str = "table"):
+        if embeddings is None:
+            raise ValueError(f"table '{table}': method '{self.method}' needs learned embeddings")
+        profile = as_profile(data, table)
+        split = self.split(profile, table)
+        ids, vectors, counts = self._candidates(profile, 0, split.num_entries, embeddings, table)
+        labels = self._cluster(ids, vectors, counts, split.num_clustered)
+        self._build(split, ids, labels, table)
+        return self
+
+
+class CombinedLearnedHashing(LearnedClustering):
+    """The paper's best: hot ids own rows, well-observed ids are clustered, the rest are hashed.
+
+    ``hot_fraction`` and ``hashed_fraction`` of the M rows go to hot ids and to the hash region; the
+    rows in between are clusters of ids with ``>= min_count`` accesses. Rows that no id can use (too
+    few candidates) go to the hash region.
+    """
+
+    method = "combination"
+
+    def __init__(
+        self,
+        num_rows: int,
+        *,
+        hot_fraction: float = 0.25,
+        hashed_fraction: float = 0.1,
+        min_count: int = 5,
+        n_iter: int = 20,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(num_rows, min_count=min_count, n_iter=n_iter, seed=seed)
+        self.hot_fraction = hot_fraction
+        self.hashed_fraction = hashed_fraction
+
+    def split(self, profile: IdProfile, table: str = "table") -> RowSplit:
+        self._check_num_rows(table)
+        _check_fraction("hot_fraction", self.hot_fraction, table)
+        _check_fraction("hashed_fraction", self.hashed_fraction, table)
+        if self.hot_fraction + self.hashed_fraction > 1.0:
+            raise ValueError(
+                f"table '{table}': hot_fraction + hashed_fraction must be <= 1, got "
+                f"{self.hot_fraction} + {self.hashed_fraction}"
+            )
+        m = self.num_rows
+        hashed = max(1, int(round(self.hashed_fraction * m)))
+        hot = max(0, min(int(round(self.hot_fraction * m)), profile.num_ids, m - hashed))
+        well_observed = int((profile.counts >= self.min_count).sum())
+        candidates = max(0, well_observed - hot)
+        clustered = min(m - hot - hashed, candidates)
+        hashed = m - hot - clustered
+        return RowSplit(m, hot, clustered, hashed, hot + candidates, hot + clustered, hashed)
+
+    def fit(self, data: ProfileLike, embeddings: Optional[EmbeddingsLike] = None, *, table: str = "table"):
+        if embeddings is None:
+            raise ValueError(f"table '{table}': method '{self.method}' needs learned embeddings")
+        profile = as_profile(data, table)
+        split = self.split(profile, table)
+        self.hot_ids_ = ranked_ids(profile)[: split.num_hot]
+        ids, vectors, counts = self._candidates(profile, split.num_hot, split.num_entries, embeddings, table)
+        labels = self._cluster(ids, vectors, counts, split.num_clustered)
+        entry_ids = np.concatenate([self.hot_ids_, ids])
+        entry_rows = np.concatenate([np.arange(split.num_hot), split.num_hot + labels])
+        self._build(split, entry_ids, entry_rows, table)
+        return self
+
+
+METHODS: Dict[str, Type[MappingEstimator]] = {
+    "hash": HashingTrick,
+    "frequency": FrequencyHashing,
+    "double_hash": DoubleHashing,
+    "learned": LearnedClustering,
+    "combination": CombinedLearnedHashing,
+}
+
+
+def make_estimator(method: str, num_rows: int, *, seed: int = 0, **hyperparams) -> MappingEstimator:
+    """The estimator of ``method`` with these hyper-parameters (clear error for unknown names)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown mapping method '{method}'; choose one of {sorted(METHODS)}")
+    try:
+        return METHODS[method](num_rows, seed=seed, **hyperparams)
+    except TypeError as e:
+        raise TypeError(f"method '{method}': {e}") from e
