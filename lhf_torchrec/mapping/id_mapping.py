@@ -283,6 +283,21 @@ class IdMapping(nn.Module):
             digest.update(tensor.numpy().tobytes())
         return digest.hexdigest()
 
+    # The fingerprint travels in state_dict as extra state (a uint8 tensor, so DCP stores it like any
+    # tensor). Loading runs after the buffers were copied in: a checkpoint whose mapping differs from
+    # this module's (other rows, entries, seed or method) is an error, never a silent remap.
+    def get_extra_state(self) -> torch.Tensor:
+        return torch.frombuffer(bytearray(bytes.fromhex(self.fingerprint)), dtype=torch.uint8)
+
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        loaded = bytes(state.to("cpu", torch.uint8).tolist()).hex()
+        if loaded != self.fingerprint:
+            raise ValueError(
+                f"table '{self.table_name}': the mapping in the checkpoint (fingerprint {loaded[:12]}) is not "
+                f"this module's mapping (fingerprint {self.fingerprint[:12]}, method={self.method}, "
+                f"num_rows={self.num_rows}); load the matching mappings first"
+            )
+
     def extra_repr(self) -> str:
         return (
             f"table={self.table_name!r}, method={self.method!r}, num_rows={self.num_rows}, "

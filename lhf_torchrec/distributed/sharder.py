@@ -1,0 +1,173 @@
+"""Sharding the learned-hash EBC with TorchRec: the remap runs inside ``input_dist``.
+
+``LearnedHashEBCSharder`` turns a :class:`LearnedHashEmbeddingBagCollection` into a
+:class:`ShardedLearnedHashEBC`. The mappings stay replicated on every rank (they are small next to
+the tables they replace, and replicated remapping needs no extra communication); the inner EBC is
+sharded by TorchRec's stock ``EmbeddingBagCollectionSharder`` with any sharding type and kernel it
+supports. Remapping happens at the start of ``input_dist``, before the KJT all-to-all, so
+``TrainPipelineSparseDist`` overlaps it with the previous batch like any input distribution.
+
+The mappings must be the same function on every rank, else the same id would reach different rows
+depending on which rank read it. DMP does not synchronize buffers, so the sharder compares mapping
+fingerprints across ranks when it shards, and raises if any rank differs.
+"""
+
+import logging
+from typing import Any, Dict, Iterator, List, Optional, Type
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchrec.distributed.embedding_types import BaseEmbeddingSharder, KJTList, ShardedEmbeddingModule
+from torchrec.distributed.embeddingbag import (
+    EmbeddingBagCollectionContext,
+    EmbeddingBagCollectionSharder,
+    ShardedEmbeddingBagCollection,
+)
+from torchrec.distributed.types import (
+    Awaitable,
+    LazyAwaitable,
+    ParameterSharding,
+    QuantizedCommCodecs,
+    ShardingEnv,
+    ShardingType,
+)
+from torchrec.distributed.utils import append_prefix
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from lhf_torchrec.modules.learned_hash_ebc import IdRemapper, LearnedHashEmbeddingBagCollection
+
+logger = logging.getLogger(__name__)
+
+
+def check_mappings_identical(remapper: IdRemapper, env: ShardingEnv) -> None:
+    """Raises ``RuntimeError`` naming the tables and ranks whose mapping differs from rank 0's."""
+    pg = env.process_group
+    if pg is None or not dist.is_initialized() or env.world_size == 1:
+        return
+    local = {name: m.fingerprint for name, m in remapper.mappings.items()}
+    gathered: List[Optional[Dict[str, str]]] = [None] * env.world_size
+    dist.all_gather_object(gathered, local, group=pg)
+    reference = gathered[0] or {}
+    bad = [
+        f"rank {rank}: " + ", ".join(
+            sorted(t for t in set(reference) | set(other or {}) if reference.get(t) != (other or {}).get(t))
+        )
+        for rank, other in enumerate(gathered)
+        if other != reference
+    ]
+    if bad:
+        raise RuntimeError(
+            "the learned-hash mappings differ across ranks (the same id would reach different rows); "
+            f"differences from rank 0 in tables: {'; '.join(bad)}. Fit them with the same data and seed, "
+            "or load the same mapping file on every rank."
+        )
+
+
+class ShardedLearnedHashEBC(
+    ShardedEmbeddingModule[KJTList, List[torch.Tensor], KeyedTensor, EmbeddingBagCollectionContext]
+):
+    """The sharded twin of :class:`LearnedHashEmbeddingBagCollection` (replicated remap, sharded tables)."""
+
+    def __init__(
+        self,
+        module: LearnedHashEmbeddingBagCollection,
+        params: Dict[str, ParameterSharding],
+        env: ShardingEnv,
+        device: torch.device,
+        ebc_sharder: EmbeddingBagCollectionSharder,
+        module_fqn: Optional[str] = None,
+    ) -> None:
+        super().__init__(qcomm_codecs_registry=ebc_sharder.qcomm_codecs_registry)
+        check_mappings_identical(module.remapper, env)
+        self.remapper: IdRemapper = module.remapper.to(device)
+        self.ebc: ShardedEmbeddingBagCollection = ebc_sharder.shard(
+            module.ebc, params, env, device, module_fqn=append_prefix(module_fqn or "", "ebc")
+        )
+
+    def create_context(self) -> EmbeddingBagCollectionContext:
+        return self.ebc.create_context()
+
+    def input_dist(
+        self, ctx: EmbeddingBagCollectionContext, features: KeyedJaggedTensor
+    ) -> Awaitable[Awaitable[KJTList]]:
+        with torch.no_grad():
+            features = self.remapper(features)
+        return self.ebc.input_dist(ctx, features)
+
+    def compute(self, ctx: EmbeddingBagCollectionContext, dist_input: KJTList) -> List[torch.Tensor]:
+        return self.ebc.compute(ctx, dist_input)
+
+    def output_dist(
+        self, ctx: EmbeddingBagCollectionContext, output: List[torch.Tensor]
+    ) -> LazyAwaitable[KeyedTensor]:
+        return self.ebc.output_dist(ctx, output)
+
+    def compute_and_output_dist(
+        self, ctx: EmbeddingBagCollectionContext, input: KJTList
+    ) -> LazyAwaitable[KeyedTensor]:
+        return self.ebc.compute_and_output_dist(ctx, input)
+
+    def sharded_parameter_names(self, prefix: str = "") -> Iterator[str]:
+        # DDP must leave the sharded tables alone; the remap has buffers only.
+        yield from self.ebc.sharded_parameter_names(append_prefix(prefix, "ebc"))
+
+    @property
+    def unsharded_module_type(self) -> Type[LearnedHashEmbeddingBagCollection]:
+        return LearnedHashEmbeddingBagCollection
+
+
+class LearnedHashEBCSharder(BaseEmbeddingSharder[LearnedHashEmbeddingBagCollection]):
+    """Shards :class:`LearnedHashEmbeddingBagCollection` with TorchRec's EBC sharder underneath.
+
+    Offers every sharding type the EBC sharder offers; on CPU it adds ``row_wise`` and
+    ``table_row_wise``, which TorchRec's CPU planner leaves out although they run on CPU/gloo.
+
+    Example::
+
+        sharders = [LearnedHashEBCSharder(fused_params={"optimizer": EmbOptimType.EXACT_ADAGRAD,
+                                                        "learning_rate": 0.05})]
+        plan = EmbeddingShardingPlanner(topology=topology).collective_plan(model, sharders, pg)
+        model = DistributedModelParallel(model, plan=plan, sharders=sharders, device=device)
+    """
+
+    def __init__(
+        self,
+        fused_params: Optional[Dict[str, Any]] = None,
+        qcomm_codecs_registry: Optional[Dict[str, QuantizedCommCodecs]] = None,
+        ebc_sharder: Optional[EmbeddingBagCollectionSharder] = None,
+    ) -> None:
+        self._ebc_sharder = ebc_sharder or EmbeddingBagCollectionSharder(
+            fused_params=fused_params, qcomm_codecs_registry=qcomm_codecs_registry
+        )
+        super().__init__(
+            fused_params=self._ebc_sharder.fused_params, qcomm_codecs_registry=self._ebc_sharder.qcomm_codecs_registry
+        )
+
+    @property
+    def module_type(self) -> Type[LearnedHashEmbeddingBagCollection]:
+        return LearnedHashEmbeddingBagCollection
+
+    def shardable_parameters(self, module: LearnedHashEmbeddingBagCollection) -> Dict[str, nn.Parameter]:
+        return self._ebc_sharder.shardable_parameters(module.ebc)
+
+    def sharding_types(self, compute_device_type: str) -> List[str]:
+        types = list(self._ebc_sharder.sharding_types(compute_device_type))
+        if compute_device_type == "cpu":
+            types += [t.value for t in (ShardingType.ROW_WISE, ShardingType.TABLE_ROW_WISE) if t.value not in types]
+        return types
+
+    def compute_kernels(self, sharding_type: str, compute_device_type: str) -> List[str]:
+        return self._ebc_sharder.compute_kernels(sharding_type, compute_device_type)
+
+    def shard(
+        self,
+        module: LearnedHashEmbeddingBagCollection,
+        params: Dict[str, ParameterSharding],
+        env: ShardingEnv,
+        device: Optional[torch.device] = None,
+        module_fqn: Optional[str] = None,
+    ) -> ShardedLearnedHashEBC:
+        return ShardedLearnedHashEBC(
+            module, params, env, device or torch.device("cpu"), self._ebc_sharder, module_fqn
+        )
