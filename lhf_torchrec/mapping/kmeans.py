@@ -1,29 +1,25 @@
-"""Frequency-weighted k-means in torch, flat for small problems and two-level for large ones.
+"""Frequency-weighted k-means in torch, flat for small problems and hierarchical for large ones.
 
 Clustering is what makes ids that the model sees as similar share a row, so its objective is the
 access-weighted quantization error ``sum_i w_i ||x_i - c(i)||^2`` (w_i = access count): a popular
 id moved far from its embedding costs more than a rare one.
 
-``n * k`` distances do not fit for 10M ids into 1M rows, so :func:`cluster` goes two-level: a
-coarse k-means with about sqrt(k) cells (fitted on a sample), then each cell is split into a
-share of the k clusters proportional to its weighted error (the allocation that minimizes the
-total error when every cell's error falls at the same rate with more clusters), each by a flat
-k-means inside the cell. Runs on any device torch runs on.
+``n * k`` distances per Lloyd step do not fit for 10M ids into 1M rows, so :func:`cluster` goes
+hierarchical: a coarse k-means into a few cells (fitted on a sample), then each cell gets a
+share of the k clusters proportional to its weighted error (the allocation that minimizes the total
+error when every cell's error falls at the same rate with more clusters) and is clustered the same
+way, down to cells small enough for a flat k-means. Runs on any device torch runs on.
 """
 
-import logging
 import math
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 from tqdm.auto import tqdm
 
-logger = logging.getLogger(__name__)
 
 # Largest distance block (rows x centers) computed at once: 2^24 floats = 64 MiB.
 _BLOCK = 1 << 24
-# Above this many distance evaluations per iteration, cluster() goes two-level.
-_FLAT_LIMIT = 1 << 32
 
 
 def _weighted_sample(weights: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
@@ -116,40 +112,50 @@ def cluster(
     *,
     seed: int = 0,
     n_iter: int = 20,
+    max_branching: int = 128,
     sample_per_cell: int = 256,
     progress: bool = True,
 ) -> torch.Tensor:
-    """Cluster labels in ``[0, min(k, n))`` for every row of ``x``; flat or two-level by problem size."""
-    n = x.shape[0]
+    """Cluster labels in ``[0, min(k, n))`` for every row of ``x``; flat or hierarchical by problem size."""
     generator = torch.Generator(device=x.device).manual_seed(seed)
-    if k >= n:
-        return torch.arange(n, device=x.device)
-    if n * k <= _FLAT_LIMIT:
-        return weighted_kmeans(x, weights, k, n_iter=n_iter, generator=generator)[1]
+    bar = tqdm(total=x.shape[0], desc="k-means", unit="id", disable=not progress, leave=False)
+    try:
+        return _cluster(x, weights, k, n_iter, max_branching, sample_per_cell, generator, bar)
+    finally:
+        bar.close()
 
-    cells = max(2, int(math.ceil(math.sqrt(k))))
+
+def _cluster(x, weights, k, n_iter, max_branching, sample_per_cell, generator, bar) -> torch.Tensor:
+    n = x.shape[0]
+    if k >= n or k <= max_branching:
+        labels = weighted_kmeans(x, weights, k, n_iter=n_iter, generator=generator)[1]
+        bar.update(n)
+        return labels
+    # A Lloyd step costs n x k distances: instead split into `cells` coarse cells, share k among them
+    # by their weighted error, and cluster each cell the same way. With L = ceil(log k / log
+    # max_branching) levels of k^(1/L) cells each, every level costs about n x k^(1/L) distances.
+    levels = math.ceil(math.log(k) / math.log(max_branching))
+    cells = math.ceil(k ** (1.0 / levels))
     sample = min(n, cells * sample_per_cell)
     picked = torch.randperm(n, generator=generator, device=x.device)[:sample]
     coarse, _ = weighted_kmeans(x[picked], weights[picked], cells, n_iter=n_iter, generator=generator)
     cell_of, dist = assign(x, coarse)
-    w = weights.to(x.dtype)
-    cell_error = torch.zeros(cells, dtype=torch.float64, device=x.device).index_add_(0, cell_of, (dist * w).double())
+    cell_error = torch.zeros(cells, dtype=torch.float64, device=x.device).index_add_(
+        0, cell_of, (dist * weights.to(x.dtype)).double()
+    )
     cell_size = torch.bincount(cell_of, minlength=cells)
     share = _allocate(cell_error, cell_size, k)
-    logger.info("two-level k-means: %d ids into %d clusters through %d cells", n, k, cells)
 
     labels = torch.empty(n, dtype=torch.int64, device=x.device)
     order = torch.argsort(cell_of, stable=True)
-    bounds = torch.cumsum(cell_size, 0).tolist()
+    bounds = [0] + torch.cumsum(cell_size, 0).tolist()
     first_label = 0
-    start = 0
-    for cell in tqdm(range(cells), desc="k-means cells", disable=not progress, leave=False):
-        members = order[start:bounds[cell]]
-        start = bounds[cell]
+    for cell in range(cells):
+        members = order[bounds[cell]:bounds[cell + 1]]
         if members.numel() == 0:
             continue
         kc = int(share[cell])
-        _, local = weighted_kmeans(x[members], weights[members], kc, n_iter=n_iter, generator=generator)
+        local = _cluster(x[members], weights[members], kc, n_iter, max_branching, sample_per_cell, generator, bar)
         labels[members] = first_label + local
         first_label += min(kc, members.numel())
     return labels

@@ -1,0 +1,50 @@
+import numpy as np
+import pytest
+import torch
+
+from lhf_torchrec.mapping import IdEmbeddings, fit_mapping, plan_budget, row_bytes
+
+
+@pytest.mark.parametrize("method", ["hash", "frequency", "double_hash", "learned", "combination"])
+@pytest.mark.parametrize("optimizer", ["sgd", "rowwise_adagrad", "adam"])
+def test_budget_identity(method, optimizer, zipf_profile):
+    dim = 16
+    full_bytes = zipf_profile.num_ids * row_bytes(dim, optimizer)
+    budget = full_bytes // 10
+    # Pure clustering of every id would spend the whole 10x budget on the mapping: keep ids seen 3+ times.
+    hyper = {"min_count": 3} if method == "learned" else {}
+    plan = plan_budget(zipf_profile, embedding_dim=dim, total_bytes=budget, method=method, optimizer=optimizer, **hyper)
+    # The parts add up, fit the budget, and one more row would not.
+    assert plan.table_bytes == plan.num_rows * dim * 4
+    assert plan.optimizer_bytes == plan.num_rows * (row_bytes(dim, optimizer) - dim * 4)
+    assert plan.total_bytes == plan.table_bytes + plan.optimizer_bytes + plan.mapping_bytes <= budget
+    bigger = plan_budget(zipf_profile, embedding_dim=dim, total_bytes=plan.total_bytes + row_bytes(dim, optimizer) - 1,
+                         method=method, optimizer=optimizer, **hyper)
+    assert bigger.num_rows == plan.num_rows
+    split = plan.split
+    assert split.num_hot + split.num_clustered + split.num_hashed == plan.num_rows or method == "learned"
+    # The fitted mapping costs exactly what the plan said.
+    embeddings = IdEmbeddings(zipf_profile.ids, torch.randn(zipf_profile.num_ids, 4, generator=torch.Generator().manual_seed(0)))
+    mapping = fit_mapping(zipf_profile, method=method, total_bytes=budget, embedding_dim=dim, optimizer=optimizer,
+                          embeddings=embeddings if method in ("learned", "combination") else None, **hyper)
+    assert mapping.num_rows == plan.num_rows
+    assert mapping.nbytes == plan.mapping_bytes
+    assert mapping.num_entries == split.num_entries
+    assert mapping.layout == split.layout()
+
+
+def test_budget_that_cannot_hold_the_mapping(zipf_profile):
+    with pytest.raises(ValueError, match="table 'C1': a budget of 100 bytes cannot hold method 'learned': its mapping alone needs"):
+        plan_budget(zipf_profile, embedding_dim=16, total_bytes=100, method="learned", table="C1")
+
+
+def test_unknown_optimizer():
+    with pytest.raises(ValueError, match="unknown optimizer 'lamb'"):
+        row_bytes(16, "lamb")
+
+
+def test_budget_and_num_rows_are_exclusive(zipf_profile):
+    with pytest.raises(ValueError, match="exactly one of num_rows or total_bytes"):
+        fit_mapping(zipf_profile, method="frequency", num_rows=10, total_bytes=1000, embedding_dim=4)
+    with pytest.raises(ValueError, match="needs embedding_dim"):
+        fit_mapping(zipf_profile, method="frequency", total_bytes=1000)

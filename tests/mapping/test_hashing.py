@@ -1,0 +1,44 @@
+import numpy as np
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lhf_torchrec.mapping.hashing import hash_coefficients, hash_ids
+
+int64s = st.integers(min_value=-(1 << 63), max_value=(1 << 63) - 1)
+
+
+@settings(max_examples=200, deadline=None)
+@given(ids=st.lists(int64s, min_size=1, max_size=50), buckets=st.integers(1, (1 << 31) - 2), seed=st.integers(0, 2**64 - 1))
+def test_any_int64_lands_in_range(ids, buckets, seed):
+    rows = hash_ids(torch.tensor(ids, dtype=torch.int64), buckets, seed)
+    assert rows.dtype == torch.int64
+    assert int(rows.min()) >= 0 and int(rows.max()) < buckets
+
+
+def test_deterministic_and_seed_dependent():
+    ids = torch.arange(-1000, 100_000, dtype=torch.int64) * 7919
+    a = hash_ids(ids, 1000, seed=3)
+    assert torch.equal(a, hash_ids(ids.clone(), 1000, seed=3))
+    assert (a != hash_ids(ids, 1000, seed=4)).float().mean() > 0.9
+
+
+def test_roughly_uniform():
+    ids = torch.arange(200_000, dtype=torch.int64)
+    counts = torch.bincount(hash_ids(ids, 100, seed=0), minlength=100).numpy()
+    expected = ids.numel() / 100
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 200, chi2  # 99 degrees of freedom: p ~ 1e-8 above 200
+
+
+def test_high_bits_matter():
+    # Ids that differ only above bit 31 (64-bit Criteo-style hashes) must not all collide.
+    ids = torch.arange(1000, dtype=torch.int64) << 40
+    assert torch.unique(hash_ids(ids, 1 << 20, seed=0)).numel() > 990
+
+
+def test_coefficients_are_valid():
+    for seed in range(50):
+        a0, a1, a2, b = hash_coefficients(seed)
+        p = (1 << 31) - 1
+        assert 1 <= a0 < p and 1 <= a1 < p and 1 <= a2 < p and 0 <= b < p

@@ -1,0 +1,142 @@
+import numpy as np
+import pytest
+import torch
+
+from lhf_torchrec.mapping import (
+    CombinedLearnedHashing,
+    FrequencyHashing,
+    IdEmbeddings,
+    IdProfile,
+    LearnedClustering,
+    fit_mapping,
+    make_estimator,
+)
+from lhf_torchrec.mapping.methods import ranked_ids
+
+METHODS_NEEDING_EMBEDDINGS = {"learned", "combination"}
+
+
+def _fit(method, profile, embeddings, num_rows=200, seed=0, **kw):
+    emb = embeddings if method in METHODS_NEEDING_EMBEDDINGS else None
+    return fit_mapping(profile, method=method, num_rows=num_rows, embeddings=emb, seed=seed, **kw)
+
+
+@pytest.mark.parametrize("method", ["hash", "frequency", "double_hash", "learned", "combination"])
+def test_deterministic_by_seed_and_in_range(method, planted):
+    profile, embeddings, _ = planted
+    query = torch.cat([torch.from_numpy(profile.ids), torch.tensor([-7, 10**12, 2001, 5000])])
+    a = _fit(method, profile, embeddings, seed=11)
+    b = _fit(method, profile, embeddings, seed=11)
+    assert torch.equal(a(query), b(query)) and a.fingerprint == b.fingerprint
+    c = _fit(method, profile, embeddings, seed=12)
+    assert not torch.equal(a(query), c(query))
+    rows = a(query)
+    assert int(rows.min()) >= (-1 if method == "double_hash" else 0) and int(rows.max()) < 200
+
+
+@pytest.mark.parametrize("method", ["frequency", "double_hash", "combination"])
+def test_hot_ids_own_their_rows(method, planted):
+    profile, embeddings, _ = planted
+    mapping = _fit(method, profile, embeddings)
+    hot = mapping.layout["hot"]
+    assert hot > 0
+    hot_ids = ranked_ids(profile)[:hot]
+    hot_rows = mapping(torch.from_numpy(hot_ids))
+    hot_rows = hot_rows if hot_rows.ndim == 1 else hot_rows[:, 0]
+    assert sorted(hot_rows.tolist()) == list(range(hot))  # one row each, the first H rows
+    others = torch.cat([torch.from_numpy(ranked_ids(profile)[hot:]), torch.arange(10_000, 20_000)])
+    other_rows = mapping(others)
+    other_rows = other_rows[other_rows >= 0]
+    assert int(other_rows.min()) >= hot  # nothing else lands on a hot row
+
+
+@pytest.mark.parametrize("estimator_cls", [LearnedClustering, CombinedLearnedHashing])
+def test_learned_collisions_stay_within_clusters(estimator_cls, planted):
+    profile, embeddings, group_of = planted
+    est = estimator_cls(200, seed=0).fit(profile, embeddings)
+    rows = est.mapping_(torch.from_numpy(est.cluster_ids_)).numpy()
+    labels = est.cluster_labels_
+    # Two clustered ids share a row exactly when k-means put them in one cluster.
+    first_row_of_label = {}
+    for label, row in zip(labels.tolist(), rows.tolist()):
+        assert first_row_of_label.setdefault(label, row) == row
+    assert len(set(rows.tolist())) == len(first_row_of_label)
+    # And clusters follow the planted groups: almost every row holds ids of one group only.
+    purity = []
+    for row in np.unique(rows):
+        groups = group_of[est.cluster_ids_[rows == row]]
+        purity.append(np.bincount(groups).max() / groups.size)
+    assert np.mean(purity) > 0.95, np.mean(purity)
+
+
+def test_combination_split_and_regions(planted):
+    profile, embeddings, _ = planted
+    est = CombinedLearnedHashing(200, hot_fraction=0.25, hashed_fraction=0.1, min_count=3).fit(profile, embeddings)
+    split = est.split_
+    assert (split.num_hot, split.num_hashed) == (50, 20) or split.num_hashed > 20
+    assert split.num_hot + split.num_clustered + split.num_hashed == 200
+    rare = profile.ids[profile.counts < 3]
+    rare_rows = est.mapping_(torch.from_numpy(rare))
+    assert int(rare_rows.min()) >= split.hash_offset  # rare ids are hashed, not clustered on noise
+    unseen = est.mapping_(torch.arange(10_000, 11_000))
+    assert int(unseen.min()) >= split.hash_offset
+    assert est.mapping_.num_entries == split.num_entries == split.num_hot + est.cluster_ids_.size
+
+
+def test_frequency_can_keep_every_profiled_id(planted):
+    profile, _, _ = planted
+    mapping = fit_mapping(profile, method="frequency", num_rows=profile.num_ids + 1, hot_fraction=1.0)
+    rows = mapping(torch.from_numpy(profile.ids))
+    assert torch.unique(rows).numel() == profile.num_ids  # the full-table baseline: no collisions
+
+
+def test_embeddings_as_a_full_table_weight():
+    ids = np.repeat(np.arange(100), 3)
+    weight = torch.randn(100, 4)
+    a = fit_mapping(ids, method="learned", num_rows=10, embeddings=weight)
+    b = fit_mapping(ids, method="learned", num_rows=10, embeddings=IdEmbeddings(np.arange(100), weight))
+    q = torch.arange(100)
+    assert torch.equal(a(q), b(q))
+
+
+# ---------------------------------------------------------------- bad input
+def test_empty_data():
+    with pytest.raises(ValueError, match="table 'C5': no ids to fit on"):
+        fit_mapping(np.array([], dtype=np.int64), method="frequency", num_rows=10, table="C5")
+
+
+def test_non_integer_ids():
+    with pytest.raises(TypeError, match="table 'C6'.*float"):
+        fit_mapping(np.array([1.0, 2.0]), method="frequency", num_rows=10, table="C6")
+
+
+@pytest.mark.parametrize("num_rows", [0, -1])
+def test_too_few_rows(num_rows):
+    with pytest.raises(ValueError, match=f"table 'C7': num_rows must be an integer >= 1.*got {num_rows}"):
+        fit_mapping(np.arange(10), method="frequency", num_rows=num_rows, table="C7")
+
+
+def test_nan_embeddings_name_the_id():
+    weight = torch.randn(10, 4)
+    weight[6, 2] = float("nan")
+    with pytest.raises(ValueError, match="table 'C8': the embedding of id 6 is NaN"):
+        fit_mapping(np.arange(10), method="learned", num_rows=5, embeddings=weight, table="C8")
+
+
+def test_learned_needs_embeddings():
+    with pytest.raises(ValueError, match="table 'C9': method 'combination' needs learned embeddings"):
+        fit_mapping(np.arange(10), method="combination", num_rows=5, table="C9")
+
+
+def test_unknown_method_and_hyperparameter():
+    with pytest.raises(ValueError, match="unknown mapping method 'lsh'"):
+        fit_mapping(np.arange(10), method="lsh", num_rows=5)
+    with pytest.raises(TypeError, match="method 'frequency'.*min_count"):
+        make_estimator("frequency", 5, min_count=3)
+
+
+def test_fractions_are_validated():
+    with pytest.raises(ValueError, match="table 't': hot_fraction \\+ hashed_fraction must be <= 1"):
+        CombinedLearnedHashing(10, hot_fraction=0.8, hashed_fraction=0.5).split(IdProfile.from_ids(np.arange(5)), "t")
+    with pytest.raises(ValueError, match="hot_fraction must be in \\[0, 1\\]"):
+        FrequencyHashing(10, hot_fraction=1.5).split(IdProfile.from_ids(np.arange(5)))
