@@ -6,7 +6,7 @@ would cap compression. :func:`plan_budget` finds the largest number of rows M wh
 mapping fits a budget, for any method, from the access profile alone.
 """
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Dict
 
 import numpy as np
@@ -49,6 +49,7 @@ class BudgetPlan:
     optimizer_bytes: int
     mapping_bytes: int
     budget_bytes: int
+    hyperparams: Dict = field(default_factory=dict)
 
     @property
     def num_rows(self) -> int:
@@ -80,6 +81,21 @@ class _PrefixCost:
         return storage_cost(num_entries, span)
 
 
+def _auto_min_count(profile: IdProfile, prefix_cost: _PrefixCost, max_bytes: float) -> int:
+    """The smallest access count threshold whose well-observed ids fit in ``max_bytes`` of mapping."""
+    thresholds = np.unique(profile.counts)
+    ranked_counts = np.sort(profile.counts)[::-1]
+    low, high = 0, thresholds.size  # cost falls as the threshold rises: find the first that fits
+    while low < high:
+        mid = (low + high) // 2
+        entries = int(np.searchsorted(-ranked_counts, -thresholds[mid], side="right"))
+        if prefix_cost(entries)[1] <= max_bytes:
+            high = mid
+        else:
+            low = mid + 1
+    return int(thresholds[low]) if low < thresholds.size else int(ranked_counts[0]) + 1
+
+
 def plan_budget(
     data: ProfileLike,
     *,
@@ -88,10 +104,15 @@ def plan_budget(
     method: str = "combination",
     optimizer: str = "sgd",
     table: str = "table",
+    mapping_share: float = 0.25,
     **hyperparams,
 ) -> BudgetPlan:
     """The largest table (rows M) of ``method`` whose weights, optimizer state and mapping fit in
     ``total_bytes``, with its hot / clustered / hashed split. ``hyperparams`` go to the estimator.
+
+    ``min_count="auto"`` (learned methods) lets the budget choose which ids are clustered: the
+    smallest access count whose ids' entries take at most ``mapping_share`` of the budget; rarer
+    ids are hashed. The resolved value is in ``plan.hyperparams``.
 
     Example::
 
@@ -101,13 +122,17 @@ def plan_budget(
     profile = as_profile(data, table)
     per_row = row_bytes(embedding_dim, optimizer)
     prefix_cost = _PrefixCost(profile)
+    if hyperparams.get("min_count") == "auto":
+        if not 0 < mapping_share <= 1:
+            raise ValueError(f"table '{table}': mapping_share must be in (0, 1], got {mapping_share}")
+        hyperparams["min_count"] = _auto_min_count(profile, prefix_cost, mapping_share * total_bytes)
 
     def plan_for(num_rows: int) -> BudgetPlan:
         split = make_estimator(method, num_rows, **hyperparams).split(profile, table)
         storage, mapping_bytes = prefix_cost(split.num_entries)
         weight = num_rows * WEIGHT_BYTES * embedding_dim
         return BudgetPlan(table, method, embedding_dim, optimizer, split, storage, weight,
-                          num_rows * per_row - weight, mapping_bytes, int(total_bytes))
+                          num_rows * per_row - weight, mapping_bytes, int(total_bytes), dict(hyperparams))
 
     low = METHODS[method].probes if method in METHODS else 1
     smallest = plan_for(low)

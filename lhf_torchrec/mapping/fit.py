@@ -47,9 +47,12 @@ def fit_mapping(
             raise ValueError(f"table '{table}': a total_bytes budget needs embedding_dim")
         if profile is None:
             raise ValueError(f"table '{table}': a total_bytes budget needs data to profile")
-        num_rows = plan_budget(
+        plan = plan_budget(
             profile, embedding_dim=embedding_dim, total_bytes=total_bytes, method=method,
             optimizer=optimizer, table=table, **hyperparams,
-        ).num_rows
+        )
+        num_rows, hyperparams = plan.num_rows, plan.hyperparams
+    elif hyperparams.get("min_count") == "auto":
+        raise ValueError(f"table '{table}': min_count='auto' is chosen by a budget; give total_bytes")
     estimator = make_estimator(method, num_rows, seed=seed, **hyperparams)
     return estimator.fit(profile, embeddings, table=table).mapping_

@@ -36,10 +36,13 @@ def hash_coefficients(seed: int) -> Tuple[int, int, int, int]:
     return out[0], out[1], out[2], out[3]
 
 
+def _fold(x: torch.Tensor) -> torch.Tensor:
+    return (x & MERSENNE_31) + (x >> 31)
+
+
 def _mod_mersenne(x: torch.Tensor) -> torch.Tensor:
     # x < 2^63, x >= 0: two folds bring it below 2p, one conditional subtraction below p.
-    x = (x & MERSENNE_31) + (x >> 31)
-    x = (x & MERSENNE_31) + (x >> 31)
+    x = _fold(_fold(x))
     return torch.where(x >= MERSENNE_31, x - MERSENNE_31, x)
 
 
@@ -55,7 +58,8 @@ def hash_ids(ids: torch.Tensor, num_buckets: int, seed: int) -> torch.Tensor:
     d0 = x & MERSENNE_31
     d1 = (x >> 31) & MERSENNE_31
     d2 = (x >> 62) & 3
-    h = _mod_mersenne(d0 * a0) + _mod_mersenne(d1 * a1) + _mod_mersenne(d2 * a2) + b
+    # One fold per product keeps it below 2^32 (and equal mod p); the sum stays below 2^34.
+    h = _fold(d0 * a0) + _fold(d1 * a1) + _fold(d2 * a2) + b
     h = _mod_mersenne(h)
     # h is uniform on [0, p); multiply-shift maps it onto [0, num_buckets) without a division.
     return (h * num_buckets) >> 31

@@ -257,6 +257,8 @@ class CombinedLearnedHashing(LearnedClustering):
         well_observed = int((profile.counts >= self.min_count).sum())
         candidates = max(0, well_observed - hot)
         clustered = min(m - hot - hashed, candidates)
+        if clustered == 0:  # no cluster row left: the candidates are hashed, they need no entry
+            candidates = 0
         hashed = m - hot - clustered
         return RowSplit(m, hot, clustered, hashed, hot + candidates, hot + clustered, hashed)
 

@@ -48,3 +48,24 @@ def test_budget_and_num_rows_are_exclusive(zipf_profile):
         fit_mapping(zipf_profile, method="frequency", num_rows=10, total_bytes=1000, embedding_dim=4)
     with pytest.raises(ValueError, match="needs embedding_dim"):
         fit_mapping(zipf_profile, method="frequency", total_bytes=1000)
+
+
+@pytest.mark.parametrize("method", ["learned", "combination"])
+def test_auto_min_count_keeps_the_mapping_within_its_share(method, zipf_profile):
+    budget = zipf_profile.num_ids * row_bytes(16) // 10
+    plan = plan_budget(zipf_profile, embedding_dim=16, total_bytes=budget, method=method, min_count="auto",
+                       mapping_share=0.25)
+    chosen = plan.hyperparams["min_count"]
+    assert chosen > 1  # storing every id would not fit
+    assert plan.mapping_bytes <= 0.25 * budget or method == "combination" and plan.split.num_hot >= plan.split.num_entries
+    looser = plan_budget(zipf_profile, embedding_dim=16, total_bytes=budget, method=method, min_count=chosen - 1)
+    assert looser.mapping_bytes > 0.25 * budget  # the smallest threshold that fits was chosen
+    embeddings = IdEmbeddings(zipf_profile.ids, torch.randn(zipf_profile.num_ids, 4))
+    mapping = fit_mapping(zipf_profile, method=method, total_bytes=budget, embedding_dim=16, embeddings=embeddings,
+                          min_count="auto", mapping_share=0.25)
+    assert mapping.params["min_count"] == chosen and mapping.nbytes == plan.mapping_bytes
+
+
+def test_auto_min_count_needs_a_budget(zipf_profile):
+    with pytest.raises(ValueError, match="min_count='auto' is chosen by a budget"):
+        fit_mapping(zipf_profile, method="learned", num_rows=10, embeddings=torch.zeros(5, 2), min_count="auto")

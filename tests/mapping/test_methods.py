@@ -140,3 +140,11 @@ def test_fractions_are_validated():
         CombinedLearnedHashing(10, hot_fraction=0.8, hashed_fraction=0.5).split(IdProfile.from_ids(np.arange(5)), "t")
     with pytest.raises(ValueError, match="hot_fraction must be in \\[0, 1\\]"):
         FrequencyHashing(10, hot_fraction=1.5).split(IdProfile.from_ids(np.arange(5)))
+
+
+def test_combination_with_no_room_for_clusters(planted):
+    profile, embeddings, _ = planted
+    for rows in (1, 2, 3):
+        mapping = fit_mapping(profile, method="combination", num_rows=rows, embeddings=embeddings, min_count=1)
+        assert sum(mapping.layout.values()) == rows
+        assert int(mapping(torch.from_numpy(profile.ids)).max()) < rows
