@@ -35,6 +35,7 @@ from lhf_torchrec.mapping.hashing import hash_ids
 
 FORMAT_VERSION = 1
 _INT32_MAX = (1 << 31) - 1
+_INT64_MAX = (1 << 63) - 1
 _KEY_PREFIX = "lhf_torchrec.mapping"
 
 
@@ -145,7 +146,7 @@ class IdMapping(nn.Module):
         if storage == "dense":
             if probes == 1:
                 # Precompute the hash of every id in the span: lookups then never hash in-span ids.
-                span_ids = torch.arange(offset, offset + span, dtype=torch.int64)
+                span_ids = torch.arange(span, dtype=torch.int64) + offset
                 table = (hash_offset + hash_ids(span_ids, hash_rows, seed)).to(torch.int32)
             else:
                 table = torch.full((span,), -1, dtype=torch.int32)
@@ -217,18 +218,18 @@ class IdMapping(nn.Module):
         """(rows, found): rows of ids that have a stored row; ``found`` is False where they must be hashed."""
         # index_select, not tensor[index]: on CPU advanced indexing is several times slower.
         if self.storage == "dense":
+            # Clamp in id space, then subtract: ids - offset could wrap around int64 for extreme ids.
             table: torch.Tensor = self.table
-            relative = ids - self.offset if self.offset else ids
-            clamped = relative.clamp(0, table.numel() - 1)
-            rows = table.index_select(0, clamped).to(torch.int64)
-            in_span = clamped == relative
+            clamped = ids.clamp(self.offset, self.offset + table.numel() - 1)
+            rows = table.index_select(0, clamped - self.offset if self.offset else clamped).to(torch.int64)
+            in_span = clamped == ids
             return rows, (in_span & (rows >= 0)) if self.probes == 2 else in_span
         if self.storage == "sorted":
             keys: torch.Tensor = self.keys
             if keys.dtype == torch.int32:
-                relative = ids - self.offset if self.offset else ids
-                query = relative.clamp(0, _INT32_MAX).to(torch.int32)
-                in_range = query == relative
+                clamped = ids.clamp(self.offset, min(self.offset + _INT32_MAX, _INT64_MAX))
+                query = (clamped - self.offset).to(torch.int32)
+                in_range = clamped == ids
             else:
                 query, in_range = ids, None
             pos = torch.searchsorted(keys, query).clamp_(max=keys.numel() - 1)

@@ -144,3 +144,12 @@ def test_float_ids_are_rejected():
 def test_entry_rows_must_fit():
     with pytest.raises(ValueError, match="table 'C4': entry row 50 is outside"):
         IdMapping.from_entries(np.array([1]), np.array([50]), 50, table_name="C4")
+
+
+@pytest.mark.parametrize("entries", [[(1 << 63) - 3, (1 << 63) - 1], [-(1 << 63), -(1 << 63) + 5], [-(1 << 63), (1 << 63) - 1]])
+def test_extreme_ids_never_wrap_into_the_stored_range(entries):
+    m = IdMapping.from_entries(np.array(entries), np.array([0, 1]), 50, hash_offset=2, hash_rows=48)
+    probes = torch.tensor([-(1 << 63), -(1 << 63) + 1, -1, 0, 1, (1 << 63) - 2, (1 << 63) - 1])
+    rows = m(probes).tolist()
+    for i, r in zip(probes.tolist(), rows):
+        assert r == entries.index(i) if i in entries else 2 <= r < 50
