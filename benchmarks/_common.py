@@ -16,7 +16,8 @@ def machine_description() -> str:
             model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"{model}, {os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} threads"
+    return (f"{model}, {os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} thread(s), "
+            f"1-min load average {os.getloadavg()[0]:.1f} at the end")
 
 
 def _format(value) -> str:

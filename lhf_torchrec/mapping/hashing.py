@@ -36,14 +36,23 @@ def hash_coefficients(seed: int) -> Tuple[int, int, int, int]:
     return out[0], out[1], out[2], out[3]
 
 
-def _fold(x: torch.Tensor) -> torch.Tensor:
-    return (x & MERSENNE_31) + (x >> 31)
+def hash_with_coefficients(ids: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
+    """The hash with explicit int64 ``coefficients[..., :] = (num_buckets, a0, a1, a2, b)``.
 
-
-def _mod_mersenne(x: torch.Tensor) -> torch.Tensor:
-    # x < 2^63, x >= 0: two folds bring it below 2p, one conditional subtraction below p.
-    x = _fold(_fold(x))
-    return torch.where(x >= MERSENNE_31, x - MERSENNE_31, x)
+    ``coefficients`` broadcasts against ``ids``: shape (5,) hashes every id alike, shape (n, 5) gives
+    each id its own table's hash (one call for many tables). TorchScript-compatible, hence the
+    literal constants (2147483647 = p = 2^31 - 1; 2^31 = 1 mod p, so a fold keeps the value mod p).
+    """
+    x = ids.to(torch.int64)
+    t0 = (x & 2147483647) * coefficients[..., 1]
+    t1 = ((x >> 31) & 2147483647) * coefficients[..., 2]
+    # One fold per 62-bit product keeps each below 2^32; the sum stays below 2^35.
+    h = (t0 & 2147483647) + (t0 >> 31) + (t1 & 2147483647) + (t1 >> 31)
+    h = h + ((x >> 62) & 3) * coefficients[..., 3] + coefficients[..., 4]
+    h = (h & 2147483647) + (h >> 31)  # below 2p now: one conditional subtraction finishes mod p
+    h = torch.where(h >= 2147483647, h - 2147483647, h)
+    # h is uniform on [0, p); multiply-shift maps it onto [0, num_buckets) without a division.
+    return (h * coefficients[..., 0]) >> 31
 
 
 def hash_ids(ids: torch.Tensor, num_buckets: int, seed: int) -> torch.Tensor:
@@ -52,14 +61,5 @@ def hash_ids(ids: torch.Tensor, num_buckets: int, seed: int) -> torch.Tensor:
         raise ValueError(f"num_buckets must be >= 1, got {num_buckets}")
     if num_buckets > MERSENNE_31:
         raise ValueError(f"num_buckets must be < 2^31 - 1, got {num_buckets}")
-    a0, a1, a2, b = hash_coefficients(seed)
-    x = ids.to(torch.int64)
-    # Digits of the two's-complement bit pattern, so negative ids hash like any other value.
-    d0 = x & MERSENNE_31
-    d1 = (x >> 31) & MERSENNE_31
-    d2 = (x >> 62) & 3
-    # One fold per product keeps it below 2^32 (and equal mod p); the sum stays below 2^34.
-    h = _fold(d0 * a0) + _fold(d1 * a1) + _fold(d2 * a2) + b
-    h = _mod_mersenne(h)
-    # h is uniform on [0, p); multiply-shift maps it onto [0, num_buckets) without a division.
-    return (h * num_buckets) >> 31
+    coefficients = torch.tensor([num_buckets, *hash_coefficients(seed)], dtype=torch.int64, device=ids.device)
+    return hash_with_coefficients(ids, coefficients)

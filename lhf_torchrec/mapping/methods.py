@@ -29,7 +29,7 @@ from typing import Dict, Optional, Type, Union
 import numpy as np
 import torch
 
-from lhf_torchrec.mapping.embeddings import IdEmbeddings, EmbeddingsLike, embeddings_of
+from lhf_torchrec.mapping.embeddings import EmbeddingsLike, embeddings_of
 from lhf_torchrec.mapping.id_mapping import IdMapping
 from lhf_torchrec.mapping.kmeans import cluster, cluster_centers
 from lhf_torchrec.mapping.profile import IdArray, IdProfile

@@ -42,3 +42,16 @@ def test_coefficients_are_valid():
         a0, a1, a2, b = hash_coefficients(seed)
         p = (1 << 31) - 1
         assert 1 <= a0 < p and 1 <= a1 < p and 1 <= a2 < p and 0 <= b < p
+
+
+def test_per_id_coefficients_hash_each_id_with_its_own_table():
+    from lhf_torchrec.mapping.hashing import hash_with_coefficients
+
+    rng = np.random.default_rng(5)
+    ids = torch.from_numpy(rng.integers(-(1 << 63), (1 << 63) - 1, 3000, dtype=np.int64))
+    tables = [(1, 0), (30, 2), ((1 << 31) - 2, 123)]
+    coefficients = torch.tensor([[m, *hash_coefficients(s)] for m, s in tables]).repeat_interleave(1000, dim=0)
+    got = hash_with_coefficients(ids, coefficients)
+    for i, (m, s) in enumerate(tables):
+        part = slice(1000 * i, 1000 * (i + 1))
+        assert torch.equal(got[part], hash_ids(ids[part], m, s))

@@ -1,0 +1,121 @@
+"""File plumbing shared by the readers and writers: atomic writes, opening, error reporting.
+
+Readers report malformed input in one way: with ``on_error="raise"`` the first bad line raises a
+:class:`DataFormatError` naming file and line; with ``on_error="skip"`` bad lines are dropped and
+counted in a :class:`ParseReport` (the first few with file, line and reason), logged as a warning at
+the end of each pass.
+"""
+
+import contextlib
+import gzip
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Iterator, Literal, Sequence
+
+logger = logging.getLogger(__name__)
+
+PathLike = str | os.PathLike
+OnError = Literal["raise", "skip"]
+MAX_REPORTED_LINES = 5
+
+
+class DataFormatError(ValueError):
+    """Malformed input; the message starts with ``file:line:``.
+
+    Example::
+
+        try:
+            CriteoTSV("day_0.tsv").load()
+        except DataFormatError as e:
+            print(e.path, e.line, e)
+    """
+
+    def __init__(self, path: PathLike, line: int | None, reason: str) -> None:
+        where = f"{path}:{line}" if line is not None else str(path)
+        super().__init__(f"{where}: {reason}")
+        self.path = str(path)
+        self.line = line
+        self.reason = reason
+
+
+@dataclass
+class ParseReport:
+    """What one pass over text files read and skipped.
+
+    ``examples`` holds ``"file:line: reason"`` for the first :data:`MAX_REPORTED_LINES` bad lines.
+    """
+
+    lines_read: int = 0
+    lines_skipped: int = 0
+    examples: list[str] = field(default_factory=list)
+
+    def add_bad_lines(self, path: PathLike, lines: Sequence[int], reasons: Sequence[str]) -> None:
+        """Counts bad ``lines`` (1-based) of ``path``; ``reasons`` explain the first of them."""
+        for line, reason in zip(lines, reasons):
+            if len(self.examples) < MAX_REPORTED_LINES:
+                self.examples.append(f"{path}:{line}: {reason}")
+        self.lines_skipped += len(lines)
+
+    def log(self) -> None:
+        if self.lines_skipped:
+            logger.warning(
+                "skipped %d malformed of %d lines; first: %s",
+                self.lines_skipped,
+                self.lines_read,
+                "; ".join(self.examples),
+            )
+
+
+def check_on_error(on_error: str) -> None:
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+
+
+def check_readable(path: PathLike) -> Path:
+    """Fails early, naming the file, when ``path`` is missing, a directory or unreadable."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file")
+    if not path.is_file():
+        raise IsADirectoryError(f"{path}: not a regular file")
+    with open(path, "rb"):
+        pass
+    return path
+
+
+def open_binary(path: PathLike) -> IO[bytes]:
+    """Opens ``path`` for reading bytes, decompressing ``.gz`` files on the fly."""
+    if str(path).endswith(".gz"):
+        return gzip.open(path, "rb")
+    return open(path, "rb")
+
+
+@contextlib.contextmanager
+def atomic_write(path: PathLike) -> Iterator[IO[bytes]]:
+    """Writes a file all at once: readers see either the old file or the complete new one.
+
+    The bytes go to a temporary file in the same directory, which replaces ``path`` only when the
+    block ends without error.
+
+    Example::
+
+        with atomic_write("out/day_0_dense.npy") as f:
+            np.save(f, dense)
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            # mkstemp creates the file private (0600); give it the usual permissions of a data file.
+            os.fchmod(f.fileno(), 0o644)
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
