@@ -2,10 +2,11 @@
 
 import os
 import re
-import tempfile
 from typing import Dict, List, Sequence
 
 import torch
+
+from lhf_torchrec.files import atomic_write
 
 
 def machine_description() -> str:
@@ -40,9 +41,5 @@ def write_doc_section(path: str, heading: str, body: str, title: str = "# Perfor
     section = f"## {heading}\n\n{body.strip()}\n"
     pattern = re.compile(rf"^## {re.escape(heading)}\n.*?(?=^## |\Z)", re.S | re.M)
     text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
-        f.write(text.rstrip("\n") + "\n")
-    os.replace(tmp, path)
+    with atomic_write(path) as f:
+        f.write((text.rstrip("\n") + "\n").encode())

@@ -32,7 +32,7 @@ from lhf_torchrec.data.criteo import (
     write_criteo_tsv,
 )
 from lhf_torchrec.data.ctr_data import CTRData, feature_columns, shuffle_order, sparse_to_kjt
-from lhf_torchrec.data.files import DataFormatError, ParseReport, atomic_write
+from lhf_torchrec.data.files import DataFormatError, ParseReport
 from lhf_torchrec.data.movielens import fetch_movielens_100k, load_movielens_100k
 from lhf_torchrec.data.source import CTRSource, StreamingSource, split_bounds, time_split
 from lhf_torchrec.data.synthetic import SyntheticCriteo, SyntheticCriteoConfig, SyntheticTruth, make_synthetic_criteo
@@ -55,7 +55,6 @@ __all__ = [
     "SyntheticCriteo",
     "SyntheticCriteoConfig",
     "SyntheticTruth",
-    "atomic_write",
     "categorical_id",
     "criteo_dense_transform",
     "criteo_npy_paths",

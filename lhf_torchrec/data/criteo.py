@@ -27,13 +27,13 @@ from numpy.lib.stride_tricks import sliding_window_view
 from torchrec.datasets.criteo import CAT_FEATURE_COUNT, DEFAULT_CAT_NAMES, DEFAULT_INT_NAMES, INT_FEATURE_COUNT
 
 from lhf_torchrec.data.ctr_data import CTRData
+from lhf_torchrec.files import atomic_write
 from lhf_torchrec.data.files import (
     MAX_REPORTED_LINES,
     DataFormatError,
     OnError,
     ParseReport,
     PathLike,
-    atomic_write,
     check_on_error,
     check_readable,
     open_binary,

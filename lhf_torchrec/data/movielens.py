@@ -29,7 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from lhf_torchrec.data.ctr_data import CTRData
-from lhf_torchrec.data.files import PathLike, atomic_write
+from lhf_torchrec.data.files import PathLike
+from lhf_torchrec.files import atomic_write
 
 logger = logging.getLogger(__name__)
 

@@ -24,13 +24,13 @@ saved in a model's ``state_dict``. ``save``/``load`` use safetensors with a chec
 import hashlib
 import json
 import os
-import tempfile
 from typing import Dict, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
 from torch import nn
 
+from lhf_torchrec.files import atomic_write
 from lhf_torchrec.mapping.hashing import hash_ids
 
 FORMAT_VERSION = 1
@@ -330,7 +330,7 @@ def save_mappings(path: str, mappings: Mapping[str, IdMapping]) -> None:
     Each table's metadata (method, hyper-parameters, rows, entries, seed, layout, format version)
     and a sha256 checksum go into the file's header; no pickle is involved.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save as safetensors_save
 
     tensors: Dict[str, torch.Tensor] = {}
     header: Dict[str, str] = {"format": _KEY_PREFIX, "format_version": str(FORMAT_VERSION)}
@@ -343,17 +343,8 @@ def save_mappings(path: str, mappings: Mapping[str, IdMapping]) -> None:
         header[f"table/{table}"] = json.dumps(meta, sort_keys=True)
         for name, tensor in mapping._state_tensors().items():
             tensors[f"{table}/{name}"] = tensor
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".safetensors")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=header)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path) as f:
+        f.write(safetensors_save(tensors, metadata=header))
 
 
 def load_mappings(path: str, device: Optional[torch.device] = None) -> Dict[str, IdMapping]:

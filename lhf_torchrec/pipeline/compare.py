@@ -1,0 +1,165 @@
+"""Methods side by side at equal total bytes: the loop behind ``lhf demo`` and the quality benchmark.
+
+For every seed: profile the training split, learn low-dimensional embeddings once (only when a
+learned method is compared; its time is charged to the learned methods), then for every
+compression ratio and method fit the mappings at that budget, train the same DLRM with the same
+data, optimizer and epochs, and evaluate on the test split.
+"""
+
+import json
+import logging
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+from lhf_torchrec.files import atomic_write
+from lhf_torchrec.mapping.methods import METHODS
+from lhf_torchrec.pipeline.datasets import SplitData
+from lhf_torchrec.pipeline.steps import fit_mappings, full_table_bytes, learn_embeddings, profile_tables
+from lhf_torchrec.training.model import ModelConfig
+from lhf_torchrec.training.runtime import Runtime, init_runtime
+from lhf_torchrec.training.trainer import TrainConfig, Trainer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RunRecord:
+    """One trained model: which method at which budget, what it cost and how good it is."""
+
+    dataset: str
+    method: str
+    compression: float
+    seed: int
+    total_bytes: int
+    table_bytes: int
+    mapping_bytes: int
+    full_bytes: int
+    fit_seconds: float
+    train_seconds: float
+    steps: int
+    test: Dict[str, float]
+    validation: List[Dict[str, Any]] = field(default_factory=list)
+
+
+def compare_methods(
+    data: SplitData,
+    methods: Sequence[str],
+    compressions: Sequence[float],
+    seeds: Sequence[int],
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    *,
+    learn_dim: int = 8,
+    learn_epochs: int = 1,
+    hyperparams: Optional[Mapping[str, Mapping[str, Any]]] = None,
+    runtime: Optional[Runtime] = None,
+) -> List[RunRecord]:
+    """Trains ``full`` once per seed and every method at every compression; returns the records."""
+    unknown = [m for m in methods if m != "full" and m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; choose from full, {', '.join(sorted(METHODS))}")
+    runtime = runtime or init_runtime()
+    hyperparams = hyperparams or {}
+    profiles = profile_tables(data.train, data.tables)
+    full_bytes = full_table_bytes(data.tables, profiles, train_config.optimizer)
+    records: List[RunRecord] = []
+    for seed in seeds:
+        config = TrainConfig(**{**asdict(train_config), "seed": seed, "checkpoint_dir": None, "resume": False})
+        embeddings, learn_seconds = None, 0.0
+        if any(METHODS.get(m) is not None and METHODS[m].needs_embeddings for m in methods):
+            start = time.perf_counter()
+            embeddings = learn_embeddings(data.train, data.tables, profiles, dim=learn_dim, epochs=learn_epochs,
+                                          train_config=config, runtime=runtime)
+            learn_seconds = time.perf_counter() - start
+        runs = [("full", 1.0)] if "full" in methods else []
+        runs += [(m, c) for c in compressions for m in methods if m != "full"]
+        for method, compression in runs:
+            start = time.perf_counter()
+            fitted = fit_mappings(data.tables, profiles, method, compression=compression,
+                                  optimizer=train_config.optimizer, embeddings=embeddings, seed=seed,
+                                  **dict(hyperparams.get(method, {})))
+            fit_seconds = time.perf_counter() - start
+            if method != "full" and METHODS[method].needs_embeddings:
+                fit_seconds += learn_seconds
+            trainer = Trainer(model_config, config, data.tables, len(data.train.dense_names), fitted.mappings, runtime)
+            result = trainer.fit(data.train, data.validation)
+            test = trainer.evaluate(data.test)
+            record = RunRecord(data.name, method, compression, seed, fitted.total_bytes, fitted.table_bytes,
+                               fitted.mapping_bytes, full_bytes, fit_seconds, result.train_seconds, result.steps,
+                               test, result.validation)
+            logger.info("%s %s %.0fx seed %d: test %s", data.name, method, compression, seed, test)
+            records.append(record)
+    return records
+
+
+def summarize(records: Sequence[RunRecord]) -> List[Dict[str, Any]]:
+    """Mean and standard deviation over seeds per (dataset, method, compression)."""
+    groups: Dict[tuple, List[RunRecord]] = {}
+    for r in records:
+        groups.setdefault((r.dataset, r.method, r.compression), []).append(r)
+    rows = []
+    for (dataset, method, compression), rs in groups.items():
+        row: Dict[str, Any] = {"dataset": dataset, "method": method, "compression": compression, "seeds": len(rs)}
+        for metric in ("logloss", "auc", "ne"):
+            values = [r.test[metric] for r in rs]
+            row[metric] = statistics.fmean(values)
+            row[f"{metric}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        row["total_mb"] = statistics.fmean(r.total_bytes for r in rs) / 2**20
+        row["mapping_mb"] = statistics.fmean(r.mapping_bytes for r in rs) / 2**20
+        row["full_mb"] = rs[0].full_bytes / 2**20
+        row["fit_s"] = statistics.fmean(r.fit_seconds for r in rs)
+        row["train_s"] = statistics.fmean(r.train_seconds for r in rs)
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: Sequence[Dict[str, Any]]) -> str:
+    """A markdown table of :func:`summarize` rows."""
+    header = "| dataset | method | budget | test logloss | test AUC | NE | total MB | mapping MB | fit s | train s |"
+    lines = [header, "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        budget = "full" if r["method"] == "full" else f"{r['compression']:g}x"
+        pm = lambda m: f"{r[m]:.4f}" + (f" ± {r[m + '_std']:.4f}" if r["seeds"] > 1 else "")  # noqa: E731
+        lines.append(
+            f"| {r['dataset']} | {r['method']} | {budget} | {pm('logloss')} | {pm('auc')} | {pm('ne')} | "
+            f"{r['total_mb']:.2f} | {r['mapping_mb']:.3f} | {r['fit_s']:.1f} | {r['train_s']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_quality_vs_bytes(rows: Sequence[Dict[str, Any]], path: str, title: str = "") -> None:
+    """Test logloss and AUC against total bytes, one marker per method (written atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    datasets = sorted({r["dataset"] for r in rows})
+    for ax, metric, label in ((axes[0], "logloss", "test logloss (lower is better)"), (axes[1], "auc", "test AUC")):
+        for dataset in datasets:
+            for method in sorted({r["method"] for r in rows if r["dataset"] == dataset}):
+                pts = sorted((r["total_mb"], r[metric], r[f"{metric}_std"]) for r in rows
+                             if r["dataset"] == dataset and r["method"] == method)
+                name = method if len(datasets) == 1 else f"{dataset}: {method}"
+                ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts],
+                            marker="o", capsize=3, label=name, linestyle="-" if len(pts) > 1 else "none")
+        ax.set_xscale("log")
+        ax.set_xlabel("total bytes: tables + optimizer state + mappings (MB)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    with atomic_write(path) as f:
+        fig.savefig(f, dpi=110, format="png")
+    plt.close(fig)
+
+
+def write_records(records: Sequence[RunRecord], path: str) -> None:
+    """Every run as JSON (atomically)."""
+    with atomic_write(path) as f:
+        f.write(json.dumps([asdict(r) for r in records], indent=1).encode())
