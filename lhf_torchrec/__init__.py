@@ -14,13 +14,17 @@ from lhf_torchrec.mapping import (
     plan_budget,
     save_mappings,
 )
+from lhf_torchrec.distributed.planner import plan_report
+from lhf_torchrec.modules.swap import apply_learned_hashing
 
 __all__ = [
     "IdEmbeddings",
     "IdMapping",
     "IdProfile",
+    "apply_learned_hashing",
     "fit_mapping",
     "load_mappings",
     "plan_budget",
+    "plan_report",
     "save_mappings",
 ]

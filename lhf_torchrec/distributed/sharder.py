@@ -10,6 +10,24 @@ supports. Remapping happens at the start of ``input_dist``, before the KJT all-t
 The mappings must be the same function on every rank, else the same id would reach different rows
 depending on which rank read it. DMP does not synchronize buffers, so the sharder compares mapping
 fingerprints across ranks when it shards, and raises if any rank differs.
+
+Checkpointing with ``torch.distributed.checkpoint`` (DCP). ``dmp.state_dict()`` holds the tables
+as sharded tensors and, under ``<path>.remapper.mappings.<table>.``, each mapping's buffers (full
+tensors, the same on every rank) and its fingerprint (``_extra_state``)::
+
+    dcp.save(dmp.state_dict(), checkpoint_id=path)
+
+    # later, possibly with another plan: build the same model with the same mappings (e.g.
+    # ``load_mappings`` of the file they were saved to), shard it, then
+    state = dmp.state_dict()
+    dcp.load(state, checkpoint_id=path)   # in place; refuses tensors of another shape
+    dmp.load_state_dict(state)            # required: checks every mapping against the checkpoint's
+
+A mapping with other rows than the checkpoint's fails in ``dcp.load`` (``Size mismatch ... for
+<path>.ebc.embedding_bags.<table>.weight``); a mapping of the same shapes but another function
+(other seed, entries or method) fails in ``load_state_dict`` with a ``ValueError`` naming the table.
+Do not skip ``load_state_dict``: ``dcp.load`` writes the mapping buffers in place and checks nothing,
+so a mismatch of the second kind would go unnoticed.
 """
 
 import logging

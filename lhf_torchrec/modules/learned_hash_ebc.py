@@ -54,13 +54,12 @@ class IdRemapper(nn.Module):
                 values=torch.cat(remapped) if remapped else values,
                 lengths=features.lengths(),
                 weights=weights,
-                stride=features.stride(),
                 length_per_key=features.length_per_key(),
                 offset_per_key=features.offset_per_key(),
+                **_batch_layout(features),
             )
         # Double hashing turns one id into two values: lengths and weights change with the values.
-        stride = features.stride()
-        per_key_lengths = features.lengths().split([stride] * len(keys))
+        per_key_lengths = features.lengths().split(features.stride_per_key())
         per_key_weights = weights.split(features.length_per_key()) if weights is not None else [None] * len(keys)
         out_values, out_lengths, out_weights = [], [], []
         for key, segment, lengths, w in zip(keys, per_key_values, per_key_lengths, per_key_weights):
@@ -75,8 +74,18 @@ class IdRemapper(nn.Module):
             values=torch.cat(out_values),
             lengths=torch.cat(out_lengths),
             weights=torch.cat(out_weights) if weights is not None else None,
-            stride=stride,
+            **_batch_layout(features),
         )
+
+
+def _batch_layout(features: KeyedJaggedTensor) -> Dict:
+    """How the KJT's bags map to samples: its stride, or per-key strides and inverse indices (VBE)."""
+    if features.variable_stride_per_key():
+        return {
+            "stride_per_key_per_rank": features.stride_per_key_per_rank(),
+            "inverse_indices": features.inverse_indices_or_none(),
+        }
+    return {"stride": features.stride()}
 
 
 def compressed_configs(

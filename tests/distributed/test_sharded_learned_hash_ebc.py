@@ -1,0 +1,151 @@
+"""The sharded learned-hash EBC on 2 ranks (gloo) against the unsharded module.
+
+Each test spawns one 2-process job (about 10 s of start-up) and runs several checks in it. Workers
+are module-level functions: TorchRec's harness uses the spawn start method.
+"""
+
+import unittest
+
+import pytest
+import torch
+import torch.distributed as dist
+from fbgemm_gpu.split_embedding_configs import EmbOptimType
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.sharding_plan import (
+    column_wise, construct_module_sharding_plan, data_parallel, row_wise, table_row_wise, table_wise,
+)
+from torchrec.distributed.test_utils.multi_process import MultiProcessTestBase
+from torchrec.distributed.types import ShardingPlan
+
+from lh_dist_helpers import (
+    B_LOCAL, DIM, FEATURES, LR, TABLES, SparseOnly, copy_into_shards, global_batch, make_mappings, make_module,
+    max_shard_diff, raised_by, rank_batch, run_on_rank, table_keys,
+)
+from lhf_torchrec import fit_mapping
+from lhf_torchrec.distributed import LearnedHashEBCSharder, ShardedLearnedHashEBC
+
+pytestmark = pytest.mark.distributed
+
+SHARDING_CASES = [
+    # (sharding type, weighted KJT)
+    ("table_wise", False),
+    ("column_wise", False),
+    ("table_column_wise", False),
+    ("row_wise", False),
+    ("table_row_wise", False),
+    ("data_parallel", False),
+    ("row_wise", True),
+    ("table_wise", True),
+]
+
+
+def _module_plan(sharding_type: str, module, sharder, world_size: int):
+    per_table = {}
+    for i, t in enumerate(TABLES):
+        rank = i % world_size
+        per_table[t.name] = {
+            "table_wise": lambda: table_wise(rank=rank, compute_kernel="fused"),
+            "column_wise": lambda: column_wise(ranks=list(range(world_size)), compute_kernel="fused"),
+            "table_column_wise": lambda: column_wise(ranks=[rank, rank], compute_kernel="fused"),
+            "row_wise": lambda: row_wise(compute_kernel="fused"),
+            "table_row_wise": lambda: table_row_wise(host_index=0),
+            "data_parallel": data_parallel,
+        }[sharding_type]()
+    plan = construct_module_sharding_plan(
+        module, per_param_sharding=per_table, sharder=sharder, local_size=world_size, world_size=world_size,
+        device_type="cpu",
+    )
+    for ps in plan.values():
+        if sharding_type == "table_column_wise":
+            ps.sharding_type = "table_column_wise"  # column shards of a table kept on one rank
+        if sharding_type == "table_row_wise":
+            ps.compute_kernel = "fused"  # table_row_wise() takes no kernel
+    kernel = "dense" if sharding_type == "data_parallel" else "fused"
+    assert {(ps.sharding_type, ps.compute_kernel) for ps in plan.values()} == {(sharding_type, kernel)}, plan
+    return plan
+
+
+def _check_one_sharding(sharding_type: str, weighted: bool, rank: int, world_size: int) -> None:
+    label = f"{sharding_type}{' weighted' if weighted else ''}"
+    reference = SparseOnly(make_module("cpu", seed=0, is_weighted=weighted))
+    start = {k: v.detach().clone() for k, v in reference.state_dict().items()}
+
+    sharder = LearnedHashEBCSharder(fused_params={"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": LR})
+    model = SparseOnly(make_module("meta", seed=1, is_weighted=weighted))
+    plan = ShardingPlan({"sparse": _module_plan(sharding_type, model.sparse, sharder, world_size)})
+    dmp = DistributedModelParallel(model, device=torch.device("cpu"), plan=plan, sharders=[sharder])
+    assert isinstance(dmp.module.sparse, ShardedLearnedHashEBC), label
+    keys = table_keys("sparse.")
+    copy_into_shards(dmp.state_dict(), start, keys)
+
+    # Forward: this rank's batch against its slice of the reference's global batch.
+    g = torch.Generator().manual_seed(7)
+    loss_weights = [{f: torch.randn(B_LOCAL, DIM, generator=g) for f in FEATURES} for _ in range(world_size)]
+    out = dmp(rank_batch(rank, weighted=weighted))
+    out = (out.wait() if hasattr(out, "wait") else out).to_dict()
+    expected = reference(global_batch(world_size, weighted=weighted)).to_dict()
+    mine = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL)
+    assert sorted(out) == sorted(expected), label
+    for f in FEATURES:
+        diff = (out[f] - expected[f][mine]).abs().max().item()
+        assert diff < 1e-5, f"{label}: forward of {f} differs from the unsharded module by {diff}"
+        assert out[f].abs().sum() > 0, f"{label}: {f} pooled nothing"
+
+    # Backward and one step. Every sharding type averages gradients over ranks, like DDP: the
+    # reference takes the step on the mean of the ranks' losses.
+    dense_opt = None
+    if sharding_type == "data_parallel":
+        dense_opt = torch.optim.SGD([p for p in dmp.parameters() if p.requires_grad], lr=LR)
+    sum((out[f] * loss_weights[rank][f]).sum() for f in FEATURES).backward()
+    if dense_opt is not None:
+        dense_opt.step()
+    ref_loss = sum((expected[f][r * B_LOCAL:(r + 1) * B_LOCAL] * loss_weights[r][f]).sum()
+                   for r in range(world_size) for f in FEATURES)
+    (ref_loss / world_size).backward()
+    torch.optim.SGD(reference.parameters(), lr=LR).step()
+    updated = reference.state_dict()
+    for key in keys:
+        moved = (updated[key] - start[key]).abs().max().item()
+        assert moved > 0, f"{label}: the reference step did not touch {key}"
+    diff = max_shard_diff(dmp.state_dict(), updated, keys)
+    assert diff < 1e-5, f"{label}: tables after one step differ from the unsharded module's by {diff}"
+
+    # The mappings are replicated, untouched by the step, and still the reference's.
+    state = dmp.state_dict()
+    for name, buf in reference.named_buffers():
+        assert torch.equal(state[name], buf), f"{label}: mapping buffer {name}"
+
+
+def _sharding_types_match_unsharded(rank: int, world_size: int) -> None:
+    for sharding_type, weighted in SHARDING_CASES:
+        _check_one_sharding(sharding_type, weighted, rank, world_size)
+        dist.barrier()
+
+
+def _mappings_differing_across_ranks_raise(rank: int, world_size: int) -> None:
+    # Rank 1's t_hash mapping has another seed; its t_freq mapping was fitted on other data.
+    mappings = make_mappings()
+    if rank == 1:
+        mappings["t_hash"] = fit_mapping(None, method="hash", num_rows=32, seed=99, table="t_hash")
+        mappings["t_freq"] = fit_mapping(torch.arange(3000) % 97, method="frequency", num_rows=48, seed=1, table="t_freq")
+    sharder = LearnedHashEBCSharder()
+    model = SparseOnly(make_module("meta", mappings=mappings))
+    plan = ShardingPlan({"sparse": _module_plan("row_wise", model.sparse, sharder, world_size)})
+    error = raised_by(lambda: DistributedModelParallel(model, device=torch.device("cpu"), plan=plan, sharders=[sharder]))
+    message = str(error)
+    assert isinstance(error, RuntimeError), repr(error)
+    assert "mappings differ across ranks" in message, message
+    assert "rank 1: t_freq, t_hash" in message, message
+    assert "t_dbl" not in message and "t_sparse" not in message, message
+
+
+class ShardedLearnedHashEBCTest(MultiProcessTestBase):
+    def test_every_sharding_type_matches_the_unsharded_module(self) -> None:
+        self._run_multi_process_test(callable=run_on_rank, check=_sharding_types_match_unsharded, world_size=2)
+
+    def test_mappings_that_differ_across_ranks_fail_at_shard_time(self) -> None:
+        self._run_multi_process_test(callable=run_on_rank, check=_mappings_differing_across_ranks_raise, world_size=2)
+
+
+if __name__ == "__main__":
+    unittest.main()
