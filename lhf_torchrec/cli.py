@@ -108,9 +108,291 @@ def _run_plan(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ------------------------------------------------------------------------------------------ shared arguments
+
+
+def _comma_ints(text: str) -> List[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _comma_floats(text: str) -> List[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    from lhf_torchrec.pipeline.datasets import DATASET_KINDS
+
+    group = parser.add_argument_group("data")
+    group.add_argument("--data", choices=DATASET_KINDS, default="synthetic",
+                       help="dataset kind (default: the embedded synthetic Criteo-shaped data)")
+    group.add_argument("--data-path", nargs="+", default=[], metavar="PATH",
+                       help="TSV/CSV files, or the directory of npy day files")
+    group.add_argument("--rows", type=int, default=300_000, help="synthetic: rows to generate")
+    group.add_argument("--scale", type=float, default=0.003, help="synthetic: Criteo Kaggle cardinalities x scale")
+    group.add_argument("--data-seed", type=int, default=0, help="synthetic: generator seed")
+    group.add_argument("--csv-spec", metavar="FILE", help='csv: JSON {"label": ..., "dense": [...], "categorical": [...]}')
+    group.add_argument("--num-embeddings-per-feature", type=_comma_ints, metavar="N,N,...",
+                       help="table sizes (default: the id space of each feature)")
+    group.add_argument("--split", type=_comma_floats, default=[0.8, 0.1, 0.1], metavar="TRAIN,VAL,TEST",
+                       help="fractions of rows, in order (default 0.8,0.1,0.1)")
+    group.add_argument("--on-error", choices=("raise", "skip"), default="raise",
+                       help="malformed lines: stop with an error naming file and line, or skip and count them")
+
+
+def _dataset(args: argparse.Namespace):
+    from lhf_torchrec.pipeline.datasets import DatasetSpec
+
+    return DatasetSpec(args.data, list(args.data_path), rows=args.rows, scale=args.scale, seed=args.data_seed,
+                       csv_spec=args.csv_spec, num_embeddings_per_feature=args.num_embeddings_per_feature,
+                       split=tuple(args.split), on_error=args.on_error)
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model (TorchRec DLRM)")
+    group.add_argument("--embedding-dim", type=int, default=16)
+    group.add_argument("--dense-arch-layer-sizes", type=_comma_ints, default=[64], metavar="N,...",
+                       help="hidden sizes of the dense arch (the embedding dim is appended)")
+    group.add_argument("--over-arch-layer-sizes", type=_comma_ints, default=[64, 32, 1], metavar="N,...,1")
+    group.add_argument("--interaction", choices=("dot", "dcn"), default="dot", help="DLRM or DLRM_DCN")
+
+
+def _model_config(args: argparse.Namespace):
+    from lhf_torchrec.training.model import ModelConfig
+
+    return ModelConfig(embedding_dim=args.embedding_dim, dense_arch_layer_sizes=args.dense_arch_layer_sizes,
+                       over_arch_layer_sizes=args.over_arch_layer_sizes, interaction=args.interaction)
+
+
+def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    from lhf_torchrec.distributed.planner import OPTIMIZERS
+
+    group = parser.add_argument_group("training")
+    group.add_argument("--batch-size", type=int, default=1024, help="per rank")
+    group.add_argument("--epochs", type=int, default=1)
+    group.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="rowwise_adagrad",
+                       help="fused optimizer of the tables (its state counts in the memory budget)")
+    group.add_argument("--sparse-lr", type=float, default=0.05, help="learning rate of the tables")
+    group.add_argument("--dense-lr", type=float, default=1e-3, help="learning rate of the MLPs (Adam)")
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--eval-every", type=int, default=0, help="validate every N steps (0: each epoch)")
+    group.add_argument("--checkpoint-dir", metavar="DIR")
+    group.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint every N steps (0: each epoch)")
+    group.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --checkpoint-dir")
+    group.add_argument("--max-steps", type=int, default=0)
+    group.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _train_config(args: argparse.Namespace):
+    from lhf_torchrec.training.trainer import TrainConfig
+
+    return TrainConfig(batch_size=args.batch_size, epochs=args.epochs, optimizer=args.optimizer,
+                       sparse_lr=args.sparse_lr, dense_lr=args.dense_lr, seed=args.seed,
+                       eval_every_steps=args.eval_every, checkpoint_dir=args.checkpoint_dir,
+                       checkpoint_every_steps=args.checkpoint_every, resume=args.resume, max_steps=args.max_steps,
+                       progress=not args.no_progress)
+
+
+def _methods() -> List[str]:
+    from lhf_torchrec.mapping import METHODS
+
+    return ["full", *sorted(METHODS)]
+
+
+# ------------------------------------------------------------------------------------------ profile
+
+
+def _add_profile_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("profile", help="count id accesses per table on the training split")
+    _add_data_arguments(parser)
+    parser.add_argument("--capacity", type=int, help="heavy-hitter mode: keep at most this many ids per table")
+    parser.add_argument("--out", required=True, metavar="FILE", help="profiles (safetensors)")
+    parser.set_defaults(handler=_run_profile)
+
+
+def _run_profile(args: argparse.Namespace) -> int:
+    from lhf_torchrec.pipeline.artifacts import save_profiles
+    from lhf_torchrec.pipeline.datasets import load_split
+    from lhf_torchrec.pipeline.steps import profile_tables
+
+    data = load_split(_dataset(args), embedding_dim=1)
+    profiles = profile_tables(data.train, data.tables, capacity=args.capacity)
+    save_profiles(args.out, profiles, data.tables)
+    print(f"{'table':<10} {'ids':>10} {'accesses':>12} {'seen once':>10}")
+    for t in data.tables:
+        p = profiles[t.name]
+        once = float((p.counts == 1).mean()) if p.num_ids else 0.0
+        print(f"{t.name:<10} {p.num_ids:>10,} {p.total:>12,} {once:>10.1%}")
+    print(f"wrote {args.out}")
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------ learn
+
+
+def _add_learn_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("learn", help="learn low-dimensional id embeddings with a short full-table run")
+    _add_data_arguments(parser)
+    _add_train_arguments(parser)
+    parser.add_argument("--profiles", required=True, metavar="FILE", help="from lhf profile")
+    parser.add_argument("--dim", type=int, default=8, help="embedding dim to learn (4..16)")
+    parser.add_argument("--out", required=True, metavar="FILE", help="embeddings (safetensors)")
+    parser.set_defaults(handler=_run_learn)
+
+
+def _run_learn(args: argparse.Namespace) -> int:
+    from lhf_torchrec.pipeline.artifacts import load_profiles, require_tables, save_embeddings
+    from lhf_torchrec.pipeline.datasets import load_split
+    from lhf_torchrec.pipeline.steps import learn_embeddings
+    from lhf_torchrec.training.runtime import init_runtime
+
+    runtime = init_runtime()
+    data = load_split(_dataset(args), embedding_dim=args.dim, progress=runtime.is_main)
+    profiles, _ = load_profiles(args.profiles, args.dim)
+    require_tables(args.profiles, profiles, [t.name for t in data.tables])
+    embeddings = learn_embeddings(data.train, data.tables, profiles, dim=args.dim, epochs=args.epochs,
+                                  train_config=_train_config(args), runtime=runtime)
+    if runtime.is_main:
+        save_embeddings(args.out, embeddings)
+        print(f"wrote {args.out}: {args.dim}-d embeddings of {sum(e.ids.size for e in embeddings.values()):,} ids")
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------ fit
+
+
+def _add_fit_parser(subparsers: argparse._SubParsersAction) -> None:
+    from lhf_torchrec.distributed.planner import OPTIMIZERS
+
+    parser = subparsers.add_parser("fit", help="fit mappings at a memory budget (mapping bytes counted)")
+    parser.add_argument("--profiles", required=True, metavar="FILE", help="from lhf profile")
+    parser.add_argument("--embeddings", metavar="FILE", help="from lhf learn (learned and combination)")
+    parser.add_argument("--method", choices=_methods(), default="combination")
+    parser.add_argument("--compression", type=float, default=10.0,
+                        help="full table bytes / (table + mapping bytes) of each compressed table")
+    parser.add_argument("--embedding-dim", type=int, default=16)
+    parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="rowwise_adagrad",
+                        help="whose state counts in the budget")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True, metavar="FILE", help="mappings (safetensors)")
+    parser.set_defaults(handler=_run_fit)
+
+
+def _run_fit(args: argparse.Namespace) -> int:
+    from lhf_torchrec.mapping import METHODS, save_mappings
+    from lhf_torchrec.pipeline.artifacts import load_embeddings, load_profiles, require_tables
+    from lhf_torchrec.pipeline.steps import fit_mappings, full_table_bytes
+
+    profiles, tables = load_profiles(args.profiles, args.embedding_dim)
+    embeddings = None
+    if args.method in METHODS and METHODS[args.method].needs_embeddings:
+        if not args.embeddings:
+            raise ValueError(f"method '{args.method}' needs --embeddings (from lhf learn)")
+        embeddings = load_embeddings(args.embeddings)
+        require_tables(args.embeddings, embeddings, [t for t in profiles if profiles[t].num_ids])
+    fitted = fit_mappings(tables, profiles, args.method, compression=args.compression, optimizer=args.optimizer,
+                          embeddings=embeddings, seed=args.seed)
+    save_mappings(args.out, fitted.mappings)
+    full = full_table_bytes(tables, profiles, args.optimizer)
+    print(f"{'table':<10} {'rows':>10} {'hot':>8} {'clustered':>10} {'hashed':>8} {'entries':>9} {'mapping':>11} storage")
+    for t in tables:
+        m = fitted.mappings.get(t.name)
+        if m is None:
+            print(f"{t.name:<10} {fitted.rows[t.name]:>10,} {'(full size, no mapping)':>50}")
+            continue
+        lay = m.layout
+        print(f"{t.name:<10} {m.num_rows:>10,} {lay.get('hot', 0):>8,} {lay.get('clustered', 0):>10,} "
+              f"{lay.get('hashed', 0):>8,} {m.num_entries:>9,} {m.nbytes:>10,}B {m.storage}")
+    print(f"{args.method}: {fitted.total_bytes:,} bytes (tables + {args.optimizer} state {fitted.table_bytes:,}, "
+          f"mappings {fitted.mapping_bytes:,}) vs full {full:,} bytes: {full / fitted.total_bytes:.2f}x smaller")
+    print(f"wrote {args.out}")
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------ train / evaluate
+
+
+def _add_train_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("train", help="train a DLRM with compressed tables (or full ones)")
+    _add_data_arguments(parser)
+    _add_model_arguments(parser)
+    _add_train_arguments(parser)
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--mappings", metavar="FILE", help="from lhf fit")
+    source.add_argument("--method", choices=_methods(), default="full",
+                        help="fit this method here on the training split instead (default: full tables)")
+    parser.add_argument("--compression", type=float, default=10.0, help="with --method")
+    parser.add_argument("--results", metavar="FILE", help="write the metrics as JSON")
+    parser.set_defaults(handler=_run_train, evaluate_only=False)
+
+
+def _add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("evaluate", help="test metrics of the latest checkpoint of a training run")
+    _add_data_arguments(parser)
+    _add_model_arguments(parser)
+    _add_train_arguments(parser)
+    parser.add_argument("--mappings", metavar="FILE", help="the mappings the run trained with")
+    parser.add_argument("--results", metavar="FILE", help="write the metrics as JSON")
+    parser.set_defaults(handler=_run_train, evaluate_only=True, method="full", compression=1.0)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from lhf_torchrec.pipeline.run import run_training
+    from lhf_torchrec.training.runtime import init_runtime
+
+    outcome = run_training(_dataset(args), _model_config(args), _train_config(args), mappings_path=args.mappings,
+                           method=args.method, compression=args.compression, results_path=args.results,
+                           evaluate_only=args.evaluate_only)
+    if init_runtime().is_main:
+        test = outcome["test"]
+        print(f"test: logloss {test['logloss']:.5f}  AUC {test['auc']:.5f}  NE {test['ne']:.5f}  "
+              f"({test['examples']:,} examples)")
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------ demo
+
+
+def _add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
+    from lhf_torchrec.pipeline.demo import DemoConfig
+
+    default = DemoConfig()
+    parser = subparsers.add_parser(
+        "demo", help="the whole pipeline on the embedded synthetic data: 4 methods vs full tables at equal bytes"
+    )
+    parser.add_argument("--rows", type=int, default=default.rows)
+    parser.add_argument("--scale", type=float, default=default.scale)
+    parser.add_argument("--compression", type=float, default=default.compression)
+    parser.add_argument("--epochs", type=int, default=default.epochs)
+    parser.add_argument("--seed", type=int, default=default.seed)
+    parser.add_argument("--out-dir", default=default.out_dir)
+    parser.set_defaults(handler=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from lhf_torchrec.pipeline.demo import DemoConfig, run_demo
+
+    run_demo(DemoConfig(rows=args.rows, scale=args.scale, compression=args.compression, epochs=args.epochs,
+                        seed=args.seed, out_dir=args.out_dir))
+    return EXIT_OK
+
+
 # ------------------------------------------------------------------------------------------ main
 
-_SUBCOMMANDS: List[Callable[[argparse._SubParsersAction], None]] = [_add_plan_parser]
+_SUBCOMMANDS: List[Callable[[argparse._SubParsersAction], None]] = [
+    _add_profile_parser,
+    _add_learn_parser,
+    _add_fit_parser,
+    _add_train_parser,
+    _add_evaluate_parser,
+    _add_plan_parser,
+    _add_demo_parser,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

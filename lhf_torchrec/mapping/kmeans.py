@@ -118,7 +118,7 @@ def cluster(
 ) -> torch.Tensor:
     """Cluster labels in ``[0, min(k, n))`` for every row of ``x``; flat or hierarchical by problem size."""
     generator = torch.Generator(device=x.device).manual_seed(seed)
-    bar = tqdm(total=x.shape[0], desc="k-means", unit="id", disable=not progress, leave=False)
+    bar = tqdm(total=x.shape[0], desc="k-means", unit="id", disable=not progress, leave=False, delay=2.0)
     try:
         return _cluster(x, weights, k, n_iter, max_branching, sample_per_cell, generator, bar)
     finally:

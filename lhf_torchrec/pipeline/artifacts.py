@@ -7,9 +7,10 @@ needs, is an error that names the file and the table.
 
 import json
 import os
-from typing import Dict, Iterable
+from typing import Dict, Iterable, List, Tuple
 
 import torch
+from torchrec import EmbeddingBagConfig
 
 from lhf_torchrec.files import atomic_write
 from lhf_torchrec.mapping.embeddings import IdEmbeddings
@@ -22,7 +23,7 @@ _EMBEDDINGS = "lhf_torchrec.embeddings/1"
 def _save(path: str, kind: str, tensors: Dict[str, torch.Tensor], tables: Dict[str, Dict]) -> None:
     from safetensors.torch import save
 
-    header = {"format": kind, "tables": json.dumps(tables, sort_keys=True)}
+    header = {"format": kind, "tables": json.dumps(tables)}
     with atomic_write(path) as f:
         f.write(save({k: v.contiguous() for k, v in tensors.items()}, metadata=header))
 
@@ -44,22 +45,29 @@ def _load(path: str, kind: str):
     return tensors, tables
 
 
-def save_profiles(path: str, profiles: Dict[str, IdProfile]) -> None:
-    tensors, tables = {}, {}
-    for name, p in profiles.items():
-        tensors[f"{name}/ids"] = torch.from_numpy(p.ids)
-        tensors[f"{name}/counts"] = torch.from_numpy(p.counts)
-        tables[name] = {"total": p.total, "capacity": p.capacity, "error_bound": p.error_bound}
-    _save(path, _PROFILES, tensors, tables)
+def save_profiles(path: str, profiles: Dict[str, IdProfile], tables: List[EmbeddingBagConfig]) -> None:
+    """Profiles with the configs of the tables they profile (so ``lhf fit`` needs no data)."""
+    tensors, meta = {}, {}
+    for t in tables:
+        p = profiles[t.name]
+        tensors[f"{t.name}/ids"] = torch.from_numpy(p.ids)
+        tensors[f"{t.name}/counts"] = torch.from_numpy(p.counts)
+        meta[t.name] = {"total": p.total, "capacity": p.capacity, "error_bound": p.error_bound,
+                        "num_embeddings": t.num_embeddings, "feature_names": list(t.feature_names)}
+    _save(path, _PROFILES, tensors, meta)
 
 
-def load_profiles(path: str) -> Dict[str, IdProfile]:
-    tensors, tables = _load(path, _PROFILES)
-    return {
-        name: IdProfile(tensors[f"{name}/ids"].numpy(), tensors[f"{name}/counts"].numpy(), int(meta["total"]),
-                        meta["capacity"], int(meta["error_bound"]))
-        for name, meta in tables.items()
+def load_profiles(path: str, embedding_dim: int) -> Tuple[Dict[str, IdProfile], List[EmbeddingBagConfig]]:
+    """The profiles and their tables (with ``embedding_dim``), as :func:`save_profiles` wrote them."""
+    tensors, meta = _load(path, _PROFILES)
+    profiles = {
+        name: IdProfile(tensors[f"{name}/ids"].numpy(), tensors[f"{name}/counts"].numpy(), int(m["total"]),
+                        m["capacity"], int(m["error_bound"]))
+        for name, m in meta.items()
     }
+    tables = [EmbeddingBagConfig(name=name, embedding_dim=embedding_dim, num_embeddings=int(m["num_embeddings"]),
+                                 feature_names=list(m["feature_names"])) for name, m in meta.items()]
+    return profiles, tables
 
 
 def save_embeddings(path: str, embeddings: Dict[str, IdEmbeddings]) -> None:

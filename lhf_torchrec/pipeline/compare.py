@@ -19,6 +19,7 @@ from lhf_torchrec.pipeline.datasets import SplitData
 from lhf_torchrec.pipeline.steps import fit_mappings, full_table_bytes, learn_embeddings, profile_tables
 from lhf_torchrec.training.model import ModelConfig
 from lhf_torchrec.training.runtime import Runtime, init_runtime
+from lhf_torchrec.training.compression import LearnedHashing
 from lhf_torchrec.training.trainer import TrainConfig, Trainer
 
 logger = logging.getLogger(__name__)
@@ -83,7 +84,8 @@ def compare_methods(
             fit_seconds = time.perf_counter() - start
             if method != "full" and METHODS[method].needs_embeddings:
                 fit_seconds += learn_seconds
-            trainer = Trainer(model_config, config, data.tables, len(data.train.dense_names), fitted.mappings, runtime)
+            trainer = Trainer(model_config, config, data.tables, len(data.train.dense_names),
+                              LearnedHashing(fitted.mappings), runtime)
             result = trainer.fit(data.train, data.validation)
             test = trainer.evaluate(data.test)
             record = RunRecord(data.name, method, compression, seed, fitted.total_bytes, fitted.table_bytes,

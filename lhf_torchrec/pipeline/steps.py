@@ -25,6 +25,7 @@ from lhf_torchrec.mapping.id_mapping import IdMapping
 from lhf_torchrec.mapping.profile import FeatureProfiler, IdProfile, merge_profiles
 from lhf_torchrec.training.model import ModelConfig
 from lhf_torchrec.training.runtime import Runtime
+from lhf_torchrec.training.compression import LearnedHashing
 from lhf_torchrec.training.trainer import TrainConfig, Trainer
 
 logger = logging.getLogger(__name__)
@@ -92,7 +93,8 @@ def learn_embeddings(
                                 feature_names=list(t.feature_names), pooling=t.pooling) for t in tables]
     vocab = vocabulary_mappings(profiles, small)
     config = dataclasses.replace(train_config or TrainConfig(), epochs=epochs, checkpoint_dir=None, resume=False)
-    trainer = Trainer(ModelConfig(embedding_dim=dim), config, small, len(train.dense_names), vocab, runtime)
+    trainer = Trainer(ModelConfig(embedding_dim=dim), config, small, len(train.dense_names), LearnedHashing(vocab),
+                      runtime)
     trainer.fit(train)
     weights = trainer.table_weights()
     payload = [None]

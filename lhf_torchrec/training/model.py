@@ -1,14 +1,13 @@
 """The DLRM models the pipeline trains: TorchRec's own ``DLRM`` / ``DLRM_DCN``, tables swapped by mappings."""
 
 from dataclasses import dataclass, field
-from typing import List, Mapping, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.models.dlrm import DLRM, DLRM_DCN, DLRMTrain
 
-from lhf_torchrec.mapping.id_mapping import IdMapping
-from lhf_torchrec.modules.swap import apply_learned_hashing
+from lhf_torchrec.training.compression import Compression
 
 
 @dataclass
@@ -52,13 +51,13 @@ def build_dlrm(
     config: ModelConfig,
     tables: List[EmbeddingBagConfig],
     num_dense: int,
-    mappings: Optional[Mapping[str, IdMapping]] = None,
+    compression: Optional[Compression] = None,
     *,
     dense_device: torch.device = torch.device("cpu"),
     table_device: torch.device = torch.device("meta"),
 ) -> DLRMTrain:
-    """A ``DLRMTrain`` with ``tables`` on ``table_device`` (meta: DMP allocates only the shards) and
-    the tables of ``mappings`` swapped for learned-hash ones."""
+    """A ``DLRMTrain`` with ``tables`` on ``table_device`` (meta: DMP allocates only the shards),
+    compressed by ``compression`` (e.g. :class:`LearnedHashing`)."""
     if any(t.embedding_dim != config.embedding_dim for t in tables):
         raise ValueError(f"every table must have embedding_dim {config.embedding_dim}")
     ebc = EmbeddingBagCollection(tables=tables, device=table_device)
@@ -75,6 +74,6 @@ def build_dlrm(
         model = DLRM_DCN(dcn_num_layers=config.dcn_num_layers, dcn_low_rank_dim=config.dcn_low_rank_dim, **common)
     else:
         model = DLRM(**common)
-    if mappings:
-        apply_learned_hashing(model, dict(mappings))
+    if compression is not None:
+        compression.apply(model)
     return DLRMTrain(model)

@@ -21,39 +21,32 @@ import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, Iterator, List, Mapping, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec import EmbeddingBagConfig
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
-from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+from torchrec.distributed.planner import Topology
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from tqdm.auto import tqdm
 
 from lhf_torchrec.data.source import CTRSource
-from lhf_torchrec.distributed.sharder import LearnedHashEBCSharder
-from lhf_torchrec.mapping.id_mapping import IdMapping
+from lhf_torchrec.distributed.planner import OPTIMIZERS, LearnedHashPlanner
+from lhf_torchrec.training.compression import Compression
 from lhf_torchrec.training.metrics import binary_metrics
 from lhf_torchrec.training.model import ModelConfig, build_dlrm
 from lhf_torchrec.training.runtime import Runtime, init_runtime
 
 logger = logging.getLogger(__name__)
 
-# The fused table optimizers, by the names the memory budget uses (lhf_torchrec.mapping.budget).
-TABLE_OPTIMIZERS = {
-    "sgd": EmbOptimType.EXACT_SGD,
-    "rowwise_adagrad": EmbOptimType.EXACT_ROWWISE_ADAGRAD,
-    "adagrad": EmbOptimType.EXACT_ADAGRAD,
-    "adam": EmbOptimType.ADAM,
-}
 CHECKPOINT_META = "lhf_checkpoint.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -77,8 +70,8 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.optimizer not in TABLE_OPTIMIZERS:
-            raise ValueError(f"unknown optimizer '{self.optimizer}'; choose one of {sorted(TABLE_OPTIMIZERS)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer '{self.optimizer}'; choose one of {sorted(OPTIMIZERS)}")
         if self.batch_size < 1 or self.epochs < 1:
             raise ValueError(f"batch_size and epochs must be >= 1, got {self.batch_size} and {self.epochs}")
 
@@ -97,12 +90,15 @@ class CheckpointMismatchError(ValueError):
 
 
 class Trainer:
-    """Shards ``build_dlrm(model_config, tables, num_dense, mappings)`` and trains it.
+    """Shards ``build_dlrm(model_config, tables, num_dense, compression)`` and trains it.
+
+    The tables' optimizer (``TrainConfig.optimizer``) is fused into the backward pass with TorchRec's
+    ``apply_optimizer_in_backward``, so the planner counts its state; the MLPs use Adam.
 
     Example::
 
-        trainer = Trainer(ModelConfig(embedding_dim=16), TrainConfig(batch_size=512), tables,
-                          num_dense=13, mappings=load_mappings("mappings.safetensors"))
+        trainer = Trainer(ModelConfig(embedding_dim=16), TrainConfig(batch_size=512), tables, num_dense=13,
+                          compression=LearnedHashing(load_mappings("mappings.safetensors")))
         result = trainer.fit(train, validation)
         test_metrics = trainer.evaluate(test)    # {"logloss", "auc", "ne", "examples"}
     """
@@ -113,19 +109,21 @@ class Trainer:
         train_config: TrainConfig,
         tables: List[EmbeddingBagConfig],
         num_dense: int,
-        mappings: Optional[Mapping[str, IdMapping]] = None,
+        compression: Optional[Compression] = None,
         runtime: Optional[Runtime] = None,
     ) -> None:
         self.model_config = model_config
         self.config = train_config
         self.tables = list(tables)
-        self.mappings = dict(mappings or {})
+        self.compression = compression
         self.runtime = runtime or init_runtime()
         torch.manual_seed(train_config.seed)  # dense init: the same on every rank and every run
-        unsharded = build_dlrm(model_config, self.tables, num_dense, self.mappings, dense_device=self.runtime.device)
-        fused = {"optimizer": TABLE_OPTIMIZERS[train_config.optimizer], "learning_rate": train_config.sparse_lr}
-        sharders = [LearnedHashEBCSharder(fused_params=fused), EmbeddingBagCollectionSharder(fused_params=fused)]
-        planner = EmbeddingShardingPlanner(
+        unsharded = build_dlrm(model_config, self.tables, num_dense, compression, dense_device=self.runtime.device)
+        apply_optimizer_in_backward(
+            OPTIMIZERS[train_config.optimizer], unsharded.model.sparse_arch.parameters(), {"lr": train_config.sparse_lr}
+        )
+        sharders = (compression.sharders() if compression is not None else []) + [EmbeddingBagCollectionSharder()]
+        planner = LearnedHashPlanner(
             topology=Topology(
                 world_size=self.runtime.world_size,
                 local_world_size=self.runtime.local_world_size,
@@ -261,7 +259,7 @@ class Trainer:
             "model_config": asdict(self.model_config),
             "tables": {t.name: {"num_embeddings": t.num_embeddings, "embedding_dim": t.embedding_dim,
                                 "features": list(t.feature_names)} for t in self.tables},
-            "mappings": {name: m.fingerprint for name, m in sorted(self.mappings.items())},
+            "compression": self.compression.fingerprint() if self.compression is not None else {},
             "optimizer": self.config.optimizer,
         }
 

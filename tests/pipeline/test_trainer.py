@@ -5,6 +5,7 @@ import torch
 
 from lhf_torchrec.pipeline.steps import fit_mappings, profile_tables
 from lhf_torchrec.training.model import ModelConfig
+from lhf_torchrec.training.compression import LearnedHashing
 from lhf_torchrec.training.trainer import CheckpointMismatchError, TrainConfig, Trainer, latest_checkpoint
 
 MODEL = ModelConfig(embedding_dim=8, dense_arch_layer_sizes=[16], over_arch_layer_sizes=[16, 1])
@@ -12,7 +13,8 @@ MODEL = ModelConfig(embedding_dim=8, dense_arch_layer_sizes=[16], over_arch_laye
 
 def _trainer(split, mappings, **config):
     defaults = dict(batch_size=128, epochs=2, progress=False, sparse_lr=0.05, dense_lr=3e-3)
-    return Trainer(MODEL, TrainConfig(**{**defaults, **config}), split.tables, len(split.train.dense_names), mappings)
+    return Trainer(MODEL, TrainConfig(**{**defaults, **config}), split.tables, len(split.train.dense_names),
+                   LearnedHashing(mappings))
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +61,7 @@ def test_checkpoint_of_another_model_is_rejected(tiny_split, mappings, tmp_path)
     other = dict(mappings)
     name = sorted(other)[0]
     other.pop(name)
-    with pytest.raises(CheckpointMismatchError, match=f"ckpt/step_000000003 was written by another model: 'mappings.{name}'"):
+    with pytest.raises(CheckpointMismatchError, match=f"ckpt/step_000000003 was written by another model: 'compression.{name}'"):
         _trainer(tiny_split, other, checkpoint_dir=ckpt, resume=True).fit(tiny_split.train)
 
 
