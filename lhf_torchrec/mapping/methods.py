@@ -52,6 +52,10 @@ def ranked_ids(profile: IdProfile) -> np.ndarray:
     return profile.ids[np.lexsort((profile.ids, -profile.counts))]
 
 
+def _ranked_counts(profile: IdProfile) -> np.ndarray:
+    return np.sort(profile.counts)[::-1]
+
+
 @dataclass(frozen=True)
 class RowSplit:
     """How a method spends ``num_rows`` rows, and how many ids get an entry in the mapping."""
@@ -69,9 +73,29 @@ class RowSplit:
         return {"hot": self.num_hot, "clustered": self.num_clustered, "hashed": self.num_hashed}
 
 
-def _check_fraction(name: str, value: float, table: str) -> None:
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"table '{table}': {name} must be in [0, 1], got {value}")
+def _check_fraction(name: str, value: Union[float, str], table: str) -> None:
+    if value == "auto":
+        return
+    if isinstance(value, str) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"table '{table}': {name} must be in [0, 1] or 'auto', got {value!r}")
+
+
+def balanced_hot_count(ranked_counts: np.ndarray, num_rows: int) -> int:
+    """How many of the most accessed ids should own a row (``hot_fraction="auto"``).
+
+    The largest H such that each of the top H ids has at least as many accesses as the average
+    row would carry if it and all less accessed ids shared the rows left (``num_rows - h``): giving
+    a lighter id a row of its own would spend a row on less traffic than a shared row carries.
+    ``ranked_counts`` are the profile's counts, largest first.
+    """
+    n = min(int(ranked_counts.size), num_rows - 1)
+    if n <= 0:
+        return 0
+    counts = ranked_counts.astype(np.float64)
+    before = np.concatenate([[0.0], np.cumsum(counts[: n - 1])])  # accesses of the ids ranked above h
+    shared_load = (counts.sum() - before) / (num_rows - np.arange(n))
+    below = np.flatnonzero(counts[:n] < shared_load)
+    return int(below[0]) if below.size else n
 
 
 class MappingEstimator:
@@ -141,11 +165,14 @@ class HashingTrick(MappingEstimator):
 
 
 class FrequencyHashing(MappingEstimator):
-    """The ``round(hot_fraction * M)`` most accessed ids own a row; all others share the rest by hash."""
+    """The ``round(hot_fraction * M)`` most accessed ids own a row; all others share the rest by hash.
+
+    ``hot_fraction="auto"``: as many hot ids as :func:`balanced_hot_count` finds worth a row.
+    """
 
     method = "frequency"
 
-    def __init__(self, num_rows: int, *, hot_fraction: float = 0.5, seed: int = 0) -> None:
+    def __init__(self, num_rows: int, *, hot_fraction: Union[float, str] = 0.5, seed: int = 0) -> None:
         super().__init__(num_rows, seed=seed)
         self.hot_fraction = hot_fraction
 
@@ -153,8 +180,11 @@ class FrequencyHashing(MappingEstimator):
         self._check_num_rows(table)
         _check_fraction("hot_fraction", self.hot_fraction, table)
         m = self.num_rows
-        hot = min(int(round(self.hot_fraction * m)), profile.num_ids, m - self.probes)
-        hot = max(hot, 0)
+        if self.hot_fraction == "auto":
+            hot = balanced_hot_count(_ranked_counts(profile), m - self.probes + 1)
+        else:
+            hot = int(round(self.hot_fraction * m))
+        hot = max(0, min(hot, profile.num_ids, m - self.probes))
         return RowSplit(m, hot, 0, m - hot, hot, hot, m - hot, self.probes)
 
     def fit(self, data: ProfileLike, embeddings: Optional[EmbeddingsLike] = None, *, table: str = "table"):
@@ -223,7 +253,9 @@ class CombinedLearnedHashing(LearnedClustering):
 
     ``hot_fraction`` and ``hashed_fraction`` of the M rows go to hot ids and to the hash region; the
     rows in between are clusters of ids with ``>= min_count`` accesses. Rows that no id can use (too
-    few candidates) go to the hash region.
+    few candidates) go to the hash region. ``"auto"`` lets the profile choose: hot ids by
+    :func:`balanced_hot_count`, and the hash region gets the share of the remaining rows that the
+    rarely seen ids (``< min_count``) have of the remaining accesses.
     """
 
     method = "combination"
@@ -232,8 +264,8 @@ class CombinedLearnedHashing(LearnedClustering):
         self,
         num_rows: int,
         *,
-        hot_fraction: float = 0.25,
-        hashed_fraction: float = 0.1,
+        hot_fraction: Union[float, str] = 0.25,
+        hashed_fraction: Union[float, str] = 0.1,
         min_count: int = 5,
         n_iter: int = 20,
         seed: int = 0,
@@ -246,14 +278,26 @@ class CombinedLearnedHashing(LearnedClustering):
         self._check_num_rows(table)
         _check_fraction("hot_fraction", self.hot_fraction, table)
         _check_fraction("hashed_fraction", self.hashed_fraction, table)
-        if self.hot_fraction + self.hashed_fraction > 1.0:
+        fixed = [f for f in (self.hot_fraction, self.hashed_fraction) if f != "auto"]
+        if sum(fixed) > 1.0:
             raise ValueError(
                 f"table '{table}': hot_fraction + hashed_fraction must be <= 1, got "
                 f"{self.hot_fraction} + {self.hashed_fraction}"
             )
         m = self.num_rows
-        hashed = max(1, int(round(self.hashed_fraction * m)))
-        hot = max(0, min(int(round(self.hot_fraction * m)), profile.num_ids, m - hashed))
+        counts = _ranked_counts(profile)
+        if self.hot_fraction == "auto":
+            hot = balanced_hot_count(counts, m)
+        else:
+            hot = int(round(self.hot_fraction * m))
+        if self.hashed_fraction == "auto":
+            rest = counts[hot:]
+            rare_share = rest[rest < self.min_count].sum() / max(1, rest.sum())
+            hashed = max(1, int(round((m - min(hot, m - 1)) * rare_share)))
+        else:
+            hashed = max(1, int(round(self.hashed_fraction * m)))
+        hashed = min(hashed, m)
+        hot = max(0, min(hot, profile.num_ids, m - hashed))
         well_observed = int((profile.counts >= self.min_count).sum())
         candidates = max(0, well_observed - hot)
         clustered = min(m - hot - hashed, candidates)

@@ -148,3 +148,27 @@ def test_combination_with_no_room_for_clusters(planted):
         mapping = fit_mapping(profile, method="combination", num_rows=rows, embeddings=embeddings, min_count=1)
         assert sum(mapping.layout.values()) == rows
         assert int(mapping(torch.from_numpy(profile.ids)).max()) < rows
+
+
+def test_balanced_hot_count():
+    from lhf_torchrec.mapping.methods import balanced_hot_count
+
+    assert balanced_hot_count(np.full(1000, 5), 100) == 0  # uniform traffic: no id beats a shared row
+    assert balanced_hot_count(np.array([10_000] + [1] * 999), 100) == 1
+    counts = np.sort(np.random.default_rng(0).zipf(1.2, 5000))[::-1]
+    hot = balanced_hot_count(counts, 500)
+    for h in range(hot):  # every hot id carries at least what a shared row would
+        assert counts[h] >= (counts.sum() - counts[:h].sum()) / (500 - h)
+    assert counts[hot] < (counts.sum() - counts[:hot].sum()) / (500 - hot)
+
+
+def test_auto_split_follows_the_profile(planted):
+    profile, embeddings, _ = planted
+    est = CombinedLearnedHashing(300, hot_fraction="auto", hashed_fraction="auto", min_count=3).fit(profile, embeddings)
+    split = est.split_
+    assert split.num_hot + split.num_clustered + split.num_hashed == 300
+    assert 0 < split.num_hot < 300 and split.num_hashed >= 1
+    freq = FrequencyHashing(300, hot_fraction="auto").split(profile)
+    assert freq.num_hot == split.num_hot
+    with pytest.raises(ValueError, match="hot_fraction must be in \\[0, 1\\] or 'auto', got 'most'"):
+        FrequencyHashing(300, hot_fraction="most").split(profile)
