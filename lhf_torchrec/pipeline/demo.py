@@ -33,8 +33,8 @@ DEMO_METHODS = ("full", "hash", "frequency", "learned", "combination")
 
 @dataclass
 class DemoConfig:
-    rows: int = 300_000
-    scale: float = 0.003  # Criteo Kaggle cardinalities x scale: the largest table has 30k ids
+    rows: int = 1_000_000
+    scale: float = 0.01  # Criteo Kaggle cardinalities x scale: the largest table has 101k ids
     compression: float = 10.0
     embedding_dim: int = 16
     batch_size: int = 1024

@@ -1,0 +1,82 @@
+"""The `lhf` pipeline end to end on tiny synthetic data, and its errors on bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from lhf_torchrec.cli import main
+
+DATA = ["--rows", "6000", "--scale", "0.0005", "--data-seed", "3"]
+MODEL = ["--embedding-dim", "8", "--dense-arch-layer-sizes", "16", "--over-arch-layer-sizes", "16,1"]
+TRAIN = ["--batch-size", "128", "--no-progress"]
+
+
+def test_profile_learn_fit_train_evaluate(tmp_path, capsys):
+    p, e, m = (str(tmp_path / n) for n in ("profiles.safetensors", "embeddings.safetensors", "mappings.safetensors"))
+    assert main(["profile", *DATA, "--out", p]) == 0
+    assert "t_cat_2" in capsys.readouterr().out
+    assert main(["learn", *DATA, *TRAIN, "--profiles", p, "--dim", "4", "--out", e]) == 0
+    assert main(["fit", "--profiles", p, "--embeddings", e, "--method", "combination", "--compression", "4",
+                 "--embedding-dim", "8", "--out", m]) == 0
+    fit_out = capsys.readouterr().out
+    assert "combination:" in fit_out and "smaller" in fit_out
+    ratio = float(fit_out.split("bytes: ")[-1].split("x smaller")[0])
+    assert 2.5 < ratio <= 4.0  # small tables stay full size, so the whole model compresses a bit less
+    ckpt, results = str(tmp_path / "ckpt"), str(tmp_path / "train.json")
+    assert main(["train", *DATA, *MODEL, *TRAIN, "--epochs", "2", "--mappings", m, "--checkpoint-dir", ckpt,
+                 "--checkpoint-every", "10", "--results", results]) == 0
+    trained = json.load(open(results))
+    assert trained["steps"] == 2 * (4800 // 128)
+    assert trained["validation"][-1]["auc"] > 0.6
+    evaluated = str(tmp_path / "eval.json")
+    assert main(["evaluate", *DATA, *MODEL, *TRAIN, "--mappings", m, "--checkpoint-dir", ckpt,
+                 "--results", evaluated]) == 0
+    assert json.load(open(evaluated))["test"] == trained["test"]
+
+
+def _train_cmd(ckpt: str, results: str, *extra: str):
+    return [sys.executable, "-m", "lhf_torchrec.cli", "train", *DATA, *MODEL, *TRAIN, "--epochs", "2",
+            "--method", "frequency", "--compression", "4", "--checkpoint-dir", ckpt, "--checkpoint-every", "5",
+            "--results", results, *extra]
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
+    reference = str(tmp_path / "reference.json")
+    subprocess.run(_train_cmd(str(tmp_path / "ref_ckpt"), reference), check=True, capture_output=True, timeout=600)
+    ckpt, results = str(tmp_path / "ckpt"), str(tmp_path / "resumed.json")
+    victim = subprocess.Popen(_train_cmd(ckpt, results), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not os.path.isdir(os.path.join(ckpt, "step_000000015")):
+        assert victim.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.2)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    last = max(int(n.split("_")[1]) for n in os.listdir(ckpt) if not n.endswith(".partial"))
+    subprocess.run(_train_cmd(ckpt, results, "--resume"), check=True, capture_output=True, timeout=600)
+    resumed, expected = json.load(open(results)), json.load(open(reference))
+    assert resumed["resumed_from_step"] == last >= 15  # lost only the steps after the last checkpoint
+    assert resumed["steps"] == expected["steps"]
+    assert resumed["test"] == pytest.approx(expected["test"], abs=1e-6)
+
+
+def test_bad_inputs_name_the_file(tmp_path, capsys):
+    missing = str(tmp_path / "nope.tsv")
+    assert main(["profile", "--data", "criteo-tsv", "--data-path", missing, "--out", str(tmp_path / "p")]) == 2
+    assert "nope.tsv" in capsys.readouterr().err
+    # a mapping file for other tables
+    from lhf_torchrec import fit_mapping, save_mappings
+
+    other = str(tmp_path / "other.safetensors")
+    save_mappings(other, {"t_user": fit_mapping(None, method="hash", num_rows=10)})
+    assert main(["train", *DATA, *MODEL, *TRAIN, "--mappings", other]) == 2
+    err = capsys.readouterr().err
+    assert "other.safetensors maps tables ['t_user']" in err
+    # a mapping file where profiles are expected
+    assert main(["fit", "--profiles", other, "--method", "hash", "--out", str(tmp_path / "m")]) == 2
+    assert "other.safetensors: holds 'lhf_torchrec.mapping', expected 'lhf_torchrec.profiles/1'" in capsys.readouterr().err
