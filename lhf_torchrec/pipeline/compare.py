@@ -2,7 +2,8 @@
 
 For every seed: profile the training split, learn low-dimensional embeddings once (only when a
 learned method is compared; its time is charged to the learned methods), then for every
-compression ratio and method fit the mappings at that budget, train the same DLRM with the same
+compression ratio and method fit the mappings (or, for the baselines of
+:mod:`lhf_torchrec.baselines`, the baseline) at that budget, train the same DLRM with the same
 data, optimizer and epochs, and evaluate on the test split.
 """
 
@@ -13,6 +14,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
+from lhf_torchrec.baselines import BASELINES, fit_baseline
 from lhf_torchrec.files import atomic_write
 from lhf_torchrec.mapping.methods import METHODS
 from lhf_torchrec.pipeline.datasets import SplitData
@@ -58,9 +60,9 @@ def compare_methods(
     runtime: Optional[Runtime] = None,
 ) -> List[RunRecord]:
     """Trains ``full`` once per seed and every method at every compression; returns the records."""
-    unknown = [m for m in methods if m != "full" and m not in METHODS]
+    unknown = [m for m in methods if m != "full" and m not in METHODS and m not in BASELINES]
     if unknown:
-        raise ValueError(f"unknown methods {unknown}; choose from full, {', '.join(sorted(METHODS))}")
+        raise ValueError(f"unknown methods {unknown}; choose from full, {', '.join(sorted([*METHODS, *BASELINES]))}")
     runtime = runtime or init_runtime()
     hyperparams = hyperparams or {}
     profiles = profile_tables(data.train, data.tables)
@@ -78,14 +80,22 @@ def compare_methods(
         runs += [(m, c) for c in compressions for m in methods if m != "full"]
         for method, compression in runs:
             start = time.perf_counter()
-            fitted = fit_mappings(data.tables, profiles, method, compression=compression,
-                                  optimizer=train_config.optimizer, embeddings=embeddings, seed=seed,
-                                  **dict(hyperparams.get(method, {})))
+            if method in BASELINES:
+                fitted = fit_baseline(method, data.tables, profiles, data.train, compression=compression,
+                                      optimizer=train_config.optimizer, seed=seed,
+                                      batch_size=config.batch_size * runtime.world_size,
+                                      **dict(hyperparams.get(method, {})))
+                tables_compression = fitted.compression
+            else:
+                fitted = fit_mappings(data.tables, profiles, method, compression=compression,
+                                      optimizer=train_config.optimizer, embeddings=embeddings, seed=seed,
+                                      **dict(hyperparams.get(method, {})))
+                tables_compression = LearnedHashing(fitted.mappings)
             fit_seconds = time.perf_counter() - start
-            if method != "full" and METHODS[method].needs_embeddings:
+            if method in METHODS and METHODS[method].needs_embeddings:
                 fit_seconds += learn_seconds
-            trainer = Trainer(model_config, config, data.tables, len(data.train.dense_names),
-                              LearnedHashing(fitted.mappings), runtime)
+            trainer = Trainer(model_config, config, data.tables, len(data.train.dense_names), tables_compression,
+                              runtime)
             result = trainer.fit(data.train, data.validation)
             test = trainer.evaluate(data.test)
             record = RunRecord(data.name, method, compression, seed, fitted.total_bytes, fitted.table_bytes,

@@ -27,6 +27,11 @@ class Compression(Protocol):
     def fingerprint(self) -> Dict[str, str]:
         """What must match for a checkpoint to load: e.g. table name -> mapping fingerprint."""
 
+    # Optional, for methods that rewrite their state during training (CCE's clustering rounds):
+    #   callback_steps(steps_per_epoch) -> Iterable[int]: global steps after which to call back;
+    #   on_callback(trainer): called on every rank after each of those steps, with the training
+    #   pipeline drained, before that step's validation and checkpoint.
+
 
 @dataclass
 class LearnedHashing:

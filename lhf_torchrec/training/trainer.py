@@ -21,7 +21,7 @@ import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, FrozenSet, Iterator, List, Optional
 
 import numpy as np
 import torch
@@ -142,6 +142,7 @@ class Trainer:
         self.step = 0
         self._batch_in_epoch = 0
         self._epoch = 0
+        self._callback_steps: FrozenSet[int] = frozenset()
 
     # ------------------------------------------------------------------ training
     def fit(self, train: CTRSource, validation: Optional[CTRSource] = None) -> TrainResult:
@@ -151,6 +152,8 @@ class Trainer:
         if cfg.resume and cfg.checkpoint_dir:
             result.resumed_from_step = self.load_latest_checkpoint(cfg.checkpoint_dir)
         per_epoch = steps_per_epoch(len(train), cfg.batch_size, self.runtime.world_size)
+        schedule = getattr(self.compression, "callback_steps", None)
+        self._callback_steps = frozenset(schedule(per_epoch)) if schedule is not None else frozenset()
         total = per_epoch * cfg.epochs if not cfg.max_steps else min(cfg.max_steps, per_epoch * cfg.epochs)
         bar = tqdm(total=total, initial=self.step, desc="train", unit="step",
                    disable=not (cfg.progress and self.runtime.is_main))
@@ -183,11 +186,12 @@ class Trainer:
         return self.step >= total
 
     def _segment_length(self, total: int) -> int:
-        """Steps until the next validation or checkpoint (the pipeline drains there)."""
+        """Steps until the next validation, checkpoint or compression callback (the pipeline drains there)."""
         length = total - self.step
         for every in (self.config.eval_every_steps, self.config.checkpoint_every_steps):
             if every:
                 length = min(length, every - self.step % every)
+        length = min([length] + [s - self.step for s in self._callback_steps if s > self.step])
         return max(1, length)
 
     def _train_segment(self, batches: Iterator, losses: List[float], bar) -> int:
@@ -207,6 +211,9 @@ class Trainer:
 
     def _at_boundary(self, validation: Optional[CTRSource], result: TrainResult, force: bool = False) -> None:
         cfg = self.config
+        if self.step in self._callback_steps:
+            # Before validation and checkpoint: a checkpoint at this step holds the state after it.
+            self.compression.on_callback(self)
         if validation is not None and (force or (cfg.eval_every_steps and self.step % cfg.eval_every_steps == 0)):
             metrics = self.evaluate(validation)
             result.validation.append({"step": self.step, **metrics})
