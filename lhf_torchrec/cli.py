@@ -382,6 +382,48 @@ def _run_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ------------------------------------------------------------------------------------------ bench
+
+
+def _add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("bench", help="benchmarks (quality: every method at equal total bytes)")
+    benches = parser.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
+    quality = benches.add_parser(
+        "quality", help="test logloss/AUC/NE of every method at 4x/10x/50x, several seeds and datasets",
+        description="Without --data: the synthetic default and MovieLens-100k. With --data: that dataset only.",
+    )
+    _add_data_arguments(quality)
+    quality.set_defaults(data=None)
+    quality.add_argument("--quick", action="store_true", help="smoke run of every method (< 3 min, for CI)")
+    quality.add_argument("--compressions", type=_comma_floats, default=[4, 10, 50], metavar="R,...")
+    quality.add_argument("--seeds", type=_comma_ints, default=[0, 1, 2], metavar="S,...")
+    quality.add_argument("--epochs", type=int, default=1)
+    quality.add_argument("--best-epoch", action="store_true",
+                         help="report the epoch with the best validation logloss (best of --epochs)")
+    quality.add_argument("--embedding-dim", type=int, default=16)
+    quality.add_argument("--batch-size", type=int, default=1024, help="per rank (MovieLens: 256 by default)")
+    quality.add_argument("--out-dir", default=None, help="default docs/ (--quick: runs/quality-quick/)")
+    quality.set_defaults(handler=_run_bench_quality)
+
+
+def _run_bench_quality(args: argparse.Namespace) -> int:
+    from lhf_torchrec.pipeline.quality import QualityConfig, quick_config, run_quality
+
+    command = "lhf bench quality " + " ".join(sys.argv[3:]) if sys.argv[1:3] == ["bench", "quality"] else None
+    if args.quick:
+        config = quick_config(args.out_dir or "runs/quality-quick")
+    else:
+        config = QualityConfig(compressions=args.compressions, seeds=args.seeds, epochs=args.epochs,
+                               best_epoch=args.best_epoch, embedding_dim=args.embedding_dim,
+                               default_batch_size=args.batch_size, out_dir=args.out_dir or "docs")
+        if args.data is not None:
+            config.datasets = [_dataset(args)]
+            config.batch_size = {}
+    config.command = command or config.command
+    run_quality(config)
+    return EXIT_OK
+
+
 # ------------------------------------------------------------------------------------------ main
 
 _SUBCOMMANDS: List[Callable[[argparse._SubParsersAction], None]] = [
@@ -392,6 +434,7 @@ _SUBCOMMANDS: List[Callable[[argparse._SubParsersAction], None]] = [
     _add_evaluate_parser,
     _add_plan_parser,
     _add_demo_parser,
+    _add_bench_parser,
 ]
 
 

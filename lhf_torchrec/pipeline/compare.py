@@ -7,12 +7,13 @@ compression ratio and method fit the mappings (or, for the baselines of
 data, optimizer and epochs, and evaluate on the test split.
 """
 
+import dataclasses
 import json
 import logging
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 from lhf_torchrec.baselines import BASELINES, fit_baseline
 from lhf_torchrec.files import atomic_write
@@ -44,11 +45,27 @@ class RunRecord:
     steps: int
     test: Dict[str, float]
     validation: List[Dict[str, Any]] = field(default_factory=list)
+    epoch: int = 0  # the epoch whose model was tested (the last, or the best on validation)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A method under a label, with hyper-parameters: e.g. ``MethodSpec("combination (auto split)",
+    "combination", {"hot_fraction": "auto", "hashed_fraction": "auto"})``. A plain method name
+    stands for ``MethodSpec(name, name)``."""
+
+    label: str
+    method: str
+    hyperparams: Mapping[str, Any] = field(default_factory=dict)
+
+
+def _spec(method: Union[str, MethodSpec]) -> MethodSpec:
+    return method if isinstance(method, MethodSpec) else MethodSpec(method, method)
 
 
 def compare_methods(
     data: SplitData,
-    methods: Sequence[str],
+    methods: Sequence[Union[str, MethodSpec]],
     compressions: Sequence[float],
     seeds: Sequence[int],
     model_config: ModelConfig,
@@ -56,54 +73,75 @@ def compare_methods(
     *,
     learn_dim: int = 8,
     learn_epochs: int = 1,
-    hyperparams: Optional[Mapping[str, Mapping[str, Any]]] = None,
+    best_epoch: bool = False,
     runtime: Optional[Runtime] = None,
 ) -> List[RunRecord]:
-    """Trains ``full`` once per seed and every method at every compression; returns the records."""
-    unknown = [m for m in methods if m != "full" and m not in METHODS and m not in BASELINES]
+    """Trains ``full`` once per seed and every method at every compression; returns the records.
+
+    Every run gets the same data, epochs (``train_config.epochs``), optimizer, learning rates and
+    seed. With ``best_epoch`` the test metrics are those of the epoch with the best validation
+    logloss (best of N epochs), otherwise of the last epoch.
+    """
+    specs = [_spec(m) for m in methods]
+    unknown = [s.method for s in specs if s.method != "full" and s.method not in METHODS and s.method not in BASELINES]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from full, {', '.join(sorted([*METHODS, *BASELINES]))}")
     runtime = runtime or init_runtime()
-    hyperparams = hyperparams or {}
     profiles = profile_tables(data.train, data.tables)
     full_bytes = full_table_bytes(data.tables, profiles, train_config.optimizer)
     records: List[RunRecord] = []
     for seed in seeds:
         config = TrainConfig(**{**asdict(train_config), "seed": seed, "checkpoint_dir": None, "resume": False})
         embeddings, learn_seconds = None, 0.0
-        if any(METHODS.get(m) is not None and METHODS[m].needs_embeddings for m in methods):
+        if any(s.method in METHODS and METHODS[s.method].needs_embeddings for s in specs):
             start = time.perf_counter()
             embeddings = learn_embeddings(data.train, data.tables, profiles, dim=learn_dim, epochs=learn_epochs,
                                           train_config=config, runtime=runtime)
             learn_seconds = time.perf_counter() - start
-        runs = [("full", 1.0)] if "full" in methods else []
-        runs += [(m, c) for c in compressions for m in methods if m != "full"]
-        for method, compression in runs:
+        runs = [(s, 1.0) for s in specs if s.method == "full"]
+        runs += [(s, c) for c in compressions for s in specs if s.method != "full"]
+        for spec, compression in runs:
             start = time.perf_counter()
-            if method in BASELINES:
-                fitted = fit_baseline(method, data.tables, profiles, data.train, compression=compression,
+            if spec.method in BASELINES:
+                fitted = fit_baseline(spec.method, data.tables, profiles, data.train, compression=compression,
                                       optimizer=train_config.optimizer, seed=seed,
-                                      batch_size=config.batch_size * runtime.world_size,
-                                      **dict(hyperparams.get(method, {})))
+                                      batch_size=config.batch_size * runtime.world_size, **dict(spec.hyperparams))
                 tables_compression = fitted.compression
             else:
-                fitted = fit_mappings(data.tables, profiles, method, compression=compression,
+                fitted = fit_mappings(data.tables, profiles, spec.method, compression=compression,
                                       optimizer=train_config.optimizer, embeddings=embeddings, seed=seed,
-                                      **dict(hyperparams.get(method, {})))
+                                      **dict(spec.hyperparams))
                 tables_compression = LearnedHashing(fitted.mappings)
             fit_seconds = time.perf_counter() - start
-            if method in METHODS and METHODS[method].needs_embeddings:
+            if spec.method in METHODS and METHODS[spec.method].needs_embeddings:
                 fit_seconds += learn_seconds
             trainer = Trainer(model_config, config, data.tables, len(data.train.dense_names), tables_compression,
                               runtime)
-            result = trainer.fit(data.train, data.validation)
-            test = trainer.evaluate(data.test)
-            record = RunRecord(data.name, method, compression, seed, fitted.total_bytes, fitted.table_bytes,
+            test, epoch, result = _train_and_test(trainer, data, config, best_epoch)
+            record = RunRecord(data.name, spec.label, compression, seed, fitted.total_bytes, fitted.table_bytes,
                                fitted.mapping_bytes, full_bytes, fit_seconds, result.train_seconds, result.steps,
-                               test, result.validation)
-            logger.info("%s %s %.0fx seed %d: test %s", data.name, method, compression, seed, test)
+                               test, result.validation, epoch)
+            logger.info("%s %s %.0fx seed %d: test %s", data.name, spec.label, compression, seed, test)
             records.append(record)
     return records
+
+
+def _train_and_test(trainer: Trainer, data: SplitData, config: TrainConfig, best_epoch: bool):
+    """(test metrics, their epoch, the training result): of the last epoch, or the best on validation."""
+    if not best_epoch:
+        result = trainer.fit(data.train, data.validation)
+        return trainer.evaluate(data.test), config.epochs, result
+    best = None
+    seconds, validation = 0.0, []
+    for epoch in range(1, config.epochs + 1):
+        trainer.config = dataclasses.replace(config, epochs=epoch)  # fit() continues where it stopped
+        result = trainer.fit(data.train, data.validation)
+        seconds += result.train_seconds
+        validation += result.validation
+        if best is None or result.validation[-1]["logloss"] < best[0]:
+            best = (result.validation[-1]["logloss"], trainer.evaluate(data.test), epoch)
+    result.train_seconds, result.validation = seconds, validation
+    return best[1], best[2], result
 
 
 def summarize(records: Sequence[RunRecord]) -> List[Dict[str, Any]]:

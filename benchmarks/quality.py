@@ -1,0 +1,15 @@
+"""Model quality at equal memory: every method, several budgets, datasets and seeds.
+
+    .venv/bin/python benchmarks/quality.py            # synthetic + MovieLens-100k, 4x/10x/50x, 3 seeds
+    .venv/bin/python benchmarks/quality.py --quick    # smoke run of every method (< 3 min)
+    lhf bench quality --data criteo-tsv --data-path day_0   # the same on your data
+
+Writes docs/results.md, docs/results.json and docs/quality_vs_bytes.png (--quick: runs/quality-quick/).
+"""
+
+import sys
+
+from lhf_torchrec.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["bench", "quality", *sys.argv[1:]]))

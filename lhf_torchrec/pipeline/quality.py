@@ -1,0 +1,186 @@
+"""The quality benchmark: every method at equal total bytes, on several datasets, several seeds.
+
+``benchmarks/quality.py`` and ``lhf bench quality`` run :func:`run_quality`, which trains every
+method of :data:`QUALITY_METHODS` at every compression ratio with every seed through
+:func:`~lhf_torchrec.pipeline.compare.compare_methods` (same data, epochs, optimizer, learning
+rates and seeds for all; bytes counted the same way), then writes ``results.md`` (tables, the share
+of the hashing trick's logloss gap each method recovers, and plain statements of where
+``combination`` loses), ``results.json`` and ``quality_vs_bytes.png``.
+"""
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Sequence, Tuple
+
+from lhf_torchrec.files import atomic_write
+from lhf_torchrec.pipeline.compare import (
+    MethodSpec,
+    RunRecord,
+    compare_methods,
+    format_table,
+    plot_quality_vs_bytes,
+    summarize,
+    write_records,
+)
+from lhf_torchrec.pipeline.datasets import DatasetSpec, load_split
+from lhf_torchrec.training.model import ModelConfig
+from lhf_torchrec.training.runtime import init_runtime
+from lhf_torchrec.training.trainer import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+OURS = "combination"
+QUALITY_METHODS: Tuple[Any, ...] = (
+    "full",
+    "hash",
+    "frequency",
+    "double_hash",
+    "qr",
+    "mch",
+    "cce",
+    "learned",
+    "combination",
+    # Ideas for combination, measured one by one (see docs/results.md).
+    MethodSpec("combination, auto split", "combination", {"hot_fraction": "auto", "hashed_fraction": "auto"}),
+)
+
+
+@dataclass
+class QualityConfig:
+    datasets: List[DatasetSpec] = field(default_factory=lambda: [
+        DatasetSpec("synthetic", rows=500_000, scale=0.01),
+        DatasetSpec("movielens"),
+    ])
+    compressions: Sequence[float] = (4, 10, 50)
+    seeds: Sequence[int] = (0, 1, 2)
+    epochs: int = 1
+    best_epoch: bool = False
+    embedding_dim: int = 16
+    batch_size: Dict[str, int] = field(default_factory=lambda: {"movielens": 256})
+    default_batch_size: int = 1024
+    out_dir: str = "docs"
+    command: str = "python benchmarks/quality.py"
+
+
+def quick_config(out_dir: str = "runs/quality-quick") -> QualityConfig:
+    """A smoke run of every method in well under 3 minutes: tiny synthetic data, 10x, one seed."""
+    return QualityConfig(datasets=[DatasetSpec("synthetic", rows=20_000, scale=0.001)], compressions=(10,),
+                         seeds=(0,), out_dir=out_dir, command="python benchmarks/quality.py --quick")
+
+
+def run_quality(config: QualityConfig, methods: Sequence[Any] = QUALITY_METHODS) -> List[RunRecord]:
+    started = time.perf_counter()
+    runtime = init_runtime()
+    records: List[RunRecord] = []
+    for spec in config.datasets:
+        data = load_split(spec, config.embedding_dim, progress=runtime.is_main)
+        train = TrainConfig(batch_size=config.batch_size.get(spec.kind, config.default_batch_size),
+                            epochs=config.epochs, progress=False)
+        logger.info("quality benchmark on %s: %d train rows", spec.kind, len(data.train))
+        records += compare_methods(data, methods, config.compressions, config.seeds,
+                                   ModelConfig(embedding_dim=config.embedding_dim), train,
+                                   best_epoch=config.best_epoch, runtime=runtime)
+    if runtime.is_main:
+        write_report(records, config, time.perf_counter() - started)
+    return records
+
+
+def gap_recovered(rows: Sequence[Dict[str, Any]]) -> Dict[Tuple[str, str, float], float]:
+    """Per (dataset, method, compression): the share of the hashing trick's test-logloss gap to the
+    full tables that the method closes (1 = as good as full, 0 = as the hashing trick)."""
+    full = {r["dataset"]: r["logloss"] for r in rows if r["method"] == "full"}
+    hashed = {(r["dataset"], r["compression"]): r["logloss"] for r in rows if r["method"] == "hash"}
+    out = {}
+    for r in rows:
+        key = (r["dataset"], r["compression"])
+        if r["method"] in ("full", "hash") or key not in hashed or r["dataset"] not in full:
+            continue
+        gap = hashed[key] - full[r["dataset"]]
+        if gap > 0:
+            out[(r["dataset"], r["method"], r["compression"])] = (hashed[key] - r["logloss"]) / gap
+    return out
+
+
+def verdicts(rows: Sequence[Dict[str, Any]]) -> List[str]:
+    """Plain statements: where ``combination`` wins, where it loses and to what, by how much."""
+    lines = []
+    recovered = gap_recovered(rows)
+    for dataset in sorted({r["dataset"] for r in rows}):
+        for compression in sorted({r["compression"] for r in rows if r["dataset"] == dataset and r["method"] != "full"}):
+            at = [r for r in rows if r["dataset"] == dataset and r["compression"] == compression and r["method"] != "full"]
+            ours = next((r for r in at if r["method"] == OURS), None)
+            if ours is None:
+                continue
+            better = sorted((r for r in at if r["logloss"] < ours["logloss"] and r["method"] != OURS),
+                            key=lambda r: r["logloss"])
+            share = recovered.get((dataset, OURS, compression))
+            head = f"{dataset}, {compression:g}x: {OURS} test logloss {ours['logloss']:.4f}"
+            head += f", {share:.0%} of the hashing trick's gap to the full tables recovered" if share is not None else ""
+            if better:
+                losses = ", ".join(f"{r['method']} ({r['logloss']:.4f}, {ours['logloss'] - r['logloss']:+.4f})"
+                                   for r in better)
+                lines.append(f"- {head}; **{OURS} loses to**: {losses}.")
+            else:
+                lines.append(f"- {head}; best of all compressed methods.")
+    return lines
+
+
+def write_report(records: Sequence[RunRecord], config: QualityConfig, seconds: float) -> None:
+    rows = summarize(records)
+    recovered = gap_recovered(rows)
+    gap_lines = ["| dataset | budget | " + " | ".join(m for m in _methods(rows) if m not in ("full", "hash")) + " |"]
+    gap_lines.append("|---|---|" + "---|" * (len(gap_lines[0].split("|")) - 4))
+    for dataset in sorted({r["dataset"] for r in rows}):
+        for c in sorted({r["compression"] for r in rows if r["dataset"] == dataset and r["method"] != "full"}):
+            cells = [f"{recovered[(dataset, m, c)]:.0%}" if (dataset, m, c) in recovered else "-"
+                     for m in _methods(rows) if m not in ("full", "hash")]
+            gap_lines.append(f"| {dataset} | {c:g}x | " + " | ".join(cells) + " |")
+    seeds = ", ".join(str(s) for s in config.seeds)
+    epochs = f"best of {config.epochs} epochs on validation" if config.best_epoch else f"{config.epochs} epoch(s)"
+    text = f"""# Model quality at equal memory
+
+Command: `{config.command}` ({seconds:.0f} s on this machine). Seeds {seeds}; {epochs}; every
+method trains the same TorchRec DLRM (dim {config.embedding_dim}) with the same data, optimizer (fused
+row-wise Adagrad for the tables, Adam for the MLPs), learning rates (no per-method search: the same
+fixed values for all) and seeds. Budgets are total bytes: table weights + optimizer state + mappings
++ any structure a method keeps (QR's two tables, MCH's slot ids, CCE's pointers), each table at
+1/compression of its full bytes; tables under 100 rows stay full size for every method. Metrics
+are on the test split (the last rows in time order), mean ± std over seeds.
+
+## Results
+
+{format_table(rows)}
+
+## Share of the hashing trick's logloss gap recovered
+
+(hash - method) / (hash - full) of mean test logloss: 100% matches the full tables, 0% the hashing
+trick, negative is worse than it.
+
+{chr(10).join(gap_lines)}
+
+## Where {OURS} wins and loses
+
+{chr(10).join(verdicts(rows))}
+
+![quality vs bytes](quality_vs_bytes.png)
+"""
+    os.makedirs(config.out_dir, exist_ok=True)
+    with atomic_write(os.path.join(config.out_dir, "results.md")) as f:
+        f.write(text.encode())
+    write_records(records, os.path.join(config.out_dir, "results.json"))
+    plot_quality_vs_bytes(rows, os.path.join(config.out_dir, "quality_vs_bytes.png"),
+                          title=f"test quality vs total bytes ({epochs})")
+    print(text)
+
+
+def _methods(rows: Sequence[Dict[str, Any]]) -> List[str]:
+    seen: List[str] = []
+    for r in rows:
+        if r["method"] not in seen:
+            seen.append(r["method"])
+    return seen
+
+
+__all__ = ["QUALITY_METHODS", "QualityConfig", "gap_recovered", "quick_config", "run_quality", "verdicts"]
