@@ -19,7 +19,13 @@ from lhf_torchrec.baselines import BASELINES, fit_baseline
 from lhf_torchrec.files import atomic_write
 from lhf_torchrec.mapping.methods import METHODS
 from lhf_torchrec.pipeline.datasets import SplitData
-from lhf_torchrec.pipeline.steps import fit_mappings, full_table_bytes, learn_embeddings, profile_tables
+from lhf_torchrec.pipeline.steps import (
+    fit_mappings,
+    full_table_bytes,
+    learn_embeddings,
+    profile_tables,
+    warm_start_rows,
+)
 from lhf_torchrec.training.model import ModelConfig
 from lhf_torchrec.training.runtime import Runtime, init_runtime
 from lhf_torchrec.training.compression import LearnedHashing
@@ -57,6 +63,8 @@ class MethodSpec:
     label: str
     method: str
     hyperparams: Mapping[str, Any] = field(default_factory=dict)
+    # Learn embeddings at the model's dim and start every compressed row from them (warm_start_rows).
+    warm_start: bool = False
 
 
 def _spec(method: Union[str, MethodSpec]) -> MethodSpec:
@@ -92,15 +100,23 @@ def compare_methods(
     records: List[RunRecord] = []
     for seed in seeds:
         config = TrainConfig(**{**asdict(train_config), "seed": seed, "checkpoint_dir": None, "resume": False})
-        embeddings, learn_seconds = None, 0.0
-        if any(s.method in METHODS and METHODS[s.method].needs_embeddings for s in specs):
-            start = time.perf_counter()
-            embeddings = learn_embeddings(data.train, data.tables, profiles, dim=learn_dim, epochs=learn_epochs,
-                                          train_config=config, runtime=runtime)
-            learn_seconds = time.perf_counter() - start
+        learned: Dict[int, Any] = {}  # embedding dim -> (embeddings, seconds to learn them)
+
+        def embeddings_at(dim: int):
+            if dim not in learned:
+                start = time.perf_counter()
+                learned[dim] = (learn_embeddings(data.train, data.tables, profiles, dim=dim, epochs=learn_epochs,
+                                                 train_config=config, runtime=runtime), time.perf_counter() - start)
+            return learned[dim]
+
         runs = [(s, 1.0) for s in specs if s.method == "full"]
         runs += [(s, c) for c in compressions for s in specs if s.method != "full"]
         for spec, compression in runs:
+            needs_embeddings = spec.warm_start or (spec.method in METHODS and METHODS[spec.method].needs_embeddings)
+            embeddings, learn_seconds = (
+                embeddings_at(model_config.embedding_dim if spec.warm_start else learn_dim)
+                if needs_embeddings else (None, 0.0)
+            )
             start = time.perf_counter()
             if spec.method in BASELINES:
                 fitted = fit_baseline(spec.method, data.tables, profiles, data.train, compression=compression,
@@ -111,10 +127,11 @@ def compare_methods(
                 fitted = fit_mappings(data.tables, profiles, spec.method, compression=compression,
                                       optimizer=train_config.optimizer, embeddings=embeddings, seed=seed,
                                       **dict(spec.hyperparams))
-                tables_compression = LearnedHashing(fitted.mappings)
-            fit_seconds = time.perf_counter() - start
-            if spec.method in METHODS and METHODS[spec.method].needs_embeddings:
-                fit_seconds += learn_seconds
+                initial = ({name: warm_start_rows(m, profiles[name], embeddings[name], seed)
+                            for name, m in fitted.mappings.items() if name in embeddings}
+                           if spec.warm_start else None)
+                tables_compression = LearnedHashing(fitted.mappings, initial)
+            fit_seconds = time.perf_counter() - start + learn_seconds
             trainer = Trainer(model_config, config, data.tables, len(data.train.dense_names), tables_compression,
                               runtime)
             test, epoch, result = _train_and_test(trainer, data, config, best_epoch)

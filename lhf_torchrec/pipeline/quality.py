@@ -44,6 +44,8 @@ QUALITY_METHODS: Tuple[Any, ...] = (
     "combination",
     # Ideas for combination, measured one by one (see docs/results.md).
     MethodSpec("combination, auto split", "combination", {"hot_fraction": "auto", "hashed_fraction": "auto"}),
+    MethodSpec("combination, warm start", "combination", warm_start=True),
+    MethodSpec("frequency, warm start", "frequency", warm_start=True),
 )
 
 

@@ -19,7 +19,7 @@ from torchrec import EmbeddingBagConfig
 
 from lhf_torchrec.data.source import CTRSource
 from lhf_torchrec.mapping.budget import row_bytes
-from lhf_torchrec.mapping.embeddings import IdEmbeddings
+from lhf_torchrec.mapping.embeddings import IdEmbeddings, embeddings_of
 from lhf_torchrec.mapping.fit import fit_mapping
 from lhf_torchrec.mapping.id_mapping import IdMapping
 from lhf_torchrec.mapping.profile import FeatureProfiler, IdProfile, merge_profiles
@@ -108,6 +108,26 @@ def _weights_to_ids(weight: torch.Tensor, profile: IdProfile, vocab: Optional[Id
     ids = torch.from_numpy(profile.ids)
     rows = vocab(ids) if vocab is not None else ids
     return IdEmbeddings(profile.ids, weight.index_select(0, rows).float())
+
+
+def warm_start_rows(mapping: IdMapping, profile: IdProfile, embeddings: IdEmbeddings, seed: int = 0) -> torch.Tensor:
+    """Initial rows for a compressed table: each row the access-weighted mean of the learned
+    embeddings of the profiled ids that map to it (hot rows: their id's embedding; cluster rows:
+    the cluster's centroid). Rows no profiled id reaches keep a small random init, as TorchRec's
+    default (uniform in +-1/sqrt(rows)). ``embeddings`` must have the table's dim."""
+    if mapping.probes != 1:
+        raise ValueError(f"table '{mapping.table_name}': warm start needs one row per id, not {mapping.method}")
+    has, vectors = embeddings_of(embeddings, profile.ids, mapping.table_name)
+    rows = mapping(torch.from_numpy(profile.ids[has]))
+    weights = torch.from_numpy(profile.counts[has]).to(torch.float32)
+    sums = torch.zeros(mapping.num_rows, vectors.shape[1]).index_add_(0, rows, vectors * weights[:, None])
+    mass = torch.zeros(mapping.num_rows).index_add_(0, rows, weights)
+    bound = mapping.num_rows ** -0.5
+    init = torch.empty(mapping.num_rows, vectors.shape[1]).uniform_(
+        -bound, bound, generator=torch.Generator().manual_seed(seed))
+    reached = mass > 0
+    init[reached] = sums[reached] / mass[reached, None]
+    return init
 
 
 @dataclass(frozen=True)

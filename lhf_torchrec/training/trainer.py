@@ -138,6 +138,8 @@ class Trainer:
             lambda params: torch.optim.Adam(params, lr=train_config.dense_lr),
         )
         self.optimizer = CombinedOptimizer([self.model.fused_optimizer, dense])
+        if compression is not None and hasattr(compression, "initialize"):
+            compression.initialize(self)
         self.pipeline = TrainPipelineSparseDist(self.model, self.optimizer, self.runtime.device)
         self.step = 0
         self._batch_in_epoch = 0
