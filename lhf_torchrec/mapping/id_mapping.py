@@ -192,6 +192,13 @@ class IdMapping(nn.Module):
         if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
             raise TypeError(f"table '{self.table_name}': ids must be an integer tensor, got dtype {ids.dtype}")
         flat = ids.reshape(-1).to(torch.int64)
+        if self.storage == "dense" and self.probes == 1 and flat.device.type == "cpu" and flat.numel():
+            # CPU fast path: when every id lies in the stored span (one reduction, no host sync cost
+            # on CPU), a lookup is a single gather: no range masks, nothing to hash.
+            low, high = torch.aminmax(flat)
+            if int(low) >= self.offset and int(high) < self.offset + self.table.numel():
+                index = flat - self.offset if self.offset else flat
+                return self.table.index_select(0, index).to(torch.int64).view(ids.shape)
         rows, found = self._lookup(flat)
         if self.probes == 1:
             return self._fill_hashed(rows, found, flat).view(ids.shape)

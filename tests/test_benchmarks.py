@@ -1,0 +1,25 @@
+"""Smoke runs of the benchmarks (no thresholds: benchmarks measure, tests only check they run)."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_quality_benchmark_quick_mode_runs_every_method(tmp_path):
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "quality.py"), "--quick",
+                          "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    from lhf_torchrec.pipeline.quality import QUALITY_METHODS
+
+    labels = {m if isinstance(m, str) else m.label for m in QUALITY_METHODS}
+    records = json.load(open(tmp_path / "results.json"))
+    assert {r["method"] for r in records} == labels
+    assert all(0 < r["test"]["logloss"] < 1 and r["total_bytes"] > 0 for r in records)
+    totals = [r["total_bytes"] for r in records if r["method"] != "full"]
+    assert max(totals) <= 1.05 * min(totals)  # every method at (nearly) the same total bytes
+    assert max(totals) < 0.2 * records[0]["full_bytes"]
+    assert (tmp_path / "quality_vs_bytes.png").stat().st_size > 10_000
+    assert "Where combination wins and loses" in (tmp_path / "results.md").read_text()
