@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
-from torchrec.distributed.embedding_types import BaseEmbeddingSharder, KJTList, ShardedEmbeddingModule
+from torchrec.distributed.embedding_types import KJTList, ShardedEmbeddingModule
 from torchrec.distributed.embeddingbag import (
     EmbeddingBagCollectionContext,
     EmbeddingBagCollectionSharder,
@@ -41,12 +41,11 @@ from torchrec.distributed.types import (
     LazyAwaitable,
     Multistreamable,
     ParameterSharding,
-    QuantizedCommCodecs,
     ShardingEnv,
-    ShardingType,
 )
 from torchrec.distributed.utils import append_prefix
 
+from lhf_torchrec.distributed.sharder import WrappedEBCSharder, check_identical_across_ranks
 from lhf_torchrec.mapping.id_mapping import IdMapping
 
 logger = logging.getLogger(__name__)
@@ -218,20 +217,6 @@ class _Postprocessed(LazyAwaitable[KeyedTensor]):
         return self._remap.postprocess(LazyAwaitable._wait_async(self._pooled), self._batch)
 
 
-def check_remaps_identical(remap: EmbeddingRemap, env: ShardingEnv) -> None:
-    """Raises ``RuntimeError`` naming the tables whose remap differs from rank 0's."""
-    if env.process_group is None or not dist.is_initialized() or env.world_size == 1:
-        return
-    gathered: List[Optional[Dict[str, str]]] = [None] * env.world_size
-    dist.all_gather_object(gathered, remap.fingerprint(), group=env.process_group)
-    reference = gathered[0] or {}
-    bad = sorted({t for other in gathered for t in set(reference) | set(other or {})
-                  if reference.get(t) != (other or {}).get(t)})
-    if bad:
-        raise RuntimeError(f"the '{remap.method}' remap differs across ranks in tables {bad}: fit it with the "
-                           "same data and seed on every rank")
-
-
 class ShardedComposedEBC(
     ShardedEmbeddingModule[KJTList, List[torch.Tensor], KeyedTensor, ComposedEBCContext]
 ):
@@ -247,7 +232,7 @@ class ShardedComposedEBC(
         module_fqn: Optional[str] = None,
     ) -> None:
         super().__init__(qcomm_codecs_registry=ebc_sharder.qcomm_codecs_registry)
-        check_remaps_identical(module.remap, env)
+        check_identical_across_ranks(module.remap.fingerprint(), env, f"'{module.remap.method}' remaps")
         self.remap: EmbeddingRemap = module.remap.to(device)
         self._device = device
         self._env = env
@@ -292,50 +277,11 @@ class ShardedComposedEBC(
         return ComposedEmbeddingBagCollection
 
 
-class ComposedEBCSharder(BaseEmbeddingSharder[ComposedEmbeddingBagCollection]):
-    """Shards :class:`ComposedEmbeddingBagCollection` with TorchRec's EBC sharder underneath.
+class ComposedEBCSharder(WrappedEBCSharder):
+    """Shards :class:`ComposedEmbeddingBagCollection` (replicated remap, tables by TorchRec's EBC sharder)."""
 
-    Offers every sharding type the EBC sharder offers, plus ``row_wise`` and ``table_row_wise`` on
-    CPU (TorchRec's CPU planner leaves them out although they run on CPU/gloo).
-    """
-
-    def __init__(
-        self,
-        fused_params: Optional[Dict[str, Any]] = None,
-        qcomm_codecs_registry: Optional[Dict[str, QuantizedCommCodecs]] = None,
-    ) -> None:
-        self._ebc_sharder = EmbeddingBagCollectionSharder(
-            fused_params=fused_params, qcomm_codecs_registry=qcomm_codecs_registry
-        )
-        super().__init__(
-            fused_params=self._ebc_sharder.fused_params, qcomm_codecs_registry=self._ebc_sharder.qcomm_codecs_registry
-        )
-
-    @property
-    def module_type(self) -> Type[ComposedEmbeddingBagCollection]:
-        return ComposedEmbeddingBagCollection
-
-    def shardable_parameters(self, module: ComposedEmbeddingBagCollection) -> Dict[str, nn.Parameter]:
-        return self._ebc_sharder.shardable_parameters(module.ebc)
-
-    def sharding_types(self, compute_device_type: str) -> List[str]:
-        types = list(self._ebc_sharder.sharding_types(compute_device_type))
-        if compute_device_type == "cpu":
-            types += [t.value for t in (ShardingType.ROW_WISE, ShardingType.TABLE_ROW_WISE) if t.value not in types]
-        return types
-
-    def compute_kernels(self, sharding_type: str, compute_device_type: str) -> List[str]:
-        return self._ebc_sharder.compute_kernels(sharding_type, compute_device_type)
-
-    def shard(
-        self,
-        module: ComposedEmbeddingBagCollection,
-        params: Dict[str, ParameterSharding],
-        env: ShardingEnv,
-        device: Optional[torch.device] = None,
-        module_fqn: Optional[str] = None,
-    ) -> ShardedComposedEBC:
-        return ShardedComposedEBC(module, params, env, device or torch.device("cpu"), self._ebc_sharder, module_fqn)
+    module_cls = ComposedEmbeddingBagCollection
+    sharded_cls = ShardedComposedEBC
 
 
 def split_per_key(features: KeyedJaggedTensor) -> Iterator[Tuple[str, torch.Tensor, torch.Tensor]]:

@@ -58,14 +58,16 @@ from lhf_torchrec.modules.learned_hash_ebc import IdRemapper, LearnedHashEmbeddi
 logger = logging.getLogger(__name__)
 
 
-def check_mappings_identical(remapper: IdRemapper, env: ShardingEnv) -> None:
-    """Raises ``RuntimeError`` naming the tables and ranks whose mapping differs from rank 0's."""
+def check_identical_across_ranks(fingerprints: Dict[str, str], env: ShardingEnv, what: str) -> None:
+    """Raises ``RuntimeError`` naming the ranks and tables whose fingerprint differs from rank 0's.
+
+    ``fingerprints``: table name -> fingerprint of this rank's remap state (``what`` names it).
+    """
     pg = env.process_group
     if pg is None or not dist.is_initialized() or env.world_size == 1:
         return
-    local = {name: m.fingerprint for name, m in remapper.mappings.items()}
     gathered: List[Optional[Dict[str, str]]] = [None] * env.world_size
-    dist.all_gather_object(gathered, local, group=pg)
+    dist.all_gather_object(gathered, dict(fingerprints), group=pg)
     reference = gathered[0] or {}
     bad = [
         f"rank {rank}: " + ", ".join(
@@ -76,9 +78,9 @@ def check_mappings_identical(remapper: IdRemapper, env: ShardingEnv) -> None:
     ]
     if bad:
         raise RuntimeError(
-            "the learned-hash mappings differ across ranks (the same id would reach different rows); "
+            f"the {what} differ across ranks (the same id would reach different rows); "
             f"differences from rank 0 in tables: {'; '.join(bad)}. Fit them with the same data and seed, "
-            "or load the same mapping file on every rank."
+            "or load the same file on every rank."
         )
 
 
@@ -97,7 +99,9 @@ class ShardedLearnedHashEBC(
         module_fqn: Optional[str] = None,
     ) -> None:
         super().__init__(qcomm_codecs_registry=ebc_sharder.qcomm_codecs_registry)
-        check_mappings_identical(module.remapper, env)
+        check_identical_across_ranks(
+            {name: m.fingerprint for name, m in module.remapper.mappings.items()}, env, "learned-hash mappings"
+        )
         self.remapper: IdRemapper = module.remapper.to(device)
         self.ebc: ShardedEmbeddingBagCollection = ebc_sharder.shard(
             module.ebc, params, env, device, module_fqn=append_prefix(module_fqn or "", "ebc")
@@ -135,19 +139,18 @@ class ShardedLearnedHashEBC(
         return LearnedHashEmbeddingBagCollection
 
 
-class LearnedHashEBCSharder(BaseEmbeddingSharder[LearnedHashEmbeddingBagCollection]):
-    """Shards :class:`LearnedHashEmbeddingBagCollection` with TorchRec's EBC sharder underneath.
+class WrappedEBCSharder(BaseEmbeddingSharder[nn.Module]):
+    """Shards a module that keeps its tables in a stock EBC (``module.ebc``) behind a replicated
+    preprocessing step, with TorchRec's EBC sharder underneath. Subclasses name the module type
+    and its sharded twin (``module_cls``, ``sharded_cls``, built as ``sharded_cls(module, params,
+    env, device, ebc_sharder, module_fqn)``).
 
     Offers every sharding type the EBC sharder offers; on CPU it adds ``row_wise`` and
     ``table_row_wise``, which TorchRec's CPU planner leaves out although they run on CPU/gloo.
-
-    Example::
-
-        sharders = [LearnedHashEBCSharder(fused_params={"optimizer": EmbOptimType.EXACT_ADAGRAD,
-                                                        "learning_rate": 0.05})]
-        plan = EmbeddingShardingPlanner(topology=topology).collective_plan(model, sharders, pg)
-        model = DistributedModelParallel(model, plan=plan, sharders=sharders, device=device)
     """
+
+    module_cls: Type[nn.Module]
+    sharded_cls: Type[nn.Module]
 
     def __init__(
         self,
@@ -163,10 +166,10 @@ class LearnedHashEBCSharder(BaseEmbeddingSharder[LearnedHashEmbeddingBagCollecti
         )
 
     @property
-    def module_type(self) -> Type[LearnedHashEmbeddingBagCollection]:
-        return LearnedHashEmbeddingBagCollection
+    def module_type(self) -> Type[nn.Module]:
+        return self.module_cls
 
-    def shardable_parameters(self, module: LearnedHashEmbeddingBagCollection) -> Dict[str, nn.Parameter]:
+    def shardable_parameters(self, module: nn.Module) -> Dict[str, nn.Parameter]:
         return self._ebc_sharder.shardable_parameters(module.ebc)
 
     def sharding_types(self, compute_device_type: str) -> List[str]:
@@ -180,12 +183,26 @@ class LearnedHashEBCSharder(BaseEmbeddingSharder[LearnedHashEmbeddingBagCollecti
 
     def shard(
         self,
-        module: LearnedHashEmbeddingBagCollection,
+        module: nn.Module,
         params: Dict[str, ParameterSharding],
         env: ShardingEnv,
         device: Optional[torch.device] = None,
         module_fqn: Optional[str] = None,
-    ) -> ShardedLearnedHashEBC:
-        return ShardedLearnedHashEBC(
-            module, params, env, device or torch.device("cpu"), self._ebc_sharder, module_fqn
-        )
+    ) -> nn.Module:
+        return self.sharded_cls(module, params, env, device or torch.device("cpu"), self._ebc_sharder, module_fqn)
+
+
+class LearnedHashEBCSharder(WrappedEBCSharder):
+    """Shards :class:`LearnedHashEmbeddingBagCollection`: the remap replicated, the tables sharded
+    by TorchRec's EBC sharder with any sharding type it supports (plus row-wise ones on CPU).
+
+    Example::
+
+        apply_optimizer_in_backward(RowWiseAdagrad, model.sparse_arch.parameters(), {"lr": 0.05})
+        sharders = [LearnedHashEBCSharder()]
+        plan = LearnedHashPlanner(topology).collective_plan(model, sharders, pg)
+        model = DistributedModelParallel(model, plan=plan, sharders=sharders, device=device)
+    """
+
+    module_cls = LearnedHashEmbeddingBagCollection
+    sharded_cls = ShardedLearnedHashEBC
