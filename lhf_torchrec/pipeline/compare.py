@@ -199,6 +199,7 @@ def format_table(rows: Sequence[Dict[str, Any]]) -> str:
 def plot_quality_vs_bytes(rows: Sequence[Dict[str, Any]], path: str, title: str = "") -> None:
     """Test logloss and AUC against total bytes, one marker per method (written atomically)."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -214,6 +215,8 @@ def plot_quality_vs_bytes(rows: Sequence[Dict[str, Any]], path: str, title: str 
                 ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts],
                             marker="o", capsize=3, label=name, linestyle="-" if len(pts) > 1 else "none")
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("total bytes: tables + optimizer state + mappings (MB)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
