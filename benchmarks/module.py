@@ -373,10 +373,7 @@ LFU count) where ours stores 8 bytes per entry (sorted) or 4 per id of the span 
 
 {100 * hit_rate:.0f}% of these lookups hit an entry of the `frequency` mapping. The sorted lookup pays
 a binary search over the entries plus the hash of the misses; stored densely the same function is one
-gather, faster than the hash itself, at 4 bytes per id instead of 8 per entry. `hash_ids` fully
-reduces each of its three products mod 2^31 - 1 (two folds and a conditional subtraction: 9 ops) and
-then their sum; folding each 62-bit product once and reducing the sum once gives the same values
-with half the ops.
+gather, faster than the hash itself, at 4 bytes per id instead of 8 per entry.
 
 ### Serving: eval forward of the quantized module (`quantize_learned_hash_ebc`, `combination` mappings)
 
