@@ -67,7 +67,6 @@ from lhf_torchrec.mapping.profile import IdProfile
 logger = logging.getLogger(__name__)
 
 _INT32_MAX = (1 << 31) - 1
-HASH_BYTES_PER_COLUMN = 2 * 5 * 8  # two (num_buckets, a0, a1, a2, b) int64 rows: h_i's fallback and h'_i
 
 
 def default_columns(embedding_dim: int) -> int:
@@ -117,7 +116,9 @@ class CCEPointers(nn.Module):
     def bytes_for(entries: int, span: int, columns: int) -> int:
         """Bytes of a table's index functions with ``entries`` entry ids spread over ``span`` ids."""
         key_bytes = 4 if span - 1 <= _INT32_MAX else 8
-        return entries * (key_bytes + 4 * columns) + HASH_BYTES_PER_COLUMN * columns
+        # The hash functions are not counted, for CCE as for every method here: each is a function of
+        # a seed (the buffers holding their coefficients are a convenience, not state a model keeps).
+        return entries * (key_bytes + 4 * columns)
 
     @property
     def entry_ids(self) -> torch.Tensor:
@@ -181,7 +182,8 @@ class CCERemap(EmbeddingRemap):
                                               for t, p in sorted(self.pointers.items())}}
 
     def state_bytes(self, table: str) -> int:
-        return sum(b.numel() * b.element_size() for b in self.pointers[table].buffers())
+        p = self.pointers[table]
+        return sum(b.numel() * b.element_size() for b in (p.keys, p.pointers))  # hashes: see bytes_for
 
     def column_name(self, table: str, column: int) -> str:
         return f"{table}__cce{column}"
@@ -297,6 +299,10 @@ def fit_cce(
         c = columns or default_columns(dim)
         if dim % c:
             raise ValueError(f"table '{name}': dim {dim} is not a multiple of {c} columns")
+        if columns is None:
+            # A tiny budget may not hold two rows per column: use fewer, wider columns.
+            while c > 1 and budget.budget_bytes < 2 * c * row_bytes(dim // c, optimizer):
+                c //= 2
         ranked = ranked_ids(budget.profile)
         low, high = np.minimum.accumulate(ranked), np.maximum.accumulate(ranked)
 
@@ -304,18 +310,20 @@ def fit_cce(
             span = int(high[entries - 1]) - int(low[entries - 1]) + 1 if entries else 0
             return CCEPointers.bytes_for(entries, span, c)
 
-        lo, hi = 0, ranked.size  # the most entries whose pointers fit in pointer_share of the budget
+        per_row = 2 * c * row_bytes(dim // c, optimizer)
+        # The most entries whose pointers fit in pointer_share of the budget and leave room for a row.
+        pointer_budget = min(pointer_share * budget.budget_bytes, budget.budget_bytes - per_row)
+        lo, hi = 0, ranked.size
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            if cost(mid) <= pointer_share * budget.budget_bytes:
+            if cost(mid) <= pointer_budget:
                 lo = mid
             else:
                 hi = mid - 1
-        per_row = 2 * c * row_bytes(dim // c, optimizer)
         rows = min((budget.budget_bytes - cost(lo)) // per_row, budget.full_rows)
         if rows < 1:
             raise ValueError(f"table '{name}': a budget of {budget.budget_bytes} bytes cannot hold CCE's {c} columns "
-                             f"of 2 rows ({per_row} bytes) and its hashes ({cost(0)} bytes)")
+                             f"of 2 rows ({per_row} bytes)")
         pointers[name] = CCEPointers(np.sort(ranked[:lo]), c, int(rows), _mix(seed, 4, number))
     remap = CCERemap(tables, pointers, vocabularies, seed=seed)
     return account(CCECompression(remap, rounds=rounds, n_iter=n_iter), optimizer, budgets)

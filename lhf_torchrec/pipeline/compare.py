@@ -52,6 +52,7 @@ class RunRecord:
     test: Dict[str, float]
     validation: List[Dict[str, Any]] = field(default_factory=list)
     epoch: int = 0  # the epoch whose model was tested (the last, or the best on validation)
+    error: str = ""  # why the method could not be fitted at this budget (then nothing was trained)
 
 
 @dataclass(frozen=True)
@@ -118,19 +119,25 @@ def compare_methods(
                 if needs_embeddings else (None, 0.0)
             )
             start = time.perf_counter()
-            if spec.method in BASELINES:
-                fitted = fit_baseline(spec.method, data.tables, profiles, data.train, compression=compression,
-                                      optimizer=train_config.optimizer, seed=seed,
-                                      batch_size=config.batch_size * runtime.world_size, **dict(spec.hyperparams))
-                tables_compression = fitted.compression
-            else:
-                fitted = fit_mappings(data.tables, profiles, spec.method, compression=compression,
-                                      optimizer=train_config.optimizer, embeddings=embeddings, seed=seed,
-                                      **dict(spec.hyperparams))
-                initial = ({name: warm_start_rows(m, profiles[name], embeddings[name], seed)
-                            for name, m in fitted.mappings.items() if name in embeddings}
-                           if spec.warm_start else None)
-                tables_compression = LearnedHashing(fitted.mappings, initial)
+            try:
+                if spec.method in BASELINES:
+                    fitted = fit_baseline(spec.method, data.tables, profiles, data.train, compression=compression,
+                                          optimizer=train_config.optimizer, seed=seed,
+                                          batch_size=config.batch_size * runtime.world_size, **dict(spec.hyperparams))
+                    tables_compression = fitted.compression
+                else:
+                    fitted = fit_mappings(data.tables, profiles, spec.method, compression=compression,
+                                          optimizer=train_config.optimizer, embeddings=embeddings, seed=seed,
+                                          **dict(spec.hyperparams))
+                    initial = ({name: warm_start_rows(m, profiles[name], embeddings[name], seed)
+                                for name, m in fitted.mappings.items() if name in embeddings}
+                               if spec.warm_start else None)
+                    tables_compression = LearnedHashing(fitted.mappings, initial)
+            except ValueError as e:  # the method cannot represent some table at this budget
+                logger.warning("%s %s %gx seed %d does not fit: %s", data.name, spec.label, compression, seed, e)
+                records.append(RunRecord(data.name, spec.label, compression, seed, 0, 0, 0, full_bytes, 0.0, 0.0, 0,
+                                         {}, error=str(e)))
+                continue
             fit_seconds = time.perf_counter() - start + learn_seconds
             trainer = Trainer(model_config, config, data.tables, len(data.train.dense_names), tables_compression,
                               runtime)
@@ -165,6 +172,8 @@ def summarize(records: Sequence[RunRecord]) -> List[Dict[str, Any]]:
     """Mean and standard deviation over seeds per (dataset, method, compression)."""
     groups: Dict[tuple, List[RunRecord]] = {}
     for r in records:
+        if r.error:
+            continue
         groups.setdefault((r.dataset, r.method, r.compression), []).append(r)
     rows = []
     for (dataset, method, compression), rs in groups.items():

@@ -165,7 +165,7 @@ trick, negative is worse than it.
 ## Where {OURS} wins and loses
 
 {chr(10).join(verdicts(rows))}
-
+{_failures(records)}
 ![quality vs bytes](quality_vs_bytes.png)
 """
     os.makedirs(config.out_dir, exist_ok=True)
@@ -175,6 +175,14 @@ trick, negative is worse than it.
     plot_quality_vs_bytes(rows, os.path.join(config.out_dir, "quality_vs_bytes.png"),
                           title=f"test quality vs total bytes ({epochs})")
     print(text)
+
+
+def _failures(records: Sequence[RunRecord]) -> str:
+    failed = sorted({(r.dataset, r.method, r.compression, r.error) for r in records if r.error})
+    if not failed:
+        return ""
+    lines = [f"- {d}, {m} at {c:g}x: {e}" for d, m, c, e in failed]
+    return "\nMethods that could not be fitted at a budget (not trained, not in the tables):\n\n" + "\n".join(lines) + "\n"
 
 
 def _methods(rows: Sequence[Dict[str, Any]]) -> List[str]:
