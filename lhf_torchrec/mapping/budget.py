@@ -17,6 +17,11 @@ from lhf_torchrec.mapping.profile import IdProfile
 
 WEIGHT_BYTES = 4  # fp32 table weights
 
+# With min_count="auto", ids seen fewer times than this are never clustered: the embedding a short
+# training run gives them is mostly the noise of their few updates, and clustering them on it
+# packs them into a few large rows, worse than hashing them (docs/results.md, synthetic data at 4x).
+MIN_RELIABLE_COUNT = 5
+
 # Optimizer state per row, in floats, as a function of the embedding dim (FBGEMM's fused optimizers).
 OPTIMIZER_STATE_FLOATS = {
     "sgd": lambda dim: 0,
@@ -105,14 +110,16 @@ def plan_budget(
     optimizer: str = "sgd",
     table: str = "table",
     mapping_share: float = 0.25,
+    min_reliable_count: int = MIN_RELIABLE_COUNT,
     **hyperparams,
 ) -> BudgetPlan:
     """The largest table (rows M) of ``method`` whose weights, optimizer state and mapping fit in
     ``total_bytes``, with its hot / clustered / hashed split. ``hyperparams`` go to the estimator.
 
     ``min_count="auto"`` (learned methods) lets the budget choose which ids are clustered: the
-    smallest access count whose ids' entries take at most ``mapping_share`` of the budget; rarer
-    ids are hashed. The resolved value is in ``plan.hyperparams``.
+    smallest access count, at least ``min_reliable_count``, whose ids' entries take at most
+    ``mapping_share`` of the budget; rarer ids are hashed. The resolved value is in
+    ``plan.hyperparams``.
 
     Example::
 
@@ -125,7 +132,10 @@ def plan_budget(
     if hyperparams.get("min_count") == "auto":
         if not 0 < mapping_share <= 1:
             raise ValueError(f"table '{table}': mapping_share must be in (0, 1], got {mapping_share}")
-        hyperparams["min_count"] = _auto_min_count(profile, prefix_cost, mapping_share * total_bytes)
+        if min_reliable_count < 1:
+            raise ValueError(f"table '{table}': min_reliable_count must be >= 1, got {min_reliable_count}")
+        fits = _auto_min_count(profile, prefix_cost, mapping_share * total_bytes)
+        hyperparams["min_count"] = max(fits, int(min_reliable_count))
 
     def plan_for(num_rows: int) -> BudgetPlan:
         split = make_estimator(method, num_rows, **hyperparams).split(profile, table)

@@ -264,7 +264,7 @@ class CombinedLearnedHashing(LearnedClustering):
         self,
         num_rows: int,
         *,
-        hot_fraction: Union[float, str] = 0.25,
+        hot_fraction: Union[float, str] = 0.5,
         hashed_fraction: Union[float, str] = 0.1,
         min_count: int = 5,
         n_iter: int = 20,

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from lhf_torchrec.mapping import IdEmbeddings, fit_mapping, plan_budget, row_bytes
+from lhf_torchrec.mapping.budget import MIN_RELIABLE_COUNT
 
 
 @pytest.mark.parametrize("method", ["hash", "frequency", "double_hash", "learned", "combination"])
@@ -53,7 +54,7 @@ def test_budget_and_num_rows_are_exclusive(zipf_profile):
 def test_auto_min_count_keeps_the_mapping_within_its_share(method, zipf_profile):
     budget = zipf_profile.num_ids * row_bytes(16) // 10
     plan = plan_budget(zipf_profile, embedding_dim=16, total_bytes=budget, method=method, min_count="auto",
-                       mapping_share=0.25)
+                       mapping_share=0.25, min_reliable_count=1)
     chosen = plan.hyperparams["min_count"]
     assert chosen > 1  # storing every id would not fit
     assert plan.mapping_bytes <= 0.25 * budget or method == "combination" and plan.split.num_hot >= plan.split.num_entries
@@ -61,8 +62,23 @@ def test_auto_min_count_keeps_the_mapping_within_its_share(method, zipf_profile)
     assert looser.mapping_bytes > 0.25 * budget  # the smallest threshold that fits was chosen
     embeddings = IdEmbeddings(zipf_profile.ids, torch.randn(zipf_profile.num_ids, 4))
     mapping = fit_mapping(zipf_profile, method=method, total_bytes=budget, embedding_dim=16, embeddings=embeddings,
-                          min_count="auto", mapping_share=0.25)
+                          min_count="auto", mapping_share=0.25, min_reliable_count=1)
     assert mapping.params["min_count"] == chosen and mapping.nbytes == plan.mapping_bytes
+
+
+def test_auto_min_count_never_clusters_rarely_seen_ids(zipf_profile):
+    roomy = zipf_profile.num_ids * row_bytes(16)  # every id's entry would fit
+    unfloored = plan_budget(zipf_profile, embedding_dim=16, total_bytes=roomy, method="combination",
+                            min_count="auto", hot_fraction=0.05, min_reliable_count=1)
+    assert unfloored.hyperparams["min_count"] == 1
+    plan = plan_budget(zipf_profile, embedding_dim=16, total_bytes=roomy, method="combination", min_count="auto",
+                       hot_fraction=0.05)
+    assert plan.hyperparams["min_count"] == MIN_RELIABLE_COUNT
+    well_observed = int((zipf_profile.counts >= MIN_RELIABLE_COUNT).sum())
+    assert plan.split.num_hot < well_observed < zipf_profile.num_ids
+    assert plan.split.num_entries == well_observed  # rarer ids have no entry: they are hashed
+    with pytest.raises(ValueError, match="min_reliable_count must be >= 1, got 0"):
+        plan_budget(zipf_profile, embedding_dim=16, total_bytes=roomy, min_count="auto", min_reliable_count=0)
 
 
 def test_auto_min_count_needs_a_budget(zipf_profile):
