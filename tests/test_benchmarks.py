@@ -23,3 +23,14 @@ def test_quality_benchmark_quick_mode_runs_every_method(tmp_path):
     assert max(totals) < 0.2 * records[0]["full_bytes"]
     assert (tmp_path / "quality_vs_bytes.png").stat().st_size > 10_000
     assert "Where combination wins and loses" in (tmp_path / "results.md").read_text()
+
+
+def test_embedding_signal_benchmark_quick_mode_measures_every_method(tmp_path):
+    out_file = tmp_path / "embedding_signal.md"
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "embedding_signal.py"), "--quick",
+                          "--out", str(out_file)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = out_file.read_text()
+    for method in ("hash", "frequency", "learned", "combination"):
+        assert text.count(f"| {method} |") == 6  # 3 budgets x (groups, effects)
+    assert "| 10x | hash | 1 | 1 | 1 | 1 |" in text  # effects are relative to the hashing trick

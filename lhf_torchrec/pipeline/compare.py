@@ -206,35 +206,48 @@ def format_table(rows: Sequence[Dict[str, Any]]) -> str:
 
 
 def plot_quality_vs_bytes(rows: Sequence[Dict[str, Any]], path: str, title: str = "") -> None:
-    """Test logloss and AUC against total bytes, one marker per method (written atomically)."""
+    """Test logloss and AUC against total bytes: a row of two panels per dataset, each method in the
+    same colour and marker in every panel, one legend (written atomically)."""
     import matplotlib
     import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     datasets = sorted({r["dataset"] for r in rows})
-    for ax, metric, label in ((axes[0], "logloss", "test logloss (lower is better)"), (axes[1], "auc", "test AUC")):
-        for dataset in datasets:
-            for method in sorted({r["method"] for r in rows if r["dataset"] == dataset}):
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    colors = plt.get_cmap("tab20").colors
+    markers = "os^vD<>phX*"
+    style = {m: (colors[i % len(colors)], markers[i % len(markers)]) for i, m in enumerate(methods)}
+    fig, axes = plt.subplots(len(datasets), 2, figsize=(12, 3.6 * len(datasets)), squeeze=False)
+    for row, dataset in enumerate(datasets):
+        for ax, metric, label in ((axes[row][0], "logloss", "test logloss (lower is better)"),
+                                  (axes[row][1], "auc", "test AUC (higher is better)")):
+            for method in methods:
                 pts = sorted((r["total_mb"], r[metric], r[f"{metric}_std"]) for r in rows
                              if r["dataset"] == dataset and r["method"] == method)
-                name = method if len(datasets) == 1 else f"{dataset}: {method}"
-                ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts],
-                            marker="o", capsize=3, label=name, linestyle="-" if len(pts) > 1 else "none")
-        ax.set_xscale("log")
-        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        ax.set_xlabel("total bytes: tables + optimizer state + mappings (MB)")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=8)
+                if not pts:
+                    continue
+                color, marker = style[method]
+                ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], color=color,
+                            marker=marker, capsize=3, label=method, linestyle="-" if len(pts) > 1 else "none")
+            ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            ax.set_xlabel("total bytes: tables + optimizer state + mappings (MB)")
+            ax.set_ylabel(label)
+            ax.set_title(dataset)
+            ax.grid(alpha=0.3)
+    handles = {}
+    for ax in axes.flat:
+        for handle, name in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(name, handle)
+    fig.legend(handles.values(), handles.keys(), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
     with atomic_write(path) as f:
-        fig.savefig(f, dpi=110, format="png")
+        fig.savefig(f, dpi=110, format="png", bbox_inches="tight")
     plt.close(fig)
 
 
