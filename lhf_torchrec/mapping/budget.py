@@ -19,8 +19,9 @@ WEIGHT_BYTES = 4  # fp32 table weights
 
 # With min_count="auto", ids seen fewer times than this are never clustered: the embedding a short
 # training run gives them is mostly the noise of their few updates, and clustering them on it
-# packs them into a few large rows, worse than hashing them (docs/results.md, synthetic data at 4x).
-MIN_RELIABLE_COUNT = 5
+# packs them into a few large rows, worse than hashing them (docs/results.md: the variants with
+# every id and with ids from 5 accesses clustered).
+MIN_RELIABLE_COUNT = 10
 
 # Optimizer state per row, in floats, as a function of the embedding dim (FBGEMM's fused optimizers).
 OPTIMIZER_STATE_FLOATS = {

@@ -69,10 +69,10 @@ def test_auto_min_count_keeps_the_mapping_within_its_share(method, zipf_profile)
 def test_auto_min_count_never_clusters_rarely_seen_ids(zipf_profile):
     roomy = zipf_profile.num_ids * row_bytes(16)  # every id's entry would fit
     unfloored = plan_budget(zipf_profile, embedding_dim=16, total_bytes=roomy, method="combination",
-                            min_count="auto", hot_fraction=0.05, min_reliable_count=1)
+                            min_count="auto", hot_fraction=0.02, min_reliable_count=1)
     assert unfloored.hyperparams["min_count"] == 1
     plan = plan_budget(zipf_profile, embedding_dim=16, total_bytes=roomy, method="combination", min_count="auto",
-                       hot_fraction=0.05)
+                       hot_fraction=0.02)
     assert plan.hyperparams["min_count"] == MIN_RELIABLE_COUNT
     well_observed = int((zipf_profile.counts >= MIN_RELIABLE_COUNT).sum())
     assert plan.split.num_hot < well_observed < zipf_profile.num_ids
