@@ -111,7 +111,7 @@ def main() -> None:
             spread_row = dict(groups_row)
             for table in largest:
                 profile, f = profiles[table.name], feature_index[table.name]
-                mapped = fitted.mappings[table.name](torch.from_numpy(profile.ids)).numpy()
+                mapped = fitted.compression.mappings[table.name](torch.from_numpy(profile.ids)).numpy()
                 groups_row[table.name] = same_group_rate(mapped, truth.groups[f][profile.ids]) * truth.num_groups[f]
                 value = effect_spread(mapped, truth.id_effects[f][profile.ids], profile.counts)
                 hashed.setdefault(table.name, value)  # "hash" comes first in METHODS

@@ -30,7 +30,7 @@ def _quiet_torchrec() -> None:
 
 
 def _add_plan_parser(subparsers: argparse._SubParsersAction) -> None:
-    from lhf_torchrec.distributed.planner import OPTIMIZERS
+    from lhf_torchrec.mapping.budget import OPTIMIZERS
     from lhf_torchrec.distributed.presets import PRESETS
 
     parser = subparsers.add_parser(
@@ -170,7 +170,7 @@ def _model_config(args: argparse.Namespace):
 
 
 def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    from lhf_torchrec.distributed.planner import OPTIMIZERS
+    from lhf_torchrec.mapping.budget import OPTIMIZERS
 
     group = parser.add_argument_group("training")
     group.add_argument("--batch-size", type=int, default=1024, help="per rank")
@@ -199,9 +199,9 @@ def _train_config(args: argparse.Namespace):
 
 
 def _methods() -> List[str]:
-    from lhf_torchrec.mapping import METHODS
+    from lhf_torchrec.pipeline.methods import mapping_method_names
 
-    return ["full", *sorted(METHODS)]
+    return mapping_method_names()
 
 
 # ------------------------------------------------------------------------------------------ profile
@@ -267,7 +267,7 @@ def _run_learn(args: argparse.Namespace) -> int:
 
 
 def _add_fit_parser(subparsers: argparse._SubParsersAction) -> None:
-    from lhf_torchrec.distributed.planner import OPTIMIZERS
+    from lhf_torchrec.mapping.budget import OPTIMIZERS
 
     parser = subparsers.add_parser("fit", help="fit mappings at a memory budget (mapping bytes counted)")
     parser.add_argument("--profiles", required=True, metavar="FILE", help="from lhf profile")
@@ -284,24 +284,26 @@ def _add_fit_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_fit(args: argparse.Namespace) -> int:
-    from lhf_torchrec.mapping import METHODS, save_mappings
+    from lhf_torchrec.mapping import save_mappings
+    from lhf_torchrec.mapping.tables import full_table_bytes
     from lhf_torchrec.pipeline.artifacts import load_embeddings, load_profiles, require_tables
-    from lhf_torchrec.pipeline.steps import fit_mappings, full_table_bytes
+    from lhf_torchrec.pipeline.methods import FitInputs, fit_method, get_method
 
     profiles, tables = load_profiles(args.profiles, args.embedding_dim)
     embeddings = None
-    if args.method in METHODS and METHODS[args.method].needs_embeddings:
+    if get_method(args.method).needs_embeddings:
         if not args.embeddings:
             raise ValueError(f"method '{args.method}' needs --embeddings (from lhf learn)")
         embeddings = load_embeddings(args.embeddings)
         require_tables(args.embeddings, embeddings, [t for t in profiles if profiles[t].num_ids])
-    fitted = fit_mappings(tables, profiles, args.method, compression=args.compression, optimizer=args.optimizer,
-                          embeddings=embeddings, seed=args.seed)
-    save_mappings(args.out, fitted.mappings)
+    fitted = fit_method(args.method, tables, profiles, FitInputs(embeddings), compression=args.compression,
+                        optimizer=args.optimizer, seed=args.seed)
+    mappings = fitted.compression.mappings
+    save_mappings(args.out, mappings)
     full = full_table_bytes(tables, profiles, args.optimizer)
     print(f"{'table':<10} {'rows':>10} {'hot':>8} {'clustered':>10} {'hashed':>8} {'entries':>9} {'mapping':>11} storage")
     for t in tables:
-        m = fitted.mappings.get(t.name)
+        m = mappings.get(t.name)
         if m is None:
             print(f"{t.name:<10} {fitted.rows[t.name]:>10,} {'(full size, no mapping)':>50}")
             continue

@@ -20,8 +20,8 @@ from typing import List, Optional
 
 import torch.distributed as dist
 
-from lhf_torchrec.distributed.planner import OPTIMIZERS
-from lhf_torchrec.mapping import METHODS
+from lhf_torchrec.mapping.budget import OPTIMIZERS
+from lhf_torchrec.pipeline.methods import mapping_method_names
 from lhf_torchrec.pipeline.datasets import DatasetSpec
 from lhf_torchrec.pipeline.run import run_training
 from lhf_torchrec.training.model import ModelConfig
@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     compression = parser.add_argument_group("compression")
     mapping = compression.add_mutually_exclusive_group()
     mapping.add_argument("--mappings", metavar="FILE", help="fitted mappings from `lhf fit`")
-    mapping.add_argument("--method", choices=["full", *sorted(METHODS)], default="full",
+    mapping.add_argument("--method", choices=mapping_method_names(), default="full",
                          help="fit this mapping method on the training split before training (default: full tables)")
     compression.add_argument("--compression", type=float, default=10.0,
                              help="with --method: full bytes / (table + mapping bytes)")

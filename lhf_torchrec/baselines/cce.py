@@ -37,7 +37,6 @@ coefficient rows (80 bytes per column); ``k = floor((budget - pointers - hashes)
 """
 
 import logging
-import re
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -45,24 +44,21 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec import EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
 from torchrec.modules.embedding_configs import PoolingType
 
-from lhf_torchrec.baselines.budget import BaselineFit, account, table_budgets
-from lhf_torchrec.baselines.composed import (
-    ComposedEmbeddingBagCollection,
-    EmbeddingRemap,
-    ShardedComposedEBC,
-    split_per_key,
-)
-from lhf_torchrec.baselines.compression import BaselineCompression
+from lhf_torchrec.baselines.budget import account
+from lhf_torchrec.distributed.sharder import ShardedRemappedEBC
+from lhf_torchrec.modules.remapped_ebc import EmbeddingRemap, RemappedEmbeddingBagCollection, split_per_key
 from lhf_torchrec.mapping.budget import row_bytes
 from lhf_torchrec.mapping.hashing import hash_coefficients, hash_with_coefficients
 from lhf_torchrec.mapping.id_mapping import IdMapping
 from lhf_torchrec.mapping.kmeans import cluster, cluster_centers
 from lhf_torchrec.mapping.methods import ranked_ids
 from lhf_torchrec.mapping.profile import IdProfile
+from lhf_torchrec.mapping.tables import table_budgets
+from lhf_torchrec.training.compression import FittedTables, RemapCompression
+from lhf_torchrec.training.trainer import Trainer
 
 logger = logging.getLogger(__name__)
 
@@ -198,7 +194,7 @@ class CCERemap(EmbeddingRemap):
                 for i in range(p.columns)]
 
     def preprocess(self, features: KeyedJaggedTensor, stride: Optional[int] = None) -> Tuple[KeyedJaggedTensor, None]:
-        self._check_input(features)
+        self.check_plain_features(features)
         keys: List[str] = []
         values: List[torch.Tensor] = []
         lengths: List[torch.Tensor] = []
@@ -281,7 +277,7 @@ def fit_cce(
     pointer_share: float = 0.25,
     rounds: int = 3,
     n_iter: int = 20,
-) -> BaselineFit:
+) -> FittedTables:
     """CCE for every table at ``1 / compression`` of its full bytes (see the module doc).
 
     The fit sizes the tables and picks the ids with pointers; the clustering happens in training,
@@ -330,13 +326,10 @@ def fit_cce(
 
 
 @dataclass
-class CCECompression(BaselineCompression):
-    """CCE as a :class:`~lhf_torchrec.training.compression.Compression` with a training callback.
-
-    The trainer calls :meth:`callback_steps` once it knows the steps per epoch and
-    :meth:`on_callback` on every rank after each of those steps, with the pipeline drained (see the
-    Trainer change this needs, in the package doc of :mod:`lhf_torchrec.baselines`).
-    """
+class CCECompression(RemapCompression):
+    """CCE as a :class:`~lhf_torchrec.training.compression.Compression` with a training callback:
+    the trainer calls :meth:`on_callback` on every rank after each of :meth:`callback_steps`, with
+    the pipeline drained."""
 
     rounds: int = 3
     n_iter: int = 20
@@ -345,9 +338,9 @@ class CCECompression(BaselineCompression):
         """The global steps after which to cluster: ``rounds`` evenly spaced in the first epoch."""
         return sorted({max(1, round(j * steps_per_epoch / (self.rounds + 1))) for j in range(1, self.rounds + 1)})
 
-    def on_callback(self, trainer) -> None:
+    def on_callback(self, trainer: Trainer) -> None:
         """One clustering round of the trainer's CCE module (all ranks call it together)."""
-        remap = _live_remap(trainer.model)
+        remap = live_remap(trainer.model)
         weights = trainer.table_weights()
         payload: List[Optional[Dict[str, Any]]] = [None]
         if trainer.runtime.is_main:
@@ -358,53 +351,15 @@ class CCECompression(BaselineCompression):
         state = payload[0]
         assert state is not None
         remap.load_round(state)
-        write_tables(trainer.model, state["weights"])
-        reset_optimizer_state(trainer.model, set(state["weights"]))
+        trainer.write_table_weights(state["weights"])
+        trainer.reset_table_optimizer_state(sorted(state["weights"]))
         logger.info("CCE clustering round %d at step %d", int(remap.rounds_done), trainer.step)
 
 
-def _live_remap(model: nn.Module) -> CCERemap:
-    found = [m.remap for m in model.modules()
-             if isinstance(m, (ShardedComposedEBC, ComposedEmbeddingBagCollection)) and isinstance(m.remap, CCERemap)]
+def live_remap(model: nn.Module) -> CCERemap:
+    """The CCE remap inside a (sharded) model."""
+    found = [m.remapper for m in model.modules()
+             if isinstance(m, (ShardedRemappedEBC, RemappedEmbeddingBagCollection)) and isinstance(m.remapper, CCERemap)]
     if len(found) != 1:
         raise RuntimeError(f"expected one CCE module in the model, found {len(found)}")
     return found[0]
-
-
-_TABLE_WEIGHT = re.compile(r"embedding_bags\.([^.]+)\.weight$")
-
-
-@torch.no_grad()
-def write_tables(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> None:
-    """Copies full tables into the model's (sharded) tables, each rank its own shards."""
-    written = set()
-    for key, value in model.state_dict().items():
-        match = _TABLE_WEIGHT.search(key)
-        if not match or match.group(1) not in weights:
-            continue
-        full = weights[match.group(1)]
-        if isinstance(value, ShardedTensor):
-            for shard in value.local_shards():
-                (r0, c0), (rows, cols) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
-                shard.tensor.copy_(full[r0:r0 + rows, c0:c0 + cols])
-        else:
-            value.copy_(full)
-        written.add(match.group(1))
-    missing = sorted(set(weights) - written)
-    if missing:
-        raise RuntimeError(f"tables {missing} are not in the model")
-
-
-@torch.no_grad()
-def reset_optimizer_state(model: nn.Module, tables: set) -> None:
-    """Zeros the fused table optimizer's state (e.g. row-wise Adagrad's sums) of ``tables``."""
-    optimizer = getattr(model, "fused_optimizer", None)
-    if optimizer is None:
-        return
-    for param_state in optimizer.state_dict()["state"].values():
-        for name, value in param_state.items():
-            if name.split(".")[0] not in tables or not isinstance(value, (torch.Tensor, ShardedTensor)):
-                continue
-            for tensor in ([s.tensor for s in value.local_shards()] if isinstance(value, ShardedTensor) else [value]):
-                tensor.zero_()
-

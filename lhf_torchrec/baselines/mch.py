@@ -18,7 +18,7 @@ Here the MCH is *profiled, then frozen*:
    frozen remap equals TorchRec's module's ``remap`` on every id, and that the pooled output equals
    TorchRec's ``ManagedCollisionEmbeddingBagCollection`` in eval mode with the same weights.
 3. **Train**: the remap runs replicated in ``input_dist`` in front of a stock EBC of ``zch`` rows
-   (:class:`~lhf_torchrec.baselines.composed.ShardedComposedEBC`), instead of TorchRec's row-wise
+   (:class:`~lhf_torchrec.distributed.sharder.ShardedRemappedEBC`), instead of TorchRec's row-wise
    co-sharded MC-EBC (whose sharder offers no sharding type on CPU, and whose per-shard modules
    would have to be profiled after sharding): any sharding type of the EBC works, and every rank
    holds the same remap because every rank profiles the same full stream.
@@ -42,13 +42,14 @@ from torchrec.modules.mc_modules import (
     MCHManagedCollisionModule,
 )
 
-from lhf_torchrec.baselines.budget import BaselineFit, account, table_budgets
-from lhf_torchrec.baselines.composed import EmbeddingRemap, split_per_key
-from lhf_torchrec.baselines.compression import BaselineCompression
+from lhf_torchrec.baselines.budget import account
+from lhf_torchrec.modules.remapped_ebc import EmbeddingRemap, split_per_key
 from lhf_torchrec.data.source import CTRSource
 from lhf_torchrec.mapping.budget import row_bytes
 from lhf_torchrec.mapping.id_mapping import IdMapping
 from lhf_torchrec.mapping.profile import IdProfile
+from lhf_torchrec.mapping.tables import table_budgets
+from lhf_torchrec.training.compression import FittedTables, RemapCompression
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +123,7 @@ class MCHRemap(EmbeddingRemap):
         return [config]
 
     def preprocess(self, features: KeyedJaggedTensor, stride: Optional[int] = None) -> Tuple[KeyedJaggedTensor, None]:
-        self._check_input(features)
+        self.check_plain_features(features)
         values = []
         for key, ids, _ in split_per_key(features):
             table = self.feature_to_table[key]
@@ -177,7 +178,7 @@ def fit_mch(
     batch_size: int = 1024,
     eviction_policy: str = "lfu",
     eviction_interval: int = 1,
-) -> BaselineFit:
+) -> FittedTables:
     """TorchRec's MCH for every table at ``1 / compression`` of its full bytes (see the module doc).
 
     ``train`` is profiled in data order in batches of ``batch_size``: the global training batch
@@ -196,4 +197,4 @@ def fit_mch(
                           eviction_interval=eviction_interval)
     settings = {"eviction_policy": eviction_policy, "eviction_interval": eviction_interval, "batch_size": batch_size}
     remap = MCHRemap(tables, {name: FrozenMCH.of(m) for name, m in modules.items()}, vocabularies, settings)
-    return account(BaselineCompression(remap), optimizer, budgets)
+    return account(RemapCompression(remap), optimizer, budgets)

@@ -36,13 +36,14 @@ import torch
 from torchrec import EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
 from torchrec.modules.embedding_configs import PoolingType
 
-from lhf_torchrec.baselines.budget import BaselineFit, account, table_budgets
-from lhf_torchrec.baselines.composed import EmbeddingRemap, split_per_key
-from lhf_torchrec.baselines.compression import BaselineCompression
+from lhf_torchrec.baselines.budget import account
+from lhf_torchrec.modules.remapped_ebc import EmbeddingRemap, split_per_key
 from lhf_torchrec.mapping.budget import row_bytes
 from lhf_torchrec.mapping.hashing import MERSENNE_31, hash_ids
 from lhf_torchrec.mapping.id_mapping import IdMapping
 from lhf_torchrec.mapping.profile import IdProfile
+from lhf_torchrec.mapping.tables import table_budgets
+from lhf_torchrec.training.compression import FittedTables, RemapCompression
 
 QUOTIENT_INIT = (0.5, 1.5)
 _MAX_BUCKETS = MERSENNE_31 - 1
@@ -149,7 +150,7 @@ class QRRemap(EmbeddingRemap):
     def preprocess(
         self, features: KeyedJaggedTensor, stride: Optional[int] = None
     ) -> Tuple[KeyedJaggedTensor, "PerIdBags"]:
-        self._check_input(features)
+        self.check_plain_features(features)
         per_key = list(split_per_key(features))
         needed = self.inner_stride(features)
         if stride is not None and stride < needed:
@@ -229,7 +230,7 @@ def fit_qr(
     compression: float,
     optimizer: str = "sgd",
     seed: int = 0,
-) -> BaselineFit:
+) -> FittedTables:
     """QR embeddings for every table at ``1 / compression`` of its full bytes (see the module doc).
 
     Example::
@@ -246,4 +247,4 @@ def fit_qr(
             splits[name] = qr_split(budget_rows, budget.config.num_embeddings if budget.dense_ids else None)
         except ValueError as e:
             raise ValueError(f"table '{name}': {e} ({budget.budget_bytes} bytes)") from None
-    return account(BaselineCompression(QRRemap(tables, splits, vocabularies, seed=seed)), optimizer, budgets)
+    return account(RemapCompression(QRRemap(tables, splits, vocabularies, seed=seed)), optimizer, budgets)

@@ -1,4 +1,5 @@
-"""Distributed pieces: the sharder of the learned-hash EBC and the planner's view of its memory."""
+"""Distributed pieces: the sharder of the remapped EBC (the learned hash's and every other method's)
+and the planner's view of the mapping memory."""
 
 from lhf_torchrec.distributed.planner import (
     InsufficientMemoryError,
@@ -10,7 +11,7 @@ from lhf_torchrec.distributed.planner import (
     plan_report,
     synthetic_mappings,
 )
-from lhf_torchrec.distributed.sharder import LearnedHashEBCSharder, ShardedLearnedHashEBC
+from lhf_torchrec.distributed.sharder import LearnedHashEBCSharder, RemappedEBCSharder, ShardedRemappedEBC
 
 __all__ = [
     "InsufficientMemoryError",
@@ -20,7 +21,8 @@ __all__ = [
     "PlanMemory",
     "PlanReport",
     "RankMemory",
-    "ShardedLearnedHashEBC",
+    "RemappedEBCSharder",
+    "ShardedRemappedEBC",
     "plan_report",
     "synthetic_mappings",
 ]

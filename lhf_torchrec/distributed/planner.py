@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence, Type, Union
 
 import torch
-import torchrec.optim as trec_optim
 from torch import nn
 from torchrec import EmbeddingBagConfig
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
@@ -55,21 +54,13 @@ from torchrec.distributed.types import ModuleSharder, ShardingPlan
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
 from lhf_torchrec.distributed.sharder import LearnedHashEBCSharder
-from lhf_torchrec.mapping.budget import row_bytes
+from lhf_torchrec.mapping.budget import OPTIMIZERS, row_bytes
 from lhf_torchrec.mapping.id_mapping import IdMapping, storage_cost
 from lhf_torchrec.modules.learned_hash_ebc import LearnedHashEmbeddingBagCollection
 
 logger = logging.getLogger(__name__)
 
 GB = 1024**3  # the planner's unit (bytes_to_gb)
-
-# The optimizer class the planner reads from each table's weight (``_optimizer_classes``).
-OPTIMIZERS: Dict[str, Type[torch.optim.Optimizer]] = {
-    "sgd": torch.optim.SGD,
-    "rowwise_adagrad": trec_optim.RowWiseAdagrad,
-    "adagrad": torch.optim.Adagrad,
-    "adam": torch.optim.Adam,
-}
 
 # The default proposers make ~200 proposals, each partitioned over every device: fine up to a few
 # hundred ranks, minutes at 1024. Above this size, one proposal per sharding type.
@@ -602,7 +593,7 @@ def _planning_model(
     tables: Sequence[EmbeddingBagConfig], mappings: Mapping[str, IdMapping], optimizer: str
 ) -> LearnedHashEmbeddingBagCollection:
     model = LearnedHashEmbeddingBagCollection(list(tables), mappings, device=torch.device("meta"))
-    apply_optimizer_in_backward(OPTIMIZERS[optimizer], model.ebc.parameters(), {"lr": 0.01})
+    apply_optimizer_in_backward(OPTIMIZERS[optimizer].cls, model.ebc.parameters(), {"lr": 0.01})
     return model
 
 

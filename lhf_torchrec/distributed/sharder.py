@@ -1,14 +1,17 @@
-"""Sharding the learned-hash EBC with TorchRec: the remap runs inside ``input_dist``.
+"""Sharding a remapped EBC with TorchRec: the remap runs inside ``input_dist``.
 
-``LearnedHashEBCSharder`` turns a :class:`LearnedHashEmbeddingBagCollection` into a
-:class:`ShardedLearnedHashEBC`. The mappings stay replicated on every rank (they are small next to
-the tables they replace, and replicated remapping needs no extra communication); the inner EBC is
-sharded by TorchRec's stock ``EmbeddingBagCollectionSharder`` with any sharding type and kernel it
-supports. Remapping happens at the start of ``input_dist``, before the KJT all-to-all, so
-``TrainPipelineSparseDist`` overlaps it with the previous batch like any input distribution.
+:class:`RemappedEBCSharder` turns a :class:`RemappedEmbeddingBagCollection` (any method's remap)
+into a :class:`ShardedRemappedEBC`; :class:`LearnedHashEBCSharder` does the same for the learned
+hash's :class:`LearnedHashEmbeddingBagCollection` (DMP picks sharders by exact module type). The
+remap stays replicated on every rank (it is small next to the tables it replaces, and replicated
+remapping needs no extra communication); the inner EBC is sharded by TorchRec's stock
+``EmbeddingBagCollectionSharder`` with any sharding type and kernel it supports. Remapping happens
+at the start of ``input_dist``, before the KJT all-to-all, so ``TrainPipelineSparseDist`` overlaps
+it with the previous batch like any input distribution; ``postprocess`` runs when the pooled
+output is awaited.
 
-The mappings must be the same function on every rank, else the same id would reach different rows
-depending on which rank read it. DMP does not synchronize buffers, so the sharder compares mapping
+The remap must be the same function on every rank, else the same id would reach different rows
+depending on which rank read it. DMP does not synchronize buffers, so the sharder compares remap
 fingerprints across ranks when it shards, and raises if any rank differs.
 
 Checkpointing with ``torch.distributed.checkpoint`` (DCP). ``dmp.state_dict()`` holds the tables
@@ -31,6 +34,7 @@ so a mismatch of the second kind would go unnoticed.
 """
 
 import logging
+from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Type
 
 import torch
@@ -45,6 +49,7 @@ from torchrec.distributed.embeddingbag import (
 from torchrec.distributed.types import (
     Awaitable,
     LazyAwaitable,
+    Multistreamable,
     ParameterSharding,
     QuantizedCommCodecs,
     ShardingEnv,
@@ -53,7 +58,8 @@ from torchrec.distributed.types import (
 from torchrec.distributed.utils import append_prefix
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from lhf_torchrec.modules.learned_hash_ebc import IdRemapper, LearnedHashEmbeddingBagCollection
+from lhf_torchrec.modules.learned_hash_ebc import LearnedHashEmbeddingBagCollection
+from lhf_torchrec.modules.remapped_ebc import EmbeddingRemap, RemappedEmbeddingBagCollection
 
 logger = logging.getLogger(__name__)
 
@@ -84,14 +90,39 @@ def check_identical_across_ranks(fingerprints: Dict[str, str], env: ShardingEnv,
         )
 
 
-class ShardedLearnedHashEBC(
-    ShardedEmbeddingModule[KJTList, List[torch.Tensor], KeyedTensor, EmbeddingBagCollectionContext]
+@dataclass
+class RemappedEBCContext(EmbeddingBagCollectionContext):
+    """The stock EBC's context plus what ``postprocess`` needs about the batch."""
+
+    batch: Optional[Multistreamable] = None
+
+    def record_stream(self, stream: torch.Stream) -> None:
+        super().record_stream(stream)
+        if self.batch is not None:
+            self.batch.record_stream(stream)
+
+
+class _Postprocessed(LazyAwaitable[KeyedTensor]):
+    def __init__(self, pooled: LazyAwaitable[KeyedTensor], remapper: EmbeddingRemap,
+                 batch: Optional[Multistreamable]) -> None:
+        super().__init__()
+        self._pooled = pooled
+        self._remapper = remapper
+        self._batch = batch
+
+    def _wait_impl(self) -> KeyedTensor:
+        return self._remapper.postprocess(LazyAwaitable._wait_async(self._pooled), self._batch)
+
+
+class ShardedRemappedEBC(
+    ShardedEmbeddingModule[KJTList, List[torch.Tensor], KeyedTensor, RemappedEBCContext]
 ):
-    """The sharded twin of :class:`LearnedHashEmbeddingBagCollection` (replicated remap, sharded tables)."""
+    """The sharded twin of :class:`RemappedEmbeddingBagCollection` and its subclasses (replicated
+    remap, sharded tables)."""
 
     def __init__(
         self,
-        module: LearnedHashEmbeddingBagCollection,
+        module: RemappedEmbeddingBagCollection,
         params: Dict[str, ParameterSharding],
         env: ShardingEnv,
         device: torch.device,
@@ -99,58 +130,61 @@ class ShardedLearnedHashEBC(
         module_fqn: Optional[str] = None,
     ) -> None:
         super().__init__(qcomm_codecs_registry=ebc_sharder.qcomm_codecs_registry)
-        check_identical_across_ranks(
-            {name: m.fingerprint for name, m in module.remapper.mappings.items()}, env, "learned-hash mappings"
-        )
-        self.remapper: IdRemapper = module.remapper.to(device)
+        check_identical_across_ranks(module.remapper.fingerprint(), env, f"'{module.remapper.method}' remaps")
+        self._unsharded_type = type(module)
+        self.remapper: EmbeddingRemap = module.remapper.to(device)
+        self._device = device
+        self._env = env
         self.ebc: ShardedEmbeddingBagCollection = ebc_sharder.shard(
             module.ebc, params, env, device, module_fqn=append_prefix(module_fqn or "", "ebc")
         )
 
-    def create_context(self) -> EmbeddingBagCollectionContext:
-        return self.ebc.create_context()
+    def create_context(self) -> RemappedEBCContext:
+        return RemappedEBCContext()
 
-    def input_dist(
-        self, ctx: EmbeddingBagCollectionContext, features: KeyedJaggedTensor
-    ) -> Awaitable[Awaitable[KJTList]]:
+    def input_dist(self, ctx: RemappedEBCContext, features: KeyedJaggedTensor) -> Awaitable[Awaitable[KJTList]]:
         with torch.no_grad():
-            features = self.remapper(features)
-        return self.ebc.input_dist(ctx, features)
+            inner, ctx.batch = self.remapper.preprocess(features, self._common_stride(features))
+        return self.ebc.input_dist(ctx, inner)
 
-    def compute(self, ctx: EmbeddingBagCollectionContext, dist_input: KJTList) -> List[torch.Tensor]:
+    def _common_stride(self, features: KeyedJaggedTensor) -> Optional[int]:
+        """The largest :meth:`EmbeddingRemap.inner_stride` over the ranks: the backward of row-wise
+        output dists needs the same batch size on every rank (one small all-reduce per batch; every
+        rank reads the same number of batches)."""
+        stride = self.remapper.inner_stride(features)
+        if stride is None or self._env.world_size == 1 or not dist.is_initialized():
+            return stride
+        agreed = torch.tensor([stride], dtype=torch.int64, device=self._device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=self._env.process_group)
+        return int(agreed.item())
+
+    def compute(self, ctx: RemappedEBCContext, dist_input: KJTList) -> List[torch.Tensor]:
         return self.ebc.compute(ctx, dist_input)
 
-    def output_dist(
-        self, ctx: EmbeddingBagCollectionContext, output: List[torch.Tensor]
-    ) -> LazyAwaitable[KeyedTensor]:
-        return self.ebc.output_dist(ctx, output)
+    def output_dist(self, ctx: RemappedEBCContext, output: List[torch.Tensor]) -> LazyAwaitable[KeyedTensor]:
+        return _Postprocessed(self.ebc.output_dist(ctx, output), self.remapper, ctx.batch)
 
-    def compute_and_output_dist(
-        self, ctx: EmbeddingBagCollectionContext, input: KJTList
-    ) -> LazyAwaitable[KeyedTensor]:
-        return self.ebc.compute_and_output_dist(ctx, input)
+    def compute_and_output_dist(self, ctx: RemappedEBCContext, input: KJTList) -> LazyAwaitable[KeyedTensor]:
+        return _Postprocessed(self.ebc.compute_and_output_dist(ctx, input), self.remapper, ctx.batch)
 
     def sharded_parameter_names(self, prefix: str = "") -> Iterator[str]:
         # DDP must leave the sharded tables alone; the remap has buffers only.
         yield from self.ebc.sharded_parameter_names(append_prefix(prefix, "ebc"))
 
     @property
-    def unsharded_module_type(self) -> Type[LearnedHashEmbeddingBagCollection]:
-        return LearnedHashEmbeddingBagCollection
+    def unsharded_module_type(self) -> Type[RemappedEmbeddingBagCollection]:
+        return self._unsharded_type
 
 
-class WrappedEBCSharder(BaseEmbeddingSharder[nn.Module]):
-    """Shards a module that keeps its tables in a stock EBC (``module.ebc``) behind a replicated
-    preprocessing step, with TorchRec's EBC sharder underneath. Subclasses name the module type
-    and its sharded twin (``module_cls``, ``sharded_cls``, built as ``sharded_cls(module, params,
-    env, device, ebc_sharder, module_fqn)``).
+class RemappedEBCSharder(BaseEmbeddingSharder[nn.Module]):
+    """Shards :class:`RemappedEmbeddingBagCollection` (any method's remap, replicated) into a
+    :class:`ShardedRemappedEBC`, with TorchRec's EBC sharder underneath for the tables.
 
     Offers every sharding type the EBC sharder offers; on CPU it adds ``row_wise`` and
     ``table_row_wise``, which TorchRec's CPU planner leaves out although they run on CPU/gloo.
     """
 
-    module_cls: Type[nn.Module]
-    sharded_cls: Type[nn.Module]
+    module_cls: Type[RemappedEmbeddingBagCollection] = RemappedEmbeddingBagCollection
 
     def __init__(
         self,
@@ -183,16 +217,16 @@ class WrappedEBCSharder(BaseEmbeddingSharder[nn.Module]):
 
     def shard(
         self,
-        module: nn.Module,
+        module: RemappedEmbeddingBagCollection,
         params: Dict[str, ParameterSharding],
         env: ShardingEnv,
         device: Optional[torch.device] = None,
         module_fqn: Optional[str] = None,
     ) -> nn.Module:
-        return self.sharded_cls(module, params, env, device or torch.device("cpu"), self._ebc_sharder, module_fqn)
+        return ShardedRemappedEBC(module, params, env, device or torch.device("cpu"), self._ebc_sharder, module_fqn)
 
 
-class LearnedHashEBCSharder(WrappedEBCSharder):
+class LearnedHashEBCSharder(RemappedEBCSharder):
     """Shards :class:`LearnedHashEmbeddingBagCollection`: the remap replicated, the tables sharded
     by TorchRec's EBC sharder with any sharding type it supports (plus row-wise ones on CPU).
 
@@ -205,4 +239,3 @@ class LearnedHashEBCSharder(WrappedEBCSharder):
     """
 
     module_cls = LearnedHashEmbeddingBagCollection
-    sharded_cls = ShardedLearnedHashEBC

@@ -4,41 +4,68 @@ Every comparison between methods is made at equal total bytes, with the mapping 
 entry per id costs as much as a sixteenth of a dim-16 fp32 row, so a mapping that stored every id
 would cap compression. :func:`plan_budget` finds the largest number of rows M whose table plus
 mapping fits a budget, for any method, from the access profile alone.
+
+The learned methods cluster only ids seen at least ``min_count`` times (the estimator's default, 10).
+At a budget that number is a floor: the budget raises it until the clustered ids' entries take at
+most ``mapping_share`` of the bytes, so ``fit_mapping(..., num_rows=M)`` and a budget that gives M
+rows use the same threshold unless the budget needs a higher one (then ``plan.hyperparams`` says which).
 """
 
 from dataclasses import asdict, dataclass, field
-from typing import Dict
+from typing import Callable, Dict, Type
 
 import numpy as np
+import torch
+import torchrec.optim as trec_optim
 
 from lhf_torchrec.mapping.id_mapping import storage_cost
-from lhf_torchrec.mapping.methods import METHODS, ProfileLike, RowSplit, as_profile, make_estimator, ranked_ids
+from lhf_torchrec.mapping.methods import (
+    METHODS,
+    LearnedClustering,
+    ProfileLike,
+    RowSplit,
+    as_profile,
+    make_estimator,
+    ranked_ids,
+)
 from lhf_torchrec.mapping.profile import IdProfile
 
 WEIGHT_BYTES = 4  # fp32 table weights
 
-# With min_count="auto", ids seen fewer times than this are never clustered: the embedding a short
-# training run gives them is mostly the noise of their few updates, and clustering them on it
-# packs them into a few large rows, worse than hashing them (docs/results.md: the variants with
-# every id and with ids from 5 accesses clustered).
-MIN_RELIABLE_COUNT = 10
+# At a budget, at most this share of the bytes goes to the entries of the clustered ids.
+MAPPING_SHARE = 0.25
 
-# Optimizer state per row, in floats, as a function of the embedding dim (FBGEMM's fused optimizers).
-OPTIMIZER_STATE_FLOATS = {
-    "sgd": lambda dim: 0,
-    "rowwise_adagrad": lambda dim: 1,
-    "adagrad": lambda dim: dim,
-    "adam": lambda dim: 2 * dim,
+
+@dataclass(frozen=True)
+class TableOptimizer:
+    """A fused table optimizer: the class TorchRec's planner reads from each table's weight (set with
+    ``apply_optimizer_in_backward``) and its state per row, in floats, as a function of the dim."""
+
+    cls: Type[torch.optim.Optimizer]
+    state_floats: Callable[[int], int]
+
+
+OPTIMIZERS: Dict[str, TableOptimizer] = {
+    "sgd": TableOptimizer(torch.optim.SGD, lambda dim: 0),
+    "rowwise_adagrad": TableOptimizer(trec_optim.RowWiseAdagrad, lambda dim: 1),
+    "adagrad": TableOptimizer(torch.optim.Adagrad, lambda dim: dim),
+    "adam": TableOptimizer(torch.optim.Adam, lambda dim: 2 * dim),
 }
+
+
+def table_optimizer(name: str) -> TableOptimizer:
+    """The optimizer called ``name`` (clear error for unknown names)."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer '{name}'; choose one of {sorted(OPTIMIZERS)}")
+    return OPTIMIZERS[name]
 
 
 def row_bytes(embedding_dim: int, optimizer: str = "sgd") -> int:
     """Bytes one table row costs during training: fp32 weights plus the optimizer's state."""
-    if optimizer not in OPTIMIZER_STATE_FLOATS:
-        raise ValueError(f"unknown optimizer '{optimizer}'; choose one of {sorted(OPTIMIZER_STATE_FLOATS)}")
+    state_floats = table_optimizer(optimizer).state_floats
     if embedding_dim < 1:
         raise ValueError(f"embedding_dim must be >= 1, got {embedding_dim}")
-    return WEIGHT_BYTES * (embedding_dim + OPTIMIZER_STATE_FLOATS[optimizer](embedding_dim))
+    return WEIGHT_BYTES * (embedding_dim + state_floats(embedding_dim))
 
 
 @dataclass(frozen=True)
@@ -87,7 +114,7 @@ class _PrefixCost:
         return storage_cost(num_entries, span)
 
 
-def _auto_min_count(profile: IdProfile, prefix_cost: _PrefixCost, max_bytes: float) -> int:
+def _min_count_that_fits(profile: IdProfile, prefix_cost: _PrefixCost, max_bytes: float) -> int:
     """The smallest access count threshold whose well-observed ids fit in ``max_bytes`` of mapping."""
     thresholds = np.unique(profile.counts)
     ranked_counts = np.sort(profile.counts)[::-1]
@@ -110,17 +137,15 @@ def plan_budget(
     method: str = "combination",
     optimizer: str = "sgd",
     table: str = "table",
-    mapping_share: float = 0.25,
-    min_reliable_count: int = MIN_RELIABLE_COUNT,
+    mapping_share: float = MAPPING_SHARE,
     **hyperparams,
 ) -> BudgetPlan:
     """The largest table (rows M) of ``method`` whose weights, optimizer state and mapping fit in
     ``total_bytes``, with its hot / clustered / hashed split. ``hyperparams`` go to the estimator.
 
-    ``min_count="auto"`` (learned methods) lets the budget choose which ids are clustered: the
-    smallest access count, at least ``min_reliable_count``, whose ids' entries take at most
-    ``mapping_share`` of the budget; rarer ids are hashed. The resolved value is in
-    ``plan.hyperparams``.
+    Learned methods: ``min_count`` (the estimator's, default 10) is a floor; the budget raises it to
+    the smallest access count whose ids' entries take at most ``mapping_share`` of the budget, and
+    rarer ids are hashed. The value used is in ``plan.hyperparams``.
 
     Example::
 
@@ -130,13 +155,12 @@ def plan_budget(
     profile = as_profile(data, table)
     per_row = row_bytes(embedding_dim, optimizer)
     prefix_cost = _PrefixCost(profile)
-    if hyperparams.get("min_count") == "auto":
-        if not 0 < mapping_share <= 1:
-            raise ValueError(f"table '{table}': mapping_share must be in (0, 1], got {mapping_share}")
-        if min_reliable_count < 1:
-            raise ValueError(f"table '{table}': min_reliable_count must be >= 1, got {min_reliable_count}")
-        fits = _auto_min_count(profile, prefix_cost, mapping_share * total_bytes)
-        hyperparams["min_count"] = max(fits, int(min_reliable_count))
+    if not 0 < mapping_share <= 1:
+        raise ValueError(f"table '{table}': mapping_share must be in (0, 1], got {mapping_share}")
+    floor = make_estimator(method, 1, **hyperparams)
+    if isinstance(floor, LearnedClustering):
+        fits = _min_count_that_fits(profile, prefix_cost, mapping_share * total_bytes)
+        hyperparams["min_count"] = max(fits, floor.min_count)
 
     def plan_for(num_rows: int) -> BudgetPlan:
         split = make_estimator(method, num_rows, **hyperparams).split(profile, table)

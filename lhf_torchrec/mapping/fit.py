@@ -2,7 +2,7 @@
 
 from typing import Optional
 
-from lhf_torchrec.mapping.budget import plan_budget
+from lhf_torchrec.mapping.budget import MAPPING_SHARE, plan_budget
 from lhf_torchrec.mapping.embeddings import EmbeddingsLike
 from lhf_torchrec.mapping.id_mapping import IdMapping
 from lhf_torchrec.mapping.methods import METHODS, ProfileLike, as_profile, make_estimator
@@ -19,13 +19,17 @@ def fit_mapping(
     embedding_dim: Optional[int] = None,
     optimizer: str = "sgd",
     table: str = "table",
+    mapping_share: float = MAPPING_SHARE,
     **hyperparams,
 ) -> IdMapping:
     """Fits one table's mapping with ``method`` (see :mod:`lhf_torchrec.mapping.methods`).
 
     ``data`` is an :class:`IdProfile` or an array/tensor of raw id accesses. Give either
     ``num_rows`` or a budget (``total_bytes`` and ``embedding_dim``): then the number of rows is the
-    largest whose table, optimizer state and mapping fit (:func:`plan_budget`). ``embeddings`` (raw
+    largest whose table, optimizer state and mapping fit (:func:`plan_budget`, which may raise the
+learned methods' ``min_count`` so that their entries fit in ``mapping_share`` of the budget).
+``hyperparams`` go to the estimator (see :mod:`lhf_torchrec.mapping.methods` for their
+defaults). ``embeddings`` (raw
     id -> vector, see :mod:`lhf_torchrec.mapping.embeddings`) are required by ``learned`` and
     ``combination``.
 
@@ -49,10 +53,8 @@ def fit_mapping(
             raise ValueError(f"table '{table}': a total_bytes budget needs data to profile")
         plan = plan_budget(
             profile, embedding_dim=embedding_dim, total_bytes=total_bytes, method=method,
-            optimizer=optimizer, table=table, **hyperparams,
+            optimizer=optimizer, table=table, mapping_share=mapping_share, **hyperparams,
         )
         num_rows, hyperparams = plan.num_rows, plan.hyperparams
-    elif hyperparams.get("min_count") == "auto":
-        raise ValueError(f"table '{table}': min_count='auto' is chosen by a budget; give total_bytes")
     estimator = make_estimator(method, num_rows, seed=seed, **hyperparams)
     return estimator.fit(profile, embeddings, table=table).mapping_

@@ -38,6 +38,12 @@ logger = logging.getLogger(__name__)
 
 ProfileLike = Union[IdProfile, IdArray]
 
+# The learned methods cluster only ids seen at least this often: the embedding a short training run
+# gives a rarer id is mostly the noise of its few updates, and clustering on it packs such ids into
+# a few large rows, worse than hashing them (docs/results.md: the variants with every id and with
+# ids from 5 accesses clustered). At a budget this is a floor (see mapping/budget.py).
+MIN_COUNT = 10
+
 
 def as_profile(data: ProfileLike, table: str) -> IdProfile:
     """An :class:`IdProfile` of ``data`` (a profile, or an array of accesses), never empty."""
@@ -210,9 +216,11 @@ class LearnedClustering(MappingEstimator):
     method = "learned"
     needs_embeddings = True
 
-    def __init__(self, num_rows: int, *, min_count: int = 1, n_iter: int = 20, seed: int = 0) -> None:
+    def __init__(self, num_rows: int, *, min_count: int = MIN_COUNT, n_iter: int = 20, seed: int = 0) -> None:
         super().__init__(num_rows, seed=seed)
-        self.min_count = min_count
+        if isinstance(min_count, bool) or not isinstance(min_count, (int, np.integer)) or min_count < 1:
+            raise ValueError(f"min_count must be an integer >= 1, got {min_count!r}")
+        self.min_count = int(min_count)
         self.n_iter = n_iter
 
     def split(self, profile: IdProfile, table: str = "table") -> RowSplit:
@@ -266,7 +274,7 @@ class CombinedLearnedHashing(LearnedClustering):
         *,
         hot_fraction: Union[float, str] = 0.5,
         hashed_fraction: Union[float, str] = 0.1,
-        min_count: int = 5,
+        min_count: int = MIN_COUNT,
         n_iter: int = 20,
         seed: int = 0,
     ) -> None:

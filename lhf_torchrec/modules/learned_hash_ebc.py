@@ -1,45 +1,64 @@
 """``LearnedHashEmbeddingBagCollection``: an EmbeddingBagCollection behind learned id mappings.
 
-The module is the unsharded reference: an :class:`IdRemapper` (one :class:`IdMapping` per table,
-its tensors are buffers) rewrites the values of the incoming ``KeyedJaggedTensor`` from raw ids to
-rows, and a stock ``EmbeddingBagCollection`` holding the *compressed* tables pools them. Because the
-inner module is a stock EBC, TorchRec shards it with its own sharder and FBGEMM's table-batched
-kernels do the lookups (see :mod:`lhf_torchrec.distributed`).
+The module is a :class:`~lhf_torchrec.modules.remapped_ebc.RemappedEmbeddingBagCollection` whose
+remap is an :class:`IdRemapper` (one :class:`IdMapping` per table, its tensors are buffers): it
+rewrites the values of the incoming ``KeyedJaggedTensor`` from raw ids to rows, and a stock
+``EmbeddingBagCollection`` holding the *compressed* tables pools them. Because the inner module is
+a stock EBC, TorchRec shards it with its own sharder and FBGEMM's table-batched kernels do the
+lookups (see :mod:`lhf_torchrec.distributed`).
 """
 
 import dataclasses
-from typing import Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
-from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
+from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
 from torchrec.modules.embedding_configs import PoolingType
 
 from lhf_torchrec.mapping.id_mapping import IdMapping
+from lhf_torchrec.modules.remapped_ebc import EmbeddingRemap, RemappedEmbeddingBagCollection
 
 
-class IdRemapper(nn.Module):
-    """Rewrites KJT values from raw ids to compressed rows, table by table.
+class IdRemapper(EmbeddingRemap):
+    """The learned hash's remap: rewrites KJT values from raw ids to compressed rows, table by table.
 
     Features whose table has no mapping pass through unchanged. Weights are kept (repeated for the
-    second row of a double-hashed id).
+    second row of a double-hashed id). Raises ``ValueError`` as :func:`compressed_configs` does.
     """
 
-    def __init__(self, feature_to_table: Mapping[str, str], mappings: Mapping[str, IdMapping]) -> None:
-        super().__init__()
+    method = "learned_hash"
+
+    def __init__(self, tables: Sequence[EmbeddingBagConfig], mappings: Mapping[str, IdMapping]) -> None:
+        super().__init__(tables, {})
+        self._compressed = {t.name: t for t in compressed_configs(list(tables), mappings)}
         self.mappings = nn.ModuleDict(dict(mappings))
-        self._feature_to_table = dict(feature_to_table)
-        self._mapped = {f for f, t in self._feature_to_table.items() if t in self.mappings}
+        self._mapped = {f for f, t in self.feature_to_table.items() if t in self.mappings}
         self._lengths_change = any(m.probes > 1 for m in self.mappings.values())
 
+    @property
+    def compressed_tables(self) -> List[str]:
+        return sorted(self.mappings)
+
+    def tables_of(self, table: str) -> List[EmbeddingBagConfig]:
+        return [self._compressed[table]]
+
+    def config(self) -> Dict[str, Any]:
+        return {name: m.params for name, m in sorted(self.mappings.items())}
+
+    def state_bytes(self, table: str) -> int:
+        return self.mappings[table].nbytes if table in self.mappings else 0
+
+    def fingerprint(self) -> Dict[str, str]:
+        return {name: m.fingerprint for name, m in sorted(self.mappings.items())}
+
+    def preprocess(self, features: KeyedJaggedTensor, stride: Optional[int] = None) -> Tuple[KeyedJaggedTensor, None]:
+        return self(features), None
+
     def forward(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        self.check_features(features)
         keys = features.keys()
-        unknown = [k for k in keys if k not in self._feature_to_table]
-        if unknown:
-            raise KeyError(f"features {unknown} are not in this module (it has {sorted(self._feature_to_table)})")
         values = features.values()
-        if values.dtype.is_floating_point or values.dtype == torch.bool:
-            raise TypeError(f"KJT values must be integer ids, got dtype {values.dtype} (features {keys})")
         if not self._mapped.intersection(keys):
             return features
         weights = features.weights_or_none()
@@ -47,7 +66,7 @@ class IdRemapper(nn.Module):
         if not self._lengths_change:
             remapped: List[torch.Tensor] = []
             for key, segment in zip(keys, per_key_values):
-                table = self._feature_to_table[key]
+                table = self.feature_to_table[key]
                 remapped.append(self.mappings[table](segment) if table in self.mappings else segment)
             return KeyedJaggedTensor(
                 keys=keys,
@@ -63,7 +82,7 @@ class IdRemapper(nn.Module):
         per_key_weights = weights.split(features.length_per_key()) if weights is not None else [None] * len(keys)
         out_values, out_lengths, out_weights = [], [], []
         for key, segment, lengths, w in zip(keys, per_key_values, per_key_lengths, per_key_weights):
-            table = self._feature_to_table[key]
+            table = self.feature_to_table[key]
             if table in self.mappings:
                 segment, lengths, w = self.mappings[table].remap_jagged(segment, lengths, w)
             out_values.append(segment)
@@ -120,7 +139,7 @@ def compressed_configs(
     return out
 
 
-class LearnedHashEmbeddingBagCollection(nn.Module):
+class LearnedHashEmbeddingBagCollection(RemappedEmbeddingBagCollection):
     """Drop-in replacement for an ``EmbeddingBagCollection`` whose tables are compressed by mappings.
 
     Args:
@@ -144,29 +163,8 @@ class LearnedHashEmbeddingBagCollection(nn.Module):
         device: Optional[torch.device] = None,
         is_weighted: bool = False,
     ) -> None:
-        super().__init__()
-        self._full_configs = list(tables)
-        small = compressed_configs(self._full_configs, mappings)
-        feature_to_table = {f: t.name for t in tables for f in t.feature_names}
-        mapping_device = None if device is None or torch.device(device).type == "meta" else device
-        self.remapper = IdRemapper(
-            feature_to_table, {name: m.to(mapping_device) if mapping_device else m for name, m in mappings.items()}
-        )
-        self.ebc = EmbeddingBagCollection(tables=small, device=device, is_weighted=is_weighted)
+        super().__init__(IdRemapper(tables, mappings), device=device, is_weighted=is_weighted)
 
     @property
     def mappings(self) -> Dict[str, IdMapping]:
         return dict(self.remapper.mappings.items())
-
-    def full_embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
-        """The configs of the original, uncompressed tables."""
-        return list(self._full_configs)
-
-    def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
-        return self.ebc.embedding_bag_configs()
-
-    def is_weighted(self) -> bool:
-        return self.ebc.is_weighted()
-
-    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        return self.ebc(self.remapper(features))

@@ -271,8 +271,7 @@ def quantize_learned_hash_ebc(
 
     folded_tables = set(folded_nbytes)
     in_front = {name: copy.deepcopy(m) for name, m in mappings.items() if name not in folded_tables}
-    feature_to_table = {f: t.name for t in module.full_embedding_bag_configs() for f in t.feature_names}
-    remapper = IdRemapper(feature_to_table, in_front) if in_front else None
+    remapper = IdRemapper(module.full_embedding_bag_configs(), in_front) if in_front else None
     redirect = OutOfRangeRedirect(feature_names, folded).to(qebc.device) if folded else None
     return QuantLearnedHashEmbeddingBagCollection(
         remapper, redirect, qebc, folded_nbytes, module.full_embedding_bag_configs()

@@ -1,4 +1,8 @@
-"""``apply_learned_hashing``: put learned-hash EBCs into an existing TorchRec model, in place.
+"""Put remapped EBCs into an existing TorchRec model, in place.
+
+``apply_learned_hashing`` (the learned hash: mappings by table name, any number of EBCs) and
+``apply_remap`` (any :class:`EmbeddingRemap`, for the one EBC that has exactly its tables) share
+the walk over the model and the device rules.
 
 Every ``EmbeddingBagCollection`` of the model that holds a table named in ``mappings`` becomes a
 :class:`LearnedHashEmbeddingBagCollection` with the same tables, features, device and
@@ -11,6 +15,7 @@ may do things the wrapper would drop. A subclass holding a mapped table is there
 than a silent skip (its tables would stay full size and unsharded).
 """
 
+import copy
 import logging
 from typing import Dict, List, Mapping, Optional, Tuple, Union
 
@@ -20,6 +25,7 @@ from torchrec import EmbeddingBagCollection
 
 from lhf_torchrec.mapping.id_mapping import IdMapping
 from lhf_torchrec.modules.learned_hash_ebc import LearnedHashEmbeddingBagCollection, compressed_configs
+from lhf_torchrec.modules.remapped_ebc import EmbeddingRemap, RemappedEmbeddingBagCollection
 
 logger = logging.getLogger(__name__)
 
@@ -32,12 +38,12 @@ def _ebc_device(ebc: EmbeddingBagCollection) -> torch.device:
 
 
 def _find_collections(model: nn.Module) -> Tuple[List[Tuple[str, nn.Module]], List[Tuple[str, nn.Module]]]:
-    """(EBCs and EBC subclasses, learned-hash EBCs) of ``model`` by module path; does not enter either."""
+    """(EBCs and EBC subclasses, remapped EBCs) of ``model`` by module path; does not enter either."""
     ebcs: List[Tuple[str, nn.Module]] = []
     swapped: List[Tuple[str, nn.Module]] = []
 
     def visit(path: str, module: nn.Module) -> None:
-        if isinstance(module, LearnedHashEmbeddingBagCollection):
+        if isinstance(module, RemappedEmbeddingBagCollection):
             swapped.append((path, module))
             return
         if isinstance(module, EmbeddingBagCollection):
@@ -92,7 +98,7 @@ def apply_learned_hashing(
         if already:
             raise ValueError(
                 f"tables {already} of module '{path or '<root>'}' are already compressed by a "
-                "LearnedHashEmbeddingBagCollection; apply_learned_hashing swaps plain EBCs only"
+                f"{type(module).__name__}; apply_learned_hashing swaps plain EBCs only"
             )
     unknown = sorted(set(mappings) - set(owners))
     if unknown:
@@ -127,10 +133,43 @@ def apply_learned_hashing(
         new = _learned_hash_twin(ebc, own, device)
         if not path:
             return new
-        parent_path, _, name = path.rpartition(".")
-        setattr(model.get_submodule(parent_path), name, new)
+        _replace(model, path, new)
         logger.info("swapped %s for a LearnedHashEmbeddingBagCollection (tables %s)", path, sorted(own))
     return model
+
+
+def apply_remap(model: nn.Module, remapper: EmbeddingRemap) -> nn.Module:
+    """Replaces the model's ``EmbeddingBagCollection`` that has exactly ``remapper``'s tables with a
+    :class:`RemappedEmbeddingBagCollection` around a *copy* of ``remapper`` (one fitted remap can
+    build several models that all start from the fitted state); returns the model (or the new
+    module when ``model`` is that EBC itself)."""
+    wanted = sorted(remapper.configs)
+    ebcs, _ = _find_collections(model)
+    found = [(p, m) for p, m in ebcs if type(m) is EmbeddingBagCollection]
+    matching = [(p, m) for p, m in found if sorted(c.name for c in m.embedding_bag_configs()) == wanted]
+    if len(matching) != 1:
+        raise ValueError(
+            f"'{remapper.method}' was fitted for tables {wanted}; the model must have exactly one "
+            f"EmbeddingBagCollection with exactly these tables, it has {len(matching)} "
+            f"(EBCs at {[p or '<root>' for p, _ in found]})"
+        )
+    path, ebc = matching[0]
+    if ebc.is_weighted():
+        raise NotImplementedError(f"'{remapper.method}' does not support weighted EmbeddingBagCollections")
+    if [c.embedding_dim for c in ebc.embedding_bag_configs()] != [c.embedding_dim for c in remapper.full_configs]:
+        raise ValueError(f"the EBC at '{path or '<root>'}' has other embedding dims than '{remapper.method}' was "
+                         "fitted for")
+    new = RemappedEmbeddingBagCollection(copy.deepcopy(remapper), device=_ebc_device(ebc))
+    if not path:
+        return new
+    _replace(model, path, new)
+    logger.info("swapped %s for a '%s' RemappedEmbeddingBagCollection", path, remapper.method)
+    return model
+
+
+def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent_path), name, new)
 
 
 def _learned_hash_twin(

@@ -2,9 +2,8 @@
 
 For every seed: profile the training split, learn low-dimensional embeddings once (only when a
 learned method is compared; its time is charged to the learned methods), then for every
-compression ratio and method fit the mappings (or, for the baselines of
-:mod:`lhf_torchrec.baselines`, the baseline) at that budget, train the same DLRM with the same
-data, optimizer and epochs, and evaluate on the test split.
+compression ratio and method fit the method (:mod:`lhf_torchrec.pipeline.methods`) at that
+budget, train the same DLRM with the same data, optimizer and epochs, and evaluate on the test split.
 """
 
 import dataclasses
@@ -15,20 +14,14 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
-from lhf_torchrec.baselines import BASELINES, fit_baseline
 from lhf_torchrec.files import atomic_write
-from lhf_torchrec.mapping.methods import METHODS
+from lhf_torchrec.mapping.tables import full_table_bytes
 from lhf_torchrec.pipeline.datasets import SplitData
-from lhf_torchrec.pipeline.steps import (
-    fit_mappings,
-    full_table_bytes,
-    learn_embeddings,
-    profile_tables,
-    warm_start_rows,
-)
+from lhf_torchrec.pipeline.methods import FitInputs, fit_method, get_method
+from lhf_torchrec.pipeline.steps import learn_embeddings, profile_tables, warm_start_rows
+from lhf_torchrec.training.compression import LearnedHashing
 from lhf_torchrec.training.model import ModelConfig
 from lhf_torchrec.training.runtime import Runtime, init_runtime
-from lhf_torchrec.training.compression import LearnedHashing
 from lhf_torchrec.training.trainer import TrainConfig, Trainer
 
 logger = logging.getLogger(__name__)
@@ -92,9 +85,9 @@ def compare_methods(
     logloss (best of N epochs), otherwise of the last epoch.
     """
     specs = [_spec(m) for m in methods]
-    unknown = [s.method for s in specs if s.method != "full" and s.method not in METHODS and s.method not in BASELINES]
-    if unknown:
-        raise ValueError(f"unknown methods {unknown}; choose from full, {', '.join(sorted([*METHODS, *BASELINES]))}")
+    for s in specs:  # unknown names fail here, before any training
+        if not get_method(s.method).maps_ids and s.warm_start:
+            raise ValueError(f"{s.label}: warm start needs a method that maps ids to rows, not '{s.method}'")
     runtime = runtime or init_runtime()
     profiles = profile_tables(data.train, data.tables)
     full_bytes = full_table_bytes(data.tables, profiles, train_config.optimizer)
@@ -113,26 +106,22 @@ def compare_methods(
         runs = [(s, 1.0) for s in specs if s.method == "full"]
         runs += [(s, c) for c in compressions for s in specs if s.method != "full"]
         for spec, compression in runs:
-            needs_embeddings = spec.warm_start or (spec.method in METHODS and METHODS[spec.method].needs_embeddings)
+            needs_embeddings = spec.warm_start or get_method(spec.method).needs_embeddings
             embeddings, learn_seconds = (
                 embeddings_at(model_config.embedding_dim if spec.warm_start else learn_dim)
                 if needs_embeddings else (None, 0.0)
             )
             start = time.perf_counter()
             try:
-                if spec.method in BASELINES:
-                    fitted = fit_baseline(spec.method, data.tables, profiles, data.train, compression=compression,
-                                          optimizer=train_config.optimizer, seed=seed,
-                                          batch_size=config.batch_size * runtime.world_size, **dict(spec.hyperparams))
-                    tables_compression = fitted.compression
-                else:
-                    fitted = fit_mappings(data.tables, profiles, spec.method, compression=compression,
-                                          optimizer=train_config.optimizer, embeddings=embeddings, seed=seed,
-                                          **dict(spec.hyperparams))
-                    initial = ({name: warm_start_rows(m, profiles[name], embeddings[name], seed)
-                                for name, m in fitted.mappings.items() if name in embeddings}
-                               if spec.warm_start else None)
-                    tables_compression = LearnedHashing(fitted.mappings, initial)
+                inputs = FitInputs(embeddings, data.train, config.batch_size * runtime.world_size)
+                fitted = fit_method(spec.method, data.tables, profiles, inputs, compression=compression,
+                                    optimizer=train_config.optimizer, seed=seed, **dict(spec.hyperparams))
+                tables_compression = fitted.compression
+                if spec.warm_start:
+                    mappings = tables_compression.mappings
+                    tables_compression = LearnedHashing(mappings, {
+                        name: warm_start_rows(m, profiles[name], embeddings[name], seed)
+                        for name, m in mappings.items() if name in embeddings})
             except ValueError as e:  # the method cannot represent some table at this budget
                 logger.warning("%s %s %gx seed %d does not fit: %s", data.name, spec.label, compression, seed, e)
                 records.append(RunRecord(data.name, spec.label, compression, seed, 0, 0, 0, full_bytes, 0.0, 0.0, 0,

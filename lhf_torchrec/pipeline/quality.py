@@ -44,8 +44,8 @@ QUALITY_METHODS: Tuple[Any, ...] = (
     "combination",
     # Ideas for combination, measured one by one (see docs/results.md). The first three undo one of
     # its defaults each: no id seen fewer than 10 times is clustered, and half the rows are hot.
-    MethodSpec("combination, rare ids clustered", "combination", {"min_reliable_count": 1}),
-    MethodSpec("combination, clustered from 5 accesses", "combination", {"min_reliable_count": 5}),
+    MethodSpec("combination, rare ids clustered", "combination", {"min_count": 1}),
+    MethodSpec("combination, clustered from 5 accesses", "combination", {"min_count": 5}),
     MethodSpec("combination, 25% hot", "combination", {"hot_fraction": 0.25}),
     MethodSpec("combination, auto split", "combination", {"hot_fraction": "auto", "hashed_fraction": "auto"}),
     MethodSpec("combination, warm start", "combination", warm_start=True),

@@ -13,8 +13,8 @@ from typing import Any, Dict, Optional
 from lhf_torchrec.files import atomic_write
 from lhf_torchrec.mapping.id_mapping import load_mappings
 from lhf_torchrec.pipeline.datasets import DatasetSpec, load_split
-from lhf_torchrec.mapping.methods import METHODS
-from lhf_torchrec.pipeline.steps import fit_mappings, learn_embeddings, profile_tables
+from lhf_torchrec.pipeline.methods import FitInputs, fit_method, get_method
+from lhf_torchrec.pipeline.steps import learn_embeddings, profile_tables
 from lhf_torchrec.training.compression import LearnedHashing
 from lhf_torchrec.training.model import ModelConfig
 from lhf_torchrec.training.runtime import init_runtime
@@ -52,13 +52,15 @@ def run_training(
             raise ValueError(f"{mappings_path} maps tables {unknown}, which this dataset's model does not have "
                              f"(its tables: {names})")
     else:
+        if not get_method(method).maps_ids:
+            raise ValueError(f"method '{method}' is not a mapping method; train it with lhf bench quality")
         profiles = profile_tables(data.train, data.tables)
         embeddings = None
-        if method in METHODS and METHODS[method].needs_embeddings:
+        if get_method(method).needs_embeddings:
             embeddings = learn_embeddings(data.train, data.tables, profiles, dim=learn_dim,
                                           train_config=train_config, runtime=runtime)
-        mappings = fit_mappings(data.tables, profiles, method, compression=compression,
-                                optimizer=train_config.optimizer, embeddings=embeddings, seed=train_config.seed).mappings
+        mappings = fit_method(method, data.tables, profiles, FitInputs(embeddings), compression=compression,
+                              optimizer=train_config.optimizer, seed=train_config.seed).compression.mappings
     trainer = Trainer(model_config, train_config, data.tables, len(data.train.dense_names), LearnedHashing(mappings),
                       runtime)
     if evaluate_only:

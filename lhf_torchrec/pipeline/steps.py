@@ -1,17 +1,13 @@
 """The steps from data to compressed tables: profile, learn embeddings, fit mappings at a budget.
 
 Each step is a function over TorchRec table configs and a :class:`CTRSource`; the CLI (``lhf``)
-and the demo chain them, and :mod:`lhf_torchrec.pipeline.artifacts` stores what they produce.
-
-"Full table" means one row per id the model can be asked about: for a dense id space (ids in
-``[0, num_embeddings)``, all of them profiled or not) the table itself; for a sparse one (e.g. raw
-32-bit Criteo hashes, where ``num_embeddings`` is the size of the hash space) a *vocabulary*: every
-profiled id gets a row, and one extra row takes every id never seen.
+and the demo chain them (through the method registry, :mod:`lhf_torchrec.pipeline.methods`), and
+:mod:`lhf_torchrec.pipeline.artifacts` stores what they produce. Full tables, vocabularies and
+budgets follow :mod:`lhf_torchrec.mapping.tables`.
 """
 
 import dataclasses
 import logging
-from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional
 
 import torch
@@ -23,18 +19,13 @@ from lhf_torchrec.mapping.embeddings import IdEmbeddings, embeddings_of
 from lhf_torchrec.mapping.fit import fit_mapping
 from lhf_torchrec.mapping.id_mapping import IdMapping
 from lhf_torchrec.mapping.profile import FeatureProfiler, IdProfile, merge_profiles
+from lhf_torchrec.mapping.tables import full_rows, table_budgets, vocabulary_mappings
+from lhf_torchrec.training.compression import FittedTables, LearnedHashing
 from lhf_torchrec.training.model import ModelConfig
 from lhf_torchrec.training.runtime import Runtime
-from lhf_torchrec.training.compression import LearnedHashing
 from lhf_torchrec.training.trainer import TrainConfig, Trainer
 
 logger = logging.getLogger(__name__)
-
-# At a budget, the learned methods let the budget choose which ids are clustered (see plan_budget).
-BUDGET_DEFAULTS: Dict[str, Dict] = {"learned": {"min_count": "auto"}, "combination": {"min_count": "auto"}}
-# Tables smaller than this stay full size for every method: compressing a table of a few rows
-# saves nothing and only adds noise to comparisons.
-MIN_COMPRESSED_ROWS = 100
 
 
 def profile_tables(
@@ -49,31 +40,6 @@ def profile_tables(
     for t in tables:
         seen = [per_feature[f] for f in t.feature_names if f in per_feature]
         out[t.name] = merge_profiles(seen) if seen else IdProfile.empty(capacity)
-    return out
-
-
-def needs_vocabulary(profile: IdProfile, table: EmbeddingBagConfig) -> bool:
-    """True when the table's id space is too sparse to hold as a table (a vocabulary is smaller)."""
-    return profile.num_ids + 1 < table.num_embeddings or (
-        profile.num_ids > 0 and (profile.ids[0] < 0 or profile.ids[-1] >= table.num_embeddings)
-    )
-
-
-def full_rows(profile: IdProfile, table: EmbeddingBagConfig) -> int:
-    """Rows of the full (uncompressed) table: the table, or the vocabulary plus one unseen-id row."""
-    return profile.num_ids + 1 if needs_vocabulary(profile, table) else table.num_embeddings
-
-
-def vocabulary_mappings(
-    profiles: Mapping[str, IdProfile], tables: List[EmbeddingBagConfig], seed: int = 0
-) -> Dict[str, IdMapping]:
-    """The full-table baseline's mappings: a vocabulary for sparse id spaces, nothing for dense ones."""
-    out = {}
-    for t in tables:
-        profile = profiles[t.name]
-        if needs_vocabulary(profile, t) and profile.num_ids > 0:
-            out[t.name] = fit_mapping(profile, method="frequency", num_rows=profile.num_ids + 1,
-                                      hot_fraction=1.0, seed=seed, table=t.name)
     return out
 
 
@@ -130,21 +96,6 @@ def warm_start_rows(mapping: IdMapping, profile: IdProfile, embeddings: IdEmbedd
     return init
 
 
-@dataclass(frozen=True)
-class FittedTables:
-    """The mappings of one method and what every table costs (rows, bytes), full tables included."""
-
-    method: str
-    mappings: Dict[str, IdMapping]
-    rows: Dict[str, int]
-    table_bytes: int
-    mapping_bytes: int
-
-    @property
-    def total_bytes(self) -> int:
-        return self.table_bytes + self.mapping_bytes
-
-
 def fit_mappings(
     tables: List[EmbeddingBagConfig],
     profiles: Mapping[str, IdProfile],
@@ -156,58 +107,57 @@ def fit_mappings(
     seed: int = 0,
     **hyperparams,
 ) -> FittedTables:
-    """Fits ``method`` on every table at ``1 / compression`` of its full bytes, mapping counted.
+    """Fits mapping ``method`` on every table at ``1 / compression`` of its full bytes, mapping counted.
 
-    ``method="full"`` gives the uncompressed baseline (vocabularies where ids are sparse). Tables
-    with fewer than ``MIN_COMPRESSED_ROWS`` full rows stay full size for every method. Bytes count
-    the fp32 weights, the ``optimizer``'s state and the mappings.
+    Tables with fewer than ``MIN_COMPRESSED_ROWS`` full rows stay full size (behind a vocabulary
+    where ids are sparse). Bytes count the fp32 weights, the ``optimizer``'s state and the mappings.
+    ``hyperparams`` go to :func:`~lhf_torchrec.mapping.fit.fit_mapping` (the estimator's, and
+    ``mapping_share``).
     """
-    if compression < 1:
-        raise ValueError(f"compression must be >= 1, got {compression}")
-    mappings: Dict[str, IdMapping] = {}
-    rows: Dict[str, int] = {}
-    vocab = vocabulary_mappings(profiles, tables, seed)
-    for t in tables:
-        profile = profiles[t.name]
-        n_full = full_rows(profile, t)
-        per_row = row_bytes(t.embedding_dim, optimizer)
-        if method == "full" or n_full < MIN_COMPRESSED_ROWS or profile.num_ids == 0:
-            if t.name in vocab:
-                mappings[t.name] = vocab[t.name]
-            rows[t.name] = n_full
-            continue
-        mapping = fit_mapping(
-            profile,
+    budgets, mappings = table_budgets(tables, profiles, compression=compression, optimizer=optimizer, seed=seed)
+    for name, budget in budgets.items():
+        mappings[name] = fit_mapping(
+            budget.profile,
             method=method,
-            total_bytes=int(n_full * per_row / compression),
-            embedding_dim=t.embedding_dim,
+            total_bytes=budget.budget_bytes,
+            embedding_dim=budget.config.embedding_dim,
             optimizer=optimizer,
-            embeddings=(embeddings or {}).get(t.name),
+            embeddings=(embeddings or {}).get(name),
             seed=seed,
-            table=t.name,
-            **{**BUDGET_DEFAULTS.get(method, {}), **hyperparams},
+            table=name,
+            **hyperparams,
         )
-        mappings[t.name] = mapping
-        rows[t.name] = mapping.num_rows
-    by_name = {t.name: t for t in tables}
-    table_bytes = sum(rows[name] * row_bytes(by_name[name].embedding_dim, optimizer) for name in rows)
+    return _fitted(method, tables, profiles, mappings, optimizer, {n: b.budget_bytes for n, b in budgets.items()})
+
+
+def fit_full(
+    tables: List[EmbeddingBagConfig], profiles: Mapping[str, IdProfile], *, optimizer: str = "sgd", seed: int = 0
+) -> FittedTables:
+    """The uncompressed baseline: every table full size, behind a vocabulary where ids are sparse."""
+    return _fitted("full", tables, profiles, vocabulary_mappings(profiles, tables, seed), optimizer, {})
+
+
+def _fitted(
+    method: str,
+    tables: List[EmbeddingBagConfig],
+    profiles: Mapping[str, IdProfile],
+    mappings: Dict[str, IdMapping],
+    optimizer: str,
+    budgets: Dict[str, int],
+) -> FittedTables:
+    rows = {t.name: mappings[t.name].num_rows if t.name in budgets else full_rows(profiles[t.name], t) for t in tables}
+    per_table = {t.name: rows[t.name] * row_bytes(t.embedding_dim, optimizer)
+                 + (mappings[t.name].nbytes if t.name in mappings else 0) for t in tables}
+    table_bytes = sum(rows[t.name] * row_bytes(t.embedding_dim, optimizer) for t in tables)
     mapping_bytes = sum(m.nbytes for m in mappings.values())
-    return FittedTables(method, mappings, rows, int(table_bytes), int(mapping_bytes))
-
-
-def full_table_bytes(tables: List[EmbeddingBagConfig], profiles: Mapping[str, IdProfile], optimizer: str = "sgd") -> int:
-    """Bytes of the uncompressed tables (weights and optimizer state)."""
-    return int(sum(full_rows(profiles[t.name], t) * row_bytes(t.embedding_dim, optimizer) for t in tables))
+    return FittedTables(method, LearnedHashing(mappings), rows, int(table_bytes), int(mapping_bytes), budgets,
+                        per_table)
 
 
 __all__ = [
-    "FittedTables",
-    "MIN_COMPRESSED_ROWS",
+    "fit_full",
     "fit_mappings",
-    "full_rows",
-    "full_table_bytes",
     "learn_embeddings",
-    "needs_vocabulary",
     "profile_tables",
-    "vocabulary_mappings",
+    "warm_start_rows",
 ]

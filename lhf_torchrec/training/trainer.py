@@ -39,8 +39,14 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from tqdm.auto import tqdm
 
 from lhf_torchrec.data.source import CTRSource
-from lhf_torchrec.distributed.planner import OPTIMIZERS, LearnedHashPlanner
-from lhf_torchrec.training.compression import Compression
+from lhf_torchrec.distributed.planner import LearnedHashPlanner
+from lhf_torchrec.mapping.budget import OPTIMIZERS
+from lhf_torchrec.training.compression import (
+    TABLE_WEIGHT_KEY,
+    Compression,
+    reset_table_optimizer_state,
+    write_table_weights,
+)
 from lhf_torchrec.training.metrics import binary_metrics
 from lhf_torchrec.training.model import ModelConfig, build_dlrm
 from lhf_torchrec.training.runtime import Runtime, init_runtime
@@ -120,7 +126,7 @@ class Trainer:
         torch.manual_seed(train_config.seed)  # dense init: the same on every rank and every run
         unsharded = build_dlrm(model_config, self.tables, num_dense, compression, dense_device=self.runtime.device)
         apply_optimizer_in_backward(
-            OPTIMIZERS[train_config.optimizer], unsharded.model.sparse_arch.parameters(), {"lr": train_config.sparse_lr}
+            OPTIMIZERS[train_config.optimizer].cls, unsharded.model.sparse_arch.parameters(), {"lr": train_config.sparse_lr}
         )
         sharders = (compression.sharders() if compression is not None else []) + [EmbeddingBagCollectionSharder()]
         planner = LearnedHashPlanner(
@@ -138,7 +144,7 @@ class Trainer:
             lambda params: torch.optim.Adam(params, lr=train_config.dense_lr),
         )
         self.optimizer = CombinedOptimizer([self.model.fused_optimizer, dense])
-        if compression is not None and hasattr(compression, "initialize"):
+        if compression is not None:
             compression.initialize(self)
         self.pipeline = TrainPipelineSparseDist(self.model, self.optimizer, self.runtime.device)
         self.step = 0
@@ -154,8 +160,8 @@ class Trainer:
         if cfg.resume and cfg.checkpoint_dir:
             result.resumed_from_step = self.load_latest_checkpoint(cfg.checkpoint_dir)
         per_epoch = steps_per_epoch(len(train), cfg.batch_size, self.runtime.world_size)
-        schedule = getattr(self.compression, "callback_steps", None)
-        self._callback_steps = frozenset(schedule(per_epoch)) if schedule is not None else frozenset()
+        self._callback_steps = (frozenset(self.compression.callback_steps(per_epoch)) if self.compression is not None
+                                else frozenset())
         total = per_epoch * cfg.epochs if not cfg.max_steps else min(cfg.max_steps, per_epoch * cfg.epochs)
         bar = tqdm(total=total, initial=self.step, desc="train", unit="step",
                    disable=not (cfg.progress and self.runtime.is_main))
@@ -249,7 +255,7 @@ class Trainer:
         """Every table's full weight (rows x dim) on rank 0 (an empty dict elsewhere); all ranks must call."""
         out: Dict[str, torch.Tensor] = {}
         for key, value in self.model.state_dict().items():
-            match = re.search(r"embedding_bags\.([^.]+)\.weight$", key)
+            match = TABLE_WEIGHT_KEY.search(key)
             if not match:
                 continue
             if isinstance(value, ShardedTensor):
@@ -260,6 +266,15 @@ class Trainer:
             if self.runtime.is_main:
                 out[match.group(1)] = full
         return out
+
+    def write_table_weights(self, weights: Dict[str, torch.Tensor]) -> None:
+        """Writes full table weights (table name -> rows x dim, the same on every rank) into this
+        rank's shards; every rank must call."""
+        write_table_weights(self.model, weights)
+
+    def reset_table_optimizer_state(self, tables: List[str]) -> None:
+        """Zeros the fused optimizer's state of ``tables`` (e.g. after their weights were rewritten)."""
+        reset_table_optimizer_state(self.model, tables)
 
     # ------------------------------------------------------------------ checkpoints
     def _describe(self) -> Dict[str, Any]:

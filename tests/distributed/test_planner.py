@@ -14,9 +14,9 @@ from torchrec.distributed.planner.storage_reservations import HeuristicalStorage
 from torchrec.distributed.planner.types import HardwareConfig, KernelConfig, TopologyFactory, TrainerConfig
 
 from lhf_torchrec import fit_mapping
+from lhf_torchrec.mapping.budget import OPTIMIZERS
 from lhf_torchrec.distributed.planner import (
     GB,
-    OPTIMIZERS,
     format_bytes,
     InsufficientMemoryError,
     LearnedHashPlanner,
@@ -67,7 +67,7 @@ def _fitted_mappings(tables, ratio=10, seed=0):
 
 def _model(tables, mappings, optimizer="sgd"):
     model = LearnedHashEmbeddingBagCollection(tables, mappings, device=torch.device("meta"))
-    apply_optimizer_in_backward(OPTIMIZERS[optimizer], model.ebc.parameters(), {"lr": 0.01})
+    apply_optimizer_in_backward(OPTIMIZERS[optimizer].cls, model.ebc.parameters(), {"lr": 0.01})
     return model
 
 

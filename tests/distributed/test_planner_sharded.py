@@ -45,7 +45,7 @@ def _build_model():
     from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
     from lhf_torchrec import fit_mapping
-    from lhf_torchrec.distributed.planner import OPTIMIZERS
+    from lhf_torchrec.mapping.budget import OPTIMIZERS
     from lhf_torchrec.modules.learned_hash_ebc import LearnedHashEmbeddingBagCollection
 
     rng = np.random.default_rng(0)
@@ -60,7 +60,7 @@ def _build_model():
     }
     model = LearnedHashEmbeddingBagCollection(configs, mappings, device=torch.device("meta"))
     for name, _, _, optimizer, _, _ in TABLES:
-        apply_optimizer_in_backward(OPTIMIZERS[optimizer], [model.ebc.embedding_bags[name].weight], {"lr": 0.05})
+        apply_optimizer_in_backward(OPTIMIZERS[optimizer].cls, [model.ebc.embedding_bags[name].weight], {"lr": 0.05})
     return model
 
 

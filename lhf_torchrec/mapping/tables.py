@@ -1,0 +1,86 @@
+"""Table-level budget rules every method shares: full rows, vocabularies, which tables to compress.
+
+"Full table" means one row per id the model can be asked about: for a dense id space (ids in
+``[0, num_embeddings)``, all of them profiled or not) the table itself; for a sparse one (e.g. raw
+32-bit Criteo hashes, where ``num_embeddings`` is the size of the hash space) a *vocabulary*: every
+profiled id gets a row, and one extra row takes every id never seen.
+
+A compressed table's budget is its full rows x :func:`~lhf_torchrec.mapping.budget.row_bytes`
+(fp32 weights + the table optimizer's state) divided by the compression, whatever the method; tables
+with fewer than ``MIN_COMPRESSED_ROWS`` full rows (or no profiled id) stay full size for every method.
+"""
+
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Tuple
+
+from torchrec import EmbeddingBagConfig
+
+from lhf_torchrec.mapping.budget import row_bytes
+from lhf_torchrec.mapping.fit import fit_mapping
+from lhf_torchrec.mapping.id_mapping import IdMapping
+from lhf_torchrec.mapping.profile import IdProfile
+
+# Tables smaller than this stay full size for every method: compressing a table of a few rows
+# saves nothing and only adds noise to comparisons.
+MIN_COMPRESSED_ROWS = 100
+
+
+def needs_vocabulary(profile: IdProfile, table: EmbeddingBagConfig) -> bool:
+    """True when the table's id space is too sparse to hold as a table (a vocabulary is smaller)."""
+    return profile.num_ids + 1 < table.num_embeddings or (
+        profile.num_ids > 0 and (profile.ids[0] < 0 or profile.ids[-1] >= table.num_embeddings)
+    )
+
+
+def full_rows(profile: IdProfile, table: EmbeddingBagConfig) -> int:
+    """Rows of the full (uncompressed) table: the table, or the vocabulary plus one unseen-id row."""
+    return profile.num_ids + 1 if needs_vocabulary(profile, table) else table.num_embeddings
+
+
+def vocabulary_mappings(
+    profiles: Mapping[str, IdProfile], tables: List[EmbeddingBagConfig], seed: int = 0
+) -> Dict[str, IdMapping]:
+    """The full-table baseline's mappings: a vocabulary for sparse id spaces, nothing for dense ones."""
+    out = {}
+    for t in tables:
+        profile = profiles[t.name]
+        if needs_vocabulary(profile, t) and profile.num_ids > 0:
+            out[t.name] = fit_mapping(profile, method="frequency", num_rows=profile.num_ids + 1,
+                                      hot_fraction=1.0, seed=seed, table=t.name)
+    return out
+
+
+def full_table_bytes(tables: List[EmbeddingBagConfig], profiles: Mapping[str, IdProfile], optimizer: str = "sgd") -> int:
+    """Bytes of the uncompressed tables (weights and optimizer state)."""
+    return int(sum(full_rows(profiles[t.name], t) * row_bytes(t.embedding_dim, optimizer) for t in tables))
+
+
+@dataclass(frozen=True)
+class TableBudget:
+    """A table to compress: its profile, full size and budget (bytes, all state counted)."""
+
+    config: EmbeddingBagConfig
+    profile: IdProfile
+    full_rows: int
+    budget_bytes: int
+    dense_ids: bool  # ids are rows of the full table (no vocabulary needed)
+
+
+def table_budgets(
+    tables: List[EmbeddingBagConfig], profiles: Mapping[str, IdProfile], *, compression: float, optimizer: str,
+    seed: int = 0,
+) -> Tuple[Dict[str, TableBudget], Dict[str, IdMapping]]:
+    """(budgets of the tables to compress, vocabularies of the full-size tables that need one)."""
+    if compression < 1:
+        raise ValueError(f"compression must be >= 1, got {compression}")
+    vocabularies = vocabulary_mappings(profiles, tables, seed)
+    budgets: Dict[str, TableBudget] = {}
+    for t in tables:
+        profile = profiles[t.name]
+        n_full = full_rows(profile, t)
+        if n_full < MIN_COMPRESSED_ROWS or profile.num_ids == 0:
+            continue
+        vocabularies.pop(t.name, None)
+        budget = int(n_full * row_bytes(t.embedding_dim, optimizer) / compression)
+        budgets[t.name] = TableBudget(t, profile, n_full, budget, dense_ids=not needs_vocabulary(profile, t))
+    return budgets, vocabularies

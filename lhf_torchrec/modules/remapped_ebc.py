@@ -1,0 +1,191 @@
+"""The one compression module: a remap in front of a stock ``EmbeddingBagCollection``.
+
+Every compression method of this project is an :class:`EmbeddingRemap`: it turns the KJT of the
+full tables into the KJT of a stock EBC holding the method's (smaller) tables (``preprocess``), and
+turns that EBC's pooled output back into one embedding per original feature (``postprocess``,
+identity for most methods). The learned hash's :class:`~lhf_torchrec.modules.learned_hash_ebc.IdRemapper`
+is one; QR, MCH and CCE (:mod:`lhf_torchrec.baselines`) are others. The tables live in the stock
+EBC, so TorchRec shards them with its own sharder, FBGEMM's fused kernels look them up, and the
+fused table optimizer trains them.
+
+:class:`RemappedEmbeddingBagCollection` is the unsharded module (the reference for tests);
+:class:`~lhf_torchrec.distributed.sharder.RemappedEBCSharder` shards it, running ``preprocess`` at
+the start of ``input_dist`` (replicated, before the KJT all-to-all, so ``TrainPipelineSparseDist``
+overlaps it with the previous batch) and ``postprocess`` when the pooled output is awaited.
+
+Tables a method does not compress pass through, behind the vocabulary mapping the full-table
+baseline uses for sparse id spaces (see :func:`lhf_torchrec.mapping.tables.vocabulary_mappings`).
+"""
+
+import dataclasses
+import hashlib
+import json
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
+from torchrec.distributed.types import Multistreamable
+
+from lhf_torchrec.mapping.id_mapping import IdMapping
+
+
+class EmbeddingRemap(nn.Module):
+    """A method's KJT rewrite around the stock EBC that holds its tables (subclasses fill it in).
+
+    Args:
+        tables: the full-size table configs the method replaces.
+        vocabularies: raw id -> row mappings of the tables that stay full size and need a
+            vocabulary (sparse id spaces); other full tables take ids as rows.
+
+    Buffers hold all of its state, so it moves with ``.to`` and travels in ``state_dict``.
+    """
+
+    method: str = ""
+
+    def __init__(self, tables: Sequence[EmbeddingBagConfig], vocabularies: Mapping[str, IdMapping]) -> None:
+        super().__init__()
+        self.full_configs = list(tables)
+        self.feature_to_table = {f: t.name for t in tables for f in t.feature_names}
+        self.configs = {t.name: t for t in tables}
+        unknown = sorted(set(vocabularies) - set(self.configs))
+        if unknown:
+            raise ValueError(f"vocabularies given for tables {unknown}, which are not among {sorted(self.configs)}")
+        self.vocabularies = nn.ModuleDict(dict(vocabularies))
+
+    @property
+    def compressed_tables(self) -> List[str]:
+        """Names of the tables this method compresses (the others stay full size)."""
+        raise NotImplementedError
+
+    def tables_of(self, table: str) -> List[EmbeddingBagConfig]:
+        """Configs of the stock EBC's tables that stand for ``table``."""
+        raise NotImplementedError
+
+    def inner_configs(self) -> List[EmbeddingBagConfig]:
+        """Configs of the tables of the stock EBC (the compressed tables and the full ones)."""
+        return [inner for t in self.full_configs for inner in self.tables_of(t.name)]
+
+    def full_table_config(self, table: str) -> EmbeddingBagConfig:
+        """A table that stays full size: its vocabulary's rows, or the table's own."""
+        return dataclasses.replace(self.configs[table], num_embeddings=self.full_rows(table),
+                                   feature_names=list(self.configs[table].feature_names))
+
+    def inner_stride(self, features: KeyedJaggedTensor) -> Optional[int]:
+        """The batch size of the stock EBC's input when it is not the KJT's (the smallest that fits)."""
+        return None
+
+    def preprocess(
+        self, features: KeyedJaggedTensor, stride: Optional[int] = None
+    ) -> Tuple[KeyedJaggedTensor, Optional[Multistreamable]]:
+        """The stock EBC's input, and what ``postprocess`` needs to know about this batch.
+
+        ``stride``: the batch size of the EBC's input, at least :meth:`inner_stride` (the sharded
+        module makes it the same on every rank); ignored by remaps that keep the KJT's batch size.
+        """
+        raise NotImplementedError
+
+    def postprocess(self, pooled: KeyedTensor, batch: Optional[Multistreamable]) -> KeyedTensor:
+        """One embedding per original feature from the stock EBC's output (identity by default)."""
+        return pooled
+
+    def config(self) -> Dict[str, Any]:
+        """The hyper-parameters that define this remap with its buffers (JSON-serializable)."""
+        raise NotImplementedError
+
+    def state_bytes(self, table: str) -> int:
+        """Bytes of the remap state a compressed table keeps besides its tables (buffers)."""
+        raise NotImplementedError
+
+    def full_rows(self, table: str) -> int:
+        config = self.configs[table]
+        vocabulary = self.vocabularies[table] if table in self.vocabularies else None
+        return vocabulary.num_rows if vocabulary is not None else config.num_embeddings
+
+    def full_ids(self, table: str, ids: torch.Tensor) -> torch.Tensor:
+        """Rows of a full-size table: through its vocabulary, else the ids themselves."""
+        return self.vocabularies[table](ids) if table in self.vocabularies else ids
+
+    def fingerprint(self) -> Dict[str, str]:
+        """Table name -> what must be equal on every rank and in a checkpoint for the table: by
+        default the sha256 of the remap's config and of its buffers that concern the table."""
+        out = {}
+        for table in sorted(self.configs):
+            digest = hashlib.sha256(json.dumps({"method": self.method, "table": table, **self.config()},
+                                               sort_keys=True, default=str).encode())
+            for name, buffer in sorted(self.named_buffers()):
+                if _concerns(name, table):
+                    digest.update(name.encode())
+                    digest.update(buffer.detach().cpu().contiguous().numpy().tobytes())
+            out[table] = digest.hexdigest()
+        return out
+
+    def check_features(self, features: KeyedJaggedTensor) -> None:
+        """Raises for features this remap does not know and for non-integer ids."""
+        keys = features.keys()
+        unknown = [k for k in keys if k not in self.feature_to_table]
+        if unknown:
+            raise KeyError(f"features {unknown} are not in this module (it has {sorted(self.feature_to_table)})")
+        values = features.values()
+        if values.dtype.is_floating_point or values.dtype == torch.bool:
+            raise TypeError(f"KJT values must be integer ids, got dtype {values.dtype} (features {keys})")
+
+    def check_plain_features(self, features: KeyedJaggedTensor) -> None:
+        """:meth:`check_features`, and raises for weights and variable batch sizes (VBE), which
+        remaps that rebuild the KJT do not carry."""
+        self.check_features(features)
+        if features.weights_or_none() is not None:
+            raise NotImplementedError(f"'{self.method}' does not support weighted features")
+        if features.variable_stride_per_key():
+            raise NotImplementedError(f"'{self.method}' does not support variable batch sizes per feature (VBE)")
+
+
+def _concerns(buffer_name: str, table: str) -> bool:
+    """Buffers are named ``<kind>.<table>[.<...>]``: this one belongs to ``table``."""
+    parts = buffer_name.split(".")
+    return len(parts) > 1 and parts[1] == table
+
+
+class RemappedEmbeddingBagCollection(nn.Module):
+    """Drop-in replacement for an ``EmbeddingBagCollection``: ``remapper`` around a stock EBC.
+
+    Args:
+        remapper: the method's fitted :class:`EmbeddingRemap`.
+        device: device of the tables (``meta`` for deferred init under DMP); the remap never goes
+            to ``meta``, DMP would silently fill its buffers with zeros.
+        is_weighted: as for ``EmbeddingBagCollection``.
+
+    Example::
+
+        ebc = RemappedEmbeddingBagCollection(fit_qr(tables, profiles, compression=8).compression.remapper)
+        pooled = ebc(kjt)              # KeyedTensor, same keys and shapes as the full-size EBC
+    """
+
+    def __init__(
+        self, remapper: EmbeddingRemap, device: Optional[torch.device] = None, is_weighted: bool = False
+    ) -> None:
+        super().__init__()
+        remap_device = None if device is None or torch.device(device).type == "meta" else device
+        self.remapper = remapper.to(remap_device) if remap_device else remapper
+        self.ebc = EmbeddingBagCollection(tables=remapper.inner_configs(), device=device, is_weighted=is_weighted)
+
+    def full_embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
+        """The configs of the original, uncompressed tables."""
+        return list(self.remapper.full_configs)
+
+    def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
+        return self.ebc.embedding_bag_configs()
+
+    def is_weighted(self) -> bool:
+        return self.ebc.is_weighted()
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        inner, batch = self.remapper.preprocess(features)
+        return self.remapper.postprocess(self.ebc(inner), batch)
+
+
+def split_per_key(features: KeyedJaggedTensor) -> Iterator[Tuple[str, torch.Tensor, torch.Tensor]]:
+    """(key, values, lengths) of every feature of a (non-VBE) KJT."""
+    values = features.values().split(features.length_per_key())
+    lengths = features.lengths().split(features.stride_per_key())
+    yield from zip(features.keys(), values, lengths)
