@@ -15,14 +15,14 @@ from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backwa
 
 from lhf_torchrec.baselines import (
     CCERemap,
-    ComposedEBCSharder,
-    ComposedEmbeddingBagCollection,
     FrozenMCH,
     MCHRemap,
     QRRemap,
     qr_split,
 )
 from lhf_torchrec.baselines.cce import CCEPointers
+from lhf_torchrec.distributed.sharder import RemappedEBCSharder
+from lhf_torchrec.modules.remapped_ebc import RemappedEmbeddingBagCollection
 from lhf_torchrec.training.model import ModelConfig
 from lhf_torchrec.training.trainer import TrainConfig, Trainer
 
@@ -70,12 +70,12 @@ def sharded_modules_match_unsharded(rank: int, world_size: int) -> None:
     rng = np.random.default_rng(rank)
     for method, remap in remaps.items():
         torch.manual_seed(0)
-        reference = ComposedEmbeddingBagCollection(remap)
-        model = ComposedEmbeddingBagCollection(remap, device=torch.device("meta"))
+        reference = RemappedEmbeddingBagCollection(remap)
+        model = RemappedEmbeddingBagCollection(remap, device=torch.device("meta"))
         apply_optimizer_in_backward(torch.optim.SGD, model.parameters(), {"lr": 0.1})
         constraints = {c.name: ParameterConstraints(sharding_types=["row_wise"], compute_kernels=["fused"])
                        for c in model.embedding_bag_configs()}
-        sharders = [ComposedEBCSharder()]
+        sharders = [RemappedEBCSharder()]
         planner = EmbeddingShardingPlanner(topology=Topology(world_size=world_size, compute_device="cpu"),
                                            constraints=constraints)
         dmp = DistributedModelParallel(model, device=torch.device("cpu"), sharders=sharders,

@@ -6,10 +6,10 @@ from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
 from lhf_torchrec.baselines import (
     CCECompression,
     CCERemap,
-    ComposedEmbeddingBagCollection,
     fit_cce,
 )
-from lhf_torchrec.baselines.cce import CCEPointers, _live_remap, default_columns
+from lhf_torchrec.baselines.cce import CCEPointers, default_columns, live_remap
+from lhf_torchrec.modules.remapped_ebc import RemappedEmbeddingBagCollection
 from lhf_torchrec.mapping.budget import row_bytes
 from lhf_torchrec.mapping.hashing import hash_with_coefficients
 from lhf_torchrec.mapping.id_mapping import IdMapping
@@ -27,7 +27,7 @@ def _module(seed=0):
     vocabulary = IdMapping.from_entries(np.array([-7, 10**12]), np.array([0, 1]), num_rows=3, hash_offset=2)
     remap = CCERemap(tables, {"big": CCEPointers(entries, columns=2, rows=ROWS, seed=seed)}, {"vocab": vocabulary},
                      seed=seed)
-    return ComposedEmbeddingBagCollection(remap)
+    return RemappedEmbeddingBagCollection(remap)
 
 
 def _kjt(rng, batch=6):
@@ -64,7 +64,7 @@ def _weights(module):
 
 
 def _check_against_slow_reference(module, features):
-    remap = module.remap
+    remap = module.remapper
     weights = _weights(module)
     out = module(features).to_dict()
     for key in features.keys():
@@ -81,15 +81,15 @@ def test_pooled_output_equals_a_slow_reference_before_and_after_clustering():
     module = _module()
     features = _kjt(np.random.default_rng(0))
     _check_against_slow_reference(module, features)
-    state = module.remap.cluster_round(_weights(module))
-    module.remap.load_round(state)
+    state = module.remapper.cluster_round(_weights(module))
+    module.remapper.load_round(state)
     for name, weight in state["weights"].items():
         module.ebc.embedding_bags[name].weight.data.copy_(weight)
     _check_against_slow_reference(module, features)
 
 
 def test_the_sketch_starts_as_hashed_compositional_embeddings():
-    p = _module().remap.pointers["big"]
+    p = _module().remapper.pointers["big"]
     ids = torch.arange(0, 400) * 1_000_003  # entries and non-entries alike
     first, second = p(ids)
     for i in range(p.columns):
@@ -99,7 +99,7 @@ def test_the_sketch_starts_as_hashed_compositional_embeddings():
 
 def test_a_round_clusters_the_current_embeddings_of_the_entry_ids():
     module = _module()
-    remap = module.remap
+    remap = module.remapper
     p = remap.pointers["big"]
     before = _weights(module)
     old = {x: _slow_embedding(remap, before, x) for x in p.entry_ids.tolist()}
@@ -134,28 +134,28 @@ def test_budget_identity_and_pointer_share(tiny_split, tiny_profiles):
         per_rows = 2 * c * row_bytes(8 // c, "rowwise_adagrad")
         for name, budget in fitted.budgets.items():
             assert budget - per_rows < fitted.per_table_bytes[name] <= budget
-            assert fitted.remap.state_bytes(name) <= share * budget
-            entries = fitted.remap.pointers[name].keys.numel()
+            assert fitted.compression.remapper.state_bytes(name) <= share * budget
+            entries = fitted.compression.remapper.pointers[name].keys.numel()
             assert (entries > 0) == (share > 0)
         assert fitted.total_bytes == sum(fitted.per_table_bytes.values())
 
 
 def test_fit_is_deterministic_by_seed(tiny_split, tiny_profiles):
     def fit(seed):
-        return fit_cce(tiny_split.tables, tiny_profiles, compression=4, seed=seed).remap.fingerprint()
+        return fit_cce(tiny_split.tables, tiny_profiles, compression=4, seed=seed).compression.remapper.fingerprint()
 
     assert fit(0) == fit(0)
     assert fit(0) != fit(1)
 
 
 def test_schedule():
-    compression = CCECompression(_module().remap, rounds=3)
+    compression = CCECompression(_module().remapper, rounds=3)
     assert compression.callback_steps(37) == [9, 18, 28]
-    assert CCECompression(_module().remap, rounds=0).callback_steps(37) == []
+    assert CCECompression(_module().remapper, rounds=0).callback_steps(37) == []
 
 
 def _check_round_rewrote_the_sharded_tables(trainer) -> None:
-    remap = _live_remap(trainer.model)
+    remap = live_remap(trainer.model)
     weights = trainer.table_weights()
     momentum = {k: v for s in trainer.model.fused_optimizer.state_dict()["state"].values() for k, v in s.items()}
     for table, p in remap.pointers.items():
@@ -182,7 +182,7 @@ def test_training_with_clustering_rounds_learns(tiny_split, tiny_profiles):
     compression.on_callback = cluster_and_check
     trainer, before, result = train_and_validate(tiny_split, compression)
     assert rounds_at == [9, 18, 28]
-    assert int(_live_remap(trainer.model).rounds_done) == 3
+    assert int(live_remap(trainer.model).rounds_done) == 3
     after = result.validation[-1]
     assert after["logloss"] < before["logloss"] - 0.05
     assert after["auc"] > 0.6

@@ -7,7 +7,8 @@ from torchrec.modules.mc_embedding_modules import ManagedCollisionEmbeddingBagCo
 from torchrec.modules.mc_modules import ManagedCollisionCollection
 from torchrec.sparse.jagged_tensor import JaggedTensor
 
-from lhf_torchrec.baselines import ComposedEmbeddingBagCollection, FrozenMCH, MCHRemap, fit_mch, profile_mch
+from lhf_torchrec.modules.remapped_ebc import RemappedEmbeddingBagCollection
+from lhf_torchrec.baselines import FrozenMCH, MCHRemap, fit_mch, profile_mch
 from lhf_torchrec.baselines.mch import FROZEN_BYTES_PER_SLOT
 from lhf_torchrec.mapping.budget import row_bytes
 from lhf_torchrec.mapping.profile import IdProfile
@@ -42,10 +43,10 @@ def test_frozen_remap_equals_torchrec_remap(profiled, tiny_profiles):
 def test_pooled_output_equals_torchrec_mc_ebc_in_eval_mode(tiny_split, tiny_profiles):
     fitted = fit_mch(tiny_split.tables, tiny_profiles, tiny_split.train, compression=4, optimizer="rowwise_adagrad",
                      batch_size=128)
-    ours = ComposedEmbeddingBagCollection(fitted.remap)
-    compressed = fitted.remap.compressed_tables
+    ours = RemappedEmbeddingBagCollection(fitted.compression.remapper)
+    compressed = fitted.compression.remapper.compressed_tables
     # TorchRec's MC-EBC over the same tables: same profiling, then eval mode (no more profiling).
-    modules = profile_mch(tiny_split.train, tiny_split.tables, {t: fitted.remap.mch[t].zch_size for t in compressed},
+    modules = profile_mch(tiny_split.train, tiny_split.tables, {t: fitted.compression.remapper.mch[t].zch_size for t in compressed},
                           batch_size=128)
     configs = [c for c in ours.embedding_bag_configs() if c.name in compressed]
     theirs = ManagedCollisionEmbeddingBagCollection(EmbeddingBagCollection(tables=configs),
@@ -58,7 +59,7 @@ def test_pooled_output_equals_torchrec_mc_ebc_in_eval_mode(tiny_split, tiny_prof
     expected = theirs(features)[0].to_dict()
     got = ours(features).to_dict()
     for name in compressed:
-        for feature in fitted.remap.configs[name].feature_names:
+        for feature in fitted.compression.remapper.configs[name].feature_names:
             assert torch.equal(got[feature], expected[feature])
 
 
@@ -69,7 +70,7 @@ def test_budget_identity_and_state_bytes(tiny_split, tiny_profiles):
                          optimizer="rowwise_adagrad", batch_size=128)
         for name, budget in fitted.budgets.items():
             assert budget - per_slot < fitted.per_table_bytes[name] <= budget
-            assert fitted.remap.state_bytes(name) == FROZEN_BYTES_PER_SLOT * fitted.remap.mch[name].zch_size
+            assert fitted.compression.remapper.state_bytes(name) == FROZEN_BYTES_PER_SLOT * fitted.compression.remapper.mch[name].zch_size
         assert fitted.total_bytes == sum(fitted.per_table_bytes.values())
 
 
@@ -77,8 +78,8 @@ def test_profiling_is_deterministic_and_the_policy_matters(tiny_split, tiny_prof
     def fit(**kwargs):
         return fit_mch(tiny_split.tables, tiny_profiles, tiny_split.train, compression=4, batch_size=128, **kwargs)
 
-    assert fit().remap.fingerprint() == fit().remap.fingerprint()
-    assert fit().remap.fingerprint() != fit(eviction_policy="lru").remap.fingerprint()
+    assert fit().compression.remapper.fingerprint() == fit().compression.remapper.fingerprint()
+    assert fit().compression.remapper.fingerprint() != fit(eviction_policy="lru").compression.remapper.fingerprint()
     with pytest.raises(ValueError, match="unknown eviction policy"):
         fit(eviction_policy="fifo")
 

@@ -7,7 +7,8 @@ from baseline_helpers import train_and_validate
 from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
 from torchrec.modules.embedding_configs import PoolingType
 
-from lhf_torchrec.baselines import ComposedEmbeddingBagCollection, QRRemap, QRSplit, fit_qr, qr_split
+from lhf_torchrec.modules.remapped_ebc import RemappedEmbeddingBagCollection
+from lhf_torchrec.baselines import QRRemap, QRSplit, fit_qr, qr_split
 from lhf_torchrec.mapping.budget import row_bytes
 from lhf_torchrec.mapping.id_mapping import IdMapping
 
@@ -46,7 +47,7 @@ def _module(seed=0):
     vocabulary = IdMapping.from_entries(np.array([-7, 10**12]), np.array([0, 1]), num_rows=3, hash_offset=2)
     remap = QRRemap(_tables(), {"dense": qr_split(40, 300), "sparse": qr_split(30, None)}, {"vocab": vocabulary},
                     seed=seed)
-    return ComposedEmbeddingBagCollection(remap)
+    return RemappedEmbeddingBagCollection(remap)
 
 
 def _kjt(rng):
@@ -70,7 +71,7 @@ def _kjt(rng):
 
 def test_pooled_output_equals_a_slow_per_id_reference():
     module = _module()
-    remap = module.remap
+    remap = module.remapper
     weights = {name: bag.weight.detach() for name, bag in module.ebc.embedding_bags.items()}
     features = _kjt(np.random.default_rng(0))
     out = module(features).to_dict()
@@ -101,12 +102,12 @@ def test_products_train_both_tables():
 
 def test_rows_are_deterministic_by_seed():
     ids = torch.randint(-(1 << 62), 1 << 62, (1000,))
-    same = [_module(seed=3).remap.rows("sparse", ids) for _ in range(2)]
-    other = _module(seed=4).remap.rows("sparse", ids)
+    same = [_module(seed=3).remapper.rows("sparse", ids) for _ in range(2)]
+    other = _module(seed=4).remapper.rows("sparse", ids)
     assert all(torch.equal(a, b) for a, b in zip(*same))
     assert not torch.equal(same[0][0], other[0])
-    assert _module(seed=3).remap.fingerprint() == _module(seed=3).remap.fingerprint()
-    assert _module(seed=3).remap.fingerprint() != _module(seed=4).remap.fingerprint()
+    assert _module(seed=3).remapper.fingerprint() == _module(seed=3).remapper.fingerprint()
+    assert _module(seed=3).remapper.fingerprint() != _module(seed=4).remapper.fingerprint()
 
 
 @pytest.mark.parametrize("compression", [2, 8])
@@ -117,7 +118,7 @@ def test_budget_identity(tiny_split, tiny_profiles, compression):
     for name, budget in fitted.budgets.items():
         assert budget - 2 * per_row < fitted.per_table_bytes[name] <= budget
     assert fitted.total_bytes == sum(fitted.per_table_bytes.values())
-    assert fitted.mapping_bytes == sum(v.nbytes for v in fitted.remap.vocabularies.values())
+    assert fitted.mapping_bytes == sum(v.nbytes for v in fitted.compression.remapper.vocabularies.values())
 
 
 def test_training_through_the_trainer_learns(tiny_split, tiny_profiles):

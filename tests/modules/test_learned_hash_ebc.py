@@ -37,7 +37,7 @@ def make_mappings(with_double: bool = True) -> Dict[str, IdMapping]:
             SPARSE_BASE + 7919 * (rng.zipf(1.4, 2000) % 400), method="frequency", num_rows=16, seed=3, table="t_sparse"
         ),
         "t_learned": fit_mapping(
-            rng.zipf(1.3, 3000) % 300, method="combination", num_rows=24, seed=4, table="t_learned",
+            rng.zipf(1.3, 3000) % 300, method="combination", num_rows=24, seed=4, table="t_learned", min_count=5,
             embeddings=torch.from_numpy(rng.normal(size=(300, 4)).astype(np.float32)),
         ),
     }
