@@ -26,7 +26,7 @@ from lh_dist_helpers import (
     raised_by, run_on_rank, table_keys,
 )
 from lhf_torchrec import fit_mapping
-from lhf_torchrec.distributed import LearnedHashEBCSharder, ShardedLearnedHashEBC
+from lhf_torchrec.distributed import LearnedHashEBCSharder, ShardedRemappedEBC
 
 pytestmark = pytest.mark.distributed
 
@@ -76,7 +76,7 @@ def _planner_and_pipeline(rank: int, world_size: int) -> None:
     assert sorted(tables) == sorted(t.name for t in TABLES), plan
     kinds = {name: ps.sharding_type for name, ps in tables.items()}
     assert {t: kinds[t] for t in KINDS} == KINDS, kinds
-    assert isinstance(dmp.module.sparse, ShardedLearnedHashEBC)
+    assert isinstance(dmp.module.sparse, ShardedRemappedEBC)
     _load_reference_weights(dmp, reference)
 
     # The planned model computes what the unsharded one computes on the global batch.
@@ -102,7 +102,7 @@ def _planner_and_pipeline(rank: int, world_size: int) -> None:
     pipe_losses = [pipe.progress(batch_iter)[0].item() for _ in range(STEPS)]
     assert isinstance(raised_by(lambda: pipe.progress(batch_iter)), StopIteration)
     pipelined = [type(m).__name__ for m in pipe._pipelined_modules]
-    assert pipelined == ["ShardedLearnedHashEBC"], pipelined
+    assert pipelined == ["ShardedRemappedEBC"], pipelined
     assert len({round(x, 6) for x in plain_losses}) == STEPS, plain_losses  # it trains: losses move
     assert plain_losses == pytest.approx(pipe_losses, abs=1e-6), (plain_losses, pipe_losses)
     twin_state = twin.state_dict()

@@ -22,7 +22,7 @@ from lh_dist_helpers import (
     max_shard_diff, raised_by, rank_batch, run_on_rank, table_keys,
 )
 from lhf_torchrec import fit_mapping
-from lhf_torchrec.distributed import LearnedHashEBCSharder, ShardedLearnedHashEBC
+from lhf_torchrec.distributed import LearnedHashEBCSharder, ShardedRemappedEBC
 
 pytestmark = pytest.mark.distributed
 
@@ -74,7 +74,7 @@ def _check_one_sharding(sharding_type: str, weighted: bool, rank: int, world_siz
     model = SparseOnly(make_module("meta", seed=1, is_weighted=weighted))
     plan = ShardingPlan({"sparse": _module_plan(sharding_type, model.sparse, sharder, world_size)})
     dmp = DistributedModelParallel(model, device=torch.device("cpu"), plan=plan, sharders=[sharder])
-    assert isinstance(dmp.module.sparse, ShardedLearnedHashEBC), label
+    assert isinstance(dmp.module.sparse, ShardedRemappedEBC), label
     keys = table_keys("sparse.")
     copy_into_shards(dmp.state_dict(), start, keys)
 
@@ -134,7 +134,7 @@ def _mappings_differing_across_ranks_raise(rank: int, world_size: int) -> None:
     error = raised_by(lambda: DistributedModelParallel(model, device=torch.device("cpu"), plan=plan, sharders=[sharder]))
     message = str(error)
     assert isinstance(error, RuntimeError), repr(error)
-    assert "mappings differ across ranks" in message, message
+    assert "'learned_hash' remaps differ across ranks" in message, message
     assert "rank 1: t_freq, t_hash" in message, message
     assert "t_dbl" not in message and "t_sparse" not in message, message
 

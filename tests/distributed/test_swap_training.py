@@ -23,7 +23,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from lh_dist_helpers import run_on_rank
 from lhf_torchrec import apply_learned_hashing, fit_mapping
-from lhf_torchrec.distributed import LearnedHashEBCSharder, ShardedLearnedHashEBC
+from lhf_torchrec.distributed import LearnedHashEBCSharder, ShardedRemappedEBC
 
 pytestmark = pytest.mark.distributed
 
@@ -86,7 +86,7 @@ def _swapped_dlrm_trains(rank: int, world_size: int) -> None:
     assert sorted(plan.plan["model.sparse_arch.embedding_bag_collection"]) == [f"t_{f}" for f in FEATURES], plan
     dmp = DistributedModelParallel(model, device=torch.device("cpu"), plan=plan, sharders=sharders)
     sharded = dmp.module.model.sparse_arch.embedding_bag_collection
-    assert isinstance(sharded, ShardedLearnedHashEBC), type(sharded)
+    assert isinstance(sharded, ShardedRemappedEBC), type(sharded)
     fused_params = set(dmp.fused_optimizer.params)
     assert {f"model.sparse_arch.embedding_bag_collection.ebc.embedding_bags.t_{f}.weight" for f in FEATURES} <= fused_params
     dense_opt = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())),
@@ -96,7 +96,7 @@ def _swapped_dlrm_trains(rank: int, world_size: int) -> None:
     data = batches_for(rank, world_size)
     batch_iter = iter(data * EPOCHS)
     losses = [pipe.progress(batch_iter)[0].item() for _ in range(EPOCHS * len(data))]
-    assert [type(m) for m in pipe._pipelined_modules] == [ShardedLearnedHashEBC]
+    assert [type(m) for m in pipe._pipelined_modules] == [ShardedRemappedEBC]
 
     # Compare whole epochs (the same rows, so the same difficulty), averaged over both ranks.
     per_epoch = torch.tensor(losses).view(EPOCHS, len(data)).mean(dim=1)

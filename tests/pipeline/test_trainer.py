@@ -20,7 +20,7 @@ def _trainer(split, mappings, **config):
 @pytest.fixture(scope="module")
 def mappings(tiny_split):
     profiles = profile_tables(tiny_split.train, tiny_split.tables)
-    return fit_mappings(tiny_split.tables, profiles, "frequency", compression=4).mappings
+    return fit_mappings(tiny_split.tables, profiles, "frequency", compression=4).compression.mappings
 
 
 def test_training_learns_and_validates(tiny_split, mappings):

@@ -25,7 +25,7 @@ def test_rows_start_at_the_weighted_mean_of_their_ids():
 
 def test_trainer_starts_from_the_initial_weights(tiny_split):
     profiles = profile_tables(tiny_split.train, tiny_split.tables)
-    mappings = fit_mappings(tiny_split.tables, profiles, "frequency", compression=4).mappings
+    mappings = fit_mappings(tiny_split.tables, profiles, "frequency", compression=4).compression.mappings
     initial = {name: torch.randn(m.num_rows, 8, generator=torch.Generator().manual_seed(1)) for name, m in mappings.items()}
     model = ModelConfig(embedding_dim=8, dense_arch_layer_sizes=[16], over_arch_layer_sizes=[16, 1])
     trainer = Trainer(model, TrainConfig(batch_size=128, progress=False), tiny_split.tables,
