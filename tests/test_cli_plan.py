@@ -10,7 +10,7 @@ import pytest
 
 from lhf_torchrec import fit_mapping, save_mappings
 from lhf_torchrec.cli import main
-from lhf_torchrec.distributed.presets import CRITEO_1TB, CRITEO_KAGGLE
+from lhf_torchrec.distributed.presets import CRITEO_KAGGLE_CARDINALITIES, CRITEO_TERABYTE_CARDINALITIES
 
 GB = 1024**3
 COLUMNS = ("tables", "optimizer", "io", "mappings", "reserved", "total")
@@ -44,7 +44,7 @@ def test_small_world_size_prints_one_consistent_row_per_rank():
     )
     assert result.returncode == 0, result.stderr
     sections = _sections(result.stdout)
-    full_gb = sum(CRITEO_KAGGLE) * 128 * 4 / GB
+    full_gb = sum(CRITEO_KAGGLE_CARDINALITIES) * 128 * 4 / GB
     ratio, before_tables, after_tables = _compression_line(result.stdout)
     assert 9.5 < ratio <= 10.0
     assert before_tables == pytest.approx(full_gb, abs=0.005)
@@ -78,7 +78,7 @@ def test_large_world_size_prints_a_summary(capsys):
         assert {"min", "median", "max", "sum (256)"} <= set(section)
         assert section["min"]["total"] <= section["median"]["total"] <= section["max"]["total"]
         assert sum(1 for key in section if key.startswith("rank")) == 3  # the most loaded ranks
-    full_gb = sum(CRITEO_1TB) * 128 * 4 / GB
+    full_gb = sum(CRITEO_TERABYTE_CARDINALITIES) * 128 * 4 / GB
     assert sections["before"]["sum (256)"]["tables"] == pytest.approx(full_gb, abs=0.003)
     ratio, _, after_tables = _compression_line(out)
     assert sections["after"]["sum (256)"]["tables"] == pytest.approx(after_tables, abs=0.006)

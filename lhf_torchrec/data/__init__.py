@@ -20,8 +20,6 @@ Example::
 
 from lhf_torchrec.data.criteo import (
     CAT_NAMES,
-    CRITEO_KAGGLE_CARDINALITIES,
-    CRITEO_TERABYTE_CARDINALITIES,
     INT_NAMES,
     CriteoNpyDays,
     CriteoTSV,
@@ -37,6 +35,7 @@ from lhf_torchrec.data.movielens import fetch_movielens_100k, load_movielens_100
 from lhf_torchrec.data.source import CTRSource, StreamingSource, split_bounds, time_split
 from lhf_torchrec.data.synthetic import SyntheticCriteo, SyntheticCriteoConfig, SyntheticTruth, make_synthetic_criteo
 from lhf_torchrec.data.tabular import CSVSource, CSVSpec, categorical_id, read_csv
+from lhf_torchrec.distributed.presets import CRITEO_KAGGLE_CARDINALITIES, CRITEO_TERABYTE_CARDINALITIES
 
 __all__ = [
     "CAT_NAMES",
