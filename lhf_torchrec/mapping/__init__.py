@@ -1,6 +1,10 @@
-"""Learned hash functions: access profiles, fitting methods, budgets and the ``IdMapping`` they produce."""
+"""Learned hash functions: access profiles, fitting methods, budgets and the ``IdMapping`` they produce.
 
-from lhf_torchrec.mapping.budget import BudgetPlan, plan_budget, row_bytes
+The budget rules every method shares live here too: bytes per row per optimizer
+(:mod:`~lhf_torchrec.mapping.budget`), full rows, vocabularies and per-table budgets
+(:mod:`~lhf_torchrec.mapping.tables`)."""
+
+from lhf_torchrec.mapping.budget import OPTIMIZERS, BudgetPlan, plan_budget, row_bytes
 from lhf_torchrec.mapping.embeddings import IdEmbeddings, embeddings_from_table
 from lhf_torchrec.mapping.fit import fit_mapping
 from lhf_torchrec.mapping.hashing import hash_ids
@@ -31,6 +35,7 @@ __all__ = [
     "LearnedClustering",
     "METHODS",
     "MappingEstimator",
+    "OPTIMIZERS",
     "RowSplit",
     "embeddings_from_table",
     "fit_mapping",
