@@ -2,6 +2,8 @@
 
 from typing import Optional
 
+import torch
+
 from lhf_torchrec.mapping.budget import plan_budget
 from lhf_torchrec.mapping.embeddings import EmbeddingsLike
 from lhf_torchrec.mapping.id_mapping import IdMapping
@@ -55,4 +57,8 @@ def fit_mapping(
     elif hyperparams.get("min_count") == "auto":
         raise ValueError(f"table '{table}': min_count='auto' is chosen by a budget; give total_bytes")
     estimator = make_estimator(method, num_rows, seed=seed, **hyperparams)
-    return estimator.fit(profile, embeddings, table=table).mapping_
+    mapping = estimator.fit(profile, embeddings, table=table).mapping_
+    if profile is not None and profile.total > 0:
+        hit = mapping.has_entry(torch.from_numpy(profile.ids)).numpy()
+        mapping.entry_share = round(float(profile.counts[hit].sum()) / profile.total, 6)
+    return mapping

@@ -169,4 +169,26 @@ class LearnedHashEmbeddingBagCollection(nn.Module):
         return self.ebc.is_weighted()
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        self._check_features(features)
         return self.ebc(self.remapper(features))
+
+    def _check_features(self, features: KeyedJaggedTensor) -> None:
+        """Names the feature and table of a missing key or of ids outside an unmapped table (whose
+        rows are the raw ids). The id check runs on CPU only: on accelerators it would sync every
+        batch, and FBGEMM's bounds check handles out-of-range ids there."""
+        keys = features.keys()
+        missing = [f"{f} (table '{t.name}')" for t in self._full_configs for f in t.feature_names if f not in keys]
+        if missing:
+            raise KeyError(f"the input KeyedJaggedTensor lacks features {missing} (it has {keys})")
+        if features.values().device.type != "cpu":
+            return
+        mapped = self.remapper.mappings
+        for key, values in zip(keys, features.values().split(features.length_per_key())):
+            table = next((t for t in self._full_configs if key in t.feature_names), None)
+            if table is None or table.name in mapped or not values.numel():
+                continue
+            low, high = torch.aminmax(values)
+            if int(low) < 0 or int(high) >= table.num_embeddings:
+                bad = int(low) if int(low) < 0 else int(high)
+                raise ValueError(f"feature '{key}': id {bad} is outside table '{table.name}' "
+                                 f"[0, {table.num_embeddings}), which has no mapping to place it")
