@@ -37,7 +37,10 @@ def int_in(low: int, high: Optional[int] = None) -> Callable[[str], int]:
 
 def float_in(low: float, high: float = math.inf, *, low_open: bool = False, high_open: bool = False) -> Callable[[str], float]:
     """A finite number between ``low`` and ``high`` (ends included unless ``*_open``)."""
-    bounds = f"a number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    if math.isinf(high):
+        bounds = f"a number {'>' if low_open else '>='} {low:g}"
+    else:
+        bounds = f"a number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
 
     def parse(text: str) -> float:
         try:
