@@ -169,17 +169,19 @@ class LearnedHashEmbeddingBagCollection(nn.Module):
         return self.ebc.is_weighted()
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        self._check_features(features)
-        return self.ebc(self.remapper(features))
+        remapped = self.remapper(features)
+        self._check_features(remapped)
+        return self.ebc(remapped)
 
     def _check_features(self, features: KeyedJaggedTensor) -> None:
         """Names the feature and table of a missing key or of ids outside an unmapped table (whose
-        rows are the raw ids). The id check runs on CPU only: on accelerators it would sync every
-        batch, and FBGEMM's bounds check handles out-of-range ids there."""
+        rows are the raw ids), where the EBC would raise a bare KeyError or index error. The id
+        check runs on CPU only: on accelerators it would sync every batch, and FBGEMM's bounds
+        check handles out-of-range ids there."""
         keys = features.keys()
-        missing = [f"{f} (table '{t.name}')" for t in self._full_configs for f in t.feature_names if f not in keys]
-        if missing:
-            raise KeyError(f"the input KeyedJaggedTensor lacks features {missing} (it has {keys})")
+        missing = [f"{f} (table {t.name})" for t in self._full_configs for f in t.feature_names if f not in keys]
+        if missing:  # no quotes inside: KeyError shows its message quoted
+            raise KeyError(f"the input KeyedJaggedTensor lacks features {', '.join(missing)}; it has {', '.join(keys)}")
         if features.values().device.type != "cpu":
             return
         mapped = self.remapper.mappings

@@ -125,7 +125,7 @@ def warn_unseen_ids(
     for t in tables:
         mapping = mappings.get(t.name)
         sampled = [v for f in t.feature_names for v in values.get(f, [])]
-        if mapping is None or mapping.entry_share is None or not sampled:
+        if mapping is None or mapping.entry_share is None or mapping.num_entries == 0 or not sampled:
             continue
         ids = torch.cat(sampled)
         if not ids.numel():
