@@ -68,6 +68,11 @@ def comma_list(item: Callable[[str], Any]) -> Callable[[str], List[Any]]:
     return parse
 
 
+#: Bounds of settings that several commands take (lhf and examples/dlrm).
+COMPRESSION = float_in(1)  # full table bytes / compressed bytes
+LEARN_DIMS = (4, 16)  # dims of the learned id embeddings
+
+
 class InputPath(str):
     """A path the command reads."""
 

@@ -16,6 +16,8 @@ import warnings
 from typing import Callable, List, Optional
 
 from lhf_torchrec.arguments import (
+    COMPRESSION,
+    LEARN_DIMS,
     check_outputs,
     comma_list,
     float_in,
@@ -126,12 +128,9 @@ def _run_plan(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------ shared arguments
 
 
-#: Bounds shared by every command that takes the setting.
-COMPRESSION = float_in(1)
 #: lhf plan: TorchRec's planner is tested up to 1024 ranks (~3.5 min on 2 busy CPU cores).
 MAX_PLAN_WORLD_SIZE = 1024
 _SLOW_PLAN_WORLD_SIZE = 256
-LEARN_DIMS = (4, 16)
 
 
 def _add_data_arguments(parser: argparse.ArgumentParser) -> None:

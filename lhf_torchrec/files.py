@@ -7,6 +7,7 @@ starts, so no command writes over its input or over a file that is not its own k
 """
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -42,9 +43,11 @@ def atomic_write(path: PathLike) -> Iterator[IO[bytes]]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OSError(e.errno, f"{path}: not written ({e.strerror}); the previous file, if any, is unchanged") from e
         raise
 
 

@@ -267,3 +267,18 @@ def test_every_output_goes_through_the_atomic_writer():
     offenders = [f"{path.relative_to(package)}:{n}" for path in package.rglob("*.py")
                  for n, line in enumerate(path.read_text().splitlines(), 1) if plain.search(line)]
     assert offenders == []
+
+
+def test_a_full_disk_names_the_file_and_keeps_the_previous_one(tmp_path):
+    import errno
+
+    from lhf_torchrec.files import atomic_write
+
+    path = tmp_path / "results.json"
+    path.write_bytes(b"previous")
+    with pytest.raises(OSError, match=r"results.json: not written \(No space left on device\); the previous file"):
+        with atomic_write(path) as f:
+            f.write(b"half of the new")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert path.read_bytes() == b"previous"
+    assert os.listdir(tmp_path) == ["results.json"]  # no temporary file left behind
