@@ -190,8 +190,8 @@ class Trainer:
         if per_epoch == 0:
             raise ValueError(f"the training data has {len(train):,} rows, fewer than one global batch "
                              f"({cfg.batch_size} per rank x {self.runtime.world_size} ranks)")
-        self._data_fingerprint = data_fingerprint(train, cfg.batch_size)
         if cfg.checkpoint_dir:
+            self._data_fingerprint = data_fingerprint(train, cfg.batch_size)
             check_checkpoint_dir(cfg)
             if cfg.overwrite:
                 self._delete_checkpoints(cfg.checkpoint_dir)
