@@ -71,6 +71,7 @@ def comma_list(item: Callable[[str], Any]) -> Callable[[str], List[Any]]:
 #: Bounds of settings that several commands take (lhf and examples/dlrm).
 COMPRESSION = float_in(1)  # full table bytes / compressed bytes
 LEARN_DIMS = (4, 16)  # dims of the learned id embeddings
+SEED = int_in(0, 2**32 - 1)  # numpy's generators take no negative seeds
 
 
 class InputPath(str):

@@ -18,6 +18,7 @@ from typing import Callable, List, Optional
 from lhf_torchrec.arguments import (
     COMPRESSION,
     LEARN_DIMS,
+    SEED,
     check_outputs,
     comma_list,
     float_in,
@@ -144,7 +145,7 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--rows", type=int_in(1), default=300_000, help="synthetic: rows to generate")
     group.add_argument("--scale", type=float_in(0, low_open=True), default=0.003,
                        help="synthetic: Criteo Kaggle cardinalities x scale")
-    group.add_argument("--data-seed", type=int, default=0, help="synthetic: generator seed")
+    group.add_argument("--data-seed", type=SEED, default=0, help="synthetic: generator seed")
     group.add_argument("--csv-spec", type=input_path, metavar="FILE",
                        help='csv: JSON {"label": ..., "dense": [...], "categorical": [...]}')
     group.add_argument("--num-embeddings-per-feature", type=comma_list(int_in(1)), metavar="N,N,...",
@@ -190,7 +191,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser, *, writes_checkpoints:
     group.add_argument("--sparse-lr", type=float_in(0, low_open=True), default=0.05, help="learning rate of the tables")
     group.add_argument("--dense-lr", type=float_in(0, low_open=True), default=1e-3,
                        help="learning rate of the MLPs (Adam)")
-    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--seed", type=SEED, default=0)
     group.add_argument("--eval-every", type=int_in(0), default=0, help="validate every N steps (0: each epoch)")
     if writes_checkpoints:
         group.add_argument("--checkpoint-dir", type=output_dir, metavar="DIR")
@@ -306,7 +307,7 @@ def _add_fit_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--embedding-dim", type=int_in(1), default=16)
     parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="rowwise_adagrad",
                         help="whose state counts in the budget")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=SEED, default=0)
     parser.add_argument("--out", type=output_file(MAPPINGS_FORMAT), required=True, metavar="FILE",
                         help="mappings (safetensors)")
     parser.set_defaults(handler=_run_fit)
@@ -402,7 +403,7 @@ def _add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--scale", type=float_in(0, low_open=True), default=default.scale)
     parser.add_argument("--compression", type=COMPRESSION, default=default.compression)
     parser.add_argument("--epochs", type=int_in(1), default=default.epochs)
-    parser.add_argument("--seed", type=int, default=default.seed)
+    parser.add_argument("--seed", type=SEED, default=default.seed)
     parser.add_argument("--out-dir", type=output_dir, default=default.out_dir)
     parser.set_defaults(handler=_run_demo)
 
@@ -429,7 +430,7 @@ def _add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
     quality.set_defaults(data=None)
     quality.add_argument("--quick", action="store_true", help="smoke run of every method (< 3 min, for CI)")
     quality.add_argument("--compressions", type=comma_list(COMPRESSION), default=[4, 10, 50], metavar="R,...")
-    quality.add_argument("--seeds", type=comma_list(int), default=[0, 1, 2], metavar="S,...")
+    quality.add_argument("--seeds", type=comma_list(SEED), default=[0, 1, 2], metavar="S,...")
     quality.add_argument("--epochs", type=int_in(1), default=1)
     quality.add_argument("--best-epoch", action="store_true",
                          help="report the epoch with the best validation logloss (best of --epochs)")

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from lhf_torchrec.arguments import (
     COMPRESSION,
     LEARN_DIMS,
+    SEED,
     check_outputs,
     comma_list,
     float_in,
@@ -62,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--synthetic_rows", type=int_in(1), default=300_000, help="synthetic: rows to generate")
     data.add_argument("--synthetic_scale", type=float_in(0, low_open=True), default=0.003,
                       help="synthetic: Criteo Kaggle cardinalities x this")
-    data.add_argument("--synthetic_seed", type=int, default=0, help="synthetic: generator seed")
+    data.add_argument("--synthetic_seed", type=SEED, default=0, help="synthetic: generator seed")
     data.add_argument("--num_embeddings_per_feature", type=_comma_ints, metavar="N,N,...",
                       help="full table size per feature (default: each feature's id space)")
 
@@ -87,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="learning rate of the tables")
     train.add_argument("--dense_learning_rate", type=float_in(0, low_open=True), default=1e-3,
                        help="learning rate of the MLPs")
-    train.add_argument("--seed", type=int, default=0, help="model init and data order")
+    train.add_argument("--seed", type=SEED, default=0, help="model init and data order")
     train.add_argument("--validation_freq_within_epoch", type=int_in(1), metavar="STEPS",
                        help="validate every STEPS training steps (default: at the end of each epoch)")
     train.add_argument("--max_steps", type=int_in(0), default=0, help="stop after this many steps (0: no limit)")

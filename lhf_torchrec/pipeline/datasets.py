@@ -68,6 +68,8 @@ class DatasetSpec:
             raise ValueError(f"unknown dataset '{self.kind}'; choose one of {', '.join(DATASET_KINDS)}")
         if self.kind in ("criteo-tsv", "criteo-npy", "csv") and not self.paths:
             raise ValueError(f"dataset '{self.kind}' needs data paths")
+        if len(self.split) != 3:
+            raise ValueError(f"split needs 3 fractions (train, validation, test), got {list(self.split)}")
         if self.kind == "csv" and not self.csv_spec:
             raise ValueError("dataset 'csv' needs a column spec (a JSON file with label, dense, categorical)")
 

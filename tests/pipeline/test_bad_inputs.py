@@ -210,6 +210,8 @@ def test_csv_spec_with_a_string_for_a_list(tmp_path, csv_files, capsys):
         (["demo", "--compression", "0"], ["--compression", ">= 1", "got 0"]),
         (["train", "--batch-size", "0"], ["--batch-size", "got 0"]),
         (["train", "--split", "0.8,-0.1,0.3"], ["--split", "-0.1"]),
+        (["train", "--seed", "-1"], ["--seed", "got -1"]),
+        (["profile", "--split", "0.5,0.5", "--out", "p"], ["split needs 3 fractions", "[0.5, 0.5]"]),
     ],
 )
 def test_out_of_range_arguments_name_the_flag(argv, needles, capsys):
