@@ -15,6 +15,19 @@ import sys
 import warnings
 from typing import Callable, List, Optional
 
+from lhf_torchrec.arguments import (
+    COMPRESSION,
+    LEARN_DIMS,
+    SEED,
+    check_outputs,
+    comma_list,
+    float_in,
+    input_path,
+    int_in,
+    output_dir,
+    output_file,
+)
+
 EXIT_OK, EXIT_DOES_NOT_FIT, EXIT_USAGE = 0, 1, 2
 
 
@@ -50,29 +63,31 @@ def _add_plan_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     tables = parser.add_mutually_exclusive_group(required=True)
     tables.add_argument("--preset", choices=sorted(PRESETS), help="26 Criteo tables with their cardinalities")
-    tables.add_argument("--tables", metavar="FILE", help="table sizes as JSON (schema below)")
+    tables.add_argument("--tables", type=input_path, metavar="FILE", help="table sizes as JSON (schema below)")
     after = parser.add_mutually_exclusive_group(required=True)
     after.add_argument(
-        "--compression", type=float, metavar="RATIO",
+        "--compression", type=COMPRESSION, metavar="RATIO",
         help="full table bytes / compressed bytes (mappings counted), with synthetic mappings",
     )
-    after.add_argument("--mappings", metavar="FILE", help="fitted mappings (save_mappings file) for the tables")
-    parser.add_argument("--world-size", type=int, required=True, help="number of ranks (tested up to 1024)")
-    parser.add_argument("--local-world-size", type=int, default=None,
+    after.add_argument("--mappings", type=input_path, metavar="FILE", help="fitted mappings (save_mappings file) for the tables")
+    parser.add_argument("--world-size", type=int_in(1, MAX_PLAN_WORLD_SIZE), required=True,
+                        help=f"number of ranks, up to {MAX_PLAN_WORLD_SIZE} (planning time grows with it)")
+    parser.add_argument("--local-world-size", type=int_in(1), default=None,
                         help="ranks per host (default min(8, world size))")
     parser.add_argument("--compute-device", choices=("cuda", "cpu"), default="cuda",
                         help="cuda: tables in HBM (no GPU needed to plan); cpu: tables in DDR")
-    parser.add_argument("--hbm-gb", type=float, default=80.0, help="HBM per rank (default 80)")
-    parser.add_argument("--ddr-gb", type=float, default=128.0, help="DDR per rank (default 128)")
-    parser.add_argument("--embedding-dim", type=int, default=128, help="embedding dim of every table (default 128)")
+    parser.add_argument("--hbm-gb", type=float_in(0, low_open=True), default=80.0, help="HBM per rank (default 80)")
+    parser.add_argument("--ddr-gb", type=float_in(0, low_open=True), default=128.0, help="DDR per rank (default 128)")
+    parser.add_argument("--embedding-dim", type=int_in(1), default=128,
+                        help="embedding dim of every table (default 128)")
     parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="rowwise_adagrad",
                         help="fused optimizer whose state is counted (default rowwise_adagrad)")
-    parser.add_argument("--batch-size", type=int, default=512, help="batch size per rank (default 512)")
-    parser.add_argument("--entry-fraction", type=float, default=0.1,
+    parser.add_argument("--batch-size", type=int_in(1), default=512, help="batch size per rank (default 512)")
+    parser.add_argument("--entry-fraction", type=float_in(0, 1), default=0.1,
                         help="synthetic mappings: share of each table's ids with a stored entry (default 0.1)")
-    parser.add_argument("--reserve", type=float, default=0.15,
-                        help="share of HBM kept free by TorchRec's heuristic reservation (default 0.15)")
-    parser.add_argument("--rank-rows", type=int, default=16,
+    parser.add_argument("--reserve", type=float_in(0, 1, high_open=True), default=0.15,
+                        help="share of HBM kept free by TorchRec's heuristic reservation, in [0, 1) (default 0.15)")
+    parser.add_argument("--rank-rows", type=int_in(0), default=16,
                         help="print one row per rank up to this world size, else a summary (default 16)")
     parser.set_defaults(handler=_run_plan)
 
@@ -82,11 +97,14 @@ def _run_plan(args: argparse.Namespace) -> int:
     from lhf_torchrec.distributed.presets import load_tables, preset_tables
     from lhf_torchrec.mapping import load_mappings
 
-    if args.world_size < 1:
-        raise ValueError(f"--world-size must be >= 1, got {args.world_size}")
+    if args.local_world_size is not None and args.local_world_size > args.world_size:
+        raise ValueError(f"--local-world-size {args.local_world_size} exceeds --world-size {args.world_size}")
     tables = (
         preset_tables(args.preset, args.embedding_dim) if args.preset else load_tables(args.tables, args.embedding_dim)
     )
+    if args.world_size >= _SLOW_PLAN_WORLD_SIZE:
+        print(f"lhf plan: planning {args.world_size} ranks, before and after compression, takes minutes "
+              f"(measured on 2 busy CPU cores: ~1 min at 256 ranks, ~3.5 min at 1024)", file=sys.stderr)
     report = plan_report(
         tables,
         world_size=args.world_size,
@@ -111,18 +129,9 @@ def _run_plan(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------ shared arguments
 
 
-def _comma_ints(text: str) -> List[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
-def _comma_floats(text: str) -> List[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+#: lhf plan: TorchRec's planner is tested up to 1024 ranks (~3.5 min on 2 busy CPU cores).
+MAX_PLAN_WORLD_SIZE = 1024
+_SLOW_PLAN_WORLD_SIZE = 256
 
 
 def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -131,15 +140,17 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("data")
     group.add_argument("--data", choices=DATASET_KINDS, default="synthetic",
                        help="dataset kind (default: the embedded synthetic Criteo-shaped data)")
-    group.add_argument("--data-path", nargs="+", default=[], metavar="PATH",
+    group.add_argument("--data-path", type=input_path, nargs="+", default=[], metavar="PATH",
                        help="TSV/CSV files, or the directory of npy day files")
-    group.add_argument("--rows", type=int, default=300_000, help="synthetic: rows to generate")
-    group.add_argument("--scale", type=float, default=0.003, help="synthetic: Criteo Kaggle cardinalities x scale")
-    group.add_argument("--data-seed", type=int, default=0, help="synthetic: generator seed")
-    group.add_argument("--csv-spec", metavar="FILE", help='csv: JSON {"label": ..., "dense": [...], "categorical": [...]}')
-    group.add_argument("--num-embeddings-per-feature", type=_comma_ints, metavar="N,N,...",
+    group.add_argument("--rows", type=int_in(1), default=300_000, help="synthetic: rows to generate")
+    group.add_argument("--scale", type=float_in(0, low_open=True), default=0.003,
+                       help="synthetic: Criteo Kaggle cardinalities x scale")
+    group.add_argument("--data-seed", type=SEED, default=0, help="synthetic: generator seed")
+    group.add_argument("--csv-spec", type=input_path, metavar="FILE",
+                       help='csv: JSON {"label": ..., "dense": [...], "categorical": [...]}')
+    group.add_argument("--num-embeddings-per-feature", type=comma_list(int_in(1)), metavar="N,N,...",
                        help="table sizes (default: the id space of each feature)")
-    group.add_argument("--split", type=_comma_floats, default=[0.8, 0.1, 0.1], metavar="TRAIN,VAL,TEST",
+    group.add_argument("--split", type=comma_list(float_in(0, 1)), default=[0.8, 0.1, 0.1], metavar="TRAIN,VAL,TEST",
                        help="fractions of rows, in order (default 0.8,0.1,0.1)")
     group.add_argument("--on-error", choices=("raise", "skip"), default="raise",
                        help="malformed lines: stop with an error naming file and line, or skip and count them")
@@ -155,10 +166,10 @@ def _dataset(args: argparse.Namespace):
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model (TorchRec DLRM)")
-    group.add_argument("--embedding-dim", type=int, default=16)
-    group.add_argument("--dense-arch-layer-sizes", type=_comma_ints, default=[64], metavar="N,...",
+    group.add_argument("--embedding-dim", type=int_in(1), default=16)
+    group.add_argument("--dense-arch-layer-sizes", type=comma_list(int_in(1)), default=[64], metavar="N,...",
                        help="hidden sizes of the dense arch (the embedding dim is appended)")
-    group.add_argument("--over-arch-layer-sizes", type=_comma_ints, default=[64, 32, 1], metavar="N,...,1")
+    group.add_argument("--over-arch-layer-sizes", type=comma_list(int_in(1)), default=[64, 32, 1], metavar="N,...,1")
     group.add_argument("--interaction", choices=("dot", "dcn"), default="dot", help="DLRM or DLRM_DCN")
 
 
@@ -169,22 +180,32 @@ def _model_config(args: argparse.Namespace):
                        over_arch_layer_sizes=args.over_arch_layer_sizes, interaction=args.interaction)
 
 
-def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_train_arguments(parser: argparse.ArgumentParser, *, writes_checkpoints: bool = True) -> None:
     from lhf_torchrec.mapping.budget import OPTIMIZERS
 
     group = parser.add_argument_group("training")
-    group.add_argument("--batch-size", type=int, default=1024, help="per rank")
-    group.add_argument("--epochs", type=int, default=1)
+    group.add_argument("--batch-size", type=int_in(1), default=1024, help="per rank")
+    group.add_argument("--epochs", type=int_in(1), default=1)
     group.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="rowwise_adagrad",
                        help="fused optimizer of the tables (its state counts in the memory budget)")
-    group.add_argument("--sparse-lr", type=float, default=0.05, help="learning rate of the tables")
-    group.add_argument("--dense-lr", type=float, default=1e-3, help="learning rate of the MLPs (Adam)")
-    group.add_argument("--seed", type=int, default=0)
-    group.add_argument("--eval-every", type=int, default=0, help="validate every N steps (0: each epoch)")
-    group.add_argument("--checkpoint-dir", metavar="DIR")
-    group.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint every N steps (0: each epoch)")
-    group.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --checkpoint-dir")
-    group.add_argument("--max-steps", type=int, default=0)
+    group.add_argument("--sparse-lr", type=float_in(0, low_open=True), default=0.05, help="learning rate of the tables")
+    group.add_argument("--dense-lr", type=float_in(0, low_open=True), default=1e-3,
+                       help="learning rate of the MLPs (Adam)")
+    group.add_argument("--seed", type=SEED, default=0)
+    group.add_argument("--eval-every", type=int_in(0), default=0, help="validate every N steps (0: each epoch)")
+    if writes_checkpoints:
+        group.add_argument("--checkpoint-dir", type=output_dir, metavar="DIR")
+        group.add_argument("--checkpoint-every", type=int_in(0), default=0,
+                           help="checkpoint every N steps (0: each epoch)")
+        group.add_argument("--resume", action="store_true",
+                           help="continue from the latest checkpoint in --checkpoint-dir")
+        group.add_argument("--overwrite", action="store_true",
+                           help="delete the checkpoints already in --checkpoint-dir and start over")
+    else:
+        group.add_argument("--checkpoint-dir", type=input_path, metavar="DIR", required=True,
+                           help="the training run's checkpoints")
+        parser.set_defaults(checkpoint_every=0, resume=False, overwrite=False)
+    group.add_argument("--max-steps", type=int_in(0), default=0)
     group.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -194,8 +215,8 @@ def _train_config(args: argparse.Namespace):
     return TrainConfig(batch_size=args.batch_size, epochs=args.epochs, optimizer=args.optimizer,
                        sparse_lr=args.sparse_lr, dense_lr=args.dense_lr, seed=args.seed,
                        eval_every_steps=args.eval_every, checkpoint_dir=args.checkpoint_dir,
-                       checkpoint_every_steps=args.checkpoint_every, resume=args.resume, max_steps=args.max_steps,
-                       progress=not args.no_progress)
+                       checkpoint_every_steps=args.checkpoint_every, resume=args.resume, overwrite=args.overwrite,
+                       max_steps=args.max_steps, progress=not args.no_progress)
 
 
 def _methods() -> List[str]:
@@ -208,10 +229,13 @@ def _methods() -> List[str]:
 
 
 def _add_profile_parser(subparsers: argparse._SubParsersAction) -> None:
+    from lhf_torchrec.pipeline.artifacts import PROFILES_FORMAT
+
     parser = subparsers.add_parser("profile", help="count id accesses per table on the training split")
     _add_data_arguments(parser)
-    parser.add_argument("--capacity", type=int, help="heavy-hitter mode: keep at most this many ids per table")
-    parser.add_argument("--out", required=True, metavar="FILE", help="profiles (safetensors)")
+    parser.add_argument("--capacity", type=int_in(1), help="heavy-hitter mode: keep at most this many ids per table")
+    parser.add_argument("--out", type=output_file(PROFILES_FORMAT), required=True, metavar="FILE",
+                        help="profiles (safetensors)")
     parser.set_defaults(handler=_run_profile)
 
 
@@ -236,12 +260,16 @@ def _run_profile(args: argparse.Namespace) -> int:
 
 
 def _add_learn_parser(subparsers: argparse._SubParsersAction) -> None:
+    from lhf_torchrec.pipeline.artifacts import EMBEDDINGS_FORMAT
+
     parser = subparsers.add_parser("learn", help="learn low-dimensional id embeddings with a short full-table run")
     _add_data_arguments(parser)
     _add_train_arguments(parser)
-    parser.add_argument("--profiles", required=True, metavar="FILE", help="from lhf profile")
-    parser.add_argument("--dim", type=int, default=8, help="embedding dim to learn (4..16)")
-    parser.add_argument("--out", required=True, metavar="FILE", help="embeddings (safetensors)")
+    parser.add_argument("--profiles", type=input_path, required=True, metavar="FILE", help="from lhf profile")
+    parser.add_argument("--dim", type=int_in(*LEARN_DIMS), default=8,
+                        help=f"embedding dim to learn ({LEARN_DIMS[0]}..{LEARN_DIMS[1]})")
+    parser.add_argument("--out", type=output_file(EMBEDDINGS_FORMAT), required=True, metavar="FILE",
+                        help="embeddings (safetensors)")
     parser.set_defaults(handler=_run_learn)
 
 
@@ -268,18 +296,20 @@ def _run_learn(args: argparse.Namespace) -> int:
 
 def _add_fit_parser(subparsers: argparse._SubParsersAction) -> None:
     from lhf_torchrec.mapping.budget import OPTIMIZERS
+    from lhf_torchrec.mapping.id_mapping import MAPPINGS_FORMAT
 
     parser = subparsers.add_parser("fit", help="fit mappings at a memory budget (mapping bytes counted)")
-    parser.add_argument("--profiles", required=True, metavar="FILE", help="from lhf profile")
-    parser.add_argument("--embeddings", metavar="FILE", help="from lhf learn (learned and combination)")
+    parser.add_argument("--profiles", type=input_path, required=True, metavar="FILE", help="from lhf profile")
+    parser.add_argument("--embeddings", type=input_path, metavar="FILE", help="from lhf learn (learned and combination)")
     parser.add_argument("--method", choices=_methods(), default="combination")
-    parser.add_argument("--compression", type=float, default=10.0,
+    parser.add_argument("--compression", type=COMPRESSION, default=10.0,
                         help="full table bytes / (table + mapping bytes) of each compressed table")
-    parser.add_argument("--embedding-dim", type=int, default=16)
+    parser.add_argument("--embedding-dim", type=int_in(1), default=16)
     parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="rowwise_adagrad",
                         help="whose state counts in the budget")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", required=True, metavar="FILE", help="mappings (safetensors)")
+    parser.add_argument("--seed", type=SEED, default=0)
+    parser.add_argument("--out", type=output_file(MAPPINGS_FORMAT), required=True, metavar="FILE",
+                        help="mappings (safetensors)")
     parser.set_defaults(handler=_run_fit)
 
 
@@ -320,26 +350,30 @@ def _run_fit(args: argparse.Namespace) -> int:
 
 
 def _add_train_parser(subparsers: argparse._SubParsersAction) -> None:
+    from lhf_torchrec.pipeline.artifacts import RESULTS_FORMAT
+
     parser = subparsers.add_parser("train", help="train a DLRM with compressed tables (or full ones)")
     _add_data_arguments(parser)
     _add_model_arguments(parser)
     _add_train_arguments(parser)
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--mappings", metavar="FILE", help="from lhf fit")
+    source.add_argument("--mappings", type=input_path, metavar="FILE", help="from lhf fit")
     source.add_argument("--method", choices=_methods(), default="full",
                         help="fit this method here on the training split instead (default: full tables)")
-    parser.add_argument("--compression", type=float, default=10.0, help="with --method")
-    parser.add_argument("--results", metavar="FILE", help="write the metrics as JSON")
+    parser.add_argument("--compression", type=COMPRESSION, default=10.0, help="with --method")
+    parser.add_argument("--results", type=output_file(RESULTS_FORMAT), metavar="FILE", help="write the metrics as JSON")
     parser.set_defaults(handler=_run_train, evaluate_only=False)
 
 
 def _add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
+    from lhf_torchrec.pipeline.artifacts import RESULTS_FORMAT
+
     parser = subparsers.add_parser("evaluate", help="test metrics of the latest checkpoint of a training run")
     _add_data_arguments(parser)
     _add_model_arguments(parser)
-    _add_train_arguments(parser)
-    parser.add_argument("--mappings", metavar="FILE", help="the mappings the run trained with")
-    parser.add_argument("--results", metavar="FILE", help="write the metrics as JSON")
+    _add_train_arguments(parser, writes_checkpoints=False)
+    parser.add_argument("--mappings", type=input_path, metavar="FILE", help="the mappings the run trained with")
+    parser.add_argument("--results", type=output_file(RESULTS_FORMAT), metavar="FILE", help="write the metrics as JSON")
     parser.set_defaults(handler=_run_train, evaluate_only=True, method="full", compression=1.0)
 
 
@@ -367,12 +401,12 @@ def _add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "demo", help="the whole pipeline on the embedded synthetic data: 4 methods vs full tables at equal bytes"
     )
-    parser.add_argument("--rows", type=int, default=default.rows)
-    parser.add_argument("--scale", type=float, default=default.scale)
-    parser.add_argument("--compression", type=float, default=default.compression)
-    parser.add_argument("--epochs", type=int, default=default.epochs)
-    parser.add_argument("--seed", type=int, default=default.seed)
-    parser.add_argument("--out-dir", default=default.out_dir)
+    parser.add_argument("--rows", type=int_in(1), default=default.rows)
+    parser.add_argument("--scale", type=float_in(0, low_open=True), default=default.scale)
+    parser.add_argument("--compression", type=COMPRESSION, default=default.compression)
+    parser.add_argument("--epochs", type=int_in(1), default=default.epochs)
+    parser.add_argument("--seed", type=SEED, default=default.seed)
+    parser.add_argument("--out-dir", type=output_dir, default=default.out_dir)
     parser.set_defaults(handler=_run_demo)
 
 
@@ -397,14 +431,14 @@ def _add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
     _add_data_arguments(quality)
     quality.set_defaults(data=None)
     quality.add_argument("--quick", action="store_true", help="smoke run of every method (< 3 min, for CI)")
-    quality.add_argument("--compressions", type=_comma_floats, default=[4, 10, 50], metavar="R,...")
-    quality.add_argument("--seeds", type=_comma_ints, default=[0, 1, 2], metavar="S,...")
-    quality.add_argument("--epochs", type=int, default=1)
+    quality.add_argument("--compressions", type=comma_list(COMPRESSION), default=[4, 10, 50], metavar="R,...")
+    quality.add_argument("--seeds", type=comma_list(SEED), default=[0, 1, 2], metavar="S,...")
+    quality.add_argument("--epochs", type=int_in(1), default=1)
     quality.add_argument("--best-epoch", action="store_true",
                          help="report the epoch with the best validation logloss (best of --epochs)")
-    quality.add_argument("--embedding-dim", type=int, default=16)
-    quality.add_argument("--batch-size", type=int, default=1024, help="per rank (MovieLens: 256 by default)")
-    quality.add_argument("--out-dir", default=None, help="default docs/ (--quick: runs/quality-quick/)")
+    quality.add_argument("--embedding-dim", type=int_in(1), default=16)
+    quality.add_argument("--batch-size", type=int_in(1), default=1024, help="per rank (MovieLens: 256 by default)")
+    quality.add_argument("--out-dir", type=output_dir, default=None, help="default docs/ (--quick: runs/quality-quick/)")
     quality.set_defaults(handler=_run_bench_quality)
 
 
@@ -453,8 +487,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     _quiet_torchrec()
     try:
+        check_outputs(args)
         return args.handler(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:
         print(f"lhf {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
 

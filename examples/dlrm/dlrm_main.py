@@ -20,7 +20,20 @@ from typing import List, Optional
 
 import torch.distributed as dist
 
+from lhf_torchrec.arguments import (
+    COMPRESSION,
+    LEARN_DIMS,
+    SEED,
+    check_outputs,
+    comma_list,
+    float_in,
+    input_path,
+    int_in,
+    output_dir,
+    output_file,
+)
 from lhf_torchrec.mapping.budget import OPTIMIZERS
+from lhf_torchrec.pipeline.artifacts import RESULTS_FORMAT
 from lhf_torchrec.pipeline.methods import mapping_method_names
 from lhf_torchrec.pipeline.datasets import DatasetSpec
 from lhf_torchrec.pipeline.run import run_training
@@ -31,11 +44,7 @@ from lhf_torchrec.training.trainer import TrainConfig
 INTERACTION_TYPES = {"original": "dot", "dcn": "dcn"}
 
 
-def _comma_ints(text: str) -> List[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+_comma_ints = comma_list(int_in(1))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,19 +56,19 @@ def build_parser() -> argparse.ArgumentParser:
     source = data.add_mutually_exclusive_group()
     source.add_argument("--synthetic", action="store_true",
                         help="the embedded synthetic Criteo-shaped data (the default)")
-    source.add_argument("--in_memory_binary_criteo_path", metavar="DIR",
+    source.add_argument("--in_memory_binary_criteo_path", type=input_path, metavar="DIR",
                         help="directory of TorchRec's preprocessed day_*_{dense,sparse,labels}.npy files")
-    source.add_argument("--criteo_tsv_path", nargs="+", metavar="FILE",
+    source.add_argument("--criteo_tsv_path", type=input_path, nargs="+", metavar="FILE",
                         help="raw Criteo Kaggle / Terabyte TSV files, in time order")
-    data.add_argument("--synthetic_rows", type=int, default=300_000, help="synthetic: rows to generate")
-    data.add_argument("--synthetic_scale", type=float, default=0.003,
+    data.add_argument("--synthetic_rows", type=int_in(1), default=300_000, help="synthetic: rows to generate")
+    data.add_argument("--synthetic_scale", type=float_in(0, low_open=True), default=0.003,
                       help="synthetic: Criteo Kaggle cardinalities x this")
-    data.add_argument("--synthetic_seed", type=int, default=0, help="synthetic: generator seed")
+    data.add_argument("--synthetic_seed", type=SEED, default=0, help="synthetic: generator seed")
     data.add_argument("--num_embeddings_per_feature", type=_comma_ints, metavar="N,N,...",
                       help="full table size per feature (default: each feature's id space)")
 
     model = parser.add_argument_group("model")
-    model.add_argument("--embedding_dim", type=int, default=64)
+    model.add_argument("--embedding_dim", type=int_in(1), default=64)
     model.add_argument("--dense_arch_layer_sizes", type=_comma_ints, metavar="N,...,EMBEDDING_DIM",
                        help="dense arch layer sizes; the last must equal --embedding_dim "
                             "(default 512,256,EMBEDDING_DIM)")
@@ -67,36 +76,39 @@ def build_parser() -> argparse.ArgumentParser:
                        help="over arch layer sizes, ending in 1 (default 512,512,256,1)")
     model.add_argument("--interaction_type", choices=sorted(INTERACTION_TYPES), default="original",
                        help="original: DLRM's dot interaction; dcn: DLRM_DCN's low-rank cross net")
-    model.add_argument("--dcn_num_layers", type=int, default=3, help="dcn: cross layers")
-    model.add_argument("--dcn_low_rank_dim", type=int, default=512, help="dcn: rank of each cross layer")
+    model.add_argument("--dcn_num_layers", type=int_in(1), default=3, help="dcn: cross layers")
+    model.add_argument("--dcn_low_rank_dim", type=int_in(1), default=512, help="dcn: rank of each cross layer")
 
     train = parser.add_argument_group("training")
-    train.add_argument("--epochs", type=int, default=1)
-    train.add_argument("--batch_size", type=int, default=1024, help="per rank")
+    train.add_argument("--epochs", type=int_in(1), default=1)
+    train.add_argument("--batch_size", type=int_in(1), default=1024, help="per rank")
     train.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="rowwise_adagrad",
                        help="fused optimizer of the tables (the MLPs use Adam)")
-    train.add_argument("--learning_rate", type=float, default=0.05, help="learning rate of the tables")
-    train.add_argument("--dense_learning_rate", type=float, default=1e-3, help="learning rate of the MLPs")
-    train.add_argument("--seed", type=int, default=0, help="model init and data order")
-    train.add_argument("--validation_freq_within_epoch", type=int, metavar="STEPS",
+    train.add_argument("--learning_rate", type=float_in(0, low_open=True), default=0.05,
+                       help="learning rate of the tables")
+    train.add_argument("--dense_learning_rate", type=float_in(0, low_open=True), default=1e-3,
+                       help="learning rate of the MLPs")
+    train.add_argument("--seed", type=SEED, default=0, help="model init and data order")
+    train.add_argument("--validation_freq_within_epoch", type=int_in(1), metavar="STEPS",
                        help="validate every STEPS training steps (default: at the end of each epoch)")
-    train.add_argument("--max_steps", type=int, default=0, help="stop after this many steps (0: no limit)")
-    train.add_argument("--checkpoint_dir", metavar="DIR", help="DCP checkpoints (a directory every rank can reach)")
-    train.add_argument("--checkpoint_freq_within_epoch", type=int, metavar="STEPS",
+    train.add_argument("--max_steps", type=int_in(0), default=0, help="stop after this many steps (0: no limit)")
+    train.add_argument("--checkpoint_dir", type=output_dir, metavar="DIR", help="DCP checkpoints (a directory every rank can reach)")
+    train.add_argument("--checkpoint_freq_within_epoch", type=int_in(1), metavar="STEPS",
                        help="checkpoint every STEPS steps (default: at the end of each epoch)")
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --checkpoint_dir")
+    train.add_argument("--overwrite", action="store_true", help="delete the checkpoints already in --checkpoint_dir")
     train.add_argument("--print_progress", action="store_true", help="progress bar on rank 0")
 
     compression = parser.add_argument_group("compression")
     mapping = compression.add_mutually_exclusive_group()
-    mapping.add_argument("--mappings", metavar="FILE", help="fitted mappings from `lhf fit`")
+    mapping.add_argument("--mappings", type=input_path, metavar="FILE", help="fitted mappings from `lhf fit`")
     mapping.add_argument("--method", choices=mapping_method_names(), default="full",
                          help="fit this mapping method on the training split before training (default: full tables)")
-    compression.add_argument("--compression", type=float, default=10.0,
+    compression.add_argument("--compression", type=COMPRESSION, default=10.0,
                              help="with --method: full bytes / (table + mapping bytes)")
-    compression.add_argument("--learn_dim", type=int, default=8,
+    compression.add_argument("--learn_dim", type=int_in(*LEARN_DIMS), default=8,
                              help="with --method learned/combination: dim of the learned id embeddings")
-    parser.add_argument("--results", metavar="FILE", help="write validation history and test metrics as JSON (rank 0)")
+    parser.add_argument("--results", type=output_file(RESULTS_FORMAT), metavar="FILE", help="write validation history and test metrics as JSON (rank 0)")
     return parser
 
 
@@ -129,7 +141,8 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
                        eval_every_steps=args.validation_freq_within_epoch or 0,
                        checkpoint_dir=args.checkpoint_dir,
                        checkpoint_every_steps=args.checkpoint_freq_within_epoch or 0,
-                       resume=args.resume, max_steps=args.max_steps, progress=args.print_progress)
+                       resume=args.resume, overwrite=args.overwrite, max_steps=args.max_steps,
+                       progress=args.print_progress)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -147,10 +160,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     try:
+        check_outputs(args)
         outcome = run_training(dataset_spec(args), model_config(args), train_config(args),
                                mappings_path=args.mappings, method=args.method, compression=args.compression,
                                learn_dim=args.learn_dim, results_path=args.results)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:
         print(f"dlrm_main: error: {e}", file=sys.stderr)
         return 2
     if dist.get_rank() == 0:

@@ -75,6 +75,9 @@ class CSVSpec:
     _used: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        for key in ("dense", "categorical", "column_names"):
+            if isinstance(getattr(self, key), str):  # a string would be read as one column per character
+                raise ValueError(f"{key} must be a list of column names, got the string {getattr(self, key)!r}")
         used = (self.label, *self.dense, *self.categorical)
         duplicates = sorted({c for c in used if used.count(c) > 1})
         if duplicates:

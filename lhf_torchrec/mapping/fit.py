@@ -2,6 +2,8 @@
 
 from typing import Optional
 
+import torch
+
 from lhf_torchrec.mapping.budget import MAPPING_SHARE, plan_budget
 from lhf_torchrec.mapping.embeddings import EmbeddingsLike
 from lhf_torchrec.mapping.id_mapping import IdMapping
@@ -27,11 +29,10 @@ def fit_mapping(
     ``data`` is an :class:`IdProfile` or an array/tensor of raw id accesses. Give either
     ``num_rows`` or a budget (``total_bytes`` and ``embedding_dim``): then the number of rows is the
     largest whose table, optimizer state and mapping fit (:func:`plan_budget`, which may raise the
-learned methods' ``min_count`` so that their entries fit in ``mapping_share`` of the budget).
-``hyperparams`` go to the estimator (see :mod:`lhf_torchrec.mapping.methods` for their
-defaults). ``embeddings`` (raw
-    id -> vector, see :mod:`lhf_torchrec.mapping.embeddings`) are required by ``learned`` and
-    ``combination``.
+    learned methods' ``min_count`` so that their entries fit in ``mapping_share`` of the budget).
+    ``hyperparams`` go to the estimator (see :mod:`lhf_torchrec.mapping.methods` for their
+    defaults). ``embeddings`` (raw id -> vector, see :mod:`lhf_torchrec.mapping.embeddings`) are
+    required by ``learned`` and ``combination``.
 
     Example::
 
@@ -57,4 +58,8 @@ defaults). ``embeddings`` (raw
         )
         num_rows, hyperparams = plan.num_rows, plan.hyperparams
     estimator = make_estimator(method, num_rows, seed=seed, **hyperparams)
-    return estimator.fit(profile, embeddings, table=table).mapping_
+    mapping = estimator.fit(profile, embeddings, table=table).mapping_
+    if profile is not None and profile.total > 0:
+        hit = mapping.has_entry(torch.from_numpy(profile.ids)).numpy()
+        mapping.entry_share = round(float(profile.counts[hit].sum()) / profile.total, 6)
+    return mapping

@@ -36,7 +36,7 @@ from lhf_torchrec.mapping.hashing import hash_ids
 FORMAT_VERSION = 1
 _INT32_MAX = (1 << 31) - 1
 _INT64_MAX = (1 << 63) - 1
-_KEY_PREFIX = "lhf_torchrec.mapping"
+MAPPINGS_FORMAT = "lhf_torchrec.mapping"
 
 
 def storage_cost(num_entries: int, span: int) -> Tuple[str, int]:
@@ -75,6 +75,7 @@ class IdMapping(nn.Module):
         params: Optional[Mapping] = None,
         layout: Optional[Mapping[str, int]] = None,
         table_name: str = "table",
+        entry_share: Optional[float] = None,
     ) -> None:
         super().__init__()
         if not isinstance(num_rows, (int, np.integer)) or num_rows < 1:
@@ -106,6 +107,9 @@ class IdMapping(nn.Module):
         self.params = dict(params or {})
         self.layout = {k: int(v) for k, v in (layout or {"hashed": num_rows}).items()}
         self.table_name = table_name
+        # Share of the fitting data's id accesses that hit an entry (None: not recorded); a much
+        # lower share on training data means the mapping was fitted on other data.
+        self.entry_share = None if entry_share is None else float(entry_share)
         for name, tensor in tensors.items():
             self.register_buffer(name, tensor.contiguous())
         self._check_rows()
@@ -183,6 +187,19 @@ class IdMapping(nn.Module):
     def nbytes(self) -> int:
         """Bytes of memory the mapping holds (its buffers)."""
         return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def has_entry(self, ids: torch.Tensor) -> torch.Tensor:
+        """True where an id has a stored entry (its row was chosen by fitting, not hashed)."""
+        flat = ids.reshape(-1).to(torch.int64)
+        _, found = self._lookup(flat)
+        if self.storage == "dense" and self.probes == 1:
+            # Dense tables store hash rows for in-span ids without an entry: not entries (an entry
+            # whose row equals its hash row counts as hashed: it maps the same either way).
+            found = found & ~self._hashed_in_span(flat)
+        return found.view(ids.shape)
+
+    def _hashed_in_span(self, ids: torch.Tensor) -> torch.Tensor:
+        return self._lookup(ids)[0] == self.hash_offset + hash_ids(ids, self.hash_rows, self.seed)
 
     # ------------------------------------------------------------------ applying
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -267,7 +284,7 @@ class IdMapping(nn.Module):
 
     # ------------------------------------------------------------------ description and persistence
     def metadata(self) -> Dict:
-        return {
+        meta = {
             "format_version": FORMAT_VERSION,
             "table_name": self.table_name,
             "method": self.method,
@@ -283,6 +300,9 @@ class IdMapping(nn.Module):
             "layout": self.layout,
             "nbytes": self.nbytes,
         }
+        if self.entry_share is not None:  # absent, files written before it was recorded keep their checksum
+            meta["entry_share"] = self.entry_share
+        return meta
 
     def _state_tensors(self) -> Dict[str, torch.Tensor]:
         return {name: buf.detach().cpu().contiguous() for name, buf in self.named_buffers()}
@@ -340,7 +360,7 @@ def save_mappings(path: str, mappings: Mapping[str, IdMapping]) -> None:
     from safetensors.torch import save as safetensors_save
 
     tensors: Dict[str, torch.Tensor] = {}
-    header: Dict[str, str] = {"format": _KEY_PREFIX, "format_version": str(FORMAT_VERSION)}
+    header: Dict[str, str] = {"format": MAPPINGS_FORMAT, "format_version": str(FORMAT_VERSION)}
     for table, mapping in mappings.items():
         if "/" in table:
             raise ValueError(f"table name '{table}' may not contain '/'")
@@ -366,7 +386,7 @@ def load_mappings(path: str, device: Optional[torch.device] = None) -> Dict[str,
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{path}: not a readable safetensors mapping file ({e})") from e
-    if header.get("format") != _KEY_PREFIX:
+    if header.get("format") != MAPPINGS_FORMAT:
         raise ValueError(f"{path}: not an lhf_torchrec mapping file (header format={header.get('format')!r})")
     if header.get("format_version") != str(FORMAT_VERSION):
         raise ValueError(
@@ -398,6 +418,7 @@ def load_mappings(path: str, device: Optional[torch.device] = None) -> Dict[str,
                 params=meta["params"],
                 layout=meta["layout"],
                 table_name=table,
+                entry_share=meta.get("entry_share"),
             )
         except (KeyError, ValueError, TypeError) as e:
             raise ValueError(f"{path}: mapping of table '{table}' is malformed ({e})") from e

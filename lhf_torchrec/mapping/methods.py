@@ -231,11 +231,14 @@ class LearnedClustering(MappingEstimator):
 
     def _candidates(self, profile: IdProfile, start: int, stop: int, embeddings, table: str):
         ids = ranked_ids(profile)[start:stop]
-        has, vectors = embeddings_of(embeddings, ids, table)
+        has, vectors = embeddings_of(embeddings, ids, table)  # vectors of the ids that have one
+        if ids.size and not has.any():
+            raise ValueError(f"table '{table}': none of the {ids.size} ids to cluster has an embedding "
+                             f"(embeddings of another table or data?)")
         if not has.all():
             logger.warning("table '%s': %d of %d ids to cluster have no embedding; they are hashed",
                            table, int((~has).sum()), ids.size)
-        return ids[has], vectors[torch.from_numpy(has)], profile.counts_of(ids[has])
+        return ids[has], vectors, profile.counts_of(ids[has])
 
     def _cluster(self, ids: np.ndarray, vectors: torch.Tensor, counts: np.ndarray, k: int) -> np.ndarray:
         weights = torch.from_numpy(counts).to(vectors.dtype)

@@ -180,8 +180,38 @@ class RemappedEmbeddingBagCollection(nn.Module):
         return self.ebc.is_weighted()
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        self._check_keys(features)
         inner, batch = self.remapper.preprocess(features)
+        self._check_pass_through_ids(inner)
         return self.remapper.postprocess(self.ebc(inner), batch)
+
+    def _check_keys(self, features: KeyedJaggedTensor) -> None:
+        """Names the feature and table of a missing key, where the EBC would raise a bare KeyError."""
+        keys = set(features.keys())
+        missing = [f"{f} (table {t.name})" for t in self.remapper.full_configs for f in t.feature_names
+                   if f not in keys]
+        if missing:  # no quotes inside: KeyError shows its message quoted
+            raise KeyError(f"the input KeyedJaggedTensor lacks features {', '.join(missing)}; "
+                           f"it has {', '.join(features.keys())}")
+
+    def _check_pass_through_ids(self, inner: KeyedJaggedTensor) -> None:
+        """Names the feature and table of an id outside a table the method does not compress (whose
+        rows are the raw ids or a vocabulary's), where the lookup would fail with torch's bare range
+        message. Compressed tables are in range by construction. CPU only: on accelerators the check
+        would sync every batch, and FBGEMM's bounds check handles out-of-range ids there."""
+        if inner.values().device.type != "cpu":
+            return
+        compressed = set(self.remapper.compressed_tables)
+        for key, values, _ in split_per_key(inner):
+            table = self.remapper.feature_to_table.get(key)
+            if table is None or table in compressed or not values.numel():
+                continue
+            rows = self.remapper.full_rows(table)
+            low, high = torch.aminmax(values)
+            if int(low) < 0 or int(high) >= rows:
+                bad = int(low) if int(low) < 0 else int(high)
+                raise ValueError(f"feature '{key}': id {bad} is outside table '{table}' [0, {rows}), "
+                                 f"which has no mapping to place it")
 
 
 def split_per_key(features: KeyedJaggedTensor) -> Iterator[Tuple[str, torch.Tensor, torch.Tensor]]:

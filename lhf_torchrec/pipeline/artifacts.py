@@ -1,8 +1,9 @@
 """Files between pipeline steps: access profiles and learned embeddings, as safetensors.
 
 Mappings have their own format (:func:`lhf_torchrec.save_mappings`). Everything is written
-atomically and read without unpickling; a file of the wrong kind, or one missing a table the run
-needs, is an error that names the file and the table.
+atomically and read without unpickling; every table carries a sha256 checksum of its tensors and
+metadata that loading verifies. A file of the wrong kind, a corrupted table, or a file missing a
+table the run needs is an error that names the file and the table.
 """
 
 import json
@@ -12,18 +13,25 @@ from typing import Dict, Iterable, List, Tuple
 import torch
 from torchrec import EmbeddingBagConfig
 
-from lhf_torchrec.files import atomic_write
+from lhf_torchrec.files import atomic_write, tensors_checksum
 from lhf_torchrec.mapping.embeddings import IdEmbeddings
 from lhf_torchrec.mapping.profile import IdProfile
 
-_PROFILES = "lhf_torchrec.profiles/1"
-_EMBEDDINGS = "lhf_torchrec.embeddings/1"
+PROFILES_FORMAT = "lhf_torchrec.profiles/1"
+EMBEDDINGS_FORMAT = "lhf_torchrec.embeddings/1"
+#: ``lhf train --results``: metrics as JSON, with this ``"format"``.
+RESULTS_FORMAT = "lhf_torchrec.results/1"
+
+
+def _table_tensors(tensors: Dict[str, torch.Tensor], table: str) -> Dict[str, torch.Tensor]:
+    return {k: v for k, v in tensors.items() if k.split("/", 1)[0] == table}
 
 
 def _save(path: str, kind: str, tensors: Dict[str, torch.Tensor], tables: Dict[str, Dict]) -> None:
     from safetensors.torch import save
 
-    header = {"format": kind, "tables": json.dumps(tables)}
+    checksums = {name: tensors_checksum(_table_tensors(tensors, name), meta) for name, meta in tables.items()}
+    header = {"format": kind, "tables": json.dumps(tables), "checksums": json.dumps(checksums)}
     with atomic_write(path) as f:
         f.write(save({k: v.contiguous() for k, v in tensors.items()}, metadata=header))
 
@@ -38,10 +46,16 @@ def _load(path: str, kind: str):
             header = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
         tables = json.loads(header.get("tables", "{}"))
+        checksums = json.loads(header.get("checksums", "{}"))
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
     if header.get("format") != kind:
         raise ValueError(f"{path}: holds {header.get('format')!r}, expected {kind!r}")
+    for name, meta in tables.items():
+        if name not in checksums:
+            raise ValueError(f"{path}: table '{name}' has no checksum (written by an older version?); re-create the file")
+        if tensors_checksum(_table_tensors(tensors, name), meta) != checksums[name]:
+            raise ValueError(f"{path}: checksum mismatch for table '{name}': the file is corrupted or was edited")
     return tensors, tables
 
 
@@ -54,12 +68,12 @@ def save_profiles(path: str, profiles: Dict[str, IdProfile], tables: List[Embedd
         tensors[f"{t.name}/counts"] = torch.from_numpy(p.counts)
         meta[t.name] = {"total": p.total, "capacity": p.capacity, "error_bound": p.error_bound,
                         "num_embeddings": t.num_embeddings, "feature_names": list(t.feature_names)}
-    _save(path, _PROFILES, tensors, meta)
+    _save(path, PROFILES_FORMAT, tensors, meta)
 
 
 def load_profiles(path: str, embedding_dim: int) -> Tuple[Dict[str, IdProfile], List[EmbeddingBagConfig]]:
     """The profiles and their tables (with ``embedding_dim``), as :func:`save_profiles` wrote them."""
-    tensors, meta = _load(path, _PROFILES)
+    tensors, meta = _load(path, PROFILES_FORMAT)
     profiles = {
         name: IdProfile(tensors[f"{name}/ids"].numpy(), tensors[f"{name}/counts"].numpy(), int(m["total"]),
                         m["capacity"], int(m["error_bound"]))
@@ -76,11 +90,11 @@ def save_embeddings(path: str, embeddings: Dict[str, IdEmbeddings]) -> None:
         tensors[f"{name}/ids"] = torch.from_numpy(e.ids)
         tensors[f"{name}/vectors"] = e.vectors.detach().cpu().float()
         tables[name] = {"dim": e.dim}
-    _save(path, _EMBEDDINGS, tensors, tables)
+    _save(path, EMBEDDINGS_FORMAT, tensors, tables)
 
 
 def load_embeddings(path: str) -> Dict[str, IdEmbeddings]:
-    tensors, tables = _load(path, _EMBEDDINGS)
+    tensors, tables = _load(path, EMBEDDINGS_FORMAT)
     return {name: IdEmbeddings(tensors[f"{name}/ids"].numpy(), tensors[f"{name}/vectors"]) for name in tables}
 
 

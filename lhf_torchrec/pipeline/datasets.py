@@ -20,6 +20,7 @@ from typing import List, Optional, Sequence, Tuple
 from torchrec import EmbeddingBagConfig
 
 from lhf_torchrec.data import (
+    CTRData,
     CTRSource,
     CriteoNpyDays,
     CriteoTSV,
@@ -67,6 +68,8 @@ class DatasetSpec:
             raise ValueError(f"unknown dataset '{self.kind}'; choose one of {', '.join(DATASET_KINDS)}")
         if self.kind in ("criteo-tsv", "criteo-npy", "csv") and not self.paths:
             raise ValueError(f"dataset '{self.kind}' needs data paths")
+        if len(self.split) != 3:
+            raise ValueError(f"split needs 3 fractions (train, validation, test), got {list(self.split)}")
         if self.kind == "csv" and not self.csv_spec:
             raise ValueError("dataset 'csv' needs a column spec (a JSON file with label, dense, categorical)")
 
@@ -80,6 +83,8 @@ def read_csv_spec(path: str) -> CSVSpec:
     try:
         with open(path) as f:
             fields = json.load(f)
+        if not isinstance(fields, dict):
+            raise ValueError(f"expected a JSON object, got {type(fields).__name__}")
         return CSVSpec(**fields)
     except FileNotFoundError:
         raise FileNotFoundError(f"CSV spec {path} does not exist") from None
@@ -106,15 +111,33 @@ def load_split(spec: DatasetSpec, embedding_dim: int, progress: bool = True) -> 
         sizes = [CSV_HASH_SPACE] * len(source.feature_names)
     else:
         source, sizes = load_movielens_100k(), None
+    where = f"dataset '{spec.kind}'" + (f" ({', '.join(map(str, spec.paths))})" if spec.paths else "")
+    if len(source) == 0:
+        raise ValueError(f"{where} has no data rows")
     if spec.num_embeddings_per_feature is not None:
         sizes = _checked_sizes(spec.num_embeddings_per_feature, source.feature_names)
+        if isinstance(source, CTRData):  # in memory: one cheap pass (file sources are checked at lookup)
+            _check_ids_fit(sizes, source)
     if sizes is None:
         sizes = [max(1, n) for n in source.num_embeddings_per_feature()]
     train, validation, test = time_split(source, spec.split)
+    if len(train) == 0:
+        raise ValueError(f"{where}: the training split of its {len(source)} rows is empty")
     return SplitData(spec.name, train, validation, test, make_tables(source.feature_names, sizes, embedding_dim))
 
 
 def _checked_sizes(sizes: Sequence[int], features: Sequence[str]) -> List[int]:
     if len(sizes) != len(features):
-        raise ValueError(f"--num_embeddings_per_feature has {len(sizes)} values for {len(features)} features")
+        raise ValueError(f"--num-embeddings-per-feature has {len(sizes)} values for {len(features)} features")
+    bad = [f"{f}={n}" for f, n in zip(features, sizes) if int(n) < 1]
+    if bad:
+        raise ValueError(f"--num-embeddings-per-feature: table sizes must be >= 1, got {', '.join(bad)}")
     return [int(n) for n in sizes]
+
+
+def _check_ids_fit(sizes: Sequence[int], source: CTRData) -> None:
+    seen = source.num_embeddings_per_feature()
+    small = [f"{f} has ids up to {n - 1} but a table of {size}" for f, n, size in zip(source.feature_names, seen, sizes)
+             if n > size]
+    if small:
+        raise ValueError(f"--num-embeddings-per-feature: tables smaller than the ids of the data: {'; '.join(small)}")

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import List, Sequence
 
+from lhf_torchrec.files import atomic_write
 from lhf_torchrec.pipeline.compare import (
     RunRecord,
     compare_methods,
@@ -42,6 +43,13 @@ class DemoConfig:
     seed: int = 0
     out_dir: str = "runs/demo"
 
+    def __post_init__(self) -> None:
+        if self.compression < 1:
+            raise ValueError(f"DemoConfig: compression must be >= 1 (full bytes / compressed bytes), got {self.compression}")
+        if self.rows < 1 or self.epochs < 1 or self.scale <= 0:
+            raise ValueError(f"DemoConfig: rows and epochs must be >= 1 and scale > 0, got rows={self.rows}, "
+                             f"epochs={self.epochs}, scale={self.scale}")
+
 
 def run_demo(config: DemoConfig = DemoConfig(), methods: Sequence[str] = DEMO_METHODS) -> List[RunRecord]:
     """Runs the demo and writes ``results.json``, ``results.md`` and ``quality_vs_bytes.png``."""
@@ -67,10 +75,9 @@ def run_demo(config: DemoConfig = DemoConfig(), methods: Sequence[str] = DEMO_ME
             f"tables at equal total bytes, {config.epochs} epoch(s), {elapsed:.0f} s\n\n{table}\n"
         )
         print("\n" + summary)
-        os.makedirs(config.out_dir, exist_ok=True)
         write_records(records, os.path.join(config.out_dir, "results.json"))
-        with open(os.path.join(config.out_dir, "results.md"), "w") as f:
-            f.write(summary)
+        with atomic_write(os.path.join(config.out_dir, "results.md")) as f:
+            f.write(summary.encode())
         plot_path = os.path.join(config.out_dir, "quality_vs_bytes.png")
         plot_quality_vs_bytes(rows, plot_path, title=f"synthetic, {config.compression:g}x compression")
         print(f"wrote {config.out_dir}/results.json, results.md and {plot_path}")

@@ -6,19 +6,23 @@ configs must be the same on every rank (the sharder checks the mappings).
 
 import json
 import logging
-import os
 from dataclasses import asdict
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
+import torch
+from torchrec import EmbeddingBagConfig
+
+from lhf_torchrec.data.source import CTRSource
 from lhf_torchrec.files import atomic_write
-from lhf_torchrec.mapping.id_mapping import load_mappings
+from lhf_torchrec.mapping.id_mapping import IdMapping, load_mappings
+from lhf_torchrec.pipeline.artifacts import RESULTS_FORMAT
 from lhf_torchrec.pipeline.datasets import DatasetSpec, load_split
 from lhf_torchrec.pipeline.methods import FitInputs, fit_method, get_method
 from lhf_torchrec.pipeline.steps import learn_embeddings, profile_tables
 from lhf_torchrec.training.compression import LearnedHashing
 from lhf_torchrec.training.model import ModelConfig
 from lhf_torchrec.training.runtime import init_runtime
-from lhf_torchrec.training.trainer import TrainConfig, Trainer, latest_checkpoint
+from lhf_torchrec.training.trainer import TrainConfig, Trainer, check_checkpoint_dir, latest_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +47,8 @@ def run_training(
     history and test metrics.
     """
     runtime = init_runtime()
+    if not evaluate_only:
+        check_checkpoint_dir(train_config)  # before any work: never train for nothing
     data = load_split(dataset, model_config.embedding_dim, progress=runtime.is_main)
     if mappings_path:
         mappings = load_mappings(mappings_path)
@@ -51,6 +57,8 @@ def run_training(
         if unknown:
             raise ValueError(f"{mappings_path} maps tables {unknown}, which this dataset's model does not have "
                              f"(its tables: {names})")
+        if runtime.is_main:
+            warn_unseen_ids(mappings_path, mappings, data.train, data.tables, train_config.batch_size)
     else:
         if not get_method(method).maps_ids:
             raise ValueError(f"method '{method}' is not a mapping method; train it with lhf bench quality")
@@ -75,6 +83,7 @@ def run_training(
                    "resumed_from_step": result.resumed_from_step}
     outcome["test"] = trainer.evaluate(data.test)
     outcome.update(
+        format=RESULTS_FORMAT,
         dataset=asdict(dataset),
         model=asdict(model_config),
         train=asdict(train_config),
@@ -86,8 +95,49 @@ def run_training(
     if runtime.is_main:
         logger.info("test %s", outcome["test"])
         if results_path:
-            os.makedirs(os.path.dirname(os.path.abspath(results_path)), exist_ok=True)
             with atomic_write(results_path) as f:
                 f.write(json.dumps(outcome, indent=1).encode())
     return outcome
 
+
+
+#: Training batches sampled by :func:`warn_unseen_ids`.
+COVERAGE_SAMPLE_BATCHES = 8
+
+
+def warn_unseen_ids(
+    source_name: str,
+    mappings: Mapping[str, IdMapping],
+    train: CTRSource,
+    tables: List[EmbeddingBagConfig],
+    batch_size: int,
+) -> Dict[str, float]:
+    """Warns, per table, when far fewer training id accesses have an entry in the mapping than had
+    one on the data it was fitted on (a mapping fitted on other data: most ids are merely hashed).
+
+    Samples the first :data:`COVERAGE_SAMPLE_BATCHES` training batches; returns the share of
+    sampled accesses without an entry per table with a recorded ``entry_share``.
+    """
+    values: Dict[str, List[torch.Tensor]] = {}
+    batches = train.batches(batch_size)
+    for _, batch in zip(range(COVERAGE_SAMPLE_BATCHES), batches):
+        for feature, jagged in batch.sparse_features.to_dict().items():
+            values.setdefault(feature, []).append(jagged.values())
+    unseen: Dict[str, float] = {}
+    for t in tables:
+        mapping = mappings.get(t.name)
+        sampled = [v for f in t.feature_names for v in values.get(f, [])]
+        if mapping is None or mapping.entry_share is None or mapping.num_entries == 0 or not sampled:
+            continue
+        ids = torch.cat(sampled)
+        if not ids.numel():
+            continue
+        unseen[t.name] = 1.0 - float(mapping.has_entry(ids).float().mean())
+        expected = 1.0 - mapping.entry_share
+        if (1.0 - unseen[t.name]) < 0.5 * mapping.entry_share:
+            logger.warning(
+                "%s: table '%s': %.0f%% of the id accesses in a sample of the training data (%d) have no entry in "
+                "its mapping, against %.0f%% on the data the mapping was fitted on: it was fitted on other data, "
+                "and those ids are only hashed", source_name, t.name, 100 * unseen[t.name], ids.numel(),
+                100 * expected)
+    return unseen

@@ -6,13 +6,19 @@ validates periodically, and checkpoints with ``torch.distributed.checkpoint``.
 
 Checkpoints hold tensors only (model, optimizer state, progress), so loading one never unpickles
 anything; beside them ``lhf_checkpoint.json`` describes the model (architecture, tables, mapping
-fingerprints), and loading a checkpoint of another model is an error that names the difference.
-A checkpoint directory is written as ``step_N.partial`` and renamed to ``step_N`` once every rank
-has finished, so a killed run leaves only complete checkpoints and loses at most the steps since
-the last one. ``resume=True`` continues from the latest: data order is a fixed function of
+fingerprints) and what the result depends on (batch size, learning rates, seed, world size, the
+training data), with a checksum and the size of every file of the checkpoint. Loading a
+checkpoint of another model, or resuming with other settings, is an error that names the
+difference. A checkpoint directory is written as ``step_N.partial`` and renamed to ``step_N`` once
+every rank has finished, so a killed run leaves only complete checkpoints and loses at most the
+steps since the last one. ``resume=True`` continues from the latest complete and intact
+checkpoint (a corrupted one is reported and skipped): data order is a fixed function of
 (seed, epoch), so a resumed run trains on exactly the batches the uninterrupted run would have.
+A directory that already holds checkpoints is never written over without ``resume`` or
+``overwrite``.
 """
 
+import hashlib
 import itertools
 import json
 import logging
@@ -40,6 +46,7 @@ from tqdm.auto import tqdm
 
 from lhf_torchrec.data.source import CTRSource
 from lhf_torchrec.distributed.planner import LearnedHashPlanner
+from lhf_torchrec.files import atomic_write, check_output_dir
 from lhf_torchrec.mapping.budget import OPTIMIZERS
 from lhf_torchrec.training.compression import (
     TABLE_WEIGHT_KEY,
@@ -55,6 +62,9 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_META = "lhf_checkpoint.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+_CHECKPOINT_FORMAT = "lhf_torchrec.checkpoint/2"
+#: Batches whose ids and labels fingerprint the training data in a checkpoint.
+_DATA_FINGERPRINT_BATCHES = 2
 
 
 @dataclass
@@ -72,6 +82,7 @@ class TrainConfig:
     checkpoint_dir: Optional[str] = None
     checkpoint_every_steps: int = 0  # 0: at the end of each epoch only
     resume: bool = False
+    overwrite: bool = False  # delete the checkpoints already in checkpoint_dir (else they are an error)
     max_steps: int = 0  # 0: no limit
     progress: bool = True
 
@@ -92,7 +103,30 @@ class TrainResult:
 
 
 class CheckpointMismatchError(ValueError):
-    """A checkpoint written by a different model (architecture, tables or mappings)."""
+    """A checkpoint written by a different model (architecture, tables or mappings), or, when
+    resuming, with other settings or data."""
+
+
+class CheckpointCorruptError(ValueError):
+    """A checkpoint whose files are unreadable, truncated or edited."""
+
+
+def check_checkpoint_dir(config: TrainConfig) -> None:
+    """Before training: ``checkpoint_dir`` must be a writable directory, and checkpoints already
+    in it are refused unless the run resumes them or ``overwrite`` deletes them."""
+    directory = config.checkpoint_dir
+    if not directory:
+        return
+    check_output_dir(directory, flag="checkpoint directory")
+    if config.resume and config.overwrite:
+        raise ValueError("resume and overwrite exclude each other: continue the checkpoints or replace them")
+    found = checkpoints(directory)
+    if found and not (config.resume or config.overwrite):
+        raise ValueError(
+            f"checkpoint directory {directory} already holds {len(found)} checkpoint(s) of an earlier run "
+            f"(latest: {os.path.basename(found[-1])}); resume them (--resume), replace them (--overwrite), "
+            f"or choose another directory"
+        )
 
 
 class Trainer:
@@ -151,15 +185,24 @@ class Trainer:
         self._batch_in_epoch = 0
         self._epoch = 0
         self._callback_steps: FrozenSet[int] = frozenset()
+        self._data_fingerprint: Optional[Dict[str, Any]] = None  # set by fit()
 
     # ------------------------------------------------------------------ training
     def fit(self, train: CTRSource, validation: Optional[CTRSource] = None) -> TrainResult:
         """Trains for ``epochs`` (or ``max_steps``), validating and checkpointing on the way."""
         cfg = self.config
         result = TrainResult(steps=0, train_seconds=0.0)
-        if cfg.resume and cfg.checkpoint_dir:
-            result.resumed_from_step = self.load_latest_checkpoint(cfg.checkpoint_dir)
         per_epoch = steps_per_epoch(len(train), cfg.batch_size, self.runtime.world_size)
+        if per_epoch == 0:
+            raise ValueError(f"the training data has {len(train):,} rows, fewer than one global batch "
+                             f"({cfg.batch_size} per rank x {self.runtime.world_size} ranks)")
+        if cfg.checkpoint_dir:
+            self._data_fingerprint = data_fingerprint(train, cfg.batch_size)
+            check_checkpoint_dir(cfg)
+            if cfg.overwrite:
+                self._delete_checkpoints(cfg.checkpoint_dir)
+            if cfg.resume:
+                result.resumed_from_step = self.load_latest_checkpoint(cfg.checkpoint_dir, resume=True)
         self._callback_steps = (frozenset(self.compression.callback_steps(per_epoch)) if self.compression is not None
                                 else frozenset())
         total = per_epoch * cfg.epochs if not cfg.max_steps else min(cfg.max_steps, per_epoch * cfg.epochs)
@@ -278,14 +321,28 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def _describe(self) -> Dict[str, Any]:
+        """What a checkpoint's model is: loading it into another model is an error."""
         return {
-            "format": "lhf_torchrec.checkpoint/1",
+            "format": _CHECKPOINT_FORMAT,
             "model_config": asdict(self.model_config),
             "tables": {t.name: {"num_embeddings": t.num_embeddings, "embedding_dim": t.embedding_dim,
                                 "features": list(t.feature_names)} for t in self.tables},
             "compression": self.compression.fingerprint() if self.compression is not None else {},
             "optimizer": self.config.optimizer,
         }
+
+    def _result_settings(self) -> Dict[str, Any]:
+        """What else the result of a run depends on: resuming with anything different is an error."""
+        cfg = self.config
+        return {"batch_size": cfg.batch_size, "sparse_lr": cfg.sparse_lr, "dense_lr": cfg.dense_lr, "seed": cfg.seed,
+                "shuffle": cfg.shuffle, "world_size": self.runtime.world_size, "data": self._data_fingerprint}
+
+    def _delete_checkpoints(self, directory: str) -> None:
+        if self.runtime.is_main:
+            for path in checkpoints(directory, partial=True):
+                logger.warning("--overwrite: deleting checkpoint %s", path)
+                shutil.rmtree(path)
+        dist.barrier()
 
     def _state(self) -> Dict[str, Any]:
         return {
@@ -309,26 +366,34 @@ class Trainer:
         dcp.save(self._state(), checkpoint_id=partial)
         dist.barrier()
         if self.runtime.is_main:
-            meta = {**self._describe(), "step": self.step, "world_size": self.runtime.world_size}
-            with open(os.path.join(partial, CHECKPOINT_META), "w") as f:
-                json.dump(meta, f, indent=1, sort_keys=True)
+            meta = {**self._describe(), "settings": self._result_settings(), "step": self.step,
+                    "files": {name: os.path.getsize(os.path.join(partial, name)) for name in sorted(os.listdir(partial))}}
+            meta["checksum"] = _json_checksum(meta)
+            with atomic_write(os.path.join(partial, CHECKPOINT_META)) as f:
+                f.write(json.dumps(meta, indent=1, sort_keys=True).encode())
             shutil.rmtree(final, ignore_errors=True)
             os.replace(partial, final)
         dist.barrier()
         return final
 
-    def load_checkpoint(self, path: str) -> int:
-        """Loads a checkpoint directory written by :meth:`save_checkpoint`; returns its step."""
-        meta_path = os.path.join(path, CHECKPOINT_META)
-        if not os.path.isfile(meta_path):
-            raise FileNotFoundError(f"{path} is not a complete lhf_torchrec checkpoint (no {CHECKPOINT_META})")
-        with open(meta_path) as f:
-            saved = json.load(f)
+    def load_checkpoint(self, path: str, *, resume: bool = False) -> int:
+        """Loads a checkpoint directory written by :meth:`save_checkpoint`; returns its step.
+
+        With ``resume`` (called by :meth:`fit`) the settings the result depends on must match too.
+        Raises :class:`CheckpointCorruptError` for unreadable, truncated or edited files and
+        :class:`CheckpointMismatchError` for a checkpoint of another model or other settings.
+        """
+        saved = read_checkpoint_meta(path)
         ours = self._describe()
         for key in ours:
             if saved.get(key) != ours[key]:
                 detail = _first_difference(saved.get(key), ours[key], key)
                 raise CheckpointMismatchError(f"checkpoint {path} was written by another model: {detail}")
+        if resume and saved.get("settings") != self._result_settings():
+            detail = _first_difference(saved.get("settings"), self._result_settings(), "settings")
+            raise CheckpointMismatchError(
+                f"checkpoint {path} (step {saved.get('step')}) was written with other settings: {detail}; resume "
+                f"with the same settings, or start a new run in another checkpoint directory")
         # Lazy optimizer state must exist before it can be loaded into.
         self.optimizer.init_state()
         full_state = self.optimizer.state_dict()
@@ -337,7 +402,8 @@ class Trainer:
         try:
             dcp.load(state, checkpoint_id=path)
         except Exception as e:  # DCP raises a CheckpointException wrapping each rank's error
-            raise CheckpointMismatchError(f"checkpoint {path} does not fit this model: {e}") from e
+            raise CheckpointCorruptError(
+                f"checkpoint {path} (step {saved.get('step')}) could not be loaded: {_first_line(e)}") from e
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(full_state)
         progress = state["progress"]
@@ -346,21 +412,89 @@ class Trainer:
         self._batch_in_epoch = int(progress["batch_in_epoch"])
         return self.step
 
-    def load_latest_checkpoint(self, directory: str) -> Optional[int]:
-        """Loads the newest complete checkpoint under ``directory``; None when there is none."""
-        latest = latest_checkpoint(directory)
-        if latest is None:
+    def load_latest_checkpoint(self, directory: str, *, resume: bool = False) -> Optional[int]:
+        """Loads the newest intact checkpoint under ``directory``; None when there is none.
+
+        A corrupted checkpoint is reported (path, step, what is wrong) and the previous one is
+        tried; when every checkpoint is corrupted the error lists them.
+        """
+        found = checkpoints(directory)
+        if not found:
             logger.info("no checkpoint under %s: starting from scratch", directory)
             return None
-        return self.load_checkpoint(latest)
+        problems = []
+        for path in reversed(found):
+            try:
+                return self.load_checkpoint(path, resume=resume)
+            except CheckpointCorruptError as e:
+                logger.warning("%s; falling back to the previous checkpoint", e)
+                problems.append(str(e))
+        raise CheckpointCorruptError(f"no intact checkpoint under {directory}: " + "; ".join(problems))
+
+
+def checkpoints(directory: str, *, partial: bool = False) -> List[str]:
+    """The complete ``step_N`` checkpoints under ``directory``, oldest first (with ``partial``, also
+    the ``.partial`` ones of a killed run)."""
+    if not os.path.isdir(directory):
+        return []
+    steps = []
+    for name in os.listdir(directory):
+        base = name[: -len(".partial")] if partial and name.endswith(".partial") else name
+        if match := _STEP_DIR.match(base):
+            steps.append((int(match.group(1)), name))
+    return [os.path.join(directory, name) for _, name in sorted(steps)]
 
 
 def latest_checkpoint(directory: str) -> Optional[str]:
     """The complete ``step_N`` checkpoint with the largest N (``.partial`` ones are ignored)."""
-    if not os.path.isdir(directory):
-        return None
-    steps = [(int(m.group(1)), name) for name in os.listdir(directory) if (m := _STEP_DIR.match(name))]
-    return os.path.join(directory, max(steps)[1]) if steps else None
+    found = checkpoints(directory)
+    return found[-1] if found else None
+
+
+def read_checkpoint_meta(path: str) -> Dict[str, Any]:
+    """The verified ``lhf_checkpoint.json`` of checkpoint ``path``: checksum, and every file the
+    checkpoint wrote present at its size. Raises :class:`CheckpointCorruptError` naming the
+    checkpoint, its step and the problem."""
+    meta_path = os.path.join(path, CHECKPOINT_META)
+    step = _STEP_DIR.match(os.path.basename(path))
+    where = f"checkpoint {path} (step {int(step.group(1)) if step else '?'})"
+    if not os.path.isfile(meta_path):
+        raise CheckpointCorruptError(f"{where} is not a complete lhf_torchrec checkpoint (no {CHECKPOINT_META})")
+    try:
+        with open(meta_path, "rb") as f:
+            meta = json.loads(f.read())
+    except (OSError, ValueError) as e:
+        raise CheckpointCorruptError(f"{where}: {CHECKPOINT_META} is not readable JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("checksum") != _json_checksum(meta):
+        raise CheckpointCorruptError(f"{where}: {CHECKPOINT_META} fails its checksum (corrupted, edited, or "
+                                     f"written by an older version)")
+    for name, size in meta["files"].items():
+        file = os.path.join(path, name)
+        actual = os.path.getsize(file) if os.path.isfile(file) else None
+        if actual != size:
+            state = "is missing" if actual is None else f"has {actual:,} bytes, {size:,} written (truncated?)"
+            raise CheckpointCorruptError(f"{where}: file {name} {state}")
+    return meta
+
+
+def _json_checksum(meta: Dict[str, Any]) -> str:
+    body = {k: v for k, v in meta.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def data_fingerprint(train: CTRSource, batch_size: int) -> Dict[str, Any]:
+    """Rows, features and a hash of the first batches (in order) of the training data."""
+    digest = hashlib.sha256()
+    for batch in itertools.islice(train.batches(batch_size), _DATA_FINGERPRINT_BATCHES):
+        kjt = batch.sparse_features
+        for tensor in (kjt.values(), kjt.lengths(), batch.dense_features, batch.labels):
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return {"rows": len(train), "features": list(train.feature_names), "sample_sha256": digest.hexdigest()}
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def steps_per_epoch(num_rows: int, batch_size: int, world_size: int) -> int:

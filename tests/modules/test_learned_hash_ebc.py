@@ -336,3 +336,22 @@ def test_mappings_never_go_to_meta():
     module = LearnedHashEmbeddingBagCollection(make_tables(), make_mappings(), device=torch.device("meta"))
     assert all(p.device.type == "meta" for p in module.ebc.parameters())
     assert all(b.device.type == "cpu" for b in module.remapper.buffers())
+
+
+def test_a_missing_kjt_key_names_feature_and_table():
+    module = build(make_tables(), make_mappings())
+    keys = [f for t in make_tables() for f in t.feature_names if f != "item"]
+    kjt = KeyedJaggedTensor.from_lengths_sync(keys=keys, values=torch.ones(len(keys), dtype=torch.int64),
+                                              lengths=torch.ones(len(keys), dtype=torch.int64))
+    with pytest.raises(KeyError, match=r"lacks features item \(table t_item\); it has user, user_hist, sparse"):
+        module(kjt)
+
+
+@pytest.mark.parametrize("bad", [-1, 100])
+def test_ids_outside_a_table_without_mapping_name_feature_and_table(bad):
+    module = build(make_tables(), make_mappings())
+    keys = [f for t in make_tables() for f in t.feature_names]
+    values = torch.tensor([bad if k == "plain" else 1 for k in keys])
+    kjt = KeyedJaggedTensor.from_lengths_sync(keys=keys, values=values, lengths=torch.ones(len(keys), dtype=torch.int64))
+    with pytest.raises(ValueError, match=rf"feature 'plain': id {bad} is outside table 't_plain' \[0, 100\)"):
+        module(kjt)

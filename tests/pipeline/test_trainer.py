@@ -1,4 +1,7 @@
+import hashlib
 import os
+import re
+import shutil
 
 import pytest
 import torch
@@ -6,7 +9,14 @@ import torch
 from lhf_torchrec.pipeline.steps import fit_mappings, profile_tables
 from lhf_torchrec.training.model import ModelConfig
 from lhf_torchrec.training.compression import LearnedHashing
-from lhf_torchrec.training.trainer import CheckpointMismatchError, TrainConfig, Trainer, latest_checkpoint
+from lhf_torchrec.training.trainer import (
+    CHECKPOINT_META,
+    CheckpointCorruptError,
+    CheckpointMismatchError,
+    TrainConfig,
+    Trainer,
+    latest_checkpoint,
+)
 
 MODEL = ModelConfig(embedding_dim=8, dense_arch_layer_sizes=[16], over_arch_layer_sizes=[16, 1])
 
@@ -72,3 +82,75 @@ def test_table_weights_gather_full_tables(tiny_split, mappings):
         rows = mappings[t.name].num_rows if t.name in mappings else t.num_embeddings
         assert weights[t.name].shape == (rows, 8)
         assert torch.isfinite(weights[t.name]).all()
+
+
+def _tree_digest(directory: str) -> str:
+    digest = hashlib.sha256()
+    for root, _, files in sorted(os.walk(directory)):
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            digest.update(os.path.relpath(path, directory).encode())
+            digest.update(open(path, "rb").read())
+    return digest.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tiny_split, mappings, tmp_path_factory):
+    """A run stopped at step 4 with checkpoints at steps 2 and 4."""
+    ckpt = str(tmp_path_factory.mktemp("two") / "ckpt")
+    _trainer(tiny_split, mappings, checkpoint_dir=ckpt, checkpoint_every_steps=2, max_steps=4).fit(tiny_split.train)
+    return ckpt
+
+
+@pytest.mark.parametrize("setting, value", [("batch_size", 64), ("sparse_lr", 0.1), ("seed", 1)])
+def test_resume_with_other_settings_is_refused_naming_the_setting(tiny_split, mappings, two_checkpoints, setting, value):
+    before = _tree_digest(two_checkpoints)
+    with pytest.raises(CheckpointMismatchError, match=rf"step_000000004 \(step 4\) was written with other settings: "
+                                                      rf"'settings.{setting}'"):
+        _trainer(tiny_split, mappings, checkpoint_dir=two_checkpoints, resume=True, **{setting: value}).fit(
+            tiny_split.train)
+    assert _tree_digest(two_checkpoints) == before
+
+
+def test_resume_on_other_data_is_refused(tiny_split, mappings, two_checkpoints):
+    with pytest.raises(CheckpointMismatchError, match=r"'settings.data.rows' is 4800 in the checkpoint but 4000"):
+        _trainer(tiny_split, mappings, checkpoint_dir=two_checkpoints, resume=True).fit(tiny_split.train.slice(0, 4000))
+
+
+def _truncate_shard(step_dir: str) -> None:
+    shard = next(os.path.join(step_dir, n) for n in os.listdir(step_dir) if n.endswith(".distcp"))
+    with open(shard, "r+b") as f:
+        f.truncate(os.path.getsize(shard) // 2)
+
+
+def _garble_meta(step_dir: str) -> None:
+    with open(os.path.join(step_dir, CHECKPOINT_META), "r+b") as f:
+        f.truncate(100)
+
+
+@pytest.mark.parametrize("damage, problem", [(_truncate_shard, r"file __0_0.distcp has [\d,]+ bytes"),
+                                             (_garble_meta, "lhf_checkpoint.json is not readable JSON")])
+def test_corrupted_checkpoint_is_named_and_resume_falls_back(tiny_split, mappings, two_checkpoints, tmp_path, caplog,
+                                                             damage, problem):
+    ckpt = str(tmp_path / "ckpt")
+    shutil.copytree(two_checkpoints, ckpt)
+    damage(os.path.join(ckpt, "step_000000004"))
+    trainer = _trainer(tiny_split, mappings, checkpoint_dir=ckpt, checkpoint_every_steps=2, max_steps=6, resume=True)
+    assert trainer.fit(tiny_split.train).resumed_from_step == 2
+    assert re.search(rf"step_000000004 \(step 4\)[^\n]*{problem}[^\n]*falling back", caplog.text)
+    damage(os.path.join(ckpt, "step_000000002"))
+    damage(os.path.join(ckpt, "step_000000004"))
+    damage(os.path.join(ckpt, "step_000000006"))
+    with pytest.raises(CheckpointCorruptError, match="no intact checkpoint under"):
+        _trainer(tiny_split, mappings, checkpoint_dir=ckpt, resume=True).fit(tiny_split.train)
+
+
+def test_existing_checkpoints_need_resume_or_overwrite(tiny_split, mappings, two_checkpoints, tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    shutil.copytree(two_checkpoints, ckpt)
+    before = _tree_digest(ckpt)
+    with pytest.raises(ValueError, match=r"already holds 2 checkpoint\(s\) of an earlier run \(latest: step_000000004\)"):
+        _trainer(tiny_split, mappings, checkpoint_dir=ckpt, max_steps=1).fit(tiny_split.train)
+    assert _tree_digest(ckpt) == before
+    _trainer(tiny_split, mappings, checkpoint_dir=ckpt, max_steps=1, overwrite=True).fit(tiny_split.train)
+    assert sorted(os.listdir(ckpt)) == ["step_000000001"]
