@@ -94,3 +94,19 @@ def test_train_says_when_the_model_learned_nothing(ids_csv, tmp_path, capsys) ->
     warning = json.loads(results.read_text())["warning"]
     assert warning.startswith("the model learned nothing: validation NE ") and "after 1 training steps" in warning
     assert warning in capsys.readouterr().err
+
+
+def test_a_column_first_filled_after_the_training_rows_gets_one_row(tmp_path) -> None:
+    import torch
+
+    from lhf_torchrec.pipeline.steps import fit_mappings, profile_tables
+
+    path = tmp_path / "late.csv"
+    path.write_text("y,user,late\n" + "".join(f"{i % 2},u{i % 9},{f'x{i}' if i >= 90 else ''}\n" for i in range(100)))
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"label": "y", "categorical": ["user", "late"]}))
+    data = load_split(DatasetSpec("csv", [str(path)], csv_spec=str(spec)), embedding_dim=4)
+    assert {t.name: t.num_embeddings for t in data.tables}["t_late"] == 11  # 10 ids in the file + 1 unseen
+    full = fit_mappings(data.tables, profile_tables(data.train, data.tables), "full", compression=1)
+    assert full.rows["t_late"] == 1  # no id in training: every id is unseen and shares one row
+    assert full.mappings["t_late"](torch.tensor([5, 1 << 62])).tolist() == [0, 0]
