@@ -324,7 +324,14 @@ def _run_fit(args: argparse.Namespace) -> int:
 
 
 def _add_train_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("train", help="train a DLRM with compressed tables (or full ones)")
+    parser = subparsers.add_parser(
+        "train", help="train a DLRM with compressed tables (or full ones)",
+        description=(
+            "Trains TorchRec's DLRM on the training split, validates each epoch and tests the result. Warns "
+            "(and writes 'warning' into --results) when the model learned nothing: validation NE >= 1 or "
+            "AUC <= 0.5, with the number of steps it had; give more --epochs or a smaller --batch-size."
+        ),
+    )
     _add_data_arguments(parser)
     _add_model_arguments(parser)
     _add_train_arguments(parser)
