@@ -11,6 +11,7 @@ Example::
 
 import argparse
 import logging
+import os
 import shlex
 import sys
 import warnings
@@ -439,7 +440,6 @@ def _quality_methods() -> List[str]:
 def _run_bench_quality(args: argparse.Namespace) -> int:
     from lhf_torchrec.pipeline.quality import QUALITY_METHODS, QualityConfig, quick_config, run_quality
 
-    command = "lhf bench quality " + shlex.join(sys.argv[3:]) if sys.argv[1:3] == ["bench", "quality"] else None
     config = quick_config() if args.quick else QualityConfig()
     if args.data is not None:
         config.datasets, config.batch_size = [_dataset(args)], {}
@@ -448,8 +448,12 @@ def _run_bench_quality(args: argparse.Namespace) -> int:
     config.epochs, config.best_epoch = args.epochs, args.best_epoch
     config.embedding_dim, config.default_batch_size = args.embedding_dim, args.batch_size
     config.out_dir = args.out_dir or config.out_dir
-    config.command = command or config.command
-    methods = [m for m in QUALITY_METHODS if (m if isinstance(m, str) else m.label) in (args.methods or _quality_methods())]
+    if sys.argv[1:3] == ["bench", "quality"]:
+        config.command = "lhf bench quality " + shlex.join(sys.argv[3:])
+    elif os.path.basename(sys.argv[0]) == "quality.py":
+        config.command = "python benchmarks/quality.py " + shlex.join(sys.argv[1:])
+    wanted = args.methods or _quality_methods()
+    methods = [m for m in QUALITY_METHODS if (m if isinstance(m, str) else m.label) in wanted]
     logging.getLogger("lhf_torchrec.pipeline.quality").setLevel(logging.INFO)  # one line per finished run
     run_quality(config, methods)
     return EXIT_OK

@@ -243,7 +243,8 @@ class CSVSource(StreamingSource):
         if self._standardization is None:
             return {}
         mean, std = self._standardization
-        return {c: (float(mean[k]), float(std[k])) for k, c in enumerate(self.spec.dense) if c in self.spec.standardized}
+        standardized = self.spec.standardized
+        return {c: (float(mean[k]), float(std[k])) for k, c in enumerate(self.spec.dense) if c in standardized}
 
     def table_sizes(self) -> list[int]:
         """Rows of each categorical column's full-size table, from one pass over this source's rows.
