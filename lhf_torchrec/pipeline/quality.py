@@ -207,6 +207,11 @@ def write_report(records: Sequence[RunRecord], config: QualityConfig, seconds: f
             gap_lines.append(f"| {dataset} | {c:g}x | " + " | ".join(cells) + " |")
     gap_lines += [f"\nn/a on {dataset}: the full tables learned nothing (see the warning above), so there is no gap "
                   "to recover." for dataset in sorted(untrained)]
+    full = {r["dataset"]: r["logloss"] for r in rows if r["method"] == "full"}
+    gap_lines += [f"\nNo gap on {r['dataset']} at {r['compression']:g}x: the hashing trick's test logloss "
+                  f"({r['logloss']:.4f}) is no worse than the full tables' ({full[r['dataset']]:.4f})."
+                  for r in rows if r["method"] == "hash" and r["dataset"] in full and r["dataset"] not in untrained
+                  and r["logloss"] <= full[r["dataset"]]]
     seeds = ", ".join(str(s) for s in config.seeds)
     epochs = f"best of {config.epochs} epochs on validation" if config.best_epoch else f"{config.epochs} epoch(s)"
     text = f"""# Model quality at equal memory

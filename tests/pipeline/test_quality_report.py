@@ -40,11 +40,16 @@ def test_a_full_model_without_a_training_step_is_flagged() -> None:
 
 
 def test_report_marks_the_dataset_instead_of_printing_percentages(tmp_path, capsys) -> None:
-    write_report(_records(), QualityConfig(out_dir=str(tmp_path), seeds=(0,)), seconds=1.0)
+    records = _records() + [_record("overfit", "full", 0.52), _record("overfit", "hash", 0.51),
+                            _record("overfit", "combination", 0.50)]
+    write_report(records, QualityConfig(out_dir=str(tmp_path), seeds=(0,)), seconds=1.0)
     report = (tmp_path / "results.md").read_text()
     assert "**Warning, noise**: the full-table model learned nothing" in report
     assert "| good | 10x | 80% |" in report and "| noise | 10x | n/a |" in report
     assert "n/a on noise: the full tables learned nothing" in report
+    assert "| overfit | 10x | - |" in report
+    assert ("No gap on overfit at 10x: the hashing trick's test logloss (0.5100) is no worse than the full "
+            "tables' (0.5200).") in report
 
 
 def test_num_runs_counts_what_compare_methods_trains() -> None:
