@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/quality.py            # synthetic + MovieLens-100k, 4x/10x/50x, 3 seeds
     .venv/bin/python benchmarks/quality.py --quick    # smoke run of every method (< 3 min)
     lhf bench quality --data criteo-tsv --data-path day_0   # the same on your data
+    lhf bench quality --data csv --data-path clicks.csv --csv-spec spec.json --seeds 0 --compressions 10
 
 Writes docs/results.md, docs/results.json and docs/quality_vs_bytes.png (--quick: runs/quality-quick/).
 """

@@ -11,6 +11,8 @@ Example::
 
 import argparse
 import logging
+import os
+import shlex
 import sys
 import warnings
 from typing import Callable, List, Optional
@@ -147,9 +149,13 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
                        help="synthetic: Criteo Kaggle cardinalities x scale")
     group.add_argument("--data-seed", type=SEED, default=0, help="synthetic: generator seed")
     group.add_argument("--csv-spec", type=input_path, metavar="FILE",
-                       help='csv: JSON {"label": ..., "dense": [...], "categorical": [...]}')
+                       help='csv: a JSON column spec, e.g. {"label": "clicked", "categorical": ["user", "ad"], '
+                            '"dense": ["price"], "transforms": {"price": ["log1p", "standardize"]}, "name": "shop"} '
+                            '(also "delimiter", "header", "column_names"; see docs/quickstart.md)')
     group.add_argument("--num-embeddings-per-feature", type=comma_list(int_in(1)), metavar="N,N,...",
-                       help="table sizes (default: the id space of each feature)")
+                       help="table sizes (default: from the data: integer-coded ids their id space, string, "
+                            "hashed or sparse ids a vocabulary; Criteo TSV its 2^32 hash space, reached through a "
+                            "vocabulary)")
     group.add_argument("--split", type=comma_list(float_in(0, 1)), default=[0.8, 0.1, 0.1], metavar="TRAIN,VAL,TEST",
                        help="fractions of rows, in order (default 0.8,0.1,0.1)")
     group.add_argument("--on-error", choices=("raise", "skip"), default="raise",
@@ -352,7 +358,14 @@ def _run_fit(args: argparse.Namespace) -> int:
 def _add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     from lhf_torchrec.pipeline.artifacts import RESULTS_FORMAT
 
-    parser = subparsers.add_parser("train", help="train a DLRM with compressed tables (or full ones)")
+    parser = subparsers.add_parser(
+        "train", help="train a DLRM with compressed tables (or full ones)",
+        description=(
+            "Trains TorchRec's DLRM on the training split, validates each epoch and tests the result. Warns "
+            "(and writes 'warning' into --results) when the model learned nothing: validation NE >= 1 or "
+            "AUC <= 0.5, with the number of steps it had; give more --epochs or a smaller --batch-size."
+        ),
+    )
     _add_data_arguments(parser)
     _add_model_arguments(parser)
     _add_train_arguments(parser)
@@ -426,13 +439,24 @@ def _add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
     benches = parser.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
     quality = benches.add_parser(
         "quality", help="test logloss/AUC/NE of every method at 4x/10x/50x, several seeds and datasets",
-        description="Without --data: the synthetic default and MovieLens-100k. With --data: that dataset only.",
+        description=(
+            "Without --data: the synthetic default and MovieLens-100k. With --data: that dataset only (a CSV "
+            "needs no table sizes: see --csv-spec). A progress bar counts the runs (with an ETA) and each "
+            "finished run logs one line. If the full-table model learns nothing (validation NE >= 1 or "
+            "AUC <= 0.5), a warning says so and the report marks the dataset: give more --epochs or a "
+            "smaller --batch-size."
+        ),
     )
     _add_data_arguments(quality)
     quality.set_defaults(data=None)
-    quality.add_argument("--quick", action="store_true", help="smoke run of every method (< 3 min, for CI)")
-    quality.add_argument("--compressions", type=comma_list(COMPRESSION), default=[4, 10, 50], metavar="R,...")
-    quality.add_argument("--seeds", type=comma_list(SEED), default=[0, 1, 2], metavar="S,...")
+    quality.add_argument("--quick", action="store_true",
+                         help="smoke run of every method at 10x with seed 0 (on the tiny synthetic set unless "
+                              "--data is given; --compressions, --seeds and the rest still apply)")
+    quality.add_argument("--methods", nargs="+", choices=_quality_methods(), metavar="METHOD",
+                         help="only these methods, by label (default: all): "
+                              + ", ".join(map(repr, _quality_methods())).replace("%", "%%"))
+    quality.add_argument("--compressions", type=comma_list(COMPRESSION), metavar="R,...", help="default 4,10,50 (--quick: 10)")
+    quality.add_argument("--seeds", type=comma_list(SEED), metavar="S,...", help="default 0,1,2 (--quick: 0)")
     quality.add_argument("--epochs", type=int_in(1), default=1)
     quality.add_argument("--best-epoch", action="store_true",
                          help="report the epoch with the best validation logloss (best of --epochs)")
@@ -442,21 +466,31 @@ def _add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
     quality.set_defaults(handler=_run_bench_quality)
 
 
-def _run_bench_quality(args: argparse.Namespace) -> int:
-    from lhf_torchrec.pipeline.quality import QualityConfig, quick_config, run_quality
+def _quality_methods() -> List[str]:
+    from lhf_torchrec.pipeline.quality import QUALITY_METHODS
 
-    command = "lhf bench quality " + " ".join(sys.argv[3:]) if sys.argv[1:3] == ["bench", "quality"] else None
-    if args.quick:
-        config = quick_config(args.out_dir or "runs/quality-quick")
-    else:
-        config = QualityConfig(compressions=args.compressions, seeds=args.seeds, epochs=args.epochs,
-                               best_epoch=args.best_epoch, embedding_dim=args.embedding_dim,
-                               default_batch_size=args.batch_size, out_dir=args.out_dir or "docs")
-        if args.data is not None:
-            config.datasets = [_dataset(args)]
-            config.batch_size = {}
-    config.command = command or config.command
-    run_quality(config)
+    return [m if isinstance(m, str) else m.label for m in QUALITY_METHODS]
+
+
+def _run_bench_quality(args: argparse.Namespace) -> int:
+    from lhf_torchrec.pipeline.quality import QUALITY_METHODS, QualityConfig, quick_config, run_quality
+
+    config = quick_config() if args.quick else QualityConfig()
+    if args.data is not None:
+        config.datasets, config.batch_size = [_dataset(args)], {}
+    config.compressions = args.compressions or config.compressions
+    config.seeds = args.seeds or config.seeds
+    config.epochs, config.best_epoch = args.epochs, args.best_epoch
+    config.embedding_dim, config.default_batch_size = args.embedding_dim, args.batch_size
+    config.out_dir = args.out_dir or config.out_dir
+    if sys.argv[1:3] == ["bench", "quality"]:
+        config.command = "lhf bench quality " + shlex.join(sys.argv[3:])
+    elif os.path.basename(sys.argv[0]) == "quality.py":
+        config.command = "python benchmarks/quality.py " + shlex.join(sys.argv[1:])
+    wanted = args.methods or _quality_methods()
+    methods = [m for m in QUALITY_METHODS if (m if isinstance(m, str) else m.label) in wanted]
+    logging.getLogger("lhf_torchrec.pipeline.quality").setLevel(logging.INFO)  # one line per finished run
+    run_quality(config, methods)
     return EXIT_OK
 
 
@@ -485,6 +519,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # force: an import may already have configured the root logger with a bare format.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
+                        force=True)
     _quiet_torchrec()
     try:
         check_outputs(args)

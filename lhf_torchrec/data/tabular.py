@@ -3,11 +3,20 @@
 Values:
 
 * label: a number in [0, 1];
-* dense: a float; an empty field is 0.0 (no transform is applied);
+* dense: a float; an empty field is 0.0. The spec's ``transforms`` apply, per column and in this
+  order, ``log1p`` (``log(1 + max(x, 0))``, the Criteo reader's transform of counts: negative values
+  count as 0) and ``standardize`` (``(x - mean) / std`` with the mean and standard deviation of the
+  *training* rows, see :meth:`CSVSource.fit_standardization`, so validation and test rows are
+  transformed exactly as the training rows were);
 * categorical: an empty field is missing (``-1``, an empty bag). A canonical non-negative decimal
   integer below 2**63 (``0``, ``42``, not ``007`` or ``-3``) is kept as its id, so integer-coded
   columns keep their dense id space; any other string ``s`` gets :func:`categorical_id`, the first
   63 bits of ``blake2b(s, key=b"lhf_torchrec")``: stable across runs, hosts and Python versions.
+
+Table sizes come from the data (:meth:`CSVSource.table_sizes`): an integer-coded column whose ids
+fill at least half of ``[0, max id]`` gets a table of ``max id + 1`` rows; any other column
+(strings, hashes, sparse or large integers) a vocabulary-sized table, one row per distinct id and
+one for ids never seen. No table is ever sized from the 2**63 hash space.
 
 Records are parsed with Python's ``csv`` module (quoting and embedded newlines work); ``len``,
 ``slice`` and :func:`time_split` count records, not physical lines.
@@ -19,7 +28,7 @@ import math
 import operator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -38,6 +47,11 @@ _HASH_KEY = b"lhf_torchrec"
 _MAX_ID = (1 << 63) - 1
 _BLOCK_ROWS = 1 << 16
 _MAX_CACHED_IDS = 1 << 20  # per column: bounds memory on huge vocabularies
+DENSE_TRANSFORMS = ("log1p", "standardize")  # in the order they apply
+# An integer column's table is its id space [0, max id] when at least this share of it occurs;
+# sparser columns get a vocabulary instead (a table of 2**40 rows for 1,000 ids helps no one).
+_MIN_ID_SPACE_OCCUPANCY = 0.5
+_UNIQUE_MERGE_IDS = 1 << 22  # distinct-id counting merges its per-chunk arrays at this many ids
 
 
 def categorical_id(value: str) -> int:
@@ -60,10 +74,15 @@ def categorical_id(value: str) -> int:
 class CSVSpec:
     """Which columns are what. With ``header=False`` name all columns in ``column_names``.
 
+    ``transforms`` maps a dense column to ``"log1p"``, ``"standardize"`` or both (a list, in that
+    order); ``name`` names the dataset in reports (default: the file's name).
+
     Example::
 
         spec = CSVSpec(label="clicked", dense=["price"], categorical=["user", "ad"], delimiter="\\t")
         spec = CSVSpec(label="y", categorical=["a"], header=False, column_names=["y", "a", "note"])
+        spec = CSVSpec(label="y", dense=["views", "age"], categorical=["user"],
+                       transforms={"views": ["log1p", "standardize"], "age": "standardize"}, name="shop")
     """
 
     label: str
@@ -72,6 +91,8 @@ class CSVSpec:
     delimiter: str = ","
     header: bool = True
     column_names: Sequence[str] | None = None
+    transforms: Mapping[str, str | Sequence[str]] = field(default_factory=dict)
+    name: str | None = None
     _used: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -88,7 +109,32 @@ class CSVSpec:
             raise ValueError(f"delimiter must be one character, got {self.delimiter!r}")
         if self.header == (self.column_names is not None):
             raise ValueError("give column_names exactly when the file has no header (header=False)")
+        if self.name is not None and (not isinstance(self.name, str) or not self.name.strip()):
+            raise ValueError(f"name must be a non-empty string, got {self.name!r}")
+        object.__setattr__(self, "transforms", self._checked_transforms())
         object.__setattr__(self, "_used", used)
+
+    def _checked_transforms(self) -> dict[str, tuple[str, ...]]:
+        if not isinstance(self.transforms, Mapping):
+            raise ValueError(f"transforms must map dense columns to transforms, got {self.transforms!r}")
+        out = {}
+        for column, steps in self.transforms.items():
+            if column not in self.dense:
+                raise ValueError(f"transforms: {column!r} is not a dense column (dense: {list(self.dense)})")
+            steps = (steps,) if isinstance(steps, str) else tuple(steps)
+            unknown = [s for s in steps if s not in DENSE_TRANSFORMS]
+            if unknown or not steps:
+                raise ValueError(f"transforms of {column!r}: {list(steps)}; choose from {list(DENSE_TRANSFORMS)}")
+            if list(steps) != sorted(set(steps), key=DENSE_TRANSFORMS.index):
+                raise ValueError(f"transforms of {column!r}: {list(steps)}; each at most once, in the order "
+                                 f"{list(DENSE_TRANSFORMS)}")
+            out[column] = steps
+        return out
+
+    @property
+    def standardized(self) -> list[str]:
+        """The dense columns with a ``standardize`` transform."""
+        return [c for c in self.dense if "standardize" in self.transforms.get(c, ())]
 
     def column_indices(self, names: Sequence[str], path: PathLike) -> list[int]:
         """Positions of label, dense and categorical columns (in that order) among ``names``."""
@@ -122,6 +168,8 @@ class CSVSource(StreamingSource):
         self.multi_valued = {}
         self.report = ParseReport()
         self._record_counts: list[int] | None = None
+        # (mean, std) per dense column for the standardize transforms; identity where none applies.
+        self._standardization: tuple[np.ndarray, np.ndarray] | None = None if spec.standardized else _identity(spec)
 
     def __repr__(self) -> str:
         return f"CSVSource({[str(p) for p in self.paths]}, rows={self._range})"
@@ -154,6 +202,81 @@ class CSVSource(StreamingSource):
 
     def _total_rows(self) -> int:
         return sum(self.record_counts())
+
+    def fit_standardization(self, start: int, stop: int) -> None:
+        """Fits the ``standardize`` transforms on rows ``[start, stop)`` of this source (the training
+        rows): their mean and standard deviation, after ``log1p`` where declared, are kept and used for
+        every row this source reads afterwards, and by the slices taken from it afterwards.
+
+        A constant column keeps a standard deviation of 1 (it is centred only).
+
+        Example::
+
+            source = CSVSource("clicks.csv", spec)
+            source.fit_standardization(*split_bounds(len(source))[0])
+            train, val, test = time_split(source)    # all three standardized with the train statistics
+        """
+        rows = self.slice(start, stop)
+        rows._standardization = _identity(self.spec)
+        count, mean, m2 = 0, np.zeros(len(self.spec.dense)), np.zeros(len(self.spec.dense))
+        for chunk in rows.chunks(_BLOCK_ROWS):
+            # Chan et al.'s pairwise update: stable for large counts, one pass.
+            n = len(chunk)
+            x = chunk.dense.astype(np.float64)
+            chunk_mean = x.mean(axis=0)
+            delta = chunk_mean - mean
+            total = count + n
+            mean = mean + delta * (n / total)
+            m2 = m2 + ((x - chunk_mean) ** 2).sum(axis=0) + delta**2 * (count * n / total)
+            count = total
+        if count == 0:
+            raise ValueError(f"{self!r}: no rows in [{start}, {stop}) to fit the standardize transforms on")
+        std = np.sqrt(m2 / count)
+        constant = std <= 1e-9 * np.fmax(np.abs(mean), 1.0)  # rounding leaves a constant column a tiny std
+        identity_mean, identity_std = _identity(self.spec)
+        standardized = np.array([c in self.spec.standardized for c in self.spec.dense], dtype=bool)
+        self._standardization = (
+            np.where(standardized, mean, identity_mean),
+            np.where(standardized & ~constant, std, identity_std),
+        )
+
+    @property
+    def standardization(self) -> dict[str, tuple[float, float]]:
+        """(mean, std) of each standardized dense column, once fitted (see :meth:`fit_standardization`)."""
+        if self._standardization is None:
+            return {}
+        mean, std = self._standardization
+        standardized = self.spec.standardized
+        return {c: (float(mean[k]), float(std[k])) for k, c in enumerate(self.spec.dense) if c in standardized}
+
+    def table_sizes(self) -> list[int]:
+        """Rows of each categorical column's full-size table, from one pass over this source's rows.
+
+        ``max id + 1`` when the column's ids fill at least half of ``[0, max id]`` (an integer-coded
+        column), else ``distinct ids + 1``: a vocabulary of the ids seen and one row for any other
+        (strings, hashes, sparse or large integers). A column without any value gets one row.
+        """
+        num_columns = len(self.spec.categorical)
+        seen: list[list[np.ndarray]] = [[] for _ in range(num_columns)]
+        pending = [0] * num_columns
+        for chunk in self.chunks(_BLOCK_ROWS):
+            for j in range(num_columns):
+                ids = chunk.sparse[:, j]
+                seen[j].append(np.unique(ids[ids >= 0]))
+                pending[j] += len(seen[j][-1])
+                if pending[j] > _UNIQUE_MERGE_IDS:
+                    seen[j] = [np.unique(np.concatenate(seen[j]))]
+                    pending[j] = len(seen[j][0])
+        sizes = []
+        for parts in seen:
+            ids = np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
+            if len(ids) == 0:
+                sizes.append(1)
+            elif int(ids[-1]) + 1 <= len(ids) / _MIN_ID_SPACE_OCCUPANCY:
+                sizes.append(int(ids[-1]) + 1)
+            else:
+                sizes.append(len(ids) + 1)
+        return sizes
 
     def _read(self, start: int, stop: int) -> Iterator[CTRData]:
         report = self.report = ParseReport()
@@ -224,6 +347,7 @@ class CSVSource(StreamingSource):
             return None
         if not (np.isfinite(dense).all() and ((labels >= 0) & (labels <= 1)).all()):
             return None
+        dense = self._transform(dense)
         sparse = np.empty((n, len(caches)), dtype=np.int64)
         for j, (cache, v) in enumerate(zip(caches, values[1 + num_dense :])):
             new = set(v).difference(cache)
@@ -233,6 +357,17 @@ class CSVSource(StreamingSource):
             cache.update((text, categorical_id(text)) for text in new)
             sparse[:, j] = np.fromiter(map(cache.__getitem__, v), dtype=np.int64, count=n)
         return CTRData(dense, sparse, labels, self.dense_names, self.sparse_names)
+
+    def _transform(self, dense: np.ndarray) -> np.ndarray:
+        """The spec's dense transforms, column by column (see the module docstring)."""
+        if self._standardization is None:
+            raise ValueError(f"{self!r}: columns {self.spec.standardized} are to be standardized; call "
+                             "fit_standardization on the training rows before reading")
+        for k, column in enumerate(self.spec.dense):
+            if "log1p" in self.spec.transforms.get(column, ()):
+                dense[:, k] = np.log1p(np.fmax(dense[:, k], 0.0))
+        mean, std = self._standardization
+        return (dense - mean) / std
 
     def _problem(self, fields: list[str], columns: list[int]) -> str | None:
         """Why one record is malformed, or None. ``columns``: used positions, then the field count."""
@@ -252,11 +387,20 @@ class CSVSource(StreamingSource):
         return None
 
 
+def _identity(spec: CSVSpec) -> tuple[np.ndarray, np.ndarray]:
+    return np.zeros(len(spec.dense)), np.ones(len(spec.dense))
+
+
 def read_csv(paths: PathLike | Sequence[PathLike], spec: CSVSpec, *, on_error: OnError = "raise") -> CTRData:
-    """All records of CSV/TSV files in memory; see :class:`CSVSource`.
+    """All records of CSV/TSV files in memory; see :class:`CSVSource`. Columns to ``standardize``
+    are standardized with the statistics of all these records (for a train / validation / test
+    split, fit on the training rows with :meth:`CSVSource.fit_standardization` instead).
 
     Example::
 
         data = read_csv("clicks.tsv", CSVSpec(label="y", dense=["x"], categorical=["u"], delimiter="\\t"))
     """
-    return CSVSource(paths, spec, on_error=on_error).load()
+    source = CSVSource(paths, spec, on_error=on_error)
+    if spec.standardized:
+        source.fit_standardization(0, len(source))
+    return source.load()

@@ -44,9 +44,13 @@ def vocabulary_mappings(
     out = {}
     for t in tables:
         profile = profiles[t.name]
-        if needs_vocabulary(profile, t) and profile.num_ids > 0:
+        if not needs_vocabulary(profile, t):
+            continue
+        if profile.num_ids > 0:
             out[t.name] = fit_mapping(profile, method="frequency", num_rows=profile.num_ids + 1,
                                       hot_fraction=1.0, seed=seed, table=t.name)
+        else:  # no id in the training split (a column filled in later): every id is unseen, one row
+            out[t.name] = fit_mapping(None, method="hash", num_rows=1, seed=seed, table=t.name)
     return out
 
 

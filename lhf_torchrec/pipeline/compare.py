@@ -12,7 +12,7 @@ import logging
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 from lhf_torchrec.files import atomic_write
 from lhf_torchrec.mapping.tables import full_table_bytes
@@ -77,12 +77,14 @@ def compare_methods(
     learn_epochs: int = 1,
     best_epoch: bool = False,
     runtime: Optional[Runtime] = None,
+    on_record: Optional[Callable[[RunRecord], None]] = None,
 ) -> List[RunRecord]:
     """Trains ``full`` once per seed and every method at every compression; returns the records.
 
     Every run gets the same data, epochs (``train_config.epochs``), optimizer, learning rates and
     seed. With ``best_epoch`` the test metrics are those of the epoch with the best validation
-    logloss (best of N epochs), otherwise of the last epoch.
+    logloss (best of N epochs), otherwise of the last epoch. ``on_record`` is called with each
+    record as soon as its run is done (:func:`num_runs` of them), e.g. to show progress.
     """
     specs = [_spec(m) for m in methods]
     for s in specs:  # unknown names fail here, before any training
@@ -126,6 +128,8 @@ def compare_methods(
                 logger.warning("%s %s %gx seed %d does not fit: %s", data.name, spec.label, compression, seed, e)
                 records.append(RunRecord(data.name, spec.label, compression, seed, 0, 0, 0, full_bytes, 0.0, 0.0, 0,
                                          {}, error=str(e)))
+                if on_record is not None:
+                    on_record(records[-1])
                 continue
             fit_seconds = time.perf_counter() - start + learn_seconds
             trainer = Trainer(model_config, config, data.tables, len(data.train.dense_names), tables_compression,
@@ -136,7 +140,15 @@ def compare_methods(
                                test, result.validation, epoch)
             logger.info("%s %s %.0fx seed %d: test %s", data.name, spec.label, compression, seed, test)
             records.append(record)
+            if on_record is not None:
+                on_record(record)
     return records
+
+
+def num_runs(methods: Sequence[Union[str, MethodSpec]], compressions: Sequence[float], seeds: Sequence[int]) -> int:
+    """How many records :func:`compare_methods` returns: ``full`` once per seed, the others per compression."""
+    full = sum(_spec(m).method == "full" for m in methods)
+    return len(seeds) * (full + len(compressions) * (len(methods) - full))
 
 
 def _train_and_test(trainer: Trainer, data: SplitData, config: TrainConfig, best_epoch: bool):

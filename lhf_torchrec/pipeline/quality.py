@@ -6,13 +6,22 @@ method of :data:`QUALITY_METHODS` at every compression ratio with every seed thr
 rates and seeds for all; bytes counted the same way), then writes ``results.md`` (tables, the share
 of the hashing trick's logloss gap each method recovers, and plain statements of where
 ``combination`` loses), ``results.json`` and ``quality_vs_bytes.png``.
+
+A progress bar counts the runs (runs done / total, with an ETA) and every finished run logs one
+line. When the full-table model learned nothing on a dataset (validation NE >= 1 or AUC <= 0.5:
+too few training steps for its size), the benchmark says so at once, and the report marks that
+dataset instead of printing gap percentages, which would be noise.
 """
 
 import logging
 import os
+import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Collection, Dict, List, Mapping, Sequence, Tuple
+
+from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from lhf_torchrec.files import atomic_write
 from lhf_torchrec.pipeline.compare import (
@@ -20,11 +29,13 @@ from lhf_torchrec.pipeline.compare import (
     RunRecord,
     compare_methods,
     format_table,
+    num_runs,
     plot_quality_vs_bytes,
     summarize,
     write_records,
 )
 from lhf_torchrec.pipeline.datasets import DatasetSpec, load_split
+from lhf_torchrec.training.metrics import untrained_warning
 from lhf_torchrec.training.model import ModelConfig
 from lhf_torchrec.training.runtime import init_runtime
 from lhf_torchrec.training.trainer import TrainConfig
@@ -80,23 +91,70 @@ def run_quality(config: QualityConfig, methods: Sequence[Any] = QUALITY_METHODS)
     started = time.perf_counter()
     runtime = init_runtime()
     records: List[RunRecord] = []
-    for spec in config.datasets:
-        data = load_split(spec, config.embedding_dim, progress=runtime.is_main)
-        train = TrainConfig(batch_size=config.batch_size.get(spec.kind, config.default_batch_size),
-                            epochs=config.epochs, progress=False)
-        logger.info("quality benchmark on %s: %d train rows", spec.kind, len(data.train))
-        records += compare_methods(data, methods, config.compressions, config.seeds,
-                                   ModelConfig(embedding_dim=config.embedding_dim), train,
-                                   best_epoch=config.best_epoch, runtime=runtime)
+    total = len(config.datasets) * num_runs(methods, config.compressions, config.seeds)
+    bar = tqdm(total=total, desc="quality runs", unit="run", disable=not runtime.is_main)
+    with bar, logging_redirect_tqdm():
+        for spec in config.datasets:
+            data = load_split(spec, config.embedding_dim, progress=runtime.is_main)
+            train = TrainConfig(batch_size=config.batch_size.get(spec.kind, config.default_batch_size),
+                                epochs=config.epochs, progress=False)
+            logger.info("quality benchmark on %s: %d train rows", data.name, len(data.train))
+
+            def finished(record: RunRecord) -> None:
+                bar.update(1)
+                if runtime.is_main:
+                    logger.info("[%d/%d] %s", bar.n, total, _run_line(record))
+                    why = full_model_warning([record]) if record.method == "full" and not record.error else ""
+                    if why:
+                        logger.warning("%s, seed %d: %s", record.dataset, record.seed, why)
+
+            records += compare_methods(data, methods, config.compressions, config.seeds,
+                                       ModelConfig(embedding_dim=config.embedding_dim), train,
+                                       best_epoch=config.best_epoch, runtime=runtime, on_record=finished)
     if runtime.is_main:
         write_report(records, config, time.perf_counter() - started)
     return records
 
 
-def gap_recovered(rows: Sequence[Dict[str, Any]]) -> Dict[Tuple[str, str, float], float]:
+def _run_line(r: RunRecord) -> str:
+    head = f"{r.dataset} {r.method} {'full' if r.method == 'full' else f'{r.compression:g}x'} seed {r.seed}"
+    if r.error:
+        return f"{head}: not fitted ({r.error})"
+    return (f"{head}: test logloss {r.test['logloss']:.4f} AUC {r.test['auc']:.4f} NE {r.test['ne']:.4f} "
+            f"({r.steps} steps, fit {r.fit_seconds:.1f} s, train {r.train_seconds:.1f} s)")
+
+
+def tested_validation(record: RunRecord) -> Dict[str, float]:
+    """The validation metrics of the epoch whose model was tested (one validation per epoch)."""
+    return record.validation[min(record.epoch, len(record.validation)) - 1]
+
+
+def full_model_warning(full_runs: Sequence[RunRecord]) -> str:
+    """:func:`~lhf_torchrec.training.metrics.untrained_warning` of the full-table model (one run per
+    seed, validation metrics averaged over seeds): "" when it learned something."""
+    validation = None
+    if all(r.validation for r in full_runs):
+        validation = {k: statistics.fmean(tested_validation(r)[k] for r in full_runs) for k in ("ne", "auc")}
+    return untrained_warning("the full-table model", validation, min(r.steps for r in full_runs))
+
+
+def untrained_datasets(records: Sequence[RunRecord]) -> Dict[str, str]:
+    """Dataset -> :func:`full_model_warning`, for the datasets whose full-table model learned nothing."""
+    by_dataset: Dict[str, List[RunRecord]] = {}
+    for r in records:
+        if r.method == "full" and not r.error:
+            by_dataset.setdefault(r.dataset, []).append(r)
+    warnings = {dataset: full_model_warning(runs) for dataset, runs in by_dataset.items()}
+    return {dataset: why for dataset, why in warnings.items() if why}
+
+
+def gap_recovered(
+    rows: Sequence[Dict[str, Any]], untrained: Collection[str] = ()
+) -> Dict[Tuple[str, str, float], float]:
     """Per (dataset, method, compression): the share of the hashing trick's test-logloss gap to the
-    full tables that the method closes (1 = as good as full, 0 = as the hashing trick)."""
-    full = {r["dataset"]: r["logloss"] for r in rows if r["method"] == "full"}
+    full tables that the method closes (1 = as good as full, 0 = as the hashing trick). Datasets in
+    ``untrained`` (whose full-table model learned nothing) have no such share."""
+    full = {r["dataset"]: r["logloss"] for r in rows if r["method"] == "full" and r["dataset"] not in untrained}
     hashed = {(r["dataset"], r["compression"]): r["logloss"] for r in rows if r["method"] == "hash"}
     out = {}
     for r in rows:
@@ -109,10 +167,11 @@ def gap_recovered(rows: Sequence[Dict[str, Any]]) -> Dict[Tuple[str, str, float]
     return out
 
 
-def verdicts(rows: Sequence[Dict[str, Any]]) -> List[str]:
-    """Plain statements: where ``combination`` wins, where it loses and to what, by how much."""
+def verdicts(rows: Sequence[Dict[str, Any]], untrained: Collection[str] = ()) -> List[str]:
+    """Plain statements: where ``combination`` wins, where it loses and to what, by how much (on a
+    dataset in ``untrained``, with a note that the differences are noise)."""
     lines = []
-    recovered = gap_recovered(rows)
+    recovered = gap_recovered(rows, untrained)
     for dataset in sorted({r["dataset"] for r in rows}):
         for compression in sorted({r["compression"] for r in rows if r["dataset"] == dataset and r["method"] != "full"}):
             at = [r for r in rows if r["dataset"] == dataset and r["compression"] == compression and r["method"] != "full"]
@@ -124,6 +183,8 @@ def verdicts(rows: Sequence[Dict[str, Any]]) -> List[str]:
             share = recovered.get((dataset, OURS, compression))
             head = f"{dataset}, {compression:g}x: {OURS} test logloss {ours['logloss']:.4f}"
             head += f", {share:.0%} of the hashing trick's gap to the full tables recovered" if share is not None else ""
+            if dataset in untrained:
+                head += " (the full tables learned nothing here: these differences are noise)"
             if better:
                 losses = ", ".join(f"{r['method']} ({r['logloss']:.4f}, {ours['logloss'] - r['logloss']:+.4f})"
                                    for r in better)
@@ -135,14 +196,22 @@ def verdicts(rows: Sequence[Dict[str, Any]]) -> List[str]:
 
 def write_report(records: Sequence[RunRecord], config: QualityConfig, seconds: float) -> None:
     rows = summarize(records)
-    recovered = gap_recovered(rows)
+    untrained = untrained_datasets(records)
+    recovered = gap_recovered(rows, untrained)
     gap_lines = ["| dataset | budget | " + " | ".join(m for m in _methods(rows) if m not in ("full", "hash")) + " |"]
     gap_lines.append("|---|---|" + "---|" * (len(gap_lines[0].split("|")) - 4))
     for dataset in sorted({r["dataset"] for r in rows}):
         for c in sorted({r["compression"] for r in rows if r["dataset"] == dataset and r["method"] != "full"}):
-            cells = [f"{recovered[(dataset, m, c)]:.0%}" if (dataset, m, c) in recovered else "-"
-                     for m in _methods(rows) if m not in ("full", "hash")]
+            cells = ["n/a" if dataset in untrained else f"{recovered[(dataset, m, c)]:.0%}"
+                     if (dataset, m, c) in recovered else "-" for m in _methods(rows) if m not in ("full", "hash")]
             gap_lines.append(f"| {dataset} | {c:g}x | " + " | ".join(cells) + " |")
+    gap_lines += [f"\nn/a on {dataset}: the full tables learned nothing (see the warning above), so there is no gap "
+                  "to recover." for dataset in sorted(untrained)]
+    full = {r["dataset"]: r["logloss"] for r in rows if r["method"] == "full"}
+    gap_lines += [f"\nNo gap on {r['dataset']} at {r['compression']:g}x: the hashing trick's test logloss "
+                  f"({r['logloss']:.4f}) is no worse than the full tables' ({full[r['dataset']]:.4f})."
+                  for r in rows if r["method"] == "hash" and r["dataset"] in full and r["dataset"] not in untrained
+                  and r["logloss"] <= full[r["dataset"]]]
     seeds = ", ".join(str(s) for s in config.seeds)
     epochs = f"best of {config.epochs} epochs on validation" if config.best_epoch else f"{config.epochs} epoch(s)"
     text = f"""# Model quality at equal memory
@@ -157,7 +226,7 @@ are on the test split (the last rows in time order), mean ± std over seeds.
 
 ## Results
 
-{format_table(rows)}
+{_untrained_warning(untrained)}{format_table(rows)}
 
 ## Share of the hashing trick's logloss gap recovered
 
@@ -168,7 +237,7 @@ trick, negative is worse than it.
 
 ## Where {OURS} wins and loses
 
-{chr(10).join(verdicts(rows))}
+{chr(10).join(verdicts(rows, untrained))}
 {_failures(records)}
 ![quality vs bytes](quality_vs_bytes.png)
 """
@@ -179,6 +248,10 @@ trick, negative is worse than it.
     plot_quality_vs_bytes(rows, os.path.join(config.out_dir, "quality_vs_bytes.png"),
                           title=f"test quality vs total bytes ({epochs})")
     print(text)
+
+
+def _untrained_warning(untrained: Mapping[str, str]) -> str:
+    return "".join(f"**Warning, {dataset}**: {why}.\n\n" for dataset, why in sorted(untrained.items()))
 
 
 def _failures(records: Sequence[RunRecord]) -> str:
@@ -197,4 +270,14 @@ def _methods(rows: Sequence[Dict[str, Any]]) -> List[str]:
     return seen
 
 
-__all__ = ["QUALITY_METHODS", "QualityConfig", "gap_recovered", "quick_config", "run_quality", "verdicts"]
+__all__ = [
+    "QUALITY_METHODS",
+    "QualityConfig",
+    "gap_recovered",
+    "quick_config",
+    "run_quality",
+    "full_model_warning",
+    "tested_validation",
+    "untrained_datasets",
+    "verdicts",
+]

@@ -20,6 +20,7 @@ from lhf_torchrec.pipeline.datasets import DatasetSpec, load_split
 from lhf_torchrec.pipeline.methods import FitInputs, fit_method, get_method
 from lhf_torchrec.pipeline.steps import learn_embeddings, profile_tables
 from lhf_torchrec.training.compression import LearnedHashing
+from lhf_torchrec.training.metrics import untrained_warning
 from lhf_torchrec.training.model import ModelConfig
 from lhf_torchrec.training.runtime import init_runtime
 from lhf_torchrec.training.trainer import TrainConfig, Trainer, check_checkpoint_dir, latest_checkpoint
@@ -44,7 +45,8 @@ def run_training(
     The tables are compressed by the mappings in ``mappings_path``, or else by ``method`` fitted
     here on the training split at ``compression`` (``"full"``: uncompressed, with a vocabulary
     where ids are sparse). Returns (and on rank 0 writes to ``results_path``) the validation
-    history and test metrics.
+    history and test metrics, and a ``warning`` (logged too) when the model learned nothing
+    (:func:`~lhf_torchrec.training.metrics.untrained_warning`).
     """
     runtime = init_runtime()
     if not evaluate_only:
@@ -78,9 +80,12 @@ def run_training(
         outcome: Dict[str, Any] = {"checkpoint_step": step}
     else:
         result = trainer.fit(data.train, data.validation)
+        warning = untrained_warning("the model", result.validation[-1] if result.validation else None, result.steps)
+        if warning and runtime.is_main:
+            logger.warning("%s", warning)
         outcome = {"steps": result.steps, "train_seconds": result.train_seconds,
                    "mean_train_loss": result.mean_train_loss, "validation": result.validation,
-                   "resumed_from_step": result.resumed_from_step}
+                   "resumed_from_step": result.resumed_from_step, "warning": warning}
     outcome["test"] = trainer.evaluate(data.test)
     outcome.update(
         format=RESULTS_FORMAT,

@@ -1,7 +1,7 @@
 """CTR quality metrics on all predictions of an evaluation: logloss, AUC, normalized entropy."""
 
 import math
-from typing import Dict
+from typing import Dict, Mapping, Optional
 
 import torch
 from torchmetrics.functional.classification import binary_auroc
@@ -23,3 +23,23 @@ def binary_metrics(logits: torch.Tensor, labels: torch.Tensor) -> Dict[str, floa
     entropy = -(rate * math.log(rate) + (1 - rate) * math.log(1 - rate)) if 0 < rate < 1 else float("nan")
     auc = binary_auroc(torch.sigmoid(logits), labels.long()).item() if 0 < rate < 1 else float("nan")
     return {"logloss": logloss, "auc": auc, "ne": logloss / entropy, "examples": int(labels.numel())}
+
+
+def learned_nothing(metrics: Mapping[str, float]) -> bool:
+    """True when a model predicts no better than the click rate: NE >= 1 or AUC <= 0.5."""
+    return metrics["ne"] >= 1.0 or metrics["auc"] <= 0.5
+
+
+def untrained_warning(what: str, validation: Optional[Mapping[str, float]], steps: int) -> str:
+    """Why ``what`` (a trained model) is not worth reading: it had no training step, or it
+    :func:`learned_nothing` on ``validation`` after ``steps`` steps; "" when it learned something."""
+    if steps == 0 or validation is None:
+        return (f"{what} had no training step: the training split has fewer rows than one batch; give a "
+                f"smaller --batch-size")
+    if not learned_nothing(validation):
+        return ""
+    return (
+        f"{what} learned nothing: validation NE {validation['ne']:.4f} (1 = no better than predicting the click "
+        f"rate), AUC {validation['auc']:.4f}, after {steps} training steps; train for more steps (more --epochs, "
+        f"or a smaller --batch-size) before reading anything into its results"
+    )

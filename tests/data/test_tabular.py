@@ -104,3 +104,70 @@ def test_file_level_errors(tmp_path: Path) -> None:
     binary.write_bytes((HEADER + "7,1,1,r\xe9d,3,\n").encode("latin-1"))
     with pytest.raises(DataFormatError, match=f"{binary}: not UTF-8 text"):
         read_csv(binary, SPEC)
+
+
+TRANSFORMED = CSVSpec(label="y", dense=["views", "age", "raw"], categorical=["u"],
+                      transforms={"views": ["log1p", "standardize"], "age": "standardize"})
+
+
+def _transform_file(tmp_path: Path) -> Path:
+    rows = [(0, 0, 10, 5), (1, 3, 20, -1), (0, 7, 30, 2), (1, "", 40, 0), (0, 99, 1000, 7)]
+    return _write(tmp_path / "t.csv", "y,views,age,raw,u\n" + "".join(f"{y},{v},{a},{r},u{i}\n"
+                                                                      for i, (y, v, a, r) in enumerate(rows)))
+
+
+def test_dense_transforms_use_the_training_rows_statistics(tmp_path: Path) -> None:
+    source = CSVSource(_transform_file(tmp_path), TRANSFORMED)
+    with pytest.raises(ValueError, match=r"\['views', 'age'\] are to be standardized; call fit_standardization"):
+        source.load()
+    source.fit_standardization(0, 3)  # the first three rows are the training rows
+    views = np.log1p([0.0, 3, 7])
+    age = np.array([10.0, 20, 30])
+    stats = source.standardization
+    assert list(stats) == ["views", "age"]
+    assert stats["views"] == pytest.approx((views.mean(), views.std()))
+    assert stats["age"] == pytest.approx((age.mean(), age.std()))
+    train, rest = time_split(source, (0.6, 0.4))
+    np.testing.assert_allclose(train.load().dense[:, 0], (views - views.mean()) / views.std(), rtol=1e-6)
+    test = rest.load()  # transformed with the training rows' statistics, not its own
+    np.testing.assert_allclose(test.dense[:, 0], (np.log1p([0.0, 99]) - views.mean()) / views.std(), rtol=1e-6)
+    np.testing.assert_allclose(test.dense[:, 1], ([40.0, 1000] - age.mean()) / age.std(), rtol=1e-6)
+    np.testing.assert_array_equal(test.dense[:, 2], [0, 7])  # no transform declared: raw values
+    everything = read_csv(source.paths, TRANSFORMED)  # read_csv standardizes with all its rows
+    assert abs(everything.dense[:, :2].mean(axis=0)).max() < 1e-6
+    log_only = read_csv(source.paths, CSVSpec(label="y", dense=["raw"], categorical=["u"], transforms={"raw": "log1p"}))
+    np.testing.assert_allclose(log_only.dense[:, 0], np.log1p([5.0, 0, 2, 0, 7]), rtol=1e-6)  # negatives count as 0
+
+
+def test_a_constant_column_is_centred_only(tmp_path: Path) -> None:
+    path = _write(tmp_path / "c.csv", "y,x,u\n0,3.3,a\n1,3.3,b\n0,3.3,c\n")
+    data = read_csv(path, CSVSpec(label="y", dense=["x"], categorical=["u"], transforms={"x": "standardize"}))
+    np.testing.assert_allclose(data.dense[:, 0], 0.0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "transforms, message",
+    [
+        ({"u": "log1p"}, "'u' is not a dense column"),
+        ({"x": "log"}, r"transforms of 'x': \['log'\]; choose from \['log1p', 'standardize'\]"),
+        ({"x": ["standardize", "log1p"]}, "each at most once, in the order"),
+        ({"x": ["log1p", "log1p"]}, "each at most once, in the order"),
+        ({"x": []}, "choose from"),
+        (["x"], "transforms must map dense columns to transforms"),
+    ],
+)
+def test_bad_transforms_are_named(transforms, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        CSVSpec(label="y", dense=["x"], categorical=["u"], transforms=transforms)
+
+
+def test_table_sizes_come_from_the_data(tmp_path: Path) -> None:
+    spec = CSVSpec(label="y", categorical=["name", "code", "big", "offset", "empty"])
+    lines = ["y,name,code,big,offset,empty"]
+    for i in range(40):
+        lines.append(f"{i % 2},n{i % 7},{i % 10 + (i == 39) * 5},{i * 10**15 + 3},{10**6 + i % 4},")
+    lines.append("1,,,,,")  # every field empty: missing ids
+    sizes = CSVSource(_write(tmp_path / "s.csv", "\n".join(lines) + "\n"), spec).table_sizes()
+    # strings: a vocabulary (7 ids + 1 unseen); 0..9 and 14 fill most of [0, 14]: the id space;
+    # sparse large integers: a vocabulary; 4 ids near 10^6: a vocabulary; no value at all: one row
+    assert sizes == [8, 15, 41, 5, 1]
