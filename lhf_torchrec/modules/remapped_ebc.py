@@ -121,7 +121,7 @@ class EmbeddingRemap(nn.Module):
         return out
 
     def check_features(self, features: KeyedJaggedTensor) -> None:
-        """Raises for features this remap does not know and for non-integer ids."""
+        """Raises for features this remap does not know or misses, and for non-integer ids."""
         keys = features.keys()
         unknown = [k for k in keys if k not in self.feature_to_table]
         if unknown:
@@ -129,6 +129,11 @@ class EmbeddingRemap(nn.Module):
         values = features.values()
         if values.dtype.is_floating_point or values.dtype == torch.bool:
             raise TypeError(f"KJT values must be integer ids, got dtype {values.dtype} (features {keys})")
+        if len(keys) < len(self.feature_to_table):
+            present = set(keys)
+            missing = [f"{f} (table {t})" for f, t in self.feature_to_table.items() if f not in present]
+            # no quotes inside: KeyError shows its message quoted
+            raise KeyError(f"the input KeyedJaggedTensor lacks features {', '.join(missing)}; it has {', '.join(keys)}")
 
     def check_plain_features(self, features: KeyedJaggedTensor) -> None:
         """:meth:`check_features`, and raises for weights and variable batch sizes (VBE), which
@@ -180,19 +185,9 @@ class RemappedEmbeddingBagCollection(nn.Module):
         return self.ebc.is_weighted()
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        self._check_keys(features)
         inner, batch = self.remapper.preprocess(features)
         self._check_pass_through_ids(inner)
         return self.remapper.postprocess(self.ebc(inner), batch)
-
-    def _check_keys(self, features: KeyedJaggedTensor) -> None:
-        """Names the feature and table of a missing key, where the EBC would raise a bare KeyError."""
-        keys = set(features.keys())
-        missing = [f"{f} (table {t.name})" for t in self.remapper.full_configs for f in t.feature_names
-                   if f not in keys]
-        if missing:  # no quotes inside: KeyError shows its message quoted
-            raise KeyError(f"the input KeyedJaggedTensor lacks features {', '.join(missing)}; "
-                           f"it has {', '.join(features.keys())}")
 
     def _check_pass_through_ids(self, inner: KeyedJaggedTensor) -> None:
         """Names the feature and table of an id outside a table the method does not compress (whose
