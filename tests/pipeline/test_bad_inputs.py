@@ -242,7 +242,7 @@ def test_mapping_fitted_on_other_data_warns_with_the_share_of_unseen_ids(tiny_sp
     from lhf_torchrec.pipeline.steps import fit_mappings, profile_tables
 
     mappings = fit_mappings(tiny_split.tables, profile_tables(tiny_split.train, tiny_split.tables), "frequency",
-                            compression=4).mappings
+                            compression=4).compression.mappings
     table = sorted(mappings)[0]
     same = warn_unseen_ids("m.safetensors", mappings, tiny_split.train, tiny_split.tables, 128)
     assert same[table] == pytest.approx(1 - mappings[table].entry_share, abs=0.1)

@@ -109,4 +109,4 @@ def test_a_column_first_filled_after_the_training_rows_gets_one_row(tmp_path) ->
     assert {t.name: t.num_embeddings for t in data.tables}["t_late"] == 11  # 10 ids in the file + 1 unseen
     full = fit_mappings(data.tables, profile_tables(data.train, data.tables), "full", compression=1)
     assert full.rows["t_late"] == 1  # no id in training: every id is unseen and shares one row
-    assert full.mappings["t_late"](torch.tensor([5, 1 << 62])).tolist() == [0, 0]
+    assert full.compression.mappings["t_late"](torch.tensor([5, 1 << 62])).tolist() == [0, 0]
