@@ -467,13 +467,13 @@ def _add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _quality_methods() -> List[str]:
-    from lhf_torchrec.pipeline.quality import QUALITY_METHODS
+    from lhf_torchrec.bench.quality import QUALITY_METHODS
 
     return [m if isinstance(m, str) else m.label for m in QUALITY_METHODS]
 
 
 def _run_bench_quality(args: argparse.Namespace) -> int:
-    from lhf_torchrec.pipeline.quality import QUALITY_METHODS, QualityConfig, quick_config, run_quality
+    from lhf_torchrec.bench.quality import QUALITY_METHODS, QualityConfig, quick_config, run_quality
 
     config = quick_config() if args.quick else QualityConfig()
     if args.data is not None:
@@ -489,7 +489,7 @@ def _run_bench_quality(args: argparse.Namespace) -> int:
         config.command = "python benchmarks/quality.py " + shlex.join(sys.argv[1:])
     wanted = args.methods or _quality_methods()
     methods = [m for m in QUALITY_METHODS if (m if isinstance(m, str) else m.label) in wanted]
-    logging.getLogger("lhf_torchrec.pipeline.quality").setLevel(logging.INFO)  # one line per finished run
+    logging.getLogger("lhf_torchrec.bench.quality").setLevel(logging.INFO)  # one line per finished run
     run_quality(config, methods)
     return EXIT_OK
 

@@ -6,8 +6,9 @@ from pathlib import Path
 from typing import Dict, List, Set
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lhf_torchrec"
-# Layers below the pipeline: none of them may import the pipeline (orchestration, the benchmark harness).
-LOWER = ("mapping", "modules", "distributed", "data", "training")
+# The layers of docs/architecture.md, lowest first: a package may import only packages before it.
+LAYERS = ("files", "install_check", "mapping", "modules", "data", "distributed", "training", "baselines",
+          "pipeline", "bench", "arguments", "cli")
 
 
 def _unit(module: str) -> str:
@@ -35,13 +36,17 @@ def _imports() -> Dict[str, Set[str]]:
     return out
 
 
-def test_lower_layers_do_not_import_the_pipeline():
+def test_every_package_imports_only_the_layers_below_it():
+    imports = _imports()
+    unknown = sorted({_unit(m) for m in imports} - set(LAYERS) - {"<root>"})
+    assert not unknown, f"packages missing from LAYERS (and docs/architecture.md): {unknown}"
     offenders = [
         f"{module} imports {target}"
-        for module, targets in _imports().items()
-        if _unit(module) in LOWER
+        for module, targets in imports.items()
+        if _unit(module) != "<root>"
         for target in targets
-        if _unit(target) in ("pipeline", "baselines", "cli")
+        if _unit(target) not in ("<root>", _unit(module))
+        and LAYERS.index(_unit(target)) > LAYERS.index(_unit(module))
     ]
     assert not offenders, offenders
 
@@ -79,4 +84,5 @@ def test_the_walk_sees_the_layers():
     imports = _imports()
     assert "lhf_torchrec.mapping.budget" in imports["lhf_torchrec.mapping.tables"]
     assert "lhf_torchrec.pipeline.methods" in imports["lhf_torchrec.pipeline.compare"]
+    assert "lhf_torchrec.pipeline.compare" in imports["lhf_torchrec.bench.quality"]
     assert {_unit(m) for m in imports["lhf_torchrec.training.trainer"]} >= {"distributed", "mapping", "data"}

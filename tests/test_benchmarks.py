@@ -12,7 +12,7 @@ def test_quality_benchmark_quick_mode_runs_every_method(tmp_path):
     out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "quality.py"), "--quick",
                           "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
-    from lhf_torchrec.pipeline.quality import QUALITY_METHODS
+    from lhf_torchrec.bench.quality import QUALITY_METHODS
 
     labels = {m if isinstance(m, str) else m.label for m in QUALITY_METHODS}
     records = json.load(open(tmp_path / "results.json"))

@@ -19,6 +19,8 @@ Example::
 """
 
 from lhf_torchrec.data.criteo import (
+    CRITEO_KAGGLE_CARDINALITIES,
+    CRITEO_TERABYTE_CARDINALITIES,
     CAT_NAMES,
     INT_NAMES,
     CriteoNpyDays,
@@ -35,7 +37,6 @@ from lhf_torchrec.data.movielens import fetch_movielens_100k, load_movielens_100
 from lhf_torchrec.data.source import CTRSource, StreamingSource, split_bounds, time_split
 from lhf_torchrec.data.synthetic import SyntheticCriteo, SyntheticCriteoConfig, SyntheticTruth, make_synthetic_criteo
 from lhf_torchrec.data.tabular import CSVSource, CSVSpec, categorical_id, read_csv
-from lhf_torchrec.distributed.presets import CRITEO_KAGGLE_CARDINALITIES, CRITEO_TERABYTE_CARDINALITIES
 
 __all__ = [
     "CAT_NAMES",

@@ -45,7 +45,7 @@ import numpy as np
 from tqdm import tqdm
 
 from lhf_torchrec.data.criteo import CAT_NAMES, INT_NAMES, criteo_dense_transform
-from lhf_torchrec.distributed.presets import CRITEO_KAGGLE_CARDINALITIES
+from lhf_torchrec.data.criteo import CRITEO_KAGGLE_CARDINALITIES
 from lhf_torchrec.data.ctr_data import CTRData
 
 _CHUNK_ROWS = 1 << 14

@@ -17,17 +17,8 @@ from typing import Dict, List, Sequence
 from torch import nn
 from torchrec import EmbeddingBagConfig
 
-#: Distinct values per categorical feature in Criteo Kaggle (train), C1..C26 (also the shape of the
-#: synthetic data, :mod:`lhf_torchrec.data.synthetic`).
-CRITEO_KAGGLE_CARDINALITIES: tuple[int, ...] = (
-    1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194,
-    27, 14992, 5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572,
-)  # fmt: skip
-#: Distinct values per categorical feature in Criteo 1TB, C1..C26.
-CRITEO_TERABYTE_CARDINALITIES: tuple[int, ...] = (
-    45833188, 36746, 17245, 7413, 20243, 3, 7114, 1441, 62, 29275261, 1572176, 345138, 10,
-    2209, 11267, 128, 4, 974, 14, 48937457, 11316796, 40094537, 452104, 12606, 104, 35,
-)  # fmt: skip
+from lhf_torchrec.data.criteo import CRITEO_KAGGLE_CARDINALITIES, CRITEO_TERABYTE_CARDINALITIES
+
 PRESETS: Dict[str, Sequence[int]] = {
     "criteo-kaggle": CRITEO_KAGGLE_CARDINALITIES,
     "criteo-1tb": CRITEO_TERABYTE_CARDINALITIES,

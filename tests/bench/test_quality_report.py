@@ -3,7 +3,7 @@
 import pytest
 
 from lhf_torchrec.pipeline.compare import RunRecord, num_runs, summarize
-from lhf_torchrec.pipeline.quality import QualityConfig, gap_recovered, untrained_datasets, verdicts, write_report
+from lhf_torchrec.bench.quality import QualityConfig, gap_recovered, untrained_datasets, verdicts, write_report
 
 
 def _record(dataset: str, method: str, logloss: float, compression: float = 10, validation_ne: float = 0.9,
