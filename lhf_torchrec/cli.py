@@ -314,6 +314,10 @@ def _add_fit_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="rowwise_adagrad",
                         help="whose state counts in the budget")
     parser.add_argument("--seed", type=SEED, default=0)
+    parser.add_argument("--num-buckets", type=int_in(1), metavar="B",
+                        help="bucketed mappings (to co-shard them row-wise with their tables; every planned world "
+                             "size must divide B): rows rounded down to a multiple of B, each id stays in its "
+                             "bucket's rows; tables with fewer than 2*B rows stay unbucketed (default: no buckets)")
     parser.add_argument("--out", type=output_file(MAPPINGS_FORMAT), required=True, metavar="FILE",
                         help="mappings (safetensors)")
     parser.set_defaults(handler=_run_fit)
@@ -332,12 +336,16 @@ def _run_fit(args: argparse.Namespace) -> int:
             raise ValueError(f"method '{args.method}' needs --embeddings (from lhf learn)")
         embeddings = load_embeddings(args.embeddings)
         require_tables(args.embeddings, embeddings, [t for t in profiles if profiles[t].num_ids])
+    if args.num_buckets is not None and args.method == "full":
+        raise ValueError("--num-buckets applies to the compressed mapping methods, not 'full'")
+    budget_settings = {} if args.num_buckets is None else {"num_buckets": args.num_buckets}
     fitted = fit_method(args.method, tables, profiles, FitInputs(embeddings), compression=args.compression,
-                        optimizer=args.optimizer, seed=args.seed)
+                        optimizer=args.optimizer, seed=args.seed, **budget_settings)
     mappings = fitted.compression.mappings
     save_mappings(args.out, mappings)
     full = full_table_bytes(tables, profiles, args.optimizer)
-    print(f"{'table':<10} {'rows':>10} {'hot':>8} {'clustered':>10} {'hashed':>8} {'entries':>9} {'mapping':>11} storage")
+    print(f"{'table':<10} {'rows':>10} {'hot':>8} {'clustered':>10} {'hashed':>8} {'entries':>9} {'mapping':>11} "
+          f"storage{'  buckets' if args.num_buckets else ''}")
     for t in tables:
         m = mappings.get(t.name)
         if m is None:
@@ -345,7 +353,8 @@ def _run_fit(args: argparse.Namespace) -> int:
             continue
         lay = m.layout
         print(f"{t.name:<10} {m.num_rows:>10,} {lay.get('hot', 0):>8,} {lay.get('clustered', 0):>10,} "
-              f"{lay.get('hashed', 0):>8,} {m.num_entries:>9,} {m.nbytes:>10,}B {m.storage}")
+              f"{lay.get('hashed', 0):>8,} {m.num_entries:>9,} {m.nbytes:>10,}B {m.storage:<7}"
+              + (f"  {m.num_buckets or 'none'}" if args.num_buckets else ""))
     print(f"{args.method}: {fitted.total_bytes:,} bytes (tables + {args.optimizer} state {fitted.table_bytes:,}, "
           f"mappings {fitted.mapping_bytes:,}) vs full {full:,} bytes: {full / fitted.total_bytes:.2f}x smaller")
     print(f"wrote {args.out}")

@@ -61,6 +61,8 @@ QUALITY_METHODS: Tuple[Any, ...] = (
     MethodSpec("combination, auto split", "combination", {"hot_fraction": "auto", "hashed_fraction": "auto"}),
     MethodSpec("combination, warm start", "combination", warm_start=True),
     MethodSpec("frequency, warm start", "frequency", warm_start=True),
+    # What bucketing (the foundation of co-sharding a mapping with its table) costs, at equal bytes.
+    MethodSpec("combination, 64 buckets", "combination", {"num_buckets": 64}),
 )
 
 

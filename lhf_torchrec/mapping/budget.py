@@ -12,12 +12,13 @@ rows use the same threshold unless the budget needs a higher one (then ``plan.hy
 """
 
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, Type
+from typing import Callable, Dict, Optional, Tuple, Type
 
 import numpy as np
 import torch
 import torchrec.optim as trec_optim
 
+from lhf_torchrec.mapping.buckets import MIN_ROWS_PER_BUCKET, bucket_profiles, bucket_split, check_bucket_rows, total_split
 from lhf_torchrec.mapping.id_mapping import storage_cost
 from lhf_torchrec.mapping.methods import (
     METHODS,
@@ -107,11 +108,25 @@ class _PrefixCost:
         self._low = np.minimum.accumulate(ranked) if ranked.size else ranked
         self._high = np.maximum.accumulate(ranked) if ranked.size else ranked
 
+    def span(self, num_entries: int) -> Tuple[int, int]:
+        """(smallest, largest) id of the ``num_entries`` most accessed ids (> 0 of them)."""
+        return int(self._low[num_entries - 1]), int(self._high[num_entries - 1])
+
     def __call__(self, num_entries: int):
         if num_entries == 0:
             return storage_cost(0, 0)
-        span = int(self._high[num_entries - 1]) - int(self._low[num_entries - 1]) + 1
-        return storage_cost(num_entries, span)
+        low, high = self.span(num_entries)
+        return storage_cost(num_entries, high - low + 1)
+
+
+def _bucketed_cost(prefix_costs, splits) -> Tuple[str, int]:
+    """Storage and bytes of a bucketed mapping: each bucket's entries are a prefix of its ranked ids,
+    and each bucket's hash region costs two int32."""
+    spans = [cost.span(s.num_entries) for cost, s in zip(prefix_costs, splits) if s.num_entries]
+    entries = sum(s.num_entries for s in splits)
+    span = max(h for _, h in spans) - min(low for low, _ in spans) + 1 if spans else 0
+    storage, entry_bytes = storage_cost(entries, span)
+    return storage, entry_bytes + 8 * len(splits)
 
 
 def _min_count_that_fits(profile: IdProfile, prefix_cost: _PrefixCost, max_bytes: float) -> int:
@@ -138,10 +153,17 @@ def plan_budget(
     optimizer: str = "sgd",
     table: str = "table",
     mapping_share: float = MAPPING_SHARE,
+    num_buckets: Optional[int] = None,
+    seed: int = 0,
     **hyperparams,
 ) -> BudgetPlan:
     """The largest table (rows M) of ``method`` whose weights, optimizer state and mapping fit in
     ``total_bytes``, with its hot / clustered / hashed split. ``hyperparams`` go to the estimator.
+
+    With ``num_buckets`` (B) the mapping is bucketed (:mod:`lhf_torchrec.mapping.buckets`, whose
+    buckets depend on ``seed``): M is a multiple of B, the split is the sum of the buckets' splits and
+    the mapping bytes count each bucket's entries and hash region. Too few rows for B buckets raise
+    :class:`~lhf_torchrec.mapping.buckets.TooFewRowsForBuckets`.
 
     Learned methods: ``min_count`` (the estimator's, default 10) is a floor; the budget raises it to
     the smallest access count whose ids' entries take at most ``mapping_share`` of the budget, and
@@ -162,25 +184,41 @@ def plan_budget(
         fits = _min_count_that_fits(profile, prefix_cost, mapping_share * total_bytes)
         hyperparams["min_count"] = max(fits, floor.min_count)
 
+    buckets = 1 if num_buckets is None else num_buckets
+    if num_buckets is not None:
+        check_bucket_rows(MIN_ROWS_PER_BUCKET * num_buckets, num_buckets, table)  # B itself is valid
+        profiles = bucket_profiles(profile, num_buckets, seed)
+        prefix_costs = [_PrefixCost(p) for p in profiles]
+
     def plan_for(num_rows: int) -> BudgetPlan:
-        split = make_estimator(method, num_rows, **hyperparams).split(profile, table)
-        storage, mapping_bytes = prefix_cost(split.num_entries)
+        if num_buckets is None:
+            split = make_estimator(method, num_rows, **hyperparams).split(profile, table)
+            storage, mapping_bytes = prefix_cost(split.num_entries)
+        else:
+            estimator = make_estimator(method, num_rows // num_buckets, **hyperparams)
+            splits = [bucket_split(estimator, p, table) for p in profiles]
+            split = total_split(splits)
+            storage, mapping_bytes = _bucketed_cost(prefix_costs, splits)
         weight = num_rows * WEIGHT_BYTES * embedding_dim
         return BudgetPlan(table, method, embedding_dim, optimizer, split, storage, weight,
                           num_rows * per_row - weight, mapping_bytes, int(total_bytes), dict(hyperparams))
 
-    low = METHODS[method].probes if method in METHODS else 1
-    smallest = plan_for(low)
+    # Search rows per bucket (M / B); unbucketed, one bucket holds all M rows.
+    probes = METHODS[method].probes if method in METHODS else 1
+    low = probes if num_buckets is None else max(probes, MIN_ROWS_PER_BUCKET)
+    high = max(low, int(total_bytes) // per_row // buckets)
+    smallest = plan_for(low * buckets)
     if smallest.total_bytes > total_bytes:
+        if num_buckets is not None and low * buckets * per_row > total_bytes:
+            check_bucket_rows(int(total_bytes) // per_row, num_buckets, table)
         raise ValueError(
             f"table '{table}': a budget of {total_bytes} bytes cannot hold method '{method}': its mapping alone "
             f"needs {smallest.mapping_bytes} bytes and one row {per_row} bytes"
         )
-    high = max(low, int(total_bytes) // per_row)
     while low < high:  # the largest M with plan_for(M) within budget; total bytes grow with M
         mid = (low + high + 1) // 2
-        if plan_for(mid).total_bytes <= total_bytes:
+        if plan_for(mid * buckets).total_bytes <= total_bytes:
             low = mid
         else:
             high = mid - 1
-    return plan_for(low)
+    return plan_for(low * buckets)

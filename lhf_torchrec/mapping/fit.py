@@ -4,6 +4,7 @@ from typing import Optional
 
 import torch
 
+from lhf_torchrec.mapping.buckets import check_bucket_rows, fit_bucketed
 from lhf_torchrec.mapping.budget import MAPPING_SHARE, plan_budget
 from lhf_torchrec.mapping.embeddings import EmbeddingsLike
 from lhf_torchrec.mapping.id_mapping import IdMapping
@@ -22,6 +23,7 @@ def fit_mapping(
     optimizer: str = "sgd",
     table: str = "table",
     mapping_share: float = MAPPING_SHARE,
+    num_buckets: Optional[int] = None,
     **hyperparams,
 ) -> IdMapping:
     """Fits one table's mapping with ``method`` (see :mod:`lhf_torchrec.mapping.methods`).
@@ -33,6 +35,12 @@ def fit_mapping(
     ``hyperparams`` go to the estimator (see :mod:`lhf_torchrec.mapping.methods` for their
     defaults). ``embeddings`` (raw id -> vector, see :mod:`lhf_torchrec.mapping.embeddings`) are
     required by ``learned`` and ``combination``.
+
+    ``num_buckets`` (B) fits a bucketed mapping (:mod:`lhf_torchrec.mapping.buckets`): the rows
+    (``num_rows``, or the budget's rows rounded down) split into B buckets, the method is fitted in
+    each, and every id's row lies in its bucket's rows. Fewer than 2 rows per bucket is an error
+    (:class:`~lhf_torchrec.mapping.buckets.TooFewRowsForBuckets`, naming the B and rows that work).
+    None (the default): one mapping over all rows.
 
     Example::
 
@@ -54,11 +62,16 @@ def fit_mapping(
             raise ValueError(f"table '{table}': a total_bytes budget needs data to profile")
         plan = plan_budget(
             profile, embedding_dim=embedding_dim, total_bytes=total_bytes, method=method,
-            optimizer=optimizer, table=table, mapping_share=mapping_share, **hyperparams,
+            optimizer=optimizer, table=table, mapping_share=mapping_share, num_buckets=num_buckets, seed=seed,
+            **hyperparams,
         )
         num_rows, hyperparams = plan.num_rows, plan.hyperparams
-    estimator = make_estimator(method, num_rows, seed=seed, **hyperparams)
-    mapping = estimator.fit(profile, embeddings, table=table).mapping_
+    if num_buckets is None:
+        mapping = make_estimator(method, num_rows, seed=seed, **hyperparams).fit(profile, embeddings, table=table).mapping_
+    else:
+        check_bucket_rows(num_rows, num_buckets, table)
+        mapping = fit_bucketed(method, num_rows, num_buckets, profile, embeddings, seed=seed, table=table,
+                               **hyperparams)
     if profile is not None and profile.total > 0:
         hit = mapping.has_entry(torch.from_numpy(profile.ids)).numpy()
         mapping.entry_share = round(float(profile.counts[hit].sum()) / profile.total, 6)

@@ -8,9 +8,15 @@ and CUDA without overflow. FBGEMM's ``murmur_hash3`` only takes one element at a
 
 The coefficients come from the seed through splitmix64, so ``hash_ids(ids, m, seed)`` is a fixed
 function of (ids, m, seed) on every host and device.
+
+A bucketed mapping also needs each id's *bucket* (:func:`bucket_of`): splitmix64's finalizer (a
+bijection of 64-bit words) of the id, reduced to ``[0, IHS)`` with ``IHS = B * floor(2^62 / B)``, so
+that bucket b is the value range ``[b * IHS / B, (b + 1) * IHS / B)``, as TorchRec's managed-collision
+modules bucketize their input. Only the top bit and the reduction mod IHS lose information: four
+64-bit ids share each value, so whoever keys entries by this value must check for collisions.
 """
 
-from typing import Tuple
+from typing import Tuple, Union
 
 import torch
 
@@ -55,11 +61,69 @@ def hash_with_coefficients(ids: torch.Tensor, coefficients: torch.Tensor) -> tor
     return (h * coefficients[..., 0]) >> 31
 
 
-def hash_ids(ids: torch.Tensor, num_buckets: int, seed: int) -> torch.Tensor:
-    """Hashes int64 ids (any value, negative included) to int64 buckets in ``[0, num_buckets)``."""
+def hash_ids(ids: torch.Tensor, num_buckets: Union[int, torch.Tensor], seed: int) -> torch.Tensor:
+    """Hashes int64 ids (any value, negative included) to int64 buckets in ``[0, num_buckets)``.
+
+    ``num_buckets`` is one int for every id, or an int64 tensor shaped like ``ids`` that gives each
+    id its own range (the hash regions of a bucketed mapping); the hash of an id is the same either way.
+    """
+    if isinstance(num_buckets, torch.Tensor):
+        seeded = torch.tensor(hash_coefficients(seed), dtype=torch.int64, device=ids.device)
+        coefficients = torch.cat([num_buckets.to(torch.int64).reshape(-1, 1),
+                                  seeded.expand(num_buckets.numel(), 4)], dim=1)
+        return hash_with_coefficients(ids.reshape(-1), coefficients).view(ids.shape)
     if num_buckets < 1:
         raise ValueError(f"num_buckets must be >= 1, got {num_buckets}")
     if num_buckets > MERSENNE_31:
         raise ValueError(f"num_buckets must be < 2^31 - 1, got {num_buckets}")
     coefficients = torch.tensor([num_buckets, *hash_coefficients(seed)], dtype=torch.int64, device=ids.device)
     return hash_with_coefficients(ids, coefficients)
+
+
+# ------------------------------------------------------------------ buckets of a bucketed mapping
+# splitmix64's finalizer, a bijection on 64-bit words. int64 multiplication wraps around, so the
+# unsigned constants are written as the signed int64 with the same bits.
+_MIX_1 = 0xBF58476D1CE4E5B9 - (1 << 64)
+_MIX_2 = 0x94D049BB133111EB - (1 << 64)
+
+
+def _shift_right(z: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical (unsigned) shift right of int64 words."""
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def mix64(ids: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finalizer on int64 ids: a bijection of the 64-bit words, vectorized."""
+    z = ids.to(torch.int64)
+    z = (z ^ _shift_right(z, 30)) * _MIX_1
+    z = (z ^ _shift_right(z, 27)) * _MIX_2
+    return z ^ _shift_right(z, 31)
+
+
+def input_hash_size(num_buckets: int) -> int:
+    """IHS = B * floor(2^62 / B): the hashed id space, B equal value ranges of IHS / B ids each."""
+    if isinstance(num_buckets, bool) or not isinstance(num_buckets, int) or num_buckets < 1:
+        raise ValueError(f"num_buckets must be an integer >= 1, got {num_buckets!r}")
+    return num_buckets * ((1 << 62) // num_buckets)
+
+
+def bucket_key(seed: int) -> int:
+    """The int64 word an id is XOR-ed with before mixing: a fixed function of ``seed``."""
+    key = _splitmix64(seed & _MASK_64)[1]
+    return key - (1 << 64) if key >= 1 << 63 else key
+
+
+def bucket_hash(ids: torch.Tensor, num_buckets: int, seed: int) -> torch.Tensor:
+    """h = mix64(id ^ key(seed)) & (2^63 - 1) mod IHS, in ``[0, input_hash_size(num_buckets))``.
+
+    The id's bucket is the value range h falls in (:func:`bucket_of`); TorchRec's managed-collision
+    input distribution block-bucketizes this h (``input_size() = IHS``, ``buckets() = B``).
+    """
+    mixed = mix64(ids.to(torch.int64) ^ bucket_key(seed)) & ((1 << 63) - 1)
+    return torch.remainder(mixed, input_hash_size(num_buckets))
+
+
+def bucket_of(ids: torch.Tensor, num_buckets: int, seed: int) -> torch.Tensor:
+    """The bucket in ``[0, num_buckets)`` of every int64 id: ``bucket_hash // (IHS / B)``."""
+    return torch.div(bucket_hash(ids, num_buckets, seed), input_hash_size(num_buckets) // num_buckets,
+                     rounding_mode="floor")

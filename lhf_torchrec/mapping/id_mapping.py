@@ -17,6 +17,13 @@ the hash region, whose embeddings the bag sums. Only ``remap_jagged`` can expres
 KeyedJaggedTensor (an id becomes two values); ``__call__`` returns an (n, 2) tensor with -1 in the
 second column for ids that have an entry.
 
+A *bucketed* mapping (``num_buckets=B``, the foundation of mappings co-sharded row-wise with their
+table) splits its M rows into B buckets of M / B rows: an id's bucket is a fixed seeded function of
+the raw id (:func:`~lhf_torchrec.mapping.hashing.bucket_of`), its entry (if any) is a row of its
+bucket, and an id without one is hashed into its bucket's own hash region (``bucket_hash_regions``:
+offset and rows inside the bucket, one pair per bucket). So every id's row lies in
+``[b * M / B, (b + 1) * M / B)``; ``hash_offset`` and ``hash_rows`` are unused (0 and M).
+
 The mapping is an ``nn.Module`` whose tensors are buffers, so it moves with ``.to(device)`` and is
 saved in a model's ``state_dict``. ``save``/``load`` use safetensors with a checksum.
 """
@@ -24,14 +31,14 @@ saved in a model's ``state_dict``. ``save``/``load`` use safetensors with a chec
 import hashlib
 import json
 import os
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Dict, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import torch
 from torch import nn
 
 from lhf_torchrec.files import atomic_write
-from lhf_torchrec.mapping.hashing import hash_ids
+from lhf_torchrec.mapping.hashing import bucket_of, hash_ids
 
 FORMAT_VERSION = 1
 _INT32_MAX = (1 << 31) - 1
@@ -46,6 +53,24 @@ def storage_cost(num_entries: int, span: int) -> Tuple[str, int]:
     sorted_bytes = num_entries * (4 + (4 if span - 1 <= _INT32_MAX else 8))
     dense_bytes = 4 * span
     return ("dense", dense_bytes) if dense_bytes <= sorted_bytes else ("sorted", sorted_bytes)
+
+
+def _check_buckets(table: str, num_rows: int, num_buckets: int, regions: torch.Tensor, probes: int) -> None:
+    """A bucketed mapping's rows split into whole buckets, each with a hash region inside it."""
+    if isinstance(num_buckets, bool) or not isinstance(num_buckets, (int, np.integer)) or num_buckets < 1:
+        raise ValueError(f"table '{table}': num_buckets must be an integer >= 1, got {num_buckets!r}")
+    if num_rows % num_buckets:
+        raise ValueError(f"table '{table}': {num_rows} rows do not split into {num_buckets} equal buckets")
+    rows_per_bucket = num_rows // num_buckets
+    if regions.shape != (num_buckets, 2) or regions.dtype.is_floating_point:
+        raise ValueError(f"table '{table}': bucket_hash_regions must be an integer ({num_buckets}, 2) tensor, "
+                         f"got {regions.dtype} {tuple(regions.shape)}")
+    offset, rows = regions[:, 0].long(), regions[:, 1].long()
+    bad = (offset < 0) | (rows < probes) | (offset + rows > rows_per_bucket)
+    if bool(bad.any()):
+        b = int(bad.nonzero()[0])
+        raise ValueError(f"table '{table}': bucket {b}'s hash region [{int(offset[b])}, {int(offset[b] + rows[b])}) "
+                         f"must lie in its {rows_per_bucket} rows and hold at least {probes} row(s)")
 
 
 class IdMapping(nn.Module):
@@ -76,6 +101,7 @@ class IdMapping(nn.Module):
         layout: Optional[Mapping[str, int]] = None,
         table_name: str = "table",
         entry_share: Optional[float] = None,
+        num_buckets: Optional[int] = None,
     ) -> None:
         super().__init__()
         if not isinstance(num_rows, (int, np.integer)) or num_rows < 1:
@@ -90,11 +116,14 @@ class IdMapping(nn.Module):
             raise ValueError(f"table '{table_name}': probes must be 1 or 2, got {probes}")
         expected = {"none": set(), "dense": {"table"}, "sorted": {"keys", "values"}}
         tensors = dict(tensors or {})
-        if storage not in expected or set(tensors) != expected[storage]:
+        needed = expected.get(storage, set()) | ({"bucket_hash_regions"} if num_buckets is not None else set())
+        if storage not in expected or set(tensors) != needed:
             raise ValueError(
-                f"table '{table_name}': storage '{storage}' needs tensors {sorted(expected.get(storage, []))}, "
-                f"got {sorted(tensors)}"
+                f"table '{table_name}': storage '{storage}'{' (bucketed)' if num_buckets is not None else ''} "
+                f"needs tensors {sorted(needed)}, got {sorted(tensors)}"
             )
+        if num_buckets is not None:
+            _check_buckets(table_name, int(num_rows), num_buckets, tensors["bucket_hash_regions"], probes)
         self.num_rows = int(num_rows)
         self.hash_offset = int(hash_offset)
         self.hash_rows = int(hash_rows)
@@ -110,6 +139,7 @@ class IdMapping(nn.Module):
         # Share of the fitting data's id accesses that hit an entry (None: not recorded); a much
         # lower share on training data means the mapping was fitted on other data.
         self.entry_share = None if entry_share is None else float(entry_share)
+        self.num_buckets = None if num_buckets is None else int(num_buckets)
         for name, tensor in tensors.items():
             self.register_buffer(name, tensor.contiguous())
         self._check_rows()
@@ -130,8 +160,14 @@ class IdMapping(nn.Module):
         params: Optional[Mapping] = None,
         layout: Optional[Mapping[str, int]] = None,
         table_name: str = "table",
+        num_buckets: Optional[int] = None,
+        bucket_hash_regions: Optional[torch.Tensor] = None,
     ) -> "IdMapping":
-        """Builds a mapping from explicit (id, row) entries, in the cheaper storage for them."""
+        """Builds a mapping from explicit (id, row) entries, in the cheaper storage for them.
+
+        Bucketed (``num_buckets``): ``bucket_hash_regions`` is a (B, 2) tensor of (offset, rows) of
+        each bucket's hash region inside the bucket, and every entry's row must lie in its id's bucket.
+        """
         entry_ids = np.asarray(entry_ids, dtype=np.int64)
         entry_rows = np.asarray(entry_rows, dtype=np.int64)
         order = np.argsort(entry_ids, kind="stable")
@@ -147,11 +183,24 @@ class IdMapping(nn.Module):
         storage, _ = storage_cost(int(entry_ids.size), span)
         hash_rows = num_rows - hash_offset if hash_rows is None else hash_rows
         tensors: Dict[str, torch.Tensor] = {}
+        if num_buckets is not None:
+            if bucket_hash_regions is None:
+                raise ValueError(f"table '{table_name}': a bucketed mapping needs bucket_hash_regions")
+            tensors["bucket_hash_regions"] = bucket_hash_regions.to(torch.int32)
+            rows_per_bucket = num_rows // num_buckets
+            buckets = bucket_of(torch.from_numpy(entry_ids), num_buckets, seed).numpy()
+            outside = entry_rows // rows_per_bucket != buckets
+            if outside.any():
+                raise ValueError(f"table '{table_name}': entry row {entry_rows[outside][0]} of id "
+                                 f"{entry_ids[outside][0]} is outside its bucket {buckets[outside][0]}")
         if storage == "dense":
             if probes == 1:
                 # Precompute the hash of every id in the span: lookups then never hash in-span ids.
+                # (A mapping without entries is exactly the hash of ids that have none.)
+                hashed = cls(num_rows, hash_offset=hash_offset, hash_rows=hash_rows, seed=seed,
+                             tensors=dict(tensors), num_buckets=num_buckets, table_name=table_name)
                 span_ids = torch.arange(span, dtype=torch.int64) + offset
-                table = (hash_offset + hash_ids(span_ids, hash_rows, seed)).to(torch.int32)
+                table = hashed(span_ids).to(torch.int32)
             else:
                 table = torch.full((span,), -1, dtype=torch.int32)
             table[torch.from_numpy(entry_ids - offset)] = torch.from_numpy(entry_rows).to(torch.int32)
@@ -176,6 +225,7 @@ class IdMapping(nn.Module):
             params=params,
             layout=layout,
             table_name=table_name,
+            num_buckets=num_buckets,
         )
 
     def _check_rows(self) -> None:
@@ -199,7 +249,25 @@ class IdMapping(nn.Module):
         return found.view(ids.shape)
 
     def _hashed_in_span(self, ids: torch.Tensor) -> torch.Tensor:
-        return self._lookup(ids)[0] == self.hash_offset + hash_ids(ids, self.hash_rows, self.seed)
+        return self._lookup(ids)[0] == self._hashed(ids)
+
+    @property
+    def rows_per_bucket(self) -> int:
+        """Rows of each bucket (all rows when unbucketed)."""
+        return self.num_rows // (self.num_buckets or 1)
+
+    def _hash_region(self, ids: torch.Tensor) -> Tuple[Union[int, torch.Tensor], Union[int, torch.Tensor]]:
+        """(first row, rows) of the hash region of each id: the table's, or the one of its bucket."""
+        if self.num_buckets is None:
+            return self.hash_offset, self.hash_rows
+        bucket = bucket_of(ids, self.num_buckets, self.seed)
+        region = self.bucket_hash_regions.index_select(0, bucket).to(torch.int64)
+        return bucket * self.rows_per_bucket + region[:, 0], region[:, 1]
+
+    def _hashed(self, ids: torch.Tensor) -> torch.Tensor:
+        """The hash row of every (flat int64) id, whether it has an entry or not."""
+        first, rows = self._hash_region(ids)
+        return first + hash_ids(ids, rows, self.seed)
 
     # ------------------------------------------------------------------ applying
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -264,23 +332,23 @@ class IdMapping(nn.Module):
 
     def _fill_hashed(self, rows: torch.Tensor, found: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         if self.storage == "none":
-            return self.hash_offset + hash_ids(ids, self.hash_rows, self.seed)
+            return self._hashed(ids)
         if ids.device.type == "cpu":
             # On CPU hash only the ids that need it: the hash costs more than the gather, and most
             # lookups of a fitted table hit an entry. On accelerators the masked copy would sync.
             missing = (~found).nonzero().squeeze(1)
             if missing.numel():
-                hashed = self.hash_offset + hash_ids(ids.index_select(0, missing), self.hash_rows, self.seed)
-                rows.index_copy_(0, missing, hashed)
+                rows.index_copy_(0, missing, self._hashed(ids.index_select(0, missing)))
             return rows
-        return torch.where(found, rows, self.hash_offset + hash_ids(ids, self.hash_rows, self.seed))
+        return torch.where(found, rows, self._hashed(ids))
 
     def _double_hash(self, ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        first = hash_ids(ids, self.hash_rows, self.seed)
+        offset, hash_rows = self._hash_region(ids)
+        first = hash_ids(ids, hash_rows, self.seed)
         # The second probe is drawn from the other hash_rows - 1 rows, so the two rows always differ.
-        step = 1 + hash_ids(ids, self.hash_rows - 1, self.seed + 1)
-        second = torch.remainder(first + step, self.hash_rows)
-        return self.hash_offset + first, self.hash_offset + second
+        step = 1 + hash_ids(ids, hash_rows - 1, self.seed + 1)
+        second = torch.remainder(first + step, hash_rows)
+        return offset + first, offset + second
 
     # ------------------------------------------------------------------ description and persistence
     def metadata(self) -> Dict:
@@ -302,6 +370,8 @@ class IdMapping(nn.Module):
         }
         if self.entry_share is not None:  # absent, files written before it was recorded keep their checksum
             meta["entry_share"] = self.entry_share
+        if self.num_buckets is not None:  # absent when unbucketed: older files load (and check) unchanged
+            meta["num_buckets"] = self.num_buckets
         return meta
 
     def _state_tensors(self) -> Dict[str, torch.Tensor]:
@@ -337,6 +407,7 @@ class IdMapping(nn.Module):
         return (
             f"table={self.table_name!r}, method={self.method!r}, num_rows={self.num_rows}, "
             f"entries={self.num_entries}, storage={self.storage!r}, nbytes={self.nbytes}, layout={self.layout}"
+            + (f", num_buckets={self.num_buckets}" if self.num_buckets is not None else "")
         )
 
     def save(self, path: str) -> None:
@@ -419,6 +490,7 @@ def load_mappings(path: str, device: Optional[torch.device] = None) -> Dict[str,
                 layout=meta["layout"],
                 table_name=table,
                 entry_share=meta.get("entry_share"),
+                num_buckets=meta.get("num_buckets"),
             )
         except (KeyError, ValueError, TypeError) as e:
             raise ValueError(f"{path}: mapping of table '{table}' is malformed ({e})") from e

@@ -24,7 +24,7 @@ mapping is known from the profile alone (:mod:`lhf_torchrec.mapping.budget` reli
 
 import logging
 from dataclasses import dataclass
-from typing import Dict, Optional, Type, Union
+from typing import Dict, Optional, Tuple, Type, Union
 
 import numpy as np
 import torch
@@ -105,12 +105,17 @@ def balanced_hot_count(ranked_counts: np.ndarray, num_rows: int) -> int:
 
 
 class MappingEstimator:
-    """Base class: ``fit(data, embeddings=None, table=...)`` sets ``mapping_`` and ``split_``."""
+    """Base class: ``fit(data, embeddings=None, table=...)`` sets ``mapping_`` and ``split_``.
+
+    A method implements ``split`` and ``fit_entries`` (which ids get which row); ``fit`` builds the
+    :class:`IdMapping` from them, and a bucketed fit (:mod:`lhf_torchrec.mapping.buckets`) calls
+    ``fit_entries`` once per bucket.
+    """
 
     method: str = ""
     needs_embeddings: bool = False
+    needs_data: bool = True
     probes: int = 1  # rows per hashed id
-
 
     def __init__(self, num_rows: int, *, seed: int = 0) -> None:
         self.num_rows = num_rows
@@ -123,8 +128,16 @@ class MappingEstimator:
         """The row split this estimator would use for ``profile`` (no fitting)."""
         raise NotImplementedError
 
-    def fit(self, data: ProfileLike, embeddings: Optional[EmbeddingsLike] = None, *, table: str = "table"):
+    def fit_entries(
+        self, profile: Optional[IdProfile], embeddings: Optional[EmbeddingsLike], table: str
+    ) -> Tuple[RowSplit, np.ndarray, np.ndarray]:
+        """(row split, entry ids, their rows) of this method on ``profile``, without building a mapping."""
         raise NotImplementedError
+
+    def fit(self, data: Optional[ProfileLike], embeddings: Optional[EmbeddingsLike] = None, *, table: str = "table"):
+        profile = as_profile(data, table) if data is not None or self.needs_data else None
+        self._build(*self.fit_entries(profile, embeddings, table), table)
+        return self
 
     def transform(self, ids: torch.Tensor) -> torch.Tensor:
         return self.mapping_(ids)
@@ -158,16 +171,14 @@ class HashingTrick(MappingEstimator):
     """``row = hash(id) mod M`` with a seeded universal hash; needs no data."""
 
     method = "hash"
+    needs_data = False
 
     def split(self, profile: Optional[IdProfile] = None, table: str = "table") -> RowSplit:
         self._check_num_rows(table)
         return RowSplit(self.num_rows, 0, 0, self.num_rows, 0, 0, self.num_rows)
 
-    def fit(self, data: Optional[ProfileLike] = None, embeddings: Optional[EmbeddingsLike] = None, *, table: str = "table"):
-        if data is not None:
-            as_profile(data, table)
-        self._build(self.split(None, table), np.zeros(0, np.int64), np.zeros(0, np.int64), table)
-        return self
+    def fit_entries(self, profile, embeddings, table):
+        return self.split(None, table), np.zeros(0, np.int64), np.zeros(0, np.int64)
 
 
 class FrequencyHashing(MappingEstimator):
@@ -193,12 +204,10 @@ class FrequencyHashing(MappingEstimator):
         hot = max(0, min(hot, profile.num_ids, m - self.probes))
         return RowSplit(m, hot, 0, m - hot, hot, hot, m - hot, self.probes)
 
-    def fit(self, data: ProfileLike, embeddings: Optional[EmbeddingsLike] = None, *, table: str = "table"):
-        profile = as_profile(data, table)
+    def fit_entries(self, profile, embeddings, table):
         split = self.split(profile, table)
         self.hot_ids_ = ranked_ids(profile)[: split.num_hot]
-        self._build(split, self.hot_ids_, np.arange(split.num_hot), table)
-        return self
+        return split, self.hot_ids_, np.arange(split.num_hot)
 
 
 class DoubleHashing(FrequencyHashing):
@@ -248,15 +257,12 @@ class LearnedClustering(MappingEstimator):
         self.cluster_centers_ = cluster_centers(vectors, weights, labels, max(k, 1))
         return self.cluster_labels_
 
-    def fit(self, data: ProfileLike, embeddings: Optional[EmbeddingsLike] = None, *, table: str = "table"):
+    def fit_entries(self, profile, embeddings, table):
         if embeddings is None:
             raise ValueError(f"table '{table}': method '{self.method}' needs learned embeddings")
-        profile = as_profile(data, table)
         split = self.split(profile, table)
         ids, vectors, counts = self._candidates(profile, 0, split.num_entries, embeddings, table)
-        labels = self._cluster(ids, vectors, counts, split.num_clustered)
-        self._build(split, ids, labels, table)
-        return self
+        return split, ids, self._cluster(ids, vectors, counts, split.num_clustered)
 
 
 class CombinedLearnedHashing(LearnedClustering):
@@ -317,18 +323,16 @@ class CombinedLearnedHashing(LearnedClustering):
         hashed = m - hot - clustered
         return RowSplit(m, hot, clustered, hashed, hot + candidates, hot + clustered, hashed)
 
-    def fit(self, data: ProfileLike, embeddings: Optional[EmbeddingsLike] = None, *, table: str = "table"):
+    def fit_entries(self, profile, embeddings, table):
         if embeddings is None:
             raise ValueError(f"table '{table}': method '{self.method}' needs learned embeddings")
-        profile = as_profile(data, table)
         split = self.split(profile, table)
         self.hot_ids_ = ranked_ids(profile)[: split.num_hot]
         ids, vectors, counts = self._candidates(profile, split.num_hot, split.num_entries, embeddings, table)
         labels = self._cluster(ids, vectors, counts, split.num_clustered)
         entry_ids = np.concatenate([self.hot_ids_, ids])
         entry_rows = np.concatenate([np.arange(split.num_hot), split.num_hot + labels])
-        self._build(split, entry_ids, entry_rows, table)
-        return self
+        return split, entry_ids, entry_rows
 
 
 METHODS: Dict[str, Type[MappingEstimator]] = {

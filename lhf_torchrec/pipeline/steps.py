@@ -7,6 +7,7 @@ budgets follow :mod:`lhf_torchrec.mapping.tables`.
 """
 
 import dataclasses
+import functools
 import logging
 from typing import Dict, List, Mapping, Optional
 
@@ -14,6 +15,7 @@ import torch
 from torchrec import EmbeddingBagConfig
 
 from lhf_torchrec.data.source import CTRSource
+from lhf_torchrec.mapping.buckets import TooFewRowsForBuckets
 from lhf_torchrec.mapping.budget import row_bytes
 from lhf_torchrec.mapping.embeddings import IdEmbeddings, embeddings_of
 from lhf_torchrec.mapping.fit import fit_mapping
@@ -105,6 +107,7 @@ def fit_mappings(
     optimizer: str = "sgd",
     embeddings: Optional[Mapping[str, IdEmbeddings]] = None,
     seed: int = 0,
+    num_buckets: Optional[int] = None,
     **hyperparams,
 ) -> FittedTables:
     """Fits mapping ``method`` on every table at ``1 / compression`` of its full bytes, mapping counted.
@@ -113,10 +116,15 @@ def fit_mappings(
     where ids are sparse). Bytes count the fp32 weights, the ``optimizer``'s state and the mappings.
     ``hyperparams`` go to :func:`~lhf_torchrec.mapping.fit.fit_mapping` (the estimator's, and
     ``mapping_share``).
+
+    ``num_buckets``: every mapping is bucketed (the foundation of co-sharding it row-wise with its
+    table), except those of tables whose budget holds fewer than 2 rows per bucket: such a table is
+    too small to shard row-wise, so it keeps one unbucketed mapping (logged), as a table-wise table would.
     """
     budgets, mappings = table_budgets(tables, profiles, compression=compression, optimizer=optimizer, seed=seed)
     for name, budget in budgets.items():
-        mappings[name] = fit_mapping(
+        fit = functools.partial(
+            fit_mapping,
             budget.profile,
             method=method,
             total_bytes=budget.budget_bytes,
@@ -127,6 +135,11 @@ def fit_mappings(
             table=name,
             **hyperparams,
         )
+        try:
+            mappings[name] = fit(num_buckets=num_buckets)
+        except TooFewRowsForBuckets as e:
+            logger.info("%s: fitted without buckets", e)
+            mappings[name] = fit()
     return _fitted(method, tables, profiles, mappings, optimizer, {n: b.budget_bytes for n, b in budgets.items()})
 
 

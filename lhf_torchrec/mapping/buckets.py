@@ -1,0 +1,121 @@
+"""Bucketed fitting: a mapping whose rows split into B buckets, each fitted on its own ids.
+
+The foundation of mappings co-sharded with their tables: TorchRec's row-wise sharding gives each
+rank a contiguous block of rows, and a bucketed mapping keeps every id inside its bucket's rows
+``[b * M / B, (b + 1) * M / B)``, so a rank that owns whole buckets owns every id that lands there.
+An id's bucket is a fixed, seeded function of the raw id (:func:`~lhf_torchrec.mapping.hashing.bucket_of`).
+Inside a bucket the method is unchanged: its estimator is fitted on the bucket's share of the
+profile with M / B rows (hot ids own rows, well-observed ids are clustered, every other id, seen or
+not, is hashed into the bucket's own hash region).
+
+A table needs at least ``MIN_ROWS_PER_BUCKET`` rows per bucket; :func:`check_bucket_rows` says which
+bucket counts and row counts work when it has fewer.
+"""
+
+from typing import List, Optional
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from lhf_torchrec.mapping.embeddings import EmbeddingsLike
+from lhf_torchrec.mapping.hashing import bucket_of
+from lhf_torchrec.mapping.id_mapping import IdMapping
+from lhf_torchrec.mapping.methods import MappingEstimator, RowSplit, make_estimator
+from lhf_torchrec.mapping.profile import IdProfile
+
+# Two rows per bucket at least: a learned method then keeps one row beside the hash region.
+MIN_ROWS_PER_BUCKET = 2
+
+
+class TooFewRowsForBuckets(ValueError):
+    """A table has too few rows for the requested number of buckets."""
+
+
+def check_bucket_rows(num_rows: int, num_buckets: int, table: str) -> None:
+    """Raises unless ``num_rows`` splits into ``num_buckets`` equal buckets of enough rows."""
+    if isinstance(num_buckets, bool) or not isinstance(num_buckets, (int, np.integer)) or num_buckets < 1:
+        raise ValueError(f"table '{table}': num_buckets must be an integer >= 1, got {num_buckets!r}")
+    if num_rows < MIN_ROWS_PER_BUCKET * num_buckets:
+        raise TooFewRowsForBuckets(
+            f"table '{table}': {num_rows} rows cannot hold {num_buckets} buckets of at least {MIN_ROWS_PER_BUCKET} "
+            f"rows each; use at most {num_rows // MIN_ROWS_PER_BUCKET} buckets, or at least "
+            f"{MIN_ROWS_PER_BUCKET * num_buckets} rows (a larger budget), or no buckets"
+        )
+    if num_rows % num_buckets:
+        raise ValueError(f"table '{table}': {num_rows} rows do not split into {num_buckets} equal buckets; "
+                         f"use {num_rows - num_rows % num_buckets} rows")
+
+
+def bucket_profiles(profile: IdProfile, num_buckets: int, seed: int) -> List[IdProfile]:
+    """The profile of each bucket's ids (ids stay sorted; ``total`` is the bucket's counted accesses)."""
+    buckets = bucket_of(torch.from_numpy(profile.ids), num_buckets, seed).numpy()
+    order = np.argsort(buckets, kind="stable")
+    ids, counts = profile.ids[order], profile.counts[order]
+    bounds = np.searchsorted(buckets[order], np.arange(num_buckets + 1))
+    return [
+        IdProfile(ids[lo:hi], counts[lo:hi], int(counts[lo:hi].sum()), profile.capacity, profile.error_bound)
+        for lo, hi in zip(bounds[:-1], bounds[1:])
+    ]
+
+
+def _all_hashed(estimator: MappingEstimator) -> RowSplit:
+    """A bucket without profiled ids: all its rows are hash rows."""
+    rows = estimator.num_rows
+    return RowSplit(rows, 0, 0, rows, 0, 0, rows, estimator.probes)
+
+
+def bucket_split(estimator: MappingEstimator, profile: IdProfile, table: str) -> RowSplit:
+    """The row split of one bucket (``estimator`` has the bucket's rows)."""
+    return estimator.split(profile, table) if profile.num_ids else _all_hashed(estimator)
+
+
+def total_split(splits: List[RowSplit]) -> RowSplit:
+    """The splits of all buckets added up (hash regions are per bucket: the whole table is given)."""
+    rows = sum(s.num_rows for s in splits)
+    return RowSplit(rows, sum(s.num_hot for s in splits), sum(s.num_clustered for s in splits),
+                    sum(s.num_hashed for s in splits), sum(s.num_entries for s in splits), 0, rows, splits[0].probes)
+
+
+def fit_bucketed(
+    method: str,
+    num_rows: int,
+    num_buckets: int,
+    profile: Optional[IdProfile],
+    embeddings: Optional[EmbeddingsLike] = None,
+    *,
+    seed: int = 0,
+    table: str = "table",
+    **hyperparams,
+) -> IdMapping:
+    """Fits ``method`` in each of ``num_buckets`` buckets of ``num_rows / num_buckets`` rows.
+
+    Example::
+
+        mapping = fit_bucketed("frequency", 1024, 64, profile, table="t_C1")
+        mapping(ids) // 16 == bucket_of(ids, 64, seed=0)     # every id stays in its bucket
+    """
+    check_bucket_rows(num_rows, num_buckets, table)
+    rows_per_bucket = num_rows // num_buckets
+    profiles = bucket_profiles(profile, num_buckets, seed) if profile is not None else [IdProfile.empty()] * num_buckets
+    entry_ids: List[np.ndarray] = []
+    entry_rows: List[np.ndarray] = []
+    splits: List[RowSplit] = []
+    estimator = make_estimator(method, rows_per_bucket, seed=seed, **hyperparams)
+    bar = tqdm(profiles, desc=f"fit {table} ({num_buckets} buckets)", unit="bucket", leave=False,
+               disable=num_buckets < 16)
+    for bucket, bucket_profile in enumerate(bar):
+        if bucket_profile.num_ids:
+            split, ids, rows = estimator.fit_entries(bucket_profile, embeddings, table)
+        else:
+            split, ids, rows = _all_hashed(estimator), np.zeros(0, np.int64), np.zeros(0, np.int64)
+        splits.append(split)
+        entry_ids.append(np.asarray(ids, np.int64))
+        entry_rows.append(bucket * rows_per_bucket + np.asarray(rows, np.int64))
+    regions = torch.tensor([[s.hash_offset, s.hash_rows] for s in splits], dtype=torch.int32)
+    split = total_split(splits)
+    return IdMapping.from_entries(
+        np.concatenate(entry_ids), np.concatenate(entry_rows), num_rows, hash_offset=0, hash_rows=num_rows,
+        probes=estimator.probes, seed=seed, method=method, params=estimator.get_params(), layout=split.layout(),
+        table_name=table, num_buckets=num_buckets, bucket_hash_regions=regions,
+    )
