@@ -18,7 +18,14 @@ import numpy as np
 import torch
 import torchrec.optim as trec_optim
 
-from lhf_torchrec.mapping.buckets import MIN_ROWS_PER_BUCKET, bucket_profiles, bucket_split, check_bucket_rows, total_split
+from lhf_torchrec.mapping.buckets import (
+    MIN_ROWS_PER_BUCKET,
+    TooFewRowsForBuckets,
+    bucket_profiles,
+    bucket_split,
+    check_bucket_rows,
+    total_split,
+)
 from lhf_torchrec.mapping.id_mapping import storage_cost
 from lhf_torchrec.mapping.methods import (
     METHODS,
@@ -209,8 +216,12 @@ def plan_budget(
     high = max(low, int(total_bytes) // per_row // buckets)
     smallest = plan_for(low * buckets)
     if smallest.total_bytes > total_bytes:
-        if num_buckets is not None and low * buckets * per_row > total_bytes:
-            check_bucket_rows(int(total_bytes) // per_row, num_buckets, table)
+        if num_buckets is not None:
+            raise TooFewRowsForBuckets(
+                f"table '{table}': a budget of {total_bytes} bytes cannot hold {num_buckets} buckets of at least "
+                f"{low} rows each with method '{method}' ({smallest.total_bytes} bytes, {smallest.mapping_bytes} of "
+                f"them mapping; one row {per_row} bytes); use fewer buckets, a larger budget, or no buckets"
+            )
         raise ValueError(
             f"table '{table}': a budget of {total_bytes} bytes cannot hold method '{method}': its mapping alone "
             f"needs {smallest.mapping_bytes} bytes and one row {per_row} bytes"

@@ -1,0 +1,222 @@
+"""Bucketed mappings: the bucket function, every id inside its bucket's rows, bytes, files, small tables."""
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torchrec import EmbeddingBagConfig
+
+from lhf_torchrec.mapping import IdEmbeddings, IdMapping, IdProfile, fit_mapping, load_mappings, plan_budget, save_mappings
+from lhf_torchrec.mapping.buckets import TooFewRowsForBuckets, fit_bucketed
+from lhf_torchrec.mapping.hashing import bucket_hash, bucket_key, bucket_of, hash_ids, input_hash_size, mix64
+from lhf_torchrec.mapping.methods import METHODS
+from lhf_torchrec.pipeline.steps import fit_mappings
+
+int64s = st.integers(-(1 << 63), (1 << 63) - 1)
+EXTREMES = [-(1 << 63), (1 << 63) - 1, 0, -1, 1, -7, 1 << 40]
+M64 = 1 << 64
+
+
+def _mix64_reference(value: int) -> int:
+    z = value % M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % M64
+    return z ^ (z >> 31)
+
+
+def _bucket_reference(value: int, num_buckets: int, seed: int):
+    """(h, bucket) in pure Python: h = mix64(id ^ key) & (2^63 - 1) mod IHS, bucket = h // (IHS / B)."""
+    ihs = num_buckets * ((1 << 62) // num_buckets)
+    h = (_mix64_reference((value % M64) ^ (bucket_key(seed) % M64)) & ((1 << 63) - 1)) % ihs
+    return h, h // (ihs // num_buckets)
+
+
+@settings(max_examples=200, deadline=None)
+@given(ids=st.lists(int64s, min_size=0, max_size=40), num_buckets=st.integers(1, 5000), seed=st.integers(0, 2**64 - 1))
+def test_bucket_function_equals_the_pure_python_reference(ids, num_buckets, seed):
+    values = ids + EXTREMES
+    tensor = torch.tensor(values, dtype=torch.int64)
+    expected = [_bucket_reference(v, num_buckets, seed) for v in values]
+    assert bucket_hash(tensor, num_buckets, seed).tolist() == [h for h, _ in expected]
+    assert bucket_of(tensor, num_buckets, seed).tolist() == [b for _, b in expected]
+    assert input_hash_size(num_buckets) % num_buckets == 0 and input_hash_size(num_buckets) <= 1 << 62
+
+
+def test_mix64_is_splitmix64_and_a_bijection_on_a_sample():
+    values = torch.tensor(EXTREMES + list(range(-1000, 1000)), dtype=torch.int64)
+    mixed = mix64(values)
+    assert [v % M64 for v in mixed.tolist()] == [_mix64_reference(v) for v in values.tolist()]
+    assert mixed.unique().numel() == values.unique().numel()
+
+
+def test_buckets_depend_on_the_seed_and_are_balanced():
+    ids = torch.arange(100_000, dtype=torch.int64)
+    counts = torch.bincount(bucket_of(ids, 64, seed=0), minlength=64)
+    assert counts.min() > 0.9 * 100_000 / 64 and counts.max() < 1.1 * 100_000 / 64
+    assert not torch.equal(bucket_of(ids, 64, seed=0), bucket_of(ids, 64, seed=1))
+
+
+@settings(max_examples=50, deadline=None)
+@given(ids=st.lists(int64s, min_size=1, max_size=50), rows=st.lists(st.integers(1, 1000), min_size=1, max_size=50),
+       seed=st.integers(0, 2**32))
+def test_hash_ids_with_a_range_per_id_equals_the_scalar_hash(ids, rows, seed):
+    n = min(len(ids), len(rows))
+    tensor, ranges = torch.tensor(ids[:n]), torch.tensor(rows[:n])
+    per_id = hash_ids(tensor, ranges, seed)
+    assert per_id.tolist() == [int(hash_ids(tensor[i:i + 1], rows[i], seed)) for i in range(n)]
+
+
+# ---------------------------------------------------------------------------------------- fitting
+@pytest.fixture(scope="module")
+def data():
+    """A Zipf-like profile over ids spread across 64 bits, with embeddings for every id."""
+    rng = np.random.default_rng(5)
+    ids = np.unique(rng.integers(-(1 << 62), 1 << 62, 3000))
+    counts = np.maximum(1, (20_000 / np.arange(1, ids.size + 1) ** 1.1).astype(np.int64))
+    rng.shuffle(counts)
+    profile = IdProfile(ids, counts, int(counts.sum()))
+    embeddings = IdEmbeddings(ids, torch.randn(ids.size, 4, generator=torch.Generator().manual_seed(0)))
+    return profile, embeddings
+
+
+FITTED = {}
+
+
+def _fitted(data, method: str, num_buckets: int, seed: int) -> IdMapping:
+    key = (method, num_buckets, seed)
+    if key not in FITTED:
+        profile, embeddings = data
+        FITTED[key] = fit_mapping(profile, method=method, num_rows=num_buckets * 12, embeddings=embeddings,
+                                  seed=seed, table="t", num_buckets=num_buckets)
+    return FITTED[key]
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@settings(max_examples=25, deadline=None)
+@given(ids=st.lists(int64s, min_size=1, max_size=60), pick=st.lists(st.integers(0, 2999), max_size=60),
+       num_buckets=st.sampled_from([1, 3, 8]), seed=st.integers(0, 2))
+def test_every_id_lands_in_its_buckets_rows(data, method, ids, pick, num_buckets, seed):
+    profile, _ = data
+    mapping = _fitted(data, method, num_buckets, seed)
+    query = torch.tensor(ids + profile.ids[pick].tolist() + EXTREMES, dtype=torch.int64)
+    rows = mapping(query)
+    bucket = bucket_of(query, num_buckets, seed)
+    per_bucket = mapping.rows_per_bucket
+    first = bucket * per_bucket
+    probes = rows.view(query.numel(), -1)  # double hashing: both probes must stay in the bucket
+    valid = probes >= 0  # the second probe of an id with an entry is -1
+    assert bool(valid[:, 0].all())
+    assert bool(((probes >= first[:, None]) & (probes < first[:, None] + per_bucket) | ~valid).all())
+
+
+@pytest.mark.parametrize("method", ["frequency", "combination"])
+def test_inside_a_bucket_the_method_is_unchanged(data, method):
+    """Each bucket's rows are what the method fits on the bucket's own ids with M / B rows."""
+    profile, embeddings = data
+    mapping = _fitted(data, method, 8, 0)
+    assert mapping.num_entries > 0 and mapping.layout["hot"] > 0
+    buckets = bucket_of(torch.from_numpy(profile.ids), 8, 0).numpy()
+    for b in (0, 5):
+        mine = buckets == b
+        sub = IdProfile(profile.ids[mine], profile.counts[mine], int(profile.counts[mine].sum()))
+        alone = fit_mapping(sub, method=method, num_rows=12, embeddings=embeddings, seed=0, table="t")
+        probe = torch.from_numpy(sub.ids)
+        assert torch.equal(mapping(probe) - b * 12, alone(probe))
+        assert torch.equal(mapping.has_entry(probe), alone.has_entry(probe))
+
+
+GOLDEN = {  # fingerprints of unbucketed mappings before buckets existed: unchanged, bit for bit
+    "hash": ("8bcee390096a526912e014b4e7b771bf22f2e44a1f5d0ab51ec1d24a13246c44", 375),
+    "frequency": ("23abed19903610258cb4dc685966be6ac4f755ac7ec302c79651aa1862f41a0e", 300),
+    "double_hash": ("c37dd514cf27c6f9cd445e0da903935a2209c6301cf534be2dd3fa3620d53eda", 300),
+}
+
+
+@pytest.mark.parametrize("method", sorted(GOLDEN))
+def test_without_buckets_mappings_are_unchanged(method):
+    ids = np.arange(1, 401, dtype=np.int64) * 7919 - 1_000_000
+    counts = (4000 // np.arange(1, 401)).astype(np.int64)
+    mapping = fit_mapping(IdProfile(ids, counts, int(counts.sum())), method=method, total_bytes=6000,
+                          embedding_dim=4, table="t")
+    assert (mapping.fingerprint, mapping.num_rows) == GOLDEN[method]
+    assert mapping.num_buckets is None and "num_buckets" not in mapping.metadata()
+
+
+# ------------------------------------------------------------------------------------ budget, bytes
+@pytest.mark.parametrize("method", ["frequency", "combination", "hash"])
+def test_budget_rounds_rows_down_to_whole_buckets_and_counts_every_byte(data, method):
+    profile, embeddings = data
+    budget = 40_000
+    plan = plan_budget(profile, embedding_dim=4, total_bytes=budget, method=method, num_buckets=16, seed=3)
+    unbucketed = plan_budget(profile, embedding_dim=4, total_bytes=budget, method=method)
+    assert plan.num_rows % 16 == 0 and plan.total_bytes <= budget
+    assert unbucketed.num_rows - 16 * 5 <= plan.num_rows <= unbucketed.num_rows
+    mapping = fit_mapping(profile, method=method, total_bytes=budget, embedding_dim=4, embeddings=embeddings,
+                          seed=3, table="t", num_buckets=16)
+    assert mapping.num_rows == plan.num_rows and mapping.num_buckets == 16
+    assert mapping.nbytes == plan.mapping_bytes  # the regions (8 bytes per bucket) are counted too
+    assert mapping.bucket_hash_regions.numel() * 4 == 16 * 8
+
+
+# ------------------------------------------------------------------------------------------ files
+def test_save_load_round_trip_keeps_the_buckets(data, tmp_path):
+    mapping = _fitted(data, "combination", 8, 1)
+    path = str(tmp_path / "m.safetensors")
+    save_mappings(path, {"t": mapping})
+    loaded = load_mappings(path)["t"]
+    assert loaded.num_buckets == 8 and loaded.fingerprint == mapping.fingerprint
+    query = torch.cat([torch.from_numpy(data[0].ids), torch.tensor(EXTREMES)])
+    assert torch.equal(loaded(query), mapping(query))
+
+
+def test_a_checkpoint_of_other_buckets_is_refused(data):
+    """Same buffers, other bucket function (seed): loading the state must fail, never remap silently."""
+    mine, other = _fitted(data, "hash", 8, 0), _fitted(data, "hash", 8, 1)
+    assert mine.bucket_hash_regions.shape == other.bucket_hash_regions.shape
+    with pytest.raises(ValueError, match="table 't': the mapping in the checkpoint"):
+        mine.load_state_dict(other.state_dict())
+
+
+def test_bucket_count_is_part_of_the_fingerprint(data):
+    one = _fitted(data, "hash", 1, 0)
+    plain = fit_mapping(None, method="hash", num_rows=12, table="t")
+    assert one.num_buckets == 1 and plain.num_buckets is None and one.fingerprint != plain.fingerprint
+
+
+def test_an_entry_outside_its_bucket_is_refused():
+    ids = torch.arange(20)
+    buckets = bucket_of(ids, 4, 0)
+    wrong = ((buckets + 1) % 4 * 5).numpy()
+    with pytest.raises(ValueError, match="table 'tb': entry row .* outside its bucket"):
+        IdMapping.from_entries(ids.numpy(), wrong, 20, hash_rows=20, seed=0, num_buckets=4, table_name="tb",
+                               bucket_hash_regions=torch.tensor([[1, 4]] * 4))
+
+
+# ------------------------------------------------------------------------------------ small tables
+def test_too_few_rows_name_the_table_and_what_works(data):
+    profile, _ = data
+    with pytest.raises(TooFewRowsForBuckets, match=r"table 'small': 10 rows cannot hold 8 buckets.*at most 5 buckets.*"
+                                                     r"at least 16 rows"):
+        fit_mapping(profile, method="frequency", num_rows=10, table="small", num_buckets=8)
+    with pytest.raises(ValueError, match=r"table 'odd': 100 rows do not split into 8 equal buckets; use 96 rows"):
+        fit_mapping(profile, method="frequency", num_rows=100, table="odd", num_buckets=8)
+    with pytest.raises(TooFewRowsForBuckets, match=r"table 'tiny': a budget of 48 bytes cannot hold 64 buckets of at least 2 rows.*"
+                                                     r"512 of them mapping.*use fewer buckets"):
+        fit_mapping(profile, method="hash", total_bytes=3 * 16, embedding_dim=4, table="tiny", num_buckets=64)
+    with pytest.raises(ValueError, match="num_buckets must be an integer >= 1"):
+        fit_bucketed("hash", 12, 0, None, table="t")
+
+
+def test_pipeline_keeps_small_tables_unbucketed_and_says_so(data, caplog):
+    profile, _ = data
+    small = IdProfile(np.arange(150), np.full(150, 3), 450)
+    tables = [EmbeddingBagConfig(name=n, embedding_dim=4, num_embeddings=p.num_ids, feature_names=[n])
+              for n, p in (("big", profile), ("small", small))]
+    with caplog.at_level(logging.INFO, logger="lhf_torchrec.pipeline.steps"):
+        fitted = fit_mappings(tables, {"big": profile, "small": small}, "frequency", compression=4, num_buckets=32)
+    mappings = fitted.compression.mappings
+    assert mappings["big"].num_buckets == 32 and mappings["small"].num_buckets is None
+    assert "table 'small'" in caplog.text and "fitted without buckets" in caplog.text

@@ -1,0 +1,39 @@
+"""`lhf fit --num-buckets`: bucketed mappings from the command line."""
+
+import pytest
+import torch
+
+from lhf_torchrec.cli import main
+from lhf_torchrec.mapping import load_mappings
+from lhf_torchrec.mapping.hashing import bucket_of
+
+DATA = ["--rows", "6000", "--scale", "0.0005", "--data-seed", "3"]
+
+
+def test_fit_with_buckets_writes_bucketed_mappings(tmp_path, capsys):
+    p, m = str(tmp_path / "profiles.safetensors"), str(tmp_path / "mappings.safetensors")
+    assert main(["profile", *DATA, "--out", p]) == 0
+    assert main(["fit", "--profiles", p, "--method", "frequency", "--compression", "2", "--embedding-dim", "8",
+                 "--num-buckets", "4", "--out", m]) == 0
+    out = capsys.readouterr().out
+    assert "buckets" in out
+    mappings = load_mappings(m)
+    bucketed = [mp for mp in mappings.values() if mp.num_buckets == 4]
+    assert bucketed, out
+    for mapping in bucketed:
+        assert mapping.num_rows % 4 == 0
+        ids = torch.arange(-50, 5000)
+        rows = mapping(ids)
+        assert torch.equal(rows // mapping.rows_per_bucket, bucket_of(ids, 4, mapping.seed))
+    # Tables too small for 4 buckets of 2 rows stay unbucketed; no table is silently something else.
+    assert all(mp.num_buckets in (None, 4) for mp in mappings.values())
+
+
+def test_fit_with_buckets_refuses_full_and_bad_counts(tmp_path, capsys):
+    p = str(tmp_path / "profiles.safetensors")
+    assert main(["profile", *DATA, "--out", p]) == 0
+    assert main(["fit", "--profiles", p, "--method", "full", "--num-buckets", "4", "--out",
+                 str(tmp_path / "m.safetensors")]) == 2
+    assert "--num-buckets applies to the compressed mapping methods" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["fit", "--profiles", p, "--method", "hash", "--num-buckets", "0", "--out", str(tmp_path / "m2")])
