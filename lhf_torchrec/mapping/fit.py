@@ -67,7 +67,8 @@ def fit_mapping(
         )
         num_rows, hyperparams = plan.num_rows, plan.hyperparams
     if num_buckets is None:
-        mapping = make_estimator(method, num_rows, seed=seed, **hyperparams).fit(profile, embeddings, table=table).mapping_
+        estimator = make_estimator(method, num_rows, seed=seed, **hyperparams)
+        mapping = estimator.fit(profile, embeddings, table=table).mapping_
     else:
         check_bucket_rows(num_rows, num_buckets, table)
         mapping = fit_bucketed(method, num_rows, num_buckets, profile, embeddings, seed=seed, table=table,

@@ -50,9 +50,11 @@ class RunRecord:
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A method under a label, with hyper-parameters: e.g. ``MethodSpec("combination (auto split)",
-    "combination", {"hot_fraction": "auto", "hashed_fraction": "auto"})``. A plain method name
-    stands for ``MethodSpec(name, name)``."""
+    """A method under a label, with the settings of its fit: e.g. ``MethodSpec("combination (auto split)",
+    "combination", {"hot_fraction": "auto", "hashed_fraction": "auto"})``. Estimator hyper-parameters
+    and the mapping methods' budget settings (``num_buckets``, ``mapping_share``, which
+    :func:`~lhf_torchrec.mapping.fit.fit_mapping` takes as its own arguments) go in the same dict.
+    A plain method name stands for ``MethodSpec(name, name)``."""
 
     label: str
     method: str
