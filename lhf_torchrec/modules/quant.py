@@ -193,6 +193,7 @@ def _foldable(mapping: IdMapping, num_ids: int, fold_remap: str) -> bool:
     entries = _entry_id_range(mapping)
     return (
         mapping.probes == 1
+        and mapping.num_buckets is None  # one hash block per table: a bucketed mapping's hash rows are per bucket
         and (entries is None or (entries[0] >= 0 and entries[1] < num_ids))
         and num_ids + mapping.hash_rows <= _INT32_MAX
     )

@@ -282,3 +282,19 @@ def test_invalid_arguments():
         quantize_learned_hash_ebc(module, fold_remap=True)
     with pytest.raises(TypeError, match="LearnedHashEmbeddingBagCollection"):
         quantize_learned_hash_ebc(module.ebc)
+
+
+def test_a_bucketed_mapping_stays_in_front():
+    """Its hash regions are per bucket, which one folded hash block cannot express: never folded."""
+    mappings = make_mappings(with_unfoldable=False)
+    mappings["sorted_t"] = fit_mapping(torch.arange(100).repeat(3), method="frequency", num_rows=100, seed=1,
+                                       table="sorted_t", num_buckets=4)
+    torch.manual_seed(0)
+    module = LearnedHashEmbeddingBagCollection(make_tables(False), mappings, device=torch.device("cpu")).eval()
+    with torch.no_grad():
+        for param in module.ebc.parameters():
+            param.normal_()
+    qmodule = quantize_learned_hash_ebc(module, dtype=FP16, fold_remap="all")
+    assert qmodule.folded_tables == ["dense_t", "hash_t"]
+    assert sorted(qmodule.remapper.mappings) == ["sorted_t"]
+    assert_within_bound(module, qmodule, make_kjt(module), FP16)
