@@ -23,14 +23,13 @@ saved in a model's ``state_dict``. ``save``/``load`` use safetensors with a chec
 
 import hashlib
 import json
-import os
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
 from torch import nn
 
-from lhf_torchrec.files import atomic_write
+from lhf_torchrec.files import atomic_write, read_safetensors
 from lhf_torchrec.mapping.hashing import hash_ids
 
 FORMAT_VERSION = 1
@@ -355,16 +354,7 @@ def save_mappings(path: str, mappings: Mapping[str, IdMapping]) -> None:
 
 def load_mappings(path: str, device: Optional[torch.device] = None) -> Dict[str, IdMapping]:
     """Reads a file written by :func:`save_mappings`; every table's checksum is verified."""
-    from safetensors import SafetensorError, safe_open
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"mapping file {path} does not exist")
-    try:
-        with safe_open(path, framework="pt") as f:
-            header = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"{path}: not a readable safetensors mapping file ({e})") from e
+    header, tensors = read_safetensors(path, "mapping file")
     if header.get("format") != MAPPINGS_FORMAT:
         raise ValueError(f"{path}: not an lhf_torchrec mapping file (header format={header.get('format')!r})")
     if header.get("format_version") != str(FORMAT_VERSION):
