@@ -13,7 +13,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import IO, Any, Iterable, Iterator, Mapping, Optional, Union
+from typing import IO, Any, Dict, Iterable, Iterator, Mapping, Optional, Tuple, Union
 
 import torch
 
@@ -49,6 +49,23 @@ def atomic_write(path: PathLike) -> Iterator[IO[bytes]]:
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise OSError(e.errno, f"{path}: not written ({e.strerror}); the previous file, if any, is unchanged") from e
         raise
+
+
+def read_safetensors(path: PathLike, what: str = "file") -> Tuple[Dict[str, str], Dict[str, torch.Tensor]]:
+    """The metadata header and the tensors of a safetensors file (loading never unpickles).
+
+    Raises ``FileNotFoundError`` when ``path`` is missing and ``ValueError`` when it is not a
+    readable safetensors file; both name ``what`` (e.g. ``"mapping file"``) and the path.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    try:
+        with safe_open(path, framework="pt") as f:
+            return f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable safetensors {what} ({e})") from e
 
 
 # ------------------------------------------------------------------ what a file is

@@ -23,16 +23,14 @@ from typing import Any, Collection, Dict, List, Mapping, Sequence, Tuple
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from lhf_torchrec.files import atomic_write
 from lhf_torchrec.pipeline.compare import (
     MethodSpec,
     RunRecord,
     compare_methods,
     format_table,
     num_runs,
-    plot_quality_vs_bytes,
     summarize,
-    write_records,
+    write_results,
 )
 from lhf_torchrec.pipeline.datasets import DatasetSpec, load_split
 from lhf_torchrec.training.metrics import untrained_warning
@@ -244,11 +242,7 @@ trick, negative is worse than it.
 ![quality vs bytes](quality_vs_bytes.png)
 """
     os.makedirs(config.out_dir, exist_ok=True)
-    with atomic_write(os.path.join(config.out_dir, "results.md")) as f:
-        f.write(text.encode())
-    write_records(records, os.path.join(config.out_dir, "results.json"))
-    plot_quality_vs_bytes(rows, os.path.join(config.out_dir, "quality_vs_bytes.png"),
-                          title=f"test quality vs total bytes ({epochs})")
+    write_results(records, text, config.out_dir, title=f"test quality vs total bytes ({epochs})")
     print(text)
 
 

@@ -13,6 +13,7 @@ batch is split as evenly as possible (the first ranks get one row more); it is d
 number of steps on non-empty batches.
 """
 
+import abc
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Mapping, Sequence
 
@@ -98,26 +99,39 @@ def shuffle_order(num_rows: int, seed: int, epoch: int, window: int = 0) -> np.n
     return np.random.default_rng([seed, epoch, window]).permutation(num_rows)
 
 
-def rank_rows(global_rows: int, batch_size: int, rank: int, world_size: int, drop_last: bool) -> tuple[int, int] | None:
-    """Row range ``[lo, hi)`` of ``rank`` within a global batch of ``global_rows`` rows.
+@dataclass(frozen=True)
+class BatchOrder:
+    """Which rows, in which order, make this rank's batches: the keyword arguments of
+    :meth:`CTRSource.batches`, passed on as one value."""
+
+    shuffle: bool = False
+    seed: int = 0
+    epoch: int = 0
+    drop_last: bool = False
+    rank: int = 0
+    world_size: int = 1
+
+    def check(self, batch_size: int) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={self.rank}, world_size={self.world_size}")
+
+
+def rank_rows(global_rows: int, batch_size: int, order: BatchOrder) -> tuple[int, int] | None:
+    """Row range ``[lo, hi)`` of ``order.rank`` within a global batch of ``global_rows`` rows.
 
     Returns None when the global batch is skipped (a partial last batch with ``drop_last``, or
     with fewer rows than ranks).
     """
+    rank, world_size = order.rank, order.world_size
     if global_rows == batch_size * world_size:
         return rank * batch_size, (rank + 1) * batch_size
-    if drop_last or global_rows < world_size:
+    if order.drop_last or global_rows < world_size:
         return None
     base, extra = divmod(global_rows, world_size)
     lo = rank * base + min(rank, extra)
     return lo, lo + base + (rank < extra)
-
-
-def check_batch_args(batch_size: int, rank: int, world_size: int) -> None:
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
 
 
 def _as_array(name: str, x: np.ndarray, dtype: type, ndim: int) -> np.ndarray:
@@ -129,8 +143,72 @@ def _as_array(name: str, x: np.ndarray, dtype: type, ndim: int) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=dtype)
 
 
+class CTRSource(abc.ABC):
+    """What the training loop needs from data, in memory (:class:`CTRData`) or streamed
+    (:class:`~lhf_torchrec.data.source.StreamingSource`).
+
+    Example::
+
+        def train_epoch(source: CTRSource, epoch: int) -> None:
+            for batch in source.batches(1024, shuffle=True, epoch=epoch, rank=r, world_size=w):
+                ...
+    """
+
+    dense_names: list[str]
+    sparse_names: list[str]
+    multi_valued: dict[str, list[int]]
+
+    @property
+    @abc.abstractmethod
+    def feature_names(self) -> list[str]:
+        """KJT keys, one per (possibly multi-valued) sparse feature."""
+
+    @abc.abstractmethod
+    def __len__(self) -> int: ...
+
+    @abc.abstractmethod
+    def slice(self, start: int, stop: int) -> "CTRSource":
+        """Rows ``[start, stop)``, clipped to the source."""
+
+    @abc.abstractmethod
+    def chunks(self, chunk_rows: int) -> Iterator["CTRData"]:
+        """Consecutive chunks of ``chunk_rows`` rows (the last may be shorter)."""
+
+    @abc.abstractmethod
+    def num_embeddings_per_feature(self) -> list[int]:
+        """Per feature, max id + 1 over all rows."""
+
+    def batches(
+        self,
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        seed: int = 0,
+        epoch: int = 0,
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> Iterator[Batch]:
+        """This rank's TorchRec Batches, see the module docstring for the split over ranks.
+
+        With ``shuffle``, in-memory rows are permuted by :func:`shuffle_order` ``(len(self), seed,
+        epoch)``, the same on every rank; streaming sources permute rows within windows of rows
+        (see :func:`batches_from_chunks`).
+
+        Example::
+
+            for batch in train.batches(512, shuffle=True, epoch=epoch, rank=rank, world_size=world):
+                loss = model(batch.dense_features, batch.sparse_features)
+        """
+        return self._batches(batch_size, BatchOrder(shuffle, seed, epoch, drop_last, rank, world_size))
+
+    @abc.abstractmethod
+    def _batches(self, batch_size: int, order: BatchOrder) -> Iterator[Batch]:
+        """The generator behind :meth:`batches` (it checks the arguments when first advanced)."""
+
+
 @dataclass(eq=False)
-class CTRData:
+class CTRData(CTRSource):
     """CTR rows in memory: ``dense`` float32 (N, D), ``sparse`` int64 (N, C) with ``-1`` for a
     missing value, ``labels`` float32 (N,) in [0, 1] (clicks are 0 or 1).
 
@@ -234,68 +312,41 @@ class CTRData:
             labels=torch.from_numpy(self.labels.copy()),
         )
 
-    def batches(
-        self,
-        batch_size: int,
-        *,
-        shuffle: bool = False,
-        seed: int = 0,
-        epoch: int = 0,
-        drop_last: bool = False,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> Iterator[Batch]:
-        """This rank's TorchRec Batches, see the module docstring for the split over ranks.
-
-        With ``shuffle``, rows are permuted by :func:`shuffle_order` ``(len(self), seed, epoch)``,
-        the same on every rank.
-
-        Example::
-
-            for batch in train.batches(512, shuffle=True, epoch=epoch, rank=rank, world_size=world):
-                loss = model(batch.dense_features, batch.sparse_features)
-        """
-        check_batch_args(batch_size, rank, world_size)
-        order = shuffle_order(len(self), seed, epoch) if shuffle else None
-        global_size = batch_size * world_size
+    def _batches(self, batch_size: int, order: BatchOrder) -> Iterator[Batch]:
+        order.check(batch_size)
+        permutation = shuffle_order(len(self), order.seed, order.epoch) if order.shuffle else None
+        global_size = batch_size * order.world_size
         for start in range(0, len(self), global_size):
-            rows = rank_rows(min(global_size, len(self) - start), batch_size, rank, world_size, drop_last)
+            rows = rank_rows(min(global_size, len(self) - start), batch_size, order)
             if rows is None:
                 return
             lo, hi = start + rows[0], start + rows[1]
-            part = self.slice(lo, hi) if order is None else self.take(order[lo:hi])
+            part = self.slice(lo, hi) if permutation is None else self.take(permutation[lo:hi])
             yield part.to_batch()
 
 
 def batches_from_chunks(
-    chunks: Iterable[CTRData],
-    batch_size: int,
-    *,
-    shuffle: bool = False,
-    seed: int = 0,
-    epoch: int = 0,
-    drop_last: bool = False,
-    rank: int = 0,
-    world_size: int = 1,
+    chunks: Iterable[CTRData], batch_size: int, order: BatchOrder = BatchOrder()
 ) -> Iterator[Batch]:
-    """The batches of :meth:`CTRData.batches` over a stream of chunks, in bounded memory.
+    """The batches of :meth:`CTRSource.batches` over a stream of chunks, in bounded memory.
 
     With ``shuffle``, rows are permuted within each chunk (chunk ``k`` by
     ``shuffle_order(len(chunk), seed, epoch, k)``), so a single chunk shuffles exactly like
     in-memory data.
     """
-    check_batch_args(batch_size, rank, world_size)
+    order.check(batch_size)
+    rank, world_size = order.rank, order.world_size
     global_size = batch_size * world_size
     pending: CTRData | None = None
     for k, chunk in enumerate(chunks):
-        if shuffle:
-            chunk = chunk.take(shuffle_order(len(chunk), seed, epoch, k))
+        if order.shuffle:
+            chunk = chunk.take(shuffle_order(len(chunk), order.seed, order.epoch, k))
         pending = chunk if pending is None else CTRData.concat([pending, chunk])
         full = len(pending) // global_size * global_size
         for start in range(0, full, global_size):
             yield pending.slice(start + rank * batch_size, start + (rank + 1) * batch_size).to_batch()
         pending = pending.slice(full, len(pending))
     if pending is not None and len(pending):
-        rows = rank_rows(len(pending), batch_size, rank, world_size, drop_last)
+        rows = rank_rows(len(pending), batch_size, order)
         if rows is not None:
             yield pending.slice(*rows).to_batch()

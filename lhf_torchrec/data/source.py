@@ -1,4 +1,5 @@
-"""One interface for in-memory and streamed data (:class:`CTRSource`), and time-ordered splits.
+"""File-backed data behind the one interface of in-memory data (:class:`CTRSource`, defined
+with :class:`CTRData`), and time-ordered splits.
 
 A training loop written against :class:`CTRSource` runs unchanged on :class:`CTRData` (in memory)
 and on file-backed sources (:class:`StreamingSource` subclasses such as ``CriteoTSV``) that read
@@ -8,54 +9,15 @@ cuts contiguous row ranges: train first, test last.
 
 import abc
 import copy
-from typing import Iterable, Iterator, Protocol, Sequence, TypeVar, runtime_checkable
+from typing import Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 from torchrec.datasets.utils import Batch
 
-from lhf_torchrec.data.ctr_data import CTRData, batches_from_chunks, feature_columns
+from lhf_torchrec.data.ctr_data import BatchOrder, CTRData, CTRSource, batches_from_chunks, feature_columns
 
 #: Rows per shuffle window of streaming sources (one window holds this many rows in memory).
 SHUFFLE_WINDOW_ROWS = 1 << 18
-
-
-@runtime_checkable
-class CTRSource(Protocol):
-    """What the training loop needs from data, in memory or streamed.
-
-    Example::
-
-        def train_epoch(source: CTRSource, epoch: int) -> None:
-            for batch in source.batches(1024, shuffle=True, epoch=epoch, rank=r, world_size=w):
-                ...
-    """
-
-    dense_names: list[str]
-    sparse_names: list[str]
-    multi_valued: dict[str, list[int]]
-
-    @property
-    def feature_names(self) -> list[str]: ...
-
-    def __len__(self) -> int: ...
-
-    def slice(self, start: int, stop: int) -> "CTRSource": ...
-
-    def chunks(self, chunk_rows: int) -> Iterator[CTRData]: ...
-
-    def batches(
-        self,
-        batch_size: int,
-        *,
-        shuffle: bool = False,
-        seed: int = 0,
-        epoch: int = 0,
-        drop_last: bool = False,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> Iterator[Batch]: ...
-
-    def num_embeddings_per_feature(self) -> list[int]: ...
 
 
 def rechunk(parts: Iterable[CTRData], chunk_rows: int) -> Iterator[CTRData]:
@@ -78,7 +40,7 @@ def rechunk(parts: Iterable[CTRData], chunk_rows: int) -> Iterator[CTRData]:
         yield CTRData.concat(pending)
 
 
-class StreamingSource(abc.ABC):
+class StreamingSource(CTRSource):
     """Base of file-backed sources: rows ``[start, stop)`` of a sequence of files, read in chunks.
 
     Subclasses set the column names in ``__init__`` and implement :meth:`_total_rows` and
@@ -131,29 +93,10 @@ class StreamingSource(abc.ABC):
             return CTRData(*empty, self.dense_names, self.sparse_names, self.multi_valued)
         return CTRData.concat(parts)
 
-    def batches(
-        self,
-        batch_size: int,
-        *,
-        shuffle: bool = False,
-        seed: int = 0,
-        epoch: int = 0,
-        drop_last: bool = False,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> Iterator[Batch]:
-        """Like :meth:`CTRData.batches`; ``shuffle`` permutes rows within windows of
-        :data:`SHUFFLE_WINDOW_ROWS` rows (each rank reads the whole stream and keeps its slices)."""
-        return batches_from_chunks(
-            self.chunks(SHUFFLE_WINDOW_ROWS),
-            batch_size,
-            shuffle=shuffle,
-            seed=seed,
-            epoch=epoch,
-            drop_last=drop_last,
-            rank=rank,
-            world_size=world_size,
-        )
+    def _batches(self, batch_size: int, order: BatchOrder) -> Iterator[Batch]:
+        # Shuffling permutes rows within windows of SHUFFLE_WINDOW_ROWS rows: each rank reads the
+        # whole stream and keeps its slices.
+        return batches_from_chunks(self.chunks(SHUFFLE_WINDOW_ROWS), batch_size, order)
 
     def num_embeddings_per_feature(self) -> list[int]:
         """Per feature, max id + 1 over all rows (one pass over the data)."""

@@ -31,13 +31,13 @@ saved in a model's ``state_dict``. ``save``/``load`` use safetensors with a chec
 import hashlib
 import json
 import os
-from typing import Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import torch
 from torch import nn
 
-from lhf_torchrec.files import atomic_write
+from lhf_torchrec.files import atomic_write, read_safetensors
 from lhf_torchrec.mapping.hashing import bucket_of, hash_ids
 
 FORMAT_VERSION = 1
@@ -152,22 +152,21 @@ class IdMapping(nn.Module):
         entry_rows: np.ndarray,
         num_rows: int,
         *,
-        hash_offset: int = 0,
-        hash_rows: Optional[int] = None,
-        probes: int = 1,
-        seed: int = 0,
-        method: str = "hash",
-        params: Optional[Mapping] = None,
-        layout: Optional[Mapping[str, int]] = None,
-        table_name: str = "table",
-        num_buckets: Optional[int] = None,
         bucket_hash_regions: Optional[torch.Tensor] = None,
+        **settings: Any,
     ) -> "IdMapping":
         """Builds a mapping from explicit (id, row) entries, in the cheaper storage for them.
 
-        Bucketed (``num_buckets``): ``bucket_hash_regions`` is a (B, 2) tensor of (offset, rows) of
-        each bucket's hash region inside the bucket, and every entry's row must lie in its id's bucket.
+        ``settings`` are the keyword arguments of :class:`IdMapping` that do not describe storage
+        (``hash_offset``, ``hash_rows``, ``probes``, ``seed``, ``method``, ``params``, ``layout``,
+        ``table_name``, ``num_buckets``), with the constructor's defaults. Bucketed (``num_buckets``):
+        ``bucket_hash_regions`` is a (B, 2) tensor of (offset, rows) of each bucket's hash region
+        inside the bucket, and every entry's row must lie in its id's bucket.
         """
+        base = {} if bucket_hash_regions is None else {"bucket_hash_regions": bucket_hash_regions.to(torch.int32)}
+        # The same settings without entries: checks them, and hashes the ids a dense table precomputes.
+        hashed = cls(num_rows, tensors=dict(base), **settings)
+        table_name = hashed.table_name
         entry_ids = np.asarray(entry_ids, dtype=np.int64)
         entry_rows = np.asarray(entry_rows, dtype=np.int64)
         order = np.argsort(entry_ids, kind="stable")
@@ -181,26 +180,18 @@ class IdMapping(nn.Module):
         offset = int(entry_ids[0]) if entry_ids.size else 0
         span = int(entry_ids[-1]) - offset + 1 if entry_ids.size else 0
         storage, _ = storage_cost(int(entry_ids.size), span)
-        hash_rows = num_rows - hash_offset if hash_rows is None else hash_rows
-        tensors: Dict[str, torch.Tensor] = {}
-        if num_buckets is not None:
-            if bucket_hash_regions is None:
-                raise ValueError(f"table '{table_name}': a bucketed mapping needs bucket_hash_regions")
-            tensors["bucket_hash_regions"] = bucket_hash_regions.to(torch.int32)
-            rows_per_bucket = num_rows // num_buckets
-            buckets = bucket_of(torch.from_numpy(entry_ids), num_buckets, seed).numpy()
+        tensors: Dict[str, torch.Tensor] = dict(base)
+        if hashed.num_buckets is not None:
+            rows_per_bucket = hashed.rows_per_bucket
+            buckets = bucket_of(torch.from_numpy(entry_ids), hashed.num_buckets, hashed.seed).numpy()
             outside = entry_rows // rows_per_bucket != buckets
             if outside.any():
                 raise ValueError(f"table '{table_name}': entry row {entry_rows[outside][0]} of id "
                                  f"{entry_ids[outside][0]} is outside its bucket {buckets[outside][0]}")
         if storage == "dense":
-            if probes == 1:
+            if hashed.probes == 1:
                 # Precompute the hash of every id in the span: lookups then never hash in-span ids.
-                # (A mapping without entries is exactly the hash of ids that have none.)
-                hashed = cls(num_rows, hash_offset=hash_offset, hash_rows=hash_rows, seed=seed,
-                             tensors=dict(tensors), num_buckets=num_buckets, table_name=table_name)
-                span_ids = torch.arange(span, dtype=torch.int64) + offset
-                table = hashed(span_ids).to(torch.int32)
+                table = hashed(torch.arange(span, dtype=torch.int64) + offset).to(torch.int32)
             else:
                 table = torch.full((span,), -1, dtype=torch.int32)
             table[torch.from_numpy(entry_ids - offset)] = torch.from_numpy(entry_rows).to(torch.int32)
@@ -211,22 +202,8 @@ class IdMapping(nn.Module):
             offset = offset if relative else 0
             tensors["keys"] = torch.from_numpy(keys.astype(np.int32 if relative else np.int64))
             tensors["values"] = torch.from_numpy(entry_rows.astype(np.int32))
-        return cls(
-            num_rows,
-            hash_offset=hash_offset,
-            hash_rows=hash_rows,
-            probes=probes,
-            seed=seed,
-            storage=storage,
-            offset=offset,
-            tensors=tensors,
-            num_entries=int(entry_ids.size),
-            method=method,
-            params=params,
-            layout=layout,
-            table_name=table_name,
-            num_buckets=num_buckets,
-        )
+        return cls(num_rows, storage=storage, offset=offset, tensors=tensors, num_entries=int(entry_ids.size),
+                   **settings)
 
     def _check_rows(self) -> None:
         rows = self.table if self.storage == "dense" else self.values if self.storage == "sorted" else None
@@ -447,16 +424,7 @@ def save_mappings(path: str, mappings: Mapping[str, IdMapping]) -> None:
 
 def load_mappings(path: str, device: Optional[torch.device] = None) -> Dict[str, IdMapping]:
     """Reads a file written by :func:`save_mappings`; every table's checksum is verified."""
-    from safetensors import SafetensorError, safe_open
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"mapping file {path} does not exist")
-    try:
-        with safe_open(path, framework="pt") as f:
-            header = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"{path}: not a readable safetensors mapping file ({e})") from e
+    header, tensors = read_safetensors(path, "mapping file")
     if header.get("format") != MAPPINGS_FORMAT:
         raise ValueError(f"{path}: not an lhf_torchrec mapping file (header format={header.get('format')!r})")
     if header.get("format_version") != str(FORMAT_VERSION):

@@ -7,13 +7,12 @@ table the run needs is an error that names the file and the table.
 """
 
 import json
-import os
 from typing import Dict, Iterable, List, Tuple
 
 import torch
 from torchrec import EmbeddingBagConfig
 
-from lhf_torchrec.files import atomic_write, tensors_checksum
+from lhf_torchrec.files import atomic_write, read_safetensors, tensors_checksum
 from lhf_torchrec.mapping.embeddings import IdEmbeddings
 from lhf_torchrec.mapping.profile import IdProfile
 
@@ -37,17 +36,11 @@ def _save(path: str, kind: str, tensors: Dict[str, torch.Tensor], tables: Dict[s
 
 
 def _load(path: str, kind: str):
-    from safetensors import SafetensorError, safe_open
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} does not exist")
+    header, tensors = read_safetensors(path)
     try:
-        with safe_open(path, framework="pt") as f:
-            header = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
         tables = json.loads(header.get("tables", "{}"))
         checksums = json.loads(header.get("checksums", "{}"))
-    except (SafetensorError, OSError, ValueError) as e:
+    except ValueError as e:
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
     if header.get("format") != kind:
         raise ValueError(f"{path}: holds {header.get('format')!r}, expected {kind!r}")

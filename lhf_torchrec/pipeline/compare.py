@@ -9,6 +9,7 @@ budget, train the same DLRM with the same data, optimizer and epochs, and evalua
 import dataclasses
 import json
 import logging
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -258,3 +259,15 @@ def write_records(records: Sequence[RunRecord], path: str) -> None:
     """Every run as JSON (atomically)."""
     with atomic_write(path) as f:
         f.write(json.dumps([asdict(r) for r in records], indent=1).encode())
+
+
+def write_results(records: Sequence[RunRecord], report: str, out_dir: str, title: str) -> str:
+    """A comparison's three files in ``out_dir``: ``results.md`` (``report``), ``results.json``
+    (every run) and ``quality_vs_bytes.png`` (the :func:`summarize` rows, titled ``title``).
+    Returns the plot's path."""
+    with atomic_write(os.path.join(out_dir, "results.md")) as f:
+        f.write(report.encode())
+    write_records(records, os.path.join(out_dir, "results.json"))
+    plot_path = os.path.join(out_dir, "quality_vs_bytes.png")
+    plot_quality_vs_bytes(summarize(records), plot_path, title=title)
+    return plot_path

@@ -8,20 +8,11 @@ reports test logloss, AUC and normalized entropy with a plot of quality against 
 """
 
 import logging
-import os
 import time
 from dataclasses import dataclass
 from typing import List, Sequence
 
-from lhf_torchrec.files import atomic_write
-from lhf_torchrec.pipeline.compare import (
-    RunRecord,
-    compare_methods,
-    format_table,
-    plot_quality_vs_bytes,
-    summarize,
-    write_records,
-)
+from lhf_torchrec.pipeline.compare import RunRecord, compare_methods, format_table, summarize, write_results
 from lhf_torchrec.pipeline.datasets import DatasetSpec, load_split
 from lhf_torchrec.training.model import ModelConfig
 from lhf_torchrec.training.runtime import init_runtime
@@ -75,10 +66,6 @@ def run_demo(config: DemoConfig = DemoConfig(), methods: Sequence[str] = DEMO_ME
             f"tables at equal total bytes, {config.epochs} epoch(s), {elapsed:.0f} s\n\n{table}\n"
         )
         print("\n" + summary)
-        write_records(records, os.path.join(config.out_dir, "results.json"))
-        with atomic_write(os.path.join(config.out_dir, "results.md")) as f:
-            f.write(summary.encode())
-        plot_path = os.path.join(config.out_dir, "quality_vs_bytes.png")
-        plot_quality_vs_bytes(rows, plot_path, title=f"synthetic, {config.compression:g}x compression")
+        plot_path = write_results(records, summary, config.out_dir, f"synthetic, {config.compression:g}x compression")
         print(f"wrote {config.out_dir}/results.json, results.md and {plot_path}")
     return records

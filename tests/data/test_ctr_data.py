@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lhf_torchrec.data import CTRData, feature_columns, shuffle_order, sparse_to_kjt
-from lhf_torchrec.data.ctr_data import batches_from_chunks
+from lhf_torchrec.data.ctr_data import BatchOrder, batches_from_chunks
 from lhf_torchrec.data.source import rechunk
 
 
@@ -163,7 +163,9 @@ def test_streaming_batches_equal_in_memory_batches(chunk_rows: int, shuffle: boo
     for rank in range(2):
         streamed = list(
             batches_from_chunks(
-                data.chunks(chunk_rows), 6, rank=rank, world_size=2, shuffle=shuffle and chunk_rows > 61, seed=2
+                data.chunks(chunk_rows),
+                6,
+                BatchOrder(rank=rank, world_size=2, shuffle=shuffle and chunk_rows > 61, seed=2),
             )
         )
         in_memory = list(data.batches(6, rank=rank, world_size=2, shuffle=shuffle and chunk_rows > 61, seed=2))
@@ -176,7 +178,7 @@ def test_streaming_shuffle_permutes_within_chunks() -> None:
     data = random_ctr_data(np.random.default_rng(5), 40)
     data.dense[:, 0] = np.arange(40)
     rows = torch.cat(
-        [b.dense_features[:, 0] for b in batches_from_chunks(data.chunks(10), 3, shuffle=True, seed=1)]
+        [b.dense_features[:, 0] for b in batches_from_chunks(data.chunks(10), 3, BatchOrder(shuffle=True, seed=1))]
     ).long()
     assert sorted(rows.tolist()) == list(range(40))
     assert rows.tolist() != list(range(40))

@@ -21,7 +21,6 @@ from lhf_torchrec.distributed.planner.memory import (
     RankMemory,
     format_bytes,
     list_ranks,
-    mapping_bytes,
     memory_tier,
     over_capacity,
 )
