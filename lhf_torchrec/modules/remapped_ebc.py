@@ -196,18 +196,22 @@ class RemappedEmbeddingBagCollection(nn.Module):
         would sync every batch, and FBGEMM's bounds check handles out-of-range ids there."""
         if inner.values().device.type != "cpu":
             return
+        # Compressed tables and vocabularies place every id in range by construction: only tables
+        # that take raw ids as rows need the check.
         compressed = set(self.remapper.compressed_tables)
-        for key, values, _ in split_per_key(inner):
-            table = self.remapper.feature_to_table.get(key)
-            if table is None or table in compressed or not values.numel():
+        raw_rows = {f: self.remapper.full_rows(t) for f, t in self.remapper.feature_to_table.items()
+                    if t not in compressed and t not in self.remapper.vocabularies}
+        if not raw_rows:
+            return
+        for key, values in zip(inner.keys(), inner.values().split(inner.length_per_key())):
+            rows = raw_rows.get(key)
+            if rows is None or not values.numel():
                 continue
-            rows = self.remapper.full_rows(table)
             low, high = torch.aminmax(values)
             if int(low) < 0 or int(high) >= rows:
                 bad = int(low) if int(low) < 0 else int(high)
-                raise ValueError(f"feature '{key}': id {bad} is outside table '{table}' [0, {rows}), "
-                                 f"which has no mapping to place it")
-
+                raise ValueError(f"feature '{key}': id {bad} is outside table "
+                                 f"'{self.remapper.feature_to_table[key]}' [0, {rows}), which has no mapping to place it")
 
 def split_per_key(features: KeyedJaggedTensor) -> Iterator[Tuple[str, torch.Tensor, torch.Tensor]]:
     """(key, values, lengths) of every feature of a (non-VBE) KJT."""
