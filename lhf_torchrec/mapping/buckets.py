@@ -47,6 +47,26 @@ def check_bucket_rows(num_rows: int, num_buckets: int, table: str) -> None:
                          f"use {num_rows - num_rows % num_buckets} rows")
 
 
+def cosharded_slots(num_rows: int, num_buckets: int, max_bucket_entries: int) -> int:
+    """K, the entries each row of a co-sharded mapping has room for.
+
+    A co-sharded mapping (:mod:`lhf_torchrec.modules.cosharded`) stores a bucket's entries in a
+    (rows of the bucket, K) block: TorchRec shards every managed-collision buffer by its first
+    dimension, which must be the table's rows. So every bucket pays for the fullest one.
+    """
+    rows_per_bucket = num_rows // num_buckets
+    return max(1, -(-int(max_bucket_entries) // rows_per_bucket))
+
+
+def cosharded_bytes(num_rows: int, num_buckets: int, max_bucket_entries: int) -> int:
+    """Bytes of a co-sharded mapping over all ranks; a rank holding r of the rows holds r / num_rows of it.
+
+    Per row: K int64 keys and K int32 rows (:func:`cosharded_slots`), and one int32 of the
+    bucket's hash region (offset and rows, in the first two rows of each bucket).
+    """
+    return num_rows * (12 * cosharded_slots(num_rows, num_buckets, max_bucket_entries) + 4)
+
+
 def bucket_profiles(profile: IdProfile, num_buckets: int, seed: int) -> List[IdProfile]:
     """The profile of each bucket's ids (ids stay sorted; ``total`` is the bucket's counted accesses)."""
     buckets = bucket_of(torch.from_numpy(profile.ids), num_buckets, seed).numpy()

@@ -233,6 +233,19 @@ class IdMapping(nn.Module):
         """Rows of each bucket (all rows when unbucketed)."""
         return self.num_rows // (self.num_buckets or 1)
 
+    def bucket_entry_counts(self) -> torch.Tensor:
+        """Entries of each bucket, a (num_buckets,) int64 tensor (bucketed mappings only)."""
+        if self.num_buckets is None:
+            raise ValueError(f"table '{self.table_name}': the mapping is not bucketed")
+        if self.storage == "sorted":
+            rows = self.values.to(torch.int64)
+        elif self.storage == "dense":
+            ids = torch.arange(self.table.numel(), dtype=torch.int64, device=self.table.device) + self.offset
+            rows = self.table.to(torch.int64)[self.has_entry(ids)]
+        else:
+            rows = torch.zeros(0, dtype=torch.int64)
+        return torch.bincount(rows // self.rows_per_bucket, minlength=self.num_buckets).cpu()
+
     def _hash_region(self, ids: torch.Tensor) -> Tuple[Union[int, torch.Tensor], Union[int, torch.Tensor]]:
         """(first row, rows) of the hash region of each id: the table's, or the one of its bucket."""
         if self.num_buckets is None:

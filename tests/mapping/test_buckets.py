@@ -18,7 +18,7 @@ from lhf_torchrec.mapping import (
     plan_budget,
     save_mappings,
 )
-from lhf_torchrec.mapping.buckets import TooFewRowsForBuckets, fit_bucketed
+from lhf_torchrec.mapping.buckets import TooFewRowsForBuckets, cosharded_bytes, cosharded_slots, fit_bucketed
 from lhf_torchrec.mapping.hashing import bucket_hash, bucket_key, bucket_of, hash_ids, input_hash_size, mix64
 from lhf_torchrec.mapping.methods import METHODS
 from lhf_torchrec.pipeline.steps import fit_mappings
@@ -228,3 +228,23 @@ def test_pipeline_keeps_small_tables_unbucketed_and_says_so(data, caplog):
     mappings = fitted.compression.mappings
     assert mappings["big"].num_buckets == 32 and mappings["small"].num_buckets is None
     assert "table 'small'" in caplog.text and "fitted without buckets" in caplog.text
+
+
+def test_bucket_entry_counts_and_cosharded_bytes_follow_the_fullest_bucket():
+    # Entries placed in their ids' buckets are counted back per bucket.
+    ids = torch.arange(-500, 500, dtype=torch.int64)
+    buckets = bucket_of(ids, 4, 0)
+    entry_ids = ids[:40].numpy()
+    rows_per_bucket = 8
+    entry_rows = buckets[:40].numpy() * rows_per_bucket
+    regions = torch.tensor([[1, 7]] * 4, dtype=torch.int32)
+    mapping = IdMapping.from_entries(entry_ids, entry_rows, 32, num_buckets=4, bucket_hash_regions=regions,
+                                     hash_offset=0, hash_rows=32)
+    expected = torch.bincount(buckets[:40], minlength=4)
+    assert torch.equal(mapping.bucket_entry_counts(), expected)
+    fullest = int(expected.max())
+    assert cosharded_slots(32, 4, fullest) == -(-fullest // rows_per_bucket)
+    assert cosharded_bytes(32, 4, fullest) == 32 * (12 * cosharded_slots(32, 4, fullest) + 4)
+    assert cosharded_slots(32, 4, 0) == 1
+    with pytest.raises(ValueError, match="not bucketed"):
+        IdMapping(10).bucket_entry_counts()
