@@ -12,6 +12,7 @@ A table needs at least ``MIN_ROWS_PER_BUCKET`` rows per bucket; :func:`check_buc
 bucket counts and row counts work when it has fewer.
 """
 
+import logging
 from typing import List, Optional
 
 import numpy as np
@@ -19,10 +20,12 @@ import torch
 from tqdm.auto import tqdm
 
 from lhf_torchrec.mapping.embeddings import EmbeddingsLike
-from lhf_torchrec.mapping.hashing import bucket_of
+from lhf_torchrec.mapping.hashing import bucket_hash, input_hash_size
 from lhf_torchrec.mapping.id_mapping import IdMapping
 from lhf_torchrec.mapping.methods import MappingEstimator, RowSplit, make_estimator
 from lhf_torchrec.mapping.profile import IdProfile
+
+logger = logging.getLogger(__name__)
 
 # Two rows per bucket at least: a learned method then keeps one row beside the hash region.
 MIN_ROWS_PER_BUCKET = 2
@@ -68,10 +71,27 @@ def cosharded_bytes(num_rows: int, num_buckets: int, max_bucket_entries: int) ->
 
 
 def bucket_profiles(profile: IdProfile, num_buckets: int, seed: int) -> List[IdProfile]:
-    """The profile of each bucket's ids (ids stay sorted; ``total`` is the bucket's counted accesses)."""
-    buckets = bucket_of(torch.from_numpy(profile.ids), num_buckets, seed).numpy()
+    """The profile of each bucket's ids (ids stay sorted; ``total`` is the bucket's counted accesses).
+
+    A bucketed mapping is a function of the bucket hash h (:func:`bucket_hash`), which about four
+    64-bit ids share: of profiled ids with the same h only the most accessed one (the smaller id on a
+    tie) is kept, so it alone can get an entry and the others take its row. With n profiled ids this
+    happens with probability about n^2 / 2^63 (negligible below a billion ids); it is logged.
+    """
+    hashes = bucket_hash(torch.from_numpy(profile.ids), num_buckets, seed).numpy()
+    ids, counts = profile.ids, profile.counts
+    by_hash = np.lexsort((ids, -counts, hashes))  # by h, then most accessed first, then smaller id
+    first = np.ones(by_hash.size, dtype=bool)
+    first[1:] = hashes[by_hash][1:] != hashes[by_hash][:-1]
+    if not first.all():
+        dropped = by_hash[~first]
+        logger.info("%d profiled id(s) share a bucket hash with a more accessed id and take its row (e.g. id %d)",
+                    dropped.size, ids[dropped[0]])
+        keep = np.sort(by_hash[first])
+        ids, counts, hashes = ids[keep], counts[keep], hashes[keep]
+    buckets = hashes // (input_hash_size(num_buckets) // num_buckets)
     order = np.argsort(buckets, kind="stable")
-    ids, counts = profile.ids[order], profile.counts[order]
+    ids, counts = ids[order], counts[order]
     bounds = np.searchsorted(buckets[order], np.arange(num_buckets + 1))
     return [
         IdProfile(ids[lo:hi], counts[lo:hi], int(counts[lo:hi].sum()), profile.capacity, profile.error_bound)

@@ -26,7 +26,7 @@ from lhf_torchrec.mapping.buckets import (
     check_bucket_rows,
     total_split,
 )
-from lhf_torchrec.mapping.id_mapping import storage_cost
+from lhf_torchrec.mapping.id_mapping import bucketed_storage_cost, storage_cost
 from lhf_torchrec.mapping.methods import (
     METHODS,
     LearnedClustering,
@@ -126,17 +126,14 @@ class _PrefixCost:
         return storage_cost(num_entries, high - low + 1)
 
 
-def _bucketed_cost(prefix_costs, splits) -> Tuple[str, int]:
-    """Storage and bytes of a bucketed mapping: each bucket's entries are a prefix of its ranked ids,
-    and each bucket's hash region costs two int32."""
-    spans = [cost.span(s.num_entries) for cost, s in zip(prefix_costs, splits) if s.num_entries]
-    entries = sum(s.num_entries for s in splits)
-    span = max(h for _, h in spans) - min(low for low, _ in spans) + 1 if spans else 0
-    storage, entry_bytes = storage_cost(entries, span)
+def _bucketed_cost(splits) -> Tuple[str, int]:
+    """Storage and bytes of a bucketed mapping: its entries (keyed by bucket hash), and each bucket's
+    hash region, two int32."""
+    storage, entry_bytes = bucketed_storage_cost(sum(s.num_entries for s in splits))
     return storage, entry_bytes + 8 * len(splits)
 
 
-def _min_count_that_fits(profile: IdProfile, prefix_cost: _PrefixCost, max_bytes: float) -> int:
+def _min_count_that_fits(profile: IdProfile, prefix_cost: Callable[[int], Tuple[str, int]], max_bytes: float) -> int:
     """The smallest access count threshold whose well-observed ids fit in ``max_bytes`` of mapping."""
     thresholds = np.unique(profile.counts)
     ranked_counts = np.sort(profile.counts)[::-1]
@@ -183,7 +180,8 @@ def plan_budget(
     """
     profile = as_profile(data, table)
     per_row = row_bytes(embedding_dim, optimizer)
-    prefix_cost = _PrefixCost(profile)
+    # Bucketed mappings key entries by bucket hash: their bytes depend on the entry count only.
+    prefix_cost = _PrefixCost(profile) if num_buckets is None else bucketed_storage_cost
     if not 0 < mapping_share <= 1:
         raise ValueError(f"table '{table}': mapping_share must be in (0, 1], got {mapping_share}")
     floor = make_estimator(method, 1, **hyperparams)
@@ -195,7 +193,6 @@ def plan_budget(
     if num_buckets is not None:
         check_bucket_rows(MIN_ROWS_PER_BUCKET * num_buckets, num_buckets, table)  # B itself is valid
         profiles = bucket_profiles(profile, num_buckets, seed)
-        prefix_costs = [_PrefixCost(p) for p in profiles]
 
     def plan_for(num_rows: int) -> BudgetPlan:
         if num_buckets is None:
@@ -205,7 +202,7 @@ def plan_budget(
             estimator = make_estimator(method, num_rows // num_buckets, **hyperparams)
             splits = [bucket_split(estimator, p, table) for p in profiles]
             split = total_split(splits)
-            storage, mapping_bytes = _bucketed_cost(prefix_costs, splits)
+            storage, mapping_bytes = _bucketed_cost(splits)
         weight = num_rows * WEIGHT_BYTES * embedding_dim
         return BudgetPlan(table, method, embedding_dim, optimizer, split, storage, weight,
                           num_rows * per_row - weight, mapping_bytes, int(total_bytes), dict(hyperparams))

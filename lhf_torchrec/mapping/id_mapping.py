@@ -18,11 +18,16 @@ KeyedJaggedTensor (an id becomes two values); ``__call__`` returns an (n, 2) ten
 second column for ids that have an entry.
 
 A *bucketed* mapping (``num_buckets=B``, the foundation of mappings co-sharded row-wise with their
-table) splits its M rows into B buckets of M / B rows: an id's bucket is a fixed seeded function of
-the raw id (:func:`~lhf_torchrec.mapping.hashing.bucket_of`), its entry (if any) is a row of its
-bucket, and an id without one is hashed into its bucket's own hash region (``bucket_hash_regions``:
+table) splits its M rows into B buckets of M / B rows. It is a function of the id's bucket hash
+``h = bucket_hash(id, B, seed)`` only (:mod:`~lhf_torchrec.mapping.hashing`), because the rank that
+owns a bucket in a co-sharded table only ever sees h (:mod:`lhf_torchrec.modules.cosharded`): the
+bucket is the value range h falls in, entries are keyed by h (``sorted`` storage, int64 keys), and an
+id without an entry is hashed, by h, into its bucket's own hash region (``bucket_hash_regions``:
 offset and rows inside the bucket, one pair per bucket). So every id's row lies in
-``[b * M / B, (b + 1) * M / B)``; ``hash_offset`` and ``hash_rows`` are unused (0 and M).
+``[b * M / B, (b + 1) * M / B)``; ``hash_offset`` and ``hash_rows`` are unused (0 and M). About four
+64-bit ids share each h: two ids with the same h map to the same row (:meth:`IdMapping.from_entries`
+refuses entries for both; bucketed fitting keeps the more accessed one, see
+:func:`~lhf_torchrec.mapping.buckets.bucket_profiles`).
 
 The mapping is an ``nn.Module`` whose tensors are buffers, so it moves with ``.to(device)`` and is
 saved in a model's ``state_dict``. ``save``/``load`` use safetensors with a checksum.
@@ -38,7 +43,7 @@ import torch
 from torch import nn
 
 from lhf_torchrec.files import atomic_write, read_safetensors
-from lhf_torchrec.mapping.hashing import bucket_of, hash_ids
+from lhf_torchrec.mapping.hashing import bucket_hash, hash_ids, input_hash_size
 
 FORMAT_VERSION = 1
 _INT32_MAX = (1 << 31) - 1
@@ -55,8 +60,18 @@ def storage_cost(num_entries: int, span: int) -> Tuple[str, int]:
     return ("dense", dense_bytes) if dense_bytes <= sorted_bytes else ("sorted", sorted_bytes)
 
 
-def _check_buckets(table: str, num_rows: int, num_buckets: int, regions: torch.Tensor, probes: int) -> None:
-    """A bucketed mapping's rows split into whole buckets, each with a hash region inside it."""
+def bucketed_storage_cost(num_entries: int) -> Tuple[str, int]:
+    """Storage and bytes of the entries of a bucketed mapping: int64 bucket-hash keys and int32 rows."""
+    return ("sorted", 12 * num_entries) if num_entries else ("none", 0)
+
+
+def _check_buckets(table: str, num_rows: int, num_buckets: int, regions: torch.Tensor, probes: int,
+                   storage: str, tensors: Mapping[str, torch.Tensor]) -> None:
+    """A bucketed mapping's rows split into whole buckets, each with a hash region inside it, and its
+    entries are keyed by bucket hash (int64 keys)."""
+    if storage == "dense" or (storage == "sorted" and tensors["keys"].dtype != torch.int64):
+        raise ValueError(f"table '{table}': a bucketed mapping keys its entries by int64 bucket hash "
+                         f"('sorted' storage with int64 keys, or 'none'), got storage '{storage}'")
     if isinstance(num_buckets, bool) or not isinstance(num_buckets, (int, np.integer)) or num_buckets < 1:
         raise ValueError(f"table '{table}': num_buckets must be an integer >= 1, got {num_buckets!r}")
     if num_rows % num_buckets:
@@ -123,7 +138,8 @@ class IdMapping(nn.Module):
                 f"needs tensors {sorted(needed)}, got {sorted(tensors)}"
             )
         if num_buckets is not None:
-            _check_buckets(table_name, int(num_rows), num_buckets, tensors["bucket_hash_regions"], probes)
+            _check_buckets(table_name, int(num_rows), num_buckets, tensors["bucket_hash_regions"], probes, storage,
+                           tensors)
         self.num_rows = int(num_rows)
         self.hash_offset = int(hash_offset)
         self.hash_rows = int(hash_rows)
@@ -169,25 +185,20 @@ class IdMapping(nn.Module):
         table_name = hashed.table_name
         entry_ids = np.asarray(entry_ids, dtype=np.int64)
         entry_rows = np.asarray(entry_rows, dtype=np.int64)
+        if entry_rows.size and (entry_rows.min() < 0 or entry_rows.max() >= num_rows):
+            bad = entry_rows[(entry_rows < 0) | (entry_rows >= num_rows)][0]
+            raise ValueError(f"table '{table_name}': entry row {bad} is outside [0, {num_rows})")
+        if hashed.num_buckets is not None:
+            return cls._bucketed_from_entries(hashed, entry_ids, entry_rows, base, settings)
         order = np.argsort(entry_ids, kind="stable")
         entry_ids, entry_rows = entry_ids[order], entry_rows[order]
         if entry_ids.size and np.any(entry_ids[1:] == entry_ids[:-1]):
             dup = entry_ids[1:][entry_ids[1:] == entry_ids[:-1]][0]
             raise ValueError(f"table '{table_name}': id {dup} has more than one entry")
-        if entry_rows.size and (entry_rows.min() < 0 or entry_rows.max() >= num_rows):
-            bad = entry_rows[(entry_rows < 0) | (entry_rows >= num_rows)][0]
-            raise ValueError(f"table '{table_name}': entry row {bad} is outside [0, {num_rows})")
         offset = int(entry_ids[0]) if entry_ids.size else 0
         span = int(entry_ids[-1]) - offset + 1 if entry_ids.size else 0
         storage, _ = storage_cost(int(entry_ids.size), span)
         tensors: Dict[str, torch.Tensor] = dict(base)
-        if hashed.num_buckets is not None:
-            rows_per_bucket = hashed.rows_per_bucket
-            buckets = bucket_of(torch.from_numpy(entry_ids), hashed.num_buckets, hashed.seed).numpy()
-            outside = entry_rows // rows_per_bucket != buckets
-            if outside.any():
-                raise ValueError(f"table '{table_name}': entry row {entry_rows[outside][0]} of id "
-                                 f"{entry_ids[outside][0]} is outside its bucket {buckets[outside][0]}")
         if storage == "dense":
             if hashed.probes == 1:
                 # Precompute the hash of every id in the span: lookups then never hash in-span ids.
@@ -205,6 +216,34 @@ class IdMapping(nn.Module):
         return cls(num_rows, storage=storage, offset=offset, tensors=tensors, num_entries=int(entry_ids.size),
                    **settings)
 
+    @classmethod
+    def _bucketed_from_entries(cls, hashed: "IdMapping", entry_ids: np.ndarray, entry_rows: np.ndarray,
+                               base: Dict[str, torch.Tensor], settings: Mapping[str, Any]) -> "IdMapping":
+        """Entries keyed by bucket hash h, sorted by h (so each bucket's entries are one contiguous run)."""
+        table_name = hashed.table_name
+        keys = hashed._keys_of(torch.from_numpy(entry_ids)).numpy()
+        order = np.argsort(keys, kind="stable")
+        keys, entry_ids, entry_rows = keys[order], entry_ids[order], entry_rows[order]
+        same = np.flatnonzero(keys[1:] == keys[:-1])
+        if same.size:
+            i = int(same[0])
+            what = (f"id {entry_ids[i]} has more than one entry" if entry_ids[i] == entry_ids[i + 1] else
+                    f"ids {entry_ids[i]} and {entry_ids[i + 1]} have the same bucket hash {keys[i]} (a bucketed "
+                    f"mapping cannot tell them apart): give only one of them an entry")
+            raise ValueError(f"table '{table_name}': {what}")
+        buckets = keys // hashed._bucket_width
+        outside = entry_rows // hashed.rows_per_bucket != buckets
+        if outside.any():
+            raise ValueError(f"table '{table_name}': entry row {entry_rows[outside][0]} of id "
+                             f"{entry_ids[outside][0]} is outside its bucket {buckets[outside][0]}")
+        storage, _ = bucketed_storage_cost(int(keys.size))
+        tensors: Dict[str, torch.Tensor] = dict(base)
+        if storage == "sorted":
+            tensors["keys"] = torch.from_numpy(keys)
+            tensors["values"] = torch.from_numpy(entry_rows.astype(np.int32))
+        return cls(hashed.num_rows, storage=storage, offset=0, tensors=tensors, num_entries=int(keys.size),
+                   **settings)
+
     def _check_rows(self) -> None:
         rows = self.table if self.storage == "dense" else self.values if self.storage == "sorted" else None
         if rows is not None and rows.numel() and (int(rows.max()) >= self.num_rows or int(rows.min()) < -1):
@@ -217,7 +256,7 @@ class IdMapping(nn.Module):
 
     def has_entry(self, ids: torch.Tensor) -> torch.Tensor:
         """True where an id has a stored entry (its row was chosen by fitting, not hashed)."""
-        flat = ids.reshape(-1).to(torch.int64)
+        flat = self._keys_of(ids.reshape(-1))
         _, found = self._lookup(flat)
         if self.storage == "dense" and self.probes == 1:
             # Dense tables store hash rows for in-span ids without an entry: not entries (an entry
@@ -233,29 +272,34 @@ class IdMapping(nn.Module):
         """Rows of each bucket (all rows when unbucketed)."""
         return self.num_rows // (self.num_buckets or 1)
 
+    @property
+    def _bucket_width(self) -> int:
+        """Bucket hashes per bucket: bucket b holds h in ``[b * width, (b + 1) * width)``."""
+        return input_hash_size(self.num_buckets) // self.num_buckets
+
+    def _keys_of(self, ids: torch.Tensor) -> torch.Tensor:
+        """What entries are keyed by and hashes hash (flat int64): the bucket hash of a bucketed
+        mapping, else the id itself."""
+        ids = ids.to(torch.int64)
+        return ids if self.num_buckets is None else bucket_hash(ids, self.num_buckets, self.seed)
+
     def bucket_entry_counts(self) -> torch.Tensor:
         """Entries of each bucket, a (num_buckets,) int64 tensor (bucketed mappings only)."""
         if self.num_buckets is None:
             raise ValueError(f"table '{self.table_name}': the mapping is not bucketed")
-        if self.storage == "sorted":
-            rows = self.values.to(torch.int64)
-        elif self.storage == "dense":
-            ids = torch.arange(self.table.numel(), dtype=torch.int64, device=self.table.device) + self.offset
-            rows = self.table.to(torch.int64)[self.has_entry(ids)]
-        else:
-            rows = torch.zeros(0, dtype=torch.int64)
+        rows = self.values.to(torch.int64) if self.storage == "sorted" else torch.zeros(0, dtype=torch.int64)
         return torch.bincount(rows // self.rows_per_bucket, minlength=self.num_buckets).cpu()
 
-    def _hash_region(self, ids: torch.Tensor) -> Tuple[Union[int, torch.Tensor], Union[int, torch.Tensor]]:
-        """(first row, rows) of the hash region of each id: the table's, or the one of its bucket."""
+    def _hash_region(self, keys: torch.Tensor) -> Tuple[Union[int, torch.Tensor], Union[int, torch.Tensor]]:
+        """(first row, rows) of the hash region of each key: the table's, or the one of its bucket."""
         if self.num_buckets is None:
             return self.hash_offset, self.hash_rows
-        bucket = bucket_of(ids, self.num_buckets, self.seed)
+        bucket = torch.div(keys, self._bucket_width, rounding_mode="floor")
         region = self.bucket_hash_regions.index_select(0, bucket).to(torch.int64)
         return bucket * self.rows_per_bucket + region[:, 0], region[:, 1]
 
     def _hashed(self, ids: torch.Tensor) -> torch.Tensor:
-        """The hash row of every (flat int64) id, whether it has an entry or not."""
+        """The hash row of every (flat int64) key (:meth:`_keys_of`), whether it has an entry or not."""
         first, rows = self._hash_region(ids)
         return first + hash_ids(ids, rows, self.seed)
 
@@ -266,7 +310,7 @@ class IdMapping(nn.Module):
             raise TypeError(f"table '{self.table_name}': ids must be a torch.Tensor, got {type(ids).__name__}")
         if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
             raise TypeError(f"table '{self.table_name}': ids must be an integer tensor, got dtype {ids.dtype}")
-        flat = ids.reshape(-1).to(torch.int64)
+        flat = self._keys_of(ids.reshape(-1))
         if self.storage == "dense" and self.probes == 1 and flat.device.type == "cpu" and flat.numel():
             # CPU fast path: when every id lies in the stored span (one reduction, no host sync cost
             # on CPU), a lookup is a single gather: no range masks, nothing to hash.

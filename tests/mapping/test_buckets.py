@@ -122,7 +122,9 @@ def test_every_id_lands_in_its_buckets_rows(data, method, ids, pick, num_buckets
 
 @pytest.mark.parametrize("method", ["frequency", "combination"])
 def test_inside_a_bucket_the_method_is_unchanged(data, method):
-    """Each bucket's rows are what the method fits on the bucket's own ids with M / B rows."""
+    """Each bucket's entries are what the method fits on the bucket's own ids with M / B rows, and
+    its other ids go to the same hash region. (They are hashed by bucket hash, not by raw id as the
+    unbucketed fit hashes them, so their rows inside the region differ.)"""
     profile, embeddings = data
     mapping = _fitted(data, method, 8, 0)
     assert mapping.num_entries > 0 and mapping.layout["hot"] > 0
@@ -132,8 +134,78 @@ def test_inside_a_bucket_the_method_is_unchanged(data, method):
         sub = IdProfile(profile.ids[mine], profile.counts[mine], int(profile.counts[mine].sum()))
         alone = fit_mapping(sub, method=method, num_rows=12, embeddings=embeddings, seed=0, table="t")
         probe = torch.from_numpy(sub.ids)
-        assert torch.equal(mapping(probe) - b * 12, alone(probe))
-        assert torch.equal(mapping.has_entry(probe), alone.has_entry(probe))
+        entry = alone.has_entry(probe)
+        assert torch.equal(mapping.has_entry(probe), entry) and bool(entry.any()) and not bool(entry.all())
+        rows = mapping(probe) - b * 12
+        assert torch.equal(rows[entry], alone(probe)[entry])
+        offset, hash_rows = mapping.bucket_hash_regions[b].tolist()
+        assert (offset, hash_rows) == (alone.hash_offset, alone.hash_rows)
+        assert bool(((rows[~entry] >= offset) & (rows[~entry] < offset + hash_rows)).all())
+
+
+def _unmix64(z: int) -> int:
+    """The inverse of splitmix64's finalizer (pure Python, 64-bit words)."""
+    def unxorshift(y: int, bits: int) -> int:
+        x = y
+        for _ in range(64 // bits):
+            x = y ^ (x >> bits)
+        return x
+    z = unxorshift(z % M64, 31)
+    z = unxorshift(z * pow(0x94D049BB133111EB, -1, M64) % M64, 27)
+    return unxorshift(z * pow(0xBF58476D1CE4E5B9, -1, M64) % M64, 30)
+
+
+def _signed(value: int) -> int:
+    return value - M64 if value >= 1 << 63 else value
+
+
+def _same_bucket_hash(value: int, seed: int, flip: int) -> int:
+    """Another int64 id with the bucket hash of ``value`` for B = 8 (IHS = 2^62: h keeps the low 62
+    bits of mix64(id ^ key)): flip bit 62 and/or 63 of the mixed word (``flip`` in 1..3) and invert."""
+    key = bucket_key(seed) % M64
+    mixed = _mix64_reference((value % M64) ^ key) ^ (flip << 62)
+    return _signed(_unmix64(mixed) ^ key)
+
+
+def test_unmix64_inverts_mix64():
+    for v in EXTREMES:
+        assert _signed(_unmix64(_mix64_reference(v))) == v
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_a_bucketed_mapping_is_a_function_of_the_bucket_hash(data, method):
+    """Ids with the same bucket hash h get the same rows: the co-sharded module only ever sees h."""
+    profile, _ = data
+    mapping = _fitted(data, method, 8, 0)
+    originals = profile.ids[:60].tolist() + EXTREMES
+    for flip in (1, 2, 3):
+        twins = [_same_bucket_hash(v, 0, flip) for v in originals]
+        query, twin_query = torch.tensor(originals), torch.tensor(twins)
+        assert torch.equal(bucket_hash(query, 8, 0), bucket_hash(twin_query, 8, 0)) and twins != originals
+        assert torch.equal(mapping(query), mapping(twin_query))
+        assert torch.equal(mapping.has_entry(query), mapping.has_entry(twin_query))
+    assert bool(mapping.has_entry(torch.tensor(originals)).any()) or method in ("hash", "double_hash")
+
+
+def test_entries_for_two_ids_of_one_bucket_hash_are_refused_and_fitting_keeps_the_more_accessed():
+    a = 12345
+    b = _same_bucket_hash(a, 0, 2)
+    regions = torch.tensor([[1, 3]] * 8, dtype=torch.int32)
+    row = int(bucket_of(torch.tensor([a]), 8, 0)) * 4
+    with pytest.raises(ValueError, match=f"table .tb.: ids {a} and {b} have the same bucket hash"):
+        IdMapping.from_entries(np.array([a, b]), np.array([row, row]), 32, hash_rows=32, num_buckets=8,
+                               bucket_hash_regions=regions, table_name="tb")
+    # Fitting: b is accessed more, so b owns the hot row and a (same h) takes it too.
+    others = np.arange(1000, 1040, dtype=np.int64)
+    ids = np.concatenate([[a, b], others])
+    counts = np.concatenate([[5, 50], np.ones(others.size, np.int64)])
+    order = np.argsort(ids)
+    profile = IdProfile(ids[order], counts[order], int(counts.sum()))
+    mapping = fit_mapping(profile, method="frequency", num_rows=32, table="tb", num_buckets=8, hot_fraction=0.25)
+    assert mapping.num_entries == 8  # one hot row per bucket; a and b count as one id
+    assert mapping.keys.dtype == torch.int64 and bool((mapping.keys[1:] > mapping.keys[:-1]).all())
+    both = torch.tensor([a, b])
+    assert bool(mapping.has_entry(both).all()) and mapping(both)[0] == mapping(both)[1]
 
 
 GOLDEN = {  # fingerprints of unbucketed mappings before buckets existed: unchanged, bit for bit
