@@ -1,8 +1,9 @@
 """Put remapped EBCs into an existing TorchRec model, in place.
 
-``apply_learned_hashing`` (the learned hash: mappings by table name, any number of EBCs) and
-``apply_remap`` (any :class:`EmbeddingRemap`, for the one EBC that has exactly its tables) share
-the walk over the model and the device rules.
+``apply_learned_hashing`` (the learned hash: mappings by table name, any number of EBCs), its
+co-sharded variant ``apply_cosharded_learned_hashing`` and ``apply_remap`` (any
+:class:`EmbeddingRemap`, for the one EBC that has exactly its tables) share the walk over the model
+and the device rules.
 
 Every ``EmbeddingBagCollection`` of the model that holds a table named in ``mappings`` becomes a
 :class:`LearnedHashEmbeddingBagCollection` with the same tables, features, device and
@@ -17,13 +18,14 @@ than a silent skip (its tables would stay full size and unsharded).
 
 import copy
 import logging
-from typing import Dict, List, Mapping, Optional, Tuple, Union
+from typing import Callable, Collection, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
 from torchrec import EmbeddingBagCollection
 
 from lhf_torchrec.mapping.id_mapping import IdMapping
+from lhf_torchrec.modules.cosharded import CoShardedLearnedHashEBC, cosharding_refusal
 from lhf_torchrec.modules.learned_hash_ebc import LearnedHashEmbeddingBagCollection, compressed_configs
 from lhf_torchrec.modules.remapped_ebc import EmbeddingRemap, RemappedEmbeddingBagCollection
 
@@ -56,6 +58,10 @@ def _find_collections(model: nn.Module) -> Tuple[List[Tuple[str, nn.Module]], Li
     return ebcs, swapped
 
 
+# Builds a swapped EBC's twin: (the old EBC, its tables' mappings, the tables' device) -> new module.
+TwinBuilder = Callable[[EmbeddingBagCollection, Mapping[str, IdMapping], torch.device], nn.Module]
+
+
 def apply_learned_hashing(
     model: nn.Module,
     mappings: Mapping[str, IdMapping],
@@ -83,6 +89,52 @@ def apply_learned_hashing(
         apply_learned_hashing(model, {"t_cat_0": fit_mapping(ids, method="frequency", num_rows=10_000)})
         model = DistributedModelParallel(model, sharders=[LearnedHashEBCSharder(fused_params=...)], ...)
     """
+    return _swap_learned_hashing(model, mappings, device, _learned_hash_twin)
+
+
+def apply_cosharded_learned_hashing(
+    model: nn.Module,
+    mappings: Mapping[str, IdMapping],
+    *,
+    cosharded_tables: Optional[Collection[str]] = None,
+    device: Optional[Union[str, torch.device]] = None,
+) -> nn.Module:
+    """:func:`apply_learned_hashing`, with a :class:`CoShardedLearnedHashEBC` for every swapped EBC:
+    its tables in ``cosharded_tables`` (default: every table whose mapping can co-shard, bucketed and
+    one row per id) keep their mapping with their rows (shard them row-wise with
+    ``CoShardedEBCSharder``), the others a replicated remap. Raises as :func:`apply_learned_hashing`,
+    and ``ValueError`` for a table in ``cosharded_tables`` whose mapping cannot co-shard.
+
+    Example::
+
+        apply_cosharded_learned_hashing(model, fit_mappings(..., num_buckets=64).compression.mappings)
+        model = DistributedModelParallel(model, sharders=[CoShardedEBCSharder(...), LearnedHashEBCSharder(...)], ...)
+    """
+    chosen = None if cosharded_tables is None else set(cosharded_tables)
+    if chosen is not None:
+        unknown = sorted(chosen - set(mappings))
+        if unknown:
+            raise ValueError(f"tables {unknown} are to co-shard but have no mapping (mappings: {sorted(mappings)})")
+        refused = {name: cosharding_refusal(mappings[name]) for name in sorted(chosen)}
+        refused = {name: why for name, why in refused.items() if why is not None}
+        if refused:
+            raise ValueError(f"tables that cannot co-shard with their mappings: {refused}")
+
+    def twin(ebc: EmbeddingBagCollection, own: Mapping[str, IdMapping], target: torch.device) -> nn.Module:
+        mine = None if chosen is None else [name for name in own if name in chosen]
+        new = CoShardedLearnedHashEBC(ebc.embedding_bag_configs(), own, cosharded_tables=mine, device=target,
+                                      is_weighted=ebc.is_weighted())
+        if new.replicated is not None:
+            _keep_unmapped_tables(ebc, new.replicated, own, target)
+        return new
+
+    return _swap_learned_hashing(model, mappings, device, twin)
+
+
+def _swap_learned_hashing(
+    model: nn.Module, mappings: Mapping[str, IdMapping], device: Optional[Union[str, torch.device]],
+    make_twin: TwinBuilder,
+) -> nn.Module:
     if not mappings:
         raise ValueError("apply_learned_hashing: no mappings given, nothing to swap")
     ebcs, swapped = _find_collections(model)
@@ -130,11 +182,11 @@ def apply_learned_hashing(
         planned.append((path, ebc, own))
 
     for path, ebc, own in planned:
-        new = _learned_hash_twin(ebc, own, device)
+        new = make_twin(ebc, own, torch.device(device) if device is not None else _ebc_device(ebc))
         if not path:
             return new
         _replace(model, path, new)
-        logger.info("swapped %s for a LearnedHashEmbeddingBagCollection (tables %s)", path, sorted(own))
+        logger.info("swapped %s for a %s (tables %s)", path, type(new).__name__, sorted(own))
     return model
 
 
@@ -173,16 +225,22 @@ def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
 
 
 def _learned_hash_twin(
-    ebc: EmbeddingBagCollection, mappings: Mapping[str, IdMapping], device: Optional[Union[str, torch.device]]
+    ebc: EmbeddingBagCollection, mappings: Mapping[str, IdMapping], target: torch.device
 ) -> LearnedHashEmbeddingBagCollection:
-    target = torch.device(device) if device is not None else _ebc_device(ebc)
     new = LearnedHashEmbeddingBagCollection(
         tables=ebc.embedding_bag_configs(), mappings=mappings, device=target, is_weighted=ebc.is_weighted()
     )
-    for config in ebc.embedding_bag_configs():
+    _keep_unmapped_tables(ebc, new, mappings, target)
+    return new
+
+
+def _keep_unmapped_tables(
+    ebc: EmbeddingBagCollection, new: LearnedHashEmbeddingBagCollection, mappings: Mapping[str, IdMapping],
+    target: torch.device,
+) -> None:
+    """Tables without a mapping keep their module, its trained weights and all."""
+    for config in new.full_embedding_bag_configs():
         old = ebc.embedding_bags[config.name]
         if config.name in mappings or (old.weight.device.type == "meta" and target.type != "meta"):
             continue
-        # Unmapped tables are kept as they are: the same module, its trained weights and all.
         new.ebc.embedding_bags[config.name] = old.to(target)
-    return new
