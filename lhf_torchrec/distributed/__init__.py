@@ -11,9 +11,16 @@ from lhf_torchrec.distributed.planner import (
     plan_report,
     synthetic_mappings,
 )
-from lhf_torchrec.distributed.sharder import LearnedHashEBCSharder, RemappedEBCSharder, ShardedRemappedEBC
+from lhf_torchrec.distributed.sharder import (
+    CoShardedEBCSharder,
+    LearnedHashEBCSharder,
+    RemappedEBCSharder,
+    ShardedRemappedEBC,
+    cosharding_world_sizes,
+)
 
 __all__ = [
+    "CoShardedEBCSharder",
     "InsufficientMemoryError",
     "LearnedHashEBCSharder",
     "LearnedHashPlanner",
@@ -23,6 +30,7 @@ __all__ = [
     "RankMemory",
     "RemappedEBCSharder",
     "ShardedRemappedEBC",
+    "cosharding_world_sizes",
     "plan_report",
     "synthetic_mappings",
 ]

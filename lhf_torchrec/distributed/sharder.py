@@ -1,4 +1,5 @@
-"""Sharding a remapped EBC with TorchRec: the remap runs inside ``input_dist``.
+"""Sharding a remapped EBC with TorchRec: the remap runs inside ``input_dist``; or, for co-sharded
+mappings (:class:`CoShardedEBCSharder`, at the end), on the rank that owns the id's rows.
 
 :class:`RemappedEBCSharder` turns a :class:`RemappedEmbeddingBagCollection` (any method's remap)
 into a :class:`ShardedRemappedEBC`; :class:`LearnedHashEBCSharder` does the same for the learned
@@ -40,12 +41,18 @@ from typing import Any, Dict, Iterator, List, Optional, Type
 import torch
 import torch.distributed as dist
 from torch import nn
-from torchrec.distributed.embedding_types import BaseEmbeddingSharder, KJTList, ShardedEmbeddingModule
+from torchrec.distributed.embedding_types import (
+    BaseEmbeddingSharder,
+    EmbeddingComputeKernel,
+    KJTList,
+    ShardedEmbeddingModule,
+)
 from torchrec.distributed.embeddingbag import (
     EmbeddingBagCollectionContext,
     EmbeddingBagCollectionSharder,
     ShardedEmbeddingBagCollection,
 )
+from torchrec.distributed.mc_embeddingbag import ManagedCollisionEmbeddingBagCollectionSharder
 from torchrec.distributed.types import (
     Awaitable,
     LazyAwaitable,
@@ -56,8 +63,10 @@ from torchrec.distributed.types import (
     ShardingType,
 )
 from torchrec.distributed.utils import append_prefix
+from torchrec.modules.mc_embedding_modules import ManagedCollisionEmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from lhf_torchrec.modules.cosharded import CoShardedIdRemap
 from lhf_torchrec.modules.learned_hash_ebc import LearnedHashEmbeddingBagCollection
 from lhf_torchrec.modules.remapped_ebc import EmbeddingRemap, RemappedEmbeddingBagCollection
 
@@ -239,3 +248,52 @@ class LearnedHashEBCSharder(RemappedEBCSharder):
     """
 
     module_cls = LearnedHashEmbeddingBagCollection
+
+
+def cosharding_world_sizes(num_buckets: int) -> List[int]:
+    """The world sizes a table of ``num_buckets`` buckets co-shards on: the divisors of B."""
+    return [w for w in range(1, num_buckets + 1) if num_buckets % w == 0]
+
+
+class CoShardedEBCSharder(ManagedCollisionEmbeddingBagCollectionSharder):
+    """Shards the co-sharded part of a :class:`~lhf_torchrec.modules.cosharded.CoShardedLearnedHashEBC`
+    (TorchRec's ``ManagedCollisionEmbeddingBagCollection`` of :class:`CoShardedIdRemap` s) row-wise:
+    each rank holds the rows, and the mapping entries, of whole buckets; raw ids travel to the rank
+    that owns their bucket in the input all-to-all and are remapped there.
+
+    TorchRec's sharder offers ``row_wise`` on CUDA only; this one offers it on CPU too (it runs on
+    gloo), with the fused kernel. The world size must divide every table's bucket count, else a rank
+    would hold part of a bucket: sharding is refused with an error naming B and the sizes that work.
+
+    Example::
+
+        sharders = [CoShardedEBCSharder(fused_params={"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": 0.1}),
+                    LearnedHashEBCSharder(fused_params=...)]
+        model = DistributedModelParallel(model, plan=planner.collective_plan(model, sharders, pg), sharders=sharders)
+    """
+
+    def sharding_types(self, compute_device_type: str) -> List[str]:
+        return [ShardingType.ROW_WISE.value]
+
+    def compute_kernels(self, sharding_type: str, compute_device_type: str) -> List[str]:
+        if compute_device_type == "cpu":
+            return [EmbeddingComputeKernel.FUSED.value]
+        return super().compute_kernels(sharding_type, compute_device_type)
+
+    def shard(
+        self,
+        module: ManagedCollisionEmbeddingBagCollection,
+        params: Dict[str, ParameterSharding],
+        env: ShardingEnv,
+        device: Optional[torch.device] = None,
+        module_fqn: Optional[str] = None,
+    ) -> nn.Module:
+        remaps = module._managed_collision_collection._managed_collision_modules
+        for table, remap in remaps.items():
+            if isinstance(remap, CoShardedIdRemap) and remap.num_buckets % env.world_size:
+                raise ValueError(
+                    f"table '{table}': its mapping has {remap.num_buckets} buckets, which {env.world_size} ranks "
+                    f"cannot share whole (a rank would hold part of a bucket); co-sharded world sizes for it: "
+                    f"{cosharding_world_sizes(remap.num_buckets)}. Refit with a bucket count that the world size "
+                    "divides, or keep the table's remap replicated")
+        return super().shard(module, params, env, device or torch.device("cpu"), module_fqn)
