@@ -1,15 +1,16 @@
-"""Co-sharded mappings (TorchRec's managed-collision engine, row-wise) on 2 gloo ranks, against the
-unsharded module: forward, backward and a fused step; per-rank state; DCP resharding 2 -> 1 and
-1 -> 2; serving from the co-sharded checkpoint; world sizes that cut a bucket are refused.
+"""Co-sharded mappings (TorchRec's managed-collision engine, row-wise) on 2 and 4 gloo ranks, against
+the unsharded module: forward, backward and a fused step; per-rank state; DCP resharding 2 -> 1,
+1 -> 2 and 4 -> 2; serving from the co-sharded checkpoint; world sizes that cut a bucket are refused.
 
-One spawn does all the checks (a spawn costs ~10 s). Workers are module-level: the harness spawns.
+One spawn per world size does all its checks (a spawn costs ~10 s). Workers are module-level: the
+harness spawns.
 """
 
 import os
 import shutil
 import tempfile
 import unittest
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import numpy as np
 import pytest
@@ -65,6 +66,7 @@ def _batch(rank: int, seed: int = 0) -> KeyedJaggedTensor:
     g = torch.Generator().manual_seed(100 * seed + rank)
     lengths = torch.randint(0, 5, (len(FEATURES) * B_LOCAL,), generator=g)
     lengths[rank] = 0
+    lengths[B_LOCAL - 1::B_LOCAL] = 2  # every feature pools something on every rank
     n = int(lengths.sum())
     values = torch.where(torch.rand(n, generator=g) < 0.7, torch.randint(0, 60, (n,), generator=g),
                          torch.randint(-(1 << 63), (1 << 63) - 1, (n,), generator=g))
@@ -117,9 +119,9 @@ def _pooled(out) -> Dict[str, torch.Tensor]:
     return (out.wait() if hasattr(out, "wait") else out).to_dict()
 
 
-def _check_training_step(rank: int, world_size: int) -> Dict[str, torch.Tensor]:
+def _check_training_step(rank: int, world_size: int) -> Tuple[Dict[str, torch.Tensor], DistributedModelParallel]:
     """Sharded forward, backward and one fused SGD step equal the unsharded module's; returns the
-    reference's updated state."""
+    reference's updated state and the sharded model."""
     reference = _module("cpu", seed=0)
     start = {k: v.detach().clone() for k, v in reference.state_dict().items()}
     dmp = _shard(_module("meta", seed=1), world_size)
@@ -149,7 +151,7 @@ def _check_training_step(rank: int, world_size: int) -> Dict[str, torch.Tensor]:
     after = _pooled(dmp(_batch(rank, seed=1)))
     again = reference(_global_batch(world_size, seed=1)).to_dict()
     assert all(torch.allclose(after[f], again[f][mine], atol=1e-5) for f in FEATURES), "forward after the step"
-    return {k: v.detach().clone() for k, v in updated.items()}
+    return {k: v.detach().clone() for k, v in updated.items()}, dmp
 
 
 def _check_rank_state(dmp: DistributedModelParallel, rank: int, world_size: int) -> None:
@@ -170,30 +172,38 @@ def _check_rank_state(dmp: DistributedModelParallel, rank: int, world_size: int)
         assert [offsets[0] for offsets, _ in local_pieces(state)] == [rank * rows]
 
 
-def _cosharded_checks(rank: int, world_size: int, path: str) -> None:
-    trained = _check_training_step(rank, world_size)
+def _check_four_to_two(rank: int, saved: str, expected: SparseOnly) -> None:
+    """DCP 4 -> 2: a 2-rank model on a subgroup (its remaps emptied) loads the 4-rank checkpoint."""
+    pair = dist.new_group([0, 1])
+    if rank < 2:
+        half = _shard(_module("meta", seed=7), 2, env=ShardingEnv.from_process_group(pair))
+        _forget_remaps(half)
+        state = half.state_dict()
+        dcp.load(state, checkpoint_id=saved, process_group=pair)
+        half.load_state_dict(state)
+        out = _pooled(half(_batch(rank, seed=9)))
+        reference = expected(_global_batch(2, seed=9)).to_dict()
+        mine = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL)
+        worst = max((out[f] - reference[f][mine]).abs().max().item() for f in FEATURES)
+        assert worst < 1e-6, f"4 -> 2 outputs differ by {worst}"
+        assert _remaps(half)["t_two"]._keys.shape[0] == _mappings()["t_two"].num_rows // 2
+    dist.barrier()
 
-    dmp = _shard(_module("meta", seed=2), world_size)
-    copy_into_shards(dmp.state_dict(), trained, _weight_keys())
-    _check_rank_state(dmp, rank, world_size)
+
+def _check_one_rank_round_trip(rank: int, world_size: int, saved: str, path: str, expected: SparseOnly) -> None:
+    """DCP W -> 1 into the unsharded module (its remaps emptied first), serving from it, and its
+    checkpoint 1 -> W into a freshly sharded model."""
     probe = _global_batch(world_size, seed=9)
-    expected = _module("cpu", seed=0)
-    expected.load_state_dict(trained)
     expected_out = expected(probe).to_dict()
     mine = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL)
-
-    # DCP 2 -> 1: the unsharded module (its remaps emptied first) loads the 2-rank checkpoint.
-    two_ranks = os.path.join(path, "two_ranks")
-    dcp.save(dmp.state_dict(), checkpoint_id=two_ranks)
-    dist.barrier()
     if rank == 0:
         single = _module("cpu", seed=5)
         _forget_remaps(single)
         state = single.state_dict()
-        dcp.load(state, checkpoint_id=two_ranks, no_dist=True)
+        dcp.load(state, checkpoint_id=saved, no_dist=True)
         single.load_state_dict(state)
         out = single(probe).to_dict()
-        assert all(torch.equal(out[f], expected_out[f]) for f in FEATURES), "2 -> 1 outputs differ"
+        assert all(torch.equal(out[f], expected_out[f]) for f in FEATURES), f"{world_size} -> 1 outputs differ"
 
         # Serving from the co-sharded checkpoint: the quantized module. Bucketed mappings have a hash
         # region per bucket, which the kernel's folded array cannot express: they stay in front.
@@ -204,11 +214,10 @@ def _cosharded_checks(rank: int, world_size: int, path: str) -> None:
             got = quantized(probe).to_dict()
             for f in FEATURES:
                 assert torch.allclose(got[f], expected_out[f], atol=2e-2, rtol=1e-2), f"served ({fold}) {f}"
-        single_path = os.path.join(path, "one_rank")
-        dcp.save(single.state_dict(), checkpoint_id=single_path, no_dist=True)
+        dcp.save(single.state_dict(), checkpoint_id=os.path.join(path, "one_rank"), no_dist=True)
     dist.barrier()
 
-    # DCP 1 -> 2: a freshly sharded model (other weights, remaps emptied) loads the 1-rank checkpoint.
+    # A freshly sharded model (other weights, remaps emptied) loads the 1-rank checkpoint.
     fresh = _shard(_module("meta", seed=6), world_size)
     _forget_remaps(fresh)
     before = _pooled(fresh(_batch(rank, seed=9)))
@@ -218,13 +227,29 @@ def _cosharded_checks(rank: int, world_size: int, path: str) -> None:
     fresh.load_state_dict(state)
     after = _pooled(fresh(_batch(rank, seed=9)))
     worst = max((after[f] - expected_out[f][mine]).abs().max().item() for f in FEATURES)
-    assert worst < 1e-6, f"1 -> 2 outputs differ by {worst}"  # sharded kernels sum in another order
+    assert worst < 1e-6, f"1 -> {world_size} outputs differ by {worst}"  # sharded kernels sum in another order
+
+
+def _cosharded_checks(rank: int, world_size: int, path: str) -> None:
+    trained, dmp = _check_training_step(rank, world_size)
+    copy_into_shards(dmp.state_dict(), trained, _weight_keys())  # exactly the reference's weights
+    _check_rank_state(dmp, rank, world_size)
+    expected = _module("cpu", seed=0)
+    expected.load_state_dict(trained)
+
+    saved = os.path.join(path, "all_ranks")
+    dcp.save(dmp.state_dict(), checkpoint_id=saved)
+    dist.barrier()
+    if world_size == 4:
+        _check_four_to_two(rank, saved, expected)
+    else:
+        _check_one_rank_round_trip(rank, world_size, saved, path, expected)
 
     # A world size that does not divide the bucket count is refused, naming B and what works.
     three = _mappings(num_buckets=3)
     error = raised_by(lambda: _shard(_module("meta", seed=0, mappings=three), world_size))
     assert isinstance(error, ValueError), repr(error)
-    assert "table 't_two': its mapping has 3 buckets, which 2 ranks cannot share whole" in str(error), error
+    assert f"table 't_two': its mapping has 3 buckets, which {world_size} ranks cannot share whole" in str(error), error
     assert "co-sharded world sizes for it: [1, 3]" in str(error), error
 
 
@@ -233,6 +258,13 @@ class CoShardedTest(MultiProcessTestBase):
         path = tempfile.mkdtemp(prefix="lhf-cosharded-")
         try:
             self._run_multi_process_test(callable=run_on_rank, check=_cosharded_checks, world_size=2, path=path)
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def test_cosharded_training_and_resharding_on_four_ranks(self) -> None:
+        path = tempfile.mkdtemp(prefix="lhf-cosharded-")
+        try:
+            self._run_multi_process_test(callable=run_on_rank, check=_cosharded_checks, world_size=4, path=path)
         finally:
             shutil.rmtree(path, ignore_errors=True)
 
