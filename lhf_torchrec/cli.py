@@ -383,6 +383,10 @@ def _add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     source.add_argument("--method", choices=_methods(), default="full",
                         help="fit this method here on the training split instead (default: full tables)")
     parser.add_argument("--compression", type=COMPRESSION, default=10.0, help="with --method")
+    parser.add_argument("--num-buckets", type=int_in(1), metavar="B",
+                        help="with --method: bucketed mappings; under torchrun, tables whose bucket count the world "
+                             "size divides keep their mapping with their rows (co-sharded row-wise), as do bucketed "
+                             "--mappings (default: no buckets)")
     parser.add_argument("--results", type=output_file(RESULTS_FORMAT), metavar="FILE", help="write the metrics as JSON")
     parser.set_defaults(handler=_run_train, evaluate_only=False)
 
@@ -396,16 +400,19 @@ def _add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
     _add_train_arguments(parser, writes_checkpoints=False)
     parser.add_argument("--mappings", type=input_path, metavar="FILE", help="the mappings the run trained with")
     parser.add_argument("--results", type=output_file(RESULTS_FORMAT), metavar="FILE", help="write the metrics as JSON")
-    parser.set_defaults(handler=_run_train, evaluate_only=True, method="full", compression=1.0)
+    parser.set_defaults(handler=_run_train, evaluate_only=True, method="full", compression=1.0, num_buckets=None)
 
 
 def _run_train(args: argparse.Namespace) -> int:
     from lhf_torchrec.pipeline.run import run_training
     from lhf_torchrec.training.runtime import init_runtime
 
+    if args.num_buckets is not None and (args.mappings or args.method == "full"):
+        raise ValueError("--num-buckets applies to a compressed --method fitted here (bucketed --mappings co-shard "
+                         "as they are)")
     outcome = run_training(_dataset(args), _model_config(args), _train_config(args), mappings_path=args.mappings,
-                           method=args.method, compression=args.compression, results_path=args.results,
-                           evaluate_only=args.evaluate_only)
+                           method=args.method, compression=args.compression, num_buckets=args.num_buckets,
+                           results_path=args.results, evaluate_only=args.evaluate_only)
     if init_runtime().is_main:
         test = outcome["test"]
         print(f"test: logloss {test['logloss']:.5f}  AUC {test['auc']:.5f}  NE {test['ne']:.5f}  "

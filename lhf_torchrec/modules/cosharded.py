@@ -347,22 +347,13 @@ class CoShardedLearnedHashEBC(nn.Module):
         return list(self.full_configs)
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        keys = features.keys()
-        missing = sorted(set(self.feature_names) - set(keys))
-        unknown = sorted(set(keys) - set(self.feature_names))
-        if missing or unknown:
-            raise KeyError(f"the input KeyedJaggedTensor has features {keys}; this module needs exactly "
-                           f"{self.feature_names} (missing {missing}, unknown {unknown})")
-        order = self._cosharded_features + self._replicated_features
-        index = {k: i for i, k in enumerate(keys)}
-        permuted = features.permute([index[k] for k in order])
-        parts = permuted.split([len(self._cosharded_features), len(self._replicated_features)])
-        pooled: Dict[str, torch.Tensor] = {}
+        cosharded, replicated = _split_features(features, self._cosharded_features, self._replicated_features)
+        pooled: List[KeyedTensor] = []
         if self.cosharded is not None:
-            pooled.update(_waited(self.cosharded(parts[0])[0]).to_dict())
+            pooled.append(self.cosharded(cosharded)[0])
         if self.replicated is not None:
-            pooled.update(_waited(self.replicated(parts[1])).to_dict())
-        return KeyedTensor.from_tensor_list(self.feature_names, [pooled[f] for f in self.feature_names])
+            pooled.append(self.replicated(replicated))
+        return _merge_pooled(pooled, self.feature_names)
 
     def to_learned_hash_ebc(self) -> LearnedHashEmbeddingBagCollection:
         """The same tables, mappings and weights as one :class:`LearnedHashEmbeddingBagCollection` with
@@ -390,6 +381,27 @@ class CoShardedLearnedHashEBC(nn.Module):
         return part.is_weighted()
 
 
-def _waited(pooled) -> KeyedTensor:
-    """Sharded children return awaitables of their KeyedTensor."""
-    return pooled.wait() if isinstance(pooled, Awaitable) else pooled
+# Leaves for torch.fx (TrainPipelineSparseDist traces the model): Python over the KJT's keys does
+# not trace. The sharded children then run in the model's forward rather than in the pipeline.
+@torch.fx.wrap
+def _split_features(
+    features: KeyedJaggedTensor, cosharded: List[str], replicated: List[str]
+) -> Tuple[KeyedJaggedTensor, KeyedJaggedTensor]:
+    """The KJT of the co-sharded tables' features and the one of the other features, in that order."""
+    keys = features.keys()
+    wanted = cosharded + replicated
+    if sorted(keys) != sorted(wanted):
+        raise KeyError(f"the input KeyedJaggedTensor has features {keys}; this module needs exactly {sorted(wanted)} "
+                       f"(missing {sorted(set(wanted) - set(keys))}, unknown {sorted(set(keys) - set(wanted))})")
+    index = {k: i for i, k in enumerate(keys)}
+    parts = features.permute([index[k] for k in wanted]).split([len(cosharded), len(replicated)])
+    return parts[0], parts[1]
+
+
+@torch.fx.wrap
+def _merge_pooled(pooled: List[KeyedTensor], feature_names: List[str]) -> KeyedTensor:
+    """One KeyedTensor, in the original features' order; sharded children return awaitables."""
+    by_feature: Dict[str, torch.Tensor] = {}
+    for part in pooled:
+        by_feature.update((part.wait() if isinstance(part, Awaitable) else part).to_dict())
+    return KeyedTensor.from_tensor_list(feature_names, [by_feature[f] for f in feature_names])

@@ -36,6 +36,7 @@ def run_training(
     mappings_path: Optional[str] = None,
     method: str = "full",
     compression: float = 10.0,
+    num_buckets: Optional[int] = None,
     learn_dim: int = 8,
     results_path: Optional[str] = None,
     evaluate_only: bool = False,
@@ -44,7 +45,10 @@ def run_training(
 
     The tables are compressed by the mappings in ``mappings_path``, or else by ``method`` fitted
     here on the training split at ``compression`` (``"full"``: uncompressed, with a vocabulary
-    where ids are sparse). Returns (and on rank 0 writes to ``results_path``) the validation
+    where ids are sparse; ``num_buckets``: bucketed mappings). Bucketed mappings (one row per id) whose
+    bucket count the world size divides co-shard row-wise with their tables
+    (:class:`~lhf_torchrec.training.compression.LearnedHashing` ``cosharded_world_size``); the
+    others keep replicated remaps. Returns (and on rank 0 writes to ``results_path``) the validation
     history and test metrics, and a ``warning`` (logged too) when the model learned nothing
     (:func:`~lhf_torchrec.training.metrics.untrained_warning`).
     """
@@ -69,9 +73,14 @@ def run_training(
         if get_method(method).needs_embeddings:
             embeddings = learn_embeddings(data.train, data.tables, profiles, dim=learn_dim,
                                           train_config=train_config, runtime=runtime)
+        bucketed = {} if num_buckets is None else {"num_buckets": num_buckets}
         mappings = fit_method(method, data.tables, profiles, FitInputs(embeddings), compression=compression,
-                              optimizer=train_config.optimizer, seed=train_config.seed).compression.mappings
-    trainer = Trainer(model_config, train_config, data.tables, len(data.train.dense_names), LearnedHashing(mappings),
+                              optimizer=train_config.optimizer, seed=train_config.seed, **bucketed).compression.mappings
+    # Bucketed mappings whose bucket count the world size divides co-shard with their (row-wise) tables.
+    tables_compression = LearnedHashing(mappings, cosharded_world_size=runtime.world_size)
+    if runtime.is_main and tables_compression.cosharded_tables:
+        logger.info("co-sharded mappings (row-wise with their tables): %s", tables_compression.cosharded_tables)
+    trainer = Trainer(model_config, train_config, data.tables, len(data.train.dense_names), tables_compression,
                       runtime)
     if evaluate_only:
         if not train_config.checkpoint_dir or latest_checkpoint(train_config.checkpoint_dir) is None:
@@ -93,6 +102,7 @@ def run_training(
         model=asdict(model_config),
         train=asdict(train_config),
         world_size=runtime.world_size,
+        cosharded_tables=tables_compression.cosharded_tables,
         mapping_bytes=sum(m.nbytes for m in mappings.values()),
         table_rows={t.name: (mappings[t.name].num_rows if t.name in mappings else t.num_embeddings)
                     for t in data.tables},

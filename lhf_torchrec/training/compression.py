@@ -16,10 +16,11 @@ from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.distributed.types import ModuleSharder
 
-from lhf_torchrec.distributed.sharder import LearnedHashEBCSharder, RemappedEBCSharder
+from lhf_torchrec.distributed.sharder import CoShardedEBCSharder, LearnedHashEBCSharder, RemappedEBCSharder
 from lhf_torchrec.mapping.id_mapping import IdMapping
 from lhf_torchrec.modules.remapped_ebc import EmbeddingRemap
-from lhf_torchrec.modules.swap import apply_learned_hashing, apply_remap
+from lhf_torchrec.modules.cosharded import cosharding_refusal
+from lhf_torchrec.modules.swap import apply_cosharded_learned_hashing, apply_learned_hashing, apply_remap
 
 if TYPE_CHECKING:
     from lhf_torchrec.training.trainer import Trainer
@@ -63,17 +64,33 @@ class LearnedHashing(Compression):
 
     ``initial_weights`` (table name -> rows x dim), when given, replace TorchRec's random init of
     those compressed tables (see :func:`lhf_torchrec.pipeline.steps.warm_start_rows`).
+
+    ``cosharded_world_size`` (W), when given: tables whose mapping can co-shard (bucketed, one row
+    per id, see :mod:`lhf_torchrec.modules.cosharded`) and whose bucket count W divides keep their
+    mapping with their rows, sharded row-wise by :class:`CoShardedEBCSharder`; the other tables keep
+    a replicated remap.
     """
 
     mappings: Mapping[str, IdMapping]
     initial_weights: Optional[Mapping[str, torch.Tensor]] = None
+    cosharded_world_size: Optional[int] = None
+
+    @property
+    def cosharded_tables(self) -> List[str]:
+        """The tables that co-shard with their mappings on ``cosharded_world_size`` ranks."""
+        if self.cosharded_world_size is None:
+            return []
+        return sorted(name for name, m in self.mappings.items()
+                      if cosharding_refusal(m) is None and m.num_buckets % self.cosharded_world_size == 0)
 
     def apply(self, model: nn.Module) -> None:
-        if self.mappings:
+        if self.cosharded_tables:
+            apply_cosharded_learned_hashing(model, dict(self.mappings), cosharded_tables=self.cosharded_tables)
+        elif self.mappings:
             apply_learned_hashing(model, dict(self.mappings))
 
     def sharders(self) -> List[ModuleSharder[nn.Module]]:
-        return [LearnedHashEBCSharder()]
+        return [CoShardedEBCSharder(), LearnedHashEBCSharder()] if self.cosharded_tables else [LearnedHashEBCSharder()]
 
     def fingerprint(self) -> Dict[str, str]:
         return {name: m.fingerprint for name, m in sorted(self.mappings.items())}

@@ -37,3 +37,26 @@ def test_fit_with_buckets_refuses_full_and_bad_counts(tmp_path, capsys):
     assert "--num-buckets applies to the compressed mapping methods" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["fit", "--profiles", p, "--method", "hash", "--num-buckets", "0", "--out", str(tmp_path / "m2")])
+
+
+def test_train_co_shards_bucketed_mappings_and_evaluates_its_checkpoint(tmp_path, capsys):
+    import json
+
+    p, m = str(tmp_path / "profiles.safetensors"), str(tmp_path / "mappings.safetensors")
+    assert main(["profile", *DATA, "--out", p]) == 0
+    assert main(["fit", "--profiles", p, "--method", "frequency", "--compression", "2", "--embedding-dim", "8",
+                 "--num-buckets", "4", "--out", m]) == 0
+    bucketed = sorted(name for name, mp in load_mappings(m).items() if mp.num_buckets == 4)
+    model = ["--embedding-dim", "8", "--dense-arch-layer-sizes", "16", "--over-arch-layer-sizes", "16,1"]
+    train = ["--batch-size", "128", "--no-progress"]
+    ckpt, results, evaluated = str(tmp_path / "ckpt"), str(tmp_path / "train.json"), str(tmp_path / "eval.json")
+    assert main(["train", *DATA, *model, *train, "--epochs", "2", "--mappings", m, "--checkpoint-dir", ckpt,
+                 "--results", results]) == 0
+    trained = json.load(open(results))
+    assert trained["cosharded_tables"] == bucketed and bucketed  # one rank divides every bucket count
+    assert trained["validation"][-1]["auc"] > 0.6
+    assert main(["evaluate", *DATA, *model, *train, "--mappings", m, "--checkpoint-dir", ckpt,
+                 "--results", evaluated]) == 0
+    assert json.load(open(evaluated))["test"] == trained["test"]
+    assert main(["train", *DATA, *model, *train, "--mappings", m, "--num-buckets", "4"]) == 2
+    assert "--num-buckets applies to a compressed --method fitted here" in capsys.readouterr().err
