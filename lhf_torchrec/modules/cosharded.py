@@ -333,7 +333,6 @@ class CoShardedLearnedHashEBC(nn.Module):
             self.replicated = LearnedHashEmbeddingBagCollection(
                 others, {t.name: mappings[t.name] for t in others if t.name in mappings}, device=device,
                 is_weighted=is_weighted)
-        self._cosharded_features = [f for c in cosharded_configs for f in c.feature_names]
         self._replicated_features = [f for t in others for f in t.feature_names]
 
     @property
@@ -347,12 +346,14 @@ class CoShardedLearnedHashEBC(nn.Module):
         return list(self.full_configs)
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        cosharded, replicated = _split_features(features, self._cosharded_features, self._replicated_features)
+        _check_features(features, self.feature_names)
         pooled: List[KeyedTensor] = []
         if self.cosharded is not None:
-            pooled.append(self.cosharded(cosharded)[0])
+            # The whole KJT: TorchRec's managed-collision EBC picks its own features, and its input
+            # comes straight from the batch, so TrainPipelineSparseDist pipelines its input dist.
+            pooled.append(self.cosharded(features)[0])
         if self.replicated is not None:
-            pooled.append(self.replicated(replicated))
+            pooled.append(self.replicated(_select_features(features, self._replicated_features)))
         return _merge_pooled(pooled, self.feature_names)
 
     def to_learned_hash_ebc(self) -> LearnedHashEmbeddingBagCollection:
@@ -382,20 +383,21 @@ class CoShardedLearnedHashEBC(nn.Module):
 
 
 # Leaves for torch.fx (TrainPipelineSparseDist traces the model): Python over the KJT's keys does
-# not trace. The sharded children then run in the model's forward rather than in the pipeline.
+# not trace. The replicated child, whose input is a selection of the KJT, then runs in the model's
+# forward rather than in the pipeline.
 @torch.fx.wrap
-def _split_features(
-    features: KeyedJaggedTensor, cosharded: List[str], replicated: List[str]
-) -> Tuple[KeyedJaggedTensor, KeyedJaggedTensor]:
-    """The KJT of the co-sharded tables' features and the one of the other features, in that order."""
+def _check_features(features: KeyedJaggedTensor, feature_names: List[str]) -> None:
     keys = features.keys()
-    wanted = cosharded + replicated
-    if sorted(keys) != sorted(wanted):
-        raise KeyError(f"the input KeyedJaggedTensor has features {keys}; this module needs exactly {sorted(wanted)} "
-                       f"(missing {sorted(set(wanted) - set(keys))}, unknown {sorted(set(keys) - set(wanted))})")
-    index = {k: i for i, k in enumerate(keys)}
-    parts = features.permute([index[k] for k in wanted]).split([len(cosharded), len(replicated)])
-    return parts[0], parts[1]
+    if sorted(keys) != sorted(feature_names):
+        raise KeyError(f"the input KeyedJaggedTensor has features {keys}; this module needs exactly "
+                       f"{sorted(feature_names)} (missing {sorted(set(feature_names) - set(keys))}, unknown "
+                       f"{sorted(set(keys) - set(feature_names))})")
+
+
+@torch.fx.wrap
+def _select_features(features: KeyedJaggedTensor, names: List[str]) -> KeyedJaggedTensor:
+    index = {k: i for i, k in enumerate(features.keys())}
+    return features.permute([index[k] for k in names])
 
 
 @torch.fx.wrap
