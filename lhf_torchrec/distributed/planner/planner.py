@@ -47,6 +47,9 @@ logger = logging.getLogger(__name__)
 # The default proposers make ~200 proposals, each partitioned over every device: fine up to a few
 # hundred ranks, minutes at 1024. Above this size, one proposal per sharding type.
 UNIFORM_PROPOSER_FROM_RANKS = 256
+# A capacity search for the smallest per-rank memory that fits stops at this precision.
+_SEARCH_PRECISION = 0.02
+_SEARCH_MAX_FACTOR = 2**12
 
 
 class PerTableUniformProposer(UniformProposer):
@@ -69,9 +72,6 @@ class PerTableUniformProposer(UniformProposer):
             if key not in seen:
                 seen.add(key)
                 self._grouped_sharding_options.append(proposal)
-# A capacity search for the smallest per-rank memory that fits stops at this precision.
-_SEARCH_PRECISION = 0.02
-_SEARCH_MAX_FACTOR = 2**12
 
 
 def _rank_memory(
@@ -80,7 +80,7 @@ def _rank_memory(
     reservation: MappingStorageReservation,
     sharders: List[ModuleSharder[nn.Module]],
     constraints: Optional[Dict[str, ParameterConstraints]],
-    cosharded: CoshardedMappingEstimator,
+    cosharded_estimator: CoshardedMappingEstimator,
 ) -> List[RankMemory]:
     """Per-rank memory of a placed plan, the planner's shard storage split into its terms.
 
@@ -98,7 +98,7 @@ def _rank_memory(
         option.batch_size = 0
     EmbeddingStorageEstimator(topology).estimate(no_buffers, data_map)
     world = topology.world_size
-    in_shards = cosharded.rank_bytes(options, world)
+    in_shards = cosharded_estimator.rank_bytes(options, world)
     planned, tables, static, offloaded = [0] * world, [0] * world, [0] * world, [0] * world
     for option, weights, statics in zip(options, weights_only, no_buffers):
         for shard, w, s in zip(option.shards, weights.shards, statics.shards):
