@@ -10,6 +10,7 @@ Example::
 """
 
 import argparse
+import json
 import logging
 import os
 import shlex
@@ -54,8 +55,11 @@ def _add_plan_parser(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Plans the model's embedding tables with TorchRec's sharding planner, before and after "
             "learned-hash compression, and prints per-rank memory (tables, optimizer state, buffers, "
-            "mappings). Runs without a GPU for any topology. Exits with 1 if the compressed model does "
-            "not fit, saying on which ranks and by how much."
+            "mappings) and cluster-wide totals that count every mapping replica and shard. A table's "
+            "mapping is co-sharded with its rows (row_wise, each rank holds the mapping of its buckets) "
+            "when it is bucketed, has one probe, the world size divides its bucket count and it has at "
+            "least 2 rows per bucket; else it is replicated on every rank. Runs without a GPU for any "
+            "topology. Exits with 1 if the compressed model does not fit, saying on which ranks and by how much."
         ),
         epilog=(
             'Table-size JSON (--tables): {"C1": 1460, "C2": 583} or [{"name": "C1", "num_embeddings": 1460, '
@@ -87,6 +91,14 @@ def _add_plan_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=int_in(1), default=512, help="batch size per rank (default 512)")
     parser.add_argument("--entry-fraction", type=float_in(0, 1), default=0.1,
                         help="synthetic mappings: share of each table's ids with a stored entry (default 0.1)")
+    parser.add_argument("--num-buckets", type=int_in(1), default=None, metavar="B",
+                        help="synthetic mappings: bucket them in B buckets, as `lhf fit --num-buckets B` (tables "
+                             "with fewer than 2 rows per bucket stay unbucketed); default: the world size, the "
+                             "fewest buckets that co-shard on it")
+    parser.add_argument("--replicated", action="store_true",
+                        help="replicate every mapping on every rank (no co-sharding), to compare")
+    parser.add_argument("--json", action="store_true",
+                        help="print the report as one JSON object (bytes as integers) and nothing else on stdout")
     parser.add_argument("--reserve", type=float_in(0, 1, high_open=True), default=0.15,
                         help="share of HBM kept free by TorchRec's heuristic reservation, in [0, 1) (default 0.15)")
     parser.add_argument("--rank-rows", type=int_in(0), default=16,
@@ -101,6 +113,9 @@ def _run_plan(args: argparse.Namespace) -> int:
 
     if args.local_world_size is not None and args.local_world_size > args.world_size:
         raise ValueError(f"--local-world-size {args.local_world_size} exceeds --world-size {args.world_size}")
+    if args.num_buckets is not None and (args.mappings or args.replicated):
+        raise ValueError("--num-buckets is for synthetic mappings (--compression) planned with co-sharding; "
+                         "fitted mappings carry their own (lhf fit --num-buckets)")
     tables = (
         preset_tables(args.preset, args.embedding_dim) if args.preset else load_tables(args.tables, args.embedding_dim)
     )
@@ -113,6 +128,8 @@ def _run_plan(args: argparse.Namespace) -> int:
         local_world_size=args.local_world_size,
         compression=args.compression,
         mappings=load_mappings(args.mappings) if args.mappings else None,
+        cosharding=not args.replicated,
+        num_buckets=args.num_buckets,
         compute_device=args.compute_device,
         hbm_gb=args.hbm_gb,
         ddr_gb=args.ddr_gb,
@@ -121,7 +138,7 @@ def _run_plan(args: argparse.Namespace) -> int:
         entry_fraction=args.entry_fraction,
         reserve_fraction=args.reserve,
     )
-    print(report.format(max_rank_rows=args.rank_rows))
+    print(json.dumps(report.as_dict()) if args.json else report.format(max_rank_rows=args.rank_rows))
     if not report.fits:
         print(f"lhf plan: error: after compression, {report.after.error}", file=sys.stderr)
         return EXIT_DOES_NOT_FIT

@@ -226,16 +226,24 @@ def test_synthetic_mappings_cost_what_the_assumption_says():
 def test_plan_report_before_and_after():
     tables = _tables([2_000_000, 400_000, 60_000, 3_000], dim=32)
     report = plan_report(tables, world_size=4, compression=8, hbm_gb=0.5, optimizer="rowwise_adagrad",
-                         batch_size=128, reserve_fraction=0.0)
+                         batch_size=128, reserve_fraction=0.0, cosharding=False)
     before, after = report.before, report.after
     assert before.fits and after.fits
     assert sum(r.tables for r in before.ranks) == sum(t.num_embeddings * 128 for t in tables)
     compressed = {t.name: t.num_embeddings for t in after.tables}
     assert compressed["t3"] == 3_000 and compressed["t0"] < 2_000_000 // 8
     assert sum(r.tables for r in after.ranks) == sum(n * 128 for n in compressed.values()) == after.table_bytes
-    assert all(r.mappings == after.mapping_bytes > 0 for r in after.ranks)
+    one_copy = mapping_bytes(synthetic_mappings(tables, 8, optimizer="rowwise_adagrad"))
+    assert all(r.mappings == one_copy > 0 and r.cosharded_mappings == 0 for r in after.ranks)
+    assert {c.reason for c in report.choices.values()} == {"co-sharding off"}
     assert sum(r.total for r in after.ranks) < sum(r.total for r in before.ranks)
-    assert 7.9 < report.compression <= 8.0
+    # Cluster-wide: every rank's copy of the replicated mappings counts.
+    per_row = row_bytes(32, "rowwise_adagrad")
+    assert before.cluster_bytes == sum(t.num_embeddings * per_row for t in tables)
+    assert after.cluster_bytes == sum(n * per_row for n in compressed.values()) + 4 * one_copy
+    assert report.compression == before.cluster_bytes / after.cluster_bytes
+    single_copy_ratio = before.cluster_bytes / (after.cluster_bytes - 3 * one_copy)
+    assert 7.9 < single_copy_ratio <= 8.0 and report.compression < single_copy_ratio
     text = report.format()
     assert all(f"rank {r}" in text for r in range(4)) and "median" not in text
     summary = report.format(max_rank_rows=2)
@@ -243,7 +251,8 @@ def test_plan_report_before_and_after():
 
     given = {name: m for name, m in synthetic_mappings(tables, 8).items() if name == "t0"}
     real = plan_report(tables, world_size=2, mappings=given, hbm_gb=1, batch_size=128)
-    assert real.after.mapping_bytes == given["t0"].nbytes and "given, 1 tables" in real.mapping_source
+    assert real.after.ranks[0].mappings == given["t0"].nbytes and "given, 1 tables" in real.mapping_source
+    assert real.choices["t0"].cosharded is None and real.choices["t0"].reason == "not bucketed"
 
 
 def test_plan_report_when_only_the_compressed_model_fits():

@@ -1,13 +1,14 @@
 """Per-rank memory in the planner's accounting, and the error that says which ranks do not fit."""
 
 from dataclasses import dataclass
-from typing import List, Mapping, Optional, Sequence, Union
+from typing import Collection, Dict, List, Mapping, Optional, Sequence, Union
 
 from torch import nn
 from torchrec.distributed.planner import Topology
 from torchrec.distributed.planner.types import PlannerError, PlannerErrorType
 
 from lhf_torchrec.mapping.id_mapping import IdMapping
+from lhf_torchrec.modules.learned_hash_ebc import IdRemapper
 
 
 GB = 1024**3  # the planner's unit (bytes_to_gb)
@@ -18,10 +19,22 @@ def memory_tier(topology: Topology) -> str:
     return "hbm" if topology.compute_device in ("cuda", "mtia") else "ddr"
 
 
-def mapping_bytes(source: Union[nn.Module, Mapping[str, IdMapping]]) -> int:
-    """Bytes of the distinct :class:`IdMapping` buffers in a model, or in a dict table -> mapping."""
+def table_mappings(module: nn.Module) -> Dict[str, IdMapping]:
+    """The :class:`IdMapping` of each table in a model (the learned-hash remaps' ``mappings``)."""
+    found: Dict[str, IdMapping] = {}
+    for child in module.modules():
+        if isinstance(child, IdRemapper):
+            found.update(child.mappings.items())
+    return found
+
+
+def mapping_bytes(source: Union[nn.Module, Mapping[str, IdMapping]], exclude: Collection[str] = ()) -> int:
+    """Bytes of the distinct :class:`IdMapping` buffers in a model, or in a dict table -> mapping,
+    leaving out the mappings of the tables in ``exclude`` (e.g. co-sharded ones)."""
+    named = source if isinstance(source, Mapping) else table_mappings(source)
+    left_out = {id(m) for name, m in named.items() if name in exclude}
     candidates = source.values() if isinstance(source, Mapping) else source.modules()
-    distinct = {id(m): m for m in candidates if isinstance(m, IdMapping)}
+    distinct = {id(m): m for m in candidates if isinstance(m, IdMapping) and id(m) not in left_out}
     return sum(m.nbytes for m in distinct.values())
 
 
@@ -29,9 +42,10 @@ def mapping_bytes(source: Union[nn.Module, Mapping[str, IdMapping]]) -> int:
 class RankMemory:
     """Memory of one rank in the planner's accounting, in bytes of the topology's memory tier.
 
-    ``tables``, ``optimizer`` and ``io`` split the storage the planner estimated for the shards on
-    the rank: the weights, the fused optimizer's state, and input/output buffers (proportional to
-    the batch size). ``mappings`` are replicated on every rank; ``reserved`` is what the base
+    ``tables``, ``optimizer``, ``io`` and ``cosharded_mappings`` split the storage the planner
+    estimated for the shards on the rank: the weights, the fused optimizer's state, input/output
+    buffers (proportional to the batch size), and the rank's rows of the co-sharded mappings.
+    ``mappings`` are the replicated mappings, a copy on every rank; ``reserved`` is what the base
     reservation keeps (HBM margin, dense parameters, KJTs); ``offloaded`` is host memory that UVM
     kernels use on cuda topologies (not part of ``total``).
     """
@@ -44,10 +58,21 @@ class RankMemory:
     mappings: int
     reserved: int
     offloaded: int = 0
+    cosharded_mappings: int = 0
+
+    @property
+    def mapping_bytes(self) -> int:
+        """Replicated and co-sharded mapping bytes on the rank."""
+        return self.mappings + self.cosharded_mappings
+
+    @property
+    def model_bytes(self) -> int:
+        """Weights, optimizer state and mappings on the rank (no buffers, no reservation)."""
+        return self.tables + self.optimizer + self.mapping_bytes
 
     @property
     def total(self) -> int:
-        return self.tables + self.optimizer + self.io + self.mappings + self.reserved
+        return self.tables + self.optimizer + self.io + self.mapping_bytes + self.reserved
 
     @property
     def shortfall(self) -> int:

@@ -1,21 +1,36 @@
-"""``LearnedHashPlanner``: TorchRec's planner with the mapping reservation, per-rank memory after a
-plan, and a capacity diagnosis when a model does not fit."""
+"""``LearnedHashPlanner``: TorchRec's planner with the mapping memory (replicated mappings reserved on
+every rank, co-sharded ones inside shard storage), per-rank memory after a plan, and a capacity
+diagnosis when a model does not fit."""
 
 import copy
+import dataclasses
 import logging
 import math
-from typing import Dict, List, Optional
+from typing import Dict, List, Mapping, Optional
 
 from torch import nn
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
-from torchrec.distributed.planner.constants import BATCH_SIZE
+from torchrec.distributed.planner.constants import BATCH_SIZE, DEFAULT_PERF_ESTIMATOR
 from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
+from torchrec.distributed.planner.estimator import EmbeddingPerfEstimatorFactory
+from torchrec.distributed.planner.proposers import UniformProposer, _sharding_option_score
 from torchrec.distributed.planner.shard_estimators import EmbeddingStorageEstimator
 from torchrec.distributed.planner.stats import NoopEmbeddingStats
-from torchrec.distributed.planner.types import PlannerError, PlannerErrorType, ShardingOption, StorageReservation
+from torchrec.distributed.planner.types import (
+    Enumerator,
+    PlannerError,
+    PlannerErrorType,
+    ShardingOption,
+    StorageReservation,
+)
 from torchrec.distributed.planner.utils import build_sharder_data_map, sharder_name
 from torchrec.distributed.types import ModuleSharder, ShardingPlan
 
+from lhf_torchrec.distributed.planner.cosharding import (
+    CoshardedMappingEstimator,
+    CoshardedTable,
+    cosharded_constraints,
+)
 from lhf_torchrec.distributed.planner.memory import (
     InsufficientMemoryError,
     RankMemory,
@@ -37,17 +52,41 @@ _SEARCH_PRECISION = 0.02
 _SEARCH_MAX_FACTOR = 2**12
 
 
+class PerTableUniformProposer(UniformProposer):
+    """One proposal per sharding type, as TorchRec's ``UniformProposer``, for tables that do not all
+    allow every type (co-sharded tables are row-wise only): in the proposal of type T each table
+    takes its best option of type T, or its best option of any type when it has none of type T.
+    ``UniformProposer`` itself only proposes types that every table allows."""
+
+    def load(self, search_space: List[ShardingOption], enumerator: Optional[Enumerator] = None) -> None:
+        self._reset()
+        by_fqn: Dict[str, List[ShardingOption]] = {}
+        for option in search_space:
+            by_fqn.setdefault(option.fqn, []).append(option)
+        for options in by_fqn.values():
+            options.sort(key=lambda o: _sharding_option_score(o, self._use_depth))
+        seen = set()
+        for kind in sorted({o.sharding_type for o in search_space}):
+            proposal = [next((o for o in options if o.sharding_type == kind), options[0]) for options in by_fqn.values()]
+            key = tuple(id(o) for o in proposal)
+            if key not in seen:
+                seen.add(key)
+                self._grouped_sharding_options.append(proposal)
+
+
 def _rank_memory(
     options: List[ShardingOption],
     topology: Topology,
     reservation: MappingStorageReservation,
     sharders: List[ModuleSharder[nn.Module]],
     constraints: Optional[Dict[str, ParameterConstraints]],
+    cosharded_estimator: CoshardedMappingEstimator,
 ) -> List[RankMemory]:
     """Per-rank memory of a placed plan, the planner's shard storage split into its terms.
 
     The split re-runs TorchRec's storage estimator on copies of the chosen options: once for
-    inference (weights only), once at batch size 0 (weights and optimizer state, no buffers).
+    inference (weights only), once at batch size 0 (weights and optimizer state, no buffers); the
+    co-sharded mappings' bytes come from their rows on each rank.
     """
     tier = memory_tier(topology)
     other = "ddr" if tier == "hbm" else "hbm"
@@ -59,6 +98,7 @@ def _rank_memory(
         option.batch_size = 0
     EmbeddingStorageEstimator(topology).estimate(no_buffers, data_map)
     world = topology.world_size
+    in_shards = cosharded_estimator.rank_bytes(options, world)
     planned, tables, static, offloaded = [0] * world, [0] * world, [0] * world, [0] * world
     for option, weights, statics in zip(options, weights_only, no_buffers):
         for shard, w, s in zip(option.shards, weights.shards, statics.shards):
@@ -72,24 +112,30 @@ def _rank_memory(
             capacity=getattr(topology.devices[r].storage, tier),
             tables=tables[r],
             optimizer=static[r] - tables[r],
-            io=planned[r] - static[r],
+            io=planned[r] - static[r] - in_shards[r],
             mappings=reservation.mapping_bytes,
             reserved=reservation.base_reserved[r],
             offloaded=offloaded[r],
+            cosharded_mappings=in_shards[r],
         )
         for r in range(world)
     ]
 
 
 class LearnedHashPlanner(EmbeddingShardingPlanner):
-    """``EmbeddingShardingPlanner`` that reserves the learned-hash mappings on every rank.
+    """``EmbeddingShardingPlanner`` that counts the learned-hash mappings: replicated ones reserved on
+    every rank, co-sharded ones inside their tables' shards.
 
     Args:
         topology: the topology to plan for (a cuda topology plans fine on a machine without GPU).
         batch_size: per-rank batch size (default TorchRec's 512).
         base_reservation: the reservation for everything but the mappings
             (see :class:`MappingStorageReservation`).
-        mapping_bytes: overrides the mapping bytes found in the planned module.
+        mapping_bytes: overrides the replicated mapping bytes found in the planned module.
+        cosharded: the tables whose mappings are co-sharded with their rows (their layouts, e.g.
+            from :func:`~lhf_torchrec.distributed.planner.cosharding.cosharding_choices`): held to
+            ``row_wise`` with fused kernels, their mapping bytes added to each shard's storage and
+            left out of the replicated reservation. Default: none, every mapping replicated.
         diagnose: when the model does not fit, re-plan with larger capacities to find the smallest
             per-rank memory that fits, and name the ranks that need more than they have.
         **kwargs: as for ``EmbeddingShardingPlanner`` (constraints, proposer, partitioner, ...).
@@ -108,20 +154,32 @@ class LearnedHashPlanner(EmbeddingShardingPlanner):
         *,
         base_reservation: Optional[StorageReservation] = None,
         mapping_bytes: Optional[int] = None,
+        cosharded: Optional[Mapping[str, CoshardedTable]] = None,
         diagnose: bool = True,
         **kwargs,
     ) -> None:
         if "storage_reservation" in kwargs:
             raise TypeError("LearnedHashPlanner builds its own storage_reservation; pass base_reservation")
+        if "enumerator" in kwargs:
+            raise TypeError("LearnedHashPlanner builds its own enumerator (with the co-sharded mapping estimator)")
         self.topology = topology
-        self.reservation = MappingStorageReservation(base_reservation, mapping_bytes)
+        self.cosharded = dict(cosharded or {})
+        self.reservation = MappingStorageReservation(base_reservation, mapping_bytes, cosharded=self.cosharded)
         self._mapping_bytes = mapping_bytes
         self._diagnose = diagnose
         batch_size = batch_size or BATCH_SIZE
         constraints = kwargs.get("constraints")
+        if self.cosharded:
+            constraints = kwargs["constraints"] = cosharded_constraints(constraints, self.cosharded)
+        self.cosharded_estimator = CoshardedMappingEstimator(topology, self.cosharded)
         # One enumerator for this planner and the re-plans of a diagnosis: its search space
-        # depends on the model, not on capacities, and TorchRec caches it per module.
-        kwargs.setdefault("enumerator", EmbeddingEnumerator(topology, batch_size, constraints))
+        # depends on the model, not on capacities, and TorchRec caches it per module. The
+        # co-sharded estimator runs last: it adds to the storage TorchRec's estimator filled.
+        kwargs["enumerator"] = EmbeddingEnumerator(topology, batch_size, constraints, estimator=[
+            EmbeddingPerfEstimatorFactory.create(DEFAULT_PERF_ESTIMATOR, topology=topology, constraints=constraints),
+            EmbeddingStorageEstimator(topology=topology, constraints=constraints),
+            self.cosharded_estimator,
+        ])
         self._replan_kwargs = {
             k: v for k, v in kwargs.items()
             if k in ("enumerator", "constraints", "proposer", "partitioner", "performance_model")
@@ -145,7 +203,8 @@ class LearnedHashPlanner(EmbeddingShardingPlanner):
         options = self.get_selected_options()
         if not options:
             raise RuntimeError("no plan yet: call plan() first (collective_plan keeps options on rank 0 only)")
-        return _rank_memory(options, self.topology, self.reservation, self._sharders, self._constraints_arg)
+        return _rank_memory(options, self.topology, self.reservation, self._sharders, self._constraints_arg,
+                            self.cosharded_estimator)
 
     def _replan(
         self, module: nn.Module, sharders: List[ModuleSharder[nn.Module]], factor: float
@@ -156,7 +215,7 @@ class LearnedHashPlanner(EmbeddingShardingPlanner):
         topology = copy.deepcopy(self.topology)
         for device in topology.devices:
             setattr(device.storage, tier, int(getattr(device.storage, tier) * factor))
-        reservation = MappingStorageReservation(self.reservation.base, self._mapping_bytes)
+        reservation = MappingStorageReservation(self.reservation.base, self._mapping_bytes, cosharded=self.cosharded)
         planner = EmbeddingShardingPlanner(
             topology=topology, batch_size=self._batch, storage_reservation=reservation,
             stats=[NoopEmbeddingStats()], debug=False, **self._replan_kwargs,
@@ -167,12 +226,9 @@ class LearnedHashPlanner(EmbeddingShardingPlanner):
             if error.error_type != PlannerErrorType.INSUFFICIENT_STORAGE:
                 raise
             return None
-        ranks = _rank_memory(planner.get_selected_options(), topology, reservation, sharders, self._constraints_arg)
-        capacity = [getattr(d.storage, tier) for d in self.topology.devices]
-        return [
-            RankMemory(r.rank, capacity[r.rank], r.tables, r.optimizer, r.io, r.mappings, r.reserved, r.offloaded)
-            for r in ranks
-        ]
+        ranks = _rank_memory(planner.get_selected_options(), topology, reservation, sharders, self._constraints_arg,
+                             self.cosharded_estimator)
+        return [dataclasses.replace(r, capacity=getattr(self.topology.devices[r.rank].storage, tier)) for r in ranks]
 
     def _does_not_fit(
         self, module: nn.Module, sharders: List[ModuleSharder[nn.Module]], error: PlannerError

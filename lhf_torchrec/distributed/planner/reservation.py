@@ -4,12 +4,14 @@ TorchRec's planner sees the compressed tables for free (they are a stock EBC's),
 mappings: they are buffers *inside* the shardable module, and ``HeuristicalStorageReservation``
 counts only what lies outside shardable modules plus KJT buffers. The sharder replicates the
 mappings on every rank, so this reservation takes their bytes off every device (HBM on cuda
-topologies, DDR on cpu ones) before the planner places tables.
+topologies, DDR on cpu ones) before the planner places tables. Mappings co-sharded with their
+tables are not replicated: their bytes go into shard storage
+(:class:`~lhf_torchrec.distributed.planner.cosharding.CoshardedMappingEstimator`) and are left out here.
 """
 
 import copy
 import warnings
-from typing import Dict, List, Optional
+from typing import Collection, Dict, List, Optional
 
 from torch import nn
 from torchrec.distributed.planner import ParameterConstraints, Topology
@@ -36,7 +38,8 @@ class MappingStorageReservation(StorageReservation):
             ``HeuristicalStorageReservation(percentage=0.15)``). It does not count buffers inside
             a shardable module, so the mappings are never counted twice.
         mapping_bytes: bytes to reserve per rank; default: the :class:`IdMapping` buffers found in
-            the module being planned (:func:`mapping_bytes`).
+            the module being planned (:func:`mapping_bytes`), but those of ``cosharded`` tables.
+        cosharded: names of the tables whose mappings are co-sharded, not replicated.
 
     After ``reserve``: ``mapping_bytes`` and ``base_reserved`` (bytes per rank) hold what it took.
 
@@ -45,13 +48,19 @@ class MappingStorageReservation(StorageReservation):
         planner = EmbeddingShardingPlanner(topology, storage_reservation=MappingStorageReservation())
     """
 
-    def __init__(self, base: Optional[StorageReservation] = None, mapping_bytes: Optional[int] = None) -> None:
+    def __init__(
+        self,
+        base: Optional[StorageReservation] = None,
+        mapping_bytes: Optional[int] = None,
+        cosharded: Collection[str] = (),
+    ) -> None:
         if base is None:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)
                 base = HeuristicalStorageReservation(percentage=0.15)
         self.base = base
         self._fixed_bytes = mapping_bytes
+        self.cosharded = frozenset(cosharded)
         self.mapping_bytes = 0
         self.base_reserved: List[int] = []
         self._last_reserved: Optional[Topology] = None
@@ -65,7 +74,9 @@ class MappingStorageReservation(StorageReservation):
         constraints: Optional[Dict[str, ParameterConstraints]] = None,
     ) -> Topology:
         tier = memory_tier(topology)
-        self.mapping_bytes = self._fixed_bytes if self._fixed_bytes is not None else mapping_bytes(module)
+        self.mapping_bytes = (
+            self._fixed_bytes if self._fixed_bytes is not None else mapping_bytes(module, exclude=self.cosharded)
+        )
         reserved = copy.deepcopy(self.base.reserve(topology, batch_size, module, sharders, constraints))
         self.base_reserved = [
             getattr(full.storage, tier) - getattr(left.storage, tier)

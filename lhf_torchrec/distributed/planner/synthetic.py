@@ -1,18 +1,32 @@
 """Synthetic mappings for capacity planning: the shape of a fitted mapping without data."""
 
 import math
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 from torchrec import EmbeddingBagConfig
 
 from lhf_torchrec.distributed.planner.memory import format_bytes
 from lhf_torchrec.mapping.budget import row_bytes
+from lhf_torchrec.mapping.buckets import MIN_ROWS_PER_BUCKET
+from lhf_torchrec.mapping.hashing import input_hash_size
 from lhf_torchrec.mapping.id_mapping import IdMapping, storage_cost
 
 
 # Synthetic mappings leave smaller tables at full size: they are a negligible share of the memory.
 MIN_COMPRESSED_IDS = 10_000
+# The fullest of B buckets, in standard deviations above the mean bucket (see fullest_bucket_entries).
+FULLEST_BUCKET_SIGMAS = 4.0
+
+
+def fullest_bucket_entries(num_entries: int, num_buckets: int) -> int:
+    """Entries of the fullest of ``num_buckets`` buckets when ``num_entries`` entries fall into buckets
+    uniformly at random: the mean plus :data:`FULLEST_BUCKET_SIGMAS` standard deviations (the count
+    of one bucket is binomial, and the largest of B such counts exceeds the mean by sqrt(2 ln B)
+    deviations, 3.7 at B = 1024)."""
+    mean = num_entries / num_buckets
+    spread = math.sqrt(mean * (1 - 1 / num_buckets))
+    return min(num_entries, math.ceil(mean + FULLEST_BUCKET_SIGMAS * spread))
 
 
 def synthetic_mappings(
@@ -22,6 +36,7 @@ def synthetic_mappings(
     optimizer: str = "sgd",
     entry_fraction: float = 0.1,
     min_ids: int = MIN_COMPRESSED_IDS,
+    num_buckets: Optional[int] = None,
 ) -> Dict[str, IdMapping]:
     """Mappings with the byte cost and row count of a fitted mapping, for planning without data.
 
@@ -31,23 +46,39 @@ def synthetic_mappings(
     table keeps as many rows as fit in ``1 / compression`` of its full training bytes (weights and
     optimizer state) once the mapping is paid for. Tables with fewer than ``min_ids`` ids stay full
     size. The entries are zeros: these mappings are for the planner, never for lookups.
+
+    With ``num_buckets`` (B), as ``lhf fit --num-buckets``: a table whose budget holds at least
+    2 rows per bucket gets a bucketed mapping (rows a multiple of B; entries keyed by the 64-bit
+    bucket hash, 12 bytes each, and 8 bytes per bucket for its hash region, as the fitting budget
+    counts them); the others stay unbucketed. Each bucketed mapping's fullest bucket holds
+    :func:`fullest_bucket_entries` entries, the other buckets share the rest evenly (what
+    ``IdMapping.bucket_entry_counts`` reports, and what the co-sharded layout pads every bucket to).
     """
     if not compression > 1:
         raise ValueError(f"compression must be > 1 (full bytes / compressed bytes), got {compression}")
     if not 0.0 <= entry_fraction <= 1.0:
         raise ValueError(f"entry_fraction must be in [0, 1], got {entry_fraction}")
+    if num_buckets is not None and (isinstance(num_buckets, bool) or not isinstance(num_buckets, int)
+                                    or num_buckets < 1):
+        raise ValueError(f"num_buckets must be an integer >= 1, got {num_buckets!r}")
     mappings: Dict[str, IdMapping] = {}
     for table in tables:
         ids = table.num_embeddings
         if ids < min_ids:
             continue
         per_row = row_bytes(table.embedding_dim, optimizer)
+        budget = ids * per_row / compression
         entries = math.ceil(entry_fraction * ids)
+        if num_buckets is not None and entries:
+            bucketed = _bucketed(table.name, budget, per_row, entries, num_buckets, compression, entry_fraction)
+            if bucketed is not None:
+                mappings[table.name] = bucketed
+                continue
         storage, nbytes = storage_cost(entries, ids)
-        rows = int((ids * per_row / compression - nbytes) // per_row)
+        rows = int((budget - nbytes) // per_row)
         if rows < 1:
             raise ValueError(
-                f"table '{table.name}': {compression}x leaves {format_bytes(ids * per_row / compression)} for "
+                f"table '{table.name}': {compression}x leaves {format_bytes(budget)} for "
                 f"this table, but its mapping alone needs {format_bytes(nbytes)} ({entries} entries, {storage} "
                 "storage); lower the compression or the entry fraction"
             )
@@ -63,3 +94,28 @@ def synthetic_mappings(
             params={"compression": compression, "entry_fraction": entry_fraction}, table_name=table.name,
         )
     return mappings
+
+
+def _bucketed(
+    name: str, budget: float, per_row: int, entries: int, num_buckets: int, compression: float, entry_fraction: float
+) -> Optional[IdMapping]:
+    """A synthetic bucketed mapping, or None when the budget holds fewer than 2 rows per bucket."""
+    _, entry_bytes = storage_cost(entries, input_hash_size(num_buckets))
+    nbytes = entry_bytes + 8 * num_buckets
+    rows = int((budget - nbytes) // per_row) // num_buckets * num_buckets
+    if rows < MIN_ROWS_PER_BUCKET * num_buckets:
+        return None
+    fullest = fullest_bucket_entries(entries, num_buckets)
+    rest = torch.arange(entries - fullest, dtype=torch.int64) % max(1, num_buckets - 1) + 1
+    buckets = torch.cat([torch.zeros(fullest, dtype=torch.int64), rest])
+    rows_per_bucket = rows // num_buckets
+    tensors = {
+        "keys": torch.zeros(entries, dtype=torch.int64),
+        "values": (buckets * rows_per_bucket).to(torch.int32),
+        "bucket_hash_regions": torch.tensor([[0, rows_per_bucket]], dtype=torch.int32).repeat(num_buckets, 1),
+    }
+    return IdMapping(
+        rows, storage="sorted", tensors=tensors, num_entries=entries, method="synthetic", table_name=name,
+        params={"compression": compression, "entry_fraction": entry_fraction, "fullest_bucket_entries": fullest},
+        num_buckets=num_buckets,
+    )
