@@ -35,7 +35,7 @@ so a mismatch of the second kind would go unnoticed.
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Type
+from typing import Any, Dict, FrozenSet, Iterator, List, Optional, Type
 
 import torch
 import torch.distributed as dist
@@ -59,7 +59,7 @@ from torchrec.distributed.utils import append_prefix
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from lhf_torchrec.modules.learned_hash_ebc import LearnedHashEmbeddingBagCollection
-from lhf_torchrec.modules.remapped_ebc import EmbeddingRemap, RemappedEmbeddingBagCollection
+from lhf_torchrec.modules.remapped_ebc import EmbeddingRemap, PerFeatureRemap, RemappedEmbeddingBagCollection
 
 logger = logging.getLogger(__name__)
 
@@ -117,8 +117,18 @@ class _Postprocessed(LazyAwaitable[KeyedTensor]):
 class ShardedRemappedEBC(
     ShardedEmbeddingModule[KJTList, List[torch.Tensor], KeyedTensor, RemappedEBCContext]
 ):
-    """The sharded twin of :class:`RemappedEmbeddingBagCollection` and its subclasses (replicated
-    remap, sharded tables)."""
+    """The sharded twin of :class:`RemappedEmbeddingBagCollection` and its subclasses (sharded
+    tables; the remap replicated, or on the owning rank only for tables planned table-wise).
+
+    Where each table's remap runs:
+
+    * planned ``table_wise``, when the remap is a :class:`PerFeatureRemap` (learned hash, MCH) and
+      the table has remap state: on the rank that owns the table, after the input all-to-all (its
+      features travel as raw ids); the other ranks drop the table's state when sharding.
+    * every other case (row-wise, table-row-wise, column-wise, data-parallel; remaps that rewrite
+      a table into several stock tables or change the batch, QR and CCE): on every rank, at the
+      start of ``input_dist``, replicated.
+    """
 
     def __init__(
         self,
@@ -132,7 +142,15 @@ class ShardedRemappedEBC(
         super().__init__(qcomm_codecs_registry=ebc_sharder.qcomm_codecs_registry)
         check_identical_across_ranks(module.remapper.fingerprint(), env, f"'{module.remapper.method}' remaps")
         self._unsharded_type = type(module)
-        self.remapper: EmbeddingRemap = module.remapper.to(device)
+        owners = table_owners(module.remapper, params)
+        # Tables remapped on their owner: every rank sends their raw ids, the owner remaps what it receives.
+        self._remapped_on_owner: FrozenSet[str] = frozenset(owners)
+        self._owned: FrozenSet[str] = frozenset(t for t, rank in owners.items() if rank == env.rank)
+        remapper = module.remapper
+        if owners:
+            assert isinstance(remapper, PerFeatureRemap)
+            remapper = remapper.without_tables(self._remapped_on_owner - self._owned)
+        self.remapper: EmbeddingRemap = remapper.to(device)
         self._device = device
         self._env = env
         self.ebc: ShardedEmbeddingBagCollection = ebc_sharder.shard(
@@ -144,8 +162,20 @@ class ShardedRemappedEBC(
 
     def input_dist(self, ctx: RemappedEBCContext, features: KeyedJaggedTensor) -> Awaitable[Awaitable[KJTList]]:
         with torch.no_grad():
-            inner, ctx.batch = self.remapper.preprocess(features, self._common_stride(features))
+            if self._remapped_on_owner:
+                assert isinstance(self.remapper, PerFeatureRemap)
+                inner, ctx.batch = self.remapper.preprocess(features, raw=self._remapped_on_owner)
+            else:
+                inner, ctx.batch = self.remapper.preprocess(features, self._common_stride(features))
         return self.ebc.input_dist(ctx, inner)
+
+    def _remap_owned(self, dist_input: KJTList) -> KJTList:
+        """The features of the tables this rank owns and remaps, remapped (they arrive as raw ids)."""
+        if not self._owned:
+            return dist_input
+        assert isinstance(self.remapper, PerFeatureRemap)
+        with torch.no_grad():
+            return KJTList([self.remapper.remap_features(kjt, self._owned) for kjt in dist_input])
 
     def _common_stride(self, features: KeyedJaggedTensor) -> Optional[int]:
         """The largest :meth:`EmbeddingRemap.inner_stride` over the ranks: the backward of row-wise
@@ -159,13 +189,14 @@ class ShardedRemappedEBC(
         return int(agreed.item())
 
     def compute(self, ctx: RemappedEBCContext, dist_input: KJTList) -> List[torch.Tensor]:
-        return self.ebc.compute(ctx, dist_input)
+        return self.ebc.compute(ctx, self._remap_owned(dist_input))
 
     def output_dist(self, ctx: RemappedEBCContext, output: List[torch.Tensor]) -> LazyAwaitable[KeyedTensor]:
         return _Postprocessed(self.ebc.output_dist(ctx, output), self.remapper, ctx.batch)
 
     def compute_and_output_dist(self, ctx: RemappedEBCContext, input: KJTList) -> LazyAwaitable[KeyedTensor]:
-        return _Postprocessed(self.ebc.compute_and_output_dist(ctx, input), self.remapper, ctx.batch)
+        return _Postprocessed(self.ebc.compute_and_output_dist(ctx, self._remap_owned(input)), self.remapper,
+                              ctx.batch)
 
     def sharded_parameter_names(self, prefix: str = "") -> Iterator[str]:
         # DDP must leave the sharded tables alone; the remap has buffers only.
@@ -174,6 +205,20 @@ class ShardedRemappedEBC(
     @property
     def unsharded_module_type(self) -> Type[RemappedEmbeddingBagCollection]:
         return self._unsharded_type
+
+
+def table_owners(remapper: EmbeddingRemap, params: Dict[str, ParameterSharding]) -> Dict[str, int]:
+    """Table -> the rank that owns it, for the tables whose remap runs on their owner only: tables
+    with remap state of a :class:`PerFeatureRemap`, planned ``table_wise``."""
+    if not isinstance(remapper, PerFeatureRemap):
+        return {}
+    owners = {}
+    for table in remapper.stateful_tables():
+        (inner,) = remapper.tables_of(table)
+        sharding = params.get(inner.name)
+        if sharding is not None and sharding.sharding_type == ShardingType.TABLE_WISE.value:
+            (owners[table],) = sharding.ranks
+    return owners
 
 
 class RemappedEBCSharder(BaseEmbeddingSharder[nn.Module]):

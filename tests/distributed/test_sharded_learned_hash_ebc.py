@@ -110,14 +110,28 @@ def _check_one_sharding(sharding_type: str, weighted: bool, rank: int, world_siz
     diff = max_shard_diff(dmp.state_dict(), updated, keys)
     assert diff < 1e-5, f"{label}: tables after one step differ from the unsharded module's by {diff}"
 
-    # The mappings are replicated, untouched by the step, and still the reference's.
+    # The mappings are untouched by the step and still the reference's: replicated, except that a
+    # table planned table-wise keeps its mapping on its owner only (the other ranks dropped it).
     state = dmp.state_dict()
+    held = dict(dmp.module.sparse.remapper.named_buffers(prefix="sparse.remapper"))
+    owners = {t: ps.ranks[0] for t, ps in plan.plan["sparse"].items() if ps.sharding_type == "table_wise"}
     for name, buf in reference.named_buffers():
-        assert torch.equal(state[name], buf), f"{label}: mapping buffer {name}"
+        table = name.split(".")[3]  # sparse.remapper.mappings.<table>.<buffer>
+        if owners.get(table, rank) == rank:
+            assert torch.equal(state[name], buf) and torch.equal(held[name], buf), f"{label}: mapping buffer {name}"
+        else:
+            assert name not in state and name not in held, f"{label}: rank {rank} keeps {name} of a table it does not own"
+            assert f"sparse.remapper.mappings.{table}._extra_state" not in state, label
+    mappings = make_mappings()
+    kept = {t for t in mappings if owners.get(t, rank) == rank}
+    held_bytes = sum(b.numel() * b.element_size() for b in held.values())
+    assert held_bytes == sum(m.nbytes for t, m in mappings.items() if t in kept), label
+    if sharding_type == "table_wise":
+        assert kept != set(mappings), f"{label}: rank {rank} owns every mapped table, the test shows nothing"
 
 
-def _sharding_types_match_unsharded(rank: int, world_size: int) -> None:
-    for sharding_type, weighted in SHARDING_CASES:
+def _sharding_types_match_unsharded(rank: int, world_size: int, cases=SHARDING_CASES) -> None:
+    for sharding_type, weighted in cases:
         _check_one_sharding(sharding_type, weighted, rank, world_size)
         dist.barrier()
 
@@ -142,6 +156,11 @@ def _mappings_differing_across_ranks_raise(rank: int, world_size: int) -> None:
 class ShardedLearnedHashEBCTest(MultiProcessTestBase):
     def test_every_sharding_type_matches_the_unsharded_module(self) -> None:
         self._run_multi_process_test(callable=run_on_rank, check=_sharding_types_match_unsharded, world_size=2)
+
+    def test_table_wise_and_row_wise_on_four_ranks(self) -> None:
+        cases = [("table_wise", False), ("table_wise", True), ("row_wise", False), ("column_wise", False)]
+        self._run_multi_process_test(callable=run_on_rank, check=_sharding_types_match_unsharded, world_size=4,
+                                     cases=cases)
 
     def test_mappings_that_differ_across_ranks_fail_at_shard_time(self) -> None:
         self._run_multi_process_test(callable=run_on_rank, check=_mappings_differing_across_ranks_raise, world_size=2)
