@@ -4,11 +4,14 @@ Each test spawns one 2-process job (about 10 s of start-up) and runs several che
 are module-level functions: TorchRec's harness uses the spawn start method.
 """
 
+import shutil
+import tempfile
 import unittest
 
 import pytest
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.sharding_plan import (
@@ -16,6 +19,7 @@ from torchrec.distributed.sharding_plan import (
 )
 from torchrec.distributed.test_utils.multi_process import MultiProcessTestBase
 from torchrec.distributed.types import ShardingPlan
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from lh_dist_helpers import (
     B_LOCAL, DIM, FEATURES, LR, TABLES, SparseOnly, copy_into_shards, global_batch, make_mappings, make_module,
@@ -39,10 +43,11 @@ SHARDING_CASES = [
 ]
 
 
-def _module_plan(sharding_type: str, module, sharder, world_size: int):
+def _module_plan(sharding_type: str, module, sharder, world_size: int, shift: int = 0):
+    """Every table planned ``sharding_type``; a table-wise table ``i`` on rank ``(i + shift) % world_size``."""
     per_table = {}
     for i, t in enumerate(TABLES):
-        rank = i % world_size
+        rank = (i + shift) % world_size
         per_table[t.name] = {
             "table_wise": lambda: table_wise(rank=rank, compute_kernel="fused"),
             "column_wise": lambda: column_wise(ranks=list(range(world_size)), compute_kernel="fused"),
@@ -77,6 +82,13 @@ def _check_one_sharding(sharding_type: str, weighted: bool, rank: int, world_siz
     assert isinstance(dmp.module.sparse, ShardedRemappedEBC), label
     keys = table_keys("sparse.")
     copy_into_shards(dmp.state_dict(), start, keys)
+
+    # Bad input is refused before the all-to-all, naming the feature and its table, also for the
+    # tables remapped on their owner.
+    batch = rank_batch(rank, weighted=weighted)
+    lacking = KeyedJaggedTensor.from_jt_dict({f: batch[f] for f in FEATURES if f != "f_d"})
+    error = raised_by(lambda: dmp(lacking))
+    assert isinstance(error, KeyError) and "lacks features f_d (table t_dbl)" in str(error), f"{label}: {error!r}"
 
     # Forward: this rank's batch against its slice of the reference's global batch.
     g = torch.Generator().manual_seed(7)
@@ -153,14 +165,74 @@ def _mappings_differing_across_ranks_raise(rank: int, world_size: int) -> None:
     assert "t_dbl" not in message and "t_sparse" not in message, message
 
 
+def _sharded(sharding_type: str, world_size: int, seed: int, shift: int = 0):
+    sharder = LearnedHashEBCSharder(fused_params={"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": LR})
+    model = SparseOnly(make_module("meta", seed=seed))
+    plan = ShardingPlan({"sparse": _module_plan(sharding_type, model.sparse, sharder, world_size, shift)})
+    dmp = DistributedModelParallel(model, device=torch.device("cpu"), plan=plan, sharders=[sharder])
+    return dmp, plan
+
+
+def _pooled(dmp, rank: int) -> torch.Tensor:
+    """This rank's pooled output, features in a fixed order (sharding may reorder the KeyedTensor's keys)."""
+    out = dmp(rank_batch(rank, seed=3))
+    pooled = (out.wait() if hasattr(out, "wait") else out).to_dict()
+    return torch.cat([pooled[f] for f in FEATURES], dim=1).detach()
+
+
+def _table_wise_checkpoint_moves_between_owners(rank: int, world_size: int, path: str) -> None:
+    reference = SparseOnly(make_module("cpu", seed=0))
+    mapping_state = {k: v for k, v in reference.state_dict().items() if ".remapper." in k}
+    saved, plan = _sharded("table_wise", world_size, seed=1)
+    copy_into_shards(saved.state_dict(), reference.state_dict(), table_keys("sparse."))
+    expected = _pooled(saved, rank)
+    state = saved.state_dict()
+    owned = {k for k in mapping_state if plan.plan["sparse"][k.split(".")[3]].ranks[0] == rank}
+    assert owned and owned != set(mapping_state), owned
+    assert set(mapping_state) & set(state) == owned
+    dcp.save(state, checkpoint_id=path)
+
+    # Every mapping tensor is in the checkpoint once, written by the one rank that held it.
+    metadata = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    for key, value in mapping_state.items():
+        assert key in metadata, f"{key} is missing from the checkpoint"
+        assert len(metadata[key].chunks) == 1 and list(metadata[key].size) == list(value.shape), metadata[key]
+
+    # Loaded with the owners swapped (each rank now holds the mappings the other one wrote), and
+    # row-wise (every rank holds every mapping): the same outputs, the reference's mappings.
+    for sharding_type, shift in (("table_wise", 1), ("row_wise", 0)):
+        fresh, fresh_plan = _sharded(sharding_type, world_size, seed=5, shift=shift)
+        assert not torch.allclose(_pooled(fresh, rank), expected), "a fresh model already gives the saved outputs"
+        state = fresh.state_dict()
+        dcp.load(state, checkpoint_id=path)
+        fresh.load_state_dict(state)
+        loaded = {k: v for k, v in fresh.state_dict().items() if ".remapper." in k}
+        if sharding_type == "table_wise":
+            assert set(loaded).isdisjoint(owned), f"rank {rank} still holds the mappings it owned before the move"
+        else:
+            assert set(loaded) == set(mapping_state), sorted(loaded)
+        for key, value in loaded.items():
+            assert torch.equal(value, mapping_state[key]), key
+        torch.testing.assert_close(_pooled(fresh, rank), expected, atol=1e-6, rtol=0, msg=sharding_type)
+        dist.barrier()
+
+
 class ShardedLearnedHashEBCTest(MultiProcessTestBase):
     def test_every_sharding_type_matches_the_unsharded_module(self) -> None:
         self._run_multi_process_test(callable=run_on_rank, check=_sharding_types_match_unsharded, world_size=2)
 
     def test_table_wise_and_row_wise_on_four_ranks(self) -> None:
-        cases = [("table_wise", False), ("table_wise", True), ("row_wise", False), ("column_wise", False)]
+        cases = [("table_wise", False), ("table_wise", True), ("row_wise", False)]
         self._run_multi_process_test(callable=run_on_rank, check=_sharding_types_match_unsharded, world_size=4,
                                      cases=cases)
+
+    def test_table_wise_mappings_checkpoint_once_and_load_on_other_owners(self) -> None:
+        path = tempfile.mkdtemp(prefix="lhf-dcp-tw-")
+        try:
+            self._run_multi_process_test(callable=run_on_rank, check=_table_wise_checkpoint_moves_between_owners,
+                                         world_size=2, path=path)
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
 
     def test_mappings_that_differ_across_ranks_fail_at_shard_time(self) -> None:
         self._run_multi_process_test(callable=run_on_rank, check=_mappings_differing_across_ranks_raise, world_size=2)
