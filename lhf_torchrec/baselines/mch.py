@@ -21,7 +21,9 @@ Here the MCH is *profiled, then frozen*:
    (:class:`~lhf_torchrec.distributed.sharder.ShardedRemappedEBC`), instead of TorchRec's row-wise
    co-sharded MC-EBC (whose sharder offers no sharding type on CPU, and whose per-shard modules
    would have to be profiled after sharding): any sharding type of the EBC works, and every rank
-   holds the same remap because every rank profiles the same full stream.
+   holds the same remap because every rank profiles the same full stream. A table planned
+   table-wise keeps its frozen state on the rank that owns it only, which remaps its ids after the
+   input all-to-all (:class:`~lhf_torchrec.modules.remapped_ebc.PerFeatureRemap`).
 
 Budget: ``zch = floor(budget / (row bytes + 16))`` slots (the frozen state costs 16 bytes per slot:
 an int64 raw id and an int64 row, as TorchRec stores them), at most the table's full rows. A live,

@@ -1,22 +1,38 @@
-"""Sharding a remapped EBC with TorchRec: the remap runs inside ``input_dist``.
+"""Sharding a remapped EBC with TorchRec: the remap runs inside ``input_dist``, or after it on
+the rank that owns a table-wise table.
 
 :class:`RemappedEBCSharder` turns a :class:`RemappedEmbeddingBagCollection` (any method's remap)
 into a :class:`ShardedRemappedEBC`; :class:`LearnedHashEBCSharder` does the same for the learned
 hash's :class:`LearnedHashEmbeddingBagCollection` (DMP picks sharders by exact module type). The
-remap stays replicated on every rank (it is small next to the tables it replaces, and replicated
-remapping needs no extra communication); the inner EBC is sharded by TorchRec's stock
-``EmbeddingBagCollectionSharder`` with any sharding type and kernel it supports. Remapping happens
-at the start of ``input_dist``, before the KJT all-to-all, so ``TrainPipelineSparseDist`` overlaps
-it with the previous batch like any input distribution; ``postprocess`` runs when the pooled
-output is awaited.
+inner EBC is sharded by TorchRec's stock ``EmbeddingBagCollectionSharder`` with any sharding type
+and kernel it supports. Where the remap runs depends on the table's sharding type:
+
+* ``table_wise``, for a table with remap state of a :class:`PerFeatureRemap` (the learned hash,
+  MCH): its features travel as raw ids in the KJT all-to-all and the one rank that owns the table
+  remaps what it receives, just before the lookup; the other ranks drop the table's mapping when
+  sharding, so it costs memory on one rank only. Bags that grow (double hashing) are fine there:
+  the table-wise lookup and output dist depend on the number of bags, not their lengths.
+* every other case (``row_wise``, ``table_row_wise``, ``column_wise``, ``table_column_wise``,
+  ``data_parallel``; and QR and CCE, which rewrite a table into several stock tables or change the
+  batch): replicated, at the start of ``input_dist``, before the all-to-all, on every rank. Row-wise
+  input dists route ids by row, so the rows must be known before the all-to-all (co-sharding a
+  mapping row-wise takes a bucketed mapping and TorchRec's managed-collision engine, a module of its
+  own); column-wise and data-parallel tables are looked up on several ranks.
+
+Both run inside the input dist / lookup of the sharded module, so ``TrainPipelineSparseDist``
+overlaps the replicated remap with the previous batch like any input distribution; ``postprocess``
+runs when the pooled output is awaited.
 
 The remap must be the same function on every rank, else the same id would reach different rows
 depending on which rank read it. DMP does not synchronize buffers, so the sharder compares remap
-fingerprints across ranks when it shards, and raises if any rank differs.
+fingerprints across ranks when it shards (before dropping the mappings a rank does not own), and
+raises if any rank differs.
 
 Checkpointing with ``torch.distributed.checkpoint`` (DCP). ``dmp.state_dict()`` holds the tables
 as sharded tensors and, under ``<path>.remapper.mappings.<table>.``, each mapping's buffers (full
-tensors, the same on every rank) and its fingerprint (``_extra_state``)::
+tensors, the same on every rank that holds them: all ranks, or a table-wise table's owner only) and
+its fingerprint (``_extra_state``). DCP writes each key once, from whichever rank holds it, so a
+checkpoint is the same whatever the plan, and loads under another plan (other owners, row-wise)::
 
     dcp.save(dmp.state_dict(), checkpoint_id=path)
 

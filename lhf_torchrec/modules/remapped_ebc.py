@@ -11,7 +11,9 @@ fused table optimizer trains them.
 :class:`RemappedEmbeddingBagCollection` is the unsharded module (the reference for tests);
 :class:`~lhf_torchrec.distributed.sharder.RemappedEBCSharder` shards it, running ``preprocess`` at
 the start of ``input_dist`` (replicated, before the KJT all-to-all, so ``TrainPipelineSparseDist``
-overlaps it with the previous batch) and ``postprocess`` when the pooled output is awaited.
+overlaps it with the previous batch) and ``postprocess`` when the pooled output is awaited. A
+:class:`PerFeatureRemap` (one stock table per table, keys and bags kept) can also remap a table
+planned table-wise on the rank that owns it, after the all-to-all, so only that rank holds its state.
 
 Tables a method does not compress pass through, behind the vocabulary mapping the full-table
 baseline uses for sparse id spaces (see :func:`lhf_torchrec.mapping.tables.vocabulary_mappings`).
@@ -216,7 +218,8 @@ class PerFeatureRemap(EmbeddingRemap):
         """A shallow copy of this remap without the state of ``tables`` (the other tables' buffers
         are shared, not copied; this remap is unchanged)."""
         out = copy.copy(self)
-        out._modules = dict(self._modules)
+        # copy.copy shares the module's dicts of children and tensors: give the copy its own.
+        out._modules, out._buffers, out._parameters = dict(self._modules), dict(self._buffers), dict(self._parameters)
         for name, state in self._modules.items():
             if isinstance(state, nn.ModuleDict):
                 out._modules[name] = nn.ModuleDict({t: m for t, m in state.items() if t not in tables})

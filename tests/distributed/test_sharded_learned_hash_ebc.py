@@ -4,9 +4,11 @@ Each test spawns one 2-process job (about 10 s of start-up) and runs several che
 are module-level functions: TorchRec's harness uses the spawn start method.
 """
 
+import gc
 import shutil
 import tempfile
 import unittest
+import weakref
 
 import pytest
 import torch
@@ -77,6 +79,7 @@ def _check_one_sharding(sharding_type: str, weighted: bool, rank: int, world_siz
 
     sharder = LearnedHashEBCSharder(fused_params={"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": LR})
     model = SparseOnly(make_module("meta", seed=1, is_weighted=weighted))
+    unsharded_mappings = {t: weakref.ref(m) for t, m in model.sparse.mappings.items()}
     plan = ShardingPlan({"sparse": _module_plan(sharding_type, model.sparse, sharder, world_size)})
     dmp = DistributedModelParallel(model, device=torch.device("cpu"), plan=plan, sharders=[sharder])
     assert isinstance(dmp.module.sparse, ShardedRemappedEBC), label
@@ -136,6 +139,9 @@ def _check_one_sharding(sharding_type: str, weighted: bool, rank: int, world_siz
             assert f"sparse.remapper.mappings.{table}._extra_state" not in state, label
     mappings = make_mappings()
     kept = {t for t in mappings if owners.get(t, rank) == rank}
+    gc.collect()
+    freed = {t for t, ref in unsharded_mappings.items() if ref() is None}
+    assert freed == set(mappings) - kept, f"{label}: rank {rank} freed the mappings of {sorted(freed)}"
     held_bytes = sum(b.numel() * b.element_size() for b in held.values())
     assert held_bytes == sum(m.nbytes for t, m in mappings.items() if t in kept), label
     if sharding_type == "table_wise":
