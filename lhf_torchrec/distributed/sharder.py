@@ -238,7 +238,7 @@ def table_owners(remapper: EmbeddingRemap, params: Dict[str, ParameterSharding])
 
 
 class RemappedEBCSharder(BaseEmbeddingSharder[nn.Module]):
-    """Shards :class:`RemappedEmbeddingBagCollection` (any method's remap, replicated) into a
+    """Shards :class:`RemappedEmbeddingBagCollection` (any method's remap) into a
     :class:`ShardedRemappedEBC`, with TorchRec's EBC sharder underneath for the tables.
 
     Offers every sharding type the EBC sharder offers; on CPU it adds ``row_wise`` and
@@ -288,8 +288,9 @@ class RemappedEBCSharder(BaseEmbeddingSharder[nn.Module]):
 
 
 class LearnedHashEBCSharder(RemappedEBCSharder):
-    """Shards :class:`LearnedHashEmbeddingBagCollection`: the remap replicated, the tables sharded
-    by TorchRec's EBC sharder with any sharding type it supports (plus row-wise ones on CPU).
+    """Shards :class:`LearnedHashEmbeddingBagCollection`: the tables sharded by TorchRec's EBC
+    sharder with any sharding type it supports (plus row-wise ones on CPU), each mapping replicated
+    or, for a table planned table-wise, on the rank that owns the table.
 
     Example::
 
