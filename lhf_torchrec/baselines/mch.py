@@ -21,7 +21,9 @@ Here the MCH is *profiled, then frozen*:
    (:class:`~lhf_torchrec.distributed.sharder.ShardedRemappedEBC`), instead of TorchRec's row-wise
    co-sharded MC-EBC (whose sharder offers no sharding type on CPU, and whose per-shard modules
    would have to be profiled after sharding): any sharding type of the EBC works, and every rank
-   holds the same remap because every rank profiles the same full stream.
+   holds the same remap because every rank profiles the same full stream. A table planned
+   table-wise keeps its frozen state on the rank that owns it only, which remaps its ids after the
+   input all-to-all (:class:`~lhf_torchrec.modules.remapped_ebc.PerFeatureRemap`).
 
 Budget: ``zch = floor(budget / (row bytes + 16))`` slots (the frozen state costs 16 bytes per slot:
 an int64 raw id and an int64 row, as TorchRec stores them), at most the table's full rows. A live,
@@ -43,7 +45,7 @@ from torchrec.modules.mc_modules import (
 )
 
 from lhf_torchrec.baselines.budget import account
-from lhf_torchrec.modules.remapped_ebc import EmbeddingRemap, split_per_key
+from lhf_torchrec.modules.remapped_ebc import PerFeatureRemap
 from lhf_torchrec.data.source import CTRSource
 from lhf_torchrec.mapping.budget import row_bytes
 from lhf_torchrec.mapping.id_mapping import IdMapping
@@ -87,7 +89,7 @@ class FrozenMCH(nn.Module):
                            torch.full_like(ids, self.zch_size - 1))
 
 
-class MCHRemap(EmbeddingRemap):
+class MCHRemap(PerFeatureRemap):
     """Frozen MCH remaps in front of tables of ``zch`` rows; other tables pass through."""
 
     method = "mch"
@@ -122,20 +124,13 @@ class MCHRemap(EmbeddingRemap):
             config.num_embeddings = self.mch[table].zch_size
         return [config]
 
-    def preprocess(self, features: KeyedJaggedTensor, stride: Optional[int] = None) -> Tuple[KeyedJaggedTensor, None]:
+    def check_input(self, features: KeyedJaggedTensor) -> None:
         self.check_plain_features(features)
-        values = []
-        for key, ids, _ in split_per_key(features):
-            table = self.feature_to_table[key]
-            values.append(self.mch[table](ids) if table in self.mch else self.full_ids(table, ids))
-        return KeyedJaggedTensor(
-            keys=features.keys(),
-            values=torch.cat(values) if values else features.values(),
-            lengths=features.lengths(),
-            stride=features.stride(),
-            length_per_key=features.length_per_key(),
-            offset_per_key=features.offset_per_key(),
-        ), None
+
+    def remap_feature(
+        self, table: str, values: torch.Tensor, lengths: torch.Tensor, weights: Optional[torch.Tensor]
+    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        return (self.mch[table](values) if table in self.mch else self.full_ids(table, values)), lengths, weights
 
 
 def profile_mch(

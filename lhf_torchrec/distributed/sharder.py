@@ -1,23 +1,39 @@
-"""Sharding a remapped EBC with TorchRec: the remap runs inside ``input_dist``; or, for co-sharded
-mappings (:class:`CoShardedEBCSharder`, at the end), on the rank that owns the id's rows.
+"""Sharding a remapped EBC with TorchRec: the remap runs inside ``input_dist``, or after it on
+the rank that owns a table-wise table; a co-sharded mapping (:class:`CoShardedEBCSharder`, at the
+end) runs on the rank that owns the id's rows.
 
 :class:`RemappedEBCSharder` turns a :class:`RemappedEmbeddingBagCollection` (any method's remap)
 into a :class:`ShardedRemappedEBC`; :class:`LearnedHashEBCSharder` does the same for the learned
 hash's :class:`LearnedHashEmbeddingBagCollection` (DMP picks sharders by exact module type). The
-remap stays replicated on every rank (it is small next to the tables it replaces, and replicated
-remapping needs no extra communication); the inner EBC is sharded by TorchRec's stock
-``EmbeddingBagCollectionSharder`` with any sharding type and kernel it supports. Remapping happens
-at the start of ``input_dist``, before the KJT all-to-all, so ``TrainPipelineSparseDist`` overlaps
-it with the previous batch like any input distribution; ``postprocess`` runs when the pooled
-output is awaited.
+inner EBC is sharded by TorchRec's stock ``EmbeddingBagCollectionSharder`` with any sharding type
+and kernel it supports. Where the remap runs depends on the table's sharding type:
+
+* ``table_wise``, for a table with remap state of a :class:`PerFeatureRemap` (the learned hash,
+  MCH): its features travel as raw ids in the KJT all-to-all and the one rank that owns the table
+  remaps what it receives, just before the lookup; the other ranks drop the table's mapping when
+  sharding, so it costs memory on one rank only. Bags that grow (double hashing) are fine there:
+  the table-wise lookup and output dist depend on the number of bags, not their lengths.
+* every other case (``row_wise``, ``table_row_wise``, ``column_wise``, ``table_column_wise``,
+  ``data_parallel``; and QR and CCE, which rewrite a table into several stock tables or change the
+  batch): replicated, at the start of ``input_dist``, before the all-to-all, on every rank. Row-wise
+  input dists route ids by row, so the rows must be known before the all-to-all (co-sharding a
+  mapping row-wise takes a bucketed mapping and TorchRec's managed-collision engine:
+  :class:`CoShardedEBCSharder`); column-wise and data-parallel tables are looked up on several ranks.
+
+Both run inside the input dist / lookup of the sharded module, so ``TrainPipelineSparseDist``
+overlaps the replicated remap with the previous batch like any input distribution; ``postprocess``
+runs when the pooled output is awaited.
 
 The remap must be the same function on every rank, else the same id would reach different rows
 depending on which rank read it. DMP does not synchronize buffers, so the sharder compares remap
-fingerprints across ranks when it shards, and raises if any rank differs.
+fingerprints across ranks when it shards (before dropping the mappings a rank does not own), and
+raises if any rank differs.
 
 Checkpointing with ``torch.distributed.checkpoint`` (DCP). ``dmp.state_dict()`` holds the tables
 as sharded tensors and, under ``<path>.remapper.mappings.<table>.``, each mapping's buffers (full
-tensors, the same on every rank) and its fingerprint (``_extra_state``)::
+tensors, the same on every rank that holds them: all ranks, or a table-wise table's owner only) and
+its fingerprint (``_extra_state``). DCP writes each key once, from whichever rank holds it, so a
+checkpoint is the same whatever the plan, and loads under another plan (other owners, row-wise)::
 
     dcp.save(dmp.state_dict(), checkpoint_id=path)
 
@@ -36,7 +52,7 @@ so a mismatch of the second kind would go unnoticed.
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Type
+from typing import Any, Dict, FrozenSet, Iterator, List, Optional, Type
 
 import torch
 import torch.distributed as dist
@@ -68,7 +84,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from lhf_torchrec.modules.cosharded import CoShardedIdRemap
 from lhf_torchrec.modules.learned_hash_ebc import LearnedHashEmbeddingBagCollection
-from lhf_torchrec.modules.remapped_ebc import EmbeddingRemap, RemappedEmbeddingBagCollection
+from lhf_torchrec.modules.remapped_ebc import EmbeddingRemap, PerFeatureRemap, RemappedEmbeddingBagCollection
 
 logger = logging.getLogger(__name__)
 
@@ -126,8 +142,18 @@ class _Postprocessed(LazyAwaitable[KeyedTensor]):
 class ShardedRemappedEBC(
     ShardedEmbeddingModule[KJTList, List[torch.Tensor], KeyedTensor, RemappedEBCContext]
 ):
-    """The sharded twin of :class:`RemappedEmbeddingBagCollection` and its subclasses (replicated
-    remap, sharded tables)."""
+    """The sharded twin of :class:`RemappedEmbeddingBagCollection` and its subclasses (sharded
+    tables; the remap replicated, or on the owning rank only for tables planned table-wise).
+
+    Where each table's remap runs:
+
+    * planned ``table_wise``, when the remap is a :class:`PerFeatureRemap` (learned hash, MCH) and
+      the table has remap state: on the rank that owns the table, after the input all-to-all (its
+      features travel as raw ids); the other ranks drop the table's state when sharding.
+    * every other case (row-wise, table-row-wise, column-wise, data-parallel; remaps that rewrite
+      a table into several stock tables or change the batch, QR and CCE): on every rank, at the
+      start of ``input_dist``, replicated.
+    """
 
     def __init__(
         self,
@@ -141,7 +167,15 @@ class ShardedRemappedEBC(
         super().__init__(qcomm_codecs_registry=ebc_sharder.qcomm_codecs_registry)
         check_identical_across_ranks(module.remapper.fingerprint(), env, f"'{module.remapper.method}' remaps")
         self._unsharded_type = type(module)
-        self.remapper: EmbeddingRemap = module.remapper.to(device)
+        owners = table_owners(module.remapper, params)
+        # Tables remapped on their owner: every rank sends their raw ids, the owner remaps what it receives.
+        self._remapped_on_owner: FrozenSet[str] = frozenset(owners)
+        self._owned: FrozenSet[str] = frozenset(t for t, rank in owners.items() if rank == env.rank)
+        remapper = module.remapper
+        if owners:
+            assert isinstance(remapper, PerFeatureRemap)
+            remapper = remapper.without_tables(self._remapped_on_owner - self._owned)
+        self.remapper: EmbeddingRemap = remapper.to(device)
         self._device = device
         self._env = env
         self.ebc: ShardedEmbeddingBagCollection = ebc_sharder.shard(
@@ -153,8 +187,20 @@ class ShardedRemappedEBC(
 
     def input_dist(self, ctx: RemappedEBCContext, features: KeyedJaggedTensor) -> Awaitable[Awaitable[KJTList]]:
         with torch.no_grad():
-            inner, ctx.batch = self.remapper.preprocess(features, self._common_stride(features))
+            if self._remapped_on_owner:
+                assert isinstance(self.remapper, PerFeatureRemap)
+                inner, ctx.batch = self.remapper.preprocess(features, raw=self._remapped_on_owner)
+            else:
+                inner, ctx.batch = self.remapper.preprocess(features, self._common_stride(features))
         return self.ebc.input_dist(ctx, inner)
+
+    def _remap_owned(self, dist_input: KJTList) -> KJTList:
+        """The features of the tables this rank owns and remaps, remapped (they arrive as raw ids)."""
+        if not self._owned:
+            return dist_input
+        assert isinstance(self.remapper, PerFeatureRemap)
+        with torch.no_grad():
+            return KJTList([self.remapper.remap_features(kjt, self._owned) for kjt in dist_input])
 
     def _common_stride(self, features: KeyedJaggedTensor) -> Optional[int]:
         """The largest :meth:`EmbeddingRemap.inner_stride` over the ranks: the backward of row-wise
@@ -168,13 +214,14 @@ class ShardedRemappedEBC(
         return int(agreed.item())
 
     def compute(self, ctx: RemappedEBCContext, dist_input: KJTList) -> List[torch.Tensor]:
-        return self.ebc.compute(ctx, dist_input)
+        return self.ebc.compute(ctx, self._remap_owned(dist_input))
 
     def output_dist(self, ctx: RemappedEBCContext, output: List[torch.Tensor]) -> LazyAwaitable[KeyedTensor]:
         return _Postprocessed(self.ebc.output_dist(ctx, output), self.remapper, ctx.batch)
 
     def compute_and_output_dist(self, ctx: RemappedEBCContext, input: KJTList) -> LazyAwaitable[KeyedTensor]:
-        return _Postprocessed(self.ebc.compute_and_output_dist(ctx, input), self.remapper, ctx.batch)
+        return _Postprocessed(self.ebc.compute_and_output_dist(ctx, self._remap_owned(input)), self.remapper,
+                              ctx.batch)
 
     def sharded_parameter_names(self, prefix: str = "") -> Iterator[str]:
         # DDP must leave the sharded tables alone; the remap has buffers only.
@@ -185,8 +232,22 @@ class ShardedRemappedEBC(
         return self._unsharded_type
 
 
+def table_owners(remapper: EmbeddingRemap, params: Dict[str, ParameterSharding]) -> Dict[str, int]:
+    """Table -> the rank that owns it, for the tables whose remap runs on their owner only: tables
+    with remap state of a :class:`PerFeatureRemap`, planned ``table_wise``."""
+    if not isinstance(remapper, PerFeatureRemap):
+        return {}
+    owners = {}
+    for table in remapper.stateful_tables():
+        (inner,) = remapper.tables_of(table)
+        sharding = params.get(inner.name)
+        if sharding is not None and sharding.sharding_type == ShardingType.TABLE_WISE.value:
+            (owners[table],) = sharding.ranks
+    return owners
+
+
 class RemappedEBCSharder(BaseEmbeddingSharder[nn.Module]):
-    """Shards :class:`RemappedEmbeddingBagCollection` (any method's remap, replicated) into a
+    """Shards :class:`RemappedEmbeddingBagCollection` (any method's remap) into a
     :class:`ShardedRemappedEBC`, with TorchRec's EBC sharder underneath for the tables.
 
     Offers every sharding type the EBC sharder offers; on CPU it adds ``row_wise`` and
@@ -236,8 +297,9 @@ class RemappedEBCSharder(BaseEmbeddingSharder[nn.Module]):
 
 
 class LearnedHashEBCSharder(RemappedEBCSharder):
-    """Shards :class:`LearnedHashEmbeddingBagCollection`: the remap replicated, the tables sharded
-    by TorchRec's EBC sharder with any sharding type it supports (plus row-wise ones on CPU).
+    """Shards :class:`LearnedHashEmbeddingBagCollection`: the tables sharded by TorchRec's EBC
+    sharder with any sharding type it supports (plus row-wise ones on CPU), each mapping replicated
+    or, for a table planned table-wise, on the rank that owns the table.
 
     Example::
 

@@ -17,10 +17,10 @@ from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
 from torchrec.modules.embedding_configs import PoolingType
 
 from lhf_torchrec.mapping.id_mapping import IdMapping
-from lhf_torchrec.modules.remapped_ebc import EmbeddingRemap, RemappedEmbeddingBagCollection
+from lhf_torchrec.modules.remapped_ebc import PerFeatureRemap, RemappedEmbeddingBagCollection
 
 
-class IdRemapper(EmbeddingRemap):
+class IdRemapper(PerFeatureRemap):
     """The learned hash's remap: rewrites KJT values from raw ids to compressed rows, table by table.
 
     Features whose table has no mapping pass through unchanged. Weights are kept (repeated for the
@@ -33,8 +33,6 @@ class IdRemapper(EmbeddingRemap):
         super().__init__(tables, {})
         self._compressed = {t.name: t for t in compressed_configs(list(tables), mappings)}
         self.mappings = nn.ModuleDict(dict(mappings))
-        self._mapped = {f for f, t in self.feature_to_table.items() if t in self.mappings}
-        self._lengths_change = any(m.probes > 1 for m in self.mappings.values())
 
     @property
     def compressed_tables(self) -> List[str]:
@@ -52,59 +50,15 @@ class IdRemapper(EmbeddingRemap):
     def fingerprint(self) -> Dict[str, str]:
         return {name: m.fingerprint for name, m in sorted(self.mappings.items())}
 
-    def preprocess(self, features: KeyedJaggedTensor, stride: Optional[int] = None) -> Tuple[KeyedJaggedTensor, None]:
-        return self(features), None
+    def remap_feature(
+        self, table: str, values: torch.Tensor, lengths: torch.Tensor, weights: Optional[torch.Tensor]
+    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        if table not in self.mappings:
+            return values, lengths, weights
+        return self.mappings[table].remap_jagged(values, lengths, weights)
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
-        self.check_features(features)
-        keys = features.keys()
-        values = features.values()
-        if not self._mapped.intersection(keys):
-            return features
-        weights = features.weights_or_none()
-        per_key_values = values.split(features.length_per_key())
-        if not self._lengths_change:
-            remapped: List[torch.Tensor] = []
-            for key, segment in zip(keys, per_key_values):
-                table = self.feature_to_table[key]
-                remapped.append(self.mappings[table](segment) if table in self.mappings else segment)
-            return KeyedJaggedTensor(
-                keys=keys,
-                values=torch.cat(remapped) if remapped else values,
-                lengths=features.lengths(),
-                weights=weights,
-                length_per_key=features.length_per_key(),
-                offset_per_key=features.offset_per_key(),
-                **_batch_layout(features),
-            )
-        # Double hashing turns one id into two values: lengths and weights change with the values.
-        per_key_lengths = features.lengths().split(features.stride_per_key())
-        per_key_weights = weights.split(features.length_per_key()) if weights is not None else [None] * len(keys)
-        out_values, out_lengths, out_weights = [], [], []
-        for key, segment, lengths, w in zip(keys, per_key_values, per_key_lengths, per_key_weights):
-            table = self.feature_to_table[key]
-            if table in self.mappings:
-                segment, lengths, w = self.mappings[table].remap_jagged(segment, lengths, w)
-            out_values.append(segment)
-            out_lengths.append(lengths)
-            out_weights.append(w)
-        return KeyedJaggedTensor(
-            keys=keys,
-            values=torch.cat(out_values),
-            lengths=torch.cat(out_lengths),
-            weights=torch.cat(out_weights) if weights is not None else None,
-            **_batch_layout(features),
-        )
-
-
-def _batch_layout(features: KeyedJaggedTensor) -> Dict:
-    """How the KJT's bags map to samples: its stride, or per-key strides and inverse indices (VBE)."""
-    if features.variable_stride_per_key():
-        return {
-            "stride_per_key_per_rank": features.stride_per_key_per_rank(),
-            "inverse_indices": features.inverse_indices_or_none(),
-        }
-    return {"stride": features.stride()}
+        return self.preprocess(features)[0]
 
 
 def compressed_configs(

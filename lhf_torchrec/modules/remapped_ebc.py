@@ -11,16 +11,19 @@ fused table optimizer trains them.
 :class:`RemappedEmbeddingBagCollection` is the unsharded module (the reference for tests);
 :class:`~lhf_torchrec.distributed.sharder.RemappedEBCSharder` shards it, running ``preprocess`` at
 the start of ``input_dist`` (replicated, before the KJT all-to-all, so ``TrainPipelineSparseDist``
-overlaps it with the previous batch) and ``postprocess`` when the pooled output is awaited.
+overlaps it with the previous batch) and ``postprocess`` when the pooled output is awaited. A
+:class:`PerFeatureRemap` (one stock table per table, keys and bags kept) can also remap a table
+planned table-wise on the rank that owns it, after the all-to-all, so only that rank holds its state.
 
 Tables a method does not compress pass through, behind the vocabulary mapping the full-table
 baseline uses for sparse id spaces (see :func:`lhf_torchrec.mapping.tables.vocabulary_mappings`).
 """
 
+import copy
 import dataclasses
 import hashlib
 import json
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import AbstractSet, Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -143,6 +146,97 @@ class EmbeddingRemap(nn.Module):
             raise NotImplementedError(f"'{self.method}' does not support weighted features")
         if features.variable_stride_per_key():
             raise NotImplementedError(f"'{self.method}' does not support variable batch sizes per feature (VBE)")
+
+
+class PerFeatureRemap(EmbeddingRemap):
+    """A remap that rewrites each feature on its own and keeps the KJT's keys and bags (the values
+    change, and with them the lengths and weights where one id becomes several rows): the learned
+    hash (:class:`~lhf_torchrec.modules.learned_hash_ebc.IdRemapper`) and MCH. Each table stands
+    for one stock-EBC table of the same name and features, so the sharded module can run a table's
+    remap on the rank that owns it, after the input all-to-all (:meth:`remap_features` of the
+    features that reached that rank), and the other ranks can drop its state (:meth:`without_tables`).
+
+    Subclasses keep their per-table state in ``nn.ModuleDict`` s keyed by table name (the buffer
+    naming ``<kind>.<table>`` that :meth:`EmbeddingRemap.fingerprint` relies on as well); a table
+    without state takes its ids as rows (its features pass unchanged).
+    """
+
+    def remap_feature(
+        self, table: str, values: torch.Tensor, lengths: torch.Tensor, weights: Optional[torch.Tensor]
+    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """(values, lengths, weights) of one feature of ``table`` in the stock EBC's input.
+
+        Returns ``lengths`` itself (the same tensor) when the bags keep their sizes."""
+        raise NotImplementedError
+
+    def check_input(self, features: KeyedJaggedTensor) -> None:
+        """Raises for a KJT this remap cannot take (see :meth:`EmbeddingRemap.check_features`)."""
+        self.check_features(features)
+
+    def preprocess(
+        self, features: KeyedJaggedTensor, stride: Optional[int] = None, raw: AbstractSet[str] = frozenset()
+    ) -> Tuple[KeyedJaggedTensor, None]:
+        """The stock EBC's input; the features of tables in ``raw`` keep their raw ids (the sharded
+        module remaps them on the rank that owns the table)."""
+        self.check_input(features)
+        return self.remap_features(features, set(self.stateful_tables()) - set(raw)), None
+
+    def remap_features(self, features: KeyedJaggedTensor, tables: AbstractSet[str]) -> KeyedJaggedTensor:
+        """``features`` with every feature of ``tables`` remapped; keys, their order and the batch layout kept."""
+        keys = features.keys()
+        if not any(self.feature_to_table[k] in tables for k in keys):
+            return features
+        weights = features.weights_or_none()
+        per_key_values = features.values().split(features.length_per_key())
+        per_key_lengths = features.lengths().split(features.stride_per_key())
+        per_key_weights = weights.split(features.length_per_key()) if weights is not None else [None] * len(keys)
+        out_values, out_lengths, out_weights = [], [], []
+        for key, values, lengths, w in zip(keys, per_key_values, per_key_lengths, per_key_weights):
+            table = self.feature_to_table[key]
+            if table in tables:
+                values, lengths, w = self.remap_feature(table, values, lengths, w)
+            out_values.append(values)
+            out_lengths.append(lengths)
+            out_weights.append(w)
+        same_bags = all(new is old for new, old in zip(out_lengths, per_key_lengths))
+        # Bags of the same sizes: the KJT's lengths and per-key offsets stay valid as they are.
+        kept = {"lengths": features.lengths(), "length_per_key": features.length_per_key(),
+                "offset_per_key": features.offset_per_key()} if same_bags else {"lengths": torch.cat(out_lengths)}
+        return KeyedJaggedTensor(
+            keys=keys,
+            values=torch.cat(out_values),
+            weights=torch.cat(out_weights) if weights is not None else None,
+            **kept,
+            **batch_layout(features),
+        )
+
+    def stateful_tables(self) -> List[str]:
+        """Tables whose remap holds state (buffers): what a rank that does not own them can drop."""
+        return sorted({table for state in self._per_table_state() for table in state})
+
+    def without_tables(self, tables: AbstractSet[str]) -> "PerFeatureRemap":
+        """A shallow copy of this remap without the state of ``tables`` (the other tables' buffers
+        are shared, not copied; this remap is unchanged)."""
+        out = copy.copy(self)
+        # copy.copy shares the module's dicts of children and tensors: give the copy its own.
+        out._modules, out._buffers, out._parameters = dict(self._modules), dict(self._buffers), dict(self._parameters)
+        for name, state in self._modules.items():
+            if isinstance(state, nn.ModuleDict):
+                out._modules[name] = nn.ModuleDict({t: m for t, m in state.items() if t not in tables})
+        return out
+
+    def _per_table_state(self) -> List[nn.ModuleDict]:
+        return [m for m in self.children() if isinstance(m, nn.ModuleDict)]
+
+
+def batch_layout(features: KeyedJaggedTensor) -> Dict[str, Any]:
+    """How the KJT's bags map to samples: its stride, or per-key strides and inverse indices (VBE)."""
+    if features.variable_stride_per_key():
+        return {
+            "stride_per_key_per_rank": features.stride_per_key_per_rank(),
+            "inverse_indices": features.inverse_indices_or_none(),
+        }
+    return {"stride": features.stride()}
 
 
 def _concerns(buffer_name: str, table: str) -> bool:

@@ -35,7 +35,8 @@ LR = 0.1
 
 
 # row_wise and table_row_wise are what the sharder adds on CPU: the planner must accept them.
-KINDS = {"t_freq": "row_wise", "t_dbl": "table_row_wise", "t_hash": "column_wise"}
+# t_sparse's mapping lives on the rank that owns the table (table-wise), remapped after the all-to-all.
+KINDS = {"t_freq": "row_wise", "t_dbl": "table_row_wise", "t_hash": "column_wise", "t_sparse": "table_wise"}
 OTHER_KINDS = {"t_freq": "column_wise", "t_dbl": "table_wise", "t_hash": "row_wise", "t_sparse": "row_wise"}
 
 

@@ -4,11 +4,16 @@ Each test spawns one 2-process job (about 10 s of start-up) and runs several che
 are module-level functions: TorchRec's harness uses the spawn start method.
 """
 
+import gc
+import shutil
+import tempfile
 import unittest
+import weakref
 
 import pytest
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.sharding_plan import (
@@ -16,6 +21,7 @@ from torchrec.distributed.sharding_plan import (
 )
 from torchrec.distributed.test_utils.multi_process import MultiProcessTestBase
 from torchrec.distributed.types import ShardingPlan
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from lh_dist_helpers import (
     B_LOCAL, DIM, FEATURES, LR, TABLES, SparseOnly, copy_into_shards, global_batch, make_mappings, make_module,
@@ -39,10 +45,11 @@ SHARDING_CASES = [
 ]
 
 
-def _module_plan(sharding_type: str, module, sharder, world_size: int):
+def _module_plan(sharding_type: str, module, sharder, world_size: int, shift: int = 0):
+    """Every table planned ``sharding_type``; a table-wise table ``i`` on rank ``(i + shift) % world_size``."""
     per_table = {}
     for i, t in enumerate(TABLES):
-        rank = i % world_size
+        rank = (i + shift) % world_size
         per_table[t.name] = {
             "table_wise": lambda: table_wise(rank=rank, compute_kernel="fused"),
             "column_wise": lambda: column_wise(ranks=list(range(world_size)), compute_kernel="fused"),
@@ -72,11 +79,19 @@ def _check_one_sharding(sharding_type: str, weighted: bool, rank: int, world_siz
 
     sharder = LearnedHashEBCSharder(fused_params={"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": LR})
     model = SparseOnly(make_module("meta", seed=1, is_weighted=weighted))
+    unsharded_mappings = {t: weakref.ref(m) for t, m in model.sparse.mappings.items()}
     plan = ShardingPlan({"sparse": _module_plan(sharding_type, model.sparse, sharder, world_size)})
     dmp = DistributedModelParallel(model, device=torch.device("cpu"), plan=plan, sharders=[sharder])
     assert isinstance(dmp.module.sparse, ShardedRemappedEBC), label
     keys = table_keys("sparse.")
     copy_into_shards(dmp.state_dict(), start, keys)
+
+    # Bad input is refused before the all-to-all, naming the feature and its table, also for the
+    # tables remapped on their owner.
+    batch = rank_batch(rank, weighted=weighted)
+    lacking = KeyedJaggedTensor.from_jt_dict({f: batch[f] for f in FEATURES if f != "f_d"})
+    error = raised_by(lambda: dmp(lacking))
+    assert isinstance(error, KeyError) and "lacks features f_d (table t_dbl)" in str(error), f"{label}: {error!r}"
 
     # Forward: this rank's batch against its slice of the reference's global batch.
     g = torch.Generator().manual_seed(7)
@@ -110,14 +125,31 @@ def _check_one_sharding(sharding_type: str, weighted: bool, rank: int, world_siz
     diff = max_shard_diff(dmp.state_dict(), updated, keys)
     assert diff < 1e-5, f"{label}: tables after one step differ from the unsharded module's by {diff}"
 
-    # The mappings are replicated, untouched by the step, and still the reference's.
+    # The mappings are untouched by the step and still the reference's: replicated, except that a
+    # table planned table-wise keeps its mapping on its owner only (the other ranks dropped it).
     state = dmp.state_dict()
+    held = dict(dmp.module.sparse.remapper.named_buffers(prefix="sparse.remapper"))
+    owners = {t: ps.ranks[0] for t, ps in plan.plan["sparse"].items() if ps.sharding_type == "table_wise"}
     for name, buf in reference.named_buffers():
-        assert torch.equal(state[name], buf), f"{label}: mapping buffer {name}"
+        table = name.split(".")[3]  # sparse.remapper.mappings.<table>.<buffer>
+        if owners.get(table, rank) == rank:
+            assert torch.equal(state[name], buf) and torch.equal(held[name], buf), f"{label}: mapping buffer {name}"
+        else:
+            assert name not in state and name not in held, f"{label}: rank {rank} keeps {name} of a table it does not own"
+            assert f"sparse.remapper.mappings.{table}._extra_state" not in state, label
+    mappings = make_mappings()
+    kept = {t for t in mappings if owners.get(t, rank) == rank}
+    gc.collect()
+    freed = {t for t, ref in unsharded_mappings.items() if ref() is None}
+    assert freed == set(mappings) - kept, f"{label}: rank {rank} freed the mappings of {sorted(freed)}"
+    held_bytes = sum(b.numel() * b.element_size() for b in held.values())
+    assert held_bytes == sum(m.nbytes for t, m in mappings.items() if t in kept), label
+    if sharding_type == "table_wise":
+        assert kept != set(mappings), f"{label}: rank {rank} owns every mapped table, the test shows nothing"
 
 
-def _sharding_types_match_unsharded(rank: int, world_size: int) -> None:
-    for sharding_type, weighted in SHARDING_CASES:
+def _sharding_types_match_unsharded(rank: int, world_size: int, cases=SHARDING_CASES) -> None:
+    for sharding_type, weighted in cases:
         _check_one_sharding(sharding_type, weighted, rank, world_size)
         dist.barrier()
 
@@ -139,9 +171,74 @@ def _mappings_differing_across_ranks_raise(rank: int, world_size: int) -> None:
     assert "t_dbl" not in message and "t_sparse" not in message, message
 
 
+def _sharded(sharding_type: str, world_size: int, seed: int, shift: int = 0):
+    sharder = LearnedHashEBCSharder(fused_params={"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": LR})
+    model = SparseOnly(make_module("meta", seed=seed))
+    plan = ShardingPlan({"sparse": _module_plan(sharding_type, model.sparse, sharder, world_size, shift)})
+    dmp = DistributedModelParallel(model, device=torch.device("cpu"), plan=plan, sharders=[sharder])
+    return dmp, plan
+
+
+def _pooled(dmp, rank: int) -> torch.Tensor:
+    """This rank's pooled output, features in a fixed order (sharding may reorder the KeyedTensor's keys)."""
+    out = dmp(rank_batch(rank, seed=3))
+    pooled = (out.wait() if hasattr(out, "wait") else out).to_dict()
+    return torch.cat([pooled[f] for f in FEATURES], dim=1).detach()
+
+
+def _table_wise_checkpoint_moves_between_owners(rank: int, world_size: int, path: str) -> None:
+    reference = SparseOnly(make_module("cpu", seed=0))
+    mapping_state = {k: v for k, v in reference.state_dict().items() if ".remapper." in k}
+    saved, plan = _sharded("table_wise", world_size, seed=1)
+    copy_into_shards(saved.state_dict(), reference.state_dict(), table_keys("sparse."))
+    expected = _pooled(saved, rank)
+    state = saved.state_dict()
+    owned = {k for k in mapping_state if plan.plan["sparse"][k.split(".")[3]].ranks[0] == rank}
+    assert owned and owned != set(mapping_state), owned
+    assert set(mapping_state) & set(state) == owned
+    dcp.save(state, checkpoint_id=path)
+
+    # Every mapping tensor is in the checkpoint once, written by the one rank that held it.
+    metadata = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    for key, value in mapping_state.items():
+        assert key in metadata, f"{key} is missing from the checkpoint"
+        assert len(metadata[key].chunks) == 1 and list(metadata[key].size) == list(value.shape), metadata[key]
+
+    # Loaded with the owners swapped (each rank now holds the mappings the other one wrote), and
+    # row-wise (every rank holds every mapping): the same outputs, the reference's mappings.
+    for sharding_type, shift in (("table_wise", 1), ("row_wise", 0)):
+        fresh, fresh_plan = _sharded(sharding_type, world_size, seed=5, shift=shift)
+        assert not torch.allclose(_pooled(fresh, rank), expected), "a fresh model already gives the saved outputs"
+        state = fresh.state_dict()
+        dcp.load(state, checkpoint_id=path)
+        fresh.load_state_dict(state)
+        loaded = {k: v for k, v in fresh.state_dict().items() if ".remapper." in k}
+        if sharding_type == "table_wise":
+            assert set(loaded).isdisjoint(owned), f"rank {rank} still holds the mappings it owned before the move"
+        else:
+            assert set(loaded) == set(mapping_state), sorted(loaded)
+        for key, value in loaded.items():
+            assert torch.equal(value, mapping_state[key]), key
+        torch.testing.assert_close(_pooled(fresh, rank), expected, atol=1e-6, rtol=0, msg=sharding_type)
+        dist.barrier()
+
+
 class ShardedLearnedHashEBCTest(MultiProcessTestBase):
     def test_every_sharding_type_matches_the_unsharded_module(self) -> None:
         self._run_multi_process_test(callable=run_on_rank, check=_sharding_types_match_unsharded, world_size=2)
+
+    def test_table_wise_and_row_wise_on_four_ranks(self) -> None:
+        cases = [("table_wise", False), ("table_wise", True), ("row_wise", False)]
+        self._run_multi_process_test(callable=run_on_rank, check=_sharding_types_match_unsharded, world_size=4,
+                                     cases=cases)
+
+    def test_table_wise_mappings_checkpoint_once_and_load_on_other_owners(self) -> None:
+        path = tempfile.mkdtemp(prefix="lhf-dcp-tw-")
+        try:
+            self._run_multi_process_test(callable=run_on_rank, check=_table_wise_checkpoint_moves_between_owners,
+                                         world_size=2, path=path)
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
 
     def test_mappings_that_differ_across_ranks_fail_at_shard_time(self) -> None:
         self._run_multi_process_test(callable=run_on_rank, check=_mappings_differing_across_ranks_raise, world_size=2)

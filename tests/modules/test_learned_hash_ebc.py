@@ -355,3 +355,39 @@ def test_ids_outside_a_table_without_mapping_name_feature_and_table(bad):
     kjt = KeyedJaggedTensor.from_lengths_sync(keys=keys, values=values, lengths=torch.ones(len(keys), dtype=torch.int64))
     with pytest.raises(ValueError, match=rf"feature 'plain': id {bad} is outside table 't_plain' \[0, 100\)"):
         module(kjt)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_remapping_some_tables_later_equals_remapping_all_at_once(weighted):
+    # The sharded module sends table-wise tables' ids raw and remaps them on the owner: the two
+    # steps must give preprocess's KJT, also where double hashing grows the bags (t_dbl).
+    tables = make_tables()
+    remapper = LearnedHashEmbeddingBagCollection(tables, make_mappings()).remapper
+    kjt = make_kjt(tables, seed=4, weighted=weighted)
+    later = {"t_user", "t_dbl"}
+    expected, _ = remapper.preprocess(kjt)
+    first, _ = remapper.preprocess(kjt, raw=later)
+    assert torch.equal(first["dbl"].values(), kjt["dbl"].values()) and torch.equal(first["user"].values(), kjt["user"].values())
+    assert not torch.equal(first["item"].values(), kjt["item"].values())
+    second = remapper.remap_features(first, later)
+    assert second.keys() == expected.keys() and second.stride() == expected.stride()
+    for part in ("values", "lengths") + (("weights",) if weighted else ()):
+        assert torch.equal(getattr(second, part)(), getattr(expected, part)()), part
+    assert second.length_per_key() == expected.length_per_key()
+    assert sum(expected.lengths()) > sum(kjt.lengths())  # the double-hashed bags did grow
+
+
+def test_a_remapper_without_some_tables_drops_only_their_state_and_leaves_the_original_whole():
+    tables = make_tables()
+    remapper = LearnedHashEmbeddingBagCollection(tables, make_mappings()).remapper
+    before = {name: buffer for name, buffer in remapper.named_buffers()}
+    assert remapper.stateful_tables() == sorted(make_mappings())
+    kept = remapper.without_tables({"t_user", "t_dbl"})
+    assert sorted(kept.mappings) == ["t_item", "t_learned", "t_sparse"] and kept.stateful_tables() == sorted(kept.mappings)
+    assert {name: buffer for name, buffer in remapper.named_buffers()} == before  # the original keeps everything
+    for name, buffer in kept.named_buffers():
+        assert buffer is before[name]  # shared, not copied
+    assert not any(".t_user." in k or ".t_dbl." in k for k in kept.state_dict())
+    kjt = make_kjt(tables, seed=5)
+    assert torch.equal(kept.preprocess(kjt, raw={"t_user", "t_dbl"})[0].values(),
+                       remapper.preprocess(kjt, raw={"t_user", "t_dbl"})[0].values())
