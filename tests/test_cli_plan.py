@@ -127,6 +127,9 @@ def test_tables_file_and_mappings_file(tmp_path, capsys):
     assert after["rank 0"]["replicated"] == after["rank 1"]["replicated"] == pytest.approx(mapping.nbytes / GB, abs=5e-4)
     assert "replicated: users (not bucketed)" in out
 
+    assert main(argv + ["--num-buckets", "4"]) == 2
+    assert "--num-buckets is for synthetic mappings" in capsys.readouterr().err
+
     for bad, error in (('{"users": "many"}', "num_embeddings must be an integer"),
                        ('{"items": 100}', "table names ['items'] are not usable"),
                        ("[1, 2]", "expected")):
