@@ -23,8 +23,10 @@ def test_quality_benchmark_quick_mode_runs_every_method(tmp_path):
     assert max(totals) <= 1.05 * min(totals)  # every method at (nearly) the same total bytes
     assert max(totals) < 0.2 * records[0]["full_bytes"]
     # Bucketed mappings round each table's rows down to whole buckets (up to B - 1 rows fewer per table:
-    # 7.6% of the bytes of these tiny tables), never up.
-    assert all(0.9 * min(totals) <= r["total_bytes"] <= max(totals) for r in records if r["method"] in bucketed)
+    # 7.6% of the bytes of these tiny tables), never up; their entries are keyed by 8-byte bucket hash
+    # (12 bytes per entry, against 4 to 8 unbucketed), which costs these tiny tables about one more
+    # bucket of rows (measured: 0.854 of the unbucketed totals).
+    assert all(0.8 * min(totals) <= r["total_bytes"] <= max(totals) for r in records if r["method"] in bucketed)
     assert (tmp_path / "quality_vs_bytes.png").stat().st_size > 10_000
     assert "Where combination wins and loses" in (tmp_path / "results.md").read_text()
 
