@@ -125,7 +125,7 @@ def test_tables_file_and_mappings_file(tmp_path, capsys):
     assert "mappings: given, 1 tables" in out
     after = _sections(out)["after"]
     assert after["rank 0"]["replicated"] == after["rank 1"]["replicated"] == pytest.approx(mapping.nbytes / GB, abs=5e-4)
-    assert "replicated: users (not bucketed)" in out
+    assert "replicated: users (not bucketed: fit it with num_buckets)" in out
 
     assert main(argv + ["--num-buckets", "4"]) == 2
     assert "--num-buckets is for synthetic mappings" in capsys.readouterr().err

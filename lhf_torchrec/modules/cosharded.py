@@ -51,10 +51,10 @@ WEIGHTED_REFUSAL = ("its features are weighted, and TorchRec's sharded managed-c
 def cosharding_refusal(mapping: IdMapping) -> Optional[str]:
     """Why ``mapping`` cannot co-shard with its table, or None when it can."""
     if mapping.num_buckets is None:
-        return "it is not bucketed (fit it with num_buckets)"
+        return "not bucketed: fit it with num_buckets"
     if mapping.probes != 1:
-        return (f"method '{mapping.method}' gives hashed ids two rows (probes={mapping.probes}); TorchRec's "
-                "managed-collision remap maps one id to one row and cannot grow bags")
+        return (f"{mapping.probes} probes per id: method '{mapping.method}' gives a hashed id two rows, and "
+                "TorchRec's managed-collision remap maps one id to one row (it cannot grow bags)")
     return None
 
 

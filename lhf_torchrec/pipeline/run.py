@@ -13,6 +13,7 @@ import torch
 from torchrec import EmbeddingBagConfig
 
 from lhf_torchrec.data.source import CTRSource
+from lhf_torchrec.distributed.planner import CoshardedTable
 from lhf_torchrec.files import atomic_write
 from lhf_torchrec.mapping.id_mapping import IdMapping, load_mappings
 from lhf_torchrec.pipeline.artifacts import RESULTS_FORMAT
@@ -78,7 +79,8 @@ def run_training(
                               optimizer=train_config.optimizer, seed=train_config.seed, **bucketed).compression.mappings
     # Bucketed mappings whose bucket count the world size divides co-shard with their (row-wise) tables.
     tables_compression = LearnedHashing(mappings, cosharded_world_size=runtime.world_size)
-    if runtime.is_main and tables_compression.cosharded_tables:
+    cosharded = set(tables_compression.cosharded_tables)
+    if runtime.is_main and cosharded:
         logger.info("co-sharded mappings (row-wise with their tables): %s", tables_compression.cosharded_tables)
     trainer = Trainer(model_config, train_config, data.tables, len(data.train.dense_names), tables_compression,
                       runtime)
@@ -103,7 +105,10 @@ def run_training(
         train=asdict(train_config),
         world_size=runtime.world_size,
         cosharded_tables=tables_compression.cosharded_tables,
-        mapping_bytes=sum(m.nbytes for m in mappings.values()),
+        # What the mappings cost the whole job: a replicated mapping once per rank, a co-sharded one
+        # once (its layout, spread over the ranks).
+        mapping_bytes=sum(CoshardedTable.of(name, m).nbytes if name in cosharded else m.nbytes * runtime.world_size
+                          for name, m in mappings.items()),
         table_rows={t.name: (mappings[t.name].num_rows if t.name in mappings else t.num_embeddings)
                     for t in data.tables},
     )

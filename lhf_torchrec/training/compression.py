@@ -16,10 +16,10 @@ from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.distributed.types import ModuleSharder
 
+from lhf_torchrec.distributed.planner.cosharding import cosharding_choices
 from lhf_torchrec.distributed.sharder import CoShardedEBCSharder, LearnedHashEBCSharder, RemappedEBCSharder
 from lhf_torchrec.mapping.id_mapping import IdMapping
 from lhf_torchrec.modules.remapped_ebc import EmbeddingRemap
-from lhf_torchrec.modules.cosharded import cosharding_refusal
 from lhf_torchrec.modules.swap import apply_cosharded_learned_hashing, apply_learned_hashing, apply_remap
 
 if TYPE_CHECKING:
@@ -65,10 +65,10 @@ class LearnedHashing(Compression):
     ``initial_weights`` (table name -> rows x dim), when given, replace TorchRec's random init of
     those compressed tables (see :func:`lhf_torchrec.pipeline.steps.warm_start_rows`).
 
-    ``cosharded_world_size`` (W), when given: tables whose mapping can co-shard (bucketed, one row
-    per id, see :mod:`lhf_torchrec.modules.cosharded`) and whose bucket count W divides keep their
-    mapping with their rows, sharded row-wise by :class:`CoShardedEBCSharder`; the other tables keep
-    a replicated remap.
+    ``cosharded_world_size`` (W), when given: the tables whose mapping can co-shard on W ranks (the
+    planner's rule, :func:`~lhf_torchrec.distributed.planner.cosharding.cosharding_choices`) keep
+    their mapping with their rows, sharded row-wise by :class:`CoShardedEBCSharder`; the other tables
+    keep a replicated remap.
     """
 
     mappings: Mapping[str, IdMapping]
@@ -80,8 +80,8 @@ class LearnedHashing(Compression):
         """The tables that co-shard with their mappings on ``cosharded_world_size`` ranks."""
         if self.cosharded_world_size is None:
             return []
-        return sorted(name for name, m in self.mappings.items()
-                      if cosharding_refusal(m) is None and m.num_buckets % self.cosharded_world_size == 0)
+        choices = cosharding_choices(self.mappings, self.cosharded_world_size)
+        return sorted(name for name, choice in choices.items() if choice.cosharded is not None)
 
     def apply(self, model: nn.Module) -> None:
         if self.cosharded_tables:

@@ -45,7 +45,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from tqdm.auto import tqdm
 
 from lhf_torchrec.data.source import CTRSource
-from lhf_torchrec.distributed.planner import LearnedHashPlanner
+from lhf_torchrec.distributed.planner import LearnedHashPlanner, model_cosharded_tables
 from lhf_torchrec.files import atomic_write, check_output_dir
 from lhf_torchrec.mapping.budget import OPTIMIZERS
 from lhf_torchrec.training.compression import (
@@ -170,6 +170,8 @@ class Trainer:
                 compute_device=self.runtime.device.type,
             ),
             batch_size=train_config.batch_size,
+            # The tables the model keeps co-sharded: planned row-wise, their mapping in their shards.
+            cosharded=model_cosharded_tables(unsharded),
         )
         self.plan = planner.collective_plan(unsharded, sharders, dist.GroupMember.WORLD)
         self.model = DistributedModelParallel(unsharded, device=self.runtime.device, plan=self.plan, sharders=sharders)

@@ -252,7 +252,7 @@ def test_plan_report_before_and_after():
     given = {name: m for name, m in synthetic_mappings(tables, 8).items() if name == "t0"}
     real = plan_report(tables, world_size=2, mappings=given, hbm_gb=1, batch_size=128)
     assert real.after.ranks[0].mappings == given["t0"].nbytes and "given, 1 tables" in real.mapping_source
-    assert real.choices["t0"].cosharded is None and real.choices["t0"].reason == "not bucketed"
+    assert real.choices["t0"].cosharded is None and real.choices["t0"].reason.startswith("not bucketed")
 
 
 def test_plan_report_when_only_the_compressed_model_fits():

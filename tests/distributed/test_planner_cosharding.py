@@ -146,9 +146,10 @@ def test_choice_rules_name_the_reason():
     choices = cosharding_choices(mappings, 4, constraints)
     assert choices["ok"].cosharded == CoshardedTable("ok", 64, 8, 0) and choices["ok"].reason == "8 buckets, 2 per rank"
     assert {n: c.reason for n, c in choices.items() if c.cosharded is None} == {
-        "double": "2 probes per id (a co-sharded id has one row)",
+        "double": "2 probes per id: method 'hash' gives a hashed id two rows, and TorchRec's managed-collision "
+                  "remap maps one id to one row (it cannot grow bags)",
         "thin": "8 rows < 2 x 8 buckets",
-        "flat": "not bucketed",
+        "flat": "not bucketed: fit it with num_buckets",
         "fixed": "constraints exclude row_wise (allowed: table_wise)",
     }
     assert cosharding_choices({"ok": mappings["ok"]}, 3)["ok"].reason == "3 ranks do not divide 8 buckets"

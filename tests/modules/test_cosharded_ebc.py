@@ -87,7 +87,7 @@ def test_rebuild_keeps_whole_buckets_and_refuses_a_cut():
 
 def test_mappings_that_cannot_co_shard_are_refused_with_the_reason():
     double = fit_mapping(np.arange(500) % 90, method="double_hash", num_rows=32, num_buckets=4, table="td")
-    with pytest.raises(ValueError, match="table 'td'.*probes=2.*cannot grow bags"):
+    with pytest.raises(ValueError, match="table 'td'.*2 probes per id.*cannot grow bags"):
         CoShardedIdRemap.from_mapping(double)
     plain = fit_mapping(np.arange(500) % 90, method="frequency", num_rows=32, table="tp")
     with pytest.raises(ValueError, match="table 'tp'.*not bucketed"):

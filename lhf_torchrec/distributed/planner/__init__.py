@@ -32,6 +32,7 @@ from lhf_torchrec.distributed.planner.cosharding import (
     CoshardedMappingEstimator,
     CoshardedTable,
     cosharding_choices,
+    model_cosharded_tables,
 )
 from lhf_torchrec.distributed.planner.memory import (
     GB,
@@ -64,6 +65,7 @@ __all__ = [
     "estimate_rank_memory",
     "format_bytes",
     "mapping_bytes",
+    "model_cosharded_tables",
     "memory_tier",
     "plan_report",
     "synthetic_mappings",

@@ -16,6 +16,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional
 
+from torch import nn
 from torchrec.distributed.planner import ParameterConstraints, Topology
 from torchrec.distributed.planner.types import ShardEstimator, ShardingOption, Storage
 from torchrec.distributed.types import ShardingType
@@ -23,6 +24,7 @@ from torchrec.distributed.types import ShardingType
 from lhf_torchrec.distributed.planner.memory import memory_tier
 from lhf_torchrec.mapping.buckets import MIN_ROWS_PER_BUCKET, cosharded_bytes, cosharded_slots
 from lhf_torchrec.mapping.id_mapping import IdMapping
+from lhf_torchrec.modules.cosharded import CoShardedLearnedHashEBC, cosharding_refusal
 
 ROW_WISE = ShardingType.ROW_WISE.value
 FUSED = "fused"
@@ -94,13 +96,11 @@ def cosharding_choices(
         buckets = mapping.num_buckets
         constraint = (constraints or {}).get(name)
         reason = None
-        if buckets is None:
-            if num_buckets is not None and mapping.num_rows < MIN_ROWS_PER_BUCKET * num_buckets:
-                reason = (f"not bucketed: {mapping.num_rows} rows < {MIN_ROWS_PER_BUCKET} x {num_buckets} buckets")
-            else:
-                reason = "not bucketed"
-        elif mapping.probes != 1:
-            reason = f"{mapping.probes} probes per id (a co-sharded id has one row)"
+        intrinsic = cosharding_refusal(mapping)
+        if intrinsic is not None:
+            reason = intrinsic
+            if buckets is None and num_buckets is not None and mapping.num_rows < MIN_ROWS_PER_BUCKET * num_buckets:
+                reason = f"not bucketed: {mapping.num_rows} rows < {MIN_ROWS_PER_BUCKET} x {num_buckets} buckets"
         elif buckets % world_size:
             reason = f"{world_size} ranks do not divide {buckets} buckets"
         elif mapping.num_rows < MIN_ROWS_PER_BUCKET * buckets:
@@ -180,3 +180,14 @@ class CoshardedMappingEstimator(ShardEstimator):
                 for shard in option.shards:
                     per_rank[shard.rank] += shard.size[0] * table.bytes_per_row
         return per_rank
+
+
+def model_cosharded_tables(module: nn.Module) -> Dict[str, CoshardedTable]:
+    """The co-sharded layout of every table a model keeps in a :class:`CoShardedLearnedHashEBC`'s
+    managed-collision part: what the planner must place row-wise with its mapping in its shards."""
+    found: Dict[str, CoshardedTable] = {}
+    for child in module.modules():
+        if isinstance(child, CoShardedLearnedHashEBC) and child.cosharded is not None:
+            remaps = child.cosharded._managed_collision_collection._managed_collision_modules
+            found.update({name: CoshardedTable.of(name, remap.to_mapping()) for name, remap in remaps.items()})
+    return found
