@@ -287,7 +287,7 @@ settings of its grid (at most {TUNING_BUDGET}, `lhf_torchrec/bench/selection.py`
 seed the setting with the best **validation** logloss was kept and its **test** metrics are reported. Gap
 recovered: (hash - method) / (hash - full) of mean logloss, on each split.
 
-{_untrained_warning(untrained)}{selection_report(selected, choices, config.epochs)}
+{_untrained_warning(untrained)}{selection_report(selected, choices, config.epochs, untrained=untrained)}
 
 ## Every setting tried (mean over seeds)
 

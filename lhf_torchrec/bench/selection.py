@@ -14,7 +14,7 @@ applies to every table of a dataset: a choice per table would multiply the train
 
 import statistics
 from dataclasses import dataclass, replace
-from typing import Any, Dict, List, Mapping, Sequence, Tuple
+from typing import Collection, Dict, List, Sequence, Tuple
 
 from lhf_torchrec.pipeline.compare import MethodSpec, RunRecord
 from lhf_torchrec.pipeline.methods import get_method
@@ -106,10 +106,11 @@ def passes_over_training_data(method: str, epochs: int, learn_epochs: int = 1) -
 
 
 def selection_report(selected: Sequence[RunRecord], choices: Sequence[Choice], epochs: int,
-                     learn_epochs: int = 1) -> str:
+                     learn_epochs: int = 1, untrained: Collection[str] = ()) -> str:
     """Markdown: validation and test logloss of every method's selected setting (mean ± std over
-    seeds), the share of the hashing trick's gap recovered on validation and on test, the passes over
-    the training data each method saw, and the setting each seed chose."""
+    seeds), the share of the hashing trick's gap recovered on validation and on test (``n/a`` on the
+    datasets in ``untrained``, whose full-table model learned nothing), the passes over the training
+    data each method saw, and the setting each seed chose."""
     def stats(rs: Sequence[RunRecord], value) -> Tuple[float, float]:
         values = [value(r) for r in rs]
         return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
@@ -125,6 +126,8 @@ def selection_report(selected: Sequence[RunRecord], choices: Sequence[Choice], e
     def recovered(dataset: str, compression: float, method: str, which: int) -> str:
         if method in ("full", "hash") or dataset not in full or (dataset, compression) not in hashed:
             return "-"
+        if dataset in untrained:
+            return "n/a"
         gap = hashed[(dataset, compression)][which] - full[dataset][which]
         return f"{(hashed[(dataset, compression)][which] - mean[(dataset, compression, method)][which]) / gap:.0%}" \
             if gap > 0 else "no gap"

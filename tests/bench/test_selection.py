@@ -85,6 +85,8 @@ def test_report_shows_gap_recovered_on_validation_and_test_and_the_epochs() -> N
     assert "| d | 10x | mch | 1 | 0.4500 ± 0.0000 | 0.4600 ± 0.0000 | 50% | 50% | 1 + 1 (profiling, no gradient) |" \
         in report
     assert report.index("| d | full | full |") < report.index("| d | 10x | hash |")
+    untrained = selection_report(*select_on_validation(records), epochs=1, untrained={"d"})
+    assert "| d | 10x | mch | 1 | 0.4500 ± 0.0000 | 0.4600 ± 0.0000 | n/a | n/a |" in untrained
 
 
 def test_unknown_settings_and_methods_without_a_grid_are_clear_errors(capsys) -> None:
