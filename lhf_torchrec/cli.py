@@ -495,7 +495,12 @@ def _add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
                          help="report the epoch with the best validation logloss (best of --epochs)")
     quality.add_argument("--embedding-dim", type=int_in(1), default=16)
     quality.add_argument("--batch-size", type=int_in(1), default=1024, help="per rank (MovieLens: 256 by default)")
-    quality.add_argument("--out-dir", type=output_dir, default=None, help="default docs/ (--quick: runs/quality-quick/)")
+    quality.add_argument("--select", action="store_true",
+                         help="choose each method's hyper-parameters on the validation split: train every "
+                              "setting of its grid (lhf_torchrec/bench/selection.py), report the test metrics "
+                              "of the setting with the best validation logloss (--methods: of these methods)")
+    quality.add_argument("--out-dir", type=output_dir, default=None,
+                         help="default docs/ (--quick: runs/quality-quick/, --select: runs/selection/)")
     quality.set_defaults(handler=_run_bench_quality)
 
 
@@ -506,7 +511,8 @@ def _quality_methods() -> List[str]:
 
 
 def _run_bench_quality(args: argparse.Namespace) -> int:
-    from lhf_torchrec.bench.quality import QUALITY_METHODS, QualityConfig, quick_config, run_quality
+    from lhf_torchrec.bench.quality import QUALITY_METHODS, QualityConfig, quick_config, run_quality, run_selection
+    from lhf_torchrec.bench.selection import SELECTION_GRIDS
 
     config = quick_config() if args.quick else QualityConfig()
     if args.data is not None:
@@ -515,14 +521,21 @@ def _run_bench_quality(args: argparse.Namespace) -> int:
     config.seeds = args.seeds or config.seeds
     config.epochs, config.best_epoch = args.epochs, args.best_epoch
     config.embedding_dim, config.default_batch_size = args.embedding_dim, args.batch_size
-    config.out_dir = args.out_dir or config.out_dir
+    config.out_dir = args.out_dir or ("runs/selection" if args.select and not args.quick else config.out_dir)
     if sys.argv[1:3] == ["bench", "quality"]:
         config.command = "lhf bench quality " + shlex.join(sys.argv[3:])
     elif os.path.basename(sys.argv[0]) == "quality.py":
         config.command = "python benchmarks/quality.py " + shlex.join(sys.argv[1:])
+    logging.getLogger("lhf_torchrec.bench.quality").setLevel(logging.INFO)  # one line per finished run
+    if args.select:
+        no_grid = [m for m in args.methods or () if m not in SELECTION_GRIDS]
+        if no_grid:
+            raise ValueError(f"--select: no selection grid for {', '.join(no_grid)}; methods with one: "
+                             f"{', '.join(SELECTION_GRIDS)}")
+        run_selection(config, args.methods or ())
+        return EXIT_OK
     wanted = args.methods or _quality_methods()
     methods = [m for m in QUALITY_METHODS if (m if isinstance(m, str) else m.label) in wanted]
-    logging.getLogger("lhf_torchrec.bench.quality").setLevel(logging.INFO)  # one line per finished run
     run_quality(config, methods)
     return EXIT_OK
 

@@ -40,3 +40,16 @@ def test_embedding_signal_benchmark_quick_mode_measures_every_method(tmp_path):
     for method in ("hash", "frequency", "learned", "combination"):
         assert text.count(f"| {method} |") == 6  # 3 budgets x (groups, effects)
     assert "| 10x | hash | 1 | 1 | 1 | 1 |" in text  # effects are relative to the hashing trick
+
+
+def test_quality_benchmark_selects_each_setting_on_validation(tmp_path):
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "quality.py"), "--quick", "--select",
+                          "--methods", "mch", "--out-dir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    records = json.load(open(tmp_path / "results.json"))
+    assert {r["method"] for r in records} == {"full", "hash", "mch [lfu]", "mch [lru]"}  # every setting trained
+    report = (tmp_path / "results.md").read_text()
+    mch = {r["method"]: r["validation"][-1]["logloss"] for r in records if r["method"].startswith("mch")}
+    kept = min(mch, key=mch.get)
+    assert "| 10x | mch | 2 |" in report and f"0: {kept} |" in report

@@ -23,6 +23,14 @@ from typing import Any, Collection, Dict, List, Mapping, Sequence, Tuple
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from lhf_torchrec.bench.selection import (
+    TUNING_BUDGET,
+    all_settings_report,
+    grid_specs,
+    select_on_validation,
+    selection_methods,
+    selection_report,
+)
 from lhf_torchrec.pipeline.compare import (
     MethodSpec,
     RunRecord,
@@ -35,7 +43,7 @@ from lhf_torchrec.pipeline.compare import (
 from lhf_torchrec.pipeline.datasets import DatasetSpec, load_split
 from lhf_torchrec.training.metrics import untrained_warning
 from lhf_torchrec.training.model import ModelConfig
-from lhf_torchrec.training.runtime import init_runtime
+from lhf_torchrec.training.runtime import Runtime, init_runtime
 from lhf_torchrec.training.trainer import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -88,7 +96,27 @@ def quick_config(out_dir: str = "runs/quality-quick") -> QualityConfig:
 
 
 def run_quality(config: QualityConfig, methods: Sequence[Any] = QUALITY_METHODS) -> List[RunRecord]:
+    """Trains every method of ``methods`` (labels or :class:`MethodSpec`) and writes the report."""
     started = time.perf_counter()
+    records, runtime = _train_all(config, methods)
+    if runtime.is_main:
+        write_report(records, config, time.perf_counter() - started)
+    return records
+
+
+def run_selection(config: QualityConfig, methods: Sequence[str] = ()) -> List[RunRecord]:
+    """Trains every setting of the selection grid of each method in ``methods`` (default: all; ``full``
+    and ``hash`` always), keeps per dataset, budget and seed the setting with the best validation
+    logloss (:mod:`lhf_torchrec.bench.selection`) and writes a report of the kept settings' test
+    metrics. Returns every run."""
+    started = time.perf_counter()
+    records, runtime = _train_all(config, grid_specs(selection_methods(methods)))
+    if runtime.is_main:
+        write_selection_report(records, config, time.perf_counter() - started)
+    return records
+
+
+def _train_all(config: QualityConfig, methods: Sequence[Any]) -> Tuple[List[RunRecord], Runtime]:
     runtime = init_runtime()
     records: List[RunRecord] = []
     total = len(config.datasets) * num_runs(methods, config.compressions, config.seeds)
@@ -111,9 +139,7 @@ def run_quality(config: QualityConfig, methods: Sequence[Any] = QUALITY_METHODS)
             records += compare_methods(data, methods, config.compressions, config.seeds,
                                        ModelConfig(embedding_dim=config.embedding_dim), train,
                                        best_epoch=config.best_epoch, runtime=runtime, on_record=finished)
-    if runtime.is_main:
-        write_report(records, config, time.perf_counter() - started)
-    return records
+    return records, runtime
 
 
 def _run_line(r: RunRecord) -> str:
@@ -246,6 +272,32 @@ trick, negative is worse than it.
     print(text)
 
 
+def write_selection_report(records: Sequence[RunRecord], config: QualityConfig, seconds: float) -> None:
+    """``results.md`` (the settings selected on validation, their test metrics, every setting tried),
+    ``results.json`` (every run) and the plot of the selected settings, in ``config.out_dir``."""
+    selected, choices = select_on_validation(records)
+    untrained = untrained_datasets(records)
+    seeds = ", ".join(str(s) for s in config.seeds)
+    epochs = f"best of {config.epochs} epochs on validation" if config.best_epoch else f"{config.epochs} epoch(s)"
+    text = f"""# Model quality at equal memory, settings selected on validation
+
+Command: `{config.command}` ({seconds:.0f} s on this machine). Seeds {seeds}; {epochs}; the same DLRM
+(dim {config.embedding_dim}), data, optimizer and learning rates for every method. Each method tried the
+settings of its grid (at most {TUNING_BUDGET}, `lhf_torchrec/bench/selection.py`); per dataset, budget and
+seed the setting with the best **validation** logloss was kept and its **test** metrics are reported. Gap
+recovered: (hash - method) / (hash - full) of mean logloss, on each split.
+
+{_untrained_warning(untrained)}{selection_report(selected, choices, config.epochs, untrained=untrained)}
+
+## Every setting tried (mean over seeds)
+
+{all_settings_report(records)}
+"""
+    os.makedirs(config.out_dir, exist_ok=True)
+    write_results(records, text, config.out_dir, title=f"every setting tried: test quality vs total bytes ({epochs})")
+    print(text)
+
+
 def _untrained_warning(untrained: Mapping[str, str]) -> str:
     return "".join(f"**Warning, {dataset}**: {why}.\n\n" for dataset, why in sorted(untrained.items()))
 
@@ -272,8 +324,10 @@ __all__ = [
     "gap_recovered",
     "quick_config",
     "run_quality",
+    "run_selection",
     "full_model_warning",
     "tested_validation",
     "untrained_datasets",
     "verdicts",
+    "write_selection_report",
 ]

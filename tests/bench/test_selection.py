@@ -1,0 +1,99 @@
+"""Selection on validation: grids within the tuning budget, choices made on validation only (no training)."""
+
+import numpy as np
+import pytest
+
+from lhf_torchrec.bench.selection import (
+    SELECTION_GRIDS,
+    TUNING_BUDGET,
+    family_of,
+    grid_specs,
+    select_on_validation,
+    selection_methods,
+    selection_report,
+)
+from lhf_torchrec.cli import main
+from lhf_torchrec.mapping.methods import make_estimator
+from lhf_torchrec.mapping.profile import IdProfile
+from lhf_torchrec.pipeline.compare import RunRecord
+from lhf_torchrec.pipeline.methods import get_method
+
+
+def _record(method: str, validation: float, test: float, seed: int = 0, compression: float = 10,
+            dataset: str = "d") -> RunRecord:
+    return RunRecord(dataset, method, 1.0 if method == "full" else compression, seed, 100, 90, 10, 1000, 0.1, 1.0, 50,
+                     {"logloss": test, "auc": 0.7, "ne": 0.9},
+                     [{"step": 50, "logloss": validation, "auc": 0.7, "ne": 0.9}], epoch=1)
+
+
+def test_every_grid_is_within_the_tuning_budget_and_starts_with_the_default() -> None:
+    for method, grid in SELECTION_GRIDS.items():
+        assert 1 <= len(grid) <= TUNING_BUDGET, method
+        assert all(spec.method == method for spec in grid)
+        assert len({spec.label for spec in grid}) == len(grid)
+        get_method(method)  # a registered method
+    assert SELECTION_GRIDS["combination"][0].hyperparams == {}  # the default is always among the candidates
+
+
+def test_combination_grid_settings_are_valid_and_one_tail_row_means_one_hash_row() -> None:
+    # 300 ids seen 50 times, 100 seen 20 times, 1000 seen once: more than enough candidates for 200 rows.
+    profile = IdProfile.from_ids(np.repeat(np.arange(1400), [50] * 300 + [20] * 100 + [1] * 1000))
+    layouts = {}
+    for spec in SELECTION_GRIDS["combination"]:
+        layouts[spec.label] = make_estimator("combination", 200, **spec.hyperparams).split(profile)
+    assert layouts["combination [tail 1 row, floor 10]"].num_hashed == 1
+    assert layouts["combination [tail 30%, floor 10]"].num_hashed == 60
+    # A higher clustering floor gives fewer ids an entry.
+    assert (layouts["combination [tail 1 row, floor 30]"].num_entries
+            < layouts["combination [tail 1 row, floor 10]"].num_entries)
+
+
+def test_selection_chooses_on_validation_never_on_test() -> None:
+    records = [
+        _record("combination [tail 10%, floor 10]", validation=0.50, test=0.40),  # best test, worse validation
+        _record("combination [tail 1 row, floor 10]", validation=0.45, test=0.48),
+        _record("combination [tail 30%, floor 10]", validation=0.47, test=0.30),
+    ]
+    selected, choices = select_on_validation(records)
+    assert [r.method for r in selected] == ["combination"]
+    assert selected[0].test["logloss"] == 0.48
+    assert choices[0].setting == "combination [tail 1 row, floor 10]" and choices[0].tried == 3
+
+
+def test_selection_is_per_seed_and_budget_ties_keep_the_default_and_failures_take_no_part() -> None:
+    default, one_row = "combination [tail 10%, floor 10]", "combination [tail 1 row, floor 10]"
+    failed = _record(one_row, validation=0.1, test=0.1, seed=1)
+    failed.error, failed.validation = "does not fit", []
+    records = [_record(one_row, 0.45, 0.45, seed=0), _record(default, 0.45, 0.46, seed=0),
+               _record(default, 0.50, 0.50, seed=1), failed,
+               _record(default, 0.40, 0.40, seed=0, compression=50),
+               _record(one_row, 0.30, 0.30, seed=0, compression=50)]
+    _, choices = select_on_validation(records)
+    chosen = {(c.seed, c.compression): c.setting for c in choices}
+    assert chosen == {(0, 10): default, (1, 10): default, (0, 50): one_row}
+
+
+def test_report_shows_gap_recovered_on_validation_and_test_and_the_epochs() -> None:
+    records = [_record("full", 0.40, 0.41), _record("hash", 0.50, 0.51),
+               _record("combination [tail 10%, floor 10]", 0.42, 0.43),
+               _record("combination [tail 1 row, floor 10]", 0.44, 0.40),
+               _record("mch [lfu]", 0.45, 0.46)]
+    report = selection_report(*select_on_validation(records), epochs=1)
+    # combination: validation (0.50 - 0.42) / 0.10 = 80%, test (0.51 - 0.43) / 0.10 = 80%.
+    assert "| d | 10x | combination | 2 | 0.4200 ± 0.0000 | 0.4300 ± 0.0000 | 80% | 80% | 1 + 1 (embeddings) |" \
+           " 0: combination [tail 10%, floor 10] |" in report
+    assert "| d | 10x | mch | 1 | 0.4500 ± 0.0000 | 0.4600 ± 0.0000 | 50% | 50% | 1 + 1 (profiling, no gradient) |" \
+        in report
+    assert report.index("| d | full | full |") < report.index("| d | 10x | hash |")
+    untrained = selection_report(*select_on_validation(records), epochs=1, untrained={"d"})
+    assert "| d | 10x | mch | 1 | 0.4500 ± 0.0000 | 0.4600 ± 0.0000 | n/a | n/a |" in untrained
+
+
+def test_unknown_settings_and_methods_without_a_grid_are_clear_errors(capsys) -> None:
+    with pytest.raises(ValueError, match="no setting of any selection grid"):
+        family_of("combination [made up]")
+    with pytest.raises(ValueError, match="no selection grid for \\['learned'\\]"):
+        grid_specs(selection_methods(["learned"]))
+    assert [s.method for s in grid_specs(selection_methods(["mch"]))] == ["full", "hash", "mch", "mch"]
+    assert main(["bench", "quality", "--select", "--methods", "learned", "--quick"]) == 2
+    assert "--select: no selection grid for learned" in capsys.readouterr().err
