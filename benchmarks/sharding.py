@@ -68,7 +68,7 @@ class Config:
 
 
 FULL = Config(table_ids={"t_zipf_1m": 1_000_000, "t_zipf_300k": 300_000, SPARSE_TABLE: 200_000,
-                         "t_zipf_100k": 100_000}, dim=16, batch=2048, history=1_000_000, warmup=3, reps=15)
+                         "t_zipf_100k": 100_000}, dim=16, batch=2048, history=1_000_000, warmup=5, reps=30)
 QUICK = Config(table_ids={"t_zipf_40k": 40_000, SPARSE_TABLE: 16_000}, dim=8, batch=256, history=50_000,
                warmup=1, reps=3)
 
@@ -303,7 +303,7 @@ def summarize(results: Dict[int, List[Dict]]) -> Dict:
                     "estimate / all tensors": total_est / (counted + allocated["engine"]),
                     "layout(W) / layout(1)": allocated["cosharded"] / layout_base if layout_base else "-",
                     "all(W) / all(1)": (counted + allocated["engine"]) / sum(base[kind].values()),
-                    "1/W": w0 / world_size,
+                    "1/W": w0 / world_size if kind == "cosharded" else "-",
                 })
         times = records[0]["step_seconds"]
         paired = [a / b for a, b in zip(times["cosharded"], times["replicated"])]
@@ -360,6 +360,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
             raise SystemExit(f"--world-sizes: {w} ranks cannot co-shard {NUM_BUCKETS} buckets (use divisors of "
                              f"{NUM_BUCKETS})")
     config = QUICK if args.quick else FULL
+    torch.set_num_threads(1)  # as each rank: the machine description then says what the ranks ran with
     warnings.filterwarnings("ignore")
     logging.getLogger("torchrec").setLevel(logging.ERROR)
     started = time.perf_counter()
@@ -376,6 +377,15 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     verdicts = checks(summary)
     elapsed = time.perf_counter() - started
     memory_table = markdown_table(summary["memory"], MEMORY_COLUMNS)
+    first = {r["mappings"]: r for r in summary["memory"] if r["W"] == min(results) and r["rank"] == 0}
+    layout_1, replicated_1 = first["cosharded"]["co-sharded layout B"], first["replicated"]["replicated B"]
+    rows = sum(m.num_rows for m in mappings.values())
+    entries = sum(m.num_entries for m in mappings.values())
+    crossover = (f"On {min(results)} rank(s) the co-sharded layout takes {layout_1 / replicated_1:.2f}x the replicated "
+                 f"mapping: it pays {layout_1 / rows:.0f} B for each of the {rows:,} rows (the rows of the buckets' "
+                 f"hash regions included), the replicated mapping {replicated_1 / entries:.0f} B for each of its "
+                 f"{entries:,} entries; per rank it is the smaller from W > {min(results) * layout_1 / replicated_1:.1f} "
+                 "ranks on, and keeps falling as 1/W where the replicated copy stays whole.")
     timing_table = markdown_table(summary["timing"], TIMING_COLUMNS)
     command = " ".join(["python benchmarks/sharding.py", *(sys.argv[1:] if argv is None else argv)])
     shapes = ", ".join(f"`{name}` {ids:,} ids -> {mappings[name].num_rows:,} rows "
@@ -399,10 +409,12 @@ Allocated: the tensors the sharded modules hold on the rank. Co-sharded layout: 
 MC engine: the other buffers of each `CoShardedIdRemap` (TorchRec's `ManagedCollisionModule`
 `_output_segments_tensor` of 1025 int64 and `_current_iter_tensor`, and the hash's 4 coefficients:
 8,240 B per co-sharded table on every rank, whatever its size); replicated: the `IdMapping` buffers.
-Estimate: `RankMemory.cosharded_mappings + RankMemory.mappings` of the rank. Ratios to W = 1 are
-per-rank bytes over rank 0's at W = 1.
+Estimate: `RankMemory.cosharded_mappings + RankMemory.mappings` of the rank. `layout(W) / layout(1)`
+and `all(W) / all(1)`: the rank's bytes over rank 0's at W = {min(results)}, against `1/W` ({min(results)} / W).
 
 {memory_table}
+
+{crossover}
 
 ### Training step (forward, backward of `sum(pooled)`, SGD fused into the backward), batch {config.batch} per rank
 
