@@ -411,6 +411,9 @@ MC engine: the other buffers of each `CoShardedIdRemap` (TorchRec's `ManagedColl
 8,240 B per co-sharded table on every rank, whatever its size); replicated: the `IdMapping` buffers.
 Estimate: `RankMemory.cosharded_mappings + RankMemory.mappings` of the rank. `layout(W) / layout(1)`
 and `all(W) / all(1)`: the rank's bytes over rank 0's at W = {min(results)}, against `1/W` ({min(results)} / W).
+The planner counts the layout, not the MC engine buffers: they are a constant per co-sharded table
+and rank, so their share of a rank's co-sharded bytes grows with W (and with the number of small
+tables), and so does the gap in `estimate / all tensors`.
 
 {memory_table}
 
