@@ -43,6 +43,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from tqdm import tqdm
 
+from lhf_torchrec.files import atomic_write
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import machine_description, markdown_table, write_doc_section  # noqa: E402
 
@@ -199,6 +201,9 @@ def _worker(rank: int, world_size: int, port: int, mapping_file: str, config: Co
         for kind, memory in estimates.items():
             if not memory.fits:
                 raise RuntimeError(f"{kind}: the planner found no plan: {memory.error}")
+            other = {t: k for t, k in memory.sharding_types.items() if k != "row_wise"}
+            if other:  # both models are to be row-wise, so that only where the mapping lives differs
+                raise RuntimeError(f"{kind}: the planner did not shard every table row-wise: {other}")
         cosharder, replicated_sharder = _sharders()
         torch.manual_seed(0)
         cosharded_module = CoShardedLearnedHashEBC(tables, mappings, device=torch.device("meta"))
@@ -434,9 +439,9 @@ the step to one after it (the slowest rank's step); the ratio is the median of p
 """
     print(memory_table, timing_table, *verdicts, sep="\n\n")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"config": asdict(config), "results": {str(k): v for k, v in results.items()}, **summary,
-                       "checks": verdicts}, f, indent=1)
+        with atomic_write(args.json) as f:
+            f.write(json.dumps({"config": asdict(config), "results": {str(k): v for k, v in results.items()},
+                                **summary, "checks": verdicts}, indent=1).encode())
     if not args.no_write:
         write_doc_section(os.path.abspath(args.doc), SECTION, body)
         print(f"wrote the section to {os.path.abspath(args.doc)}")
