@@ -53,3 +53,31 @@ def test_quality_benchmark_selects_each_setting_on_validation(tmp_path):
     mch = {r["method"]: r["validation"][-1]["logloss"] for r in records if r["method"].startswith("mch")}
     kept = min(mch, key=mch.get)
     assert "| 10x | mch | 2 |" in report and f"0: {kept} |" in report
+
+
+def test_sharding_benchmark_quick_mode_measures_both_mappings_on_one_and_two_ranks(tmp_path):
+    doc, results = tmp_path / "performance.md", tmp_path / "sharding.json"
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "sharding.py"), "--quick", "--world-sizes",
+                          "1", "2", "--json", str(results), "--doc", str(doc)],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.load(open(results))
+    rows = {(r["W"], r["rank"], r["mappings"]): r for r in report["memory"]}
+    assert sorted(rows) == sorted((w, rank, kind) for w in (1, 2) for rank in range(w)
+                                  for kind in ("cosharded", "replicated"))
+    one = rows[1, 0, "cosharded"]
+    assert one["co-sharded layout B"] > 0 and one["replicated B"] == 0
+    for rank in (0, 1):
+        co, rep = rows[2, rank, "cosharded"], rows[2, rank, "replicated"]
+        # Each of 2 ranks holds half of the co-sharded mappings; the replicated ones stay whole.
+        assert abs(co["co-sharded layout B"] / one["co-sharded layout B"] - 0.5) <= 0.025
+        assert rep["replicated B"] == rows[1, 0, "replicated"]["replicated B"] > 0
+        for row in (co, rep):
+            assert abs(row["estimate / layout + replicated"] - 1) <= 0.05, row
+        # TorchRec's managed-collision buffers: a constant per co-sharded table and rank, not counted.
+        assert co["MC engine B"] == one["MC engine B"] > 0
+    assert [t["W"] for t in report["timing"]] == [1, 2]
+    assert all(t["co-sharded step ms"] > 0 and t["replicated step ms"] > 0 for t in report["timing"])
+    text = doc.read_text()
+    assert "## Sharding (benchmarks/sharding.py)" in text and "CUDA timings were not taken" in text
+    assert "layout bytes per rank fall as 1/W within 5%: yes" in text
