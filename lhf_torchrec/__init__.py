@@ -13,7 +13,9 @@ The pieces, in the order a pipeline uses them (docs/architecture.md has the laye
 * :mod:`lhf_torchrec.distributed`: ``LearnedHashEBCSharder`` (the remap replicated in
   ``input_dist``, the tables sharded by TorchRec with any sharding type), ``LearnedHashPlanner``
   (TorchRec's planner, which also counts the mapping memory) and ``plan_report`` (per-rank memory
-  before and after compression, without GPUs).
+  before and after compression, without GPUs). For many ranks, bucketed mappings co-shard with
+  their row-wise tables through TorchRec's managed-collision engine (``CoShardedLearnedHashEBC``,
+  ``apply_cosharded_learned_hashing``, ``CoShardedEBCSharder``): each rank holds 1/W of them.
 * :mod:`lhf_torchrec.training`: DLRM, the trainer (DMP, pipelined training, checkpoints).
 * :mod:`lhf_torchrec.baselines`: QR, MCH and CCE, each a remap in front of a stock EBC.
 * :mod:`lhf_torchrec.pipeline`: the steps profile -> learn -> fit -> train, the method registry
@@ -28,7 +30,7 @@ Example::
 """
 
 from lhf_torchrec.distributed.planner import LearnedHashPlanner, plan_report
-from lhf_torchrec.distributed.sharder import LearnedHashEBCSharder
+from lhf_torchrec.distributed.sharder import CoShardedEBCSharder, LearnedHashEBCSharder
 from lhf_torchrec.mapping import (
     IdEmbeddings,
     IdMapping,
@@ -38,16 +40,20 @@ from lhf_torchrec.mapping import (
     plan_budget,
     save_mappings,
 )
+from lhf_torchrec.modules.cosharded import CoShardedLearnedHashEBC
 from lhf_torchrec.modules.learned_hash_ebc import LearnedHashEmbeddingBagCollection
-from lhf_torchrec.modules.swap import apply_learned_hashing
+from lhf_torchrec.modules.swap import apply_cosharded_learned_hashing, apply_learned_hashing
 
 __all__ = [
+    "CoShardedEBCSharder",
+    "CoShardedLearnedHashEBC",
     "IdEmbeddings",
     "IdMapping",
     "IdProfile",
     "LearnedHashEBCSharder",
     "LearnedHashEmbeddingBagCollection",
     "LearnedHashPlanner",
+    "apply_cosharded_learned_hashing",
     "apply_learned_hashing",
     "fit_mapping",
     "load_mappings",
