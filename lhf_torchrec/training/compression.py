@@ -9,6 +9,7 @@ A fitted method is a :class:`FittedTables`: its compression and what every table
 
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING, Collection, Dict, Iterable, List, Mapping, Optional
 
 import torch
@@ -75,9 +76,10 @@ class LearnedHashing(Compression):
     initial_weights: Optional[Mapping[str, torch.Tensor]] = None
     cosharded_world_size: Optional[int] = None
 
-    @property
+    @cached_property
     def cosharded_tables(self) -> List[str]:
-        """The tables that co-shard with their mappings on ``cosharded_world_size`` ranks."""
+        """The tables that co-shard with their mappings on ``cosharded_world_size`` ranks (decided once:
+        the rule counts every bucket's entries of every mapping)."""
         if self.cosharded_world_size is None:
             return []
         choices = cosharding_choices(self.mappings, self.cosharded_world_size)
