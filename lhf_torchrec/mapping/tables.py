@@ -8,11 +8,17 @@ profiled id gets a row, and one extra row takes every id never seen.
 A compressed table's budget is its full rows x :func:`~lhf_torchrec.mapping.budget.row_bytes`
 (fp32 weights + the table optimizer's state) divided by the compression, whatever the method; tables
 with fewer than ``MIN_COMPRESSED_ROWS`` full rows (or no profiled id) stay full size for every method.
+
+The learn step (:func:`lhf_torchrec.pipeline.steps.learn_embeddings`) does not train full tables:
+:func:`learn_mappings` gives it a row for each id seen at least ``min_count`` times (the ids the
+learned methods can cluster) and a small hashed region for every other id.
 """
 
+import math
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Tuple
 
+import numpy as np
 from torchrec import EmbeddingBagConfig
 
 from lhf_torchrec.mapping.budget import row_bytes
@@ -51,6 +57,37 @@ def vocabulary_mappings(
                                       hot_fraction=1.0, seed=seed, table=t.name)
         else:  # no id in the training split (a column filled in later): every id is unseen, one row
             out[t.name] = fit_mapping(None, method="hash", num_rows=1, seed=seed, table=t.name)
+    return out
+
+
+# The learn step's hashed region, as a share of its kept rows (rows of ids seen >= min_count times):
+# combination's default share of hash rows (hashed_fraction=0.1), so the learn model sees the rarely
+# seen ids as the compressed models do (many to a shared row), and its tables stay within 1.1x of
+# what the kept ids need. The region's rows are never read back (no fit uses a rare id's embedding).
+LEARN_HASH_SHARE = 0.1
+
+
+def learn_mappings(
+    profiles: Mapping[str, IdProfile], tables: List[EmbeddingBagConfig], min_count: int, seed: int = 0
+) -> Dict[str, IdMapping]:
+    """The learn step's mappings: a ``frequency`` mapping per table whose entries (one row each) are
+    the ids seen at least ``min_count`` times; every other id (rarer, unseen) is hashed into
+    ``ceil(LEARN_HASH_SHARE x kept)`` rows (at least 1, at most one per rarer profiled id). A table
+    of dense ids with no more rows than that keeps no mapping (its ids are its rows)."""
+    if isinstance(min_count, bool) or not isinstance(min_count, (int, np.integer)) or min_count < 1:
+        raise ValueError(f"min_count must be an integer >= 1, got {min_count!r}")
+    out = {}
+    for t in tables:
+        profile = profiles[t.name]
+        kept = int((profile.counts >= min_count).sum())
+        hashed = max(1, min(math.ceil(LEARN_HASH_SHARE * kept), profile.num_ids - kept))
+        if not needs_vocabulary(profile, t) and t.num_embeddings <= kept + hashed:
+            continue
+        if kept == 0:  # nothing to keep: every id is hashed
+            out[t.name] = fit_mapping(None, method="hash", num_rows=hashed, seed=seed, table=t.name)
+        else:  # the kept ids are the first `kept` by access count: frequency's hot ids
+            out[t.name] = fit_mapping(profile, method="frequency", num_rows=kept + hashed,
+                                      hot_fraction=kept / (kept + hashed), seed=seed, table=t.name)
     return out
 
 

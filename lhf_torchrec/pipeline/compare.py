@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 from lhf_torchrec.files import atomic_write
+from lhf_torchrec.mapping.methods import MIN_COUNT
 from lhf_torchrec.mapping.tables import full_table_bytes
 from lhf_torchrec.pipeline.datasets import SplitData
 from lhf_torchrec.pipeline.methods import FitInputs, fit_method, get_method
@@ -93,6 +94,7 @@ def compare_methods(
     for s in specs:  # unknown names fail here, before any training
         if not get_method(s.method).maps_ids and s.warm_start:
             raise ValueError(f"{s.label}: warm start needs a method that maps ids to rows, not '{s.method}'")
+    floors = learn_floors(specs, model_config.embedding_dim, learn_dim)
     runtime = runtime or init_runtime()
     profiles = profile_tables(data.train, data.tables)
     full_bytes = full_table_bytes(data.tables, profiles, train_config.optimizer)
@@ -105,7 +107,8 @@ def compare_methods(
             if dim not in learned:
                 start = time.perf_counter()
                 learned[dim] = (learn_embeddings(data.train, data.tables, profiles, dim=dim, epochs=learn_epochs,
-                                                 train_config=config, runtime=runtime), time.perf_counter() - start)
+                                                 min_count=floors[dim], train_config=config, runtime=runtime),
+                                time.perf_counter() - start)
             return learned[dim]
 
         runs = [(s, 1.0) for s in specs if s.method == "full"]
@@ -146,6 +149,20 @@ def compare_methods(
             if on_record is not None:
                 on_record(record)
     return records
+
+
+def learn_floors(specs: Sequence[MethodSpec], model_dim: int, learn_dim: int) -> Dict[int, int]:
+    """Embedding dim -> the ``min_count`` its learn step keeps ids from: the lowest ``min_count`` of
+    the fits that use embeddings of that dim (the budget only raises it), and 1 for a warm start
+    (every profiled id's embedding initializes the row it maps to)."""
+    floors: Dict[int, int] = {}
+    for s in specs:
+        if s.warm_start:
+            floors[model_dim] = 1
+        elif get_method(s.method).needs_embeddings:
+            floor = s.hyperparams.get("min_count", MIN_COUNT)
+            floors[learn_dim] = min(floors.get(learn_dim, floor), floor)
+    return floors
 
 
 def num_runs(methods: Sequence[Union[str, MethodSpec]], compressions: Sequence[float], seeds: Sequence[int]) -> int:

@@ -21,7 +21,8 @@ from lhf_torchrec.mapping.embeddings import IdEmbeddings, embeddings_of
 from lhf_torchrec.mapping.fit import fit_mapping
 from lhf_torchrec.mapping.id_mapping import IdMapping
 from lhf_torchrec.mapping.profile import FeatureProfiler, IdProfile, merge_profiles
-from lhf_torchrec.mapping.tables import full_rows, table_budgets, vocabulary_mappings
+from lhf_torchrec.mapping.methods import MIN_COUNT
+from lhf_torchrec.mapping.tables import full_rows, learn_mappings, table_budgets, vocabulary_mappings
 from lhf_torchrec.training.compression import FittedTables, LearnedHashing
 from lhf_torchrec.training.model import ModelConfig
 from lhf_torchrec.training.runtime import Runtime
@@ -52,30 +53,41 @@ def learn_embeddings(
     *,
     dim: int = 8,
     epochs: int = 1,
+    min_count: int = MIN_COUNT,
     train_config: Optional[TrainConfig] = None,
     runtime: Optional[Runtime] = None,
 ) -> Dict[str, IdEmbeddings]:
-    """Low-dimensional embeddings of every profiled id, from a short training run of a DLRM with
-    full-size ``dim``-wide tables (the paper's "learned" signal). Returned on every rank."""
-    small = [EmbeddingBagConfig(name=t.name, embedding_dim=dim, num_embeddings=t.num_embeddings,
-                                feature_names=list(t.feature_names), pooling=t.pooling) for t in tables]
-    vocab = vocabulary_mappings(profiles, small)
+    """Low-dimensional embeddings of the ids seen at least ``min_count`` times, from a short training
+    run of a DLRM with ``dim``-wide tables (the paper's "learned" signal). Returned on every rank.
+
+    Only those ids can be clustered (the learned methods' ``min_count``, a floor the budget may only
+    raise), so only they get a row of their own (:func:`~lhf_torchrec.mapping.tables.learn_mappings`):
+    every other id shares a small hashed region, and the model's memory follows the well-observed
+    ids, not the id space. ``min_count`` must be at most the ``min_count`` of every fit that uses
+    the result: a clustered id without an embedding is hashed (with a warning)."""
     config = dataclasses.replace(train_config or TrainConfig(), epochs=epochs, checkpoint_dir=None, resume=False)
-    trainer = Trainer(ModelConfig(embedding_dim=dim), config, small, len(train.dense_names), LearnedHashing(vocab),
+    mappings = learn_mappings(profiles, tables, min_count, config.seed)
+    small = [EmbeddingBagConfig(name=t.name, embedding_dim=dim, feature_names=list(t.feature_names), pooling=t.pooling,
+                                num_embeddings=mappings[t.name].num_rows if t.name in mappings else t.num_embeddings)
+             for t in tables]
+    trainer = Trainer(ModelConfig(embedding_dim=dim), config, small, len(train.dense_names), LearnedHashing(mappings),
                       runtime)
     trainer.fit(train)
     weights = trainer.table_weights()
     payload = [None]
     if trainer.runtime.is_main:
-        payload = [{name: _weights_to_ids(weights[name], profiles[name], vocab.get(name)) for name in profiles}]
+        payload = [{t.name: _kept_embeddings(weights[t.name], profiles[t.name], mappings.get(t.name), min_count)
+                    for t in small}]
     torch.distributed.broadcast_object_list(payload, src=0)
     return payload[0]
 
 
-def _weights_to_ids(weight: torch.Tensor, profile: IdProfile, vocab: Optional[IdMapping]) -> IdEmbeddings:
-    ids = torch.from_numpy(profile.ids)
-    rows = vocab(ids) if vocab is not None else ids
-    return IdEmbeddings(profile.ids, weight.index_select(0, rows).float())
+def _kept_embeddings(
+    weight: torch.Tensor, profile: IdProfile, mapping: Optional[IdMapping], min_count: int
+) -> IdEmbeddings:
+    ids = profile.ids[profile.counts >= min_count]
+    rows = torch.from_numpy(ids) if mapping is None else mapping(torch.from_numpy(ids))
+    return IdEmbeddings(ids, weight.index_select(0, rows).float())
 
 
 def warm_start_rows(mapping: IdMapping, profile: IdProfile, embeddings: IdEmbeddings, seed: int = 0) -> torch.Tensor:
