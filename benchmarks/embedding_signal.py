@@ -5,7 +5,8 @@
 
 The synthetic data plants groups of alike ids (:mod:`lhf_torchrec.data.synthetic`), so two things
 can be measured on the four largest tables, with the embeddings the quality benchmark clusters on
-(8-d, one epoch of a full-table DLRM on the training split):
+(8-d, one epoch of the learn step's DLRM on the training split; ids seen fewer than 10 times have
+none and are left out of the bands):
 
 1. Embedding signal: over pairs of ids in a popularity band, the correlation between the cosine
    similarity of their learned embeddings and that of their true latent vectors (1: the embedding
@@ -124,7 +125,7 @@ def main() -> None:
 
 Command: `python benchmarks/embedding_signal.py{' --quick' if args.quick else ''}` ({time.perf_counter() - started:.0f} s;
 {machine_description()}). Synthetic data, {rows:,} rows at scale {scale:g} (the quality benchmark's
-default), embeddings as the quality benchmark learns them (8-d, one epoch of a full-table DLRM).
+default), embeddings as the quality benchmark learns them (8-d, one epoch of the learn step's DLRM).
 The four tables with the most profiled ids.
 
 ## Embedding signal

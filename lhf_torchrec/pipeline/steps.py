@@ -93,8 +93,9 @@ def _kept_embeddings(
 def warm_start_rows(mapping: IdMapping, profile: IdProfile, embeddings: IdEmbeddings, seed: int = 0) -> torch.Tensor:
     """Initial rows for a compressed table: each row the access-weighted mean of the learned
     embeddings of the profiled ids that map to it (hot rows: their id's embedding; cluster rows:
-    the cluster's centroid). Rows no profiled id reaches keep a small random init, as TorchRec's
-    default (uniform in +-1/sqrt(rows)). ``embeddings`` must have the table's dim."""
+    the cluster's centroid). Rows that no profiled id with an embedding reaches (e.g. reached only by
+    ids under the learn step's ``min_count``) keep a small random init, as TorchRec's default
+    (uniform in +-1/sqrt(rows)). ``embeddings`` must have the table's dim."""
     if mapping.probes != 1:
         raise ValueError(f"table '{mapping.table_name}': warm start needs one row per id, not {mapping.method}")
     has, vectors = embeddings_of(embeddings, profile.ids, mapping.table_name)
