@@ -1,5 +1,6 @@
 """The learn step: rows for the ids seen >= min_count times, a small hashed region for the rest."""
 
+import json
 import math
 
 import numpy as np
@@ -96,3 +97,14 @@ def test_warm_start_leaves_rows_reached_only_by_ids_without_embeddings_at_their_
     random_init = torch.empty(20, 2).uniform_(-20 ** -0.5, 20 ** -0.5, generator=torch.Generator().manual_seed(4))
     assert torch.equal(rows[2:], random_init[2:])  # ids 3 and 9 have no embedding: their rows stay random
     assert not torch.equal(warm_start_rows(mapping, profile, everything, seed=4)[2:], rows[2:])
+
+
+def test_train_with_combination_fitted_on_the_floor_embeddings(tmp_path):
+    from lhf_torchrec.cli import main
+
+    results = str(tmp_path / "train.json")
+    assert main(["train", "--rows", "6000", "--scale", "0.0005", "--data-seed", "3", "--embedding-dim", "8",
+                 "--dense-arch-layer-sizes", "16", "--over-arch-layer-sizes", "16,1", "--batch-size", "128",
+                 "--no-progress", "--method", "combination", "--compression", "4", "--results", results]) == 0
+    trained = json.load(open(results))
+    assert trained["steps"] == 4800 // 128 and 0 < trained["test"]["logloss"] < 1
