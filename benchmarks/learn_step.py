@@ -20,8 +20,8 @@ state are allocated when the model is built, so more steps would change no memor
 measured does not depend on the data's length; the quality of the embeddings is measured by the
 quality benchmark, docs/results.md). Table + optimizer bytes are the learn model's rows x
 ``row_bytes`` (fp32 weights and row-wise Adagrad's one float per row); peak RSS is the process's
-(``ru_maxrss``), which also holds the profile, the data, the returned embeddings and their copy sent
-to the other ranks (``broadcast_object_list``).
+during the learn step (``VmHWM`` reset when it starts, Linux), which holds the returned embeddings and
+their copy sent to the other ranks (``broadcast_object_list``) too.
 
 Results are printed and written to docs/performance.md (section "Learn step").
 """
@@ -81,12 +81,15 @@ def learn_once(num_ids: int, sparse_ids: bool, min_count: int) -> dict:
     mapping = learn_mappings({"t_ids": profile}, [table], min_count, config.seed).get("t_ids")
     rows = mapping.num_rows if mapping is not None else num_ids
     runtime = init_runtime()
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    del accesses, counts, ids, order
+    rss_before = _status_bytes("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM: from here on it is the learn step's peak
+        f.write("5")
     start = time.perf_counter()
     embeddings = learn_embeddings(train, [table], {"t_ids": profile}, dim=DIM, min_count=min_count,
                                   train_config=config, runtime=runtime)
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _status_bytes("VmHWM")
     return {
         "ids": "sparse 40-bit" if sparse_ids else "dense",
         "min_count": min_count,
@@ -94,10 +97,17 @@ def learn_once(num_ids: int, sparse_ids: bool, min_count: int) -> dict:
         "learn rows": rows,
         "tables + optimizer MB": rows * row_bytes(DIM, config.optimizer) / 2**20,
         "mapping MB": (mapping.nbytes if mapping is not None else 0) / 2**20,
+        "RSS before MB": rss_before / 2**20,
         "peak RSS MB": peak / 2**20,
-        "RSS growth MB": (peak - rss_before) / 2**20,
+        "process peak RSS MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10,
         "seconds": seconds,
     }
+
+
+def _status_bytes(field: str) -> int:
+    """A memory figure of this process from /proc/self/status (Linux), in bytes."""
+    with open("/proc/self/status") as f:
+        return 1024 * int(next(line.split()[1] for line in f if line.startswith(field + ":")))
 
 
 def run_child(num_ids: int, sparse_ids: bool, min_count: int) -> dict:
@@ -132,7 +142,7 @@ def main() -> None:
                                  f"{row['peak RSS MB'] / before['peak RSS MB']:.3f}")
     kept = counts >= 10
     columns = ["ids", "min_count", "ids embedded", "learn rows", "tables + optimizer MB", "mapping MB",
-               "peak RSS MB", "RSS growth MB", "of min_count=1", "seconds"]
+               "RSS before MB", "peak RSS MB", "of min_count=1", "process peak RSS MB", "seconds"]
     command = "python benchmarks/learn_step.py" + (" --quick" if args.quick else "") + (
         f" --num-ids {args.num_ids}" if args.num_ids else "")
     body = f"""Command: `{command}` ({time.perf_counter() - started:.0f} s; {machine_description()}; the
@@ -145,10 +155,12 @@ optimizer state exist from the first step, so more steps change no memory) in a 
 table itself for dense ids, a vocabulary of n + 1 rows for sparse ones); `min_count=10` (the
 learned methods' clustering floor) gives a row to each id seen at least 10 times and hashes the others
 into a tenth as many rows (`mapping/tables.py` `learn_mappings`). Tables + optimizer: rows x (fp32
-weights + row-wise Adagrad's one float per row). Peak RSS: the whole process's (imports, profile,
-data, the returned embeddings and their broadcast copy); RSS growth: its peak during the learn step
-over its peak before. "of min_count=1": tables + optimizer, and peak RSS, as a share of the
-`min_count=1` row with the same ids.
+weights + row-wise Adagrad's one float per row). RSS before: the process's resident memory when the
+learn step starts (torch and TorchRec imported, the profile and data built); peak RSS: its peak
+during the learn step (Linux `VmHWM`, reset when the step starts), which holds the model, the
+returned embeddings and their copy broadcast to the other ranks; process peak RSS: the whole
+process's, building the synthetic data included. "of min_count=1": tables + optimizer, and peak RSS,
+as a share of the `min_count=1` row with the same ids.
 
 {markdown_table(rows, columns)}
 """
