@@ -29,7 +29,6 @@ Results are printed and written to docs/performance.md (section "Learn step").
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -99,7 +98,7 @@ def learn_once(num_ids: int, sparse_ids: bool, min_count: int) -> dict:
         "mapping MB": (mapping.nbytes if mapping is not None else 0) / 2**20,
         "RSS before MB": rss_before / 2**20,
         "peak RSS MB": peak / 2**20,
-        "process peak RSS MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10,
+        "growth MB": (peak - rss_before) / 2**20,
         "seconds": seconds,
     }
 
@@ -118,6 +117,36 @@ def run_child(num_ids: int, sparse_ids: bool, min_count: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def report(rows: list, num_ids: int, command: str, seconds: float) -> str:
+    """The doc section's text: the setting and a table of ``rows`` (one per :func:`learn_once`)."""
+    for row in rows:
+        before = next(r for r in rows if r["ids"] == row["ids"] and r["min_count"] == 1)
+        row["of min_count=1"] = (f"{row['tables + optimizer MB'] / before['tables + optimizer MB']:.3f} / "
+                                 f"{row['growth MB'] / before['growth MB']:.3f}")
+    counts = zipf_counts(num_ids)
+    kept = counts >= 10
+    columns = ["ids", "min_count", "ids embedded", "learn rows", "tables + optimizer MB", "mapping MB",
+               "RSS before MB", "peak RSS MB", "growth MB", "of min_count=1", "seconds"]
+    return f"""Command: `{command}` ({seconds:.0f} s; {machine_description()}; the machine was
+shared with other jobs, so the seconds are loose). One table of {num_ids:,} distinct ids, Zipf(1.0)
+access counts, {MEAN_ACCESSES} accesses per id on average: {int(kept.sum()):,} ids ({kept.mean():.1%}) are
+seen at least 10 times and carry {counts[kept].sum() / counts.sum():.0%} of the accesses. Each row is
+`learn_embeddings` (dim {DIM}, batch {BATCH}, {STEPS} steps: the tables and their optimizer state exist
+from the first step, so more steps change no memory) in a fresh process. `min_count=1` gives every
+profiled id a row, as the learn step did before it had a floor (the table itself for dense ids, a
+vocabulary of n + 1 rows for sparse ones); `min_count=10` (the learned methods' clustering floor)
+gives a row to each id seen at least 10 times and hashes the others into a tenth as many rows
+(`mapping/tables.py` `learn_mappings`). Tables + optimizer: rows x (fp32 weights + row-wise
+Adagrad's one float per row). RSS before: the process's resident memory when the learn step starts
+(torch and TorchRec imported, the profile and data built); peak RSS: its peak during the learn step
+(Linux `VmHWM`, reset when the step starts), which holds the model, the trained weights gathered on
+rank 0, the returned embeddings and their copy broadcast to the other ranks; growth: peak - before.
+"of min_count=1": tables + optimizer, and growth, as a share of the `min_count=1` row with the same ids.
+
+{markdown_table(rows, columns)}
+"""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="1e5 ids")
@@ -129,41 +158,15 @@ def main() -> None:
         print(json.dumps(learn_once(args.child[0], bool(args.child[1]), args.child[2])))
         return
     num_ids = args.num_ids or (100_000 if args.quick else 10_000_000)
-    counts = zipf_counts(num_ids)
     started = time.perf_counter()
     rows = []
     for sparse_ids in (False, True):
         for min_count in FLOORS:
             rows.append(run_child(num_ids, sparse_ids, min_count))
             print(rows[-1], flush=True)
-    for row in rows:
-        before = next(r for r in rows if r["ids"] == row["ids"] and r["min_count"] == 1)
-        row["of min_count=1"] = (f"{row['tables + optimizer MB'] / before['tables + optimizer MB']:.3f} / "
-                                 f"{row['peak RSS MB'] / before['peak RSS MB']:.3f}")
-    kept = counts >= 10
-    columns = ["ids", "min_count", "ids embedded", "learn rows", "tables + optimizer MB", "mapping MB",
-               "RSS before MB", "peak RSS MB", "of min_count=1", "process peak RSS MB", "seconds"]
     command = "python benchmarks/learn_step.py" + (" --quick" if args.quick else "") + (
         f" --num-ids {args.num_ids}" if args.num_ids else "")
-    body = f"""Command: `{command}` ({time.perf_counter() - started:.0f} s; {machine_description()}; the
-machine was shared with other jobs, so the seconds are loose). One table of {num_ids:,} distinct ids,
-Zipf(1.0) access counts, {MEAN_ACCESSES} accesses per id on average: {int(kept.sum()):,} ids
-({kept.mean():.1%}) are seen at least 10 times and carry {counts[kept].sum() / counts.sum():.0%} of the
-accesses. Each row is `learn_embeddings` (dim {DIM}, batch {BATCH}, {STEPS} steps: the tables and their
-optimizer state exist from the first step, so more steps change no memory) in a fresh process.
-`min_count=1` gives every profiled id a row, as the learn step did before it had a floor (the
-table itself for dense ids, a vocabulary of n + 1 rows for sparse ones); `min_count=10` (the
-learned methods' clustering floor) gives a row to each id seen at least 10 times and hashes the others
-into a tenth as many rows (`mapping/tables.py` `learn_mappings`). Tables + optimizer: rows x (fp32
-weights + row-wise Adagrad's one float per row). RSS before: the process's resident memory when the
-learn step starts (torch and TorchRec imported, the profile and data built); peak RSS: its peak
-during the learn step (Linux `VmHWM`, reset when the step starts), which holds the model, the
-returned embeddings and their copy broadcast to the other ranks; process peak RSS: the whole
-process's, building the synthetic data included. "of min_count=1": tables + optimizer, and peak RSS,
-as a share of the `min_count=1` row with the same ids.
-
-{markdown_table(rows, columns)}
-"""
+    body = report(rows, num_ids, command, time.perf_counter() - started)
     print(body)
     write_doc_section(args.doc, "Learn step (benchmarks/learn_step.py)", body)
 
