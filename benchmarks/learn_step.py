@@ -144,6 +144,10 @@ rank 0, the returned embeddings and their copy broadcast to the other ranks; gro
 "of min_count=1": tables + optimizer, and growth, as a share of the `min_count=1` row with the same ids.
 
 {markdown_table(rows, columns)}
+
+At `min_count=10` most of the growth is not the tables: fitting the learn mapping ranks every profiled
+id by its count, and those temporaries scale with the profile (16 bytes per id already held), not with
+the learn model's rows.
 """
 
 
