@@ -81,3 +81,14 @@ def test_sharding_benchmark_quick_mode_measures_both_mappings_on_one_and_two_ran
     text = doc.read_text()
     assert "## Sharding (benchmarks/sharding.py)" in text and "CUDA timings were not taken" in text
     assert "layout bytes per rank fall as 1/W within 5%: yes" in text
+
+
+def test_learn_step_benchmark_quick_mode_measures_both_floors(tmp_path):
+    doc = tmp_path / "performance.md"
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "learn_step.py"), "--quick", "--doc", str(doc)],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = doc.read_text()
+    assert "## Learn step (benchmarks/learn_step.py)" in text
+    for ids in ("dense", "sparse 40-bit"):
+        assert f"| {ids} | 1 | 100,000 | " in text and f"| {ids} | 10 | 9,143 | 10,058 | " in text
