@@ -123,8 +123,8 @@ class BucketFits:
     """The fitted entries of the buckets ``[first_bucket, first_bucket + len(splits))`` of a mapping.
 
     ``entry_rows`` are rows of the whole table; entries are in bucket order (a bucket's as its
-    estimator returned them). :func:`fit_bucket_range` makes one, :func:`concat_bucket_fits` joins
-    adjacent ones and :func:`assemble_bucketed` turns one covering every bucket into the mapping.
+    estimator returned them). :func:`fit_bucket_range` makes one; :func:`assemble_bucketed` turns one that covers every
+    bucket into the mapping.
     """
 
     first_bucket: int
@@ -178,20 +178,6 @@ def fit_bucket_range(
     return BucketFits(first_bucket, splits, np.concatenate(entry_ids or [np.zeros(0, np.int64)]),
                       np.concatenate(entry_rows or [np.zeros(0, np.int64)]),
                       np.array([ids.size for ids in entry_ids], np.int64))
-
-
-def concat_bucket_fits(parts: Sequence[BucketFits]) -> BucketFits:
-    """Joins the fits of adjacent bucket ranges, given in bucket order (empty ranges allowed)."""
-    parts = [p for p in parts if p.splits]
-    for before, after in zip(parts[:-1], parts[1:]):
-        if before.end_bucket != after.first_bucket:
-            raise ValueError(f"bucket fits are not adjacent: [{before.first_bucket}, {before.end_bucket}) then "
-                             f"[{after.first_bucket}, {after.end_bucket})")
-    if not parts:
-        raise ValueError("no bucket fits to join")
-    return BucketFits(parts[0].first_bucket, [s for p in parts for s in p.splits],
-                      np.concatenate([p.entry_ids for p in parts]), np.concatenate([p.entry_rows for p in parts]),
-                      np.concatenate([p.entry_counts for p in parts]))
 
 
 def assemble_bucketed(
