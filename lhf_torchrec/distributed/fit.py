@@ -21,6 +21,8 @@ share of the ids (about 1/W of them, for a bucket hash that spreads ids evenly).
 Heavy-hitter profiles (``capacity``) are refused: their summaries shrink against the global counts,
 which no rank has; merge them on one process (:meth:`IdProfile.merge`) and fit with ``fit_bucketed``.
 
+:func:`merge_across_ranks` merges whole profiles on every rank (what ``lhf profile`` writes).
+
 Collectives run on CPU tensors under gloo and on the current CUDA device under NCCL.
 """
 
@@ -266,6 +268,31 @@ __all__ = [
     "fit_bucketed_distributed",
     "fit_owned_buckets",
     "gather_mapping",
+    "merge_across_ranks",
     "owned_buckets",
     "shard_mapping",
 ]
+
+
+def merge_across_ranks(profile: IdProfile, *, table: str = "table", group: ProcessGroup = None) -> IdProfile:
+    """The merge of every rank's ``profile``, on every rank (collective).
+
+    Exact profiles: equal to the profile of all ranks' data in one process; ranks sum the counts of
+    a 1/W share of the ids each (:func:`exchange_profiles`), then gather the shares. Heavy-hitter
+    summaries: merged in rank order (:meth:`IdProfile.merge`; the undercount bound of mergeable
+    summaries still holds, the counters may differ from one process's stream).
+    """
+    world_size = dist.get_world_size(group)
+    if not profile.exact:
+        merged: Optional[IdProfile] = None
+        for ids, counts, bounds in zip(_all_gather(profile.ids, group), _all_gather(profile.counts, group),
+                                       _all_gather(np.array([profile.total, profile.error_bound]), group)):
+            part = IdProfile(ids, counts, int(bounds[0]), profile.capacity, int(bounds[1]))
+            merged = part if merged is None else merged.merge(part)
+        return merged
+    share = exchange_profiles(profile, world_size, seed=0, table=table, group=group)
+    ids = np.concatenate(_all_gather(share.ids, group))
+    counts = np.concatenate(_all_gather(share.counts, group))
+    order = np.argsort(ids)
+    total = sum(int(t[0]) for t in _all_gather(np.array([profile.total]), group))
+    return IdProfile(ids[order], counts[order], total)

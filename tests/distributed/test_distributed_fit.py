@@ -1,11 +1,15 @@
 """Distributed fitting (lhf_torchrec.distributed.fit) on 2 gloo ranks equals fit_bucketed on the
 merged profile, fingerprint for fingerprint, for every method.
 
-One spawn does all the checks (a spawn costs 10-30 s); the same checks pass on 4 ranks
-(``_distributed_fit_checks`` with world_size=4, ~70 s on 2 busy cores), left out of the suite for time.
+So do `lhf profile` and `lhf fit --num-buckets` run as torchrun runs them. One spawn does all the
+checks (a spawn costs 10-30 s); the library checks pass on 4 ranks too (``_distributed_fit_checks``
+with world_size=4 through ``run_on_rank``, ~70 s on 2 busy cores), left out of the suite for time.
 Workers are module-level: the harness spawns.
 """
 
+import os
+import shutil
+import tempfile
 import unittest
 
 import numpy as np
@@ -13,15 +17,20 @@ import pytest
 import torch
 from torchrec.distributed.test_utils.multi_process import MultiProcessTestBase
 
-from lh_dist_helpers import raised_by, run_on_rank
+import torch.distributed as dist
+
+from lh_dist_helpers import raised_by
+from lhf_torchrec.cli import main
 from lhf_torchrec.distributed.fit import (
     exchange_profiles,
     fit_bucketed_distributed,
     owned_buckets,
 )
 from lhf_torchrec.mapping.buckets import bucket_profiles, fit_bucketed
+from lhf_torchrec.mapping import load_mappings
 from lhf_torchrec.mapping.embeddings import IdEmbeddings
 from lhf_torchrec.mapping.profile import IdProfile
+from lhf_torchrec.pipeline.artifacts import load_profiles
 
 pytestmark = pytest.mark.distributed
 
@@ -95,9 +104,43 @@ def _distributed_fit_checks(rank: int, world_size: int) -> None:
     assert f"table 't_C2': a world size of {world_size} ranks does not divide {odd} buckets" in str(error), error
 
 
+CLI_DATA = ["--rows", "6000", "--scale", "0.0005", "--data-seed", "3"]
+CLI_FIT = ["--method", "frequency", "--compression", "2", "--embedding-dim", "8", "--num-buckets", "4"]
+
+
+def _worker(rank: int, world_size: int, path: str) -> None:
+    """`lhf profile` and `lhf fit` as torchrun runs them (the launcher's variables; MASTER_* are set),
+    then the library checks in the group they joined."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world_size))
+    try:
+        assert main(["profile", *CLI_DATA, "--out", os.path.join(path, "p2.safetensors")]) == 0
+        assert main(["fit", "--profiles", os.path.join(path, "p2.safetensors"), *CLI_FIT, "--out",
+                     os.path.join(path, "m2.safetensors")]) == 0
+        _distributed_fit_checks(rank, world_size)
+    finally:
+        dist.destroy_process_group()
+
+
 class DistributedFitTest(MultiProcessTestBase):
-    def test_distributed_fit_equals_fit_bucketed_on_two_ranks(self) -> None:
-        self._run_multi_process_test(callable=run_on_rank, check=_distributed_fit_checks, world_size=2)
+    def test_distributed_fit_and_cli_on_two_ranks_equal_one_process(self) -> None:
+        path = tempfile.mkdtemp(prefix="lhf-distfit-")
+        try:
+            self._run_multi_process_test(callable=_worker, world_size=2, path=path)
+            assert main(["profile", *CLI_DATA, "--out", os.path.join(path, "p1.safetensors")]) == 0
+            assert main(["fit", "--profiles", os.path.join(path, "p1.safetensors"), *CLI_FIT, "--out",
+                         os.path.join(path, "m1.safetensors")]) == 0
+            one, _ = load_profiles(os.path.join(path, "p1.safetensors"), 8)
+            two, _ = load_profiles(os.path.join(path, "p2.safetensors"), 8)
+            assert one.keys() == two.keys()
+            for name in one:
+                assert np.array_equal(one[name].ids, two[name].ids), name
+                assert np.array_equal(one[name].counts, two[name].counts) and one[name].total == two[name].total
+            m1, m2 = load_mappings(os.path.join(path, "m1.safetensors")), load_mappings(os.path.join(path, "m2.safetensors"))
+            assert {n: m.fingerprint for n, m in m1.items()} == {n: m.fingerprint for n, m in m2.items()}
+            assert any(m.num_buckets == 4 for m in m2.values())
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 if __name__ == "__main__":
