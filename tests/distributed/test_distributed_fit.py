@@ -136,7 +136,8 @@ class DistributedFitTest(MultiProcessTestBase):
             for name in one:
                 assert np.array_equal(one[name].ids, two[name].ids), name
                 assert np.array_equal(one[name].counts, two[name].counts) and one[name].total == two[name].total
-            m1, m2 = load_mappings(os.path.join(path, "m1.safetensors")), load_mappings(os.path.join(path, "m2.safetensors"))
+            m1 = load_mappings(os.path.join(path, "m1.safetensors"))
+            m2 = load_mappings(os.path.join(path, "m2.safetensors"))
             assert {n: m.fingerprint for n, m in m1.items()} == {n: m.fingerprint for n, m in m2.items()}
             assert any(m.num_buckets == 4 for m in m2.values())
         finally:
