@@ -162,9 +162,10 @@ def distributed_fit_rank(num_ids: int, method: str, world_size: int, rank: int, 
             "fit_rss_mb": (peak - rss_before) / 2**20, "fingerprint": mapping.fingerprint}
 
 
-def distributed_fit_rows(sizes, methods=("frequency", "combination")) -> list:
+def distributed_fit_rows(sizes, methods=("frequency", "combination"), on_row=None) -> list:
     """Each (size, method) fitted on 1 and on 2 ranks, side by side; every rank a fresh process that loads
-    only its share of the profile (ids dealt round-robin: each id in one rank's data)."""
+    only its share of the profile (ids dealt round-robin: each id in one rank's data). ``on_row(rows,
+    pending)`` is called after each job (rows so far, jobs left), so a long run records what it has."""
     import socket
     import tempfile
 
@@ -197,16 +198,18 @@ def distributed_fit_rows(sizes, methods=("frequency", "combination")) -> list:
                      **{k: max(r[k] for r in ranks) for k in ("exchange_s", "fit_s", "gather_s", "total_s",
                                                               "peak_rss_mb", "fit_rss_mb")},
                      "fingerprint": ranks[0]["fingerprint"][:12]})
-    for row in rows:
-        one = next(r for r in rows if (r["ids"], r["method"], r["ranks"]) == (row["ids"], row["method"], 1))
+        one = next(r for r in rows if (r["ids"], r["method"], r["ranks"]) == (num_ids, method, 1))
+        row = rows[-1]
         row["time_vs_1_rank"] = row["total_s"] / one["total_s"]
         row["fit_rss_vs_1_rank"] = row["fit_rss_mb"] / one["fit_rss_mb"] if one["fit_rss_mb"] else float("nan")
         row["same_mapping"] = "yes" if row["fingerprint"] == one["fingerprint"] else "NO"
+        if on_row is not None:
+            on_row(rows, jobs[len(rows):])
     return rows
 
 
-def distributed_fit_section(rows, seconds: float) -> str:
-    """The "Distributed fit" subsection of docs/performance.md."""
+def distributed_fit_section(rows, seconds: float, pending=()) -> str:
+    """The "Distributed fit" subsection of docs/performance.md (``pending``: jobs not run yet, said so)."""
     table = markdown_table(rows, ["ids", "method", "ranks", "ids_per_rank", "exchange_s", "fit_s", "gather_s",
                                   "total_s", "time_vs_1_rank", "peak_rss_mb", "fit_rss_mb", "fit_rss_vs_1_rank",
                                   "same_mapping"])
@@ -217,11 +220,18 @@ def distributed_fit_section(rows, seconds: float) -> str:
         "fixed per id) fitted by `lhf_torchrec.distributed.fit` on 1 rank and on 2 gloo ranks, each rank a fresh "
         "process holding its share of the profile: exchange by bucket, fit of its own buckets, gather of the "
         "whole mapping on every rank. Times and RSS are the slowest / largest rank's; `fit_rss_mb` is the growth "
-        "of peak RSS from the loaded share to the gathered mapping; `same_mapping`: the 2-rank mapping has the "
-        "1-rank one's fingerprint. Each rank runs one torch thread (the 2-rank fit uses 2 cores, the 1-rank fit 1).",
+        "of peak RSS over the peak after loading the share (0: the fit stayed below it), `peak_rss_mb` includes "
+        "~750 MB of imports (torch, TorchRec); `same_mapping`: the 2-rank mapping has the 1-rank one's "
+        "fingerprint. Each rank runs one torch thread (the 2-rank fit uses 2 cores, the 1-rank fit 1). The 2 "
+        "cores were shared with four other jobs (load average above): absolute times are inflated several-fold "
+        "and noisy; each 1-rank / 2-rank pair ran back to back.",
         "",
         table,
-    ])
+    ] + ([
+        "",
+        "Not measured yet (the run was stopped before them): "
+        + ", ".join(f"{n:,} ids {m} on {w} rank(s)" for n, m, w in pending) + ".",
+    ] if pending else []))
 
 
 def _write_distributed_subsection(text: str) -> None:
@@ -263,10 +273,13 @@ def main() -> None:
         return
     if args.distributed:
         started = time.perf_counter()
-        rows = distributed_fit_rows([10**6] if args.quick else [10**6, 10**7])
-        text = distributed_fit_section(rows, time.perf_counter() - started)
-        print(text)
-        _write_distributed_subsection(text)
+
+        def record(rows, pending):
+            text = distributed_fit_section(rows, time.perf_counter() - started, pending)
+            _write_distributed_subsection(text)
+            print(text if not pending else json.dumps(rows[-1]), flush=True)
+
+        distributed_fit_rows([10**6] if args.quick else [10**6, 10**7], on_row=record)
         return
 
     from tqdm import tqdm
