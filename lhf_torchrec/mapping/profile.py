@@ -266,8 +266,15 @@ class SpillingProfiler:
         pairs = np.stack([ids[order], counts[order].astype(np.int64)], axis=1)
         for bucket, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
             if hi > lo:
-                with open(self._path(feature, bucket), "ab") as f:
-                    pairs[lo:hi].tofile(f)
+                # Scratch, not an output (no atomic_write): appended runs in the profiler's own temporary
+                # directory, read back only through the lengths recorded here, removed with it.
+                fd = os.open(self._path(feature, bucket), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                try:
+                    data = memoryview(pairs[lo:hi].tobytes())
+                    while data:  # one write may take less than all (at most ~2 GiB on Linux)
+                        data = data[os.write(fd, data):]
+                finally:
+                    os.close(fd)
                 runs[bucket].append(int(hi - lo))
 
     def parts(self, feature: str) -> Iterator[Tuple[int, IdProfile]]:
