@@ -254,22 +254,40 @@ def _methods() -> List[str]:
 def _add_profile_parser(subparsers: argparse._SubParsersAction) -> None:
     from lhf_torchrec.pipeline.artifacts import PROFILES_FORMAT
 
-    parser = subparsers.add_parser("profile", help="count id accesses per table on the training split")
+    parser = subparsers.add_parser(
+        "profile", help="count id accesses per table on the training split",
+        description=(
+            "Counts id accesses per table on the training split. Under torchrun each rank counts its share "
+            "of the rows and rank 0 writes the merged profiles (exact ones equal one process's)."
+        ),
+    )
     _add_data_arguments(parser)
-    parser.add_argument("--capacity", type=int_in(1), help="heavy-hitter mode: keep at most this many ids per table")
+    counting = parser.add_mutually_exclusive_group()
+    counting.add_argument("--capacity", type=int_in(1), help="heavy-hitter mode: keep at most this many ids per table")
+    counting.add_argument("--spill-dir", type=input_path, metavar="DIR",
+                          help="exact counts through bounded memory: spill each chunk's counts to a temporary "
+                               "directory under DIR (removed afterwards) and merge them bucket by bucket")
     parser.add_argument("--out", type=output_file(PROFILES_FORMAT), required=True, metavar="FILE",
                         help="profiles (safetensors)")
     parser.set_defaults(handler=_run_profile)
 
 
 def _run_profile(args: argparse.Namespace) -> int:
+    import torch
+
     from lhf_torchrec.pipeline.artifacts import save_profiles
     from lhf_torchrec.pipeline.datasets import load_split
     from lhf_torchrec.pipeline.steps import profile_tables
+    from lhf_torchrec.training.runtime import init_runtime
 
-    data = load_split(_dataset(args), embedding_dim=1)
-    profiles = profile_tables(data.train, data.tables, capacity=args.capacity)
-    save_profiles(args.out, profiles, data.tables)
+    runtime = init_runtime()
+    data = load_split(_dataset(args), embedding_dim=1, progress=runtime.is_main)
+    profiles = profile_tables(data.train, data.tables, capacity=args.capacity, spill_dir=args.spill_dir)
+    if runtime.is_main:
+        save_profiles(args.out, profiles, data.tables)
+    torch.distributed.barrier()  # every rank returns once the file is there
+    if not runtime.is_main:
+        return EXIT_OK
     print(f"{'table':<10} {'ids':>10} {'accesses':>12} {'seen once':>10}")
     for t in data.tables:
         p = profiles[t.name]
@@ -321,7 +339,15 @@ def _add_fit_parser(subparsers: argparse._SubParsersAction) -> None:
     from lhf_torchrec.mapping.budget import OPTIMIZERS
     from lhf_torchrec.mapping.id_mapping import MAPPINGS_FORMAT
 
-    parser = subparsers.add_parser("fit", help="fit mappings at a memory budget (mapping bytes counted)")
+    parser = subparsers.add_parser(
+        "fit", help="fit mappings at a memory budget (mapping bytes counted)",
+        description=(
+            "Fits one mapping per compressed table at a memory budget. Under torchrun with --num-buckets B (the "
+            "world size dividing B) each rank fits only its own buckets (bucket b on rank b * W / B, k-means "
+            "included) and rank 0 writes the gathered mappings, equal to one process's; every rank loads the "
+            "profiles and plans the budgets. Unbucketed mappings are fitted on every rank, as in one process."
+        ),
+    )
     parser.add_argument("--profiles", type=input_path, required=True, metavar="FILE", help="from lhf profile")
     parser.add_argument("--embeddings", type=input_path, metavar="FILE", help="from lhf learn (learned and combination)")
     parser.add_argument("--method", choices=_methods(), default="combination")
@@ -341,11 +367,15 @@ def _add_fit_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_fit(args: argparse.Namespace) -> int:
+    import torch
+
     from lhf_torchrec.mapping import save_mappings
     from lhf_torchrec.mapping.tables import full_table_bytes
     from lhf_torchrec.pipeline.artifacts import load_embeddings, load_profiles, require_tables
     from lhf_torchrec.pipeline.methods import FitInputs, fit_method, get_method
+    from lhf_torchrec.training.runtime import init_runtime
 
+    runtime = init_runtime()
     profiles, tables = load_profiles(args.profiles, args.embedding_dim)
     embeddings = None
     if get_method(args.method).needs_embeddings:
@@ -359,7 +389,11 @@ def _run_fit(args: argparse.Namespace) -> int:
     fitted = fit_method(args.method, tables, profiles, FitInputs(embeddings), compression=args.compression,
                         optimizer=args.optimizer, seed=args.seed, **budget_settings)
     mappings = fitted.compression.mappings
-    save_mappings(args.out, mappings)
+    if runtime.is_main:
+        save_mappings(args.out, mappings)
+    torch.distributed.barrier()  # every rank returns once the file is there
+    if not runtime.is_main:
+        return EXIT_OK
     full = full_table_bytes(tables, profiles, args.optimizer)
     print(f"{'table':<10} {'rows':>10} {'hot':>8} {'clustered':>10} {'hashed':>8} {'entries':>9} {'mapping':>11} "
           f"storage{'  buckets' if args.num_buckets else ''}")
@@ -403,7 +437,8 @@ def _add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--num-buckets", type=int_in(1), metavar="B",
                         help="with --method: bucketed mappings; under torchrun, tables whose bucket count the world "
                              "size divides keep their mapping with their rows (co-sharded row-wise), as do bucketed "
-                             "--mappings (default: no buckets)")
+                             "--mappings, and each rank profiles its share of the rows and fits only its own "
+                             "buckets (default: no buckets; unbucketed mappings are fitted on every rank)")
     parser.add_argument("--results", type=output_file(RESULTS_FORMAT), metavar="FILE", help="write the metrics as JSON")
     parser.set_defaults(handler=_run_train, evaluate_only=False)
 

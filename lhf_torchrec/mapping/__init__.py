@@ -20,7 +20,7 @@ from lhf_torchrec.mapping.methods import (
     RowSplit,
     make_estimator,
 )
-from lhf_torchrec.mapping.profile import FeatureProfiler, IdProfile, merge_profiles, profile_batches
+from lhf_torchrec.mapping.profile import FeatureProfiler, IdProfile, SpillingProfiler, merge_profiles, profile_batches
 
 __all__ = [
     "BudgetPlan",
@@ -37,6 +37,7 @@ __all__ = [
     "MappingEstimator",
     "OPTIMIZERS",
     "RowSplit",
+    "SpillingProfiler",
     "embeddings_from_table",
     "fit_mapping",
     "hash_ids",

@@ -13,7 +13,8 @@ bucket counts and row counts work when it has fewer.
 """
 
 import logging
-from typing import List, Optional
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -117,6 +118,86 @@ def total_split(splits: List[RowSplit]) -> RowSplit:
                     sum(s.num_hashed for s in splits), sum(s.num_entries for s in splits), 0, rows, splits[0].probes)
 
 
+@dataclass(frozen=True)
+class BucketFits:
+    """The fitted entries of the buckets ``[first_bucket, first_bucket + len(splits))`` of a mapping.
+
+    ``entry_rows`` are rows of the whole table; entries are in bucket order (a bucket's as its
+    estimator returned them). :func:`fit_bucket_range` makes one; :func:`assemble_bucketed` turns one that covers every
+    bucket into the mapping.
+    """
+
+    first_bucket: int
+    splits: List[RowSplit]
+    entry_ids: np.ndarray
+    entry_rows: np.ndarray
+    entry_counts: np.ndarray  # entries of each bucket
+
+    @property
+    def end_bucket(self) -> int:
+        return self.first_bucket + len(self.splits)
+
+
+def fit_bucket_range(
+    method: str,
+    num_rows: int,
+    num_buckets: int,
+    profiles: Sequence[IdProfile],
+    embeddings: Optional[EmbeddingsLike] = None,
+    *,
+    first_bucket: int = 0,
+    seed: int = 0,
+    table: str = "table",
+    **hyperparams,
+) -> BucketFits:
+    """Fits ``method`` in the buckets ``first_bucket, first_bucket + 1, ...``, one per profile of
+    ``profiles`` (each as :func:`bucket_profiles` gives it). ``embeddings`` must cover those buckets' ids.
+
+    The piece of :func:`fit_bucketed` that a rank of a distributed fit runs on the buckets it owns
+    (:mod:`lhf_torchrec.distributed.fit`); a bucket's fit depends on its own profile only.
+    """
+    check_bucket_rows(num_rows, num_buckets, table)
+    if first_bucket < 0 or first_bucket + len(profiles) > num_buckets:
+        raise ValueError(f"table '{table}': buckets [{first_bucket}, {first_bucket + len(profiles)}) are not "
+                         f"among the {num_buckets} buckets")
+    rows_per_bucket = num_rows // num_buckets
+    estimator = make_estimator(method, rows_per_bucket, seed=seed, **hyperparams)
+    entry_ids: List[np.ndarray] = []
+    entry_rows: List[np.ndarray] = []
+    splits: List[RowSplit] = []
+    bar = tqdm(profiles, desc=f"fit {table} ({len(profiles)} buckets)", unit="bucket", leave=False,
+               disable=len(profiles) < 16)
+    for bucket, bucket_profile in enumerate(bar, start=first_bucket):
+        if bucket_profile.num_ids:
+            split, ids, rows = estimator.fit_entries(bucket_profile, embeddings, table)
+        else:
+            split, ids, rows = _all_hashed(estimator), np.zeros(0, np.int64), np.zeros(0, np.int64)
+        splits.append(split)
+        entry_ids.append(np.asarray(ids, np.int64))
+        entry_rows.append(bucket * rows_per_bucket + np.asarray(rows, np.int64))
+    return BucketFits(first_bucket, splits, np.concatenate(entry_ids or [np.zeros(0, np.int64)]),
+                      np.concatenate(entry_rows or [np.zeros(0, np.int64)]),
+                      np.array([ids.size for ids in entry_ids], np.int64))
+
+
+def assemble_bucketed(
+    method: str, num_rows: int, num_buckets: int, fits: BucketFits, *, seed: int = 0, table: str = "table",
+    **hyperparams,
+) -> IdMapping:
+    """The bucketed mapping of ``fits``, which must cover every bucket (``hyperparams`` as fitted)."""
+    if (fits.first_bucket, fits.end_bucket) != (0, num_buckets):
+        raise ValueError(f"table '{table}': a mapping needs the fits of all {num_buckets} buckets, got buckets "
+                         f"[{fits.first_bucket}, {fits.end_bucket})")
+    estimator = make_estimator(method, num_rows // num_buckets, seed=seed, **hyperparams)
+    regions = torch.tensor([[s.hash_offset, s.hash_rows] for s in fits.splits], dtype=torch.int32)
+    split = total_split(fits.splits)
+    return IdMapping.from_entries(
+        fits.entry_ids, fits.entry_rows, num_rows, hash_offset=0, hash_rows=num_rows,
+        probes=estimator.probes, seed=seed, method=method, params=estimator.get_params(), layout=split.layout(),
+        table_name=table, num_buckets=num_buckets, bucket_hash_regions=regions,
+    )
+
+
 def fit_bucketed(
     method: str,
     num_rows: int,
@@ -136,26 +217,6 @@ def fit_bucketed(
         mapping(ids) // 16 == bucket_of(ids, 64, seed=0)     # every id stays in its bucket
     """
     check_bucket_rows(num_rows, num_buckets, table)
-    rows_per_bucket = num_rows // num_buckets
     profiles = bucket_profiles(profile, num_buckets, seed) if profile is not None else [IdProfile.empty()] * num_buckets
-    entry_ids: List[np.ndarray] = []
-    entry_rows: List[np.ndarray] = []
-    splits: List[RowSplit] = []
-    estimator = make_estimator(method, rows_per_bucket, seed=seed, **hyperparams)
-    bar = tqdm(profiles, desc=f"fit {table} ({num_buckets} buckets)", unit="bucket", leave=False,
-               disable=num_buckets < 16)
-    for bucket, bucket_profile in enumerate(bar):
-        if bucket_profile.num_ids:
-            split, ids, rows = estimator.fit_entries(bucket_profile, embeddings, table)
-        else:
-            split, ids, rows = _all_hashed(estimator), np.zeros(0, np.int64), np.zeros(0, np.int64)
-        splits.append(split)
-        entry_ids.append(np.asarray(ids, np.int64))
-        entry_rows.append(bucket * rows_per_bucket + np.asarray(rows, np.int64))
-    regions = torch.tensor([[s.hash_offset, s.hash_rows] for s in splits], dtype=torch.int32)
-    split = total_split(splits)
-    return IdMapping.from_entries(
-        np.concatenate(entry_ids), np.concatenate(entry_rows), num_rows, hash_offset=0, hash_rows=num_rows,
-        probes=estimator.probes, seed=seed, method=method, params=estimator.get_params(), layout=split.layout(),
-        table_name=table, num_buckets=num_buckets, bucket_hash_regions=regions,
-    )
+    fits = fit_bucket_range(method, num_rows, num_buckets, profiles, embeddings, seed=seed, table=table, **hyperparams)
+    return assemble_bucketed(method, num_rows, num_buckets, fits, seed=seed, table=table, **hyperparams)

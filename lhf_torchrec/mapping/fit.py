@@ -1,6 +1,6 @@
 """``fit_mapping``: one call from data (and embeddings) to a fitted :class:`IdMapping`."""
 
-from typing import Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -9,6 +9,7 @@ from lhf_torchrec.mapping.budget import MAPPING_SHARE, plan_budget
 from lhf_torchrec.mapping.embeddings import EmbeddingsLike
 from lhf_torchrec.mapping.id_mapping import IdMapping
 from lhf_torchrec.mapping.methods import METHODS, ProfileLike, as_profile, make_estimator
+from lhf_torchrec.mapping.profile import IdProfile
 
 
 def fit_mapping(
@@ -55,17 +56,10 @@ def fit_mapping(
         profile = None
     else:
         profile = as_profile(data, table)
-    if total_bytes is not None:
-        if embedding_dim is None:
-            raise ValueError(f"table '{table}': a total_bytes budget needs embedding_dim")
-        if profile is None:
-            raise ValueError(f"table '{table}': a total_bytes budget needs data to profile")
-        plan = plan_budget(
-            profile, embedding_dim=embedding_dim, total_bytes=total_bytes, method=method,
-            optimizer=optimizer, table=table, mapping_share=mapping_share, num_buckets=num_buckets, seed=seed,
-            **hyperparams,
-        )
-        num_rows, hyperparams = plan.num_rows, plan.hyperparams
+    num_rows, hyperparams = resolve_rows(profile, method, num_rows=num_rows, total_bytes=total_bytes,
+                                         embedding_dim=embedding_dim, optimizer=optimizer, table=table,
+                                         mapping_share=mapping_share, num_buckets=num_buckets, seed=seed,
+                                         **hyperparams)
     if num_buckets is None:
         estimator = make_estimator(method, num_rows, seed=seed, **hyperparams)
         mapping = estimator.fit(profile, embeddings, table=table).mapping_
@@ -73,7 +67,42 @@ def fit_mapping(
         check_bucket_rows(num_rows, num_buckets, table)
         mapping = fit_bucketed(method, num_rows, num_buckets, profile, embeddings, seed=seed, table=table,
                                **hyperparams)
+    record_entry_share(mapping, profile)
+    return mapping
+
+
+def resolve_rows(
+    profile: Optional[IdProfile],
+    method: str,
+    *,
+    num_rows: Optional[int],
+    total_bytes: Optional[int],
+    embedding_dim: Optional[int],
+    optimizer: str,
+    table: str,
+    mapping_share: float,
+    num_buckets: Optional[int],
+    seed: int,
+    **hyperparams,
+) -> Tuple[int, Dict]:
+    """(rows, estimator hyper-parameters) of a :func:`fit_mapping` call: ``num_rows`` and
+    ``hyperparams`` as given, or those of the budget ``total_bytes`` (:func:`plan_budget`)."""
+    if total_bytes is None:
+        return num_rows, hyperparams
+    if embedding_dim is None:
+        raise ValueError(f"table '{table}': a total_bytes budget needs embedding_dim")
+    if profile is None:
+        raise ValueError(f"table '{table}': a total_bytes budget needs data to profile")
+    plan = plan_budget(
+        profile, embedding_dim=embedding_dim, total_bytes=total_bytes, method=method,
+        optimizer=optimizer, table=table, mapping_share=mapping_share, num_buckets=num_buckets, seed=seed,
+        **hyperparams,
+    )
+    return plan.num_rows, plan.hyperparams
+
+
+def record_entry_share(mapping: IdMapping, profile: Optional[IdProfile]) -> None:
+    """Sets ``mapping.entry_share``: the share of the profile's accesses whose id has an entry."""
     if profile is not None and profile.total > 0:
         hit = mapping.has_entry(torch.from_numpy(profile.ids)).numpy()
         mapping.entry_share = round(float(profile.counts[hit].sum()) / profile.total, 6)
-    return mapping

@@ -9,20 +9,21 @@ budgets follow :mod:`lhf_torchrec.mapping.tables`.
 import dataclasses
 import functools
 import logging
-from typing import Dict, List, Mapping, Optional
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torchrec import EmbeddingBagConfig
 
 from lhf_torchrec.data.source import CTRSource
+from lhf_torchrec.distributed.fit import fit_owned_buckets, gather_mapping, merge_across_ranks
 from lhf_torchrec.mapping.buckets import TooFewRowsForBuckets
-from lhf_torchrec.mapping.budget import row_bytes
+from lhf_torchrec.mapping.budget import MAPPING_SHARE, row_bytes
 from lhf_torchrec.mapping.embeddings import IdEmbeddings, embeddings_of
-from lhf_torchrec.mapping.fit import fit_mapping
+from lhf_torchrec.mapping.fit import fit_mapping, record_entry_share, resolve_rows
 from lhf_torchrec.mapping.id_mapping import IdMapping
-from lhf_torchrec.mapping.profile import FeatureProfiler, IdProfile, merge_profiles
 from lhf_torchrec.mapping.methods import MIN_COUNT
-from lhf_torchrec.mapping.tables import full_rows, learn_mappings, table_budgets, vocabulary_mappings
+from lhf_torchrec.mapping.profile import FeatureProfiler, IdProfile, SpillingProfiler, merge_profiles
+from lhf_torchrec.mapping.tables import TableBudget, full_rows, learn_mappings, table_budgets, vocabulary_mappings
 from lhf_torchrec.training.compression import FittedTables, LearnedHashing
 from lhf_torchrec.training.model import ModelConfig
 from lhf_torchrec.training.runtime import Runtime
@@ -32,18 +33,50 @@ logger = logging.getLogger(__name__)
 
 
 def profile_tables(
-    source: CTRSource, tables: List[EmbeddingBagConfig], capacity: Optional[int] = None, chunk_rows: int = 1 << 16
+    source: CTRSource,
+    tables: List[EmbeddingBagConfig],
+    capacity: Optional[int] = None,
+    chunk_rows: int = 1 << 16,
+    spill_dir: Optional[str] = None,
 ) -> Dict[str, IdProfile]:
-    """Access counts per table (the features of a table are merged), in one pass over ``source``."""
-    profiler = FeatureProfiler(capacity=capacity)
-    for batch in source.batches(chunk_rows):
-        profiler.update_kjt(batch.sparse_features)
-    per_feature = profiler.profiles()
+    """Access counts per table (the features of a table are merged), in one pass over ``source``.
+
+    ``capacity``: heavy-hitter summaries of at most that many ids. ``spill_dir``: exact counts
+    through bounded memory, spilled to a temporary directory there (removed afterwards; see
+    :class:`~lhf_torchrec.mapping.profile.SpillingProfiler` for the bound); the profiles returned
+    are still whole (16 bytes per distinct id).
+
+    Under a process group of W > 1 ranks every rank profiles its 1/W of the rows and every rank
+    gets the merged profiles (:func:`~lhf_torchrec.distributed.fit.merge_across_ranks`: exact ones
+    equal one process's).
+    """
+    if spill_dir is not None and capacity is not None:
+        raise ValueError("spilling is for exact profiles; heavy-hitter summaries (capacity) are bounded already")
+    world_size, rank = _world()
+    if world_size > 1:
+        source = source.slice(rank * len(source) // world_size, (rank + 1) * len(source) // world_size)
+    profiler = SpillingProfiler(directory=spill_dir) if spill_dir is not None else FeatureProfiler(capacity=capacity)
+    try:
+        for batch in source.batches(chunk_rows):
+            profiler.update_kjt(batch.sparse_features)
+        per_feature = profiler.profiles()
+    finally:
+        if spill_dir is not None:
+            profiler.close()
     out = {}
     for t in tables:
         seen = [per_feature[f] for f in t.feature_names if f in per_feature]
         out[t.name] = merge_profiles(seen) if seen else IdProfile.empty(capacity)
+        if world_size > 1:
+            out[t.name] = merge_across_ranks(out[t.name], table=t.name)
     return out
+
+
+def _world() -> Tuple[int, int]:
+    """(world size, rank) of the default process group; (1, 0) without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size(), torch.distributed.get_rank()
+    return 1, 0
 
 
 def learn_embeddings(
@@ -133,8 +166,17 @@ def fit_mappings(
     ``num_buckets``: every mapping is bucketed (the foundation of co-sharding it row-wise with its
     table), except those of tables whose budget holds fewer than 2 rows per bucket: such a table is
     too small to shard row-wise, so it keeps one unbucketed mapping (logged), as a table-wise table would.
+
+    Under a process group of W > 1 ranks whose W divides ``num_buckets``, each rank fits only the
+    buckets it owns (:func:`~lhf_torchrec.distributed.fit.fit_owned_buckets`) and the mappings are
+    gathered on every rank, equal to one process's; the budget (rows) is planned from the whole
+    profile on every rank. Unbucketed mappings (and a W that does not divide ``num_buckets``) are
+    fitted on every rank, as in one process.
     """
     budgets, mappings = table_budgets(tables, profiles, compression=compression, optimizer=optimizer, seed=seed)
+    world_size, _ = _world()
+    if num_buckets is not None and world_size > 1 and num_buckets % world_size:
+        logger.info("%d buckets do not split over %d ranks: every rank fits every bucket", num_buckets, world_size)
     for name, budget in budgets.items():
         fit = functools.partial(
             fit_mapping,
@@ -149,11 +191,29 @@ def fit_mappings(
             **hyperparams,
         )
         try:
-            mappings[name] = fit(num_buckets=num_buckets)
+            if num_buckets is not None and world_size > 1 and num_buckets % world_size == 0:
+                mappings[name] = _fit_across_ranks(budget, method, num_buckets, (embeddings or {}).get(name),
+                                                   optimizer=optimizer, seed=seed, **hyperparams)
+            else:
+                mappings[name] = fit(num_buckets=num_buckets)
         except TooFewRowsForBuckets as e:
             logger.info("%s: fitted without buckets", e)
             mappings[name] = fit()
     return _fitted(method, tables, profiles, mappings, optimizer, {n: b.budget_bytes for n, b in budgets.items()})
+
+
+def _fit_across_ranks(budget: TableBudget, method: str, num_buckets: int, embeddings: Optional[IdEmbeddings], *,
+                      optimizer: str, seed: int, mapping_share: float = MAPPING_SHARE, **hyperparams) -> IdMapping:
+    """``fit_mapping`` of one bucketed table at its budget, each rank fitting its own buckets."""
+    name, profile = budget.config.name, budget.profile
+    num_rows, hyperparams = resolve_rows(profile, method, num_rows=None, total_bytes=budget.budget_bytes,
+                                         embedding_dim=budget.config.embedding_dim, optimizer=optimizer, table=name,
+                                         mapping_share=mapping_share, num_buckets=num_buckets, seed=seed,
+                                         **hyperparams)
+    fits = fit_owned_buckets(method, num_rows, num_buckets, profile, embeddings, seed=seed, table=name, **hyperparams)
+    mapping = gather_mapping(method, num_rows, num_buckets, fits, seed=seed, table=name, **hyperparams)
+    record_entry_share(mapping, profile)
+    return mapping
 
 
 def fit_full(

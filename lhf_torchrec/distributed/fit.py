@@ -1,0 +1,298 @@
+"""Distributed fitting of bucketed mappings: each rank fits the buckets it owns.
+
+A bucketed mapping (:mod:`lhf_torchrec.mapping.buckets`) is fitted bucket by bucket, each bucket
+on its own ids only, so W ranks can split the work: bucket b belongs to rank ``b * W // B`` (the
+rank whose row-wise shard holds the bucket's rows, so W must divide B). Under a process group:
+
+1. each rank profiles its part of the data (an exact :class:`IdProfile` of its rows);
+2. :func:`exchange_profiles` sends every (id, count) to the rank that owns the id's bucket, which
+   sums the counts of all ranks: the rank then holds the exact merged profile of its buckets' ids,
+   and nobody holds the whole profile;
+3. :func:`fit_owned_buckets` fits those buckets (k-means included) with the same per-bucket code
+   as :func:`~lhf_torchrec.mapping.buckets.fit_bucketed`;
+4. the result is either gathered on every rank (:func:`gather_mapping`: a replicated
+   :class:`IdMapping`, equal, fingerprint included, to ``fit_bucketed`` on the merged profile) or
+   kept as the rank's shard (:func:`shard_mapping`: its buckets' entries, and the hash regions and
+   entry counts of every bucket, which a co-sharded remap's layout needs).
+
+:func:`fit_bucketed_distributed` chains 2-4. Fitting time and memory per rank follow the rank's
+share of the ids (about 1/W of them, for a bucket hash that spreads ids evenly).
+
+Heavy-hitter profiles (``capacity``) are refused: their summaries shrink against the global counts,
+which no rank has; merge them on one process (:meth:`IdProfile.merge`) and fit with ``fit_bucketed``.
+
+:func:`merge_across_ranks` merges whole profiles on every rank (what ``lhf profile`` writes).
+
+Collectives run on CPU tensors under gloo and on the current CUDA device under NCCL.
+"""
+
+from dataclasses import dataclass
+from typing import List, Optional, Union
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from lhf_torchrec.mapping.buckets import (
+    BucketFits,
+    assemble_bucketed,
+    bucket_profiles,
+    check_bucket_rows,
+    fit_bucket_range,
+    total_split,
+)
+from lhf_torchrec.mapping.embeddings import EmbeddingsLike
+from lhf_torchrec.mapping.hashing import bucket_hash, input_hash_size
+from lhf_torchrec.mapping.id_mapping import IdMapping
+from lhf_torchrec.mapping.methods import RowSplit, make_estimator
+from lhf_torchrec.mapping.profile import IdProfile
+
+ProcessGroup = Optional[dist.ProcessGroup]
+
+
+def check_world_size(world_size: int, num_buckets: int, table: str = "table") -> None:
+    """Raises unless ``world_size`` ranks can own whole buckets: W must divide B."""
+    if world_size < 1 or num_buckets % world_size:
+        raise ValueError(f"table '{table}': a world size of {world_size} ranks does not divide {num_buckets} buckets; "
+                         f"distributed fitting gives each rank whole buckets (use a bucket count that is a multiple "
+                         f"of {world_size})")
+
+
+def owned_buckets(rank: int, world_size: int, num_buckets: int) -> range:
+    """The buckets of ``rank``: ``[rank * B / W, (rank + 1) * B / W)``, those whose rows its row-wise shard holds."""
+    per_rank = num_buckets // world_size
+    return range(rank * per_rank, (rank + 1) * per_rank)
+
+
+def bucket_owners(ids: np.ndarray, num_buckets: int, world_size: int, seed: int) -> np.ndarray:
+    """The rank owning each id's bucket (the bucket of its bucket hash h, as :func:`bucket_profiles` has it)."""
+    hashes = bucket_hash(torch.from_numpy(ids), num_buckets, seed).numpy()
+    buckets = hashes // (input_hash_size(num_buckets) // num_buckets)
+    return buckets * world_size // num_buckets
+
+
+def _device(group: ProcessGroup) -> torch.device:
+    """Where collective buffers live: the current CUDA device under NCCL, else the CPU."""
+    if dist.get_backend(group) == dist.Backend.NCCL:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _all_to_all(arrays: np.ndarray, send_sizes: np.ndarray, group: ProcessGroup) -> np.ndarray:
+    """Sends ``arrays[sum(send_sizes[:r]) : ...]`` to rank r; returns what every rank sent here, in rank order."""
+    device = _device(group)
+    sizes = torch.from_numpy(send_sizes.astype(np.int64)).to(device)
+    recv_sizes = torch.empty_like(sizes)
+    dist.all_to_all_single(recv_sizes, sizes, group=group)
+    recv_sizes = recv_sizes.cpu()
+    out = torch.empty(int(recv_sizes.sum()), dtype=torch.int64, device=device)
+    dist.all_to_all_single(out, torch.from_numpy(arrays).to(device), recv_sizes.tolist(),
+                           send_sizes.tolist(), group=group)
+    return out.cpu().numpy()
+
+
+def _all_gather(array: np.ndarray, group: ProcessGroup) -> List[np.ndarray]:
+    """Every rank's int64 ``array`` (sizes may differ; the first dimension varies), in rank order."""
+    device = _device(group)
+    world_size = dist.get_world_size(group)
+    tensor = torch.from_numpy(np.ascontiguousarray(array, np.int64)).to(device)
+    size = torch.tensor([tensor.shape[0]], dtype=torch.int64, device=device)
+    sizes = [torch.empty_like(size) for _ in range(world_size)]
+    dist.all_gather(sizes, size, group=group)
+    sizes = [int(s) for s in sizes]
+    padded = torch.zeros((max(sizes),) + tuple(tensor.shape[1:]), dtype=torch.int64, device=device)
+    padded[: tensor.shape[0]] = tensor
+    gathered = [torch.empty_like(padded) for _ in range(world_size)]
+    dist.all_gather(gathered, padded, group=group)
+    return [g[:n].cpu().numpy() for g, n in zip(gathered, sizes)]
+
+
+def exchange_profiles(
+    profile: IdProfile, num_buckets: int, seed: int = 0, *, table: str = "table", group: ProcessGroup = None
+) -> IdProfile:
+    """The merged profile of the ids in this rank's buckets, from every rank's local ``profile``.
+
+    Collective: every rank calls it with its own exact profile (empty if it saw no data). Each
+    rank receives the (id, count) pairs of its buckets from every rank and sums them: the result is
+    the merged profile restricted to the rank's buckets (``total`` counts their accesses only).
+    Memory per rank: its local profile plus the distinct ids of its buckets (16 bytes per id).
+    """
+    world_size = dist.get_world_size(group)
+    check_world_size(world_size, num_buckets, table)
+    if not profile.exact:
+        raise ValueError(f"table '{table}': distributed fitting needs exact profiles, got a heavy-hitter summary "
+                         f"(capacity={profile.capacity}): its counts shrink against the global stream, which no "
+                         f"rank has; merge the summaries on one process (IdProfile.merge) and fit with fit_bucketed")
+    owners = bucket_owners(profile.ids, num_buckets, world_size, seed)
+    order = np.argsort(owners, kind="stable")  # ids stay sorted within each destination
+    send_sizes = np.bincount(owners, minlength=world_size)
+    ids = _all_to_all(profile.ids[order], send_sizes, group)
+    counts = _all_to_all(profile.counts[order], send_sizes, group)
+    unique, inverse = np.unique(ids, return_inverse=True)
+    summed = np.bincount(inverse, weights=counts, minlength=unique.size).astype(np.int64)
+    return IdProfile(unique, summed, int(summed.sum()))
+
+
+def fit_owned_buckets(
+    method: str,
+    num_rows: int,
+    num_buckets: int,
+    profile: IdProfile,
+    embeddings: Optional[EmbeddingsLike] = None,
+    *,
+    seed: int = 0,
+    table: str = "table",
+    group: ProcessGroup = None,
+    **hyperparams,
+) -> BucketFits:
+    """Fits this rank's buckets. ``profile`` holds (at least) every profiled id of those buckets with
+    its merged count: :func:`exchange_profiles`'s result, or the whole merged profile (ids of other
+    buckets are ignored). ``embeddings`` must cover the learned methods' ids of these buckets."""
+    world_size, rank = dist.get_world_size(group), dist.get_rank(group)
+    check_world_size(world_size, num_buckets, table)
+    check_bucket_rows(num_rows, num_buckets, table)
+    mine = owned_buckets(rank, world_size, num_buckets)
+    owners = bucket_owners(profile.ids, num_buckets, world_size, seed)
+    keep = owners == rank
+    if not keep.all():  # a whole profile: keep this rank's ids (and recount total over them)
+        profile = IdProfile(profile.ids[keep], profile.counts[keep], int(profile.counts[keep].sum()),
+                            profile.capacity, profile.error_bound)
+    profiles = bucket_profiles(profile, num_buckets, seed)[mine.start:mine.stop]
+    return fit_bucket_range(method, num_rows, num_buckets, profiles, embeddings, first_bucket=mine.start, seed=seed,
+                            table=table, **hyperparams)
+
+
+_SPLIT_FIELDS = ("num_rows", "num_hot", "num_clustered", "num_hashed", "num_entries", "hash_offset", "hash_rows",
+                 "probes")
+
+
+def _gather_splits(fits: BucketFits, group: ProcessGroup) -> List[RowSplit]:
+    """Every bucket's row split (each rank owns a contiguous range, in rank order)."""
+    local = np.array([[getattr(s, f) for f in _SPLIT_FIELDS] for s in fits.splits], np.int64).reshape(-1, 8)
+    return [RowSplit(*map(int, row)) for part in _all_gather(local, group) for row in part]
+
+
+def gather_mapping(
+    method: str, num_rows: int, num_buckets: int, fits: BucketFits, *, seed: int = 0, table: str = "table",
+    group: ProcessGroup = None, **hyperparams,
+) -> IdMapping:
+    """The whole mapping on every rank (replicated), from each rank's :func:`fit_owned_buckets`.
+    Collective; ``hyperparams`` as fitted."""
+    splits = _gather_splits(fits, group)
+    entry_ids = np.concatenate(_all_gather(fits.entry_ids, group))
+    entry_rows = np.concatenate(_all_gather(fits.entry_rows, group))
+    entry_counts = np.concatenate(_all_gather(fits.entry_counts, group))
+    whole = BucketFits(0, splits, entry_ids, entry_rows, entry_counts)
+    return assemble_bucketed(method, num_rows, num_buckets, whole, seed=seed, table=table, **hyperparams)
+
+
+@dataclass(frozen=True)
+class MappingShard:
+    """One rank's part of a bucketed mapping fitted in a distributed way.
+
+    ``fits`` holds the entries of the rank's buckets only; ``splits`` (hash regions and layout) and
+    ``entry_counts`` cover every bucket: a co-sharded remap's shape depends on the fullest bucket
+    (:func:`~lhf_torchrec.mapping.buckets.cosharded_slots`), so every rank needs all bucket counts.
+    """
+
+    table: str
+    method: str
+    num_rows: int
+    num_buckets: int
+    seed: int
+    params: dict
+    fits: BucketFits
+    splits: List[RowSplit]
+    entry_counts: np.ndarray
+
+    @property
+    def buckets(self) -> range:
+        return range(self.fits.first_bucket, self.fits.end_bucket)
+
+    @property
+    def bucket_hash_regions(self) -> torch.Tensor:
+        """(B, 2) int32: each bucket's hash region (offset, rows), as ``IdMapping.bucket_hash_regions``."""
+        return torch.tensor([[s.hash_offset, s.hash_rows] for s in self.splits], dtype=torch.int32)
+
+    @property
+    def layout(self):
+        return total_split(self.splits).layout()
+
+
+def shard_mapping(
+    method: str, num_rows: int, num_buckets: int, fits: BucketFits, *, seed: int = 0, table: str = "table",
+    group: ProcessGroup = None, **hyperparams,
+) -> MappingShard:
+    """This rank's :class:`MappingShard` (collective: every bucket's split and entry count are gathered)."""
+    splits = _gather_splits(fits, group)
+    entry_counts = np.concatenate(_all_gather(fits.entry_counts, group))
+    params = make_estimator(method, num_rows // num_buckets, seed=seed, **hyperparams).get_params()
+    return MappingShard(table, method, num_rows, num_buckets, seed, params, fits, splits, entry_counts)
+
+
+def fit_bucketed_distributed(
+    method: str,
+    num_rows: int,
+    num_buckets: int,
+    profile: IdProfile,
+    embeddings: Optional[EmbeddingsLike] = None,
+    *,
+    seed: int = 0,
+    table: str = "table",
+    gather: bool = True,
+    group: ProcessGroup = None,
+    **hyperparams,
+) -> Union[IdMapping, MappingShard]:
+    """:func:`~lhf_torchrec.mapping.buckets.fit_bucketed` over a process group, from each rank's local
+    exact ``profile`` (collective). ``gather``: the whole mapping on every rank, equal to
+    ``fit_bucketed(method, num_rows, num_buckets, merged profile, ...)``; else this rank's
+    :class:`MappingShard`. ``embeddings`` must cover this rank's buckets' ids (learned methods).
+
+    Example (under torchrun, with a gloo or NCCL group)::
+
+        local = profile_batches(my_part_of_the_data)["C1"]
+        mapping = fit_bucketed_distributed("frequency", 1 << 20, 64, local, table="t_C1")
+    """
+    check_bucket_rows(num_rows, num_buckets, table)
+    owned = exchange_profiles(profile, num_buckets, seed, table=table, group=group)
+    fits = fit_owned_buckets(method, num_rows, num_buckets, owned, embeddings, seed=seed, table=table, group=group,
+                             **hyperparams)
+    assemble = gather_mapping if gather else shard_mapping
+    return assemble(method, num_rows, num_buckets, fits, seed=seed, table=table, group=group, **hyperparams)
+
+
+__all__ = [
+    "MappingShard",
+    "check_world_size",
+    "exchange_profiles",
+    "fit_bucketed_distributed",
+    "fit_owned_buckets",
+    "gather_mapping",
+    "merge_across_ranks",
+    "owned_buckets",
+    "shard_mapping",
+]
+
+
+def merge_across_ranks(profile: IdProfile, *, table: str = "table", group: ProcessGroup = None) -> IdProfile:
+    """The merge of every rank's ``profile``, on every rank (collective).
+
+    Exact profiles: equal to the profile of all ranks' data in one process; ranks sum the counts of
+    a 1/W share of the ids each (:func:`exchange_profiles`), then gather the shares. Heavy-hitter
+    summaries: merged in rank order (:meth:`IdProfile.merge`; the undercount bound of mergeable
+    summaries still holds, the counters may differ from one process's stream).
+    """
+    world_size = dist.get_world_size(group)
+    if not profile.exact:
+        merged: Optional[IdProfile] = None
+        for ids, counts, bounds in zip(_all_gather(profile.ids, group), _all_gather(profile.counts, group),
+                                       _all_gather(np.array([profile.total, profile.error_bound]), group)):
+            part = IdProfile(ids, counts, int(bounds[0]), profile.capacity, int(bounds[1]))
+            merged = part if merged is None else merged.merge(part)
+        return merged
+    share = exchange_profiles(profile, world_size, seed=0, table=table, group=group)
+    ids = np.concatenate(_all_gather(share.ids, group))
+    counts = np.concatenate(_all_gather(share.counts, group))
+    order = np.argsort(ids)
+    total = sum(int(t[0]) for t in _all_gather(np.array([profile.total]), group))
+    return IdProfile(ids[order], counts[order], total)
