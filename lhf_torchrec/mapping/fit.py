@@ -10,6 +10,9 @@ from lhf_torchrec.mapping.embeddings import EmbeddingsLike
 from lhf_torchrec.mapping.id_mapping import IdMapping
 from lhf_torchrec.mapping.methods import METHODS, ProfileLike, as_profile, make_estimator
 
+# Profiled ids looked up at once when measuring the entries' share of accesses.
+_CHUNK = 1 << 22
+
 
 def fit_mapping(
     data: Optional[ProfileLike],
@@ -74,6 +77,9 @@ def fit_mapping(
         mapping = fit_bucketed(method, num_rows, num_buckets, profile, embeddings, seed=seed, table=table,
                                **hyperparams)
     if profile is not None and profile.total > 0:
-        hit = mapping.has_entry(torch.from_numpy(profile.ids)).numpy()
-        mapping.entry_share = round(float(profile.counts[hit].sum()) / profile.total, 6)
+        # In chunks: a lookup of every profiled id at once makes several id-sized temporaries (GBs at 1e8).
+        ids = torch.from_numpy(profile.ids)
+        hits = sum(int(profile.counts[start:start + _CHUNK][mapping.has_entry(ids[start:start + _CHUNK]).numpy()].sum())
+                   for start in range(0, profile.num_ids, _CHUNK))
+        mapping.entry_share = round(float(hits) / profile.total, 6)
     return mapping
