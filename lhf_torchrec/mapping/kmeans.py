@@ -96,7 +96,7 @@ def weighted_kmeans(
             # Points are taken from distinct clusters' worst offenders; their labels move with them.
             worst = torch.topk(dist * w, empty.numel()).indices
             centers[empty] = x[worst]
-            labels[worst] = empty
+            labels[worst] = empty.to(labels.dtype)
         if changed <= tol * n and empty.numel() == 0:
             break
     return centers, labels

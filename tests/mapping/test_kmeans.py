@@ -36,3 +36,9 @@ def test_embedding_rows_point_into_the_store_without_copying():
     assert torch.equal(embeddings_of(emb, query)[1], vectors[[3, 0]])
     shuffled = IdEmbeddings(ids[::-1].copy(), vectors.flip(0))
     assert np.array_equal(shuffled.ids, ids) and torch.equal(shuffled.vectors, vectors)
+
+
+def test_emptied_clusters_are_reseeded_with_int32_labels():
+    x = torch.tensor([[0.0, 0.0]] * 4 + [[5.0, 5.0]] * 4 + [[9.0, 0.0]] * 4)  # 3 distinct points, 5 clusters
+    centers, labels = kmeans.weighted_kmeans(x, torch.ones(12), 5, generator=torch.Generator().manual_seed(0))
+    assert labels.dtype == torch.int32 and int(labels.min()) >= 0 and int(labels.max()) < 5
