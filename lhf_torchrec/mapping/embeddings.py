@@ -9,7 +9,7 @@ Two forms are accepted wherever embeddings are:
 """
 
 from dataclasses import dataclass
-from typing import Tuple, Union
+from typing import Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -28,11 +28,14 @@ class IdEmbeddings:
         ids = as_id_array(self.ids)
         if self.vectors.ndim != 2 or self.vectors.shape[0] != ids.size:
             raise ValueError(f"IdEmbeddings: {ids.size} ids but vectors of shape {tuple(self.vectors.shape)}")
-        order = np.argsort(ids, kind="stable")
-        if ids.size > 1 and np.any(np.diff(ids[order]) == 0):
-            raise ValueError("IdEmbeddings: ids must be unique")
-        object.__setattr__(self, "ids", ids[order])
-        object.__setattr__(self, "vectors", self.vectors[torch.from_numpy(order)] if ids.size else self.vectors)
+        if ids.size > 1 and not bool(np.all(ids[1:] > ids[:-1])):
+            # Not sorted and unique already (sorted is the common case: no copy of ids or vectors then).
+            order = np.argsort(ids, kind="stable")
+            ids = ids[order]
+            if np.any(ids[1:] == ids[:-1]):
+                raise ValueError("IdEmbeddings: ids must be unique")
+            object.__setattr__(self, "vectors", self.vectors[torch.from_numpy(order)])
+        object.__setattr__(self, "ids", ids)
 
     @property
     def dim(self) -> int:
@@ -41,30 +44,59 @@ class IdEmbeddings:
 
 EmbeddingsLike = Union[IdEmbeddings, torch.Tensor, np.ndarray]
 
+# Ids per chunk of the finiteness check (2^20 x dim floats at a time).
+_CHUNK = 1 << 20
+
+
+def embedding_rows(
+    embeddings: EmbeddingsLike,
+    ids: np.ndarray,
+    table: str = "table",
+    *,
+    sorted_ids: Optional[Tuple[np.ndarray, np.ndarray]] = None,
+) -> Tuple[np.ndarray, torch.Tensor, np.ndarray]:
+    """(has, store, rows): which of ``ids`` have an embedding, the matrix holding them (as given: any
+    dtype and device), and the row in ``store`` of each id that has one, without gathering the
+    vectors (``store[rows]`` are they).
+
+    ``sorted_ids=(all_ids, positions)`` says that ``ids == all_ids[positions]`` for sorted ``all_ids``
+    (a profile's ids): when the embeddings are of exactly those ids, an id's row is its position and
+    no search is needed. Raises ``ValueError`` naming the table and the id when an embedding is NaN
+    or infinite.
+    """
+    if isinstance(embeddings, IdEmbeddings):
+        store = embeddings.vectors.detach()
+        known = embeddings.ids
+        if known.size == 0:
+            return np.zeros(ids.shape, bool), store, np.zeros(0, np.int64)
+        if sorted_ids is not None and sorted_ids[0].size == known.size and np.array_equal(sorted_ids[0], known):
+            has, rows = np.ones(ids.shape, bool), sorted_ids[1]
+        else:
+            pos = np.minimum(np.searchsorted(known, ids), known.size - 1)
+            has = known[pos] == ids
+            rows = pos[has]
+    else:
+        store = torch.as_tensor(embeddings).detach()
+        if store.ndim != 2:
+            raise ValueError(f"table '{table}': embeddings must be 2-d (ids x dim), got shape {tuple(store.shape)}")
+        has = (ids >= 0) & (ids < store.shape[0])
+        rows = ids[has]
+    for start in range(0, rows.size, _CHUNK):  # chunks: no copy of all the vectors to check them
+        part = store[torch.from_numpy(rows[start:start + _CHUNK])].to(torch.float32)
+        finite = torch.isfinite(part).all(dim=1)
+        if not bool(finite.all()):
+            bad = ids[has][start + int((~finite).nonzero()[0])]
+            raise ValueError(f"table '{table}': the embedding of id {bad} is NaN or infinite")
+    return has, store, rows
+
 
 def embeddings_of(embeddings: EmbeddingsLike, ids: np.ndarray, table: str = "table") -> Tuple[np.ndarray, torch.Tensor]:
     """(has, vectors): which of ``ids`` have an embedding, and those embeddings as float32 on CPU.
 
     Raises ``ValueError`` naming the table and the id when an embedding is NaN or infinite.
     """
-    if isinstance(embeddings, IdEmbeddings):
-        if embeddings.ids.size == 0:
-            return np.zeros(ids.shape, bool), embeddings.vectors.new_zeros((0, embeddings.dim))
-        pos = np.minimum(np.searchsorted(embeddings.ids, ids), embeddings.ids.size - 1)
-        has = embeddings.ids[pos] == ids
-        vectors = embeddings.vectors.detach()[torch.from_numpy(pos[has])]
-    else:
-        table_weight = torch.as_tensor(embeddings).detach()
-        if table_weight.ndim != 2:
-            raise ValueError(f"table '{table}': embeddings must be 2-d (ids x dim), got shape {tuple(table_weight.shape)}")
-        has = (ids >= 0) & (ids < table_weight.shape[0])
-        vectors = table_weight[torch.from_numpy(ids[has])]
-    vectors = vectors.to("cpu", torch.float32)
-    finite = torch.isfinite(vectors).all(dim=1)
-    if not bool(finite.all()):
-        bad = ids[has][int((~finite).nonzero()[0])]
-        raise ValueError(f"table '{table}': the embedding of id {bad} is NaN or infinite")
-    return has, vectors
+    has, store, rows = embedding_rows(embeddings, ids, table)
+    return has, store[torch.from_numpy(rows)].to("cpu", torch.float32)
 
 
 def embeddings_from_table(weight: torch.Tensor, dim: int) -> torch.Tensor:

@@ -11,6 +11,9 @@ from lhf_torchrec.mapping.id_mapping import IdMapping
 from lhf_torchrec.mapping.methods import METHODS, ProfileLike, as_profile, make_estimator
 from lhf_torchrec.mapping.profile import IdProfile
 
+# Profiled ids looked up at once when measuring the entries' share of accesses.
+_CHUNK = 1 << 22
+
 
 def fit_mapping(
     data: Optional[ProfileLike],
@@ -104,5 +107,8 @@ def resolve_rows(
 def record_entry_share(mapping: IdMapping, profile: Optional[IdProfile]) -> None:
     """Sets ``mapping.entry_share``: the share of the profile's accesses whose id has an entry."""
     if profile is not None and profile.total > 0:
-        hit = mapping.has_entry(torch.from_numpy(profile.ids)).numpy()
-        mapping.entry_share = round(float(profile.counts[hit].sum()) / profile.total, 6)
+        # In chunks: a lookup of every profiled id at once makes several id-sized temporaries (GBs at 1e8).
+        ids = torch.from_numpy(profile.ids)
+        hits = sum(int(profile.counts[start:start + _CHUNK][mapping.has_entry(ids[start:start + _CHUNK]).numpy()].sum())
+                   for start in range(0, profile.num_ids, _CHUNK))
+        mapping.entry_share = round(float(hits) / profile.total, 6)

@@ -11,7 +11,7 @@ from lhf_torchrec.mapping import (
     fit_mapping,
     make_estimator,
 )
-from lhf_torchrec.mapping.methods import ranked_ids
+from lhf_torchrec.mapping.methods import ranked_ids, ranked_positions
 
 METHODS_NEEDING_EMBEDDINGS = {"learned", "combination"}
 
@@ -172,3 +172,13 @@ def test_auto_split_follows_the_profile(planted):
     assert freq.num_hot == split.num_hot
     with pytest.raises(ValueError, match="hot_fraction must be in \\[0, 1\\] or 'auto', got 'most'"):
         FrequencyHashing(300, hot_fraction="most").split(profile)
+
+
+def test_ranked_positions_prefix_is_the_prefix_of_the_full_ranking():
+    rng = np.random.default_rng(0)
+    counts = rng.integers(1, 6, size=2_000)  # many ties: the selection must keep the smaller ids
+    profile = IdProfile(np.sort(rng.choice(10**9, 2_000, replace=False)), counts, int(counts.sum()))
+    full = np.lexsort((profile.ids, -profile.counts))
+    for stop in (0, 1, 17, 400, 1_999, 2_000, 5_000):
+        assert np.array_equal(ranked_positions(profile, stop), full[:stop])
+    assert np.array_equal(ranked_ids(profile), profile.ids[full])
