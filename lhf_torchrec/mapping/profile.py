@@ -206,7 +206,7 @@ class SpillingProfiler:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         if directory is not None and not os.path.isdir(directory):
-            raise FileNotFoundError(f"spill directory {directory!r} does not exist")
+            raise FileNotFoundError(f"spill directory {directory!r} does not exist or is not a directory")
         self.num_buckets, self.seed, self.chunk_size = num_buckets, seed, chunk_size
         bucket_of(torch.zeros(1, dtype=torch.int64), num_buckets, seed)  # validates num_buckets early
         self._dir: Optional[str] = tempfile.mkdtemp(prefix="lhf-profile-spill-", dir=directory)
