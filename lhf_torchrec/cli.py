@@ -529,7 +529,8 @@ def _add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
     quality.add_argument("--best-epoch", action="store_true",
                          help="report the epoch with the best validation logloss (best of --epochs)")
     quality.add_argument("--embedding-dim", type=int_in(1), default=16)
-    quality.add_argument("--batch-size", type=int_in(1), default=1024, help="per rank (MovieLens: 256 by default)")
+    quality.add_argument("--batch-size", type=int_in(1), default=None,
+                         help="per rank, for every dataset (default: 1024, MovieLens 256)")
     quality.add_argument("--select", action="store_true",
                          help="choose each method's hyper-parameters on the validation split: train every "
                               "setting of its grid (lhf_torchrec/bench/selection.py), report the test metrics "
@@ -545,18 +546,27 @@ def _quality_methods() -> List[str]:
     return [m if isinstance(m, str) else m.label for m in QUALITY_METHODS]
 
 
-def _run_bench_quality(args: argparse.Namespace) -> int:
-    from lhf_torchrec.bench.quality import QUALITY_METHODS, QualityConfig, quick_config, run_quality, run_selection
-    from lhf_torchrec.bench.selection import SELECTION_GRIDS
+def _quality_config(args: argparse.Namespace):
+    from lhf_torchrec.bench.quality import QualityConfig, quick_config
 
     config = quick_config() if args.quick else QualityConfig()
     if args.data is not None:
-        config.datasets, config.batch_size = [_dataset(args)], {}
+        config.datasets = [_dataset(args)]
+    if args.batch_size is not None:  # given: one size for every dataset; else each dataset's default
+        config.batch_size, config.default_batch_size = {}, args.batch_size
     config.compressions = args.compressions or config.compressions
     config.seeds = args.seeds or config.seeds
     config.epochs, config.best_epoch = args.epochs, args.best_epoch
-    config.embedding_dim, config.default_batch_size = args.embedding_dim, args.batch_size
+    config.embedding_dim = args.embedding_dim
     config.out_dir = args.out_dir or ("runs/selection" if args.select and not args.quick else config.out_dir)
+    return config
+
+
+def _run_bench_quality(args: argparse.Namespace) -> int:
+    from lhf_torchrec.bench.quality import QUALITY_METHODS, run_quality, run_selection
+    from lhf_torchrec.bench.selection import SELECTION_GRIDS
+
+    config = _quality_config(args)
     if sys.argv[1:3] == ["bench", "quality"]:
         config.command = "lhf bench quality " + shlex.join(sys.argv[3:])
     elif os.path.basename(sys.argv[0]) == "quality.py":

@@ -97,3 +97,16 @@ def test_unknown_settings_and_methods_without_a_grid_are_clear_errors(capsys) ->
     assert [s.method for s in grid_specs(selection_methods(["mch"]))] == ["full", "hash", "mch", "mch"]
     assert main(["bench", "quality", "--select", "--methods", "learned", "--quick"]) == 2
     assert "--select: no selection grid for learned" in capsys.readouterr().err
+
+
+def test_quality_batch_size_follows_the_dataset_unless_given():
+    from lhf_torchrec.cli import _quality_config, build_parser
+
+    def batch_sizes(*argv):
+        config = _quality_config(build_parser().parse_args(["bench", "quality", *argv]))
+        return [config.batch_size.get(spec.kind, config.default_batch_size) for spec in config.datasets]
+
+    assert batch_sizes() == [1024, 256]  # synthetic, MovieLens
+    assert batch_sizes("--data", "movielens") == [256]
+    assert batch_sizes("--data", "movielens", "--batch-size", "512") == [512]
+    assert batch_sizes("--batch-size", "64") == [64, 64]
