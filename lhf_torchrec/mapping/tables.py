@@ -16,7 +16,7 @@ learned methods can cluster) and a small hashed region for every other id.
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 from torchrec import EmbeddingBagConfig
@@ -24,21 +24,21 @@ from torchrec import EmbeddingBagConfig
 from lhf_torchrec.mapping.budget import row_bytes
 from lhf_torchrec.mapping.fit import fit_mapping
 from lhf_torchrec.mapping.id_mapping import IdMapping
-from lhf_torchrec.mapping.profile import IdProfile
+from lhf_torchrec.mapping.profile import IdProfile, ProfileSummary
 
 # Tables smaller than this stay full size for every method: compressing a table of a few rows
 # saves nothing and only adds noise to comparisons.
 MIN_COMPRESSED_ROWS = 100
 
 
-def needs_vocabulary(profile: IdProfile, table: EmbeddingBagConfig) -> bool:
+def needs_vocabulary(profile: Union[IdProfile, ProfileSummary], table: EmbeddingBagConfig) -> bool:
     """True when the table's id space is too sparse to hold as a table (a vocabulary is smaller)."""
     return profile.num_ids + 1 < table.num_embeddings or (
-        profile.num_ids > 0 and (profile.ids[0] < 0 or profile.ids[-1] >= table.num_embeddings)
+        profile.num_ids > 0 and (profile.min_id < 0 or profile.max_id >= table.num_embeddings)
     )
 
 
-def full_rows(profile: IdProfile, table: EmbeddingBagConfig) -> int:
+def full_rows(profile: Union[IdProfile, ProfileSummary], table: EmbeddingBagConfig) -> int:
     """Rows of the full (uncompressed) table: the table, or the vocabulary plus one unseen-id row."""
     return profile.num_ids + 1 if needs_vocabulary(profile, table) else table.num_embeddings
 
@@ -118,10 +118,20 @@ def table_budgets(
     budgets: Dict[str, TableBudget] = {}
     for t in tables:
         profile = profiles[t.name]
-        n_full = full_rows(profile, t)
-        if n_full < MIN_COMPRESSED_ROWS or profile.num_ids == 0:
+        budget = compressed_budget(profile, t, compression, optimizer)
+        if budget is None:
             continue
         vocabularies.pop(t.name, None)
-        budget = int(n_full * row_bytes(t.embedding_dim, optimizer) / compression)
-        budgets[t.name] = TableBudget(t, profile, n_full, budget, dense_ids=not needs_vocabulary(profile, t))
+        budgets[t.name] = TableBudget(t, profile, full_rows(profile, t), budget,
+                                      dense_ids=not needs_vocabulary(profile, t))
     return budgets, vocabularies
+
+
+def compressed_budget(
+    profile: Union[IdProfile, ProfileSummary], table: EmbeddingBagConfig, compression: float, optimizer: str
+) -> Optional[int]:
+    """The table's budget in bytes (full bytes / ``compression``), or None when it stays full size."""
+    n_full = full_rows(profile, table)
+    if n_full < MIN_COMPRESSED_ROWS or profile.num_ids == 0:
+        return None
+    return int(n_full * row_bytes(table.embedding_dim, optimizer) / compression)
