@@ -68,20 +68,25 @@ LEARN_HASH_SHARE = 0.1
 
 
 def learn_mappings(
-    profiles: Mapping[str, IdProfile], tables: List[EmbeddingBagConfig], min_count: int, seed: int = 0
+    profiles: Mapping[str, IdProfile], tables: List[EmbeddingBagConfig], min_count: int, seed: int = 0,
+    summaries: Optional[Mapping[str, ProfileSummary]] = None,
 ) -> Dict[str, IdMapping]:
     """The learn step's mappings: a ``frequency`` mapping per table whose entries (one row each) are
     the ids seen at least ``min_count`` times; every other id (rarer, unseen) is hashed into
     ``ceil(LEARN_HASH_SHARE x kept)`` rows (at least 1, at most one per rarer profiled id). A table
-    of dense ids with no more rows than that keeps no mapping (its ids are its rows)."""
+    of dense ids with no more rows than that keeps no mapping (its ids are its rows).
+
+    ``summaries``: the whole profiles' summaries when ``profiles`` hold only the ids seen at least
+    ``min_count`` times (and the whole ``total``), as a distributed learn step gathers them."""
     if isinstance(min_count, bool) or not isinstance(min_count, (int, np.integer)) or min_count < 1:
         raise ValueError(f"min_count must be an integer >= 1, got {min_count!r}")
     out = {}
     for t in tables:
         profile = profiles[t.name]
+        whole = (summaries or {}).get(t.name, profile)
         kept = int((profile.counts >= min_count).sum())
-        hashed = max(1, min(math.ceil(LEARN_HASH_SHARE * kept), profile.num_ids - kept))
-        if not needs_vocabulary(profile, t) and t.num_embeddings <= kept + hashed:
+        hashed = max(1, min(math.ceil(LEARN_HASH_SHARE * kept), whole.num_ids - kept))
+        if not needs_vocabulary(whole, t) and t.num_embeddings <= kept + hashed:
             continue
         if kept == 0:  # nothing to keep: every id is hashed
             out[t.name] = fit_mapping(None, method="hash", num_rows=hashed, seed=seed, table=t.name)
@@ -91,7 +96,9 @@ def learn_mappings(
     return out
 
 
-def full_table_bytes(tables: List[EmbeddingBagConfig], profiles: Mapping[str, IdProfile], optimizer: str = "sgd") -> int:
+def full_table_bytes(
+    tables: List[EmbeddingBagConfig], profiles: Mapping[str, Union[IdProfile, ProfileSummary]], optimizer: str = "sgd"
+) -> int:
     """Bytes of the uncompressed tables (weights and optimizer state)."""
     return int(sum(full_rows(profiles[t.name], t) * row_bytes(t.embedding_dim, optimizer) for t in tables))
 
