@@ -18,6 +18,14 @@ rank whose row-wise shard holds the bucket's rows, so W must divide B). Under a 
 :func:`fit_bucketed_distributed` chains 2-4. Fitting time and memory per rank follow the rank's
 share of the ids (about 1/W of them, for a bucket hash that spreads ids evenly).
 
+At a memory budget (the pipeline, ``lhf fit`` / ``lhf train --num-buckets`` under torchrun) the
+rows come from :func:`~lhf_torchrec.mapping.budget.plan_budget`, which reads the count histogram
+and every bucket's row split: :class:`RankBudgetStatistics` computes both from the rank's
+:class:`ProfileShare` (:func:`share_profile`: the exchange, plus a :class:`~lhf_torchrec.mapping.profile.ProfileSummary` of the
+whole profile) and combines them with collectives, so every rank gets the plan of the merged
+profile without holding it. :func:`cosharded_remap` builds a rank's co-sharded remap straight from
+its :class:`MappingShard`.
+
 Heavy-hitter profiles (``capacity``) are refused: their summaries shrink against the global counts,
 which no rank has; merge them on one process (:meth:`IdProfile.merge`) and fit with ``fit_bucketed``.
 
@@ -271,9 +279,10 @@ def fit_bucketed_distributed(
 
 @dataclass(frozen=True)
 class ProfileShare:
-    """One rank's share of a table's merged exact profile, for a bucketed fit across ranks.
+    """One rank's share of a table's merged profile, for a bucketed fit across ranks.
 
-    ``profile``: the merged counts of the ids of the rank's buckets (:func:`exchange_profiles`);
+    ``profile``: the merged counts of the ids of the rank's buckets (:func:`exchange_profiles`, or
+    :func:`own_share` of a whole profile);
     ``summary``: what the table rules read of the whole merged profile, which no rank holds.
     """
 
