@@ -356,8 +356,10 @@ class RankBudgetStatistics(BudgetStatistics):
         self.share, self.table, self.group = share, table, group
         world_size, rank = dist.get_world_size(group), dist.get_rank(group)
         check_world_size(world_size, share.num_buckets, table)
-        mine = owned_buckets(rank, world_size, share.num_buckets)
-        self._own_profiles = bucket_profiles(share.profile, share.num_buckets, share.seed)[mine.start:mine.stop]
+        #: The rank's buckets and their profiles (a fit of the planned rows reuses them: ``fit_bucket_range``).
+        self.own_buckets = owned_buckets(rank, world_size, share.num_buckets)
+        self.own_profiles = bucket_profiles(share.profile, share.num_buckets, share.seed)[
+            self.own_buckets.start:self.own_buckets.stop]
 
     @property
     def profile(self) -> IdProfile:
@@ -378,7 +380,7 @@ class RankBudgetStatistics(BudgetStatistics):
         if (num_buckets, seed) != (self.share.num_buckets, self.share.seed):
             raise ValueError(f"table '{self.table}': the profile was shared by {self.share.num_buckets} buckets "
                              f"(seed {self.share.seed}), not {num_buckets} (seed {seed})")
-        return _gather_splits([bucket_split(estimator, p, self.table) for p in self._own_profiles], self.group)
+        return _gather_splits([bucket_split(estimator, p, self.table) for p in self.own_profiles], self.group)
 
 
 def cosharded_remap(shard: MappingShard, device: Optional[torch.device] = None) -> CoShardedIdRemap:

@@ -18,7 +18,6 @@ from lhf_torchrec.data.source import CTRSource
 from lhf_torchrec.distributed.fit import (
     ProfileShare,
     RankBudgetStatistics,
-    fit_owned_buckets,
     gather_mapping,
     gather_profile,
     merge_across_ranks,
@@ -26,7 +25,7 @@ from lhf_torchrec.distributed.fit import (
     record_entry_share_across_ranks,
     share_profile,
 )
-from lhf_torchrec.mapping.buckets import TooFewRowsForBuckets
+from lhf_torchrec.mapping.buckets import TooFewRowsForBuckets, fit_bucket_range
 from lhf_torchrec.mapping.budget import plan_budget, row_bytes
 from lhf_torchrec.mapping.embeddings import IdEmbeddings, embeddings_of
 from lhf_torchrec.mapping.fit import fit_mapping
@@ -284,16 +283,17 @@ def _fit_shares(
         share, budget = shares[t.name], budgets[t.name]
         settings = dict(embedding_dim=t.embedding_dim, total_bytes=budget, method=method, optimizer=optimizer,
                         seed=seed, table=t.name)
+        statistics = RankBudgetStatistics(share, table=t.name)
         try:
-            plan = plan_budget(RankBudgetStatistics(share, table=t.name), num_buckets=num_buckets, **settings,
-                               **hyperparams)
+            plan = plan_budget(statistics, num_buckets=num_buckets, **settings, **hyperparams)
         except TooFewRowsForBuckets as e:
             logger.info("%s: fitted without buckets", e)
             mappings[t.name] = fit_mapping(gather_profile(share), embeddings=embeddings.get(t.name), **settings,
                                            **hyperparams)
             continue
-        fits = fit_owned_buckets(method, plan.num_rows, num_buckets, share.profile, embeddings.get(t.name), seed=seed,
-                                 table=t.name, **plan.hyperparams)
+        # The buckets' profiles the budget split are the ones to fit (fit_owned_buckets would redo them).
+        fits = fit_bucket_range(method, plan.num_rows, num_buckets, statistics.own_profiles, embeddings.get(t.name),
+                                first_bucket=statistics.own_buckets.start, seed=seed, table=t.name, **plan.hyperparams)
         mappings[t.name] = gather_mapping(method, plan.num_rows, num_buckets, fits, seed=seed, table=t.name,
                                           **plan.hyperparams)
         record_entry_share_across_ranks(mappings[t.name], share)
