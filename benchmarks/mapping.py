@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/mapping.py            # fits of 1e5, 1e6, 1e7 ids (~10 minutes on 2 cores)
     .venv/bin/python benchmarks/mapping.py --large    # and 1e8 ids (about an hour more; needs ~12 GB free)
     .venv/bin/python benchmarks/mapping.py --quick    # 1e5, 1e6 ids
-    .venv/bin/python benchmarks/mapping.py --distributed   # distributed fit, 2 gloo ranks vs 1 (~10 minutes)
+    .venv/bin/python benchmarks/mapping.py --distributed   # distributed fit, 2 gloo ranks vs 1 (~20 minutes)
 
 Fit: every size runs in a fresh subprocess (so peak RSS is that fit's own), on a Zipf(1.1) access
 profile over n distinct ids with random 8-d embeddings, fitting ``frequency`` and ``combination``
@@ -15,9 +15,10 @@ Apply: ids drawn from the same access distribution (1% never seen), mapped by a 
 next to a plain gather ``table[ids]`` from an int32 tensor as long as the dense mapping's table,
 measured interleaved in one process; medians of repeated runs.
 
-Distributed fit (``--distributed``): the same Zipf profile fitted by
-:func:`lhf_torchrec.distributed.fit` on 1 and on 2 gloo ranks (B = 64 buckets), each rank a fresh
-process holding its share of the profile; wall time and per-rank peak RSS side by side.
+Distributed fit (``--distributed``): the same Zipf profile fitted on 1 and on 2 gloo ranks (B = 64
+buckets), each rank a fresh process holding its share of the profile, through the library
+(:mod:`lhf_torchrec.distributed.fit`, fixed rows) and through the pipeline (``fit_mappings`` at a
+budget: share, budget planned across the ranks, fit, gather); wall time and per-rank peak RSS side by side.
 
 Results are printed and written to docs/performance.md (section "Mapping").
 """
@@ -146,24 +147,39 @@ def _id_vectors(ids: np.ndarray) -> torch.Tensor:
                         for j in range(EMBEDDING_DIM)], dim=1)
 
 
-def distributed_fit_rank(num_ids: int, method: str, world_size: int, rank: int, parts_dir: str) -> dict:
-    """Runs in a child process (one rank): exchange, fit of the rank's buckets, gather; times and peak RSS."""
+def _reset_peak_rss() -> float:
+    """Resets this process's peak RSS to its current RSS (Linux); returns the current RSS in MB."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _rss_mb()[0]
+
+
+def _rank_start(world_size: int, rank: int, parts_dir: str):
+    """A benchmark rank: one torch thread, its gloo group, its part of the profile."""
     import torch.distributed as dist
 
-    from lhf_torchrec.distributed.fit import exchange_profiles, fit_owned_buckets, gather_mapping
-    from lhf_torchrec.mapping import IdEmbeddings, IdProfile
+    from lhf_torchrec.mapping import IdProfile
 
     # One thread per rank: the per-rank work compares alike, and intra-op threads on a shared, loaded
     # machine spin against other jobs (measured: 2 threads made the 1-rank fit 7x slower per bucket).
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    local = IdProfile(np.load(os.path.join(parts_dir, f"ids{rank}.npy")),
-                      np.load(os.path.join(parts_dir, f"counts{rank}.npy")), 0)
-    local = IdProfile(local.ids, local.counts, int(local.counts.sum()))
+    ids, counts = np.load(os.path.join(parts_dir, f"ids{rank}.npy")), np.load(os.path.join(parts_dir, f"counts{rank}.npy"))
+    return IdProfile(ids, counts, int(counts.sum()))
+
+
+def distributed_fit_rank(num_ids: int, method: str, world_size: int, rank: int, parts_dir: str) -> dict:
+    """Runs in a child process (one rank): exchange, fit of the rank's buckets, gather; times and peak RSS."""
+    import torch.distributed as dist
+
+    from lhf_torchrec.distributed.fit import exchange_profiles, fit_owned_buckets, gather_mapping
+    from lhf_torchrec.mapping import IdEmbeddings
+
+    local = _rank_start(world_size, rank, parts_dir)
     hyper = {"min_count": 1, "hot_fraction": 0.25, "hashed_fraction": 0.1} if method == "combination" else {}
     num_rows = num_ids // 10 // DIST_BUCKETS * DIST_BUCKETS
     dist.barrier()
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rss_before = _reset_peak_rss()
     start = time.perf_counter()
     owned = exchange_profiles(local, DIST_BUCKETS, seed=0)
     exchanged = time.perf_counter()
@@ -172,16 +188,52 @@ def distributed_fit_rank(num_ids: int, method: str, world_size: int, rank: int, 
     fitted = time.perf_counter()
     mapping = gather_mapping(method, num_rows, DIST_BUCKETS, fits, **hyper)
     done = time.perf_counter()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _rss_mb()[1]
     dist.destroy_process_group()
     return {"rank": rank, "owned_ids": owned.num_ids, "exchange_s": exchanged - start, "fit_s": fitted - exchanged,
-            "gather_s": done - fitted, "total_s": done - start, "peak_rss_mb": peak / 2**20,
-            "fit_rss_mb": (peak - rss_before) / 2**20, "fingerprint": mapping.fingerprint}
+            "gather_s": done - fitted, "total_s": done - start, "peak_rss_mb": peak,
+            "fit_rss_mb": peak - rss_before, "fingerprint": mapping.fingerprint}
 
 
-def distributed_fit_rows(sizes, methods=("frequency", "combination"), on_row=None) -> list:
+def distributed_pipeline_rank(num_ids: int, method: str, world_size: int, rank: int, parts_dir: str) -> dict:
+    """Runs in a child process (one rank): the pipeline path of ``lhf fit --num-buckets 64`` at 10x
+    compression (``fit_mappings``, the budget planned from the profile). On 2 ranks: the rank's share
+    of the profile (exchange), the budget planned across the ranks, the fit of its buckets, the gather;
+    on 1 rank: the one-process path on the whole profile. Times and peak RSS."""
+    import torch.distributed as dist
+    from torchrec import EmbeddingBagConfig
+
+    from lhf_torchrec.distributed.fit import share_profile
+    from lhf_torchrec.mapping import IdEmbeddings
+    from lhf_torchrec.pipeline.steps import fit_mappings
+
+    local = _rank_start(world_size, rank, parts_dir)
+    table = EmbeddingBagConfig(name="t", embedding_dim=16, num_embeddings=num_ids, feature_names=["f"])
+    dist.barrier()
+    rss_before = _reset_peak_rss()
+    start = time.perf_counter()
+    profile = share_profile(local, DIST_BUCKETS, seed=0, table="t") if world_size > 1 else local
+    shared = time.perf_counter()
+    own_ids = profile.profile.ids if world_size > 1 else profile.ids
+    embeddings = {"t": IdEmbeddings(own_ids, _id_vectors(own_ids))} if method == "combination" else None
+    mapping = fit_mappings([table], {"t": profile}, method, compression=10, embeddings=embeddings,
+                           num_buckets=DIST_BUCKETS).compression.mappings["t"]
+    done = time.perf_counter()
+    peak = _rss_mb()[1]
+    dist.destroy_process_group()
+    return {"rank": rank, "owned_ids": own_ids.size, "share_s": shared - start, "fit_s": done - shared,
+            "total_s": done - start, "peak_rss_mb": peak, "fit_rss_mb": peak - rss_before, "rows": mapping.num_rows,
+            "fingerprint": mapping.fingerprint}
+
+
+DIST_PATHS = {"library": distributed_fit_rank, "pipeline": distributed_pipeline_rank}
+DIST_TIMES = {"library": ("exchange_s", "fit_s", "gather_s", "total_s"), "pipeline": ("share_s", "fit_s", "total_s")}
+
+
+def distributed_fit_rows(sizes, methods=("frequency", "combination"), on_row=None, path: str = "library") -> list:
     """Each (size, method) fitted on 1 and on 2 ranks, side by side; every rank a fresh process that loads
-    only its share of the profile (ids dealt round-robin: each id in one rank's data). ``on_row(rows,
+    only its share of the profile (ids dealt round-robin: each id in one rank's data). ``path``: "library"
+    (:func:`distributed_fit_rank`) or "pipeline" (:func:`distributed_pipeline_rank`). ``on_row(rows,
     pending)`` is called after each job (rows so far, jobs left), so a long run records what it has."""
     import socket
     import tempfile
@@ -191,7 +243,7 @@ def distributed_fit_rows(sizes, methods=("frequency", "combination"), on_row=Non
     rows = []
     jobs = [(n, m, w) for n in sizes for m in methods for w in DIST_WORLD_SIZES]
     profiles = {}
-    for num_ids, method, world_size in tqdm(jobs, desc="distributed fit"):
+    for num_ids, method, world_size in tqdm(jobs, desc=f"distributed fit ({path})"):
         profile = profiles.setdefault(num_ids, zipf_profile(num_ids, seed=0, sparse_ids=False))
         with tempfile.TemporaryDirectory(prefix="lhf-bench-distfit-") as parts_dir:
             for rank in range(world_size):
@@ -202,18 +254,17 @@ def distributed_fit_rows(sizes, methods=("frequency", "combination"), on_row=Non
                 port = s.getsockname()[1]
             env = {**os.environ, "MASTER_ADDR": "localhost", "MASTER_PORT": str(port)}
             procs = [subprocess.Popen([sys.executable, __file__, "--dist-child", str(num_ids), method, str(world_size),
-                                       str(rank), parts_dir], env=env, stdout=subprocess.PIPE, text=True)
+                                       str(rank), parts_dir, path], env=env, stdout=subprocess.PIPE, text=True)
                      for rank in range(world_size)]
             ranks = []
             for proc in procs:
                 out, _ = proc.communicate()
                 if proc.returncode:
-                    raise RuntimeError(f"distributed fit of {num_ids} ids ({method}, {world_size} ranks) failed")
+                    raise RuntimeError(f"distributed fit of {num_ids} ids ({method}, {world_size} ranks, {path}) failed")
                 ranks.append(json.loads(out.strip().splitlines()[-1]))
         rows.append({"ids": num_ids, "method": method, "ranks": world_size,
                      "ids_per_rank": max(r["owned_ids"] for r in ranks),
-                     **{k: max(r[k] for r in ranks) for k in ("exchange_s", "fit_s", "gather_s", "total_s",
-                                                              "peak_rss_mb", "fit_rss_mb")},
+                     **{k: max(r[k] for r in ranks) for k in DIST_TIMES[path] + ("peak_rss_mb", "fit_rss_mb")},
                      "fingerprint": ranks[0]["fingerprint"][:12]})
         one = next(r for r in rows if (r["ids"], r["method"], r["ranks"]) == (num_ids, method, 1))
         row = rows[-1]
@@ -225,29 +276,40 @@ def distributed_fit_rows(sizes, methods=("frequency", "combination"), on_row=Non
     return rows
 
 
-def distributed_fit_section(rows, seconds: float, pending=()) -> str:
-    """The "Distributed fit" subsection of docs/performance.md (``pending``: jobs not run yet, said so)."""
-    table = markdown_table(rows, ["ids", "method", "ranks", "ids_per_rank", "exchange_s", "fit_s", "gather_s",
-                                  "total_s", "time_vs_1_rank", "peak_rss_mb", "fit_rss_mb", "fit_rss_vs_1_rank",
-                                  "same_mapping"])
+def distributed_fit_section(rows, pipeline_rows, seconds: float, pending=()) -> str:
+    """The "Distributed fit" subsection of docs/performance.md: the library path's table and the
+    pipeline path's (``pending``: jobs not run yet, said so)."""
+    columns = ["ids", "method", "ranks", "ids_per_rank"]
+    after = ["time_vs_1_rank", "peak_rss_mb", "fit_rss_mb", "fit_rss_vs_1_rank", "same_mapping"]
     return "\n".join([
         DIST_SUBSECTION,
         f"Command: `python benchmarks/mapping.py --distributed` ({seconds:.0f} s). {machine_description()}. "
-        f"The same Zipf(1.1) profile (n / 10 rows, B = {DIST_BUCKETS} buckets; `combination` with 8-d embeddings "
-        "fixed per id) fitted by `lhf_torchrec.distributed.fit` on 1 rank and on 2 gloo ranks, each rank a fresh "
-        "process holding its share of the profile: exchange by bucket, fit of its own buckets, gather of the "
-        "whole mapping on every rank. Times and RSS are the slowest / largest rank's; `fit_rss_mb` is the growth "
-        "of peak RSS over the peak after loading the share (0: the fit stayed below it), `peak_rss_mb` includes "
-        "~750 MB of imports (torch, TorchRec); `same_mapping`: the 2-rank mapping has the 1-rank one's "
-        "fingerprint. Each rank runs one torch thread (the 2-rank fit uses 2 cores, the 1-rank fit 1). The 2 "
-        "cores were shared with four other jobs (load average above): absolute times are inflated several-fold "
+        f"The same Zipf(1.1) profile (B = {DIST_BUCKETS} buckets; `combination` with 8-d embeddings fixed per id) "
+        "fitted on 1 rank and on 2 gloo ranks, each rank a fresh process holding its share of the profile (ids "
+        "dealt round-robin: each id in one rank's data). Times and RSS are the slowest / largest rank's; "
+        "`fit_rss_mb` is the growth of the peak RSS over the RSS after loading the share (the peak is reset "
+        "there), `peak_rss_mb` includes ~750 MB of imports (torch, TorchRec); `same_mapping`: the 2-rank mapping "
+        "has the 1-rank one's fingerprint. Each rank runs one torch thread (the 2-rank fit uses 2 cores, the "
+        "1-rank fit 1). The machine is shared with other jobs (load average above): absolute times are inflated "
         "and noisy; each 1-rank / 2-rank pair ran back to back.",
         "",
-        table,
+        "Library path (`lhf_torchrec.distributed.fit`, n / 10 rows; `combination` with `min_count=1`, hot 25%, "
+        "hashed 10%): exchange by bucket, fit of the rank's own buckets, gather of the whole mapping on every rank.",
+        "",
+        markdown_table(rows, columns + list(DIST_TIMES["library"]) + after),
+        "",
+        f"Pipeline path (what `lhf fit --num-buckets {DIST_BUCKETS} --compression 10` runs, "
+        "`lhf_torchrec.pipeline.steps.fit_mappings` with the methods' defaults, a dim-16 table of n ids, SGD): "
+        "on 2 ranks `share_s` is the exchange that leaves each rank the merged counts of its own buckets' ids, "
+        "then `fit_s` plans the budget across the ranks (collectives over the ranks' count histograms and "
+        "bucket splits), fits the rank's buckets and gathers the mapping; on 1 rank the one-process path "
+        "(budget and fit on the whole profile). Neither holds the whole profile on a rank of 2.",
+        "",
+        markdown_table(pipeline_rows, columns + list(DIST_TIMES["pipeline"]) + after),
     ] + ([
         "",
         "Not measured yet (the run was stopped before them): "
-        + ", ".join(f"{n:,} ids {m} on {w} rank(s)" for n, m, w in pending) + ".",
+        + ", ".join(f"{n:,} ids {m} on {w} rank(s) ({path})" for path, n, m, w in pending) + ".",
     ] if pending else []))
 
 
@@ -288,26 +350,36 @@ def main() -> None:
     parser.add_argument("--child", nargs=2, metavar=("IDS", "METHOD"), help=argparse.SUPPRESS)
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--distributed", action="store_true",
-                        help="only the distributed fit: 1e6 and 1e7 ids on 1 and 2 gloo ranks (--quick: 1e6)")
-    parser.add_argument("--dist-child", nargs=5, metavar=("IDS", "METHOD", "WORLD", "RANK", "DIR"),
+                        help="only the distributed fit, library and pipeline paths: 1e6 and 1e7 ids on 1 and 2 gloo "
+                             "ranks (--quick: 1e6)")
+    parser.add_argument("--dist-child", nargs=6, metavar=("IDS", "METHOD", "WORLD", "RANK", "DIR", "PATH"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(fit_once(int(args.child[0]), args.child[1])))
         return
     if args.dist_child:
-        n, method, world, rank, parts_dir = args.dist_child
-        print(json.dumps(distributed_fit_rank(int(n), method, int(world), int(rank), parts_dir)))
+        n, method, world, rank, parts_dir, path = args.dist_child
+        print(json.dumps(DIST_PATHS[path](int(n), method, int(world), int(rank), parts_dir)))
         return
     if args.distributed:
         started = time.perf_counter()
+        sizes = [10**6] if args.quick else [10**6, 10**7]
+        done = {path: [] for path in DIST_PATHS}
+        later = {path: [(path, n, m, w) for n in sizes for m in ("frequency", "combination") for w in DIST_WORLD_SIZES]
+                 for path in DIST_PATHS}
 
-        def record(rows, pending):
-            text = distributed_fit_section(rows, time.perf_counter() - started, pending)
-            _write_distributed_subsection(text)
-            print(text if not pending else json.dumps(rows[-1]), flush=True)
+        def recorder(path):
+            def record(rows, pending):
+                done[path] = rows
+                left = [(path, *job) for job in pending] + (later["pipeline"] if path == "library" else [])
+                text = distributed_fit_section(done["library"], done["pipeline"], time.perf_counter() - started, left)
+                _write_distributed_subsection(text)
+                print(text if not left else json.dumps(rows[-1]), flush=True)
+            return record
 
-        distributed_fit_rows([10**6] if args.quick else [10**6, 10**7], on_row=record)
+        for path in DIST_PATHS:
+            distributed_fit_rows(sizes, on_row=recorder(path), path=path)
         return
 
     from tqdm import tqdm

@@ -343,9 +343,11 @@ def _add_fit_parser(subparsers: argparse._SubParsersAction) -> None:
         "fit", help="fit mappings at a memory budget (mapping bytes counted)",
         description=(
             "Fits one mapping per compressed table at a memory budget. Under torchrun with --num-buckets B (the "
-            "world size dividing B) each rank fits only its own buckets (bucket b on rank b * W / B, k-means "
-            "included) and rank 0 writes the gathered mappings, equal to one process's; every rank loads the "
-            "profiles and plans the budgets. Unbucketed mappings are fitted on every rank, as in one process."
+            "world size dividing B) each rank reads 1/W of the profiles and keeps the counts of its own buckets' "
+            "ids, the ranks plan the budgets together (the same plans as one process's), each fits only its own "
+            "buckets (bucket b on rank b * W / B, k-means included) and rank 0 writes the gathered mappings, equal "
+            "to one process's. Unbucketed mappings are fitted on every rank from the whole profiles, as in one "
+            "process."
         ),
     )
     parser.add_argument("--profiles", type=input_path, required=True, metavar="FILE", help="from lhf profile")
@@ -371,20 +373,26 @@ def _run_fit(args: argparse.Namespace) -> int:
 
     from lhf_torchrec.mapping import save_mappings
     from lhf_torchrec.mapping.tables import full_table_bytes
-    from lhf_torchrec.pipeline.artifacts import load_embeddings, load_profiles, require_tables
+    from lhf_torchrec.pipeline.artifacts import load_embeddings, load_profile_shares, load_profiles, require_tables
     from lhf_torchrec.pipeline.methods import FitInputs, fit_method, get_method
     from lhf_torchrec.training.runtime import init_runtime
 
     runtime = init_runtime()
-    profiles, tables = load_profiles(args.profiles, args.embedding_dim)
+    if args.num_buckets is not None and args.method == "full":
+        raise ValueError("--num-buckets applies to the compressed mapping methods, not 'full'")
+    if args.num_buckets is not None and runtime.world_size > 1 and args.num_buckets % runtime.world_size == 0:
+        # Each rank reads and keeps only its buckets' share of the profiles.
+        profiles, tables = load_profile_shares(args.profiles, args.embedding_dim, args.num_buckets, args.seed)
+        summaries = {name: share.summary for name, share in profiles.items()}
+    else:
+        profiles, tables = load_profiles(args.profiles, args.embedding_dim)
+        summaries = profiles
     embeddings = None
     if get_method(args.method).needs_embeddings:
         if not args.embeddings:
             raise ValueError(f"method '{args.method}' needs --embeddings (from lhf learn)")
         embeddings = load_embeddings(args.embeddings)
-        require_tables(args.embeddings, embeddings, [t for t in profiles if profiles[t].num_ids])
-    if args.num_buckets is not None and args.method == "full":
-        raise ValueError("--num-buckets applies to the compressed mapping methods, not 'full'")
+        require_tables(args.embeddings, embeddings, [t for t in summaries if summaries[t].num_ids])
     budget_settings = {} if args.num_buckets is None else {"num_buckets": args.num_buckets}
     fitted = fit_method(args.method, tables, profiles, FitInputs(embeddings), compression=args.compression,
                         optimizer=args.optimizer, seed=args.seed, **budget_settings)
@@ -394,7 +402,7 @@ def _run_fit(args: argparse.Namespace) -> int:
     torch.distributed.barrier()  # every rank returns once the file is there
     if not runtime.is_main:
         return EXIT_OK
-    full = full_table_bytes(tables, profiles, args.optimizer)
+    full = full_table_bytes(tables, summaries, args.optimizer)
     print(f"{'table':<10} {'rows':>10} {'hot':>8} {'clustered':>10} {'hashed':>8} {'entries':>9} {'mapping':>11} "
           f"storage{'  buckets' if args.num_buckets else ''}")
     for t in tables:

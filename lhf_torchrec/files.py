@@ -186,3 +186,21 @@ def tensors_checksum(tensors: Mapping[str, "torch.Tensor"], meta: Any = None) ->
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()
+
+
+def safetensors_checksum(handle: Any, names: Iterable[str], meta: Any = None, rows_per_chunk: int = 1 << 22) -> str:
+    """:func:`tensors_checksum` of the tensors ``names`` of a file opened with ``safetensors.safe_open``
+    (framework "pt"), read ``rows_per_chunk`` rows at a time: memory stays bounded, whatever their size."""
+    digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
+    for name in sorted(names):
+        part = handle.get_slice(name)
+        shape = tuple(part.get_shape())
+        if not shape:  # a scalar: small
+            tensor = handle.get_tensor(name)
+            digest.update(f"{name}:{tensor.dtype}:{shape}".encode())
+            digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
+            continue
+        digest.update(f"{name}:{part[0:0].dtype}:{shape}".encode())
+        for start in range(0, shape[0], rows_per_chunk):
+            digest.update(part[start:start + rows_per_chunk].contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

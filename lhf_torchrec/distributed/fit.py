@@ -18,6 +18,14 @@ rank whose row-wise shard holds the bucket's rows, so W must divide B). Under a 
 :func:`fit_bucketed_distributed` chains 2-4. Fitting time and memory per rank follow the rank's
 share of the ids (about 1/W of them, for a bucket hash that spreads ids evenly).
 
+At a memory budget (the pipeline, ``lhf fit`` / ``lhf train --num-buckets`` under torchrun) the
+rows come from :func:`~lhf_torchrec.mapping.budget.plan_budget`, which reads the count histogram
+and every bucket's row split: :class:`RankBudgetStatistics` computes both from the rank's
+:class:`ProfileShare` (:func:`share_profile`: the exchange, plus a :class:`~lhf_torchrec.mapping.profile.ProfileSummary` of the
+whole profile) and combines them with collectives, so every rank gets the plan of the merged
+profile without holding it. :func:`cosharded_remap` builds a rank's co-sharded remap straight from
+its :class:`MappingShard`.
+
 Heavy-hitter profiles (``capacity``) are refused: their summaries shrink against the global counts,
 which no rank has; merge them on one process (:meth:`IdProfile.merge`) and fit with ``fit_bucketed``.
 
@@ -27,7 +35,7 @@ Collectives run on CPU tensors under gloo and on the current CUDA device under N
 """
 
 from dataclasses import dataclass
-from typing import List, Optional, Union
+from typing import List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -37,15 +45,20 @@ from lhf_torchrec.mapping.buckets import (
     BucketFits,
     assemble_bucketed,
     bucket_profiles,
+    bucket_split,
     check_bucket_rows,
+    cosharded_slots,
     fit_bucket_range,
     total_split,
 )
+from lhf_torchrec.mapping.budget import BudgetStatistics
 from lhf_torchrec.mapping.embeddings import EmbeddingsLike
+from lhf_torchrec.mapping.fit import accesses_with_entry
 from lhf_torchrec.mapping.hashing import bucket_hash, input_hash_size
 from lhf_torchrec.mapping.id_mapping import IdMapping
-from lhf_torchrec.mapping.methods import RowSplit, make_estimator
-from lhf_torchrec.mapping.profile import IdProfile
+from lhf_torchrec.mapping.methods import MappingEstimator, RowSplit, make_estimator
+from lhf_torchrec.mapping.profile import IdProfile, ProfileSummary
+from lhf_torchrec.modules.cosharded import CoShardedIdRemap
 
 ProcessGroup = Optional[dist.ProcessGroup]
 
@@ -166,9 +179,9 @@ _SPLIT_FIELDS = ("num_rows", "num_hot", "num_clustered", "num_hashed", "num_entr
                  "probes")
 
 
-def _gather_splits(fits: BucketFits, group: ProcessGroup) -> List[RowSplit]:
-    """Every bucket's row split (each rank owns a contiguous range, in rank order)."""
-    local = np.array([[getattr(s, f) for f in _SPLIT_FIELDS] for s in fits.splits], np.int64).reshape(-1, 8)
+def _gather_splits(splits: List[RowSplit], group: ProcessGroup) -> List[RowSplit]:
+    """Every bucket's row split, from each rank's ``splits`` of its buckets (a contiguous range, in rank order)."""
+    local = np.array([[getattr(s, f) for f in _SPLIT_FIELDS] for s in splits], np.int64).reshape(-1, 8)
     return [RowSplit(*map(int, row)) for part in _all_gather(local, group) for row in part]
 
 
@@ -178,7 +191,7 @@ def gather_mapping(
 ) -> IdMapping:
     """The whole mapping on every rank (replicated), from each rank's :func:`fit_owned_buckets`.
     Collective; ``hyperparams`` as fitted."""
-    splits = _gather_splits(fits, group)
+    splits = _gather_splits(fits.splits, group)
     entry_ids = np.concatenate(_all_gather(fits.entry_ids, group))
     entry_rows = np.concatenate(_all_gather(fits.entry_rows, group))
     entry_counts = np.concatenate(_all_gather(fits.entry_counts, group))
@@ -224,7 +237,7 @@ def shard_mapping(
     group: ProcessGroup = None, **hyperparams,
 ) -> MappingShard:
     """This rank's :class:`MappingShard` (collective: every bucket's split and entry count are gathered)."""
-    splits = _gather_splits(fits, group)
+    splits = _gather_splits(fits.splits, group)
     entry_counts = np.concatenate(_all_gather(fits.entry_counts, group))
     params = make_estimator(method, num_rows // num_buckets, seed=seed, **hyperparams).get_params()
     return MappingShard(table, method, num_rows, num_buckets, seed, params, fits, splits, entry_counts)
@@ -261,16 +274,161 @@ def fit_bucketed_distributed(
     return assemble(method, num_rows, num_buckets, fits, seed=seed, table=table, group=group, **hyperparams)
 
 
+# ------------------------------------------------------------------ the pipeline's per-rank shares
+
+
+@dataclass(frozen=True)
+class ProfileShare:
+    """One rank's share of a table's merged profile, for a bucketed fit across ranks.
+
+    ``profile``: the merged counts of the ids of the rank's buckets (:func:`exchange_profiles`, or
+    :func:`own_share` of a whole profile);
+    ``summary``: what the table rules read of the whole merged profile, which no rank holds.
+    """
+
+    profile: IdProfile
+    summary: ProfileSummary
+    num_buckets: int
+    seed: int
+
+
+def share_profile(
+    profile: IdProfile, num_buckets: int, seed: int = 0, *, table: str = "table", group: ProcessGroup = None
+) -> ProfileShare:
+    """This rank's :class:`ProfileShare` from its local exact ``profile`` (collective)."""
+    owned = exchange_profiles(profile, num_buckets, seed, table=table, group=group)
+    return ProfileShare(owned, summarize_across_ranks(owned, group=group), num_buckets, seed)
+
+
+def own_share(profile: IdProfile, num_buckets: int, seed: int = 0, *, table: str = "table",
+              group: ProcessGroup = None) -> ProfileShare:
+    """This rank's :class:`ProfileShare` of a whole merged ``profile`` that every rank holds (no collective)."""
+    world_size, rank = dist.get_world_size(group), dist.get_rank(group)
+    check_world_size(world_size, num_buckets, table)
+    keep = bucket_owners(profile.ids, num_buckets, world_size, seed) == rank
+    owned = IdProfile(profile.ids[keep], profile.counts[keep], int(profile.counts[keep].sum()), profile.capacity,
+                      profile.error_bound)
+    return ProfileShare(owned, profile.summary(), num_buckets, seed)
+
+
+def summarize_across_ranks(owned: IdProfile, *, group: ProcessGroup = None) -> ProfileSummary:
+    """The :class:`ProfileSummary` of the union of every rank's ``owned`` profile, whose ids are
+    disjoint (:func:`exchange_profiles`' results). Collective."""
+    local = np.array([[owned.num_ids, owned.total, owned.min_id, owned.max_id]], np.int64)
+    parts = np.concatenate(_all_gather(local, group))
+    seen = parts[parts[:, 0] > 0]
+    if not seen.size:
+        return ProfileSummary(0, int(parts[:, 1].sum()), 0, 0)
+    return ProfileSummary(int(parts[:, 0].sum()), int(parts[:, 1].sum()), int(seen[:, 2].min()), int(seen[:, 3].max()))
+
+
+def gather_profile(share: ProfileShare, min_count: int = 1, *, group: ProcessGroup = None) -> IdProfile:
+    """The merged profile's ids seen at least ``min_count`` times (1: the whole profile), with their
+    counts, on every rank, from every rank's share (collective); ``total`` stays the whole profile's.
+    For what is not fitted bucket by bucket: a full-size table's vocabulary, a budget too small for
+    buckets, the learn step's well-observed ids."""
+    keep = share.profile.counts >= min_count
+    ids = np.concatenate(_all_gather(share.profile.ids[keep], group))
+    counts = np.concatenate(_all_gather(share.profile.counts[keep], group))
+    order = np.argsort(ids)
+    return IdProfile(ids[order], counts[order], share.summary.total)
+
+
+def record_entry_share_across_ranks(mapping: IdMapping, share: ProfileShare, *, group: ProcessGroup = None) -> None:
+    """Sets ``mapping.entry_share`` as :func:`~lhf_torchrec.mapping.fit.record_entry_share` does on the
+    whole profile: each rank counts its share's accesses with an entry (collective)."""
+    if share.summary.total > 0:
+        hits = np.array([[accesses_with_entry(mapping, share.profile)]], np.int64)
+        mapping.entry_share = round(float(np.concatenate(_all_gather(hits, group)).sum()) / share.summary.total, 6)
+
+
+class RankBudgetStatistics(BudgetStatistics):
+    """A bucketed budget's statistics from this rank's buckets, combined across ranks with
+    collectives: :func:`~lhf_torchrec.mapping.budget.plan_budget` then gives, on every rank, the plan
+    of the whole merged profile, while each rank holds only its share.
+
+    The count histogram is the sum of the ranks' histograms (their ids are disjoint); each try of
+    a table size fits the splits of the rank's own buckets and all-gathers every bucket's split.
+    Every rank must call ``plan_budget`` with the same arguments (its calls are collective).
+    """
+
+    def __init__(self, share: ProfileShare, *, table: str = "table", group: ProcessGroup = None) -> None:
+        self.share, self.table, self.group = share, table, group
+        world_size, rank = dist.get_world_size(group), dist.get_rank(group)
+        check_world_size(world_size, share.num_buckets, table)
+        #: The rank's buckets and their profiles (a fit of the planned rows reuses them: ``fit_bucket_range``).
+        self.own_buckets = owned_buckets(rank, world_size, share.num_buckets)
+        self.own_profiles = bucket_profiles(share.profile, share.num_buckets, share.seed)[
+            self.own_buckets.start:self.own_buckets.stop]
+
+    @property
+    def profile(self) -> IdProfile:
+        raise ValueError(f"table '{self.table}': an unbucketed budget ranks every id and needs the whole profile; "
+                         f"plan it from the merged profile (gather_profile)")
+
+    @property
+    def num_ids(self) -> int:
+        return self.share.summary.num_ids
+
+    def count_histogram(self) -> Tuple[np.ndarray, np.ndarray]:
+        values, ids = np.unique(self.share.profile.counts, return_counts=True)
+        pairs = np.concatenate(_all_gather(np.stack([values, ids.astype(np.int64)], axis=1), self.group))
+        merged, inverse = np.unique(pairs[:, 0], return_inverse=True)
+        return merged, np.bincount(inverse, weights=pairs[:, 1], minlength=merged.size).astype(np.int64)
+
+    def bucket_splits(self, estimator: MappingEstimator, num_buckets: int, seed: int) -> List[RowSplit]:
+        if (num_buckets, seed) != (self.share.num_buckets, self.share.seed):
+            raise ValueError(f"table '{self.table}': the profile was shared by {self.share.num_buckets} buckets "
+                             f"(seed {self.share.seed}), not {num_buckets} (seed {seed})")
+        return _gather_splits([bucket_split(estimator, p, self.table) for p in self.own_profiles], self.group)
+
+
+def cosharded_remap(shard: MappingShard, device: Optional[torch.device] = None) -> CoShardedIdRemap:
+    """This rank's :class:`~lhf_torchrec.modules.cosharded.CoShardedIdRemap` straight from its
+    :class:`MappingShard`: the module that TorchRec's sharder cuts for the rank's rows from the module
+    of the gathered mapping (same buffers), without the gathered mapping. Local (no collective).
+
+    It holds the rank's buckets only, so it goes where a row-wise shard's module goes: e.g. copy its
+    buffers into the sharded module of a model built with a placeholder (or load them from a checkpoint).
+    """
+    probes = shard.splits[0].probes
+    if probes != 1:
+        raise ValueError(f"table '{shard.table}': the mapping cannot co-shard with its table: {probes} probes per id "
+                         f"(method '{shard.method}')")
+    fits = shard.fits
+    keys = bucket_hash(torch.from_numpy(fits.entry_ids), shard.num_buckets, shard.seed)
+    order = torch.argsort(keys, stable=True)
+    mine = shard.buckets
+    split = total_split(shard.splits)
+    description = {"table_name": shard.table, "method": shard.method, "params": shard.params,
+                   "num_rows": shard.num_rows, "num_entries": int(shard.entry_counts.sum()), "seed": shard.seed,
+                   "hash_offset": split.hash_offset, "hash_rows": split.hash_rows, "probes": 1,
+                   "layout": split.layout(), "num_buckets": shard.num_buckets}
+    return CoShardedIdRemap.from_bucket_entries(
+        shard.num_rows, shard.num_buckets, shard.seed, keys[order], torch.from_numpy(fits.entry_rows)[order],
+        torch.from_numpy(fits.entry_counts), shard.bucket_hash_regions[mine.start:mine.stop],
+        slots_per_row=cosharded_slots(shard.num_rows, shard.num_buckets, int(shard.entry_counts.max())),
+        description=description, first_bucket=mine.start, device=device)
+
+
 __all__ = [
     "MappingShard",
+    "ProfileShare",
+    "RankBudgetStatistics",
     "check_world_size",
+    "cosharded_remap",
     "exchange_profiles",
     "fit_bucketed_distributed",
     "fit_owned_buckets",
     "gather_mapping",
+    "gather_profile",
     "merge_across_ranks",
+    "own_share",
     "owned_buckets",
+    "record_entry_share_across_ranks",
     "shard_mapping",
+    "share_profile",
+    "summarize_across_ranks",
 ]
 
 

@@ -12,7 +12,7 @@ rows use the same threshold unless the budget needs a higher one (then ``plan.hy
 """
 
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, Optional, Tuple, Type
+from typing import Callable, Dict, List, Optional, Tuple, Type, Union
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ from lhf_torchrec.mapping.id_mapping import bucketed_storage_cost, storage_cost
 from lhf_torchrec.mapping.methods import (
     METHODS,
     LearnedClustering,
+    MappingEstimator,
     ProfileLike,
     RowSplit,
     as_profile,
@@ -133,23 +134,54 @@ def _bucketed_cost(splits) -> Tuple[str, int]:
     return storage, entry_bytes + 8 * len(splits)
 
 
-def _min_count_that_fits(profile: IdProfile, prefix_cost: Callable[[int], Tuple[str, int]], max_bytes: float) -> int:
-    """The smallest access count threshold whose well-observed ids fit in ``max_bytes`` of mapping."""
-    thresholds = np.unique(profile.counts)
-    ranked_counts = np.sort(profile.counts)[::-1]
+def _min_count_that_fits(histogram: Tuple[np.ndarray, np.ndarray], prefix_cost: Callable[[int], Tuple[str, int]],
+                         max_bytes: float) -> int:
+    """The smallest access count threshold whose well-observed ids fit in ``max_bytes`` of mapping.
+    ``histogram``: the distinct access counts, ascending, and how many ids have each."""
+    thresholds, ids_per_count = histogram
+    at_least = np.cumsum(ids_per_count[::-1])[::-1]  # ids with at least each threshold's count
     low, high = 0, thresholds.size  # cost falls as the threshold rises: find the first that fits
     while low < high:
         mid = (low + high) // 2
-        entries = int(np.searchsorted(-ranked_counts, -thresholds[mid], side="right"))
-        if prefix_cost(entries)[1] <= max_bytes:
+        if prefix_cost(int(at_least[mid]))[1] <= max_bytes:
             high = mid
         else:
             low = mid + 1
-    return int(thresholds[low]) if low < thresholds.size else int(ranked_counts[0]) + 1
+    return int(thresholds[low]) if low < thresholds.size else int(thresholds[-1]) + 1
+
+
+class BudgetStatistics:
+    """What :func:`plan_budget` reads of a profile, here from the whole profile in this process.
+
+    A bucketed plan reads two things only: the histogram of access counts (how many ids have each
+    count, for the learned methods' ``min_count``) and, for each table size it tries, every bucket's
+    row split. Both are sums over buckets, so :class:`lhf_torchrec.distributed.fit.RankBudgetStatistics`
+    computes them from each rank's buckets and combines them with collectives. An unbucketed plan
+    ranks every id (:attr:`profile`).
+    """
+
+    def __init__(self, profile: IdProfile, table: str = "table") -> None:
+        self.profile, self.table = profile, table
+        self._buckets: Dict[Tuple[int, int], list] = {}
+
+    @property
+    def num_ids(self) -> int:
+        return self.profile.num_ids
+
+    def count_histogram(self) -> Tuple[np.ndarray, np.ndarray]:
+        """(distinct access counts ascending, number of ids with each)."""
+        values, ids = np.unique(self.profile.counts, return_counts=True)
+        return values, ids.astype(np.int64)
+
+    def bucket_splits(self, estimator: MappingEstimator, num_buckets: int, seed: int) -> List[RowSplit]:
+        """Every bucket's row split with ``estimator`` (which has a bucket's rows), in bucket order."""
+        if (num_buckets, seed) not in self._buckets:
+            self._buckets = {(num_buckets, seed): bucket_profiles(self.profile, num_buckets, seed)}
+        return [bucket_split(estimator, p, self.table) for p in self._buckets[num_buckets, seed]]
 
 
 def plan_budget(
-    data: ProfileLike,
+    data: Union[ProfileLike, BudgetStatistics],
     *,
     embedding_dim: int,
     total_bytes: int,
@@ -173,34 +205,38 @@ def plan_budget(
     the smallest access count whose ids' entries take at most ``mapping_share`` of the budget, and
     rarer ids are hashed. The value used is in ``plan.hyperparams``.
 
+    ``data``: a profile (or accesses), or the :class:`BudgetStatistics` of one (a distributed
+    budget: :class:`~lhf_torchrec.distributed.fit.RankBudgetStatistics`, the same plan on every rank).
+
     Example::
 
         plan = plan_budget(profile, embedding_dim=16, total_bytes=full_bytes // 10, method="combination")
         plan.num_rows, plan.split.num_hot, plan.mapping_bytes
     """
-    profile = as_profile(data, table)
+    statistics = data if isinstance(data, BudgetStatistics) else BudgetStatistics(as_profile(data, table), table)
+    if statistics.num_ids == 0:
+        raise ValueError(f"table '{table}': no ids to fit on (the data is empty)")
     per_row = row_bytes(embedding_dim, optimizer)
     # Bucketed mappings key entries by bucket hash: their bytes depend on the entry count only.
-    prefix_cost = _PrefixCost(profile) if num_buckets is None else bucketed_storage_cost
+    prefix_cost = _PrefixCost(statistics.profile) if num_buckets is None else bucketed_storage_cost
     if not 0 < mapping_share <= 1:
         raise ValueError(f"table '{table}': mapping_share must be in (0, 1], got {mapping_share}")
     floor = make_estimator(method, 1, **hyperparams)
     if isinstance(floor, LearnedClustering):
-        fits = _min_count_that_fits(profile, prefix_cost, mapping_share * total_bytes)
+        fits = _min_count_that_fits(statistics.count_histogram(), prefix_cost, mapping_share * total_bytes)
         hyperparams["min_count"] = max(fits, floor.min_count)
 
     buckets = 1 if num_buckets is None else num_buckets
     if num_buckets is not None:
         check_bucket_rows(MIN_ROWS_PER_BUCKET * num_buckets, num_buckets, table)  # B itself is valid
-        profiles = bucket_profiles(profile, num_buckets, seed)
 
     def plan_for(num_rows: int) -> BudgetPlan:
         if num_buckets is None:
-            split = make_estimator(method, num_rows, **hyperparams).split(profile, table)
+            split = make_estimator(method, num_rows, **hyperparams).split(statistics.profile, table)
             storage, mapping_bytes = prefix_cost(split.num_entries)
         else:
             estimator = make_estimator(method, num_rows // num_buckets, **hyperparams)
-            splits = [bucket_split(estimator, p, table) for p in profiles]
+            splits = statistics.bucket_splits(estimator, num_buckets, seed)
             split = total_split(splits)
             storage, mapping_bytes = _bucketed_cost(splits)
         weight = num_rows * WEIGHT_BYTES * embedding_dim

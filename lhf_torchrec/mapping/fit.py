@@ -107,8 +107,12 @@ def resolve_rows(
 def record_entry_share(mapping: IdMapping, profile: Optional[IdProfile]) -> None:
     """Sets ``mapping.entry_share``: the share of the profile's accesses whose id has an entry."""
     if profile is not None and profile.total > 0:
-        # In chunks: a lookup of every profiled id at once makes several id-sized temporaries (GBs at 1e8).
-        ids = torch.from_numpy(profile.ids)
-        hits = sum(int(profile.counts[start:start + _CHUNK][mapping.has_entry(ids[start:start + _CHUNK]).numpy()].sum())
-                   for start in range(0, profile.num_ids, _CHUNK))
-        mapping.entry_share = round(float(hits) / profile.total, 6)
+        mapping.entry_share = round(float(accesses_with_entry(mapping, profile)) / profile.total, 6)
+
+
+def accesses_with_entry(mapping: IdMapping, profile: IdProfile) -> int:
+    """The profile's accesses whose id has an entry in ``mapping``."""
+    # In chunks: a lookup of every profiled id at once makes several id-sized temporaries (GBs at 1e8).
+    ids = torch.from_numpy(profile.ids)
+    return sum(int(profile.counts[start:start + _CHUNK][mapping.has_entry(ids[start:start + _CHUNK]).numpy()].sum())
+               for start in range(0, profile.num_ids, _CHUNK))

@@ -78,6 +78,19 @@ class IdProfile:
     def nbytes(self) -> int:
         return int(self.ids.nbytes + self.counts.nbytes)
 
+    @property
+    def min_id(self) -> int:
+        """The smallest profiled id (0 when there is none)."""
+        return int(self.ids[0]) if self.ids.size else 0
+
+    @property
+    def max_id(self) -> int:
+        """The largest profiled id (0 when there is none)."""
+        return int(self.ids[-1]) if self.ids.size else 0
+
+    def summary(self) -> "ProfileSummary":
+        return ProfileSummary(self.num_ids, self.total, self.min_id, self.max_id)
+
     @classmethod
     def empty(cls, capacity: Optional[int] = None) -> "IdProfile":
         return cls(np.zeros(0, np.int64), np.zeros(0, np.int64), 0, capacity, 0)
@@ -123,6 +136,17 @@ class IdProfile:
             return np.zeros(query.shape, np.int64)
         pos = np.minimum(np.searchsorted(self.ids, query), self.ids.size - 1)
         return np.where(self.ids[pos] == query, self.counts[pos], 0)
+
+
+@dataclass(frozen=True)
+class ProfileSummary:
+    """What the table-level rules (:mod:`lhf_torchrec.mapping.tables`: full rows, vocabularies,
+    budgets) read of a profile. A distributed fit has it for the whole profile, which no rank holds."""
+
+    num_ids: int
+    total: int
+    min_id: int
+    max_id: int
 
 
 class FeatureProfiler:

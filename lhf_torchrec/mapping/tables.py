@@ -16,7 +16,7 @@ learned methods can cluster) and a small hashed region for every other id.
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 from torchrec import EmbeddingBagConfig
@@ -24,21 +24,21 @@ from torchrec import EmbeddingBagConfig
 from lhf_torchrec.mapping.budget import row_bytes
 from lhf_torchrec.mapping.fit import fit_mapping
 from lhf_torchrec.mapping.id_mapping import IdMapping
-from lhf_torchrec.mapping.profile import IdProfile
+from lhf_torchrec.mapping.profile import IdProfile, ProfileSummary
 
 # Tables smaller than this stay full size for every method: compressing a table of a few rows
 # saves nothing and only adds noise to comparisons.
 MIN_COMPRESSED_ROWS = 100
 
 
-def needs_vocabulary(profile: IdProfile, table: EmbeddingBagConfig) -> bool:
+def needs_vocabulary(profile: Union[IdProfile, ProfileSummary], table: EmbeddingBagConfig) -> bool:
     """True when the table's id space is too sparse to hold as a table (a vocabulary is smaller)."""
     return profile.num_ids + 1 < table.num_embeddings or (
-        profile.num_ids > 0 and (profile.ids[0] < 0 or profile.ids[-1] >= table.num_embeddings)
+        profile.num_ids > 0 and (profile.min_id < 0 or profile.max_id >= table.num_embeddings)
     )
 
 
-def full_rows(profile: IdProfile, table: EmbeddingBagConfig) -> int:
+def full_rows(profile: Union[IdProfile, ProfileSummary], table: EmbeddingBagConfig) -> int:
     """Rows of the full (uncompressed) table: the table, or the vocabulary plus one unseen-id row."""
     return profile.num_ids + 1 if needs_vocabulary(profile, table) else table.num_embeddings
 
@@ -68,20 +68,25 @@ LEARN_HASH_SHARE = 0.1
 
 
 def learn_mappings(
-    profiles: Mapping[str, IdProfile], tables: List[EmbeddingBagConfig], min_count: int, seed: int = 0
+    profiles: Mapping[str, IdProfile], tables: List[EmbeddingBagConfig], min_count: int, seed: int = 0,
+    summaries: Optional[Mapping[str, ProfileSummary]] = None,
 ) -> Dict[str, IdMapping]:
     """The learn step's mappings: a ``frequency`` mapping per table whose entries (one row each) are
     the ids seen at least ``min_count`` times; every other id (rarer, unseen) is hashed into
     ``ceil(LEARN_HASH_SHARE x kept)`` rows (at least 1, at most one per rarer profiled id). A table
-    of dense ids with no more rows than that keeps no mapping (its ids are its rows)."""
+    of dense ids with no more rows than that keeps no mapping (its ids are its rows).
+
+    ``summaries``: the whole profiles' summaries when ``profiles`` hold only the ids seen at least
+    ``min_count`` times (and the whole ``total``), as a distributed learn step gathers them."""
     if isinstance(min_count, bool) or not isinstance(min_count, (int, np.integer)) or min_count < 1:
         raise ValueError(f"min_count must be an integer >= 1, got {min_count!r}")
     out = {}
     for t in tables:
         profile = profiles[t.name]
+        whole = (summaries or {}).get(t.name, profile)
         kept = int((profile.counts >= min_count).sum())
-        hashed = max(1, min(math.ceil(LEARN_HASH_SHARE * kept), profile.num_ids - kept))
-        if not needs_vocabulary(profile, t) and t.num_embeddings <= kept + hashed:
+        hashed = max(1, min(math.ceil(LEARN_HASH_SHARE * kept), whole.num_ids - kept))
+        if not needs_vocabulary(whole, t) and t.num_embeddings <= kept + hashed:
             continue
         if kept == 0:  # nothing to keep: every id is hashed
             out[t.name] = fit_mapping(None, method="hash", num_rows=hashed, seed=seed, table=t.name)
@@ -91,7 +96,9 @@ def learn_mappings(
     return out
 
 
-def full_table_bytes(tables: List[EmbeddingBagConfig], profiles: Mapping[str, IdProfile], optimizer: str = "sgd") -> int:
+def full_table_bytes(
+    tables: List[EmbeddingBagConfig], profiles: Mapping[str, Union[IdProfile, ProfileSummary]], optimizer: str = "sgd"
+) -> int:
     """Bytes of the uncompressed tables (weights and optimizer state)."""
     return int(sum(full_rows(profiles[t.name], t) * row_bytes(t.embedding_dim, optimizer) for t in tables))
 
@@ -118,10 +125,20 @@ def table_budgets(
     budgets: Dict[str, TableBudget] = {}
     for t in tables:
         profile = profiles[t.name]
-        n_full = full_rows(profile, t)
-        if n_full < MIN_COMPRESSED_ROWS or profile.num_ids == 0:
+        budget = compressed_budget(profile, t, compression, optimizer)
+        if budget is None:
             continue
         vocabularies.pop(t.name, None)
-        budget = int(n_full * row_bytes(t.embedding_dim, optimizer) / compression)
-        budgets[t.name] = TableBudget(t, profile, n_full, budget, dense_ids=not needs_vocabulary(profile, t))
+        budgets[t.name] = TableBudget(t, profile, full_rows(profile, t), budget,
+                                      dense_ids=not needs_vocabulary(profile, t))
     return budgets, vocabularies
+
+
+def compressed_budget(
+    profile: Union[IdProfile, ProfileSummary], table: EmbeddingBagConfig, compression: float, optimizer: str
+) -> Optional[int]:
+    """The table's budget in bytes (full bytes / ``compression``), or None when it stays full size."""
+    n_full = full_rows(profile, table)
+    if n_full < MIN_COMPRESSED_ROWS or profile.num_ids == 0:
+        return None
+    return int(n_full * row_bytes(table.embedding_dim, optimizer) / compression)

@@ -119,36 +119,69 @@ class CoShardedIdRemap(ManagedCollisionModule):
         refusal = cosharding_refusal(mapping)
         if refusal is not None:
             raise ValueError(f"table '{mapping.table_name}': the mapping cannot co-shard with its table: {refusal}")
-        num_rows, num_buckets, per_bucket = mapping.num_rows, mapping.num_buckets, mapping.rows_per_bucket
+        num_rows, num_buckets = mapping.num_rows, mapping.num_buckets
         counts = mapping.bucket_entry_counts()
         slots_per_row = cosharded_slots(num_rows, num_buckets, int(counts.max()))
         device = torch.device(device) if device is not None else mapping.bucket_hash_regions.device
-        block = per_bucket * slots_per_row
-        width = input_hash_size(num_buckets) // num_buckets
         if mapping.storage == "sorted":
             entry_keys, entry_rows = mapping.keys.to(device), mapping.values.to(device, torch.int64)
         else:
             entry_keys = entry_rows = torch.zeros(0, dtype=torch.int64, device=device)
-        counts = counts.to(device)
+        description = {**mapping.metadata(), "table_name": mapping.table_name}
+        return cls.from_bucket_entries(num_rows, num_buckets, mapping.seed, entry_keys, entry_rows, counts,
+                                       mapping.bucket_hash_regions, slots_per_row=slots_per_row,
+                                       description=description, device=device)
+
+    @classmethod
+    def from_bucket_entries(
+        cls,
+        num_rows: int,
+        num_buckets: int,
+        seed: int,
+        entry_keys: torch.Tensor,
+        entry_rows: torch.Tensor,
+        bucket_counts: torch.Tensor,
+        bucket_hash_regions: torch.Tensor,
+        *,
+        slots_per_row: int,
+        description: Mapping,
+        first_bucket: int = 0,
+        device: Optional[torch.device] = None,
+    ) -> "CoShardedIdRemap":
+        """The module of the buckets ``[first_bucket, first_bucket + len(bucket_counts))`` only (all of
+        them: :meth:`from_mapping`; one rank's: built from its shard of a distributed fit, as
+        :meth:`rebuild_with_output_id_range` would cut it). ``entry_keys``: the buckets' entry hashes,
+        sorted (so in bucket order); ``entry_rows``: their rows in the whole table; ``bucket_counts``:
+        entries per bucket; ``bucket_hash_regions``: (buckets, 2) offset and rows of each hash region;
+        ``slots_per_row``: K of the whole table (its fullest bucket)."""
+        device = torch.device(device) if device is not None else entry_keys.device
+        per_bucket = num_rows // num_buckets
+        num_own = int(bucket_counts.numel())
+        block = per_bucket * slots_per_row
+        width = input_hash_size(num_buckets) // num_buckets
+        entry_keys, entry_rows = entry_keys.to(device, torch.int64), entry_rows.to(device, torch.int64)
+        counts = bucket_counts.to(device, torch.int64)
         starts = torch.cumsum(counts, 0) - counts
         # Position j of bucket b's block holds entry starts[b] + min(j, counts[b] - 1): the entries in
         # order, then the last one repeated. Empty buckets hold their first h with slot -1.
-        bucket = torch.arange(num_buckets, device=device).repeat_interleave(block)
-        position = torch.arange(block, device=device).repeat(num_buckets)
-        count = counts.index_select(0, bucket)
-        source = (starts.index_select(0, bucket) + torch.minimum(position, count - 1)).clamp(min=0)
+        local = torch.arange(num_own, device=device).repeat_interleave(block)
+        bucket = local + first_bucket
+        position = torch.arange(block, device=device).repeat(num_own)
+        count = counts.index_select(0, local)
+        source = (starts.index_select(0, local) + torch.minimum(position, count - 1)).clamp(min=0)
         empty = count == 0
         if entry_keys.numel():
             keys = torch.where(empty, bucket * width, entry_keys.index_select(0, source))
             slots = torch.where(empty, -1, entry_rows.index_select(0, source) - bucket * per_bucket)
         else:
             keys, slots = bucket * width, torch.full_like(bucket, -1)
-        regions = torch.zeros(num_buckets, per_bucket, dtype=torch.int32, device=device)
-        regions[:, :2] = mapping.bucket_hash_regions.to(device)
-        description = {**mapping.metadata(), "table_name": mapping.table_name}
-        return cls(num_rows, num_buckets, mapping.seed, slots_per_row, device=device, description=description,
-                   state=(keys.view(num_rows, slots_per_row), slots.to(torch.int32).view(num_rows, slots_per_row),
-                          regions.view(num_rows)))
+        rows = num_own * per_bucket
+        regions = torch.zeros(num_own, per_bucket, dtype=torch.int32, device=device)
+        regions[:, :2] = bucket_hash_regions.to(device)
+        return cls(num_rows, num_buckets, seed, slots_per_row, device=device, description=description,
+                   bucket_range=(first_bucket, first_bucket + num_own),
+                   state=(keys.view(rows, slots_per_row), slots.to(torch.int32).view(rows, slots_per_row),
+                          regions.view(rows)))
 
     def to_mapping(self) -> IdMapping:
         """The :class:`IdMapping` these buffers hold (an unsharded module only: all buckets)."""

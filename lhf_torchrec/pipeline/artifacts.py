@@ -6,13 +6,16 @@ metadata that loading verifies. A file of the wrong kind, a corrupted table, or 
 table the run needs is an error that names the file and the table.
 """
 
+import dataclasses
 import json
+import os
 from typing import Dict, Iterable, List, Tuple
 
 import torch
 from torchrec import EmbeddingBagConfig
 
-from lhf_torchrec.files import atomic_write, read_safetensors, tensors_checksum
+from lhf_torchrec.distributed.fit import ProfileShare, own_share, share_profile
+from lhf_torchrec.files import atomic_write, read_safetensors, safetensors_checksum, tensors_checksum
 from lhf_torchrec.mapping.embeddings import IdEmbeddings
 from lhf_torchrec.mapping.profile import IdProfile
 
@@ -37,6 +40,14 @@ def _save(path: str, kind: str, tensors: Dict[str, torch.Tensor], tables: Dict[s
 
 def _load(path: str, kind: str):
     header, tensors = read_safetensors(path)
+    tables, checksums = _tables_of(path, kind, header)
+    for name, meta in tables.items():
+        _check_table(path, name, checksums, tensors_checksum(_table_tensors(tensors, name), meta))
+    return tensors, tables
+
+
+def _tables_of(path: str, kind: str, header: Dict[str, str]) -> Tuple[Dict, Dict]:
+    """(tables' metadata, their checksums) from a file's header, which must declare ``kind``."""
     try:
         tables = json.loads(header.get("tables", "{}"))
         checksums = json.loads(header.get("checksums", "{}"))
@@ -44,12 +55,14 @@ def _load(path: str, kind: str):
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
     if header.get("format") != kind:
         raise ValueError(f"{path}: holds {header.get('format')!r}, expected {kind!r}")
-    for name, meta in tables.items():
-        if name not in checksums:
-            raise ValueError(f"{path}: table '{name}' has no checksum (written by an older version?); re-create the file")
-        if tensors_checksum(_table_tensors(tensors, name), meta) != checksums[name]:
-            raise ValueError(f"{path}: checksum mismatch for table '{name}': the file is corrupted or was edited")
-    return tensors, tables
+    return tables, checksums
+
+
+def _check_table(path: str, name: str, checksums: Dict, checksum: str) -> None:
+    if name not in checksums:
+        raise ValueError(f"{path}: table '{name}' has no checksum (written by an older version?); re-create the file")
+    if checksum != checksums[name]:
+        raise ValueError(f"{path}: checksum mismatch for table '{name}': the file is corrupted or was edited")
 
 
 def save_profiles(path: str, profiles: Dict[str, IdProfile], tables: List[EmbeddingBagConfig]) -> None:
@@ -75,6 +88,49 @@ def load_profiles(path: str, embedding_dim: int) -> Tuple[Dict[str, IdProfile], 
     tables = [EmbeddingBagConfig(name=name, embedding_dim=embedding_dim, num_embeddings=int(m["num_embeddings"]),
                                  feature_names=list(m["feature_names"])) for name, m in meta.items()]
     return profiles, tables
+
+
+def load_profile_shares(
+    path: str, embedding_dim: int, num_buckets: int, seed: int = 0
+) -> Tuple[Dict[str, ProfileShare], List[EmbeddingBagConfig]]:
+    """Each rank's :class:`~lhf_torchrec.distributed.fit.ProfileShare` of the profiles in ``path``
+    (collective, under a process group whose world size divides ``num_buckets``), and their tables.
+
+    Each rank reads 1/W of every table's (id, count) pairs and sends them to the ranks that own their
+    buckets, so no rank holds a whole profile; the checksums are verified by reading every table in
+    chunks (bounded memory) on every rank. Heavy-hitter profiles (which the exchange refuses) are
+    read whole and each rank keeps its share.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    world_size, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"file {path} does not exist")
+    shares: Dict[str, ProfileShare] = {}
+    try:
+        with safe_open(path, framework="pt") as f:
+            tables, checksums = _tables_of(path, PROFILES_FORMAT, f.metadata() or {})
+            for name, meta in tables.items():
+                names = [k for k in f.keys() if k.split("/", 1)[0] == name]
+                _check_table(path, name, checksums, safetensors_checksum(f, names, meta))
+            for name, meta in tables.items():
+                ids, counts = f.get_slice(f"{name}/ids"), f.get_slice(f"{name}/counts")
+                if meta["capacity"] is not None:  # a heavy-hitter summary: bounded, read whole
+                    whole = IdProfile(ids[:].numpy(), counts[:].numpy(), int(meta["total"]), meta["capacity"],
+                                      int(meta["error_bound"]))
+                    shares[name] = own_share(whole, num_buckets, seed, table=name)
+                    continue
+                size = ids.get_shape()[0]
+                low, high = rank * size // world_size, (rank + 1) * size // world_size
+                part = counts[low:high].numpy()
+                share = share_profile(IdProfile(ids[low:high].numpy(), part, int(part.sum())), num_buckets, seed,
+                                      table=name)
+                summary = dataclasses.replace(share.summary, total=int(meta["total"]))
+                shares[name] = dataclasses.replace(share, summary=summary)
+    except SafetensorError as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
+    return shares, [EmbeddingBagConfig(name=name, embedding_dim=embedding_dim, num_embeddings=int(m["num_embeddings"]),
+                                       feature_names=list(m["feature_names"])) for name, m in tables.items()]
 
 
 def save_embeddings(path: str, embeddings: Dict[str, IdEmbeddings]) -> None:

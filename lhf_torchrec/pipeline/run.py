@@ -19,7 +19,7 @@ from lhf_torchrec.mapping.id_mapping import IdMapping, load_mappings
 from lhf_torchrec.pipeline.artifacts import RESULTS_FORMAT
 from lhf_torchrec.pipeline.datasets import DatasetSpec, load_split
 from lhf_torchrec.pipeline.methods import FitInputs, fit_method, get_method
-from lhf_torchrec.pipeline.steps import learn_embeddings, profile_tables
+from lhf_torchrec.pipeline.steps import learn_embeddings, profile_tables, share_tables
 from lhf_torchrec.training.compression import LearnedHashing
 from lhf_torchrec.training.metrics import untrained_warning
 from lhf_torchrec.training.model import ModelConfig
@@ -69,7 +69,11 @@ def run_training(
     else:
         if not get_method(method).maps_ids:
             raise ValueError(f"method '{method}' is not a mapping method; train it with lhf bench quality")
-        profiles = profile_tables(data.train, data.tables)
+        if num_buckets is not None and runtime.world_size > 1 and num_buckets % runtime.world_size == 0:
+            # Each rank keeps only its buckets' share of the profiles (fit_mappings plans and fits from it).
+            profiles = share_tables(data.train, data.tables, num_buckets, train_config.seed)
+        else:
+            profiles = profile_tables(data.train, data.tables)
         embeddings = None
         if get_method(method).needs_embeddings:
             embeddings = learn_embeddings(data.train, data.tables, profiles, dim=learn_dim,

@@ -9,21 +9,43 @@ budgets follow :mod:`lhf_torchrec.mapping.tables`.
 import dataclasses
 import functools
 import logging
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torchrec import EmbeddingBagConfig
 
 from lhf_torchrec.data.source import CTRSource
-from lhf_torchrec.distributed.fit import fit_owned_buckets, gather_mapping, merge_across_ranks
-from lhf_torchrec.mapping.buckets import TooFewRowsForBuckets
-from lhf_torchrec.mapping.budget import MAPPING_SHARE, row_bytes
+from lhf_torchrec.distributed.fit import (
+    ProfileShare,
+    RankBudgetStatistics,
+    gather_mapping,
+    gather_profile,
+    merge_across_ranks,
+    own_share,
+    record_entry_share_across_ranks,
+    share_profile,
+)
+from lhf_torchrec.mapping.buckets import TooFewRowsForBuckets, fit_bucket_range
+from lhf_torchrec.mapping.budget import plan_budget, row_bytes
 from lhf_torchrec.mapping.embeddings import IdEmbeddings, embeddings_of
-from lhf_torchrec.mapping.fit import fit_mapping, record_entry_share, resolve_rows
+from lhf_torchrec.mapping.fit import fit_mapping
 from lhf_torchrec.mapping.id_mapping import IdMapping
 from lhf_torchrec.mapping.methods import MIN_COUNT
-from lhf_torchrec.mapping.profile import FeatureProfiler, IdProfile, SpillingProfiler, merge_profiles
-from lhf_torchrec.mapping.tables import TableBudget, full_rows, learn_mappings, table_budgets, vocabulary_mappings
+from lhf_torchrec.mapping.profile import (
+    FeatureProfiler,
+    IdProfile,
+    ProfileSummary,
+    SpillingProfiler,
+    merge_profiles,
+)
+from lhf_torchrec.mapping.tables import (
+    compressed_budget,
+    full_rows,
+    learn_mappings,
+    needs_vocabulary,
+    table_budgets,
+    vocabulary_mappings,
+)
 from lhf_torchrec.training.compression import FittedTables, LearnedHashing
 from lhf_torchrec.training.model import ModelConfig
 from lhf_torchrec.training.runtime import Runtime
@@ -48,8 +70,34 @@ def profile_tables(
 
     Under a process group of W > 1 ranks every rank profiles its 1/W of the rows and every rank
     gets the merged profiles (:func:`~lhf_torchrec.distributed.fit.merge_across_ranks`: exact ones
-    equal one process's).
+    equal one process's). A bucketed fit needs only each rank's share: :func:`share_tables`.
     """
+    profiles = _rank_profiles(source, tables, capacity, chunk_rows, spill_dir)
+    if _world()[0] > 1:
+        profiles = {name: merge_across_ranks(p, table=name) for name, p in profiles.items()}
+    return profiles
+
+
+def share_tables(
+    source: CTRSource,
+    tables: List[EmbeddingBagConfig],
+    num_buckets: int,
+    seed: int = 0,
+    chunk_rows: int = 1 << 16,
+    spill_dir: Optional[str] = None,
+) -> Dict[str, ProfileShare]:
+    """Under a process group whose world size divides ``num_buckets``: each rank profiles its 1/W of
+    the rows and keeps the exact merged counts of its own buckets' ids (:func:`share_profile`), never
+    the whole profile: what :func:`fit_mappings` needs to fit bucketed mappings across the ranks."""
+    return {name: share_profile(p, num_buckets, seed, table=name)
+            for name, p in _rank_profiles(source, tables, None, chunk_rows, spill_dir).items()}
+
+
+def _rank_profiles(
+    source: CTRSource, tables: List[EmbeddingBagConfig], capacity: Optional[int], chunk_rows: int,
+    spill_dir: Optional[str],
+) -> Dict[str, IdProfile]:
+    """Each table's profile of this rank's 1/W of the rows (all of them in one process)."""
     if spill_dir is not None and capacity is not None:
         raise ValueError("spilling is for exact profiles; heavy-hitter summaries (capacity) are bounded already")
     world_size, rank = _world()
@@ -67,8 +115,6 @@ def profile_tables(
     for t in tables:
         seen = [per_feature[f] for f in t.feature_names if f in per_feature]
         out[t.name] = merge_profiles(seen) if seen else IdProfile.empty(capacity)
-        if world_size > 1:
-            out[t.name] = merge_across_ranks(out[t.name], table=t.name)
     return out
 
 
@@ -82,7 +128,7 @@ def _world() -> Tuple[int, int]:
 def learn_embeddings(
     train: CTRSource,
     tables: List[EmbeddingBagConfig],
-    profiles: Mapping[str, IdProfile],
+    profiles: Mapping[str, Union[IdProfile, ProfileShare]],
     *,
     dim: int = 8,
     epochs: int = 1,
@@ -97,9 +143,16 @@ def learn_embeddings(
     raise), so only they get a row of their own (:func:`~lhf_torchrec.mapping.tables.learn_mappings`):
     every other id shares a small hashed region, and the model's memory follows the well-observed
     ids, not the id space. ``min_count`` must be at most the ``min_count`` of every fit that uses
-    the result: a clustered id without an embedding is hashed (with a warning)."""
+    the result: a clustered id without an embedding is hashed (with a warning).
+
+    ``profiles`` may be each rank's shares (:func:`share_tables`): then only the ids seen at least
+    ``min_count`` times are gathered on every rank (the ids the learn step keeps), not whole profiles."""
     config = dataclasses.replace(train_config or TrainConfig(), epochs=epochs, checkpoint_dir=None, resume=False)
-    mappings = learn_mappings(profiles, tables, min_count, config.seed)
+    summaries = None
+    if any(isinstance(p, ProfileShare) for p in profiles.values()):
+        summaries = {name: share.summary for name, share in profiles.items()}
+        profiles = {name: gather_profile(share, min_count) for name, share in profiles.items()}
+    mappings = learn_mappings(profiles, tables, min_count, config.seed, summaries)
     small = [EmbeddingBagConfig(name=t.name, embedding_dim=dim, feature_names=list(t.feature_names), pooling=t.pooling,
                                 num_embeddings=mappings[t.name].num_rows if t.name in mappings else t.num_embeddings)
              for t in tables]
@@ -146,7 +199,7 @@ def warm_start_rows(mapping: IdMapping, profile: IdProfile, embeddings: IdEmbedd
 
 def fit_mappings(
     tables: List[EmbeddingBagConfig],
-    profiles: Mapping[str, IdProfile],
+    profiles: Mapping[str, Union[IdProfile, ProfileShare]],
     method: str,
     *,
     compression: float,
@@ -167,16 +220,28 @@ def fit_mappings(
     table), except those of tables whose budget holds fewer than 2 rows per bucket: such a table is
     too small to shard row-wise, so it keeps one unbucketed mapping (logged), as a table-wise table would.
 
-    Under a process group of W > 1 ranks whose W divides ``num_buckets``, each rank fits only the
-    buckets it owns (:func:`~lhf_torchrec.distributed.fit.fit_owned_buckets`) and the mappings are
-    gathered on every rank, equal to one process's; the budget (rows) is planned from the whole
-    profile on every rank. Unbucketed mappings (and a W that does not divide ``num_buckets``) are
-    fitted on every rank, as in one process.
+    Under a process group of W > 1 ranks whose W divides ``num_buckets``, the ranks fit the mappings
+    together, equal to one process's, gathered on every rank: each plans the budget from its share
+    of the profile with collectives (:class:`~lhf_torchrec.distributed.fit.RankBudgetStatistics`) and
+    fits only the buckets it owns. ``profiles`` are then whole (every rank keeps its share) or each
+    rank's :class:`~lhf_torchrec.distributed.fit.ProfileShare` (:func:`share_tables`: no rank ever
+    holds a whole profile, except the small ones of full-size tables and of tables too small for
+    buckets). Unbucketed mappings (and a W that does not divide ``num_buckets``) are fitted on every
+    rank from whole profiles, as in one process; ``embeddings`` must cover the ids a rank fits.
     """
-    budgets, mappings = table_budgets(tables, profiles, compression=compression, optimizer=optimizer, seed=seed)
     world_size, _ = _world()
-    if num_buckets is not None and world_size > 1 and num_buckets % world_size:
+    shared = num_buckets is not None and world_size > 1 and num_buckets % world_size == 0
+    if num_buckets is not None and world_size > 1 and not shared:
         logger.info("%d buckets do not split over %d ranks: every rank fits every bucket", num_buckets, world_size)
+    if shared:
+        shares = {name: p if isinstance(p, ProfileShare) else own_share(p, num_buckets, seed, table=name)
+                  for name, p in profiles.items()}
+        return _fit_shares(tables, shares, method, compression=compression, optimizer=optimizer,
+                           embeddings=embeddings or {}, seed=seed, num_buckets=num_buckets, **hyperparams)
+    if any(isinstance(p, ProfileShare) for p in profiles.values()):
+        raise ValueError(f"shares of profiles are for bucketed fits across ranks whose world size divides the bucket "
+                         f"count (num_buckets={num_buckets}, world size {world_size})")
+    budgets, mappings = table_budgets(tables, profiles, compression=compression, optimizer=optimizer, seed=seed)
     for name, budget in budgets.items():
         fit = functools.partial(
             fit_mapping,
@@ -191,29 +256,49 @@ def fit_mappings(
             **hyperparams,
         )
         try:
-            if num_buckets is not None and world_size > 1 and num_buckets % world_size == 0:
-                mappings[name] = _fit_across_ranks(budget, method, num_buckets, (embeddings or {}).get(name),
-                                                   optimizer=optimizer, seed=seed, **hyperparams)
-            else:
-                mappings[name] = fit(num_buckets=num_buckets)
+            mappings[name] = fit(num_buckets=num_buckets)
         except TooFewRowsForBuckets as e:
             logger.info("%s: fitted without buckets", e)
             mappings[name] = fit()
     return _fitted(method, tables, profiles, mappings, optimizer, {n: b.budget_bytes for n, b in budgets.items()})
 
 
-def _fit_across_ranks(budget: TableBudget, method: str, num_buckets: int, embeddings: Optional[IdEmbeddings], *,
-                      optimizer: str, seed: int, mapping_share: float = MAPPING_SHARE, **hyperparams) -> IdMapping:
-    """``fit_mapping`` of one bucketed table at its budget, each rank fitting its own buckets."""
-    name, profile = budget.config.name, budget.profile
-    num_rows, hyperparams = resolve_rows(profile, method, num_rows=None, total_bytes=budget.budget_bytes,
-                                         embedding_dim=budget.config.embedding_dim, optimizer=optimizer, table=name,
-                                         mapping_share=mapping_share, num_buckets=num_buckets, seed=seed,
-                                         **hyperparams)
-    fits = fit_owned_buckets(method, num_rows, num_buckets, profile, embeddings, seed=seed, table=name, **hyperparams)
-    mapping = gather_mapping(method, num_rows, num_buckets, fits, seed=seed, table=name, **hyperparams)
-    record_entry_share(mapping, profile)
-    return mapping
+def _fit_shares(
+    tables: List[EmbeddingBagConfig], shares: Mapping[str, ProfileShare], method: str, *, compression: float,
+    optimizer: str, embeddings: Mapping[str, IdEmbeddings], seed: int, num_buckets: int, **hyperparams,
+) -> FittedTables:
+    """:func:`fit_mappings` across the ranks, from each rank's share of every table's profile (collective)."""
+    mappings: Dict[str, IdMapping] = {}  # vocabularies first, as table_budgets gives them
+    budgets: Dict[str, int] = {}
+    for t in tables:
+        share = shares[t.name]
+        budget = compressed_budget(share.summary, t, compression, optimizer)
+        if budget is not None:
+            budgets[t.name] = budget
+        elif needs_vocabulary(share.summary, t):  # full size: fewer than MIN_COMPRESSED_ROWS ids, or none
+            mappings.update(vocabulary_mappings({t.name: gather_profile(share)}, [t], seed))
+    for t in tables:
+        if t.name not in budgets:
+            continue
+        share, budget = shares[t.name], budgets[t.name]
+        settings = dict(embedding_dim=t.embedding_dim, total_bytes=budget, method=method, optimizer=optimizer,
+                        seed=seed, table=t.name)
+        statistics = RankBudgetStatistics(share, table=t.name)
+        try:
+            plan = plan_budget(statistics, num_buckets=num_buckets, **settings, **hyperparams)
+        except TooFewRowsForBuckets as e:
+            logger.info("%s: fitted without buckets", e)
+            mappings[t.name] = fit_mapping(gather_profile(share), embeddings=embeddings.get(t.name), **settings,
+                                           **hyperparams)
+            continue
+        # The buckets' profiles the budget split are the ones to fit (fit_owned_buckets would redo them).
+        fits = fit_bucket_range(method, plan.num_rows, num_buckets, statistics.own_profiles, embeddings.get(t.name),
+                                first_bucket=statistics.own_buckets.start, seed=seed, table=t.name, **plan.hyperparams)
+        mappings[t.name] = gather_mapping(method, plan.num_rows, num_buckets, fits, seed=seed, table=t.name,
+                                          **plan.hyperparams)
+        record_entry_share_across_ranks(mappings[t.name], share)
+    summaries = {name: share.summary for name, share in shares.items()}
+    return _fitted(method, tables, summaries, mappings, optimizer, budgets)
 
 
 def fit_full(
@@ -226,7 +311,7 @@ def fit_full(
 def _fitted(
     method: str,
     tables: List[EmbeddingBagConfig],
-    profiles: Mapping[str, IdProfile],
+    profiles: Mapping[str, Union[IdProfile, ProfileSummary]],
     mappings: Dict[str, IdMapping],
     optimizer: str,
     budgets: Dict[str, int],
@@ -245,5 +330,6 @@ __all__ = [
     "fit_mappings",
     "learn_embeddings",
     "profile_tables",
+    "share_tables",
     "warm_start_rows",
 ]

@@ -1,12 +1,15 @@
 """Distributed fitting (lhf_torchrec.distributed.fit) on 2 gloo ranks equals fit_bucketed on the
-merged profile, fingerprint for fingerprint, for every method.
+merged profile, fingerprint for fingerprint, for every method; so do the budgets planned from each
+rank's share (RankBudgetStatistics) and a rank's co-sharded remap built from its MappingShard.
 
-So do `lhf profile` and `lhf fit --num-buckets` run as torchrun runs them. One spawn does all the
+So do `lhf profile` and `lhf fit --num-buckets` run as torchrun runs them (mappings and printed output). One spawn does all the
 checks (a spawn costs 10-30 s); the library checks pass on 4 ranks too (``_distributed_fit_checks``
 with world_size=4 through ``run_on_rank``, ~70 s on 2 busy cores), left out of the suite for time.
 Workers are module-level: the harness spawns.
 """
 
+import contextlib
+import io
 import os
 import shutil
 import tempfile
@@ -22,15 +25,24 @@ import torch.distributed as dist
 from lh_dist_helpers import raised_by
 from lhf_torchrec.cli import main
 from lhf_torchrec.distributed.fit import (
+    RankBudgetStatistics,
+    cosharded_remap,
     exchange_profiles,
     fit_bucketed_distributed,
+    gather_profile,
     owned_buckets,
+    share_profile,
 )
-from lhf_torchrec.mapping.buckets import bucket_profiles, fit_bucketed
+from lhf_torchrec.mapping.budget import plan_budget
+from lhf_torchrec.mapping.buckets import TooFewRowsForBuckets, bucket_profiles, fit_bucketed
 from lhf_torchrec.mapping import load_mappings
 from lhf_torchrec.mapping.embeddings import IdEmbeddings
 from lhf_torchrec.mapping.profile import IdProfile
-from lhf_torchrec.pipeline.artifacts import load_profiles
+from lhf_torchrec.modules.cosharded import CoShardedIdRemap
+from lhf_torchrec.pipeline.artifacts import load_profile_shares, load_profiles, save_embeddings
+from lhf_torchrec.pipeline.datasets import DatasetSpec, load_split
+from lhf_torchrec.pipeline.steps import fit_mappings, share_tables
+from torchrec.sparse.jagged_tensor import JaggedTensor
 
 pytestmark = pytest.mark.distributed
 
@@ -54,6 +66,13 @@ def _rank_part(accesses: np.ndarray, rank: int, world_size: int) -> np.ndarray:
 def _embeddings(profile: IdProfile, seed: int = 0) -> IdEmbeddings:
     rng = np.random.default_rng(seed)
     return IdEmbeddings(profile.ids, torch.from_numpy(rng.standard_normal((profile.num_ids, 4)).astype(np.float32)))
+
+
+def bucket_profiles_owner(ids: np.ndarray) -> np.ndarray:
+    """The rank (of 2) that owns each id's bucket, in the checks' buckets (NUM_BUCKETS, seed 5)."""
+    from lhf_torchrec.distributed.fit import bucket_owners
+
+    return bucket_owners(ids, NUM_BUCKETS, 2, 5)
 
 
 def _distributed_fit_checks(rank: int, world_size: int) -> None:
@@ -88,6 +107,52 @@ def _distributed_fit_checks(rank: int, world_size: int) -> None:
             assert torch.equal(shard.bucket_hash_regions, want.bucket_hash_regions)
             assert shard.layout == want.layout
 
+    # Budgets planned from each rank's share equal the plans of the merged profile (min_count raised
+    # by a small mapping share, automatic fractions); too small a budget raises on every rank.
+    share = share_profile(local, NUM_BUCKETS, seed=5, table="t")
+    assert share.summary == merged.summary() and share.profile.num_ids < merged.num_ids
+    whole = gather_profile(share)
+    assert np.array_equal(whole.ids, merged.ids) and np.array_equal(whole.counts, merged.counts)
+    well_observed = gather_profile(share, 10)
+    assert np.array_equal(well_observed.ids, merged.ids[merged.counts >= 10]) and well_observed.total == merged.total
+    raised = 0
+    for method, settings in [(m, {}) for m in METHODS] + [("combination", {"mapping_share": 0.02}),
+                                                          ("combination", {"hot_fraction": "auto",
+                                                                           "hashed_fraction": "auto"}),
+                                                          ("frequency", {"hot_fraction": "auto"})]:
+        for budget in (6_000, 40_000):
+            args = dict(embedding_dim=4, total_bytes=budget, method=method, table="t", num_buckets=NUM_BUCKETS, seed=5,
+                        **settings)
+            want = plan_budget(merged, **args)
+            got = plan_budget(RankBudgetStatistics(share, table="t"), **args)
+            assert got == want, (rank, method, settings, budget, got, want)
+            raised += got.hyperparams.get("min_count", 10) > 10
+    assert raised > 0  # the histogram decided a min_count above the floor
+    too_small = raised_by(lambda: plan_budget(RankBudgetStatistics(share, table="t"), embedding_dim=4, total_bytes=200,
+                                              method="frequency", table="t", num_buckets=NUM_BUCKETS, seed=5))
+    assert isinstance(too_small, TooFewRowsForBuckets) and "table 't'" in str(too_small), too_small
+
+    # A rank's co-sharded remap from its MappingShard: the module TorchRec's sharder cuts from the
+    # gathered mapping's, buffer for buffer, and it maps its buckets' ids as the mapping does.
+    shard = fit_bucketed_distributed("combination", NUM_ROWS, NUM_BUCKETS, local, own_embeddings, seed=5, table="t",
+                                     gather=False)
+    gathered = fit_bucketed("combination", NUM_ROWS, NUM_BUCKETS, merged, embeddings, seed=5, table="t")
+    rows_per_rank = NUM_ROWS // world_size
+    cut = CoShardedIdRemap.from_mapping(gathered).rebuild_with_output_id_range(
+        (rank * rows_per_rank, (rank + 1) * rows_per_rank), [0, rows_per_rank, NUM_ROWS])
+    built = cosharded_remap(shard)
+    assert (built.first_bucket, built.end_bucket, built.slots_per_row) == (cut.first_bucket, cut.end_bucket,
+                                                                          cut.slots_per_row)
+    for name in ("_keys", "_slots", "_hash_regions"):
+        assert torch.equal(getattr(built, name), getattr(cut, name)), name
+    for key in ("table_name", "method", "params", "num_rows", "num_entries", "seed", "hash_offset", "hash_rows",
+                "layout", "num_buckets"):
+        assert built.description[key] == cut.description[key], key
+    probe = torch.from_numpy(np.concatenate([merged.ids, np.arange(-500, 500) * 7919]))
+    probe = probe[torch.from_numpy(np.isin(bucket_profiles_owner(probe.numpy()), [rank]))]
+    rows = built.remap(built.preprocess({"f": JaggedTensor(values=probe, lengths=torch.tensor([probe.numel()]))}))
+    assert probe.numel() > 100 and torch.equal(rows["f"].values(), gathered(probe))
+
     # Empty buckets (3 distinct ids in 32 buckets; one rank may have none of them) and hyper-parameters.
     few = np.array([11, 11, 12, 1 << 50] * 50)
     few_local = IdProfile.from_ids(_rank_part(few, rank, world_size))
@@ -105,7 +170,18 @@ def _distributed_fit_checks(rank: int, world_size: int) -> None:
 
 
 CLI_DATA = ["--rows", "6000", "--scale", "0.0005", "--data-seed", "3"]
-CLI_FIT = ["--method", "frequency", "--compression", "2", "--embedding-dim", "8", "--num-buckets", "4"]
+CLI_FIT = ["--compression", "2", "--embedding-dim", "8", "--num-buckets", "4"]
+CLI_METHODS = {"frequency": [], "combination": ["--embeddings", "e.safetensors"]}
+
+
+def _fit_output(path: str, profiles: str, method: str, out: str) -> str:
+    """What `lhf fit` prints (less the file name) for ``method``, after it returned 0."""
+    printed = io.StringIO()
+    extra = [os.path.join(path, a) if a.endswith(".safetensors") else a for a in CLI_METHODS[method]]
+    with contextlib.redirect_stdout(printed):
+        assert main(["fit", "--profiles", os.path.join(path, profiles), "--method", method, *extra, *CLI_FIT,
+                     "--out", os.path.join(path, out)]) == 0
+    return printed.getvalue().replace(os.path.join(path, out), out[:-len(".safetensors")])
 
 
 def _worker(rank: int, world_size: int, path: str) -> None:
@@ -115,8 +191,24 @@ def _worker(rank: int, world_size: int, path: str) -> None:
                       LOCAL_WORLD_SIZE=str(world_size))
     try:
         assert main(["profile", *CLI_DATA, "--out", os.path.join(path, "p2.safetensors")]) == 0
-        assert main(["fit", "--profiles", os.path.join(path, "p2.safetensors"), *CLI_FIT, "--out",
-                     os.path.join(path, "m2.safetensors")]) == 0
+        for method in CLI_METHODS:
+            printed = _fit_output(path, "p2.safetensors", method, f"{method}2.safetensors")
+            if rank == 0:
+                with open(os.path.join(path, f"{method}2.txt"), "w") as f:
+                    f.write(printed)
+        # Each rank keeps a share of every profile, not the whole profile.
+        shares, _ = load_profile_shares(os.path.join(path, "p2.safetensors"), 8, 4, 0)
+        whole, _ = load_profiles(os.path.join(path, "p2.safetensors"), 8)
+        for name, share in shares.items():
+            assert share.summary == whole[name].summary(), name
+        assert sum(s.profile.num_ids for s in shares.values()) < sum(p.num_ids for p in whole.values())
+        # `lhf train --method M --num-buckets B`'s path: shares profiled from the data, fitted together.
+        data = load_split(DatasetSpec("synthetic", [], rows=6000, scale=0.0005, seed=3), 8, progress=False)
+        fitted = fit_mappings(data.tables, share_tables(data.train, data.tables, 4, 0), "frequency", compression=2,
+                              optimizer="rowwise_adagrad", seed=0, num_buckets=4)
+        written = load_mappings(os.path.join(path, "frequency2.safetensors"))
+        assert {n: m.fingerprint for n, m in fitted.compression.mappings.items()} == {
+            n: m.fingerprint for n, m in written.items()}
         _distributed_fit_checks(rank, world_size)
     finally:
         dist.destroy_process_group()
@@ -126,20 +218,27 @@ class DistributedFitTest(MultiProcessTestBase):
     def test_distributed_fit_and_cli_on_two_ranks_equal_one_process(self) -> None:
         path = tempfile.mkdtemp(prefix="lhf-distfit-")
         try:
-            self._run_multi_process_test(callable=_worker, world_size=2, path=path)
             assert main(["profile", *CLI_DATA, "--out", os.path.join(path, "p1.safetensors")]) == 0
-            assert main(["fit", "--profiles", os.path.join(path, "p1.safetensors"), *CLI_FIT, "--out",
-                         os.path.join(path, "m1.safetensors")]) == 0
             one, _ = load_profiles(os.path.join(path, "p1.safetensors"), 8)
+            rng = np.random.default_rng(0)  # stand-in learned embeddings of every profiled id
+            save_embeddings(os.path.join(path, "e.safetensors"), {
+                name: IdEmbeddings(p.ids, torch.from_numpy(rng.standard_normal((p.num_ids, 4)).astype(np.float32)))
+                for name, p in one.items() if p.num_ids})
+            self._run_multi_process_test(callable=_worker, world_size=2, path=path)
             two, _ = load_profiles(os.path.join(path, "p2.safetensors"), 8)
             assert one.keys() == two.keys()
             for name in one:
                 assert np.array_equal(one[name].ids, two[name].ids), name
                 assert np.array_equal(one[name].counts, two[name].counts) and one[name].total == two[name].total
-            m1 = load_mappings(os.path.join(path, "m1.safetensors"))
-            m2 = load_mappings(os.path.join(path, "m2.safetensors"))
-            assert {n: m.fingerprint for n, m in m1.items()} == {n: m.fingerprint for n, m in m2.items()}
-            assert any(m.num_buckets == 4 for m in m2.values())
+            for method in CLI_METHODS:
+                printed = _fit_output(path, "p1.safetensors", method, f"{method}1.safetensors")
+                assert "x smaller" in printed, printed
+                with open(os.path.join(path, f"{method}2.txt")) as f:
+                    assert f.read().replace(f"{method}2", f"{method}1") == printed, method
+                m1 = load_mappings(os.path.join(path, f"{method}1.safetensors"))
+                m2 = load_mappings(os.path.join(path, f"{method}2.safetensors"))
+                assert {n: m.fingerprint for n, m in m1.items()} == {n: m.fingerprint for n, m in m2.items()}, method
+                assert any(m.num_buckets == 4 for m in m2.values()), method
         finally:
             shutil.rmtree(path, ignore_errors=True)
 

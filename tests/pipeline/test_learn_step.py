@@ -55,6 +55,22 @@ def test_a_small_dense_table_keeps_its_rows_and_a_table_without_well_observed_id
     assert mappings["rare"].num_rows == 1 and mappings["rare"].num_entries == 0
 
 
+@pytest.mark.parametrize("sparse", [False, True])
+@pytest.mark.parametrize("min_count", [1, 10, 30])
+def test_learn_mappings_from_the_well_observed_ids_and_the_whole_summary_equal_the_whole_profiles(sparse, min_count):
+    """What a distributed learn step gathers (the ids at or above the floor, the whole profile's summary)."""
+    profile = _zipf_profile(5000, sparse)
+    keep = profile.counts >= min_count
+    kept = IdProfile(profile.ids[keep], profile.counts[keep], profile.total)
+    tables = [_table("t", 1 << 40 if sparse else 5000), _table("d", 64)]
+    small = IdProfile(np.arange(40, dtype=np.int64), np.full(40, 12, np.int64), 480)
+    whole = learn_mappings({"t": profile, "d": small}, tables, min_count)
+    gathered = learn_mappings({"t": kept, "d": small}, tables, min_count,
+                              summaries={"t": profile.summary(), "d": small.summary()})
+    assert whole.keys() == gathered.keys()
+    assert {n: m.fingerprint for n, m in whole.items()} == {n: m.fingerprint for n, m in gathered.items()}
+
+
 def test_learn_mappings_rejects_a_bad_floor():
     with pytest.raises(ValueError, match="min_count must be an integer >= 1, got 0"):
         learn_mappings({"t": _zipf_profile(10, False)}, [_table("t", 10)], 0)
