@@ -240,6 +240,7 @@ class IdMapping(nn.Module):
         """The mapping of ``hashed``'s settings whose entries are (sorted unique int64 ``keys``, ``rows``),
         in ``storage``. Keys are ids, or bucket hashes for a bucketed mapping."""
         tensors: Dict[str, torch.Tensor] = dict(base)
+        storage = storage if keys.size else "none"  # without entries every storage is the hash alone
         offset = int(keys[0]) if keys.size else 0
         if storage == "dense":
             if hashed.num_buckets is not None:
@@ -263,8 +264,8 @@ class IdMapping(nn.Module):
             else:
                 tensors.update(perfect_hash.build(torch.from_numpy(keys - offset), torch.from_numpy(rows), hashed.seed,
                                                   hashed.table_name, torch.int32 if relative else torch.int64))
-        elif storage != "none" or keys.size:
-            raise ValueError(f"table '{hashed.table_name}': cannot store {keys.size} entries in storage '{storage}'")
+        elif storage != "none":
+            raise ValueError(f"table '{hashed.table_name}': unknown storage '{storage}'")
         return cls(hashed.num_rows, storage=storage, offset=offset, tensors=tensors, num_entries=int(keys.size),
                    **settings)
 
