@@ -31,7 +31,7 @@ def _same(a: IdMapping, b: IdMapping, query: torch.Tensor) -> None:
         assert torch.equal(x, y)
 
 
-@settings(max_examples=120, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(
     entry_ids=st.lists(st.one_of(int64s, st.integers(-50, 50), st.sampled_from(EXTREMES)), max_size=60, unique=True),
     extra=st.lists(int64s, max_size=20),
