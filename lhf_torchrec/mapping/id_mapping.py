@@ -171,7 +171,7 @@ class IdMapping(nn.Module):
         if storage == "perfect_hash":
             perfect_hash.check(tensors, table_name)
             # A python int: multiplying by a scalar is cheaper than by a one-element tensor.
-            self._group_hash = int(tensors["group_hash"][0])
+            self._group_hash = (int(tensors["group_hash"][0]), int(tensors["group_hash"][1]))
         if num_buckets is not None:
             _check_buckets(table_name, int(num_rows), num_buckets, tensors["bucket_hash_regions"], probes, storage,
                            tensors)

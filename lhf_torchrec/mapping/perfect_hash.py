@@ -3,9 +3,11 @@
 The ``perfect_hash`` storage of :class:`~lhf_torchrec.mapping.id_mapping.IdMapping` (entries of
 sparse 64-bit ids, or of bucket hashes). Hash-and-displace, as PTHash (Pibiri and Trani, 2021):
 
-* a key falls into one of G = 2^g *groups* by a multiply-shift hash (``group_hash``, odd, fixed per table);
+* a key x is first shifted, y = x + c, and falls into one of G = 2^g *groups* by a multiply-shift hash
+  of y (``group_hash`` = (odd multiplier, c), fixed per table). Without the shift the key 0 (the
+  smallest relative key of every table) would take slot 0 whatever its group's multiplier;
 * each group has its own odd 64-bit multiplier (``group_multipliers``), chosen at build time so that
-  ``slot = floor(top32(key * multiplier) * S / 2^32)`` sends the group's keys to free slots of one
+  ``slot = floor(top32(y * multiplier) * S / 2^32)`` sends the group's keys to free slots of one
   array of S slots (``slot_keys`` int64, ``slot_rows`` int32): every key has exactly one slot, so a
   lookup never probes.
 
@@ -59,7 +61,7 @@ def table_bytes(num_entries: int, key_bytes: int = 8) -> int:
     """Bytes of a table of ``num_entries`` keys: slots (key of ``key_bytes``, int32 row), group multipliers,
     group hash."""
     slots, groups = table_sizes(num_entries)
-    return (key_bytes + 4) * slots + 8 * groups + 8
+    return (key_bytes + 4) * slots + 8 * groups + 16
 
 
 def _group_of(keys: torch.Tensor, group_hash: int, num_groups: int) -> torch.Tensor:
@@ -73,12 +75,13 @@ def _slot_of(products: torch.Tensor, num_slots: int) -> torch.Tensor:
 
 
 def lookup(ids: torch.Tensor, slot_keys: torch.Tensor, slot_rows: torch.Tensor, group_multipliers: torch.Tensor,
-           group_hash: int) -> Tuple[torch.Tensor, torch.Tensor]:
+           group_hash: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
     """(rows int64, found bool) of flat int64 ``ids``; rows are meaningless where not found.
 
     int32 ``slot_keys`` compare as int64: a key never equals an id outside the int32 range."""
-    group = _group_of(ids, group_hash, group_multipliers.numel())
-    slot = _slot_of(group_multipliers.index_select(0, group).mul_(ids), slot_keys.numel())
+    shifted = ids + group_hash[1]
+    group = _group_of(shifted, group_hash[0], group_multipliers.numel())
+    slot = _slot_of(group_multipliers.index_select(0, group).mul_(shifted), slot_keys.numel())
     found = slot_keys.index_select(0, slot) == ids
     return slot_rows.index_select(0, slot).to(torch.int64), found
 
@@ -97,8 +100,9 @@ def build(keys: torch.Tensor, rows: torch.Tensor, seed: int, table: str = "table
     num_slots, num_groups = table_sizes(keys.numel())
     for attempt in range(MAX_ATTEMPTS):
         base = bucket_key(seed * MAX_ATTEMPTS + attempt)
-        group_hash = int(_odd_words(base, torch.tensor([-1]))[0])
-        placed = _place(keys, _group_of(keys, group_hash, num_groups), num_groups, num_slots, base)
+        group_hash = [int(w) for w in _odd_words(base, torch.tensor([-1, -2]))]
+        shifted = keys + group_hash[1]
+        placed = _place(shifted, _group_of(shifted, group_hash[0], num_groups), num_groups, num_slots, base)
         if placed is not None:
             multipliers, slot = placed
             slot_keys = torch.full((num_slots,), int(keys.min()), dtype=key_dtype)
@@ -106,7 +110,7 @@ def build(keys: torch.Tensor, rows: torch.Tensor, seed: int, table: str = "table
             slot_keys[slot] = keys.to(key_dtype)
             slot_rows[slot] = rows
             return {"slot_keys": slot_keys, "slot_rows": slot_rows, "group_multipliers": multipliers,
-                    "group_hash": torch.tensor([group_hash], dtype=torch.int64)}
+                    "group_hash": torch.tensor(group_hash, dtype=torch.int64)}
     raise ValueError(f"table '{table}': no perfect hash table for its {keys.numel()} entries after {MAX_ATTEMPTS} "
                      "attempts (are the entry keys unique?)")
 
@@ -180,6 +184,6 @@ def check(tensors: Mapping[str, torch.Tensor], table: str = "table") -> None:
     if slots < 1 or tensors["slot_rows"].numel() != slots:
         raise ValueError(f"table '{table}': perfect hash slot_keys and slot_rows must have the same length >= 1, got "
                          f"{slots} and {tensors['slot_rows'].numel()}")
-    if groups < 2 or groups & (groups - 1) or tensors["group_hash"].numel() != 1:
-        raise ValueError(f"table '{table}': perfect hash needs a power of two >= 2 of group multipliers and one "
-                         f"group hash, got {groups} and {tensors['group_hash'].numel()}")
+    if groups < 2 or groups & (groups - 1) or tensors["group_hash"].numel() != 2:
+        raise ValueError(f"table '{table}': perfect hash needs a power of two >= 2 of group multipliers and a "
+                         f"group hash of 2 words, got {groups} and {tensors['group_hash'].numel()}")

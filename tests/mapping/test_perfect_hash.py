@@ -128,7 +128,16 @@ def test_storage_rule_prefers_dense_then_the_table_and_keeps_sorted_for_a_handfu
     assert storage_cost(1000, 1 << 20) == ("perfect_hash", perfect_hash.table_bytes(1000, 4))
     assert storage_cost(1000, 1 << 40) == ("perfect_hash", perfect_hash.table_bytes(1000, 8))
     assert storage_cost(3, 1 << 40) == ("sorted", 36)
-    for entries in (8, 100, 10_000, 1_000_000):  # within the stated factor of sorted keys
+    for entries in (20, 100, 10_000, 1_000_000):  # within the stated factor of sorted keys
         for key_bytes, span in ((4, 1 << 31), (8, 1 << 40)):
             storage, nbytes = storage_cost(entries, span)
             assert storage == "perfect_hash" and nbytes <= 1.5 * entries * (4 + key_bytes)
+
+
+def test_key_zero_is_placed_like_any_other():
+    """Relative keys always include 0, and 0 times any multiplier is 0: keys are shifted before hashing."""
+    keys = torch.arange(0, 70_000, 2)
+    tensors = perfect_hash.build(keys, torch.arange(keys.numel()) % 1000, seed=0)
+    rows, found = perfect_hash.lookup(keys, tensors["slot_keys"], tensors["slot_rows"], tensors["group_multipliers"],
+                                      tuple(tensors["group_hash"].tolist()))
+    assert bool(found.all()) and torch.equal(rows, torch.arange(keys.numel()) % 1000)

@@ -126,4 +126,4 @@ def _sparse_tensors(storage: str, entries: int, key_dtype: torch.dtype, rows: to
     slot_rows = torch.full((slots,), -1, dtype=torch.int32)
     slot_rows[:entries] = rows  # the entries' rows, so that bucket_entry_counts sees them
     return {"slot_keys": torch.zeros(slots, dtype=key_dtype), "slot_rows": slot_rows,
-            "group_multipliers": torch.ones(groups, dtype=torch.int64), "group_hash": torch.ones(1, dtype=torch.int64)}
+            "group_multipliers": torch.ones(groups, dtype=torch.int64), "group_hash": torch.ones(2, dtype=torch.int64)}
