@@ -52,12 +52,13 @@ def hash_with_coefficients(ids: torch.Tensor, coefficients: torch.Tensor) -> tor
     x = ids.to(torch.int64)
     c = coefficients
     # In-place ops on few temporaries: each int64 pass over the ids costs about as much as a gather.
-    t0 = (x & 2147483647).mul_(c[..., 1])
-    t1 = (x >> 31).bitwise_and_(2147483647).mul_(c[..., 2])
+    # The products are out of place: ids and coefficients broadcast (e.g. (n, 1) ids, (k, 5) coefficients).
+    t0 = (x & 2147483647) * c[..., 1]
+    t1 = (x >> 31).bitwise_and_(2147483647) * c[..., 2]
     # One fold per 62-bit product keeps each below 2^32; the sum stays below 2^35.
     h = (t0 & 2147483647).add_(t0.bitwise_right_shift_(31))
     h.add_(t1 & 2147483647).add_(t1.bitwise_right_shift_(31))
-    h.add_((x >> 62).bitwise_and_(3).mul_(c[..., 3])).add_(c[..., 4])
+    h.add_((x >> 62).bitwise_and_(3) * c[..., 3]).add_(c[..., 4])
     h = (h & 2147483647).add_(h.bitwise_right_shift_(31))  # below 2p now
     # h mod p: h + 1 reaches 2^31 exactly when h >= p; then (h + 1) & (2^31 - 1) = h - p.
     h = (h + 1).bitwise_right_shift_(31).add_(h).bitwise_and_(2147483647)
