@@ -25,7 +25,7 @@ def make_tables(pooling: PoolingType = PoolingType.SUM) -> List[EmbeddingBagConf
     ]
 
 
-SPARSE_BASE = 1 << 40  # ids of t_sparse are 64-bit and sparse: the mapping stores a perfect hash table
+SPARSE_BASE = 1 << 40  # ids of t_sparse are 64-bit and sparse: its handful of entries are stored as sorted keys
 
 
 def make_mappings(with_double: bool = True) -> Dict[str, IdMapping]:
@@ -39,7 +39,7 @@ def make_mappings(with_double: bool = True) -> Dict[str, IdMapping]:
         "t_learned": fit_mapping(
             rng.zipf(1.3, 3000) % 300, method="combination", num_rows=24, seed=4, table="t_learned", min_count=5,
             embeddings=torch.from_numpy(rng.normal(size=(300, 4)).astype(np.float32)),
-        ).with_storage("sorted"),  # as fitted before the perfect hash table: files of it still load and serve
+        ),
     }
     if with_double:
         mappings["t_dbl"] = fit_mapping(rng.zipf(1.4, 4000) % 800, method="double_hash", num_rows=40, seed=5, table="t_dbl")
@@ -50,7 +50,7 @@ def test_the_mappings_cover_every_storage():
     mappings = make_mappings()
     storages = {name: (m.storage, m.probes) for name, m in mappings.items()}
     assert storages == {
-        "t_user": ("dense", 1), "t_item": ("none", 1), "t_sparse": ("perfect_hash", 1), "t_learned": ("sorted", 1),
+        "t_user": ("dense", 1), "t_item": ("none", 1), "t_sparse": ("sorted", 1), "t_learned": ("perfect_hash", 1),
         "t_dbl": ("dense", 2),
     }
     assert mappings["t_learned"].layout["clustered"] > 0
