@@ -1,0 +1,189 @@
+"""A static perfect hash table of int64 keys -> int32 rows, looked up with three 1-D gathers.
+
+The ``perfect_hash`` storage of :class:`~lhf_torchrec.mapping.id_mapping.IdMapping` (entries of
+sparse 64-bit ids, or of bucket hashes). Hash-and-displace, as PTHash (Pibiri and Trani, 2021):
+
+* a key x is first shifted, y = x + c, and falls into one of G = 2^g *groups* by a multiply-shift hash
+  of y (``group_hash`` = (odd multiplier, c), fixed per table). Without the shift the key 0 (the
+  smallest relative key of every table) would take slot 0 whatever its group's multiplier;
+* each group has its own odd 64-bit multiplier (``group_multipliers``), chosen at build time so that
+  ``slot = floor(top32(y * multiplier) * S / 2^32)`` sends the group's keys to free slots of one
+  array of S slots (``slot_keys`` int64, ``slot_rows`` int32): every key has exactly one slot, so a
+  lookup never probes.
+
+Lookup, vectorized over the queries: group, gather its multiplier, slot, gather the slot's key and
+row, compare the key. No data-dependent control flow, a handful of int64 element-wise ops and three
+gathers (the multipliers' table is small); a key that is not stored fails the comparison. Empty slots
+hold the smallest stored key with row -1: a query equal to that key goes to its own slot, never to
+an empty one, so the comparison alone decides.
+
+Layout: S = ceil(E / LOAD) slots (int32 or int64 key, int32 row) and G ~ E / 3..6 groups (8 bytes
+each): about 10-12 bytes per entry with int32 keys (15-16 with int64 ones), against 8 (12) for
+sorted keys + searchsorted, whose lookup is a binary search (~17 dependent gathers for 1e5 keys).
+
+Build: groups are placed largest first (their keys need the most free slots at once), all groups of
+one size in parallel rounds that try ``TRIES_PER_ROUND`` candidate multipliers per group; a group
+takes the first candidate whose slots are free and distinct, and two groups that want one slot in the
+same round go to the lower group. Deterministic given the seed; when a group exhausts
+``MAX_TRIES`` candidates (two keys that no multiplier separates), the table is rebuilt with the next
+``group_hash`` (``MAX_ATTEMPTS`` in all).
+"""
+
+import math
+from typing import Dict, Mapping, Optional, Tuple
+
+import torch
+
+from lhf_torchrec.mapping.hashing import bucket_key, mix64
+
+# Entries per slot. A higher load saves bytes but makes the last groups search longer.
+LOAD = 0.9
+# Keys per group, on average, between GROUP_KEYS / 2 and GROUP_KEYS: 8 bytes of multiplier per group.
+GROUP_KEYS = 6
+TRIES_PER_ROUND = 16
+FIRST_TRIES = 2
+MAX_TRIES = 1 << 16
+MAX_ATTEMPTS = 4
+# Candidates tried at once per round are bounded: (groups x TRIES_PER_ROUND x group size) int64s.
+_ROUND_ELEMENTS = 1 << 21
+_LOW_32 = 0xFFFFFFFF
+TENSORS = ("slot_keys", "slot_rows", "group_multipliers", "group_hash")
+
+
+def table_sizes(num_entries: int) -> Tuple[int, int]:
+    """(slots, groups) of a table of ``num_entries`` (>= 1) keys: a pure function of the count."""
+    slots = max(1, math.ceil(num_entries / LOAD))
+    groups = 1 << max(1, math.ceil(math.log2(max(1.0, num_entries / GROUP_KEYS))))
+    return slots, groups
+
+
+def table_bytes(num_entries: int, key_bytes: int = 8) -> int:
+    """Bytes of a table of ``num_entries`` keys: slots (key of ``key_bytes``, int32 row), group multipliers,
+    group hash."""
+    slots, groups = table_sizes(num_entries)
+    return (key_bytes + 4) * slots + 8 * groups + 16
+
+
+def _group_of(keys: torch.Tensor, group_hash: int, num_groups: int) -> torch.Tensor:
+    bits = num_groups.bit_length() - 1
+    return (keys * group_hash).bitwise_right_shift_(64 - bits).bitwise_and_(num_groups - 1)
+
+
+def _slot_of(products: torch.Tensor, num_slots: int) -> torch.Tensor:
+    """floor(top32(products) * S / 2^32): the top 32 bits of the product, scaled onto the slots."""
+    return products.bitwise_right_shift_(32).bitwise_and_(_LOW_32).mul_(num_slots).bitwise_right_shift_(32)
+
+
+def lookup(ids: torch.Tensor, slot_keys: torch.Tensor, slot_rows: torch.Tensor, group_multipliers: torch.Tensor,
+           group_hash: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(rows int64, found bool) of flat int64 ``ids``; rows are meaningless where not found.
+
+    int32 ``slot_keys`` compare as int64: a key never equals an id outside the int32 range."""
+    shifted = ids + group_hash[1]
+    group = _group_of(shifted, group_hash[0], group_multipliers.numel())
+    slot = _slot_of(group_multipliers.index_select(0, group).mul_(shifted), slot_keys.numel())
+    found = slot_keys.index_select(0, slot) == ids
+    return slot_rows.index_select(0, slot).to(torch.int64), found
+
+
+def _odd_words(base: int, index: torch.Tensor) -> torch.Tensor:
+    """The odd int64 words at positions ``index`` of a sequence fixed by ``base``."""
+    return mix64(index + base) | 1
+
+
+def build(keys: torch.Tensor, rows: torch.Tensor, seed: int, table: str = "table",
+          key_dtype: torch.dtype = torch.int64) -> Dict[str, torch.Tensor]:
+    """The table of unique ``keys`` and their ``rows`` (>= 0), deterministic given ``seed``; its keys are
+    stored as ``key_dtype`` (int32 when every key fits)."""
+    keys = keys.to(torch.int64).cpu().contiguous()
+    rows = rows.to(torch.int32).cpu().contiguous()
+    num_slots, num_groups = table_sizes(keys.numel())
+    for attempt in range(MAX_ATTEMPTS):
+        base = bucket_key(seed * MAX_ATTEMPTS + attempt)
+        group_hash = [int(w) for w in _odd_words(base, torch.tensor([-1, -2]))]
+        shifted = keys + group_hash[1]
+        placed = _place(shifted, _group_of(shifted, group_hash[0], num_groups), num_groups, num_slots, base)
+        if placed is not None:
+            multipliers, slot = placed
+            slot_keys = torch.full((num_slots,), int(keys.min()), dtype=key_dtype)
+            slot_rows = torch.full((num_slots,), -1, dtype=torch.int32)
+            slot_keys[slot] = keys.to(key_dtype)
+            slot_rows[slot] = rows
+            return {"slot_keys": slot_keys, "slot_rows": slot_rows, "group_multipliers": multipliers,
+                    "group_hash": torch.tensor(group_hash, dtype=torch.int64)}
+    raise ValueError(f"table '{table}': no perfect hash table for its {keys.numel()} entries after {MAX_ATTEMPTS} "
+                     "attempts (are the entry keys unique?)")
+
+
+def _place(keys: torch.Tensor, group: torch.Tensor, num_groups: int, num_slots: int,
+           base: int) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """(multiplier of each group, slot of each key), or None when some group found no multiplier."""
+    order = torch.argsort(group, stable=True)
+    sorted_keys = keys.index_select(0, order)
+    sizes = torch.bincount(group, minlength=num_groups)
+    starts = torch.cumsum(sizes, 0) - sizes
+    occupied = torch.zeros(num_slots, dtype=torch.bool)
+    multipliers = torch.zeros(num_groups, dtype=torch.int64)
+    slot_of_sorted = torch.empty_like(keys)
+    nobody = 1 << 62
+    owner = torch.full((num_slots,), nobody, dtype=torch.int64)
+    words = _odd_words(base, torch.arange(TRIES_PER_ROUND, dtype=torch.int64))  # candidates, extended on demand
+    for size in torch.unique(sizes[sizes > 0]).flip(0).tolist():
+        pending = torch.nonzero(sizes == size).squeeze(1)
+        next_try = torch.zeros_like(pending)
+        members = torch.arange(size, dtype=torch.int64)
+        first_round = True
+        while pending.numel():
+            # Most groups take their first candidate while the table is empty: try few at first.
+            width = FIRST_TRIES if first_round else TRIES_PER_ROUND
+            first_round = False
+            per_round = max(1, _ROUND_ELEMENTS // (size * width))
+            groups, tries = pending[:per_round], next_try[:per_round]
+            last = int(tries.max()) + width
+            if last > MAX_TRIES:
+                return None
+            if last > words.numel():
+                words = _odd_words(base, torch.arange(2 * last, dtype=torch.int64))
+            positions = starts.index_select(0, groups).unsqueeze(1) + members  # (P, size)
+            member_keys = sorted_keys.index_select(0, positions.view(-1)).view(-1, 1, size)
+            candidates = words.index_select(0, (tries.unsqueeze(1) + torch.arange(width)).view(-1)).view(-1, width)
+            slots = _slot_of(member_keys * candidates.unsqueeze(2), num_slots)  # (P, width, size)
+            ok = ~occupied.index_select(0, slots.view(-1)).view(slots.shape).any(2)
+            for j in range(1, size):  # the group's keys must take distinct slots
+                ok &= (slots[:, :, j:] != slots[:, :, :-j]).all(2)
+            has = ok.any(1)
+            first = ok.to(torch.int8).argmax(1)
+            # Among groups with a candidate, the lower group wins a slot both want in this round.
+            chosen = slots[torch.arange(groups.numel()), first]  # (P, size)
+            rank = torch.arange(groups.numel(), dtype=torch.int64).unsqueeze(1).expand(-1, size)
+            wanted = chosen[has].view(-1)
+            owner.scatter_reduce_(0, wanted, rank[has].reshape(-1), "amin")
+            won = has & (owner.index_select(0, chosen.view(-1)).view(chosen.shape) == rank).all(1)
+            owner.index_fill_(0, wanted, nobody)
+            occupied[chosen[won].view(-1)] = True
+            multipliers[groups[won]] = candidates[won, first[won]]
+            slot_of_sorted[positions[won].view(-1)] = chosen[won].view(-1)
+            # No candidate: try the next ones. Lost a slot to a lower group: retry the same one.
+            tries = torch.where(has, tries + first, tries + width)
+            pending = torch.cat([groups[~won], pending[per_round:]])
+            next_try = torch.cat([tries[~won], next_try[per_round:]])
+    slot = torch.empty_like(keys)
+    slot[order] = slot_of_sorted
+    return multipliers, slot
+
+
+def check(tensors: Mapping[str, torch.Tensor], table: str = "table") -> None:
+    """Raises ValueError naming the table unless ``tensors`` have the dtypes and shapes of a table."""
+    dtypes = {"slot_keys": (torch.int64, torch.int32), "slot_rows": (torch.int32,),
+              "group_multipliers": (torch.int64,), "group_hash": (torch.int64,)}
+    for name, dtype in dtypes.items():
+        if tensors[name].dtype not in dtype or tensors[name].dim() != 1:
+            raise ValueError(f"table '{table}': perfect hash tensor '{name}' must be a 1-D {dtype} tensor, got "
+                             f"{tensors[name].dtype} {tuple(tensors[name].shape)}")
+    slots, groups = tensors["slot_keys"].numel(), tensors["group_multipliers"].numel()
+    if slots < 1 or tensors["slot_rows"].numel() != slots:
+        raise ValueError(f"table '{table}': perfect hash slot_keys and slot_rows must have the same length >= 1, got "
+                         f"{slots} and {tensors['slot_rows'].numel()}")
+    if groups < 2 or groups & (groups - 1) or tensors["group_hash"].numel() != 2:
+        raise ValueError(f"table '{table}': perfect hash needs a power of two >= 2 of group multipliers and a "
+                         f"group hash of 2 words, got {groups} and {tensors['group_hash'].numel()}")
