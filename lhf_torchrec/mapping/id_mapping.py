@@ -9,15 +9,18 @@ for this table:
   Ids of the span without an entry hold their precomputed hash row, so applying it is one gather
   and a range check. Cost: 4 bytes x span.
 * ``perfect_hash``: a static perfect hash table of keys (int32 relative to ``offset`` when the
-  span fits, else int64) and int32 rows (:mod:`~lhf_torchrec.mapping.perfect_hash`): three gathers
-  and a comparison per id, no search. Cost: about 10-12 or 15-16 bytes x entries; for sparse ids.
+  span fits, else int64) and rows (int16 up to 2^15 rows, else int32) at 97% load, with a 2-byte
+  pilot per ~4.5 entries (:mod:`~lhf_torchrec.mapping.perfect_hash`): three gathers and a comparison
+  per id, no search. Cost: about 6.6 / 8.7 bytes x entries with int32 keys (int16 / int32 rows),
+  10.8 / 12.8 with int64 keys.
 * ``sorted``: sorted keys (int32 relative to ``offset`` when the span fits, else int64) and int32
-  rows, applied with ``searchsorted``. Cost: 8 or 12 bytes x entries. Chosen only for a handful of
-  entries now (a binary search costs ~5x the hash table's lookup); files that hold it still load.
+  rows, applied with ``searchsorted`` (a binary search). Cost: 8 or 12 bytes x entries.
 * ``none``: no entries (the hashing trick).
 
-:func:`storage_cost` picks the storage from the number of entries and their span alone, so budgets
-and the planner count a mapping's bytes before it is fitted.
+:func:`storage_cost` picks the cheapest storage from the number of entries, their span and the
+rows, so budgets and the planner count a mapping's bytes before it is fitted, and lookup speed never
+takes rows from the table: the perfect hash table is chosen where it is no larger than sorted keys
+(tables of up to 2^15 rows), sorted keys elsewhere.
 
 ``probes=2`` is frequency-based double hashing: an id without an entry takes two distinct rows of
 the hash region, whose embeddings the bag sums. Only ``remap_jagged`` can express that in a
@@ -59,40 +62,35 @@ _INT64_MAX = (1 << 63) - 1
 MAPPINGS_FORMAT = "lhf_torchrec.mapping"
 
 
-# The perfect hash table is preferred to sorted keys while it costs at most this many times their
-# bytes. Measured (docs/performance.md, "Apply throughput"): its lookup is several times faster than
-# a binary search, at 1.25-1.45x the bytes of sorted keys of the same width (int32 or int64). The
-# factor keeps sorted keys only for tables of a handful of entries, where rounding slots and
-# groups up costs 2-6x.
-PERFECT_HASH_MAX_BYTES_VS_SORTED = 1.5
 SPARSE_STORAGES = ("perfect_hash", "sorted")
 
 
-def _sparse_cost(num_entries: int, key_bytes: int) -> Tuple[str, int]:
+def _sparse_cost(num_entries: int, key_bytes: int, num_rows: int) -> Tuple[str, int]:
+    """The cheaper sparse storage and its bytes; the perfect hash table (faster) on a tie."""
     sorted_bytes = num_entries * (4 + key_bytes)
-    table_bytes = perfect_hash.table_bytes(num_entries, key_bytes)
-    if table_bytes <= PERFECT_HASH_MAX_BYTES_VS_SORTED * sorted_bytes:
-        return "perfect_hash", table_bytes
-    return "sorted", sorted_bytes
+    table_bytes = perfect_hash.table_bytes(num_entries, key_bytes, num_rows)
+    return ("perfect_hash", table_bytes) if table_bytes <= sorted_bytes else ("sorted", sorted_bytes)
 
 
-def storage_cost(num_entries: int, span: int) -> Tuple[str, int]:
-    """The storage for ``num_entries`` entry ids spread over ``span`` ids, and its bytes.
+def storage_cost(num_entries: int, span: int, num_rows: int) -> Tuple[str, int]:
+    """The storage for ``num_entries`` entry ids spread over ``span`` ids, mapped into ``num_rows`` rows,
+    and its bytes: the cheapest one, so that lookup speed never costs the table rows.
 
-    Dense when it costs no more than the sparse storage: it is the fastest (one gather). Sparse:
-    the perfect hash table unless it costs more than :data:`PERFECT_HASH_MAX_BYTES_VS_SORTED` times
-    sorted keys.
+    On a tie the faster: dense (one gather), then the perfect hash table (three gathers), then sorted
+    keys (a binary search). The perfect hash table stores rows as int16 when ``num_rows`` fits, which
+    is what makes it the cheapest for tables of up to 2^15 rows (docs/method.md, "Storage").
     """
     if num_entries == 0:
         return "none", 0
-    sparse = _sparse_cost(num_entries, 4 if span - 1 <= _INT32_MAX else 8)
+    sparse = _sparse_cost(num_entries, 4 if span - 1 <= _INT32_MAX else 8, num_rows)
     dense_bytes = 4 * span
     return ("dense", dense_bytes) if dense_bytes <= sparse[1] else sparse
 
 
-def bucketed_storage_cost(num_entries: int) -> Tuple[str, int]:
-    """Storage and bytes of the entries of a bucketed mapping, keyed by int64 bucket hash."""
-    return _sparse_cost(num_entries, 8) if num_entries else ("none", 0)
+def bucketed_storage_cost(num_entries: int, num_rows: int) -> Tuple[str, int]:
+    """Storage and bytes of the entries of a bucketed mapping into ``num_rows`` rows, keyed by int64
+    bucket hash."""
+    return _sparse_cost(num_entries, 8, num_rows) if num_entries else ("none", 0)
 
 
 def _check_buckets(table: str, num_rows: int, num_buckets: int, regions: torch.Tensor, probes: int,
@@ -170,8 +168,8 @@ class IdMapping(nn.Module):
             )
         if storage == "perfect_hash":
             perfect_hash.check(tensors, table_name)
-            # A python int: multiplying by a scalar is cheaper than by a one-element tensor.
-            self._group_hash = (int(tensors["group_hash"][0]), int(tensors["group_hash"][1]))
+            # Python ints: multiplying by a scalar is cheaper than by a one-element tensor.
+            self._group_hash = tuple(int(w) for w in tensors["group_hash"])
         if num_buckets is not None:
             _check_buckets(table_name, int(num_rows), num_buckets, tensors["bucket_hash_regions"], probes, storage,
                            tensors)
@@ -231,7 +229,7 @@ class IdMapping(nn.Module):
             dup = entry_ids[1:][entry_ids[1:] == entry_ids[:-1]][0]
             raise ValueError(f"table '{table_name}': id {dup} has more than one entry")
         span = int(entry_ids[-1]) - int(entry_ids[0]) + 1 if entry_ids.size else 0
-        storage, _ = storage_cost(int(entry_ids.size), span)
+        storage, _ = storage_cost(int(entry_ids.size), span, hashed.num_rows)
         return cls._stored(hashed, entry_ids, entry_rows, storage, base, settings)
 
     @classmethod
@@ -263,7 +261,8 @@ class IdMapping(nn.Module):
                 tensors["values"] = torch.from_numpy(rows.astype(np.int32))
             else:
                 tensors.update(perfect_hash.build(torch.from_numpy(keys - offset), torch.from_numpy(rows), hashed.seed,
-                                                  hashed.table_name, torch.int32 if relative else torch.int64))
+                                                  hashed.table_name, torch.int32 if relative else torch.int64,
+                                                  hashed.num_rows))
         elif storage != "none":
             raise ValueError(f"table '{hashed.table_name}': unknown storage '{storage}'")
         return cls(hashed.num_rows, storage=storage, offset=offset, tensors=tensors, num_entries=int(keys.size),
@@ -325,7 +324,7 @@ class IdMapping(nn.Module):
         if outside.any():
             raise ValueError(f"table '{table_name}': entry row {entry_rows[outside][0]} of id "
                              f"{entry_ids[outside][0]} is outside its bucket {buckets[outside][0]}")
-        storage, _ = bucketed_storage_cost(int(keys.size))
+        storage, _ = bucketed_storage_cost(int(keys.size), hashed.num_rows)
         return cls._stored(hashed, keys, entry_rows, storage, base, settings)
 
     def _check_rows(self) -> None:
@@ -451,7 +450,7 @@ class IdMapping(nn.Module):
             # Relative keys: ids - offset wraps around for extreme ids, but equals a key k only
             # when id = offset + k (mod 2^64), i.e. for the entry's id itself.
             keys = ids - self.offset if self.offset else ids
-            return perfect_hash.lookup(keys, self.slot_keys, self.slot_rows, self.group_multipliers, self._group_hash)
+            return perfect_hash.lookup(keys, self.slot_keys, self.slot_rows, self.group_pilots, self._group_hash)
         return torch.zeros_like(ids), torch.zeros_like(ids, dtype=torch.bool)
 
     def _fill_hashed(self, rows: torch.Tensor, found: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -37,17 +37,20 @@ import torch
 from lhf_torchrec.mapping.hashing import bucket_key, mix64
 
 # Entries per slot. A higher load saves bytes but makes the last groups search longer.
-LOAD = 0.9
-# Keys per group, on average, between GROUP_KEYS / 2 and GROUP_KEYS: 8 bytes of multiplier per group.
+LOAD = 0.97
+# Keys per group, on average, between GROUP_KEYS / 2 and GROUP_KEYS: 2 bytes of pilot per group.
 GROUP_KEYS = 6
 TRIES_PER_ROUND = 16
 FIRST_TRIES = 2
-MAX_TRIES = 1 << 16
+# Pilots are int16: a group's candidate multipliers are its first 2^15.
+MAX_TRIES = 1 << 15
 MAX_ATTEMPTS = 4
 # Candidates tried at once per round are bounded: (groups x TRIES_PER_ROUND x group size) int64s.
 _ROUND_ELEMENTS = 1 << 21
 _LOW_32 = 0xFFFFFFFF
-TENSORS = ("slot_keys", "slot_rows", "group_multipliers", "group_hash")
+# Rows below this fit int16 slot rows (-1 marks an empty slot).
+INT16_ROWS = 1 << 15
+TENSORS = ("slot_keys", "slot_rows", "group_pilots", "group_hash")
 
 
 def table_sizes(num_entries: int) -> Tuple[int, int]:
@@ -57,11 +60,17 @@ def table_sizes(num_entries: int) -> Tuple[int, int]:
     return slots, groups
 
 
-def table_bytes(num_entries: int, key_bytes: int = 8) -> int:
-    """Bytes of a table of ``num_entries`` keys: slots (key of ``key_bytes``, int32 row), group multipliers,
-    group hash."""
+def row_dtype(num_rows: int) -> torch.dtype:
+    """The dtype of the slot rows of a table into ``num_rows`` rows: int16 when they fit."""
+    return torch.int16 if num_rows <= INT16_ROWS else torch.int32
+
+
+def table_bytes(num_entries: int, key_bytes: int, num_rows: int) -> int:
+    """Bytes of a table of ``num_entries`` keys of ``key_bytes`` into ``num_rows`` rows: slots (key, row),
+    int16 group pilots, the 4-word group hash."""
     slots, groups = table_sizes(num_entries)
-    return (key_bytes + 4) * slots + 8 * groups + 16
+    row_bytes = 2 if row_dtype(num_rows) == torch.int16 else 4
+    return (key_bytes + row_bytes) * slots + 2 * groups + 32
 
 
 def _group_of(keys: torch.Tensor, group_hash: int, num_groups: int) -> torch.Tensor:
@@ -74,60 +83,60 @@ def _slot_of(products: torch.Tensor, num_slots: int) -> torch.Tensor:
     return products.bitwise_right_shift_(32).bitwise_and_(_LOW_32).mul_(num_slots).bitwise_right_shift_(32)
 
 
-def lookup(ids: torch.Tensor, slot_keys: torch.Tensor, slot_rows: torch.Tensor, group_multipliers: torch.Tensor,
-           group_hash: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
+def lookup(ids: torch.Tensor, slot_keys: torch.Tensor, slot_rows: torch.Tensor, group_pilots: torch.Tensor,
+           group_hash: Tuple[int, int, int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
     """(rows int64, found bool) of flat int64 ``ids``; rows are meaningless where not found.
 
     int32 ``slot_keys`` compare as int64: a key never equals an id outside the int32 range."""
     shifted = ids + group_hash[1]
-    group = _group_of(shifted, group_hash[0], group_multipliers.numel())
-    slot = _slot_of(group_multipliers.index_select(0, group).mul_(shifted), slot_keys.numel())
+    group = _group_of(shifted, group_hash[0], group_pilots.numel())
+    multiplier = group_pilots.index_select(0, group).to(torch.int64).mul_(group_hash[3]).add_(group_hash[2])
+    slot = _slot_of(multiplier.mul_(shifted), slot_keys.numel())
     found = slot_keys.index_select(0, slot) == ids
     return slot_rows.index_select(0, slot).to(torch.int64), found
 
 
-def _odd_words(base: int, index: torch.Tensor) -> torch.Tensor:
-    """The odd int64 words at positions ``index`` of a sequence fixed by ``base``."""
-    return mix64(index + base) | 1
+def _candidates(group_hash, pilots: torch.Tensor) -> torch.Tensor:
+    """The multiplier of each pilot: ``first + pilot * step`` (odd first, even step: always odd)."""
+    return pilots.to(torch.int64) * group_hash[3] + group_hash[2]
 
 
 def build(keys: torch.Tensor, rows: torch.Tensor, seed: int, table: str = "table",
-          key_dtype: torch.dtype = torch.int64) -> Dict[str, torch.Tensor]:
-    """The table of unique ``keys`` and their ``rows`` (>= 0), deterministic given ``seed``; its keys are
-    stored as ``key_dtype`` (int32 when every key fits)."""
+          key_dtype: torch.dtype = torch.int64, num_rows: int = 1 << 31) -> Dict[str, torch.Tensor]:
+    """The table of unique ``keys`` and their ``rows`` (>= 0, < ``num_rows``), deterministic given ``seed``;
+    its keys are stored as ``key_dtype`` (int32 when every key fits), its rows as :func:`row_dtype`."""
     keys = keys.to(torch.int64).cpu().contiguous()
-    rows = rows.to(torch.int32).cpu().contiguous()
     num_slots, num_groups = table_sizes(keys.numel())
     for attempt in range(MAX_ATTEMPTS):
-        base = bucket_key(seed * MAX_ATTEMPTS + attempt)
-        group_hash = [int(w) for w in _odd_words(base, torch.tensor([-1, -2]))]
+        words = mix64(torch.tensor([-1, -2, -3, -4]) + bucket_key(seed * MAX_ATTEMPTS + attempt))
+        # group multiplier and first candidate odd, candidate step even and nonzero.
+        group_hash = [int(words[0]) | 1, int(words[1]), int(words[2]) | 1, (int(words[3]) | 2) & ~1]
         shifted = keys + group_hash[1]
-        placed = _place(shifted, _group_of(shifted, group_hash[0], num_groups), num_groups, num_slots, base)
+        placed = _place(shifted, _group_of(shifted, group_hash[0], num_groups), num_groups, num_slots, group_hash)
         if placed is not None:
-            multipliers, slot = placed
+            pilots, slot = placed
             slot_keys = torch.full((num_slots,), int(keys.min()), dtype=key_dtype)
-            slot_rows = torch.full((num_slots,), -1, dtype=torch.int32)
+            slot_rows = torch.full((num_slots,), -1, dtype=row_dtype(num_rows))
             slot_keys[slot] = keys.to(key_dtype)
-            slot_rows[slot] = rows
-            return {"slot_keys": slot_keys, "slot_rows": slot_rows, "group_multipliers": multipliers,
+            slot_rows[slot] = rows.to(slot_rows.dtype)
+            return {"slot_keys": slot_keys, "slot_rows": slot_rows, "group_pilots": pilots,
                     "group_hash": torch.tensor(group_hash, dtype=torch.int64)}
     raise ValueError(f"table '{table}': no perfect hash table for its {keys.numel()} entries after {MAX_ATTEMPTS} "
                      "attempts (are the entry keys unique?)")
 
 
 def _place(keys: torch.Tensor, group: torch.Tensor, num_groups: int, num_slots: int,
-           base: int) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
-    """(multiplier of each group, slot of each key), or None when some group found no multiplier."""
+           group_hash) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """(int16 pilot of each group, slot of each key), or None when some group found no multiplier."""
     order = torch.argsort(group, stable=True)
     sorted_keys = keys.index_select(0, order)
     sizes = torch.bincount(group, minlength=num_groups)
     starts = torch.cumsum(sizes, 0) - sizes
     occupied = torch.zeros(num_slots, dtype=torch.bool)
-    multipliers = torch.zeros(num_groups, dtype=torch.int64)
+    pilots = torch.zeros(num_groups, dtype=torch.int16)
     slot_of_sorted = torch.empty_like(keys)
     nobody = 1 << 62
     owner = torch.full((num_slots,), nobody, dtype=torch.int64)
-    words = _odd_words(base, torch.arange(TRIES_PER_ROUND, dtype=torch.int64))  # candidates, extended on demand
     for size in torch.unique(sizes[sizes > 0]).flip(0).tolist():
         pending = torch.nonzero(sizes == size).squeeze(1)
         next_try = torch.zeros_like(pending)
@@ -142,11 +151,10 @@ def _place(keys: torch.Tensor, group: torch.Tensor, num_groups: int, num_slots: 
             last = int(tries.max()) + width
             if last > MAX_TRIES:
                 return None
-            if last > words.numel():
-                words = _odd_words(base, torch.arange(2 * last, dtype=torch.int64))
             positions = starts.index_select(0, groups).unsqueeze(1) + members  # (P, size)
             member_keys = sorted_keys.index_select(0, positions.view(-1)).view(-1, 1, size)
-            candidates = words.index_select(0, (tries.unsqueeze(1) + torch.arange(width)).view(-1)).view(-1, width)
+            tried = tries.unsqueeze(1) + torch.arange(width)  # (P, width) pilots
+            candidates = _candidates(group_hash, tried)
             slots = _slot_of(member_keys * candidates.unsqueeze(2), num_slots)  # (P, width, size)
             ok = ~occupied.index_select(0, slots.view(-1)).view(slots.shape).any(2)
             for j in range(1, size):  # the group's keys must take distinct slots
@@ -161,7 +169,7 @@ def _place(keys: torch.Tensor, group: torch.Tensor, num_groups: int, num_slots: 
             won = has & (owner.index_select(0, chosen.view(-1)).view(chosen.shape) == rank).all(1)
             owner.index_fill_(0, wanted, nobody)
             occupied[chosen[won].view(-1)] = True
-            multipliers[groups[won]] = candidates[won, first[won]]
+            pilots[groups[won]] = tried[won, first[won]].to(torch.int16)
             slot_of_sorted[positions[won].view(-1)] = chosen[won].view(-1)
             # No candidate: try the next ones. Lost a slot to a lower group: retry the same one.
             tries = torch.where(has, tries + first, tries + width)
@@ -169,21 +177,21 @@ def _place(keys: torch.Tensor, group: torch.Tensor, num_groups: int, num_slots: 
             next_try = torch.cat([tries[~won], next_try[per_round:]])
     slot = torch.empty_like(keys)
     slot[order] = slot_of_sorted
-    return multipliers, slot
+    return pilots, slot
 
 
 def check(tensors: Mapping[str, torch.Tensor], table: str = "table") -> None:
     """Raises ValueError naming the table unless ``tensors`` have the dtypes and shapes of a table."""
-    dtypes = {"slot_keys": (torch.int64, torch.int32), "slot_rows": (torch.int32,),
-              "group_multipliers": (torch.int64,), "group_hash": (torch.int64,)}
+    dtypes = {"slot_keys": (torch.int64, torch.int32), "slot_rows": (torch.int32, torch.int16),
+              "group_pilots": (torch.int16,), "group_hash": (torch.int64,)}
     for name, dtype in dtypes.items():
         if tensors[name].dtype not in dtype or tensors[name].dim() != 1:
             raise ValueError(f"table '{table}': perfect hash tensor '{name}' must be a 1-D {dtype} tensor, got "
                              f"{tensors[name].dtype} {tuple(tensors[name].shape)}")
-    slots, groups = tensors["slot_keys"].numel(), tensors["group_multipliers"].numel()
+    slots, groups = tensors["slot_keys"].numel(), tensors["group_pilots"].numel()
     if slots < 1 or tensors["slot_rows"].numel() != slots:
         raise ValueError(f"table '{table}': perfect hash slot_keys and slot_rows must have the same length >= 1, got "
                          f"{slots} and {tensors['slot_rows'].numel()}")
-    if groups < 2 or groups & (groups - 1) or tensors["group_hash"].numel() != 2:
-        raise ValueError(f"table '{table}': perfect hash needs a power of two >= 2 of group multipliers and a "
-                         f"group hash of 2 words, got {groups} and {tensors['group_hash'].numel()}")
+    if groups < 2 or groups & (groups - 1) or tensors["group_hash"].numel() != 4:
+        raise ValueError(f"table '{table}': perfect hash needs a power of two >= 2 of group pilots and a "
+                         f"group hash of 4 words, got {groups} and {tensors['group_hash'].numel()}")

@@ -66,8 +66,9 @@ def test_a_large_table_matches_sorted_keys_and_its_bytes_match_the_cost():
         rows = rng.integers(0, 1000, ids.size)
         mapping = IdMapping.from_entries(ids, rows, 2000, hash_offset=1000, seed=5)
         assert mapping.storage == "perfect_hash"
-        assert mapping.nbytes == storage_cost(ids.size, int(ids[-1] - ids[0]) + 1)[1]
+        assert mapping.nbytes == storage_cost(ids.size, int(ids[-1] - ids[0]) + 1, 2000)[1]
         assert mapping.slot_keys.dtype == (torch.int32 if ids[-1] - ids[0] < 1 << 31 else torch.int64)
+        assert mapping.slot_rows.dtype == torch.int16
         query = torch.from_numpy(np.concatenate([ids, rng.integers(-(1 << 63), 1 << 63, 5000), ids[:100] + 1]))
         sorted_keys = mapping.with_storage("sorted")
         assert torch.equal(mapping(query), sorted_keys(query))
@@ -77,7 +78,7 @@ def test_a_large_table_matches_sorted_keys_and_its_bytes_match_the_cost():
 def test_bucketed_mappings_key_the_table_by_bucket_hash():
     mapping = _bucketed(list(range(-3000, 3000, 3)), 8, seed=2)
     assert mapping.storage == "perfect_hash" and mapping.slot_keys.dtype == torch.int64
-    assert mapping.nbytes == bucketed_storage_cost(mapping.num_entries)[1] + 8 * 8
+    assert mapping.nbytes == bucketed_storage_cost(mapping.num_entries, mapping.num_rows)[1] + 8 * 8
     query = torch.arange(-4000, 4000)
     _same(mapping, mapping.with_storage("sorted"), query)
     assert int(mapping.bucket_entry_counts().sum()) == mapping.num_entries
@@ -113,7 +114,7 @@ def test_save_load_round_trip_and_checksum(tmp_path):
 
 def test_malformed_tables_are_refused_with_the_table_name():
     tensors = perfect_hash.build(torch.arange(100), torch.arange(100), seed=0)
-    bad = dict(tensors, group_multipliers=tensors["group_multipliers"][:3])
+    bad = dict(tensors, group_pilots=tensors["group_pilots"][:3])
     with pytest.raises(ValueError, match="table 'tx': perfect hash needs a power of two"):
         IdMapping(10, storage="perfect_hash", tensors=bad, num_entries=100, table_name="tx")
     bad = dict(tensors, slot_rows=tensors["slot_rows"].to(torch.int64))
@@ -123,21 +124,28 @@ def test_malformed_tables_are_refused_with_the_table_name():
         IdMapping(10, storage="perfect_hash", tensors=tensors, num_entries=100, table_name="tx")
 
 
-def test_storage_rule_prefers_dense_then_the_table_and_keeps_sorted_for_a_handful_of_entries():
-    assert storage_cost(1000, 2500) == ("dense", 10_000)  # cheaper than the table's 10,952 bytes
-    assert storage_cost(1000, 1 << 20) == ("perfect_hash", perfect_hash.table_bytes(1000, 4))
-    assert storage_cost(1000, 1 << 40) == ("perfect_hash", perfect_hash.table_bytes(1000, 8))
-    assert storage_cost(3, 1 << 40) == ("sorted", 36)
-    for entries in (20, 100, 10_000, 1_000_000):  # within the stated factor of sorted keys
+def test_storage_rule_takes_the_cheapest_storage_and_the_faster_on_a_tie():
+    small, large = 1 << 15, (1 << 15) + 1  # int16 rows up to 2^15 rows, int32 beyond
+    assert perfect_hash.row_dtype(small) == torch.int16 and perfect_hash.row_dtype(large) == torch.int32
+    assert storage_cost(1000, 1600, small) == ("dense", 6_400)  # cheaper than the table's 6,730 bytes
+    assert storage_cost(1000, 1 << 20, small) == ("perfect_hash", perfect_hash.table_bytes(1000, 4, small))
+    assert storage_cost(1000, 1 << 40, small) == ("perfect_hash", perfect_hash.table_bytes(1000, 8, small))
+    assert storage_cost(3, 1 << 40, small) == ("sorted", 36)  # rounding slots and groups up costs more
+    for entries in (20, 100, 10_000, 1_000_000):
         for key_bytes, span in ((4, 1 << 31), (8, 1 << 40)):
-            storage, nbytes = storage_cost(entries, span)
-            assert storage == "perfect_hash" and nbytes <= 1.5 * entries * (4 + key_bytes)
+            sorted_bytes = entries * (4 + key_bytes)
+            # Never more bytes than sorted keys: lookup speed takes no rows from the table.
+            assert storage_cost(entries, span, large) == ("sorted", sorted_bytes)
+            storage, nbytes = storage_cost(entries, span, small)
+            assert nbytes == min(sorted_bytes, perfect_hash.table_bytes(entries, key_bytes, small))
+            if entries >= 100:
+                assert storage == "perfect_hash" and nbytes < sorted_bytes
 
 
 def test_key_zero_is_placed_like_any_other():
     """Relative keys always include 0, and 0 times any multiplier is 0: keys are shifted before hashing."""
     keys = torch.arange(0, 70_000, 2)
     tensors = perfect_hash.build(keys, torch.arange(keys.numel()) % 1000, seed=0)
-    rows, found = perfect_hash.lookup(keys, tensors["slot_keys"], tensors["slot_rows"], tensors["group_multipliers"],
+    rows, found = perfect_hash.lookup(keys, tensors["slot_keys"], tensors["slot_rows"], tensors["group_pilots"],
                                       tuple(tensors["group_hash"].tolist()))
     assert bool(found.all()) and torch.equal(rows, torch.arange(keys.numel()) % 1000)
