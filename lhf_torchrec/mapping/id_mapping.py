@@ -9,18 +9,18 @@ for this table:
   Ids of the span without an entry hold their precomputed hash row, so applying it is one gather
   and a range check. Cost: 4 bytes x span.
 * ``perfect_hash``: a static perfect hash table of keys (int32 relative to ``offset`` when the
-  span fits, else int64) and rows (int16 up to 2^15 rows, else int32) at 97% load, with a 2-byte
-  pilot per ~4.5 entries (:mod:`~lhf_torchrec.mapping.perfect_hash`): three gathers and a comparison
-  per id, no search. Cost: about 6.6 / 8.7 bytes x entries with int32 keys (int16 / int32 rows),
-  10.8 / 12.8 with int64 keys.
+  span fits, else int64) and rows (2 bytes up to 2^15 rows, 3 up to 2^23, else 4) at 97% load, with
+  a 2-byte pilot per ~4.5 entries (:mod:`~lhf_torchrec.mapping.perfect_hash`): three gathers (four
+  with 3-byte rows) and a comparison per id, no search. Cost: about 6.6 / 7.7 bytes x entries with
+  int32 keys (2 / 3-byte rows), 10.8 / 11.8 with int64 keys.
 * ``sorted``: sorted keys (int32 relative to ``offset`` when the span fits, else int64) and int32
   rows, applied with ``searchsorted`` (a binary search). Cost: 8 or 12 bytes x entries.
 * ``none``: no entries (the hashing trick).
 
 :func:`storage_cost` picks the cheapest storage from the number of entries, their span and the
 rows, so budgets and the planner count a mapping's bytes before it is fitted, and lookup speed never
-takes rows from the table: the perfect hash table is chosen where it is no larger than sorted keys
-(tables of up to 2^15 rows), sorted keys elsewhere.
+takes rows from the table: the perfect hash table wherever it is no larger than sorted keys (any
+table of up to 2^23 rows but a handful of entries), sorted keys elsewhere.
 
 ``probes=2`` is frequency-based double hashing: an id without an entry takes two distinct rows of
 the hash region, whose embeddings the bag sums. Only ``remap_jagged`` can express that in a
@@ -282,9 +282,10 @@ class IdMapping(nn.Module):
             keys = self.keys.to(torch.int64) + self.offset if self.keys.dtype == torch.int32 else self.keys
             return keys, self.values.to(torch.int64)
         if self.storage == "perfect_hash":
-            real = self.slot_rows >= 0
+            rows = perfect_hash.slot_row_values(dict(self.named_buffers()))
+            real = rows >= 0
             keys, order = torch.sort(self.slot_keys[real].to(torch.int64) + self.offset)
-            return keys, self.slot_rows[real].index_select(0, order).to(torch.int64)
+            return keys, rows[real].index_select(0, order)
         if self.storage == "dense":
             ids = torch.arange(self.table.numel(), dtype=torch.int64, device=self.table.device) + self.offset
             real = self.has_entry(ids)
@@ -328,8 +329,11 @@ class IdMapping(nn.Module):
         return cls._stored(hashed, keys, entry_rows, storage, base, settings)
 
     def _check_rows(self) -> None:
-        rows = {"dense": "table", "sorted": "values", "perfect_hash": "slot_rows"}.get(self.storage)
-        rows = getattr(self, rows) if rows is not None else None
+        if self.storage == "perfect_hash":
+            rows = perfect_hash.slot_row_values(dict(self.named_buffers()))
+        else:
+            rows = {"dense": "table", "sorted": "values"}.get(self.storage)
+            rows = getattr(self, rows) if rows is not None else None
         if rows is not None and rows.numel() and (int(rows.max()) >= self.num_rows or int(rows.min()) < -1):
             raise ValueError(f"table '{self.table_name}': stored rows exceed [0, {self.num_rows})")
 
@@ -450,7 +454,8 @@ class IdMapping(nn.Module):
             # Relative keys: ids - offset wraps around for extreme ids, but equals a key k only
             # when id = offset + k (mod 2^64), i.e. for the entry's id itself.
             keys = ids - self.offset if self.offset else ids
-            return perfect_hash.lookup(keys, self.slot_keys, self.slot_rows, self.group_pilots, self._group_hash)
+            return perfect_hash.lookup(keys, self.slot_keys, self.slot_rows, self.slot_rows_high, self.group_pilots,
+                                       self._group_hash)
         return torch.zeros_like(ids), torch.zeros_like(ids, dtype=torch.bool)
 
     def _fill_hashed(self, rows: torch.Tensor, found: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

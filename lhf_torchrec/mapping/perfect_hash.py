@@ -1,32 +1,35 @@
-"""A static perfect hash table of int64 keys -> int32 rows, looked up with three 1-D gathers.
+"""A static perfect hash table of int64 keys -> rows, looked up with three or four 1-D gathers.
 
 The ``perfect_hash`` storage of :class:`~lhf_torchrec.mapping.id_mapping.IdMapping` (entries of
 sparse 64-bit ids, or of bucket hashes). Hash-and-displace, as PTHash (Pibiri and Trani, 2021):
 
-* a key x is first shifted, y = x + c, and falls into one of G = 2^g *groups* by a multiply-shift hash
-  of y (``group_hash`` = (odd multiplier, c), fixed per table). Without the shift the key 0 (the
-  smallest relative key of every table) would take slot 0 whatever its group's multiplier;
-* each group has its own odd 64-bit multiplier (``group_multipliers``), chosen at build time so that
-  ``slot = floor(top32(y * multiplier) * S / 2^32)`` sends the group's keys to free slots of one
-  array of S slots (``slot_keys`` int64, ``slot_rows`` int32): every key has exactly one slot, so a
-  lookup never probes.
+* a key x is first shifted and mixed, y = mix64(x + c) (a bijection: runs of consecutive keys look
+  random after it), and falls into one of G = 2^g *groups* by a multiply-shift hash of y
+  (``group_hash`` = (odd multiplier, c, first, step), fixed per table). Without the shift the key 0
+  (mix64(0) = 0) would take slot 0 whatever its group's multiplier;
+* each group has a *pilot* p (int16, ``group_pilots``) chosen at build time so that its multiplier
+  ``m = first + p * step`` (odd first, even step: m is odd) and
+  ``slot = floor(top32(y * m) * S / 2^32)`` send the group's keys to free slots of one array of S
+  slots (``slot_keys`` int32 or int64, rows in ``slot_rows`` and ``slot_rows_high``): every key has
+  exactly one slot, so a lookup never probes.
 
-Lookup, vectorized over the queries: group, gather its multiplier, slot, gather the slot's key and
-row, compare the key. No data-dependent control flow, a handful of int64 element-wise ops and three
-gathers (the multipliers' table is small); a key that is not stored fails the comparison. Empty slots
-hold the smallest stored key with row -1: a query equal to that key goes to its own slot, never to
-an empty one, so the comparison alone decides.
+Lookup, vectorized over the queries: group, gather its pilot, slot, gather the slot's key and row,
+compare the key. No data-dependent control flow, a handful of int64 element-wise ops and three
+gathers (four where rows take 3 or 4 bytes: their high bits are a second array); a key that is not
+stored fails the comparison. Empty slots hold the smallest stored key with row -1: a query equal to
+that key goes to its own slot, never to an empty one, so the comparison alone decides.
 
-Layout: S = ceil(E / LOAD) slots (int32 or int64 key, int32 row) and G ~ E / 3..6 groups (8 bytes
-each): about 10-12 bytes per entry with int32 keys (15-16 with int64 ones), against 8 (12) for
-sorted keys + searchsorted, whose lookup is a binary search (~17 dependent gathers for 1e5 keys).
+Layout: S = ceil(E / LOAD) slots (key of 4 or 8 bytes, row of 2, 3 or 4 bytes by the table's row
+count: :func:`row_bytes`) and G ~ E / 3..6 groups of 2 bytes: about 6.6 bytes per entry with int32
+keys and 2-byte rows, 7.7 with 3-byte rows (10.8 / 11.8 with int64 keys), against 8 (12) for sorted
+keys + searchsorted, whose lookup is a binary search (~17 dependent gathers for 1e5 keys).
 
 Build: groups are placed largest first (their keys need the most free slots at once), all groups of
-one size in parallel rounds that try ``TRIES_PER_ROUND`` candidate multipliers per group; a group
-takes the first candidate whose slots are free and distinct, and two groups that want one slot in the
-same round go to the lower group. Deterministic given the seed; when a group exhausts
-``MAX_TRIES`` candidates (two keys that no multiplier separates), the table is rebuilt with the next
-``group_hash`` (``MAX_ATTEMPTS`` in all).
+one size in parallel rounds that try ``TRIES_PER_ROUND`` candidate pilots per group; a group takes
+the first candidate whose slots are free and distinct, and two groups that want one slot in the same
+round go to the lower group. Deterministic given the seed; when a group exhausts ``MAX_TRIES``
+candidates (two keys that no multiplier separates), the table is rebuilt with the next ``group_hash``
+(``MAX_ATTEMPTS`` in all).
 """
 
 import math
@@ -37,9 +40,10 @@ import torch
 from lhf_torchrec.mapping.hashing import bucket_key, mix64
 
 # Entries per slot. A higher load saves bytes but makes the last groups search longer.
-LOAD = 0.97
-# Keys per group, on average, between GROUP_KEYS / 2 and GROUP_KEYS: 2 bytes of pilot per group.
-GROUP_KEYS = 6
+LOAD = 0.96
+# Keys per group, on average: 2 bytes of pilot per group. More keys per group save bytes but make the
+# last groups search much longer at this load.
+GROUP_KEYS = 4
 TRIES_PER_ROUND = 16
 FIRST_TRIES = 2
 # Pilots are int16: a group's candidate multipliers are its first 2^15.
@@ -48,34 +52,67 @@ MAX_ATTEMPTS = 4
 # Candidates tried at once per round are bounded: (groups x TRIES_PER_ROUND x group size) int64s.
 _ROUND_ELEMENTS = 1 << 21
 _LOW_32 = 0xFFFFFFFF
-# Rows below this fit int16 slot rows (-1 marks an empty slot).
-INT16_ROWS = 1 << 15
-TENSORS = ("slot_keys", "slot_rows", "group_pilots", "group_hash")
+# Slot rows take 2 bytes (int16 ``slot_rows``) for tables of up to 2^15 rows, 3 (plus int8
+# ``slot_rows_high``, the bits above the low 16) up to 2^23 rows, 4 (int16 high bits) beyond: at 3
+# bytes a row the table costs less than sorted keys with int32 rows. -1 marks an empty slot.
+ROW_LIMITS = (1 << 15, 1 << 23, 1 << 31)
+TENSORS = ("slot_keys", "slot_rows", "slot_rows_high", "group_pilots", "group_hash")
 
 
 def table_sizes(num_entries: int) -> Tuple[int, int]:
     """(slots, groups) of a table of ``num_entries`` (>= 1) keys: a pure function of the count."""
     slots = max(1, math.ceil(num_entries / LOAD))
-    groups = 1 << max(1, math.ceil(math.log2(max(1.0, num_entries / GROUP_KEYS))))
+    groups = max(1, math.ceil(num_entries / GROUP_KEYS))
     return slots, groups
 
 
-def row_dtype(num_rows: int) -> torch.dtype:
-    """The dtype of the slot rows of a table into ``num_rows`` rows: int16 when they fit."""
-    return torch.int16 if num_rows <= INT16_ROWS else torch.int32
+def row_bytes(num_rows: int) -> int:
+    """Bytes of a slot's row in a table into ``num_rows`` rows: 2, 3 or 4."""
+    return 2 + next(i for i, limit in enumerate(ROW_LIMITS) if num_rows <= limit)
+
+
+def rows_limit(num_rows: int) -> int:
+    """The most rows a table can map into with the row bytes of ``num_rows`` rows."""
+    return ROW_LIMITS[row_bytes(num_rows) - 2]
 
 
 def table_bytes(num_entries: int, key_bytes: int, num_rows: int) -> int:
     """Bytes of a table of ``num_entries`` keys of ``key_bytes`` into ``num_rows`` rows: slots (key, row),
     int16 group pilots, the 4-word group hash."""
     slots, groups = table_sizes(num_entries)
-    row_bytes = 2 if row_dtype(num_rows) == torch.int16 else 4
-    return (key_bytes + row_bytes) * slots + 2 * groups + 32
+    return (key_bytes + row_bytes(num_rows)) * slots + 2 * groups + 32
+
+
+def encode_rows(rows: torch.Tensor, num_rows: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(``slot_rows``, ``slot_rows_high``) of int64 slot rows (-1: empty) into ``num_rows`` rows: the low
+    16 bits (the whole row, up to 2^15 rows) and the bits above them (empty up to 2^15 rows)."""
+    width = row_bytes(num_rows)
+    if width == 2:
+        return rows.to(torch.int16), torch.zeros(0, dtype=torch.int8)
+    high = torch.bitwise_right_shift(rows, 16).to(torch.int8 if width == 3 else torch.int16)
+    return rows.to(torch.int16), high  # int64 -> int16 keeps the low 16 bits
+
+
+def decode_rows(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """int64 rows from (gathered) low and high parts (``high`` empty: ``low`` is the row)."""
+    if not high.numel():
+        return low.to(torch.int64)
+    return torch.bitwise_left_shift(high.to(torch.int64), 16).bitwise_or_(low.to(torch.int64).bitwise_and_(0xFFFF))
+
+
+def slot_row_values(tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The int64 row of every slot (-1: empty)."""
+    return decode_rows(tensors["slot_rows"], tensors["slot_rows_high"])
+
+
+def _mixed(keys: torch.Tensor, group_hash) -> torch.Tensor:
+    """y = mix64(x + c): a bijection, so that structured keys (runs of consecutive ids, strides) spread
+    over the groups and slots like random ones (multiply-shift alone keeps their structure)."""
+    return mix64(keys + group_hash[1])
 
 
 def _group_of(keys: torch.Tensor, group_hash: int, num_groups: int) -> torch.Tensor:
-    bits = num_groups.bit_length() - 1
-    return (keys * group_hash).bitwise_right_shift_(64 - bits).bitwise_and_(num_groups - 1)
+    return _slot_of(keys * group_hash, num_groups)
 
 
 def _slot_of(products: torch.Tensor, num_slots: int) -> torch.Tensor:
@@ -83,17 +120,18 @@ def _slot_of(products: torch.Tensor, num_slots: int) -> torch.Tensor:
     return products.bitwise_right_shift_(32).bitwise_and_(_LOW_32).mul_(num_slots).bitwise_right_shift_(32)
 
 
-def lookup(ids: torch.Tensor, slot_keys: torch.Tensor, slot_rows: torch.Tensor, group_pilots: torch.Tensor,
-           group_hash: Tuple[int, int, int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
+def lookup(ids: torch.Tensor, slot_keys: torch.Tensor, slot_rows: torch.Tensor, slot_rows_high: torch.Tensor,
+           group_pilots: torch.Tensor, group_hash: Tuple[int, int, int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
     """(rows int64, found bool) of flat int64 ``ids``; rows are meaningless where not found.
 
     int32 ``slot_keys`` compare as int64: a key never equals an id outside the int32 range."""
-    shifted = ids + group_hash[1]
-    group = _group_of(shifted, group_hash[0], group_pilots.numel())
+    mixed = _mixed(ids, group_hash)
+    group = _group_of(mixed, group_hash[0], group_pilots.numel())
     multiplier = group_pilots.index_select(0, group).to(torch.int64).mul_(group_hash[3]).add_(group_hash[2])
-    slot = _slot_of(multiplier.mul_(shifted), slot_keys.numel())
+    slot = _slot_of(multiplier.mul_(mixed), slot_keys.numel())
     found = slot_keys.index_select(0, slot) == ids
-    return slot_rows.index_select(0, slot).to(torch.int64), found
+    high = slot_rows_high.index_select(0, slot) if slot_rows_high.numel() else slot_rows_high
+    return decode_rows(slot_rows.index_select(0, slot), high), found
 
 
 def _candidates(group_hash, pilots: torch.Tensor) -> torch.Tensor:
@@ -104,22 +142,23 @@ def _candidates(group_hash, pilots: torch.Tensor) -> torch.Tensor:
 def build(keys: torch.Tensor, rows: torch.Tensor, seed: int, table: str = "table",
           key_dtype: torch.dtype = torch.int64, num_rows: int = 1 << 31) -> Dict[str, torch.Tensor]:
     """The table of unique ``keys`` and their ``rows`` (>= 0, < ``num_rows``), deterministic given ``seed``;
-    its keys are stored as ``key_dtype`` (int32 when every key fits), its rows as :func:`row_dtype`."""
+    its keys are stored as ``key_dtype`` (int32 when every key fits), its rows in :func:`row_bytes` bytes."""
     keys = keys.to(torch.int64).cpu().contiguous()
     num_slots, num_groups = table_sizes(keys.numel())
     for attempt in range(MAX_ATTEMPTS):
         words = mix64(torch.tensor([-1, -2, -3, -4]) + bucket_key(seed * MAX_ATTEMPTS + attempt))
         # group multiplier and first candidate odd, candidate step even and nonzero.
         group_hash = [int(words[0]) | 1, int(words[1]), int(words[2]) | 1, (int(words[3]) | 2) & ~1]
-        shifted = keys + group_hash[1]
-        placed = _place(shifted, _group_of(shifted, group_hash[0], num_groups), num_groups, num_slots, group_hash)
+        mixed = _mixed(keys, group_hash)
+        placed = _place(mixed, _group_of(mixed, group_hash[0], num_groups), num_groups, num_slots, group_hash)
         if placed is not None:
             pilots, slot = placed
             slot_keys = torch.full((num_slots,), int(keys.min()), dtype=key_dtype)
-            slot_rows = torch.full((num_slots,), -1, dtype=row_dtype(num_rows))
+            slot_rows = torch.full((num_slots,), -1, dtype=torch.int64)
             slot_keys[slot] = keys.to(key_dtype)
-            slot_rows[slot] = rows.to(slot_rows.dtype)
-            return {"slot_keys": slot_keys, "slot_rows": slot_rows, "group_pilots": pilots,
+            slot_rows[slot] = rows.to(torch.int64)
+            low, high = encode_rows(slot_rows, num_rows)
+            return {"slot_keys": slot_keys, "slot_rows": low, "slot_rows_high": high, "group_pilots": pilots,
                     "group_hash": torch.tensor(group_hash, dtype=torch.int64)}
     raise ValueError(f"table '{table}': no perfect hash table for its {keys.numel()} entries after {MAX_ATTEMPTS} "
                      "attempts (are the entry keys unique?)")
@@ -182,8 +221,8 @@ def _place(keys: torch.Tensor, group: torch.Tensor, num_groups: int, num_slots: 
 
 def check(tensors: Mapping[str, torch.Tensor], table: str = "table") -> None:
     """Raises ValueError naming the table unless ``tensors`` have the dtypes and shapes of a table."""
-    dtypes = {"slot_keys": (torch.int64, torch.int32), "slot_rows": (torch.int32, torch.int16),
-              "group_pilots": (torch.int16,), "group_hash": (torch.int64,)}
+    dtypes = {"slot_keys": (torch.int64, torch.int32), "slot_rows": (torch.int16,),
+              "slot_rows_high": (torch.int8, torch.int16), "group_pilots": (torch.int16,), "group_hash": (torch.int64,)}
     for name, dtype in dtypes.items():
         if tensors[name].dtype not in dtype or tensors[name].dim() != 1:
             raise ValueError(f"table '{table}': perfect hash tensor '{name}' must be a 1-D {dtype} tensor, got "
@@ -192,6 +231,9 @@ def check(tensors: Mapping[str, torch.Tensor], table: str = "table") -> None:
     if slots < 1 or tensors["slot_rows"].numel() != slots:
         raise ValueError(f"table '{table}': perfect hash slot_keys and slot_rows must have the same length >= 1, got "
                          f"{slots} and {tensors['slot_rows'].numel()}")
-    if groups < 2 or groups & (groups - 1) or tensors["group_hash"].numel() != 4:
-        raise ValueError(f"table '{table}': perfect hash needs a power of two >= 2 of group pilots and a "
+    if tensors["slot_rows_high"].numel() not in (0, slots):
+        raise ValueError(f"table '{table}': perfect hash slot_rows_high must be empty or have {slots} slots, got "
+                         f"{tensors['slot_rows_high'].numel()}")
+    if groups < 1 or tensors["group_hash"].numel() != 4:
+        raise ValueError(f"table '{table}': perfect hash needs at least one group pilot and a "
                          f"group hash of 4 words, got {groups} and {tensors['group_hash'].numel()}")

@@ -35,7 +35,7 @@ def _same(a: IdMapping, b: IdMapping, query: torch.Tensor) -> None:
 @given(
     entry_ids=st.lists(st.one_of(int64s, st.integers(-50, 50), st.sampled_from(EXTREMES)), max_size=60, unique=True),
     extra=st.lists(int64s, max_size=20),
-    num_rows=st.integers(2, 500),
+    num_rows=st.one_of(st.integers(2, 500), st.sampled_from([(1 << 15) + 1, 1 << 23, (1 << 23) + 1, 1 << 30])),
     probes=st.sampled_from([1, 2]),
     seed=st.integers(0, 1 << 40),
     bucketed=st.booleans(),
@@ -44,7 +44,7 @@ def test_perfect_hash_gives_what_sorted_keys_give(entry_ids, extra, num_rows, pr
     if bucketed:
         mapping = _bucketed(entry_ids, 4, seed % 100, probes)
     else:
-        rows = (np.arange(len(entry_ids)) * 7) % num_rows
+        rows = (np.arange(len(entry_ids)) * 62_710_007) % num_rows  # rows with high bits where there are any
         mapping = IdMapping.from_entries(np.array(entry_ids, dtype=np.int64), rows, num_rows, probes=probes, seed=seed,
                                          hash_offset=num_rows // 3, table_name="t")
     if not mapping.stored_entries()[0].numel():
@@ -68,7 +68,7 @@ def test_a_large_table_matches_sorted_keys_and_its_bytes_match_the_cost():
         assert mapping.storage == "perfect_hash"
         assert mapping.nbytes == storage_cost(ids.size, int(ids[-1] - ids[0]) + 1, 2000)[1]
         assert mapping.slot_keys.dtype == (torch.int32 if ids[-1] - ids[0] < 1 << 31 else torch.int64)
-        assert mapping.slot_rows.dtype == torch.int16
+        assert mapping.slot_rows.dtype == torch.int16 and not mapping.slot_rows_high.numel()  # 2-byte rows
         query = torch.from_numpy(np.concatenate([ids, rng.integers(-(1 << 63), 1 << 63, 5000), ids[:100] + 1]))
         sorted_keys = mapping.with_storage("sorted")
         assert torch.equal(mapping(query), sorted_keys(query))
@@ -114,8 +114,8 @@ def test_save_load_round_trip_and_checksum(tmp_path):
 
 def test_malformed_tables_are_refused_with_the_table_name():
     tensors = perfect_hash.build(torch.arange(100), torch.arange(100), seed=0)
-    bad = dict(tensors, group_pilots=tensors["group_pilots"][:3])
-    with pytest.raises(ValueError, match="table 'tx': perfect hash needs a power of two"):
+    bad = dict(tensors, group_pilots=tensors["group_pilots"][:0])
+    with pytest.raises(ValueError, match="table 'tx': perfect hash needs at least one group pilot"):
         IdMapping(10, storage="perfect_hash", tensors=bad, num_entries=100, table_name="tx")
     bad = dict(tensors, slot_rows=tensors["slot_rows"].to(torch.int64))
     with pytest.raises(ValueError, match="table 'tx': perfect hash tensor 'slot_rows'"):
@@ -124,9 +124,26 @@ def test_malformed_tables_are_refused_with_the_table_name():
         IdMapping(10, storage="perfect_hash", tensors=tensors, num_entries=100, table_name="tx")
 
 
+@pytest.mark.parametrize("num_rows, row_bytes", [(1 << 15, 2), ((1 << 15) + 1, 3), (1 << 23, 3), ((1 << 23) + 1, 4)])
+def test_rows_take_2_3_or_4_bytes_by_the_row_count(num_rows, row_bytes):
+    rng = np.random.default_rng(1)
+    ids = np.unique(rng.integers(-(1 << 62), 1 << 62, 3000))
+    rows = np.concatenate([[num_rows - 1, 0, (1 << 15) - 1, (1 << 15) % num_rows],
+                           rng.integers(0, num_rows, ids.size - 4)])
+    mapping = IdMapping.from_entries(ids, rows, num_rows, seed=3)
+    # With 4-byte rows sorted keys are cheaper: the table is only built on request.
+    assert mapping.storage == ("sorted" if row_bytes == 4 else "perfect_hash")
+    mapping = mapping.with_storage("perfect_hash")
+    assert perfect_hash.row_bytes(num_rows) == row_bytes
+    high = mapping.slot_rows_high
+    assert high.numel() * high.element_size() == (row_bytes - 2) * mapping.slot_rows.numel()
+    assert mapping.nbytes == perfect_hash.table_bytes(ids.size, 8, num_rows)
+    assert torch.equal(mapping(torch.from_numpy(ids)), torch.from_numpy(rows))
+    assert torch.equal(mapping.stored_entries()[1], mapping.with_storage("sorted").stored_entries()[1])
+
+
 def test_storage_rule_takes_the_cheapest_storage_and_the_faster_on_a_tie():
-    small, large = 1 << 15, (1 << 15) + 1  # int16 rows up to 2^15 rows, int32 beyond
-    assert perfect_hash.row_dtype(small) == torch.int16 and perfect_hash.row_dtype(large) == torch.int32
+    small, large = 1 << 15, (1 << 23) + 1  # 2-byte rows up to 2^15 rows, 4-byte beyond 2^23
     assert storage_cost(1000, 1600, small) == ("dense", 6_400)  # cheaper than the table's 6,730 bytes
     assert storage_cost(1000, 1 << 20, small) == ("perfect_hash", perfect_hash.table_bytes(1000, 4, small))
     assert storage_cost(1000, 1 << 40, small) == ("perfect_hash", perfect_hash.table_bytes(1000, 8, small))
@@ -136,16 +153,18 @@ def test_storage_rule_takes_the_cheapest_storage_and_the_faster_on_a_tie():
             sorted_bytes = entries * (4 + key_bytes)
             # Never more bytes than sorted keys: lookup speed takes no rows from the table.
             assert storage_cost(entries, span, large) == ("sorted", sorted_bytes)
-            storage, nbytes = storage_cost(entries, span, small)
-            assert nbytes == min(sorted_bytes, perfect_hash.table_bytes(entries, key_bytes, small))
-            if entries >= 100:
-                assert storage == "perfect_hash" and nbytes < sorted_bytes
+            for num_rows in (small, (1 << 23)):
+                storage, nbytes = storage_cost(entries, span, num_rows)
+                assert nbytes == min(sorted_bytes, perfect_hash.table_bytes(entries, key_bytes, num_rows))
+                if entries >= 10_000:  # fewer: the 32-byte group hash and rounding up can tip it
+                    assert storage == "perfect_hash" and nbytes < sorted_bytes
 
 
 def test_key_zero_is_placed_like_any_other():
     """Relative keys always include 0, and 0 times any multiplier is 0: keys are shifted before hashing."""
     keys = torch.arange(0, 70_000, 2)
     tensors = perfect_hash.build(keys, torch.arange(keys.numel()) % 1000, seed=0)
-    rows, found = perfect_hash.lookup(keys, tensors["slot_keys"], tensors["slot_rows"], tensors["group_pilots"],
+    rows, found = perfect_hash.lookup(keys, tensors["slot_keys"], tensors["slot_rows"], tensors["slot_rows_high"],
+                                      tensors["group_pilots"],
                                       tuple(tensors["group_hash"].tolist()))
     assert bool(found.all()) and torch.equal(rows, torch.arange(keys.numel()) % 1000)

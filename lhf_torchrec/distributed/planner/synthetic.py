@@ -121,15 +121,15 @@ def _bucketed(
 
 def _rows_left(budget: float, per_row: int, cost: Callable[[int], Tuple[str, int]]) -> Tuple[str, int, int]:
     """(storage, mapping bytes, rows): the rows the budget holds once the mapping, whose bytes depend on
-    the rows (:func:`~lhf_torchrec.mapping.perfect_hash.row_dtype`), is paid for."""
+    the rows (:func:`~lhf_torchrec.mapping.perfect_hash.row_bytes`), is paid for."""
     storage, nbytes = cost(max(1, int(budget // per_row)))
     guess = int((budget - nbytes) // per_row)
     if guess < 1:
         return storage, nbytes, guess
     storage, nbytes = cost(guess)  # fewer rows can only make the mapping cheaper: count it for them
     rows = int((budget - nbytes) // per_row)
-    if storage == "perfect_hash" and perfect_hash.row_dtype(guess) == torch.int16:
-        rows = min(rows, perfect_hash.INT16_ROWS)  # rows stored as int16: keep the table within their reach
+    if storage == "perfect_hash":
+        rows = min(rows, perfect_hash.rows_limit(guess))  # keep the rows within reach of the row bytes counted
     return storage, nbytes, rows
 
 
@@ -139,7 +139,8 @@ def _sparse_tensors(storage: str, entries: int, key_dtype: torch.dtype, rows: to
     if storage == "sorted":
         return {"keys": torch.zeros(entries, dtype=key_dtype), "values": rows}
     slots, groups = perfect_hash.table_sizes(entries)
-    slot_rows = torch.full((slots,), -1, dtype=perfect_hash.row_dtype(num_rows))
+    slot_rows = torch.full((slots,), -1, dtype=torch.int64)
     slot_rows[:entries] = rows  # the entries' rows, so that bucket_entry_counts sees them
-    return {"slot_keys": torch.zeros(slots, dtype=key_dtype), "slot_rows": slot_rows,
+    low, high = perfect_hash.encode_rows(slot_rows, num_rows)
+    return {"slot_keys": torch.zeros(slots, dtype=key_dtype), "slot_rows": low, "slot_rows_high": high,
             "group_pilots": torch.zeros(groups, dtype=torch.int16), "group_hash": torch.ones(4, dtype=torch.int64)}
