@@ -108,6 +108,7 @@ APPLY_CASES = [  # (ids, method, hyper-parameters): each fitted mapping is appli
     ("sparse 64-bit", "combination", {"min_count": 1}),
 ]
 APPLY_TARGET = 3.0  # sparse storages: apply / gather
+APPLY_SUBSECTION = "### Apply throughput"
 # Dense storage is measured only where its table stays small (4 bytes per id of the entries' span).
 _MAX_DENSE_SPAN = 1 << 24
 
@@ -284,13 +285,14 @@ def distributed_fit_section(rows, seconds: float, pending=()) -> str:
     ] if pending else []))
 
 
-def _write_distributed_subsection(text: str) -> None:
-    """Replaces (or adds) the distributed-fit subsection inside the Mapping section, leaving the rest as it is."""
+def _write_distributed_subsection(text: str, subsection: str = DIST_SUBSECTION) -> None:
+    """Replaces (or adds) the distributed-fit subsection (or another ``subsection``) inside the Mapping
+    section, leaving the rest as it is."""
     from lhf_torchrec.files import atomic_write
 
     path = "docs/performance.md"
     doc = open(path).read()
-    start = doc.find(DIST_SUBSECTION + "\n")
+    start = doc.find(subsection + "\n")
     if start < 0:  # before the next section, at the end of the Mapping section
         mapping_start = doc.index("## Mapping (benchmarks/mapping.py)")
         after = doc.find("\n## ", mapping_start + 1)
@@ -402,7 +404,7 @@ def apply_doc(rows: list, num_ids: int, batch: int, reps: int, zch: list) -> str
     verdict = "; ".join(f"`{s}` apply {worst(s, 'apply/gather')}, lookup {worst(s, 'lookup/gather')}"
                         for s in ("perfect_hash", "sorted") if any(r["storage"].startswith(s) for r in rows))
     return "\n".join([
-        "### Apply throughput",
+        APPLY_SUBSECTION,
         f"{batch:,} lookups drawn from the access distribution of {num_ids:,} profiled ids, plus 1% never-seen ids "
         f"anywhere in int64; ids dense (a permutation of [0, {num_ids:,})), sparse 40-bit (random in [0, 2^40)) or "
         f"sparse 64-bit (random int64); mappings into {num_ids // 10:,} rows. Each fitted mapping is applied in every "
@@ -422,7 +424,7 @@ def apply_doc(rows: list, num_ids: int, batch: int, reps: int, zch: list) -> str
         "",
         "FBGEMM's `torch.ops.fbgemm.zero_collision_hash` (TorchRec's `HashZchManagedCollisionModule`; its CPU path "
         "is read-only at lookup) on the entries of the sparse 64-bit `frequency` mapping, with as many identity "
-        "slots as our table (~90% load), then a gather of the slot's row: its slot is the output row in TorchRec, "
+        "slots as our table (~96% load), then a gather of the slot's row: its slot is the output row in TorchRec, "
         "while our entries share rows (clusters, hot rows), hence the extra gather.",
         "",
         markdown_table(zch, ["entry lookup", "entries", "inserted", "build_s", "lookup/gather",
@@ -443,6 +445,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--distributed", action="store_true",
                         help="only the distributed fit: 1e6 and 1e7 ids on 1 and 2 gloo ranks (--quick: 1e6)")
+    parser.add_argument("--apply", action="store_true",
+                        help="only the apply throughput table (replaces its subsection of docs/performance.md)")
     parser.add_argument("--dist-child", nargs=5, metavar=("IDS", "METHOD", "WORLD", "RANK", "DIR"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -462,6 +466,16 @@ def main() -> None:
             print(text if not pending else json.dumps(rows[-1]), flush=True)
 
         distributed_fit_rows([10**6] if args.quick else [10**6, 10**7], on_row=record)
+        return
+
+    if args.apply:
+        started = time.perf_counter()
+        text = apply_doc(apply_rows(10**6, batch=10**6, reps=args.reps), 10**6, 10**6, args.reps,
+                         zch_rows(10**6, 10**6, args.reps))
+        text = text.replace("\n", f"\n`python benchmarks/mapping.py --apply --reps {args.reps}` "
+                            f"({time.perf_counter() - started:.0f} s). {machine_description()}.\n\n", 1)
+        _write_distributed_subsection(text, APPLY_SUBSECTION)
+        print(text)
         return
 
     from tqdm import tqdm

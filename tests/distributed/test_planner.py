@@ -211,8 +211,9 @@ def test_synthetic_mappings_cost_what_the_assumption_says():
     mappings = synthetic_mappings(tables, 10, optimizer="sgd", entry_fraction=0.1)
     assert set(mappings) == {"t0", "t1"}  # tables under 10000 ids stay full size
     big = mappings["t0"]
-    # int32 keys; ~99,000 rows: int32 rows, so sorted keys are cheaper than a perfect hash table
-    assert big.storage == "sorted" and big.nbytes == 8 * 100_000 < perfect_hash.table_bytes(100_000, 4, big.num_rows)
+    # int32 keys; ~99,000 rows: 3-byte rows, ~7.8 bytes per entry against sorted keys' 8
+    assert big.storage == "perfect_hash" and big.nbytes == perfect_hash.table_bytes(100_000, 4, big.num_rows)
+    assert big.nbytes < 8 * 100_000
     assert big.num_rows == (1_000_000 * 64 // 10 - big.nbytes) // 64
     ratio = 1_000_000 * 64 / (big.num_rows * 64 + big.nbytes)
     assert 10 <= ratio < 10.001

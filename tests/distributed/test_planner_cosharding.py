@@ -170,10 +170,11 @@ def test_synthetic_bucketed_mappings_follow_the_fit_budget_and_the_fullest_bucke
     big, small = mappings["big"], mappings["small"]
     entries, per_row = 100_000, row_bytes(16, "sgd")
     assert big.num_buckets == 64 and big.num_rows % 64 == 0 and big.num_entries == entries
-    # Entries in the storage a bucketed fit chooses (int64 bucket-hash keys), (offset, rows) per bucket:
-    # sorted keys, cheaper than a perfect hash table for more than 2^15 rows (int32 rows).
-    assert big.num_rows > 1 << 15
-    assert big.nbytes == bucketed_storage_cost(entries, big.num_rows)[1] + 8 * 64 and big.storage == "sorted"
+    # Entries in the storage a bucketed fit chooses (int64 bucket-hash keys, 3-byte rows for more than
+    # 2^15 rows: a perfect hash table, cheaper than sorted keys), (offset, rows) per bucket.
+    assert big.num_rows > 1 << 15 and big.slot_rows_high.dtype == torch.int8
+    assert big.nbytes == bucketed_storage_cost(entries, big.num_rows)[1] + 8 * 64 and big.storage == "perfect_hash"
+    assert big.nbytes < 12 * entries + 8 * 64
     assert big.num_rows * per_row + big.nbytes <= 1_000_000 * per_row / 10 < (big.num_rows + 64) * per_row + big.nbytes
     counts = big.bucket_entry_counts()
     assert int(counts.sum()) == entries and int(counts.max()) == fullest_bucket_entries(entries, 64)
