@@ -68,7 +68,7 @@ def table_sizes(num_entries: int) -> Tuple[int, int]:
 
 def row_bytes(num_rows: int) -> int:
     """Bytes of a slot's row in a table into ``num_rows`` rows: 2, 3 or 4."""
-    return 2 + next(i for i, limit in enumerate(ROW_LIMITS) if num_rows <= limit)
+    return 2 + next((i for i, limit in enumerate(ROW_LIMITS) if num_rows <= limit), len(ROW_LIMITS) - 1)
 
 
 def rows_limit(num_rows: int) -> int:
