@@ -11,9 +11,10 @@ profile over n distinct ids with random 8-d embeddings, fitting ``frequency`` an
 and embeddings are the user's input (1e8 ids: 0.8 + 0.8 GB of profile, 3.2 GB of vectors); the
 fit's own memory is the growth of peak RSS over the RSS before the fit (the peak is reset there).
 
-Apply: ids drawn from the same access distribution (1% never seen), mapped by a fitted mapping,
-next to a plain gather ``table[ids]`` from an int32 tensor as long as the dense mapping's table,
-measured interleaved in one process; medians of repeated runs.
+Apply: ids drawn from the same access distribution (1% never seen; ids dense, sparse 40-bit or
+sparse 64-bit), mapped by a fitted mapping in every storage that can hold it, next to a plain gather
+``table.index_select(0, ids)`` from an int32 table of 1e6 rows, measured interleaved in one process
+on one torch thread; medians of repeated runs.
 
 Distributed fit (``--distributed``): the same Zipf profile fitted on 1 and on 2 gloo ranks (B = 64
 buckets), each rank a fresh process holding its share of the profile, through the library
@@ -98,37 +99,70 @@ def time_median(fns, reps: int):
     return [statistics.median(s) for s in samples]
 
 
-APPLY_CASES = [  # (ids, method, hyper-parameters): each storage layout once
+APPLY_CASES = [  # (ids, method, hyper-parameters): each fitted mapping is applied in every storage it can take
     ("dense", "hash", {}),
-    ("dense, all seen", "combination", {"min_count": 1}),  # every id has an entry: dense storage
+    ("dense", "frequency", {}),
     ("dense", "combination", {"min_count": 1}),
-    ("dense", "frequency", {}),  # the hot 5% of ids spread over the whole range: sorted storage
-    ("sparse", "frequency", {}),
-    ("sparse", "combination", {"min_count": 1}),
+    ("sparse 40-bit", "frequency", {}),
+    ("sparse 40-bit", "combination", {"min_count": 1}),
+    ("sparse 64-bit", "frequency", {}),
+    ("sparse 64-bit", "combination", {"min_count": 1}),
 ]
+APPLY_TARGET = 3.0  # sparse storages: apply / gather
+APPLY_SUBSECTION = "### Apply throughput"
+# Dense storage is measured only where its table stays small (4 bytes per id of the entries' span).
+_MAX_DENSE_SPAN = 1 << 24
+
+
+def _spread_ids(profile, kind: str, rng: np.random.Generator):
+    """The profile with its ids replaced by distinct ids of ``kind`` ("dense": unchanged; "sparse 40-bit":
+    in [0, 2^40); "sparse 64-bit": anywhere in int64), sorted again."""
+    from lhf_torchrec.mapping import IdProfile
+
+    if kind == "dense":
+        return profile
+    low, high = (0, 1 << 40) if kind == "sparse 40-bit" else (-(1 << 63), (1 << 63) - 1)
+    ids = rng.permutation(np.unique(rng.integers(low, high, size=2 * profile.num_ids, dtype=np.int64)))[:profile.num_ids]
+    order = np.argsort(ids)
+    return IdProfile(ids[order], profile.counts[order], profile.total)
 
 
 def apply_rows(num_ids: int, batch: int, reps: int) -> list:
+    """Apply throughput of every storage next to a plain gather, on one torch thread (the box is shared)."""
     from lhf_torchrec.mapping import IdEmbeddings, fit_mapping
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    # The floor: a plain gather of as many ids from an int32 table of num_ids rows (4 MB at 1e6).
+    floor_table = torch.randint(0, num_ids // 10, (num_ids,), dtype=torch.int32)
+    floor_ids = torch.randint(0, num_ids, (batch,), dtype=torch.int64)
     rows = []
     for kind, method, hyper in APPLY_CASES:
-        profile = zipf_profile(num_ids, seed=1, sparse_ids=kind == "sparse")
         rng = np.random.default_rng(2)
+        profile = _spread_ids(zipf_profile(num_ids, seed=1, sparse_ids=False), kind, rng)
         seen = profile.ids[rng.choice(profile.num_ids, size=batch, p=profile.counts / profile.counts.sum())]
-        unseen = rng.integers(-(1 << 62), 1 << 62, size=0 if kind.endswith("all seen") else batch // 100)
+        unseen = rng.integers(-(1 << 63), (1 << 63) - 1, size=batch // 100, dtype=np.int64)
         ids = torch.from_numpy(np.concatenate([seen, unseen])[rng.permutation(seen.size + unseen.size)])
         embeddings = IdEmbeddings(profile.ids, torch.randn(num_ids, EMBEDDING_DIM, generator=torch.Generator().manual_seed(0)))
-        mapping = fit_mapping(profile, method=method, num_rows=num_ids // 10,
-                              embeddings=embeddings if method == "combination" else None, **hyper)
-        span = mapping.table.numel() if mapping.storage == "dense" else num_ids
-        floor_table = torch.randint(0, mapping.num_rows, (span,), dtype=torch.int32)
-        floor_ids = torch.randint(0, span, (ids.numel(),), dtype=torch.int64)
-        t_apply, t_gather = time_median([lambda: mapping(ids), lambda: floor_table.index_select(0, floor_ids)], reps)
-        rows.append({"ids": "sparse 40-bit" if kind == "sparse" else kind, "method": method,
-                     "storage": mapping.storage, "mapping_mb": mapping.nbytes / 2**20,
-                     "apply_Mids_s": ids.numel() / t_apply / 1e6, "gather_Mids_s": ids.numel() / t_gather / 1e6,
-                     "apply/gather": t_apply / t_gather})
+        fitted = fit_mapping(profile, method=method, num_rows=num_ids // 10,
+                             embeddings=embeddings if method == "combination" else None, **hyper)
+        keys, _ = fitted.stored_entries()
+        span = int(keys[-1]) - int(keys[0]) + 1 if keys.numel() else 0
+        storages = ["none"] if fitted.storage == "none" else [
+            s for s in ("dense", "perfect_hash", "sorted") if s != "dense" or span <= _MAX_DENSE_SPAN]
+        variants = [fitted if s == fitted.storage else fitted.with_storage(s) for s in storages]
+        hit = float(fitted.has_entry(ids).float().mean())
+        # Apply (entries found, every other id hashed), and the entry lookup alone (what the storage does).
+        times = time_median([lambda: floor_table.index_select(0, floor_ids)]
+                            + [lambda m=m: m(ids) for m in variants]
+                            + [lambda m=m: m._lookup(ids) for m in variants], reps)
+        for storage, mapping, t_apply, t_lookup in zip(storages, variants, times[1:], times[1 + len(variants):]):
+            rows.append({"ids": kind, "method": method,
+                         "storage": storage + (" (fitted)" if storage == fitted.storage else ""),
+                         "entries": mapping.num_entries, "hit": hit, "mapping_mb": mapping.nbytes / 2**20,
+                         "apply_Mids_s": ids.numel() / t_apply / 1e6, "gather_Mids_s": ids.numel() / times[0] / 1e6,
+                         "apply/gather": t_apply / times[0], "lookup/gather": t_lookup / times[0]})
+    torch.set_num_threads(threads)
     return rows
 
 
@@ -313,13 +347,14 @@ def distributed_fit_section(rows, pipeline_rows, seconds: float, pending=()) -> 
     ] if pending else []))
 
 
-def _write_distributed_subsection(text: str) -> None:
-    """Replaces (or adds) the distributed-fit subsection inside the Mapping section, leaving the rest as it is."""
+def _write_distributed_subsection(text: str, subsection: str = DIST_SUBSECTION) -> None:
+    """Replaces (or adds) the distributed-fit subsection (or another ``subsection``) inside the Mapping
+    section, leaving the rest as it is."""
     from lhf_torchrec.files import atomic_write
 
     path = "docs/performance.md"
     doc = open(path).read()
-    start = doc.find(DIST_SUBSECTION + "\n")
+    start = doc.find(subsection + "\n")
     if start < 0:  # before the next section, at the end of the Mapping section
         mapping_start = doc.index("## Mapping (benchmarks/mapping.py)")
         after = doc.find("\n## ", mapping_start + 1)
@@ -343,6 +378,127 @@ def _kept_distributed_subsection() -> str:
     return "\n\n" + doc[start:min(nxt) if nxt else len(doc)].rstrip("\n")
 
 
+ZCH_MAX_PROBE = 128
+
+
+def _zero_collision_hash(ids: torch.Tensor, identities: torch.Tensor, fallback: bool) -> torch.Tensor:
+    """FBGEMM's ZCH lookup (TorchRec's HashZchManagedCollisionModule), read-only as its CPU path must be:
+    the slot of each id, or -1 if absent (``fallback``: its first probe slot instead)."""
+    slots, _ = torch.ops.fbgemm.zero_collision_hash(
+        input=ids, identities=identities, max_probe=ZCH_MAX_PROBE, circular_probe=True, exp_hours=-1, readonly=True,
+        local_sizes=None, offsets=None, metadata=None, output_on_uvm=False, disable_fallback=not fallback,
+        _modulo_identity_DPRECATED=False, input_metadata=None, eviction_threshold=-1, eviction_policy=0,
+        opt_in_prob=-1, num_reserved_slots=-1, opt_in_rands=None, runtime_meta=None)
+    return slots
+
+
+def _zch_insert(keys: torch.Tensor, identities: torch.Tensor) -> torch.Tensor:
+    """Inserts ``keys`` into empty ZCH ``identities`` as the kernel's linear probing would (its CPU path
+    cannot write): from each key's first probe slot, the lowest key takes a contested free slot, the
+    others move on. The slot of each key, -1 when it found none within ``ZCH_MAX_PROBE`` probes."""
+    flat = identities.view(-1)
+    position = _zero_collision_hash(keys, identities, fallback=True)
+    slot = torch.full_like(keys, -1)
+    pending = torch.arange(keys.numel())
+    owner = torch.full((flat.numel(),), keys.numel(), dtype=torch.int64)
+    for _ in range(ZCH_MAX_PROBE):
+        if not pending.numel():
+            break
+        at = position.index_select(0, pending)
+        free = flat.index_select(0, at) == -1
+        owner.scatter_reduce_(0, at[free], pending[free], "amin")
+        won = free & (owner.index_select(0, at) == pending)
+        flat[at[won]] = keys[pending[won]]
+        slot[pending[won]] = at[won]
+        owner[at[free]] = keys.numel()
+        blocked = pending[~free]
+        position[blocked] = (position[blocked] + 1) % flat.numel()
+        pending = pending[~won]
+    return slot
+
+
+def zch_rows(num_ids: int, batch: int, reps: int) -> list:
+    """The entry lookup of a sparse 64-bit ``frequency`` mapping: our perfect hash table vs FBGEMM's
+    ``zero_collision_hash`` over the same entries (identities at the same load, then a gather of the
+    slot's row), next to the plain gather; one torch thread."""
+    import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm)
+
+    from lhf_torchrec.mapping import fit_mapping
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(2)
+    profile = _spread_ids(zipf_profile(num_ids, seed=1, sparse_ids=False), "sparse 64-bit", rng)
+    seen = profile.ids[rng.choice(profile.num_ids, size=batch, p=profile.counts / profile.counts.sum())]
+    ids = torch.from_numpy(np.concatenate([seen, rng.integers(-(1 << 63), (1 << 63) - 1, size=batch // 100)]))
+    mapping = fit_mapping(profile, method="frequency", num_rows=num_ids // 10)
+    keys, rows = mapping.stored_entries()
+    identities = torch.full((mapping.slot_keys.numel(), 1), -1, dtype=torch.int64)  # as many slots as ours
+    start = time.perf_counter()
+    slots = _zch_insert(keys, identities)
+    insert_s = time.perf_counter() - start
+    inserted = slots >= 0
+    slot_rows = torch.full((identities.numel(),), -1, dtype=torch.int32)
+    slot_rows[slots[inserted]] = rows[inserted].to(torch.int32)
+
+    def zch_lookup():
+        found_slots = _zero_collision_hash(ids, identities, fallback=False)
+        return slot_rows.index_select(0, found_slots.clamp(min=0)).to(torch.int64), found_slots >= 0
+
+    ours, theirs = mapping._lookup(ids), zch_lookup()
+    agree = bool(torch.equal(ours[1], theirs[1]) and torch.equal(ours[0][ours[1]], theirs[0][theirs[1]]))
+    floor_table = torch.randint(0, num_ids // 10, (num_ids,), dtype=torch.int32)
+    floor_ids = torch.randint(0, num_ids, (ids.numel(),), dtype=torch.int64)
+    times = time_median([lambda: floor_table.index_select(0, floor_ids), lambda: mapping._lookup(ids), zch_lookup], reps)
+    torch.set_num_threads(threads)
+    return [{"entry lookup": name, "entries": keys.numel(), "inserted": inserted_count, "build_s": build,
+             "lookup/gather": t / times[0], "same rows as perfect_hash": ("yes" if agree else "no") if name != "perfect_hash" else "-"}
+            for name, inserted_count, build, t in (
+                ("perfect_hash", keys.numel(), "-", times[1]),
+                ("FBGEMM zero_collision_hash, readonly + row gather", int(inserted.sum()), insert_s, times[2]))]
+
+
+def apply_doc(rows: list, num_ids: int, batch: int, reps: int, zch: list) -> str:
+    """The "Apply throughput" subsection."""
+    def worst(storage: str, column: str) -> str:
+        return f"{max(r[column] for r in rows if r['storage'].startswith(storage)):.2f}x"
+
+    verdict = "; ".join(f"`{s}` apply {worst(s, 'apply/gather')}, lookup {worst(s, 'lookup/gather')}"
+                        for s in ("perfect_hash", "sorted") if any(r["storage"].startswith(s) for r in rows))
+    return "\n".join([
+        APPLY_SUBSECTION,
+        f"{batch:,} lookups drawn from the access distribution of {num_ids:,} profiled ids, plus 1% never-seen ids "
+        f"anywhere in int64; ids dense (a permutation of [0, {num_ids:,})), sparse 40-bit (random in [0, 2^40)) or "
+        f"sparse 64-bit (random int64); mappings into {num_ids // 10:,} rows. Each fitted mapping is applied in every "
+        "storage that can hold it (`with_storage`: the same function; dense only where the entries' span is small); "
+        "`(fitted)` marks the storage the fit chose. `hit` is the share of lookups that find an entry (the others "
+        "are hashed by `hash_ids`). `lookup/gather` times the storage alone (`_lookup`: finds the entries, "
+        "hashes nothing). The floor is a plain `int32_table.index_select(0, int64_ids)` gather of as many ids from a "
+        f"{num_ids:,}-row table, timed in the same interleaved reps; median of {reps} reps, 1 torch thread. The box "
+        "is shared with other jobs: absolute throughputs move with its load, the ratios much less.",
+        "",
+        markdown_table(rows, ["ids", "method", "storage", "entries", "hit", "mapping_mb", "apply_Mids_s",
+                              "gather_Mids_s", "apply/gather", "lookup/gather"]),
+        "",
+        f"Worst apply/gather: {verdict} (target for sparse storages <= {APPLY_TARGET:g}). Where few lookups hit an "
+        "entry, apply is the cost of `hash_ids` on the misses (the `hash` row: the hashing trick itself), which no "
+        "storage changes.",
+        "",
+        "FBGEMM's `torch.ops.fbgemm.zero_collision_hash` (TorchRec's `HashZchManagedCollisionModule`; its CPU path "
+        "is read-only at lookup) on the entries of the sparse 64-bit `frequency` mapping, with as many identity "
+        "slots as our table (~96% load), then a gather of the slot's row: its slot is the output row in TorchRec, "
+        "while our entries share rows (clusters, hot rows), hence the extra gather.",
+        "",
+        markdown_table(zch, ["entry lookup", "entries", "inserted", "build_s", "lookup/gather",
+                             "same rows as perfect_hash"]),
+        "",
+        "Not used: a linear-probing table needs probe sequences (data-dependent length; `max_probe` bounds "
+        "them, and an id that does not fit within it is silently not inserted), its layout is defined by the "
+        "kernel's insert order and hash rather than a fixed function we can rebuild bit for bit in a checksum, and "
+        "our lookup is plain torch ops that run unchanged on CUDA and CPU.",
+    ])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="sizes 1e5 and 1e6 only")
@@ -352,6 +508,8 @@ def main() -> None:
     parser.add_argument("--distributed", action="store_true",
                         help="only the distributed fit, library and pipeline paths: 1e6 and 1e7 ids on 1 and 2 gloo "
                              "ranks (--quick: 1e6)")
+    parser.add_argument("--apply", action="store_true",
+                        help="only the apply throughput table (replaces its subsection of docs/performance.md)")
     parser.add_argument("--dist-child", nargs=6, metavar=("IDS", "METHOD", "WORLD", "RANK", "DIR", "PATH"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -382,6 +540,16 @@ def main() -> None:
             distributed_fit_rows(sizes, on_row=recorder(path), path=path)
         return
 
+    if args.apply:
+        started = time.perf_counter()
+        text = apply_doc(apply_rows(10**6, batch=10**6, reps=args.reps), 10**6, 10**6, args.reps,
+                         zch_rows(10**6, 10**6, args.reps))
+        text = text.replace("\n", f"\n`python benchmarks/mapping.py --apply --reps {args.reps}` "
+                            f"({time.perf_counter() - started:.0f} s). {machine_description()}.\n\n", 1)
+        _write_distributed_subsection(text, APPLY_SUBSECTION)
+        print(text)
+        return
+
     from tqdm import tqdm
 
     sizes = [10**5, 10**6] if args.quick else [10**5, 10**6, 10**7] + ([10**8] if args.large else [])
@@ -400,8 +568,6 @@ def main() -> None:
 
     fit_table = markdown_table(fits, ["ids", "method", "rows", "storage", "fit_s", "time_per_id_vs_1e6",
                                       "input_mb", "peak_rss_mb", "fit_rss_mb", "mapping_mb"])
-    apply_table = markdown_table(applies, ["ids", "method", "storage", "mapping_mb", "apply_Mids_s",
-                                           "gather_Mids_s", "apply/gather"])
     command = "python benchmarks/mapping.py" + (" --quick" if args.quick else "") + (" --large" if args.large else "")
     body = "\n".join([
         f"Command: `{command}` ({total:.0f} s). {machine_description()}.",
@@ -417,14 +583,7 @@ def main() -> None:
         "",
         fit_table,
         "",
-        "### Apply throughput",
-        f"1e6 lookups drawn from the access distribution of 1e6 profiled ids (plus 1% never-seen 64-bit ids, except "
-        f"in the 'all seen' row), mapping into 1e5 rows; "
-        f"median of {args.reps} interleaved runs. The floor is a plain `int32_table.index_select(0, int64_ids)` gather of the same "
-        "number of ids from a table as long as the dense mapping's (or 1e6 for the others), with `index_select`, "
-        "the fastest plain gather on CPU. The target for dense storage is apply/gather <= 1.5.",
-        "",
-        apply_table,
+        apply_doc(applies, 10**6, 10**6, args.reps, zch_rows(10**6, 10**6, args.reps)),
     ])
     print(body)
     # The distributed-fit subsection comes from another run (--distributed): keep it.

@@ -19,8 +19,9 @@ of ``--history`` draws per feature; every table is compressed 10x (``ceil(N_f / 
    (``ManagedCollisionCollection`` of ``MCHManagedCollisionModule`` s) with the same number of rows
    per table, its slots holding the ``M - 1`` most frequent ids of the same history (the state an
    LFU eviction converges to); TorchRec sends every other id to one shared row.
-3. Where the remap time goes, on the largest table alone: the frequency mapping as stored (sorted
-   keys + searchsorted), the same function stored densely, its searchsorted alone, the hash.
+3. Where the remap time goes, on the largest table alone: the frequency mapping as fitted (perfect
+   hash table), its entry lookup alone, the same function in sorted keys + searchsorted and stored
+   densely, the hash.
 4. Serving, eval forward: the float module vs its int8/fp16 quantized twins
    (:func:`lhf_torchrec.modules.quant.quantize_learned_hash_ebc`), remap in front or folded into the
    kernel, eager and TorchScript.
@@ -246,7 +247,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
 
     def storages(method: str) -> str:
         kinds = [x.storage for x in mappings[method].values()]
-        return " / ".join(f"{kinds.count(s)} {s}" for s in ("dense", "sorted", "none"))
+        return " / ".join(f"{kinds.count(s)} {s}" for s in ("dense", "perfect_hash", "sorted", "none"))
 
     # 1. Training step.
     modules = {m: fused_learned_hash_ebc(tables, mappings[m]) for m in (*LEARNED_METHODS, "hash")}
@@ -282,21 +283,25 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     dense = densely_stored(freq, big.num_embeddings)
     ids = [b[big.feature_names[0]].values() for b in workload.batches]
     hashed = mappings["hash"][big.name]
+    stored_sorted = freq.with_storage("sorted")
     probe = {
-        "sorted": eval_call(freq),
+        "fitted": eval_call(freq),
+        "lookup": eval_call(freq._lookup),
+        "sorted": eval_call(stored_sorted),
         "dense": eval_call(dense),
-        "searchsorted": eval_call(lambda x: torch.searchsorted(freq.keys, (x - freq.offset).to(torch.int32))),
         "hash": eval_call(hashed),
     }
     parts = time_interleaved(probe, ids, args.warmup, 10 * args.reps, "probe")
     hit_rate = float(torch.cat([freq._lookup(x)[1] for x in ids]).float().mean())
     probe_labels = {
-        "sorted": f"`frequency` mapping as fitted (sorted, {freq.num_entries:,} entries)",
+        "fitted": f"`frequency` mapping as fitted ({freq.storage}, {freq.num_entries:,} entries)",
+        "lookup": "its entry lookup alone (`_lookup`, hashes nothing)",
+        "sorted": "the same function in sorted keys + searchsorted (the storage fitted before `perfect_hash`)",
         "dense": "the same function stored densely (int32 per id)",
-        "searchsorted": "its `torch.searchsorted` alone",
         "hash": "`hash` mapping (`hash_ids`)",
     }
-    probe_extra = {"sorted": mb(freq.nbytes), "dense": mb(dense.nbytes), "hash": mb(0)}
+    probe_extra = {"fitted": mb(freq.nbytes), "sorted": mb(stored_sorted.nbytes), "dense": mb(dense.nbytes),
+                   "hash": mb(0)}
 
     # 4. Serving.
     float_module = LearnedHashEmbeddingBagCollection(tables, mappings["combination"]).eval()
@@ -365,15 +370,16 @@ Same KJT, same rows per table. TorchRec's MCH holds the M - 1 most frequent ids 
 in sorted int64 slots (searchsorted, gather, compare) and sends every other id to one shared miss
 row; ours looks up the mapping's entries (int32) and hashes every other id into a reserved region.
 MCH does less per miss (no hash) and stores 24 bytes per row (int64 sorted raw id, remapped id and
-LFU count) where ours stores 8 bytes per entry (sorted) or 4 per id of the span (dense).
+LFU count) where ours stores 7-8 bytes per entry (perfect hash table, int32 keys, 2- or 3-byte rows) or 4 per id of the span (dense).
 
 ### Where the remap time goes: the largest table alone ({big.name}, {big.num_embeddings:,} ids, {args.batch} ids per call)
 
 {markdown_table(parts, probe_labels, probe_extra, 'mapping memory', unit='us')}
 
-{100 * hit_rate:.0f}% of these lookups hit an entry of the `frequency` mapping. The sorted lookup pays
-a binary search over the entries plus the hash of the misses; stored densely the same function is one
-gather, faster than the hash itself, at 4 bytes per id instead of 8 per entry.
+{100 * hit_rate:.0f}% of these lookups hit an entry of the `frequency` mapping. The perfect hash table
+finds an entry with three or four gathers and a comparison; sorted keys pay a binary search (~17 dependent
+gathers); both then hash the misses. Stored densely the same function is one gather (in-span ids'
+hash rows are precomputed), at 4 bytes per id instead of 7-8 per entry.
 
 ### Serving: eval forward of the quantized module (`quantize_learned_hash_ebc`, `combination` mappings)
 

@@ -109,7 +109,7 @@ class BudgetPlan:
 
 
 class _PrefixCost:
-    """Mapping bytes when the entries are the E most accessed ids, for any E, in O(1)."""
+    """Mapping bytes when the entries are the E most accessed ids, for any E, in O(1), into M rows."""
 
     def __init__(self, profile: IdProfile) -> None:
         ranked = ranked_ids(profile)
@@ -120,30 +120,31 @@ class _PrefixCost:
         """(smallest, largest) id of the ``num_entries`` most accessed ids (> 0 of them)."""
         return int(self._low[num_entries - 1]), int(self._high[num_entries - 1])
 
-    def __call__(self, num_entries: int):
+    def __call__(self, num_entries: int, num_rows: int):
         if num_entries == 0:
-            return storage_cost(0, 0)
+            return storage_cost(0, 0, num_rows)
         low, high = self.span(num_entries)
-        return storage_cost(num_entries, high - low + 1)
+        return storage_cost(num_entries, high - low + 1, num_rows)
 
 
-def _bucketed_cost(splits) -> Tuple[str, int]:
-    """Storage and bytes of a bucketed mapping: its entries (keyed by bucket hash), and each bucket's
-    hash region, two int32."""
-    storage, entry_bytes = bucketed_storage_cost(sum(s.num_entries for s in splits))
+def _bucketed_cost(splits, num_rows: int) -> Tuple[str, int]:
+    """Storage and bytes of a bucketed mapping into ``num_rows`` rows: its entries (keyed by bucket
+    hash), and each bucket's hash region, two int32."""
+    storage, entry_bytes = bucketed_storage_cost(sum(s.num_entries for s in splits), num_rows)
     return storage, entry_bytes + 8 * len(splits)
 
 
-def _min_count_that_fits(histogram: Tuple[np.ndarray, np.ndarray], prefix_cost: Callable[[int], Tuple[str, int]],
-                         max_bytes: float) -> int:
-    """The smallest access count threshold whose well-observed ids fit in ``max_bytes`` of mapping.
+def _min_count_that_fits(histogram: Tuple[np.ndarray, np.ndarray], prefix_cost: Callable[[int, int], Tuple[str, int]],
+                         max_bytes: float, max_rows: int) -> int:
+    """The smallest access count threshold whose well-observed ids fit in ``max_bytes`` of mapping (counted
+    for the most rows the budget could hold, ``max_rows``: a mapping into fewer rows costs no more).
     ``histogram``: the distinct access counts, ascending, and how many ids have each."""
     thresholds, ids_per_count = histogram
     at_least = np.cumsum(ids_per_count[::-1])[::-1]  # ids with at least each threshold's count
     low, high = 0, thresholds.size  # cost falls as the threshold rises: find the first that fits
     while low < high:
         mid = (low + high) // 2
-        if prefix_cost(int(at_least[mid]))[1] <= max_bytes:
+        if prefix_cost(int(at_least[mid]), max_rows)[1] <= max_bytes:
             high = mid
         else:
             low = mid + 1
@@ -223,7 +224,8 @@ def plan_budget(
         raise ValueError(f"table '{table}': mapping_share must be in (0, 1], got {mapping_share}")
     floor = make_estimator(method, 1, **hyperparams)
     if isinstance(floor, LearnedClustering):
-        fits = _min_count_that_fits(statistics.count_histogram(), prefix_cost, mapping_share * total_bytes)
+        fits = _min_count_that_fits(statistics.count_histogram(), prefix_cost, mapping_share * total_bytes,
+                                    max(1, int(total_bytes) // per_row))
         hyperparams["min_count"] = max(fits, floor.min_count)
 
     buckets = 1 if num_buckets is None else num_buckets
@@ -233,12 +235,12 @@ def plan_budget(
     def plan_for(num_rows: int) -> BudgetPlan:
         if num_buckets is None:
             split = make_estimator(method, num_rows, **hyperparams).split(statistics.profile, table)
-            storage, mapping_bytes = prefix_cost(split.num_entries)
+            storage, mapping_bytes = prefix_cost(split.num_entries, num_rows)
         else:
             estimator = make_estimator(method, num_rows // num_buckets, **hyperparams)
             splits = statistics.bucket_splits(estimator, num_buckets, seed)
             split = total_split(splits)
-            storage, mapping_bytes = _bucketed_cost(splits)
+            storage, mapping_bytes = _bucketed_cost(splits, num_rows)
         weight = num_rows * WEIGHT_BYTES * embedding_dim
         return BudgetPlan(table, method, embedding_dim, optimizer, split, storage, weight,
                           num_rows * per_row - weight, mapping_bytes, int(total_bytes), dict(hyperparams))

@@ -50,15 +50,20 @@ def hash_with_coefficients(ids: torch.Tensor, coefficients: torch.Tensor) -> tor
     literal constants (2147483647 = p = 2^31 - 1; 2^31 = 1 mod p, so a fold keeps the value mod p).
     """
     x = ids.to(torch.int64)
-    t0 = (x & 2147483647) * coefficients[..., 1]
-    t1 = ((x >> 31) & 2147483647) * coefficients[..., 2]
+    c = coefficients
+    # In-place ops on few temporaries: each int64 pass over the ids costs about as much as a gather.
+    # The products are out of place: ids and coefficients broadcast (e.g. (n, 1) ids, (k, 5) coefficients).
+    t0 = (x & 2147483647) * c[..., 1]
+    t1 = (x >> 31).bitwise_and_(2147483647) * c[..., 2]
     # One fold per 62-bit product keeps each below 2^32; the sum stays below 2^35.
-    h = (t0 & 2147483647) + (t0 >> 31) + (t1 & 2147483647) + (t1 >> 31)
-    h = h + ((x >> 62) & 3) * coefficients[..., 3] + coefficients[..., 4]
-    h = (h & 2147483647) + (h >> 31)  # below 2p now: one conditional subtraction finishes mod p
-    h = torch.where(h >= 2147483647, h - 2147483647, h)
+    h = (t0 & 2147483647).add_(t0.bitwise_right_shift_(31))
+    h.add_(t1 & 2147483647).add_(t1.bitwise_right_shift_(31))
+    h.add_((x >> 62).bitwise_and_(3) * c[..., 3]).add_(c[..., 4])
+    h = (h & 2147483647).add_(h.bitwise_right_shift_(31))  # below 2p now
+    # h mod p: h + 1 reaches 2^31 exactly when h >= p; then (h + 1) & (2^31 - 1) = h - p.
+    h = (h + 1).bitwise_right_shift_(31).add_(h).bitwise_and_(2147483647)
     # h is uniform on [0, p); multiply-shift maps it onto [0, num_buckets) without a division.
-    return (h * coefficients[..., 0]) >> 31
+    return h.mul_(c[..., 0]).bitwise_right_shift_(31)
 
 
 def hash_ids(ids: torch.Tensor, num_buckets: Union[int, torch.Tensor], seed: int) -> torch.Tensor:

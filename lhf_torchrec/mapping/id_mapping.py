@@ -8,9 +8,19 @@ for this table:
 * ``dense``: an int32 row per id over the span ``[offset, offset + len(table))`` of the entry ids.
   Ids of the span without an entry hold their precomputed hash row, so applying it is one gather
   and a range check. Cost: 4 bytes x span.
+* ``perfect_hash``: a static perfect hash table of keys (int32 relative to ``offset`` when the
+  span fits, else int64) and rows (2 bytes up to 2^15 rows, 3 up to 2^23, else 4) at 97% load, with
+  a 2-byte pilot per ~4.5 entries (:mod:`~lhf_torchrec.mapping.perfect_hash`): three gathers (four
+  with 3-byte rows) and a comparison per id, no search. Cost: about 6.6 / 7.7 bytes x entries with
+  int32 keys (2 / 3-byte rows), 10.8 / 11.8 with int64 keys.
 * ``sorted``: sorted keys (int32 relative to ``offset`` when the span fits, else int64) and int32
-  rows, applied with ``searchsorted``. Cost: 8 or 12 bytes x entries; for sparse 64-bit ids.
+  rows, applied with ``searchsorted`` (a binary search). Cost: 8 or 12 bytes x entries.
 * ``none``: no entries (the hashing trick).
+
+:func:`storage_cost` picks the cheapest storage from the number of entries, their span and the
+rows, so budgets and the planner count a mapping's bytes before it is fitted, and lookup speed never
+takes rows from the table: the perfect hash table wherever it is no larger than sorted keys (any
+table of up to 2^23 rows but a handful of entries), sorted keys elsewhere.
 
 ``probes=2`` is frequency-based double hashing: an id without an entry takes two distinct rows of
 the hash region, whose embeddings the bag sums. Only ``remap_jagged`` can express that in a
@@ -21,7 +31,7 @@ A *bucketed* mapping (``num_buckets=B``, the foundation of mappings co-sharded r
 table) splits its M rows into B buckets of M / B rows. It is a function of the id's bucket hash
 ``h = bucket_hash(id, B, seed)`` only (:mod:`~lhf_torchrec.mapping.hashing`), because the rank that
 owns a bucket in a co-sharded table only ever sees h (:mod:`lhf_torchrec.modules.cosharded`): the
-bucket is the value range h falls in, entries are keyed by h (``sorted`` storage, int64 keys), and an
+bucket is the value range h falls in, entries are keyed by h (a sparse storage, int64 keys), and an
 id without an entry is hashed, by h, into its bucket's own hash region (``bucket_hash_regions``:
 offset and rows inside the bucket, one pair per bucket). So every id's row lies in
 ``[b * M / B, (b + 1) * M / B)``; ``hash_offset`` and ``hash_rows`` are unused (0 and M). About four
@@ -43,6 +53,7 @@ import torch
 from torch import nn
 
 from lhf_torchrec.files import atomic_write, read_safetensors
+from lhf_torchrec.mapping import perfect_hash
 from lhf_torchrec.mapping.hashing import bucket_hash, hash_ids, input_hash_size
 
 FORMAT_VERSION = 1
@@ -51,18 +62,35 @@ _INT64_MAX = (1 << 63) - 1
 MAPPINGS_FORMAT = "lhf_torchrec.mapping"
 
 
-def storage_cost(num_entries: int, span: int) -> Tuple[str, int]:
-    """The cheaper storage for ``num_entries`` entry ids spread over ``span`` ids, and its bytes."""
+SPARSE_STORAGES = ("perfect_hash", "sorted")
+
+
+def _sparse_cost(num_entries: int, key_bytes: int, num_rows: int) -> Tuple[str, int]:
+    """The cheaper sparse storage and its bytes; the perfect hash table (faster) on a tie."""
+    sorted_bytes = num_entries * (4 + key_bytes)
+    table_bytes = perfect_hash.table_bytes(num_entries, key_bytes, num_rows)
+    return ("perfect_hash", table_bytes) if table_bytes <= sorted_bytes else ("sorted", sorted_bytes)
+
+
+def storage_cost(num_entries: int, span: int, num_rows: int) -> Tuple[str, int]:
+    """The storage for ``num_entries`` entry ids spread over ``span`` ids, mapped into ``num_rows`` rows,
+    and its bytes: the cheapest one, so that lookup speed never costs the table rows.
+
+    On a tie the faster: dense (one gather), then the perfect hash table (three gathers), then sorted
+    keys (a binary search). The perfect hash table stores rows as int16 when ``num_rows`` fits, which
+    is what makes it the cheapest for tables of up to 2^15 rows (docs/method.md, "Storage").
+    """
     if num_entries == 0:
         return "none", 0
-    sorted_bytes = num_entries * (4 + (4 if span - 1 <= _INT32_MAX else 8))
+    sparse = _sparse_cost(num_entries, 4 if span - 1 <= _INT32_MAX else 8, num_rows)
     dense_bytes = 4 * span
-    return ("dense", dense_bytes) if dense_bytes <= sorted_bytes else ("sorted", sorted_bytes)
+    return ("dense", dense_bytes) if dense_bytes <= sparse[1] else sparse
 
 
-def bucketed_storage_cost(num_entries: int) -> Tuple[str, int]:
-    """Storage and bytes of the entries of a bucketed mapping: int64 bucket-hash keys and int32 rows."""
-    return ("sorted", 12 * num_entries) if num_entries else ("none", 0)
+def bucketed_storage_cost(num_entries: int, num_rows: int) -> Tuple[str, int]:
+    """Storage and bytes of the entries of a bucketed mapping into ``num_rows`` rows, keyed by int64
+    bucket hash."""
+    return _sparse_cost(num_entries, 8, num_rows) if num_entries else ("none", 0)
 
 
 def _check_buckets(table: str, num_rows: int, num_buckets: int, regions: torch.Tensor, probes: int,
@@ -71,7 +99,7 @@ def _check_buckets(table: str, num_rows: int, num_buckets: int, regions: torch.T
     entries are keyed by bucket hash (int64 keys)."""
     if storage == "dense" or (storage == "sorted" and tensors["keys"].dtype != torch.int64):
         raise ValueError(f"table '{table}': a bucketed mapping keys its entries by int64 bucket hash "
-                         f"('sorted' storage with int64 keys, or 'none'), got storage '{storage}'")
+                         f"('perfect_hash', 'sorted' with int64 keys, or 'none'), got storage '{storage}'")
     if isinstance(num_buckets, bool) or not isinstance(num_buckets, (int, np.integer)) or num_buckets < 1:
         raise ValueError(f"table '{table}': num_buckets must be an integer >= 1, got {num_buckets!r}")
     if num_rows % num_buckets:
@@ -129,7 +157,8 @@ class IdMapping(nn.Module):
             )
         if probes not in (1, 2):
             raise ValueError(f"table '{table_name}': probes must be 1 or 2, got {probes}")
-        expected = {"none": set(), "dense": {"table"}, "sorted": {"keys", "values"}}
+        expected = {"none": set(), "dense": {"table"}, "sorted": {"keys", "values"},
+                    "perfect_hash": set(perfect_hash.TENSORS)}
         tensors = dict(tensors or {})
         needed = expected.get(storage, set()) | ({"bucket_hash_regions"} if num_buckets is not None else set())
         if storage not in expected or set(tensors) != needed:
@@ -137,6 +166,10 @@ class IdMapping(nn.Module):
                 f"table '{table_name}': storage '{storage}'{' (bucketed)' if num_buckets is not None else ''} "
                 f"needs tensors {sorted(needed)}, got {sorted(tensors)}"
             )
+        if storage == "perfect_hash":
+            perfect_hash.check(tensors, table_name)
+            # Python ints: multiplying by a scalar is cheaper than by a one-element tensor.
+            self._group_hash = tuple(int(w) for w in tensors["group_hash"])
         if num_buckets is not None:
             _check_buckets(table_name, int(num_rows), num_buckets, tensors["bucket_hash_regions"], probes, storage,
                            tensors)
@@ -195,26 +228,82 @@ class IdMapping(nn.Module):
         if entry_ids.size and np.any(entry_ids[1:] == entry_ids[:-1]):
             dup = entry_ids[1:][entry_ids[1:] == entry_ids[:-1]][0]
             raise ValueError(f"table '{table_name}': id {dup} has more than one entry")
-        offset = int(entry_ids[0]) if entry_ids.size else 0
-        span = int(entry_ids[-1]) - offset + 1 if entry_ids.size else 0
-        storage, _ = storage_cost(int(entry_ids.size), span)
+        span = int(entry_ids[-1]) - int(entry_ids[0]) + 1 if entry_ids.size else 0
+        storage, _ = storage_cost(int(entry_ids.size), span, hashed.num_rows)
+        return cls._stored(hashed, entry_ids, entry_rows, storage, base, settings)
+
+    @classmethod
+    def _stored(cls, hashed: "IdMapping", keys: np.ndarray, rows: np.ndarray, storage: str,
+                base: Dict[str, torch.Tensor], settings: Mapping[str, Any]) -> "IdMapping":
+        """The mapping of ``hashed``'s settings whose entries are (sorted unique int64 ``keys``, ``rows``),
+        in ``storage``. Keys are ids, or bucket hashes for a bucketed mapping."""
         tensors: Dict[str, torch.Tensor] = dict(base)
+        storage = storage if keys.size else "none"  # without entries every storage is the hash alone
+        offset = int(keys[0]) if keys.size else 0
         if storage == "dense":
+            if hashed.num_buckets is not None:
+                raise ValueError(f"table '{hashed.table_name}': a bucketed mapping cannot be stored densely")
+            span = int(keys[-1]) - offset + 1 if keys.size else 0
             if hashed.probes == 1:
                 # Precompute the hash of every id in the span: lookups then never hash in-span ids.
                 table = hashed(torch.arange(span, dtype=torch.int64) + offset).to(torch.int32)
             else:
                 table = torch.full((span,), -1, dtype=torch.int32)
-            table[torch.from_numpy(entry_ids - offset)] = torch.from_numpy(entry_rows).to(torch.int32)
+            table[torch.from_numpy(keys - offset)] = torch.from_numpy(rows).to(torch.int32)
             tensors["table"] = table
-        elif storage == "sorted":
-            relative = int(entry_ids[-1]) - offset <= _INT32_MAX
-            keys = entry_ids - offset if relative else entry_ids
+        elif storage in SPARSE_STORAGES:
+            # int32 keys relative to the smallest when they fit (as storage_cost counts them). Bucketed
+            # mappings keep int64 keys: storage_cost does not know their span.
+            relative = hashed.num_buckets is None and int(keys[-1]) - offset <= _INT32_MAX
             offset = offset if relative else 0
-            tensors["keys"] = torch.from_numpy(keys.astype(np.int32 if relative else np.int64))
-            tensors["values"] = torch.from_numpy(entry_rows.astype(np.int32))
-        return cls(num_rows, storage=storage, offset=offset, tensors=tensors, num_entries=int(entry_ids.size),
+            if storage == "sorted":
+                tensors["keys"] = torch.from_numpy((keys - offset).astype(np.int32) if relative else keys)
+                tensors["values"] = torch.from_numpy(rows.astype(np.int32))
+            else:
+                tensors.update(perfect_hash.build(torch.from_numpy(keys - offset), torch.from_numpy(rows), hashed.seed,
+                                                  hashed.table_name, torch.int32 if relative else torch.int64,
+                                                  hashed.num_rows))
+        elif storage != "none":
+            raise ValueError(f"table '{hashed.table_name}': unknown storage '{storage}'")
+        return cls(hashed.num_rows, storage=storage, offset=offset, tensors=tensors, num_entries=int(keys.size),
                    **settings)
+
+    def _settings(self) -> Dict[str, Any]:
+        """The constructor's keyword arguments that do not describe storage."""
+        return {"hash_offset": self.hash_offset, "hash_rows": self.hash_rows, "probes": self.probes, "seed": self.seed,
+                "method": self.method, "params": self.params, "layout": self.layout, "table_name": self.table_name,
+                "entry_share": self.entry_share, "num_buckets": self.num_buckets}
+
+    def stored_entries(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(keys, rows) of the stored entries, sorted by key, both int64: keys are ids, or bucket hashes
+        for a bucketed mapping. A dense table's entries are the ids of its span whose row is not
+        their hash row (:meth:`has_entry`)."""
+        if self.storage == "sorted":
+            keys = self.keys.to(torch.int64) + self.offset if self.keys.dtype == torch.int32 else self.keys
+            return keys, self.values.to(torch.int64)
+        if self.storage == "perfect_hash":
+            rows = perfect_hash.slot_row_values(dict(self.named_buffers()))
+            real = rows >= 0
+            keys, order = torch.sort(self.slot_keys[real].to(torch.int64) + self.offset)
+            return keys, rows[real].index_select(0, order)
+        if self.storage == "dense":
+            ids = torch.arange(self.table.numel(), dtype=torch.int64, device=self.table.device) + self.offset
+            real = self.has_entry(ids)
+            return ids[real], self.table[real].to(torch.int64)
+        empty = torch.zeros(0, dtype=torch.int64)
+        return empty, empty
+
+    def with_storage(self, storage: str) -> "IdMapping":
+        """The same function stored in ``storage`` (``dense``, ``sorted``, ``perfect_hash``; ``none``
+        when there are no entries), e.g. to compare layouts. Example::
+
+            mapping.with_storage("sorted")(ids).equal(mapping(ids))   # True
+        """
+        keys, rows = (t.cpu().numpy() for t in self.stored_entries())
+        base = {"bucket_hash_regions": self.bucket_hash_regions.cpu()} if self.num_buckets is not None else {}
+        settings = self._settings()
+        hashed = type(self)(self.num_rows, tensors=dict(base), **settings)
+        return self._stored(hashed, keys, rows, storage, base, settings)
 
     @classmethod
     def _bucketed_from_entries(cls, hashed: "IdMapping", entry_ids: np.ndarray, entry_rows: np.ndarray,
@@ -236,16 +325,15 @@ class IdMapping(nn.Module):
         if outside.any():
             raise ValueError(f"table '{table_name}': entry row {entry_rows[outside][0]} of id "
                              f"{entry_ids[outside][0]} is outside its bucket {buckets[outside][0]}")
-        storage, _ = bucketed_storage_cost(int(keys.size))
-        tensors: Dict[str, torch.Tensor] = dict(base)
-        if storage == "sorted":
-            tensors["keys"] = torch.from_numpy(keys)
-            tensors["values"] = torch.from_numpy(entry_rows.astype(np.int32))
-        return cls(hashed.num_rows, storage=storage, offset=0, tensors=tensors, num_entries=int(keys.size),
-                   **settings)
+        storage, _ = bucketed_storage_cost(int(keys.size), hashed.num_rows)
+        return cls._stored(hashed, keys, entry_rows, storage, base, settings)
 
     def _check_rows(self) -> None:
-        rows = self.table if self.storage == "dense" else self.values if self.storage == "sorted" else None
+        if self.storage == "perfect_hash":
+            rows = perfect_hash.slot_row_values(dict(self.named_buffers()))
+        else:
+            rows = {"dense": "table", "sorted": "values"}.get(self.storage)
+            rows = getattr(self, rows) if rows is not None else None
         if rows is not None and rows.numel() and (int(rows.max()) >= self.num_rows or int(rows.min()) < -1):
             raise ValueError(f"table '{self.table_name}': stored rows exceed [0, {self.num_rows})")
 
@@ -287,8 +375,8 @@ class IdMapping(nn.Module):
         """Entries of each bucket, a (num_buckets,) int64 tensor (bucketed mappings only)."""
         if self.num_buckets is None:
             raise ValueError(f"table '{self.table_name}': the mapping is not bucketed")
-        rows = self.values.to(torch.int64) if self.storage == "sorted" else torch.zeros(0, dtype=torch.int64)
-        return torch.bincount(rows // self.rows_per_bucket, minlength=self.num_buckets).cpu()
+        rows = self.stored_entries()[1].cpu()
+        return torch.bincount(rows // self.rows_per_bucket, minlength=self.num_buckets)
 
     def _hash_region(self, keys: torch.Tensor) -> Tuple[Union[int, torch.Tensor], Union[int, torch.Tensor]]:
         """(first row, rows) of the hash region of each key: the table's, or the one of its bucket."""
@@ -362,6 +450,12 @@ class IdMapping(nn.Module):
             found = keys.index_select(0, pos) == query
             found = found & in_range if in_range is not None else found
             return self.values.index_select(0, pos).to(torch.int64), found
+        if self.storage == "perfect_hash":
+            # Relative keys: ids - offset wraps around for extreme ids, but equals a key k only
+            # when id = offset + k (mod 2^64), i.e. for the entry's id itself.
+            keys = ids - self.offset if self.offset else ids
+            return perfect_hash.lookup(keys, self.slot_keys, self.slot_rows, self.slot_rows_high, self.group_pilots,
+                                       self._group_hash)
         return torch.zeros_like(ids), torch.zeros_like(ids, dtype=torch.bool)
 
     def _fill_hashed(self, rows: torch.Tensor, found: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -123,10 +123,7 @@ class CoShardedIdRemap(ManagedCollisionModule):
         counts = mapping.bucket_entry_counts()
         slots_per_row = cosharded_slots(num_rows, num_buckets, int(counts.max()))
         device = torch.device(device) if device is not None else mapping.bucket_hash_regions.device
-        if mapping.storage == "sorted":
-            entry_keys, entry_rows = mapping.keys.to(device), mapping.values.to(device, torch.int64)
-        else:
-            entry_keys = entry_rows = torch.zeros(0, dtype=torch.int64, device=device)
+        entry_keys, entry_rows = mapping.stored_entries()
         description = {**mapping.metadata(), "table_name": mapping.table_name}
         return cls.from_bucket_entries(num_rows, num_buckets, mapping.seed, entry_keys, entry_rows, counts,
                                        mapping.bucket_hash_regions, slots_per_row=slots_per_row,
@@ -196,16 +193,17 @@ class CoShardedIdRemap(ManagedCollisionModule):
         base = torch.div(position, self.rows_per_bucket * self.slots_per_row, rounding_mode="floor")
         rows = (base * self.rows_per_bucket + slots)[real]
         regions = self._hash_regions.cpu().view(self.num_buckets, self.rows_per_bucket)[:, :2].contiguous()
-        tensors = {"bucket_hash_regions": regions}
-        if bool(real.any()):
-            tensors.update(keys=keys[real].contiguous(), values=rows.to(torch.int32))
         meta = self.description
-        return IdMapping(
+        entries = IdMapping(
             self.num_rows, hash_offset=meta["hash_offset"], hash_rows=meta["hash_rows"], probes=1, seed=self.seed,
-            storage="sorted" if bool(real.any()) else "none", offset=0, tensors=tensors,
+            storage="sorted" if bool(real.any()) else "none", offset=0,
+            tensors={"bucket_hash_regions": regions, **({"keys": keys[real].contiguous(), "values": rows.to(torch.int32)}
+                                                          if bool(real.any()) else {})},
             num_entries=int(real.sum()), method=meta["method"], params=meta["params"], layout=meta["layout"],
             table_name=self.table_name, entry_share=meta.get("entry_share"), num_buckets=self.num_buckets,
         )
+        # In the storage the mapping was fitted in (storage_cost's choice), so that fingerprints match.
+        return entries.with_storage(meta["storage"])
 
     # ------------------------------------------------------------------ ManagedCollisionModule
     def preprocess(self, features: Dict[str, JaggedTensor]) -> Dict[str, JaggedTensor]:

@@ -181,10 +181,8 @@ def _entry_id_range(mapping: IdMapping) -> Optional[Tuple[int, int]]:
     """(smallest, largest) id with an entry, None for a mapping without entries."""
     if mapping.storage == "dense":
         return mapping.offset, mapping.offset + mapping.table.numel() - 1
-    if mapping.storage == "sorted" and mapping.keys.numel():
-        shift = mapping.offset if mapping.keys.dtype == torch.int32 else 0
-        return shift + int(mapping.keys[0]), shift + int(mapping.keys[-1])
-    return None
+    keys, _ = mapping.stored_entries()
+    return (int(keys[0]), int(keys[-1])) if keys.numel() else None
 
 
 def _foldable(mapping: IdMapping, num_ids: int, fold_remap: str) -> bool:

@@ -26,7 +26,7 @@ from lhf_torchrec.distributed.planner import (
     synthetic_mappings,
 )
 from lhf_torchrec.distributed.sharder import LearnedHashEBCSharder
-from lhf_torchrec.mapping import IdMapping, row_bytes
+from lhf_torchrec.mapping import IdMapping, perfect_hash, row_bytes
 from lhf_torchrec.modules.learned_hash_ebc import LearnedHashEmbeddingBagCollection
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
@@ -211,12 +211,14 @@ def test_synthetic_mappings_cost_what_the_assumption_says():
     mappings = synthetic_mappings(tables, 10, optimizer="sgd", entry_fraction=0.1)
     assert set(mappings) == {"t0", "t1"}  # tables under 10000 ids stay full size
     big = mappings["t0"]
-    assert big.storage == "sorted" and big.nbytes == 8 * 100_000
-    assert big.num_rows == (1_000_000 * 64 // 10 - 800_000) // 64
+    # int32 keys; ~99,000 rows: 3-byte rows, ~7.8 bytes per entry against sorted keys' 8
+    assert big.storage == "perfect_hash" and big.nbytes == perfect_hash.table_bytes(100_000, 4, big.num_rows)
+    assert big.nbytes < 8 * 100_000
+    assert big.num_rows == (1_000_000 * 64 // 10 - big.nbytes) // 64
     ratio = 1_000_000 * 64 / (big.num_rows * 64 + big.nbytes)
     assert 10 <= ratio < 10.001
     adam = synthetic_mappings(tables[:1], 10, optimizer="adam")["t0"]
-    assert adam.num_rows == (1_000_000 * row_bytes(16, "adam") // 10 - 800_000) // row_bytes(16, "adam")
+    assert adam.num_rows == (1_000_000 * row_bytes(16, "adam") // 10 - big.nbytes) // row_bytes(16, "adam")
     dense = synthetic_mappings(tables[:1], 10, entry_fraction=0.9)["t0"]
     assert dense.storage == "dense" and dense.nbytes == 4 * 1_000_000
     with pytest.raises(ValueError, match="table 't0'.*mapping alone needs"):

@@ -34,6 +34,7 @@ from lhf_torchrec.distributed.sharder import LearnedHashEBCSharder
 from lhf_torchrec.mapping import IdMapping, row_bytes
 from lhf_torchrec.mapping.budget import OPTIMIZERS
 from lhf_torchrec.mapping.buckets import cosharded_bytes
+from lhf_torchrec.mapping.id_mapping import bucketed_storage_cost
 from lhf_torchrec.modules.learned_hash_ebc import LearnedHashEmbeddingBagCollection
 
 logging.getLogger("torchrec").setLevel(logging.ERROR)
@@ -169,7 +170,11 @@ def test_synthetic_bucketed_mappings_follow_the_fit_budget_and_the_fullest_bucke
     big, small = mappings["big"], mappings["small"]
     entries, per_row = 100_000, row_bytes(16, "sgd")
     assert big.num_buckets == 64 and big.num_rows % 64 == 0 and big.num_entries == entries
-    assert big.nbytes == 12 * entries + 8 * 64  # int64 keys + int32 rows, (offset, rows) per bucket
+    # Entries in the storage a bucketed fit chooses (int64 bucket-hash keys, 3-byte rows for more than
+    # 2^15 rows: a perfect hash table, cheaper than sorted keys), (offset, rows) per bucket.
+    assert big.num_rows > 1 << 15 and big.slot_rows_high.dtype == torch.int8
+    assert big.nbytes == bucketed_storage_cost(entries, big.num_rows)[1] + 8 * 64 and big.storage == "perfect_hash"
+    assert big.nbytes < 12 * entries + 8 * 64
     assert big.num_rows * per_row + big.nbytes <= 1_000_000 * per_row / 10 < (big.num_rows + 64) * per_row + big.nbytes
     counts = big.bucket_entry_counts()
     assert int(counts.sum()) == entries and int(counts.max()) == fullest_bucket_entries(entries, 64)

@@ -3,7 +3,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lhf_torchrec.mapping.hashing import hash_coefficients, hash_ids
+from lhf_torchrec.mapping.hashing import MERSENNE_31, hash_coefficients, hash_ids
 
 int64s = st.integers(min_value=-(1 << 63), max_value=(1 << 63) - 1)
 
@@ -55,3 +55,22 @@ def test_per_id_coefficients_hash_each_id_with_its_own_table():
     for i, (m, s) in enumerate(tables):
         part = slice(1000 * i, 1000 * (i + 1))
         assert torch.equal(got[part], hash_ids(ids[part], m, s))
+
+
+def _reference_hash(x: int, num_buckets: int, seed: int) -> int:
+    """Carter-Wegman over p = 2^31 - 1 on the three 31-bit digits of x's 64 bits, in python integers."""
+    a0, a1, a2, b = hash_coefficients(seed)
+    u = x & ((1 << 64) - 1)
+    digits = (u & MERSENNE_31, (u >> 31) & MERSENNE_31, u >> 62)
+    h = (a0 * digits[0] + a1 * digits[1] + a2 * digits[2] + b) % MERSENNE_31
+    return (h * num_buckets) >> 31
+
+
+@settings(max_examples=50, deadline=None)
+@given(ids=st.lists(st.integers(-(1 << 63), (1 << 63) - 1), min_size=1, max_size=50),
+       buckets=st.integers(1, MERSENNE_31 - 1), seed=st.integers(0, 1 << 62))
+def test_the_vectorized_hash_is_the_carter_wegman_formula_bit_for_bit(ids, buckets, seed):
+    extremes = [-(1 << 63), (1 << 63) - 1, -1, 0, MERSENNE_31 - 1, MERSENNE_31, 1 << 31, 1 << 62]
+    query = ids + extremes
+    expected = [_reference_hash(x, buckets, seed) for x in query]
+    assert hash_ids(torch.tensor(query, dtype=torch.int64), buckets, seed).tolist() == expected

@@ -28,7 +28,7 @@ def test_storage_is_the_cheaper_one_and_both_agree_with_a_reference(ids, storage
     rows = list(range(len(ids)))
     m = _entries(ids, rows)
     assert m.storage == storage
-    assert m.nbytes == storage_cost(len(ids), ids[-1] - ids[0] + 1)[1]
+    assert m.nbytes == storage_cost(len(ids), ids[-1] - ids[0] + 1, m.num_rows)[1]
     assert m.nbytes == sum(b.numel() * b.element_size() for b in m.buffers())
     query = torch.tensor(ids + [ids[0] - 1, ids[-1] + 1, 0, 2, 7])
     hashed = _entries([], [])  # same region and seed, no entries: the pure fallback

@@ -25,7 +25,7 @@ def make_tables(pooling: PoolingType = PoolingType.SUM) -> List[EmbeddingBagConf
     ]
 
 
-SPARSE_BASE = 1 << 40  # ids of t_sparse are 64-bit and sparse: the mapping stores sorted keys
+SPARSE_BASE = 1 << 40  # ids of t_sparse are 64-bit and sparse: its handful of entries are stored as sorted keys
 
 
 def make_mappings(with_double: bool = True) -> Dict[str, IdMapping]:
@@ -50,7 +50,7 @@ def test_the_mappings_cover_every_storage():
     mappings = make_mappings()
     storages = {name: (m.storage, m.probes) for name, m in mappings.items()}
     assert storages == {
-        "t_user": ("dense", 1), "t_item": ("none", 1), "t_sparse": ("sorted", 1), "t_learned": ("sorted", 1),
+        "t_user": ("dense", 1), "t_item": ("none", 1), "t_sparse": ("sorted", 1), "t_learned": ("perfect_hash", 1),
         "t_dbl": ("dense", 2),
     }
     assert mappings["t_learned"].layout["clustered"] > 0

@@ -1,7 +1,7 @@
 """Synthetic mappings for capacity planning: the shape of a fitted mapping without data."""
 
 import math
-from typing import Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from torchrec import EmbeddingBagConfig
@@ -9,8 +9,8 @@ from torchrec import EmbeddingBagConfig
 from lhf_torchrec.distributed.planner.memory import format_bytes
 from lhf_torchrec.mapping.budget import row_bytes
 from lhf_torchrec.mapping.buckets import MIN_ROWS_PER_BUCKET
-from lhf_torchrec.mapping.hashing import input_hash_size
-from lhf_torchrec.mapping.id_mapping import IdMapping, storage_cost
+from lhf_torchrec.mapping import perfect_hash
+from lhf_torchrec.mapping.id_mapping import IdMapping, bucketed_storage_cost, storage_cost
 
 
 # Synthetic mappings leave smaller tables at full size: they are a negligible share of the memory.
@@ -41,15 +41,18 @@ def synthetic_mappings(
     """Mappings with the byte cost and row count of a fitted mapping, for planning without data.
 
     Assumption: a fitted mapping stores an entry for ``entry_fraction`` of a table's ids (hot and
-    well-observed ids; every other id is hashed and costs nothing), in the cheaper of sorted
-    storage (int32 key + int32 row, 8 bytes per entry) and dense storage (4 bytes per id). The
+    well-observed ids; every other id is hashed and costs nothing), in the storage a fit would
+    choose (:func:`~lhf_torchrec.mapping.id_mapping.storage_cost`, the cheapest: dense, 4 bytes per id,
+    a perfect hash table of int32 keys and int16 rows, about 6.6 bytes per entry, up to 2^15 rows, or
+    sorted int32 keys and rows, 8 bytes per entry). The
     table keeps as many rows as fit in ``1 / compression`` of its full training bytes (weights and
     optimizer state) once the mapping is paid for. Tables with fewer than ``min_ids`` ids stay full
     size. The entries are zeros: these mappings are for the planner, never for lookups.
 
     With ``num_buckets`` (B), as ``lhf fit --num-buckets``: a table whose budget holds at least
     2 rows per bucket gets a bucketed mapping (rows a multiple of B; entries keyed by the 64-bit
-    bucket hash, 12 bytes each, and 8 bytes per bucket for its hash region, as the fitting budget
+    bucket hash, ~10.8 bytes each in a perfect hash table up to 2^15 rows, else 12 as sorted keys, and 8 bytes per
+    bucket for its hash region, as the fitting budget
     counts them); the others stay unbucketed. Each bucketed mapping's fullest bucket holds
     :func:`fullest_bucket_entries` entries, the other buckets share the rest evenly (what
     ``IdMapping.bucket_entry_counts`` reports, and what the co-sharded layout pads every bucket to).
@@ -74,8 +77,7 @@ def synthetic_mappings(
             if bucketed is not None:
                 mappings[table.name] = bucketed
                 continue
-        storage, nbytes = storage_cost(entries, ids)
-        rows = int((budget - nbytes) // per_row)
+        storage, nbytes, rows = _rows_left(budget, per_row, lambda num_rows: storage_cost(entries, ids, num_rows))
         if rows < 1:
             raise ValueError(
                 f"table '{table.name}': {compression}x leaves {format_bytes(budget)} for "
@@ -84,11 +86,10 @@ def synthetic_mappings(
             )
         if storage == "dense":
             tensors = {"table": torch.zeros(ids, dtype=torch.int32)}
-        elif storage == "sorted":
-            key_dtype = torch.int32 if nbytes == 8 * entries else torch.int64
-            tensors = {"keys": torch.zeros(entries, dtype=key_dtype), "values": torch.zeros(entries, dtype=torch.int32)}
-        else:
+        elif storage == "none":
             tensors = {}
+        else:  # ids - 1 < 2^31: int32 keys
+            tensors = _sparse_tensors(storage, entries, torch.int32, torch.zeros(entries, dtype=torch.int32), rows)
         mappings[table.name] = IdMapping(
             rows, storage=storage, tensors=tensors, num_entries=entries if tensors else 0, method="synthetic",
             params={"compression": compression, "entry_fraction": entry_fraction}, table_name=table.name,
@@ -100,22 +101,46 @@ def _bucketed(
     name: str, budget: float, per_row: int, entries: int, num_buckets: int, compression: float, entry_fraction: float
 ) -> Optional[IdMapping]:
     """A synthetic bucketed mapping, or None when the budget holds fewer than 2 rows per bucket."""
-    _, entry_bytes = storage_cost(entries, input_hash_size(num_buckets))
-    nbytes = entry_bytes + 8 * num_buckets
-    rows = int((budget - nbytes) // per_row) // num_buckets * num_buckets
+    storage, _, rows = _rows_left(budget - 8 * num_buckets, per_row,
+                                 lambda num_rows: bucketed_storage_cost(entries, num_rows))
+    rows = rows // num_buckets * num_buckets
     if rows < MIN_ROWS_PER_BUCKET * num_buckets:
         return None
     fullest = fullest_bucket_entries(entries, num_buckets)
     rest = torch.arange(entries - fullest, dtype=torch.int64) % max(1, num_buckets - 1) + 1
     buckets = torch.cat([torch.zeros(fullest, dtype=torch.int64), rest])
     rows_per_bucket = rows // num_buckets
-    tensors = {
-        "keys": torch.zeros(entries, dtype=torch.int64),
-        "values": (buckets * rows_per_bucket).to(torch.int32),
-        "bucket_hash_regions": torch.tensor([[0, rows_per_bucket]], dtype=torch.int32).repeat(num_buckets, 1),
-    }
+    tensors = _sparse_tensors(storage, entries, torch.int64, (buckets * rows_per_bucket).to(torch.int32), rows)
+    tensors["bucket_hash_regions"] = torch.tensor([[0, rows_per_bucket]], dtype=torch.int32).repeat(num_buckets, 1)
     return IdMapping(
-        rows, storage="sorted", tensors=tensors, num_entries=entries, method="synthetic", table_name=name,
+        rows, storage=storage, tensors=tensors, num_entries=entries, method="synthetic", table_name=name,
         params={"compression": compression, "entry_fraction": entry_fraction, "fullest_bucket_entries": fullest},
         num_buckets=num_buckets,
     )
+
+
+def _rows_left(budget: float, per_row: int, cost: Callable[[int], Tuple[str, int]]) -> Tuple[str, int, int]:
+    """(storage, mapping bytes, rows): the rows the budget holds once the mapping, whose bytes depend on
+    the rows (:func:`~lhf_torchrec.mapping.perfect_hash.row_bytes`), is paid for."""
+    storage, nbytes = cost(max(1, int(budget // per_row)))
+    guess = int((budget - nbytes) // per_row)
+    if guess < 1:
+        return storage, nbytes, guess
+    storage, nbytes = cost(guess)  # fewer rows can only make the mapping cheaper: count it for them
+    rows = int((budget - nbytes) // per_row)
+    if storage == "perfect_hash":
+        rows = min(rows, perfect_hash.rows_limit(guess))  # keep the rows within reach of the row bytes counted
+    return storage, nbytes, rows
+
+
+def _sparse_tensors(storage: str, entries: int, key_dtype: torch.dtype, rows: torch.Tensor,
+                    num_rows: int) -> Dict[str, torch.Tensor]:
+    """Zero keys and the given entry rows in the shapes of ``storage`` (sorted or perfect_hash)."""
+    if storage == "sorted":
+        return {"keys": torch.zeros(entries, dtype=key_dtype), "values": rows}
+    slots, groups = perfect_hash.table_sizes(entries)
+    slot_rows = torch.full((slots,), -1, dtype=torch.int64)
+    slot_rows[:entries] = rows  # the entries' rows, so that bucket_entry_counts sees them
+    low, high = perfect_hash.encode_rows(slot_rows, num_rows)
+    return {"slot_keys": torch.zeros(slots, dtype=key_dtype), "slot_rows": low, "slot_rows_high": high,
+            "group_pilots": torch.zeros(groups, dtype=torch.int16), "group_hash": torch.ones(4, dtype=torch.int64)}

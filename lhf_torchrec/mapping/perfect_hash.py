@@ -1,0 +1,239 @@
+"""A static perfect hash table of int64 keys -> rows, looked up with three or four 1-D gathers.
+
+The ``perfect_hash`` storage of :class:`~lhf_torchrec.mapping.id_mapping.IdMapping` (entries of
+sparse 64-bit ids, or of bucket hashes). Hash-and-displace, as PTHash (Pibiri and Trani, 2021):
+
+* a key x is first shifted and mixed, y = mix64(x + c) (a bijection: runs of consecutive keys look
+  random after it), and falls into one of G = 2^g *groups* by a multiply-shift hash of y
+  (``group_hash`` = (odd multiplier, c, first, step), fixed per table). Without the shift the key 0
+  (mix64(0) = 0) would take slot 0 whatever its group's multiplier;
+* each group has a *pilot* p (int16, ``group_pilots``) chosen at build time so that its multiplier
+  ``m = first + p * step`` (odd first, even step: m is odd) and
+  ``slot = floor(top32(y * m) * S / 2^32)`` send the group's keys to free slots of one array of S
+  slots (``slot_keys`` int32 or int64, rows in ``slot_rows`` and ``slot_rows_high``): every key has
+  exactly one slot, so a lookup never probes.
+
+Lookup, vectorized over the queries: group, gather its pilot, slot, gather the slot's key and row,
+compare the key. No data-dependent control flow, a handful of int64 element-wise ops and three
+gathers (four where rows take 3 or 4 bytes: their high bits are a second array); a key that is not
+stored fails the comparison. Empty slots hold the smallest stored key with row -1: a query equal to
+that key goes to its own slot, never to an empty one, so the comparison alone decides.
+
+Layout: S = ceil(E / LOAD) slots (key of 4 or 8 bytes, row of 2, 3 or 4 bytes by the table's row
+count: :func:`row_bytes`) and G ~ E / 3..6 groups of 2 bytes: about 6.6 bytes per entry with int32
+keys and 2-byte rows, 7.7 with 3-byte rows (10.8 / 11.8 with int64 keys), against 8 (12) for sorted
+keys + searchsorted, whose lookup is a binary search (~17 dependent gathers for 1e5 keys).
+
+Build: groups are placed largest first (their keys need the most free slots at once), all groups of
+one size in parallel rounds that try ``TRIES_PER_ROUND`` candidate pilots per group; a group takes
+the first candidate whose slots are free and distinct, and two groups that want one slot in the same
+round go to the lower group. Deterministic given the seed; when a group exhausts ``MAX_TRIES``
+candidates (two keys that no multiplier separates), the table is rebuilt with the next ``group_hash``
+(``MAX_ATTEMPTS`` in all).
+"""
+
+import math
+from typing import Dict, Mapping, Optional, Tuple
+
+import torch
+
+from lhf_torchrec.mapping.hashing import bucket_key, mix64
+
+# Entries per slot. A higher load saves bytes but makes the last groups search longer.
+LOAD = 0.96
+# Keys per group, on average: 2 bytes of pilot per group. More keys per group save bytes but make the
+# last groups search much longer at this load.
+GROUP_KEYS = 4
+TRIES_PER_ROUND = 16
+FIRST_TRIES = 2
+# Pilots are int16: a group's candidate multipliers are its first 2^15.
+MAX_TRIES = 1 << 15
+MAX_ATTEMPTS = 4
+# Candidates tried at once per round are bounded: (groups x TRIES_PER_ROUND x group size) int64s.
+_ROUND_ELEMENTS = 1 << 21
+_LOW_32 = 0xFFFFFFFF
+# Slot rows take 2 bytes (int16 ``slot_rows``) for tables of up to 2^15 rows, 3 (plus int8
+# ``slot_rows_high``, the bits above the low 16) up to 2^23 rows, 4 (int16 high bits) beyond: at 3
+# bytes a row the table costs less than sorted keys with int32 rows. -1 marks an empty slot.
+ROW_LIMITS = (1 << 15, 1 << 23, 1 << 31)
+TENSORS = ("slot_keys", "slot_rows", "slot_rows_high", "group_pilots", "group_hash")
+
+
+def table_sizes(num_entries: int) -> Tuple[int, int]:
+    """(slots, groups) of a table of ``num_entries`` (>= 1) keys: a pure function of the count."""
+    slots = max(1, math.ceil(num_entries / LOAD))
+    groups = max(1, math.ceil(num_entries / GROUP_KEYS))
+    return slots, groups
+
+
+def row_bytes(num_rows: int) -> int:
+    """Bytes of a slot's row in a table into ``num_rows`` rows: 2, 3 or 4."""
+    return 2 + next((i for i, limit in enumerate(ROW_LIMITS) if num_rows <= limit), len(ROW_LIMITS) - 1)
+
+
+def rows_limit(num_rows: int) -> int:
+    """The most rows a table can map into with the row bytes of ``num_rows`` rows."""
+    return ROW_LIMITS[row_bytes(num_rows) - 2]
+
+
+def table_bytes(num_entries: int, key_bytes: int, num_rows: int) -> int:
+    """Bytes of a table of ``num_entries`` keys of ``key_bytes`` into ``num_rows`` rows: slots (key, row),
+    int16 group pilots, the 4-word group hash."""
+    slots, groups = table_sizes(num_entries)
+    return (key_bytes + row_bytes(num_rows)) * slots + 2 * groups + 32
+
+
+def encode_rows(rows: torch.Tensor, num_rows: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(``slot_rows``, ``slot_rows_high``) of int64 slot rows (-1: empty) into ``num_rows`` rows: the low
+    16 bits (the whole row, up to 2^15 rows) and the bits above them (empty up to 2^15 rows)."""
+    width = row_bytes(num_rows)
+    if width == 2:
+        return rows.to(torch.int16), torch.zeros(0, dtype=torch.int8)
+    high = torch.bitwise_right_shift(rows, 16).to(torch.int8 if width == 3 else torch.int16)
+    return rows.to(torch.int16), high  # int64 -> int16 keeps the low 16 bits
+
+
+def decode_rows(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """int64 rows from (gathered) low and high parts (``high`` empty: ``low`` is the row)."""
+    if not high.numel():
+        return low.to(torch.int64)
+    return torch.bitwise_left_shift(high.to(torch.int64), 16).bitwise_or_(low.to(torch.int64).bitwise_and_(0xFFFF))
+
+
+def slot_row_values(tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The int64 row of every slot (-1: empty)."""
+    return decode_rows(tensors["slot_rows"], tensors["slot_rows_high"])
+
+
+def _mixed(keys: torch.Tensor, group_hash) -> torch.Tensor:
+    """y = mix64(x + c): a bijection, so that structured keys (runs of consecutive ids, strides) spread
+    over the groups and slots like random ones (multiply-shift alone keeps their structure)."""
+    return mix64(keys + group_hash[1])
+
+
+def _group_of(keys: torch.Tensor, group_hash: int, num_groups: int) -> torch.Tensor:
+    return _slot_of(keys * group_hash, num_groups)
+
+
+def _slot_of(products: torch.Tensor, num_slots: int) -> torch.Tensor:
+    """floor(top32(products) * S / 2^32): the top 32 bits of the product, scaled onto the slots."""
+    return products.bitwise_right_shift_(32).bitwise_and_(_LOW_32).mul_(num_slots).bitwise_right_shift_(32)
+
+
+def lookup(ids: torch.Tensor, slot_keys: torch.Tensor, slot_rows: torch.Tensor, slot_rows_high: torch.Tensor,
+           group_pilots: torch.Tensor, group_hash: Tuple[int, int, int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(rows int64, found bool) of flat int64 ``ids``; rows are meaningless where not found.
+
+    int32 ``slot_keys`` compare as int64: a key never equals an id outside the int32 range."""
+    mixed = _mixed(ids, group_hash)
+    group = _group_of(mixed, group_hash[0], group_pilots.numel())
+    multiplier = group_pilots.index_select(0, group).to(torch.int64).mul_(group_hash[3]).add_(group_hash[2])
+    slot = _slot_of(multiplier.mul_(mixed), slot_keys.numel())
+    found = slot_keys.index_select(0, slot) == ids
+    high = slot_rows_high.index_select(0, slot) if slot_rows_high.numel() else slot_rows_high
+    return decode_rows(slot_rows.index_select(0, slot), high), found
+
+
+def _candidates(group_hash, pilots: torch.Tensor) -> torch.Tensor:
+    """The multiplier of each pilot: ``first + pilot * step`` (odd first, even step: always odd)."""
+    return pilots.to(torch.int64) * group_hash[3] + group_hash[2]
+
+
+def build(keys: torch.Tensor, rows: torch.Tensor, seed: int, table: str = "table",
+          key_dtype: torch.dtype = torch.int64, num_rows: int = 1 << 31) -> Dict[str, torch.Tensor]:
+    """The table of unique ``keys`` and their ``rows`` (>= 0, < ``num_rows``), deterministic given ``seed``;
+    its keys are stored as ``key_dtype`` (int32 when every key fits), its rows in :func:`row_bytes` bytes."""
+    keys = keys.to(torch.int64).cpu().contiguous()
+    num_slots, num_groups = table_sizes(keys.numel())
+    for attempt in range(MAX_ATTEMPTS):
+        words = mix64(torch.tensor([-1, -2, -3, -4]) + bucket_key(seed * MAX_ATTEMPTS + attempt))
+        # group multiplier and first candidate odd, candidate step even and nonzero.
+        group_hash = [int(words[0]) | 1, int(words[1]), int(words[2]) | 1, (int(words[3]) | 2) & ~1]
+        mixed = _mixed(keys, group_hash)
+        placed = _place(mixed, _group_of(mixed, group_hash[0], num_groups), num_groups, num_slots, group_hash)
+        if placed is not None:
+            pilots, slot = placed
+            slot_keys = torch.full((num_slots,), int(keys.min()), dtype=key_dtype)
+            slot_rows = torch.full((num_slots,), -1, dtype=torch.int64)
+            slot_keys[slot] = keys.to(key_dtype)
+            slot_rows[slot] = rows.to(torch.int64)
+            low, high = encode_rows(slot_rows, num_rows)
+            return {"slot_keys": slot_keys, "slot_rows": low, "slot_rows_high": high, "group_pilots": pilots,
+                    "group_hash": torch.tensor(group_hash, dtype=torch.int64)}
+    raise ValueError(f"table '{table}': no perfect hash table for its {keys.numel()} entries after {MAX_ATTEMPTS} "
+                     "attempts (are the entry keys unique?)")
+
+
+def _place(keys: torch.Tensor, group: torch.Tensor, num_groups: int, num_slots: int,
+           group_hash) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """(int16 pilot of each group, slot of each key), or None when some group found no multiplier."""
+    order = torch.argsort(group, stable=True)
+    sorted_keys = keys.index_select(0, order)
+    sizes = torch.bincount(group, minlength=num_groups)
+    starts = torch.cumsum(sizes, 0) - sizes
+    occupied = torch.zeros(num_slots, dtype=torch.bool)
+    pilots = torch.zeros(num_groups, dtype=torch.int16)
+    slot_of_sorted = torch.empty_like(keys)
+    nobody = 1 << 62
+    owner = torch.full((num_slots,), nobody, dtype=torch.int64)
+    for size in torch.unique(sizes[sizes > 0]).flip(0).tolist():
+        pending = torch.nonzero(sizes == size).squeeze(1)
+        next_try = torch.zeros_like(pending)
+        members = torch.arange(size, dtype=torch.int64)
+        first_round = True
+        while pending.numel():
+            # Most groups take their first candidate while the table is empty: try few at first.
+            width = FIRST_TRIES if first_round else TRIES_PER_ROUND
+            first_round = False
+            per_round = max(1, _ROUND_ELEMENTS // (size * width))
+            groups, tries = pending[:per_round], next_try[:per_round]
+            last = int(tries.max()) + width
+            if last > MAX_TRIES:
+                return None
+            positions = starts.index_select(0, groups).unsqueeze(1) + members  # (P, size)
+            member_keys = sorted_keys.index_select(0, positions.view(-1)).view(-1, 1, size)
+            tried = tries.unsqueeze(1) + torch.arange(width)  # (P, width) pilots
+            candidates = _candidates(group_hash, tried)
+            slots = _slot_of(member_keys * candidates.unsqueeze(2), num_slots)  # (P, width, size)
+            ok = ~occupied.index_select(0, slots.view(-1)).view(slots.shape).any(2)
+            for j in range(1, size):  # the group's keys must take distinct slots
+                ok &= (slots[:, :, j:] != slots[:, :, :-j]).all(2)
+            has = ok.any(1)
+            first = ok.to(torch.int8).argmax(1)
+            # Among groups with a candidate, the lower group wins a slot both want in this round.
+            chosen = slots[torch.arange(groups.numel()), first]  # (P, size)
+            rank = torch.arange(groups.numel(), dtype=torch.int64).unsqueeze(1).expand(-1, size)
+            wanted = chosen[has].view(-1)
+            owner.scatter_reduce_(0, wanted, rank[has].reshape(-1), "amin")
+            won = has & (owner.index_select(0, chosen.view(-1)).view(chosen.shape) == rank).all(1)
+            owner.index_fill_(0, wanted, nobody)
+            occupied[chosen[won].view(-1)] = True
+            pilots[groups[won]] = tried[won, first[won]].to(torch.int16)
+            slot_of_sorted[positions[won].view(-1)] = chosen[won].view(-1)
+            # No candidate: try the next ones. Lost a slot to a lower group: retry the same one.
+            tries = torch.where(has, tries + first, tries + width)
+            pending = torch.cat([groups[~won], pending[per_round:]])
+            next_try = torch.cat([tries[~won], next_try[per_round:]])
+    slot = torch.empty_like(keys)
+    slot[order] = slot_of_sorted
+    return pilots, slot
+
+
+def check(tensors: Mapping[str, torch.Tensor], table: str = "table") -> None:
+    """Raises ValueError naming the table unless ``tensors`` have the dtypes and shapes of a table."""
+    dtypes = {"slot_keys": (torch.int64, torch.int32), "slot_rows": (torch.int16,),
+              "slot_rows_high": (torch.int8, torch.int16), "group_pilots": (torch.int16,), "group_hash": (torch.int64,)}
+    for name, dtype in dtypes.items():
+        if tensors[name].dtype not in dtype or tensors[name].dim() != 1:
+            raise ValueError(f"table '{table}': perfect hash tensor '{name}' must be a 1-D {dtype} tensor, got "
+                             f"{tensors[name].dtype} {tuple(tensors[name].shape)}")
+    slots, groups = tensors["slot_keys"].numel(), tensors["group_pilots"].numel()
+    if slots < 1 or tensors["slot_rows"].numel() != slots:
+        raise ValueError(f"table '{table}': perfect hash slot_keys and slot_rows must have the same length >= 1, got "
+                         f"{slots} and {tensors['slot_rows'].numel()}")
+    if tensors["slot_rows_high"].numel() not in (0, slots):
+        raise ValueError(f"table '{table}': perfect hash slot_rows_high must be empty or have {slots} slots, got "
+                         f"{tensors['slot_rows_high'].numel()}")
+    if groups < 1 or tensors["group_hash"].numel() != 4:
+        raise ValueError(f"table '{table}': perfect hash needs at least one group pilot and a "
+                         f"group hash of 4 words, got {groups} and {tensors['group_hash'].numel()}")

@@ -1,0 +1,170 @@
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lhf_torchrec.mapping import IdMapping, load_mappings, save_mappings
+from lhf_torchrec.mapping import perfect_hash
+from lhf_torchrec.mapping.hashing import bucket_hash, bucket_of
+from lhf_torchrec.mapping.id_mapping import bucketed_storage_cost, storage_cost
+
+int64s = st.integers(min_value=-(1 << 63), max_value=(1 << 63) - 1)
+EXTREMES = [-(1 << 63), (1 << 63) - 1, 0, -1, 1, (1 << 31) - 1, 1 << 31, -(1 << 31)]
+
+
+def _bucketed(entry_ids, num_buckets, seed, probes=1):
+    """A bucketed mapping of 4 rows per bucket whose entries (one per bucket hash) take row 0 of their bucket."""
+    ids = torch.tensor(entry_ids, dtype=torch.int64)
+    _, first = np.unique(bucket_hash(ids, num_buckets, seed).numpy(), return_index=True)  # one id per h
+    ids = ids[torch.from_numpy(np.sort(first))]
+    rows = bucket_of(ids, num_buckets, seed) * 4
+    regions = torch.tensor([[1, 3]] * num_buckets, dtype=torch.int32)
+    return IdMapping.from_entries(ids.numpy(), rows.numpy(), 4 * num_buckets, num_buckets=num_buckets, seed=seed,
+                                  probes=probes, bucket_hash_regions=regions, table_name="tb")
+
+
+def _same(a: IdMapping, b: IdMapping, query: torch.Tensor) -> None:
+    assert torch.equal(a(query), b(query))
+    assert torch.equal(a.has_entry(query), b.has_entry(query))
+    for x, y in zip(a.stored_entries(), b.stored_entries()):
+        assert torch.equal(x, y)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    entry_ids=st.lists(st.one_of(int64s, st.integers(-50, 50), st.sampled_from(EXTREMES)), max_size=60, unique=True),
+    extra=st.lists(int64s, max_size=20),
+    num_rows=st.one_of(st.integers(2, 500), st.sampled_from([(1 << 15) + 1, 1 << 23, (1 << 23) + 1, 1 << 30])),
+    probes=st.sampled_from([1, 2]),
+    seed=st.integers(0, 1 << 40),
+    bucketed=st.booleans(),
+)
+def test_perfect_hash_gives_what_sorted_keys_give(entry_ids, extra, num_rows, probes, seed, bucketed):
+    if bucketed:
+        mapping = _bucketed(entry_ids, 4, seed % 100, probes)
+    else:
+        rows = (np.arange(len(entry_ids)) * 62_710_007) % num_rows  # rows with high bits where there are any
+        mapping = IdMapping.from_entries(np.array(entry_ids, dtype=np.int64), rows, num_rows, probes=probes, seed=seed,
+                                         hash_offset=num_rows // 3, table_name="t")
+    if not mapping.stored_entries()[0].numel():
+        return  # nothing to store (a dense entry whose row is its hash row is no entry)
+    table, keys = mapping.with_storage("perfect_hash"), mapping.with_storage("sorted")
+    assert table.storage == "perfect_hash" and keys.storage == "sorted"
+    # Entries (twice: duplicates in a query), their neighbours (unseen), extremes, random ids.
+    near = [i + d for i in entry_ids for d in (-1, 1) if -(1 << 63) <= i + d < (1 << 63)]
+    query = torch.tensor(entry_ids + entry_ids[:5] + near + EXTREMES + extra, dtype=torch.int64)
+    _same(table, keys, query)
+    _same(table, keys, torch.zeros(0, dtype=torch.int64))
+    assert bool(table.has_entry(torch.tensor(entry_ids)).all()) or bucketed
+    assert torch.equal(table.with_storage("sorted")(query), keys(query))
+
+
+def test_a_large_table_matches_sorted_keys_and_its_bytes_match_the_cost():
+    rng = np.random.default_rng(0)
+    for ids in (np.unique(rng.integers(-(1 << 62), 1 << 62, 20_000)), np.unique(rng.integers(0, 1 << 30, 20_000))):
+        rows = rng.integers(0, 1000, ids.size)
+        mapping = IdMapping.from_entries(ids, rows, 2000, hash_offset=1000, seed=5)
+        assert mapping.storage == "perfect_hash"
+        assert mapping.nbytes == storage_cost(ids.size, int(ids[-1] - ids[0]) + 1, 2000)[1]
+        assert mapping.slot_keys.dtype == (torch.int32 if ids[-1] - ids[0] < 1 << 31 else torch.int64)
+        assert mapping.slot_rows.dtype == torch.int16 and not mapping.slot_rows_high.numel()  # 2-byte rows
+        query = torch.from_numpy(np.concatenate([ids, rng.integers(-(1 << 63), 1 << 63, 5000), ids[:100] + 1]))
+        sorted_keys = mapping.with_storage("sorted")
+        assert torch.equal(mapping(query), sorted_keys(query))
+        assert torch.equal(mapping(torch.from_numpy(ids)), torch.from_numpy(rows))
+
+
+def test_bucketed_mappings_key_the_table_by_bucket_hash():
+    mapping = _bucketed(list(range(-3000, 3000, 3)), 8, seed=2)
+    assert mapping.storage == "perfect_hash" and mapping.slot_keys.dtype == torch.int64
+    assert mapping.nbytes == bucketed_storage_cost(mapping.num_entries, mapping.num_rows)[1] + 8 * 8
+    query = torch.arange(-4000, 4000)
+    _same(mapping, mapping.with_storage("sorted"), query)
+    assert int(mapping.bucket_entry_counts().sum()) == mapping.num_entries
+
+
+def test_the_table_is_deterministic_given_the_seed():
+    ids, rows = np.arange(0, 50_000, 7), np.arange(0, 50_000, 7) % 100
+    a, b = (IdMapping.from_entries(ids, rows, 200, hash_offset=100, seed=1) for _ in range(2))
+    c = IdMapping.from_entries(ids, rows, 200, hash_offset=100, seed=2)
+    assert a.fingerprint == b.fingerprint and a.storage == "perfect_hash"
+    assert not torch.equal(a.group_hash, c.group_hash)
+    assert torch.equal(a(torch.from_numpy(ids)), c(torch.from_numpy(ids)))  # other table, same entries
+
+
+def test_save_load_round_trip_and_checksum(tmp_path):
+    mapping = IdMapping.from_entries(np.arange(1, 1 << 40, (1 << 40) // 300)[:300], np.arange(300) % 50, 64,
+                                     hash_offset=50, table_name="t_sparse")
+    assert mapping.storage == "perfect_hash"
+    path = str(tmp_path / "m.safetensors")
+    save_mappings(path, {"t_sparse": mapping})
+    loaded = load_mappings(path)["t_sparse"]
+    query = torch.cat([torch.arange(0, 1 << 40, (1 << 40) // 1000), torch.tensor(EXTREMES)])
+    assert loaded.fingerprint == mapping.fingerprint and torch.equal(loaded(query), mapping(query))
+    # One changed slot key: the file no longer matches its checksum.
+    data = bytearray(open(path, "rb").read())
+    raw = mapping.slot_keys.numpy().tobytes()
+    at = bytes(data).index(raw)
+    data[at] ^= 1
+    open(path, "wb").write(bytes(data))
+    with pytest.raises(ValueError, match="checksum mismatch for table 't_sparse'"):
+        load_mappings(path)
+
+
+def test_malformed_tables_are_refused_with_the_table_name():
+    tensors = perfect_hash.build(torch.arange(100), torch.arange(100), seed=0)
+    bad = dict(tensors, group_pilots=tensors["group_pilots"][:0])
+    with pytest.raises(ValueError, match="table 'tx': perfect hash needs at least one group pilot"):
+        IdMapping(10, storage="perfect_hash", tensors=bad, num_entries=100, table_name="tx")
+    bad = dict(tensors, slot_rows=tensors["slot_rows"].to(torch.int64))
+    with pytest.raises(ValueError, match="table 'tx': perfect hash tensor 'slot_rows'"):
+        IdMapping(10, storage="perfect_hash", tensors=bad, num_entries=100, table_name="tx")
+    with pytest.raises(ValueError, match="table 'tx': stored rows exceed"):
+        IdMapping(10, storage="perfect_hash", tensors=tensors, num_entries=100, table_name="tx")
+
+
+@pytest.mark.parametrize("num_rows, row_bytes", [(1 << 15, 2), ((1 << 15) + 1, 3), (1 << 23, 3), ((1 << 23) + 1, 4)])
+def test_rows_take_2_3_or_4_bytes_by_the_row_count(num_rows, row_bytes):
+    rng = np.random.default_rng(1)
+    ids = np.unique(rng.integers(-(1 << 62), 1 << 62, 3000))
+    rows = np.concatenate([[num_rows - 1, 0, (1 << 15) - 1, (1 << 15) % num_rows],
+                           rng.integers(0, num_rows, ids.size - 4)])
+    mapping = IdMapping.from_entries(ids, rows, num_rows, seed=3)
+    # With 4-byte rows sorted keys are cheaper: the table is only built on request.
+    assert mapping.storage == ("sorted" if row_bytes == 4 else "perfect_hash")
+    mapping = mapping.with_storage("perfect_hash")
+    assert perfect_hash.row_bytes(num_rows) == row_bytes
+    high = mapping.slot_rows_high
+    assert high.numel() * high.element_size() == (row_bytes - 2) * mapping.slot_rows.numel()
+    assert mapping.nbytes == perfect_hash.table_bytes(ids.size, 8, num_rows)
+    assert torch.equal(mapping(torch.from_numpy(ids)), torch.from_numpy(rows))
+    assert torch.equal(mapping.stored_entries()[1], mapping.with_storage("sorted").stored_entries()[1])
+
+
+def test_storage_rule_takes_the_cheapest_storage_and_the_faster_on_a_tie():
+    small, large = 1 << 15, (1 << 23) + 1  # 2-byte rows up to 2^15 rows, 4-byte beyond 2^23
+    assert storage_cost(1000, 1600, small) == ("dense", 6_400)  # cheaper than the table's 6,730 bytes
+    assert storage_cost(1000, 1 << 20, small) == ("perfect_hash", perfect_hash.table_bytes(1000, 4, small))
+    assert storage_cost(1000, 1 << 40, small) == ("perfect_hash", perfect_hash.table_bytes(1000, 8, small))
+    assert storage_cost(3, 1 << 40, small) == ("sorted", 36)  # rounding slots and groups up costs more
+    for entries in (20, 100, 10_000, 1_000_000):
+        for key_bytes, span in ((4, 1 << 31), (8, 1 << 40)):
+            sorted_bytes = entries * (4 + key_bytes)
+            # Never more bytes than sorted keys: lookup speed takes no rows from the table.
+            assert storage_cost(entries, span, large) == ("sorted", sorted_bytes)
+            for num_rows in (small, (1 << 23)):
+                storage, nbytes = storage_cost(entries, span, num_rows)
+                assert nbytes == min(sorted_bytes, perfect_hash.table_bytes(entries, key_bytes, num_rows))
+                if entries >= 10_000:  # fewer: the 32-byte group hash and rounding up can tip it
+                    assert storage == "perfect_hash" and nbytes < sorted_bytes
+
+
+def test_key_zero_is_placed_like_any_other():
+    """Relative keys always include 0, and 0 times any multiplier is 0: keys are shifted before hashing."""
+    keys = torch.arange(0, 70_000, 2)
+    tensors = perfect_hash.build(keys, torch.arange(keys.numel()) % 1000, seed=0)
+    rows, found = perfect_hash.lookup(keys, tensors["slot_keys"], tensors["slot_rows"], tensors["slot_rows_high"],
+                                      tensors["group_pilots"],
+                                      tuple(tensors["group_hash"].tolist()))
+    assert bool(found.all()) and torch.equal(rows, torch.arange(keys.numel()) % 1000)
