@@ -90,11 +90,15 @@ def fit_once(num_ids: int, method: str) -> dict:
         f.write("5")
     rss_before = _rss_mb()[0]
     hyper = {"min_count": 1, "hot_fraction": 0.25, "hashed_fraction": 0.1} if method == "combination" else {}
-    start = time.perf_counter()
-    mapping = fit_mapping(profile, method=method, num_rows=max(1, num_ids // 10), embeddings=embeddings, **hyper)
-    seconds = time.perf_counter() - start
-    fit_peak = _rss_mb()[1]
-    return {"ids": num_ids, "method": method, "rows": mapping.num_rows, "fit_s": seconds,
+    times = []
+    while not times or (sum(times) < 2.0 and len(times) < 7):  # a fit under 2 s: median of repeats (noise)
+        start = time.perf_counter()
+        mapping = fit_mapping(profile, method=method, num_rows=max(1, num_ids // 10), embeddings=embeddings, **hyper)
+        times.append(time.perf_counter() - start)
+        if len(times) == 1:  # the first fit's peak (a repeat holds the previous mapping until it is done)
+            fit_peak = _rss_mb()[1]
+    seconds = statistics.median(times)
+    return {"ids": num_ids, "method": method, "rows": mapping.num_rows, "fit_s": seconds, "repeats": len(times),
             "input_mb": rss_before, "peak_rss_mb": max(setup_peak, fit_peak), "fit_rss_mb": fit_peak - rss_before,
             "mapping_mb": mapping.nbytes / 2**20, "storage": mapping.storage, "fingerprint": mapping.fingerprint[:12],
             "load_1min": os.getloadavg()[0], "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
@@ -148,7 +152,7 @@ def fit_rows(sizes, fresh: bool = False) -> list:
 def fit_section(rows, command: str) -> str:
     """The "Fit time and peak memory" subsection of docs/performance.md."""
     loads = [r["load_1min"] for r in rows]
-    table = markdown_table(rows, ["ids", "method", "rows", "storage", "fit_s", "us_per_id", "per_id_vs_1e6",
+    table = markdown_table(rows, ["ids", "method", "rows", "storage", "fit_s", "repeats", "us_per_id", "per_id_vs_1e6",
                                   "input_mb", "peak_rss_mb", "fit_rss_mb", "mapping_mb", "load_1min"])
     return "\n".join([
         FIT_SUBSECTION,
@@ -160,13 +164,28 @@ def fit_section(rows, command: str) -> str:
         "hashed 10%, `min_count=1`, so about 97% of the ids are k-means'd into 65% of the rows); each fit in a "
         "fresh process. `input_mb` is the RSS before the fit (interpreter, torch, the profile and, for "
         "`combination`, the embeddings: the user's input), `peak_rss_mb` the process's peak, `fit_rss_mb` the "
-        "fit's own growth (peak during the fit minus `input_mb`); `per_id_vs_1e6` is the fit time per id "
+        "fit's own growth (peak during the fit minus `input_mb`); a fit under 2 s is repeated (`repeats`, up to 7) "
+        "and `fit_s` is the median; `per_id_vs_1e6` is the fit time per id "
         "(`us_per_id`) relative to the same method's 1e6 fit (1.0 = linear; the target is <= 1.3 up to 1e8). "
         "The machine is shared with other jobs (load average above): times are slower than on a quiet "
         "machine, and their ratios noisier.",
         "",
         table,
+        "",
+        _growth_summary(rows),
     ])
+
+
+def _growth_summary(rows) -> str:
+    """One sentence per method: time per id at the largest size against 1e6, and the 1.3x target."""
+    parts = []
+    for method in FIT_METHODS:
+        largest = max((r for r in rows if r["method"] == method), key=lambda r: r["ids"], default=None)
+        if largest is None or largest["ids"] <= 10**6 or largest["per_id_vs_1e6"] != largest["per_id_vs_1e6"]:
+            continue
+        verdict = "meets" if largest["per_id_vs_1e6"] <= 1.3 else "misses"
+        parts.append(f"`{method}` {largest['per_id_vs_1e6']:.2f}x at {largest['ids']:,} ids ({verdict} the target)")
+    return ("Time per id against 1e6: " + "; ".join(parts) + ".") if parts else ""
 
 
 def _write_fit_subsection(text: str) -> None:
