@@ -117,8 +117,10 @@ def _record_fit(row: dict) -> None:
     from lhf_torchrec.files import atomic_write
 
     import fcntl
+    import tempfile
 
-    with open(FIT_RUNS + ".lock", "w") as lock:  # two runs (say 1e8 beside the rest) may record at once
+    # Two runs (say 1e8 beside the rest) may record at once: one at a time (the lock file lives outside the repo).
+    with open(os.path.join(tempfile.gettempdir(), "lhf-mapping-fit-runs.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         rows = [r for r in _recorded_fits() if (r["ids"], r["method"]) != (row["ids"], row["method"])] + [row]
         with atomic_write(FIT_RUNS) as f:
