@@ -146,6 +146,7 @@ def fit_rows(sizes, fresh: bool = False) -> list:
     rows = sorted(_recorded_fits(), key=lambda r: (r["ids"], FIT_METHODS.index(r["method"])))
     for row in rows:
         row["us_per_id"] = row["fit_s"] / row["ids"] * 1e6
+    for row in rows:
         base = next((r for r in rows if r["method"] == row["method"] and r["ids"] == 10**6), None)
         row["per_id_vs_1e6"] = row["us_per_id"] / base["us_per_id"] if base else float("nan")
     return rows
