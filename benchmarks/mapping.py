@@ -196,7 +196,10 @@ def _growth_summary(rows) -> str:
         cpu = largest["cpu_per_id_vs_1e6"]
         parts.append(f"`{method}` {largest['per_id_vs_1e6']:.2f}x wall" + (f", {cpu:.2f}x CPU" if cpu == cpu else "")
                      + f" at {largest['ids']:,} ids (wall {verdict} the target)")
-    return ("Time per id against 1e6: " + "; ".join(parts) + ".") if parts else ""
+    missing = [f"{n:,} ids `{m}`" for n in sorted({r["ids"] for r in rows}) for m in FIT_METHODS
+               if not any((r["ids"], r["method"]) == (n, m) for r in rows)]
+    return " ".join(([("Time per id against 1e6: " + "; ".join(parts) + ".")] if parts else [])
+                    + ([f"Not measured yet: {', '.join(missing)}."] if missing else []))
 
 
 def _write_fit_subsection(text: str) -> None:
