@@ -81,6 +81,8 @@ def embedding_rows(
             raise ValueError(f"table '{table}': embeddings must be 2-d (ids x dim), got shape {tuple(store.shape)}")
         has = (ids >= 0) & (ids < store.shape[0])
         rows = ids[has]
+    if rows.size >= store.shape[0] // 2 and _all_finite(store):
+        return has, store, rows  # the rows are most of the store: one pass in order, not a random gather
     for start in range(0, rows.size, _CHUNK):  # chunks: no copy of all the vectors to check them
         part = store[torch.from_numpy(rows[start:start + _CHUNK])].to(torch.float32)
         finite = torch.isfinite(part).all(dim=1)
@@ -88,6 +90,11 @@ def embedding_rows(
             bad = ids[has][start + int((~finite).nonzero()[0])]
             raise ValueError(f"table '{table}': the embedding of id {bad} is NaN or infinite")
     return has, store, rows
+
+
+def _all_finite(store: torch.Tensor) -> bool:
+    """Whether every value of ``store`` is finite, checked in chunks of rows."""
+    return all(bool(torch.isfinite(store[start:start + _CHUNK]).all()) for start in range(0, store.shape[0], _CHUNK))
 
 
 def embeddings_of(embeddings: EmbeddingsLike, ids: np.ndarray, table: str = "table") -> Tuple[np.ndarray, torch.Tensor]:

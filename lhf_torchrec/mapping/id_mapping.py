@@ -59,6 +59,7 @@ from lhf_torchrec.mapping.hashing import bucket_hash, hash_ids, input_hash_size
 FORMAT_VERSION = 1
 _INT32_MAX = (1 << 31) - 1
 _INT64_MAX = (1 << 63) - 1
+_HASH_CHUNK = 1 << 16  # ids hashed at once when a dense table precomputes its span's hash rows
 MAPPINGS_FORMAT = "lhf_torchrec.mapping"
 
 
@@ -246,7 +247,11 @@ class IdMapping(nn.Module):
             span = int(keys[-1]) - offset + 1 if keys.size else 0
             if hashed.probes == 1:
                 # Precompute the hash of every id in the span: lookups then never hash in-span ids.
-                table = hashed(torch.arange(span, dtype=torch.int64) + offset).to(torch.int32)
+                # By chunk: hashing makes several span-sized int64 temporaries, out of cache (7x slower at 1e7).
+                table = torch.empty(span, dtype=torch.int32)
+                for start in range(0, span, _HASH_CHUNK):
+                    table[start:start + _HASH_CHUNK] = hashed(
+                        torch.arange(start, min(span, start + _HASH_CHUNK), dtype=torch.int64) + offset)
             else:
                 table = torch.full((span,), -1, dtype=torch.int32)
             table[torch.from_numpy(keys - offset)] = torch.from_numpy(rows).to(torch.int32)

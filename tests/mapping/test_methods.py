@@ -11,6 +11,7 @@ from lhf_torchrec.mapping import (
     fit_mapping,
     make_estimator,
 )
+from lhf_torchrec.mapping import methods
 from lhf_torchrec.mapping.methods import ranked_ids, ranked_positions
 
 METHODS_NEEDING_EMBEDDINGS = {"learned", "combination"}
@@ -121,6 +122,20 @@ def test_nan_embeddings_name_the_id():
     weight[6, 2] = float("nan")
     with pytest.raises(ValueError, match="table 'C8': the embedding of id 6 is NaN"):
         fit_mapping(np.arange(10), method="learned", num_rows=5, embeddings=weight, table="C8", min_count=1)
+    # A NaN embedding of an id that is not clustered is no error (the store is checked whole first).
+    fit_mapping(np.arange(6), method="learned", num_rows=5, embeddings=weight, table="C8", min_count=1)
+
+
+@pytest.mark.parametrize("method,storage", [("frequency", "sorted"), ("combination", "dense")])
+def test_entry_share_counts_the_accesses_of_ids_with_an_entry(method, storage, planted):
+    profile, embeddings, _ = planted
+    if storage == "sorted":  # the same counts on ids spread far apart: too sparse for a dense table
+        profile = IdProfile(profile.ids * 7919 + 5, profile.counts, profile.total)
+    learned = {"embeddings": embeddings, "min_count": 1} if method == "combination" else {}  # every id an entry
+    mapping = fit_mapping(profile, method=method, num_rows=60, hot_fraction=0.3, **learned)
+    assert mapping.storage == storage  # sorted: the entries found by key among the profiled ids
+    has = mapping.has_entry(torch.from_numpy(profile.ids)).numpy()
+    assert mapping.entry_share == round(int(profile.counts[has].sum()) / profile.total, 6)
 
 
 def test_learned_needs_embeddings():
@@ -174,9 +189,12 @@ def test_auto_split_follows_the_profile(planted):
         FrequencyHashing(300, hot_fraction="most").split(profile)
 
 
-def test_ranked_positions_prefix_is_the_prefix_of_the_full_ranking():
+@pytest.mark.parametrize("top", [6, 10**12])  # small counts: by histogram; huge ones: by selection
+def test_ranked_positions_prefix_is_the_prefix_of_the_full_ranking(monkeypatch, top):
+    monkeypatch.setattr(methods, "_CHUNK", 64)  # ties found over several chunks
     rng = np.random.default_rng(0)
     counts = rng.integers(1, 6, size=2_000)  # many ties: the selection must keep the smaller ids
+    counts[::7] = rng.integers(1, top, size=counts[::7].size)
     profile = IdProfile(np.sort(rng.choice(10**9, 2_000, replace=False)), counts, int(counts.sum()))
     full = np.lexsort((profile.ids, -profile.counts))
     for stop in (0, 1, 17, 400, 1_999, 2_000, 5_000):
