@@ -33,7 +33,7 @@ candidates (two keys that no multiplier separates), the table is rebuilt with th
 """
 
 import math
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -111,24 +111,40 @@ def _mixed(keys: torch.Tensor, group_hash) -> torch.Tensor:
     return mix64(keys + group_hash[1])
 
 
-def _group_of(keys: torch.Tensor, group_hash: int, num_groups: int) -> torch.Tensor:
+def _shifted(index: torch.Tensor, start: Union[int, torch.Tensor]) -> torch.Tensor:
+    """``index + start`` in place; no pass over the ids when ``start`` is the int 0 (one table)."""
+    return index if isinstance(start, int) and start == 0 else index.add_(start)
+
+
+def _group_of(keys: torch.Tensor, group_hash: Union[int, torch.Tensor], num_groups: Union[int, torch.Tensor]
+              ) -> torch.Tensor:
     return _slot_of(keys * group_hash, num_groups)
 
 
-def _slot_of(products: torch.Tensor, num_slots: int) -> torch.Tensor:
+def _slot_of(products: torch.Tensor, num_slots: Union[int, torch.Tensor]) -> torch.Tensor:
     """floor(top32(products) * S / 2^32): the top 32 bits of the product, scaled onto the slots."""
     return products.bitwise_right_shift_(32).bitwise_and_(_LOW_32).mul_(num_slots).bitwise_right_shift_(32)
 
 
 def lookup(ids: torch.Tensor, slot_keys: torch.Tensor, slot_rows: torch.Tensor, slot_rows_high: torch.Tensor,
-           group_pilots: torch.Tensor, group_hash: Tuple[int, int, int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
+           group_pilots: torch.Tensor, group_hash: Sequence[Union[int, torch.Tensor]],
+           num_groups: Union[int, torch.Tensor, None] = None, num_slots: Union[int, torch.Tensor, None] = None,
+           group_start: Union[int, torch.Tensor] = 0, slot_start: Union[int, torch.Tensor] = 0,
+           ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(rows int64, found bool) of flat int64 ``ids``; rows are meaningless where not found.
 
+    One table by default. Several tables packed end to end (:mod:`~lhf_torchrec.mapping.fused`): the
+    table's four ``group_hash`` words, its ``num_groups`` and ``num_slots`` and where its groups and slots
+    start in the packed tensors (``group_start``, ``slot_start``) are then int64 tensors shaped like ``ids``
+    (each id's own table), all of them broadcasting as ints do.
+
     int32 ``slot_keys`` compare as int64: a key never equals an id outside the int32 range."""
+    num_groups = group_pilots.numel() if num_groups is None else num_groups
+    num_slots = slot_keys.numel() if num_slots is None else num_slots
     mixed = _mixed(ids, group_hash)
-    group = _group_of(mixed, group_hash[0], group_pilots.numel())
+    group = _shifted(_group_of(mixed, group_hash[0], num_groups), group_start)
     multiplier = group_pilots.index_select(0, group).to(torch.int64).mul_(group_hash[3]).add_(group_hash[2])
-    slot = _slot_of(multiplier.mul_(mixed), slot_keys.numel())
+    slot = _shifted(_slot_of(multiplier.mul_(mixed), num_slots), slot_start)
     found = slot_keys.index_select(0, slot) == ids
     high = slot_rows_high.index_select(0, slot) if slot_rows_high.numel() else slot_rows_high
     return decode_rows(slot_rows.index_select(0, slot), high), found

@@ -9,22 +9,27 @@ lookups (see :mod:`lhf_torchrec.distributed`).
 """
 
 import dataclasses
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import AbstractSet, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
 from torchrec.modules.embedding_configs import PoolingType
 
+from lhf_torchrec.mapping.fused import FusedIdMappings, runtime_bytes
 from lhf_torchrec.mapping.id_mapping import IdMapping
 from lhf_torchrec.modules.remapped_ebc import PerFeatureRemap, RemappedEmbeddingBagCollection
 
 
 class IdRemapper(PerFeatureRemap):
-    """The learned hash's remap: rewrites KJT values from raw ids to compressed rows, table by table.
+    """The learned hash's remap: rewrites KJT values from raw ids to compressed rows.
 
-    Features whose table has no mapping pass through unchanged. Weights are kept (repeated for the
-    second row of a double-hashed id). Raises ``ValueError`` as :func:`compressed_configs` does.
+    The ids of every table whose mapping :func:`~lhf_torchrec.mapping.fused.fusable` are mapped
+    together, one pass per storage (:class:`~lhf_torchrec.mapping.fused.FusedIdMappings`, built at
+    the first remap and again after a move: the mappings' buffers become views of its packed arrays);
+    the others (double hashing, bucketed, larger sorted tables) table by table. Features whose table
+    has no mapping pass through unchanged. Weights are kept (repeated for the second row of a
+    double-hashed id). Raises ``ValueError`` as :func:`compressed_configs` does.
     """
 
     method = "learned_hash"
@@ -33,6 +38,7 @@ class IdRemapper(PerFeatureRemap):
         super().__init__(tables, {})
         self._compressed = {t.name: t for t in compressed_configs(list(tables), mappings)}
         self.mappings = nn.ModuleDict(dict(mappings))
+        self._fused: Optional[FusedIdMappings] = None
 
     @property
     def compressed_tables(self) -> List[str]:
@@ -45,7 +51,8 @@ class IdRemapper(PerFeatureRemap):
         return {name: m.params for name, m in sorted(self.mappings.items())}
 
     def state_bytes(self, table: str) -> int:
-        return self.mappings[table].nbytes if table in self.mappings else 0
+        """The mapping's buffers and what applying it together with the others adds (:func:`runtime_bytes`)."""
+        return self.mappings[table].nbytes + runtime_bytes(self.mappings[table]) if table in self.mappings else 0
 
     def fingerprint(self) -> Dict[str, str]:
         return {name: m.fingerprint for name, m in sorted(self.mappings.items())}
@@ -56,6 +63,33 @@ class IdRemapper(PerFeatureRemap):
         if table not in self.mappings:
             return values, lengths, weights
         return self.mappings[table].remap_jagged(values, lengths, weights)
+
+    def remap_together(self, keys: Sequence[str], values: Sequence[torch.Tensor], tables: AbstractSet[str]
+                       ) -> Dict[int, torch.Tensor]:
+        fused = self.fused_mappings()
+        picked = [i for i, key in enumerate(keys) if self.feature_to_table[key] in tables
+                  and self.feature_to_table[key] in fused.code]
+        if not picked:
+            return {}
+        return dict(zip(picked, fused([values[i] for i in picked], [self.feature_to_table[keys[i]] for i in picked])))
+
+    def fused_mappings(self) -> FusedIdMappings:
+        """The mappings packed to be applied together (built again when they moved or changed)."""
+        if self._fused is None or not self._fused.is_current(self.mappings):
+            self._fused = None  # let the old packed arrays go before packing again
+            self._fused = FusedIdMappings(dict(self.mappings.items()))
+        return self._fused
+
+    def without_tables(self, tables: AbstractSet[str]) -> "IdRemapper":
+        out = super().without_tables(tables)
+        assert isinstance(out, IdRemapper)
+        out._fused = None
+        return out
+
+    def _apply(self, fn: Callable, recurse: bool = True) -> "IdRemapper":
+        # A move replaces the mappings' buffers: drop the packed arrays now (not at the next remap).
+        self._fused = None
+        return super()._apply(fn, recurse)
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
         return self.preprocess(features)[0]

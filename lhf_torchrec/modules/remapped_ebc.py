@@ -169,6 +169,13 @@ class PerFeatureRemap(EmbeddingRemap):
         Returns ``lengths`` itself (the same tensor) when the bags keep their sizes."""
         raise NotImplementedError
 
+    def remap_together(self, keys: Sequence[str], values: Sequence[torch.Tensor], tables: AbstractSet[str]
+                       ) -> Dict[int, torch.Tensor]:
+        """Position in ``keys`` -> new values of the features of ``tables`` that this remap maps all at
+        once (their bags keep their sizes); the other features of ``tables`` go through
+        :meth:`remap_feature`. None by default."""
+        return {}
+
     def check_input(self, features: KeyedJaggedTensor) -> None:
         """Raises for a KJT this remap cannot take (see :meth:`EmbeddingRemap.check_features`)."""
         self.check_features(features)
@@ -190,10 +197,13 @@ class PerFeatureRemap(EmbeddingRemap):
         per_key_values = features.values().split(features.length_per_key())
         per_key_lengths = features.lengths().split(features.stride_per_key())
         per_key_weights = weights.split(features.length_per_key()) if weights is not None else [None] * len(keys)
+        together = self.remap_together(keys, per_key_values, tables)
         out_values, out_lengths, out_weights = [], [], []
-        for key, values, lengths, w in zip(keys, per_key_values, per_key_lengths, per_key_weights):
+        for i, (key, values, lengths, w) in enumerate(zip(keys, per_key_values, per_key_lengths, per_key_weights)):
             table = self.feature_to_table[key]
-            if table in tables:
+            if i in together:
+                values = together[i]
+            elif table in tables:
                 values, lengths, w = self.remap_feature(table, values, lengths, w)
             out_values.append(values)
             out_lengths.append(lengths)

@@ -1,0 +1,235 @@
+"""The mappings of many tables applied together: one pass per storage instead of one per table.
+
+Applying each table's :class:`~lhf_torchrec.mapping.id_mapping.IdMapping` on its own costs a dozen
+small torch ops per table, whatever its size: with 26 tables of 4096 ids each op is mostly fixed cost.
+:class:`FusedIdMappings` packs the tables' storages end to end and applies them to the ids of all
+tables at once, each id with its own table's parameters (int64 tensors gathered per id):
+
+* ``dense`` tables: one int32 array of all tables, each id clamped into its table's span (as
+  ``IdMapping`` does), then one gather;
+* ``perfect_hash`` tables: one set of slot and pilot arrays per layout (key dtype, row bytes), looked
+  up by :func:`~lhf_torchrec.mapping.perfect_hash.lookup` with per-id group hashes, sizes and starts;
+* ``none`` tables and every id without an entry: one :func:`~lhf_torchrec.mapping.hashing.hash_with_coefficients`
+  call, each id with its table's seed coefficients and hash region;
+* small ``sorted`` tables (a binary search per id, the slowest lookup) run from a dense copy of the
+  same function (:meth:`IdMapping.with_storage`) when it takes at most :data:`RUNTIME_DENSE_BYTES`.
+
+The packed arrays are the mappings' own memory: packing replaces each mapping's buffers by views of
+them (the same values), so nothing is stored twice and the mappings save, load and fingerprint as
+before. What the mappings do not hold is counted by :func:`runtime_bytes`: the dense copies of sorted
+tables and the per-table parameters. Tables it does not fuse (:func:`fusable`: double hashing,
+bucketed mappings, larger sorted tables) stay on their mapping's own path.
+"""
+
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+
+from lhf_torchrec.mapping import perfect_hash
+from lhf_torchrec.mapping.hashing import hash_coefficients, hash_with_coefficients
+from lhf_torchrec.mapping.id_mapping import IdMapping
+
+# Largest dense copy of a sorted table run in place of its binary search: a few cache lines of rows
+# for the tiny tables the fit leaves sorted (a perfect hash table's fixed 32 bytes outweigh their entries).
+RUNTIME_DENSE_BYTES = 4096
+# int64 parameters of a table, gathered per id: hash (num_buckets, a0, a1, a2, b, first row), dense
+# (offset, last id, start), perfect hash (offset, 4 group-hash words, groups, slots, group and slot start).
+_HASH_RANGE = 1 << 31
+# Ids mapped at once: int64 temporaries of 128 KiB.
+CHUNK = 32768
+_PARAMS = {"none": 6, "dense": 6 + 3, "perfect_hash": 6 + 9}
+
+
+def fusable(mapping: IdMapping) -> bool:
+    """Whether :class:`FusedIdMappings` applies ``mapping`` (else it runs on its own)."""
+    if mapping.probes != 1 or mapping.num_buckets is not None:
+        return False
+    return mapping.storage != "sorted" or _dense_span(mapping) * 4 <= RUNTIME_DENSE_BYTES
+
+
+def runtime_bytes(mapping: IdMapping) -> int:
+    """Bytes a fused ``mapping`` takes besides its own buffers (0 when it is not fused)."""
+    if not fusable(mapping):
+        return 0
+    storage = "dense" if mapping.storage == "sorted" else mapping.storage
+    copy = 4 * _dense_span(mapping) if mapping.storage == "sorted" else 0
+    return copy + 8 * _PARAMS[storage]
+
+
+def _dense_span(mapping: IdMapping) -> int:
+    keys = mapping.keys
+    return int(keys[-1]) - int(keys[0]) + 1 if keys.numel() else 0
+
+
+class FusedIdMappings:
+    """Applies the mappings of several tables with one pass per storage.
+
+    Built from ``{table: mapping}``; it applies the :func:`fusable` ones (``tables``), which must be on
+    one device. Their buffers become views of the packed arrays (:meth:`is_current` tells when they no
+    longer are, e.g. after a move to another device: build it again). Example::
+
+        fused = FusedIdMappings({"t1": m1, "t2": m2})
+        rows_a, rows_b = fused([ids_a, ids_b], ["t1", "t2"])   # == [m1(ids_a), m2(ids_b)]
+    """
+
+    def __init__(self, mappings: Mapping[str, IdMapping]) -> None:
+        self._mappings = dict(mappings)
+        self.tables = [t for t, m in mappings.items() if fusable(m)]
+        self.code = {t: i for i, t in enumerate(self.tables)}
+        devices = {b.device for t in self.tables for b in mappings[t].buffers()}
+        if len(devices) > 1:
+            raise ValueError(f"the mappings of tables {self.tables} are on several devices {sorted(map(str, devices))}")
+        device = devices.pop() if devices else torch.device("cpu")
+        # Runtime form of each table: sorted tables as their dense copy.
+        runtime = {t: mappings[t].with_storage("dense") if mappings[t].storage == "sorted" else mappings[t]
+                   for t in self.tables}
+        self.kind = {t: runtime[t].storage for t in self.tables}
+        # Views the mappings' buffers were replaced by: (mapping, buffer name, view).
+        self._views: List[Tuple[IdMapping, str, torch.Tensor]] = []
+        num = len(self.tables)
+        # Per-table parameters: one int64 row per parameter (gathered per id with a 1-D index_select;
+        # a 2-D gather is many times slower on CPU).
+        hashing = torch.tensor([[runtime[t].hash_rows, *hash_coefficients(runtime[t].seed), runtime[t].hash_offset]
+                                for t in self.tables], dtype=torch.int64).reshape(num, 6)
+        seeds = {runtime[t].seed for t in self.tables}
+        # One seed (the usual case): its coefficients are the same for every id, only the region varies.
+        self._coefficients = (torch.tensor([_HASH_RANGE, *hash_coefficients(seeds.pop())], device=device)
+                              if len(seeds) == 1 else None)
+        self._hashing = [row.contiguous().to(device) for row in hashing.t()]
+        dense = [t for t in self.tables if self.kind[t] == "dense"]
+        self._dense_table, self._dense_params = self._pack_dense(dense, runtime, mappings, num, device)
+        layouts: Dict[Tuple, List[str]] = {}
+        for t in self.tables:
+            if self.kind[t] == "perfect_hash":
+                m = runtime[t]
+                layouts.setdefault((m.slot_keys.dtype, m.slot_rows_high.dtype, m.slot_rows_high.numel() > 0), []).append(t)
+        self._hash_tables = [self._pack_perfect_hash(ts, runtime, num, device) for ts in layouts.values()]
+        # Passes in order: dense, each perfect hash layout, hash only. Each table's ids go to its pass.
+        passes = [dense, *layouts.values(), [t for t in self.tables if self.kind[t] == "none"]]
+        self._pass = {t: p for p, ts in enumerate(passes) for t in ts}
+        self._num_passes = len(passes)
+
+    # ------------------------------------------------------------------ packing
+    def _share(self, mapping: IdMapping, name: str, packed: torch.Tensor, start: int) -> None:
+        """Makes ``mapping``'s buffer ``name`` the view of ``packed`` it was copied to."""
+        view = packed[start:start + mapping._buffers[name].numel()]
+        mapping._buffers[name] = view
+        self._views.append((mapping, name, view))
+
+    def _pack_dense(self, tables: List[str], runtime: Mapping[str, IdMapping], mappings: Mapping[str, IdMapping],
+                    num: int, device: torch.device) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        params = torch.zeros(3, num, dtype=torch.int64)
+        starts: Dict[str, int] = {}
+        start = 0
+        for t in tables:
+            table = runtime[t].table
+            starts[t] = start
+            params[:, self.code[t]] = torch.tensor([runtime[t].offset, runtime[t].offset + table.numel() - 1, start])
+            start += table.numel()
+        parts = [runtime[t].table.to(device) for t in tables]  # a sorted table's dense copy is built on the CPU
+        packed = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int32, device=device)
+        for t in tables:
+            if mappings[t].storage == "dense":  # a sorted table's dense copy is nobody's buffer
+                self._share(mappings[t], "table", packed, starts[t])
+        return packed, [row.contiguous().to(device) for row in params]
+
+    def _pack_perfect_hash(self, tables: List[str], runtime: Mapping[str, IdMapping], num: int,
+                           device: torch.device) -> Tuple[Dict[str, torch.Tensor], List[torch.Tensor]]:
+        params = torch.zeros(9, num, dtype=torch.int64)
+        names = ("slot_keys", "slot_rows", "slot_rows_high", "group_pilots")
+        starts = {name: 0 for name in names}
+        at: Dict[str, Dict[str, int]] = {}
+        for t in tables:
+            m = runtime[t]
+            at[t] = dict(starts)
+            params[:, self.code[t]] = torch.tensor([
+                m.offset, *m._group_hash, m.group_pilots.numel(), m.slot_keys.numel(),
+                starts["group_pilots"], starts["slot_keys"]])
+            for name in names:
+                starts[name] += m._buffers[name].numel()
+        packed = {name: torch.cat([runtime[t]._buffers[name] for t in tables]) for name in names}
+        for t in tables:
+            for name in names:
+                self._share(runtime[t], name, packed[name], at[t][name])
+        return packed, [row.contiguous().to(device) for row in params]
+
+    def is_current(self, mappings: Mapping[str, IdMapping]) -> bool:
+        """Whether this still applies exactly ``mappings`` (the same mapping objects, whose buffers are
+        still the views of the packed arrays: a move or an assignment replaces them)."""
+        return (len(mappings) == len(self._mappings)
+                and all(t in mappings and mappings[t] is m for t, m in self._mappings.items())
+                and all(m._buffers[name] is view for m, name, view in self._views))
+
+    # ------------------------------------------------------------------ applying
+    def __call__(self, ids: Sequence[torch.Tensor], tables: Sequence[str]) -> List[torch.Tensor]:
+        """The int64 rows of each tensor of ids in ``ids`` (flat), mapped by its table in ``tables``."""
+        order = sorted(range(len(ids)), key=lambda i: self._pass[tables[i]])
+        lengths = [ids[i].numel() for i in order]
+        if not order:
+            return []
+        values = torch.cat([ids[i].reshape(-1).to(torch.int64) for i in order])
+        device = values.device
+        codes = torch.repeat_interleave(
+            torch.tensor([self.code[tables[i]] for i in order], device=device),
+            torch.tensor(lengths, device=device), output_size=values.numel())
+        # Bounds of each pass in the ids sorted by pass.
+        per_pass = [0] * self._num_passes
+        for i, n in zip(order, lengths):
+            per_pass[self._pass[tables[i]]] += n
+        bounds = [0]
+        for n in per_pass:
+            bounds.append(bounds[-1] + n)
+        hash_only = self._num_passes - 1
+        out = torch.empty_like(values)
+        for p, (begin, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+            # By chunks: every op's temporaries stay small (in cache, and below the size at which the C
+            # allocator maps fresh pages for each, which costs more than the op on 1e5 ids).
+            for start in range(begin, end, CHUNK):
+                chunk = slice(start, min(end, start + CHUNK))
+                ids_c, codes_c = values[chunk], codes[chunk]
+                if p == hash_only:
+                    out[chunk] = self._hashed(ids_c, codes_c)
+                else:
+                    out[chunk] = self._fill_hashed(*self._lookup(p, ids_c, codes_c), ids_c, codes_c)
+        parts = out.split(lengths)
+        result: List[Optional[torch.Tensor]] = [None] * len(ids)
+        for i, part in zip(order, parts):
+            result[i] = part.view(ids[i].shape)
+        return result  # type: ignore[return-value]
+
+    def _lookup(self, p: int, ids: torch.Tensor, codes: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(rows, found) of the ids of pass ``p`` (dense, or a perfect hash layout)."""
+        if p == 0:
+            offset, last, start = (p.index_select(0, codes) for p in self._dense_params)
+            # Clamp in id space, then subtract: ids - offset could wrap around int64 for extreme ids.
+            clamped = torch.clamp(ids, offset, last)
+            found = clamped == ids
+            index = clamped.sub_(offset).add_(start)
+            return self._dense_table.index_select(0, index).to(torch.int64), found
+        tensors, params = self._hash_tables[p - 1]
+        offset, w0, w1, w2, w3, groups, slots, group_start, slot_start = (p.index_select(0, codes) for p in params)
+        # Relative keys wrap around for extreme ids, but equal a key only for the entry's id (IdMapping).
+        keys = ids - offset
+        return perfect_hash.lookup(keys, tensors["slot_keys"], tensors["slot_rows"], tensors["slot_rows_high"],
+                                   tensors["group_pilots"], (w0, w1, w2, w3), groups, slots, group_start, slot_start)
+
+    def _hashed(self, ids: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """The hash row of each id in its table's hash region (``IdMapping._hashed``, all tables at once)."""
+        rows, offset = self._hashing[0].index_select(0, codes), self._hashing[5].index_select(0, codes)
+        if self._coefficients is None:
+            coefficients = torch.stack([p.index_select(0, codes) for p in self._hashing[:5]], dim=1)
+            return hash_with_coefficients(ids, coefficients).add_(offset)
+        # hash_with_coefficients ends with (h * num_buckets) >> 31 of h in [0, 2^31 - 1): with
+        # num_buckets = 2^31 it returns h itself, and the per-id scaling gives each id its table's range.
+        return hash_with_coefficients(ids, self._coefficients).mul_(rows).bitwise_right_shift_(31).add_(offset)
+
+    def _fill_hashed(self, rows: torch.Tensor, found: torch.Tensor, ids: torch.Tensor, codes: torch.Tensor
+                     ) -> torch.Tensor:
+        """``rows`` where ``found``, else the hash rows of the ids (as ``IdMapping`` fills them)."""
+        if ids.device.type == "cpu":
+            # On CPU hash only the ids that need it; on accelerators the masked copy would sync.
+            missing = (~found).nonzero().squeeze(1)
+            if missing.numel():
+                rows.index_copy_(0, missing, self._hashed(ids.index_select(0, missing), codes.index_select(0, missing)))
+            return rows
+        return torch.where(found, rows, self._hashed(ids, codes))
