@@ -1,0 +1,170 @@
+"""FusedIdMappings: the mappings of many tables applied together give each mapping's own rows."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load as safetensors_load
+
+from lhf_torchrec.mapping import IdMapping, load_mappings, save_mappings
+from lhf_torchrec.mapping import fused as fused_module
+from lhf_torchrec.mapping.fused import RUNTIME_DENSE_BYTES, FusedIdMappings, fusable, runtime_bytes
+
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+EXTREMES = [INT64_MIN, INT64_MIN + 1, -1, 0, 1, (1 << 31) - 1, 1 << 31, (1 << 32) + 5, INT64_MAX - 1, INT64_MAX]
+# Row counts with 2-, 3- and 4-byte perfect hash rows.
+NUM_ROWS = [3, 40, 1 << 16, (1 << 23) + 9]
+
+
+@st.composite
+def table_mapping(draw, name: str) -> IdMapping:
+    """A mapping of one of every storage: dense, perfect hash (int32 or int64 keys), sorted (small or
+    wide span), none; some with double hashing."""
+    storage = draw(st.sampled_from(["dense", "perfect_hash", "sorted", "sorted_wide", "none", "double"]))
+    num_rows = draw(st.sampled_from(NUM_ROWS))
+    hash_offset = draw(st.integers(0, num_rows - 2))
+    seed = draw(st.sampled_from([0, 0, 7]))  # mostly one seed for all tables, sometimes another
+    if storage == "none":
+        return IdMapping(num_rows, hash_offset=hash_offset, seed=seed, table_name=name)
+    wide = storage in ("sorted_wide", "double") or (storage == "perfect_hash" and draw(st.booleans()))
+    base = draw(st.sampled_from([0, -300, 1 << 40, INT64_MAX - 5000, INT64_MIN]))
+    spread = (1 << 45) if wide else 300
+    offsets = draw(st.lists(st.integers(0, spread), min_size=1, max_size=40, unique=True))
+    ids = np.array([max(INT64_MIN, min(INT64_MAX, base + o)) for o in offsets], dtype=np.int64)
+    ids = np.unique(ids)
+    rows = np.array(draw(st.lists(st.integers(0, num_rows - 1), min_size=ids.size, max_size=ids.size)))
+    mapping = IdMapping.from_entries(ids, rows, num_rows, hash_offset=hash_offset, seed=seed, table_name=name,
+                                     probes=2 if storage == "double" else 1)
+    kind = {"sorted_wide": "sorted", "double": mapping.storage}.get(storage, storage)
+    return mapping.with_storage(kind)
+
+
+@st.composite
+def tables_and_queries(draw):
+    names = [f"t{i}" for i in range(draw(st.integers(1, 6)))]
+    mappings = {n: draw(table_mapping(n)) for n in names}
+    queries, tables = [], []
+    for _ in range(draw(st.integers(0, 8))):
+        table = draw(st.sampled_from(names))  # a table may take several features, or none
+        m = mappings[table]
+        known = m.stored_entries()[0].tolist()
+        near = [k + d for k in known[:5] for d in (-1, 1) if INT64_MIN <= k + d <= INT64_MAX]
+        ids = draw(st.lists(st.one_of(st.sampled_from(known or [0]), st.sampled_from(EXTREMES),
+                                      st.sampled_from(near or [2]), st.integers(INT64_MIN, INT64_MAX)), max_size=30))
+        queries.append(torch.tensor(ids, dtype=torch.int64))
+        tables.append(table)
+    return mappings, queries, tables
+
+
+@settings(max_examples=60, deadline=None)
+@given(tables_and_queries())
+def test_fused_rows_equal_every_mappings_own_rows(case):
+    mappings, queries, tables = case
+    fused = FusedIdMappings(mappings)
+    fingerprints = {n: m.fingerprint for n, m in mappings.items()}
+    picked = [i for i, t in enumerate(tables) if t in fused.code]
+    rows = fused([queries[i] for i in picked], [tables[i] for i in picked])
+    for i, got in zip(picked, rows):
+        assert got.dtype == torch.int64
+        assert torch.equal(got, mappings[tables[i]](queries[i])), f"table {tables[i]} ({mappings[tables[i]].storage})"
+    # Packing shares the mappings' memory, it does not change them.
+    assert {n: m.fingerprint for n, m in mappings.items()} == fingerprints
+    assert set(fused.code) == {n for n, m in mappings.items() if fusable(m)}
+
+
+def test_small_chunks_give_the_same_rows(monkeypatch):
+    rng = np.random.default_rng(0)
+    mappings = {f"t{i}": IdMapping.from_entries(rng.choice(1 << 20, 500, replace=False), rng.integers(0, 50, 500), 100,
+                                                hash_offset=50, seed=i, table_name=f"t{i}") for i in range(3)}
+    queries = [torch.from_numpy(rng.integers(0, 1 << 20, 3000)) for _ in mappings]
+    expected = [m(q) for m, q in zip(mappings.values(), queries)]
+    monkeypatch.setattr(fused_module, "CHUNK", 128)
+    got = FusedIdMappings(mappings)(queries, list(mappings))
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+def test_which_mappings_fuse_and_what_they_add():
+    ids = np.arange(10) * 7
+    small_sorted = IdMapping.from_entries(ids, ids % 5, 20, hash_offset=5, table_name="s").with_storage("sorted")
+    wide_sorted = IdMapping.from_entries(ids * (1 << 30), ids % 5, 20, hash_offset=5, table_name="w")
+    double = IdMapping.from_entries(ids, ids % 5, 20, hash_offset=5, probes=2, table_name="d")
+    bucketed = IdMapping(8, num_buckets=2, tensors={"bucket_hash_regions": torch.tensor([[1, 3], [0, 4]])},
+                         table_name="b")
+    dense = IdMapping.from_entries(np.arange(10), ids % 5, 20, hash_offset=5, table_name="x")
+    assert dense.storage == "dense"
+    assert wide_sorted.storage == "sorted" and 4 * int(wide_sorted.keys[-1]) > RUNTIME_DENSE_BYTES
+    assert [fusable(m) for m in (small_sorted, wide_sorted, double, bucketed, dense)] == [True, False, False, False, True]
+    # The dense copy of a small sorted table (its span, 4 bytes an id) and the per-table parameters.
+    assert runtime_bytes(small_sorted) == 4 * 64 + 8 * 9
+    assert runtime_bytes(dense) == 8 * 9
+    assert runtime_bytes(wide_sorted) == runtime_bytes(double) == 0
+
+
+def test_packed_arrays_are_the_mappings_memory_and_files_do_not_change(tmp_path):
+    rng = np.random.default_rng(1)
+    mappings = {
+        "p": IdMapping.from_entries(rng.choice(1 << 40, 300, replace=False), rng.integers(0, 900, 300), 1000,
+                                    hash_offset=900, table_name="p"),
+        "q": IdMapping.from_entries(rng.choice(1 << 40, 200, replace=False), rng.integers(0, 500, 200), 600,
+                                    hash_offset=500, table_name="q"),
+        "d": IdMapping.from_entries(np.arange(50), rng.integers(0, 10, 50), 20, hash_offset=10, table_name="d"),
+    }
+    assert {m.storage for m in mappings.values()} == {"perfect_hash", "dense"}
+    before = tmp_path / "before.safetensors"
+    save_mappings(str(before), mappings)
+    nbytes = sum(m.nbytes for m in mappings.values())
+    fused = FusedIdMappings(mappings)
+    slot_keys = fused._hash_tables[0][0]["slot_keys"]
+    assert mappings["p"].slot_keys.untyped_storage().data_ptr() == slot_keys.untyped_storage().data_ptr()
+    packed = fused._dense_table.nbytes + sum(t.nbytes for tensors, _ in fused._hash_tables for t in tensors.values())
+    assert packed + sum(m.group_hash.nbytes for m in mappings.values() if m.storage == "perfect_hash") == nbytes
+    after = tmp_path / "after.safetensors"
+    save_mappings(str(after), mappings)
+    # (safetensors writes its header keys in any order: compare what the files hold, not their bytes)
+    assert safetensors_load(after.read_bytes()).keys() == safetensors_load(before.read_bytes()).keys()
+    assert all(torch.equal(a, safetensors_load(before.read_bytes())[k])
+               for k, a in safetensors_load(after.read_bytes()).items())
+    loaded = load_mappings(str(after))
+    assert {n: m.fingerprint for n, m in loaded.items()} == {n: m.fingerprint for n, m in mappings.items()}
+    # A state_dict round trip writes through the views: the packed arrays stay the mappings' values.
+    state = {n: copy.deepcopy(m.state_dict()) for n, m in mappings.items()}
+    for n, m in mappings.items():
+        m.load_state_dict(state[n])
+    assert fused.is_current(mappings)
+    ids = torch.from_numpy(rng.integers(0, 1 << 40, 1000))
+    assert torch.equal(fused([ids], ["p"])[0], loaded["p"](ids))
+
+
+def test_a_move_or_another_mapping_makes_it_stale():
+    ids = np.arange(40)
+    mappings = {"a": IdMapping.from_entries(ids, ids % 7, 10, hash_offset=7, table_name="a")}
+    fused = FusedIdMappings(mappings)
+    assert fused.is_current(mappings)
+    assert not fused.is_current({"a": copy.deepcopy(mappings["a"])})
+    assert not fused.is_current({**mappings, "b": IdMapping(5, table_name="b")})
+    mappings["a"].to(torch.float64)  # no-op for integer buffers: still the views
+    assert fused.is_current(mappings)
+    mappings["a"]._apply(lambda t: t.clone())  # what a move to another device does to the buffers
+    assert not fused.is_current(mappings)
+
+
+def test_no_ids_and_empty_features():
+    mappings = {"a": IdMapping.from_entries(np.arange(5), np.arange(5), 10, hash_offset=5, table_name="a"),
+                "h": IdMapping(4, table_name="h")}
+    fused = FusedIdMappings(mappings)
+    assert fused([], []) == []
+    empty = torch.zeros(0, dtype=torch.int64)
+    rows = fused([empty, empty, torch.tensor([3, 99], dtype=torch.int32)], ["a", "h", "a"])
+    assert [r.numel() for r in rows] == [0, 0, 2] and int(rows[2][0]) == 3
+    assert torch.equal(rows[2], mappings["a"](torch.tensor([3, 99])))
+
+
+@pytest.mark.parametrize("seeds", [(0, 0), (3, 11)])
+def test_hash_only_tables_in_one_pass(seeds):
+    mappings = {f"h{i}": IdMapping(50 + 1000 * i, hash_offset=i, seed=s, table_name=f"h{i}") for i, s in enumerate(seeds)}
+    ids = [torch.arange(-100, 100), torch.tensor(EXTREMES)]
+    got = FusedIdMappings(mappings)(ids, list(mappings))
+    assert all(torch.equal(g, m(x)) for g, m, x in zip(got, mappings.values(), ids))
