@@ -27,6 +27,7 @@ from lhf_torchrec.distributed.planner import (
 )
 from lhf_torchrec.distributed.sharder import LearnedHashEBCSharder
 from lhf_torchrec.mapping import IdMapping, perfect_hash, row_bytes
+from lhf_torchrec.mapping.fused import runtime_bytes
 from lhf_torchrec.modules.learned_hash_ebc import LearnedHashEmbeddingBagCollection
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
@@ -80,7 +81,8 @@ def test_mappings_are_reserved_on_every_rank_which_the_heuristic_reservation_mis
     tables = _tables([200_000, 50_000, 8_000])
     mappings = _fitted_mappings(tables)
     model = _model(tables, mappings)
-    expected = sum(m.nbytes for m in mappings.values())
+    # The mappings' buffers and what the learned-hash remap adds to apply them together.
+    expected = sum(m.nbytes + runtime_bytes(m) for m in mappings.values())
     assert mapping_bytes(model) == expected == mapping_bytes(mappings) > 0
     topology = _topology(4, device)
     sharders = [LearnedHashEBCSharder()]
@@ -149,7 +151,7 @@ def test_mapping_memory_changes_placement():
     tables, mappings, constraints = _placement_case()
     model, sharders, topology = _model(tables, mappings), [LearnedHashEBCSharder()], _topology(2, hbm=64 * MB)
     nbytes = mapping_bytes(mappings)
-    assert nbytes == 28_800_000
+    assert nbytes == 28_800_000 + sum(runtime_bytes(m) for m in mappings.values())  # + per-table parameters
 
     # Without the mappings in the reservation, the planner keeps both tables whole ...
     blind = EmbeddingShardingPlanner(topology, batch_size=8, storage_reservation=_base(), constraints=constraints,
@@ -253,7 +255,7 @@ def test_plan_report_before_and_after():
 
     given = {name: m for name, m in synthetic_mappings(tables, 8).items() if name == "t0"}
     real = plan_report(tables, world_size=2, mappings=given, hbm_gb=1, batch_size=128)
-    assert real.after.ranks[0].mappings == given["t0"].nbytes and "given, 1 tables" in real.mapping_source
+    assert real.after.ranks[0].mappings == given["t0"].nbytes + runtime_bytes(given["t0"]) and "given, 1 tables" in real.mapping_source
     assert real.choices["t0"].cosharded is None and real.choices["t0"].reason.startswith("not bucketed")
 
 

@@ -34,6 +34,7 @@ from lhf_torchrec.distributed.sharder import LearnedHashEBCSharder
 from lhf_torchrec.mapping import IdMapping, row_bytes
 from lhf_torchrec.mapping.budget import OPTIMIZERS
 from lhf_torchrec.mapping.buckets import cosharded_bytes
+from lhf_torchrec.mapping.fused import runtime_bytes
 from lhf_torchrec.mapping.id_mapping import bucketed_storage_cost
 from lhf_torchrec.modules.learned_hash_ebc import LearnedHashEmbeddingBagCollection
 
@@ -101,7 +102,7 @@ def test_the_estimator_puts_cosharded_bytes_into_shard_storage():
     assert sum(r.cosharded_mappings for r in ranks) == cosharded["a"].nbytes + cosharded["b"].nbytes
     for r in ranks:
         assert r.cosharded_mappings == (cosharded["a"].nbytes + cosharded["b"].nbytes) // 4
-        assert r.mappings == mappings["c"].nbytes
+        assert r.mappings == mappings["c"].nbytes + runtime_bytes(mappings["c"])
     # Same plan without co-sharding (row-wise forced by constraints): shard storage differs by exactly
     # the co-sharded bytes, and every other term is unchanged.
     row_wise = {n: ParameterConstraints(sharding_types=["row_wise"], compute_kernels=["fused"]) for n in ("a", "b")}
@@ -112,7 +113,7 @@ def test_the_estimator_puts_cosharded_bytes_into_shard_storage():
             assert with_map.storage.hbm - without.storage.hbm == with_map.size[0] * cosharded[name].bytes_per_row
     for r, p in zip(ranks, plain.rank_memory()):
         assert (r.tables, r.optimizer, r.io) == (p.tables, p.optimizer, p.io)
-        assert p.cosharded_mappings == 0 and p.mappings == sum(m.nbytes for m in mappings.values())
+        assert p.cosharded_mappings == 0 and p.mappings == sum(m.nbytes + runtime_bytes(m) for m in mappings.values())
 
 
 def test_cosharded_bytes_count_against_capacity():
@@ -199,11 +200,11 @@ def test_plan_report_counts_every_replica_and_says_why_a_table_is_replicated():
     mappings = synthetic_mappings(tables, 8, optimizer="rowwise_adagrad", num_buckets=2048)
     cosharded = sum(report.choices[n].cosharded.nbytes for n in ("t0", "t1"))
     assert sum(r.cosharded_mappings for r in after.ranks) == cosharded
-    assert all(r.mappings == mappings["t2"].nbytes for r in after.ranks)
+    assert all(r.mappings == mappings["t2"].nbytes + runtime_bytes(mappings["t2"]) for r in after.ranks)
     weights = sum(r.tables + r.optimizer for r in after.ranks)
-    assert after.cluster_bytes == weights + cosharded + 4 * mappings["t2"].nbytes
+    assert after.cluster_bytes == weights + cosharded + 4 * (mappings["t2"].nbytes + runtime_bytes(mappings["t2"]))
     assert after.max_rank_mapping_bytes == max(r.mappings + r.cosharded_mappings for r in after.ranks)
-    assert after.max_rank_mapping_bytes == cosharded // 4 + mappings["t2"].nbytes
+    assert after.max_rank_mapping_bytes == cosharded // 4 + mappings["t2"].nbytes + runtime_bytes(mappings["t2"])
     assert report.compression == report.before.cluster_bytes / after.cluster_bytes
     text = report.format()
     assert f"replicated: t2 ({replicated.reason})" in text
@@ -224,10 +225,10 @@ def test_estimate_rank_memory_for_a_model():
     memory = estimate_rank_memory(model, 2)
     layouts = {n: CoshardedTable.of(n, mappings[n]) for n in ("a", "b")}
     assert [r.cosharded_mappings for r in memory.ranks] == [sum(t.nbytes for t in layouts.values()) // 2] * 2
-    assert all(r.mappings == mappings["c"].nbytes and r.reserved == 0 for r in memory.ranks)
+    assert all(r.mappings == mappings["c"].nbytes + runtime_bytes(mappings["c"]) and r.reserved == 0 for r in memory.ranks)
     assert {memory.sharding_types[n] for n in ("a", "b")} == {"row_wise"} and memory.plan is not None
     replicated = estimate_rank_memory(model, 2, cosharding=False)
-    assert all(r.cosharded_mappings == 0 and r.mappings == sum(m.nbytes for m in mappings.values())
+    assert all(r.cosharded_mappings == 0 and r.mappings == sum(m.nbytes + runtime_bytes(m) for m in mappings.values())
                for r in replicated.ranks)
 
 

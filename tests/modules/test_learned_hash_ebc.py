@@ -1,14 +1,18 @@
 """The unsharded LearnedHashEmbeddingBagCollection against references built by hand."""
 
+import functools
 from typing import Dict, List, Optional
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
 from torchrec.modules.embedding_configs import PoolingType
 
 from lhf_torchrec import IdMapping, fit_mapping
+from lhf_torchrec.mapping.fused import runtime_bytes
 from lhf_torchrec.modules import LearnedHashEmbeddingBagCollection
 
 BATCH = 4
@@ -391,3 +395,76 @@ def test_a_remapper_without_some_tables_drops_only_their_state_and_leaves_the_or
     kjt = make_kjt(tables, seed=5)
     assert torch.equal(kept.preprocess(kjt, raw={"t_user", "t_dbl"})[0].values(),
                        remapper.preprocess(kjt, raw={"t_user", "t_dbl"})[0].values())
+
+
+def mapping_by_mapping(remapper, kjt: KeyedJaggedTensor) -> Dict[str, torch.Tensor]:
+    """Each feature's values through its own table's IdMapping (the reference of the fused remap)."""
+    out = {}
+    for key, jt in kjt.to_dict().items():
+        mapping = remapper.mappings[remapper.feature_to_table[key]] if remapper.feature_to_table[key] in remapper.mappings else None
+        out[key] = jt.values() if mapping is None else mapping.remap_jagged(jt.values(), jt.lengths())[0]
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def _fitted_remapper():
+    tables = make_tables()  # fitted once: the examples vary the batch, not the mappings
+    return tables, LearnedHashEmbeddingBagCollection(tables, make_mappings()).remapper
+
+
+@settings(max_examples=25, deadline=None)
+@given(lengths=st.lists(st.integers(0, 6), min_size=7 * BATCH, max_size=7 * BATCH), seed=st.integers(0, 1000),
+       weighted=st.booleans())
+def test_the_fused_remap_equals_mapping_by_mapping(lengths, seed, weighted):
+    # Every storage (dense, none, perfect hash, a sparse sorted table left to its own path, double
+    # hashing), features sharing a table, a table without mapping, bags of any size including empty.
+    tables, remapper = _fitted_remapper()
+    g = torch.Generator().manual_seed(seed)
+    keys = [f for t in tables for f in t.feature_names]
+    lens = torch.tensor(lengths).view(len(keys), BATCH)
+    values = []
+    for key, feature_lengths in zip(keys, lens):
+        n = int(feature_lengths.sum())
+        pool = torch.tensor([-5, 0, 1, 59, 1 << 40, SPARSE_BASE, SPARSE_BASE + 7919, (1 << 63) - 1, -(1 << 63)])
+        ids = torch.where(torch.rand(n, generator=g) < 0.5, torch.randint(0, 300, (n,), generator=g),
+                          pool[torch.randint(0, pool.numel(), (n,), generator=g)])
+        values.append(ids if key != "plain" else torch.randint(0, 100, (n,), generator=g))
+    all_values = torch.cat(values)
+    weights = torch.rand(all_values.numel(), generator=g) if weighted else None
+    kjt = KeyedJaggedTensor.from_lengths_sync(keys=keys, values=all_values, lengths=lens.reshape(-1), weights=weights)
+    out = remapper(kjt)
+    expected = mapping_by_mapping(remapper, kjt)
+    assert sorted(remapper.fused_mappings().code) == ["t_item", "t_learned", "t_user"]
+    for key, jt in out.to_dict().items():
+        assert torch.equal(jt.values(), expected[key]), key
+        if weighted and key != "dbl":
+            assert torch.equal(jt.weights(), kjt[key].weights()), key
+
+
+def test_the_fused_remap_follows_moves_and_state_dict_loads():
+    tables = make_tables()
+    module = build(tables, make_mappings())
+    kjt = make_kjt(tables, seed=6)
+    expected = module.remapper(kjt).values()
+    fused = module.remapper.fused_mappings()
+    slot_keys = module.mappings["t_learned"].slot_keys
+    assert slot_keys.untyped_storage().data_ptr() == fused._hash_tables[0][0]["slot_keys"].untyped_storage().data_ptr()
+    # A move replaces every buffer (as .to(device) does): the next remap packs the new ones.
+    module._apply(lambda t: t.clone())
+    assert module.remapper._fused is None
+    assert torch.equal(module.remapper(kjt).values(), expected)
+    assert module.remapper.fused_mappings() is not fused
+    # A checkpoint of the module loads into a twin built from fresh copies of the mappings.
+    twin = build(tables, make_mappings(), seed=1)
+    twin.remapper(kjt)
+    twin.load_state_dict(module.state_dict())
+    assert torch.equal(twin.remapper(kjt).values(), expected)
+    assert set(module.state_dict()) == set(build(tables, make_mappings()).state_dict())
+
+
+def test_state_bytes_count_what_the_fused_remap_adds():
+    remapper = LearnedHashEmbeddingBagCollection(make_tables(), make_mappings()).remapper
+    for table, mapping in remapper.mappings.items():
+        assert remapper.state_bytes(table) == mapping.nbytes + runtime_bytes(mapping)
+    assert runtime_bytes(remapper.mappings["t_user"]) > 0 and runtime_bytes(remapper.mappings["t_dbl"]) == 0
+    assert remapper.state_bytes("t_plain") == 0

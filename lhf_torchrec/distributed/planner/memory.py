@@ -7,6 +7,7 @@ from torch import nn
 from torchrec.distributed.planner import Topology
 from torchrec.distributed.planner.types import PlannerError, PlannerErrorType
 
+from lhf_torchrec.mapping.fused import runtime_bytes
 from lhf_torchrec.mapping.id_mapping import IdMapping
 from lhf_torchrec.modules.learned_hash_ebc import IdRemapper
 
@@ -30,12 +31,15 @@ def table_mappings(module: nn.Module) -> Dict[str, IdMapping]:
 
 def mapping_bytes(source: Union[nn.Module, Mapping[str, IdMapping]], exclude: Collection[str] = ()) -> int:
     """Bytes of the distinct :class:`IdMapping` buffers in a model, or in a dict table -> mapping,
-    leaving out the mappings of the tables in ``exclude`` (e.g. co-sharded ones)."""
+    leaving out the mappings of the tables in ``exclude`` (e.g. co-sharded ones), with what a
+    learned-hash remap adds to apply them together (:func:`~lhf_torchrec.mapping.fused.runtime_bytes`;
+    the mappings of a dict are counted as a learned-hash remap's)."""
     named = source if isinstance(source, Mapping) else table_mappings(source)
     left_out = {id(m) for name, m in named.items() if name in exclude}
     candidates = source.values() if isinstance(source, Mapping) else source.modules()
     distinct = {id(m): m for m in candidates if isinstance(m, IdMapping) and id(m) not in left_out}
-    return sum(m.nbytes for m in distinct.values())
+    remapped = {id(m) for m in named.values()}
+    return sum(m.nbytes + (runtime_bytes(m) if id(m) in remapped else 0) for m in distinct.values())
 
 
 @dataclass(frozen=True)
