@@ -157,10 +157,11 @@ class QuantLearnedHashEmbeddingBagCollection(nn.Module):
         return sorted(self._folded_remap_nbytes)
 
     def remap_nbytes(self) -> Dict[str, int]:
-        """Bytes each mapped table's remap costs in this module: folded array or in-front mapping."""
+        """Bytes each mapped table's remap costs in this module: folded array or in-front mapping (with
+        what applying the in-front mappings together adds, :meth:`IdRemapper.state_bytes`)."""
         out = dict(self._folded_remap_nbytes)
         if self.remapper is not None:
-            out.update({name: m.nbytes for name, m in self.remapper.mappings.items()})
+            out.update({name: self.remapper.state_bytes(name) for name in self.remapper.mappings})
         return out
 
     def full_embedding_bag_configs(self) -> List[EmbeddingBagConfig]:

@@ -11,6 +11,7 @@ from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
 from torchrec.modules.embedding_configs import PoolingType
 
 from lhf_torchrec import IdMapping, fit_mapping
+from lhf_torchrec.mapping.fused import runtime_bytes
 from lhf_torchrec.mapping.hashing import hash_ids
 from lhf_torchrec.modules import LearnedHashEmbeddingBagCollection
 from lhf_torchrec.modules.quant import (
@@ -166,13 +167,14 @@ def test_which_tables_are_folded():
     nothing = quantize_learned_hash_ebc(module, fold_remap="none")
     assert nothing.folded_tables == [] and nothing.redirect is None
 
-    # Memory: a folded table costs 4 bytes per raw id plus its hash block; in front, the mapping's bytes.
+    # Memory: a folded table costs 4 bytes per raw id plus its hash block; in front, the mapping's bytes
+    # (and what the fused remap adds to apply it with the others).
     full = {t.name: t.num_embeddings for t in module.full_embedding_bag_configs()}
     nbytes = everything.remap_nbytes()
     for name in everything.folded_tables:
         assert nbytes[name] == 4 * (full[name] + mappings[name].hash_rows)
     assert nbytes["double_t"] == mappings["double_t"].nbytes
-    assert nothing.remap_nbytes() == {name: m.nbytes for name, m in mappings.items()}
+    assert nothing.remap_nbytes() == {name: m.nbytes + runtime_bytes(m) for name, m in mappings.items()}
 
 
 def test_folded_array_is_the_mapping_over_the_raw_id_space():
