@@ -50,6 +50,7 @@ from tqdm import tqdm
 
 from lhf_torchrec.data import CRITEO_KAGGLE_CARDINALITIES
 from lhf_torchrec.mapping import IdMapping, IdProfile, fit_mapping
+from lhf_torchrec.mapping.fused import runtime_bytes
 from lhf_torchrec.modules import LearnedHashEmbeddingBagCollection
 from lhf_torchrec.modules.quant import quantize_learned_hash_ebc, script_for_serving
 
@@ -243,7 +244,8 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     mappings = {m: fit_all(workload, m, args.compression, args.seed) for m in (*LEARNED_METHODS, "hash")}
     num_ids = sum(t.num_embeddings for t in tables)
     num_rows = sum(m.num_rows for m in mappings["hash"].values())
-    mapping_bytes = {m: sum(x.nbytes for x in maps.values()) for m, maps in mappings.items()}
+    # The mappings' buffers and what the fused remap adds to apply them (IdRemapper.state_bytes).
+    mapping_bytes = {m: sum(x.nbytes + runtime_bytes(x) for x in maps.values()) for m, maps in mappings.items()}
 
     def storages(method: str) -> str:
         kinds = [x.storage for x in mappings[method].values()]

@@ -162,74 +162,90 @@ class FusedIdMappings:
 
     # ------------------------------------------------------------------ applying
     def __call__(self, ids: Sequence[torch.Tensor], tables: Sequence[str]) -> List[torch.Tensor]:
-        """The int64 rows of each tensor of ids in ``ids`` (flat), mapped by its table in ``tables``."""
+        """The int64 rows of each tensor of ids in ``ids``, mapped by its table in ``tables``."""
         order = sorted(range(len(ids)), key=lambda i: self._pass[tables[i]])
-        lengths = [ids[i].numel() for i in order]
         if not order:
             return []
+        lengths = [ids[i].numel() for i in order]
         values = torch.cat([ids[i].reshape(-1).to(torch.int64) for i in order])
-        device = values.device
-        codes = torch.repeat_interleave(
-            torch.tensor([self.code[tables[i]] for i in order], device=device),
-            torch.tensor(lengths, device=device), output_size=values.numel())
-        # Bounds of each pass in the ids sorted by pass.
-        per_pass = [0] * self._num_passes
-        for i, n in zip(order, lengths):
-            per_pass[self._pass[tables[i]]] += n
-        bounds = [0]
-        for n in per_pass:
-            bounds.append(bounds[-1] + n)
-        hash_only = self._num_passes - 1
         out = torch.empty_like(values)
-        for p, (begin, end) in enumerate(zip(bounds[:-1], bounds[1:])):
-            # By chunks: every op's temporaries stay small (in cache, and below the size at which the C
-            # allocator maps fresh pages for each, which costs more than the op on 1e5 ids).
-            for start in range(begin, end, CHUNK):
-                chunk = slice(start, min(end, start + CHUNK))
-                ids_c, codes_c = values[chunk], codes[chunk]
-                if p == hash_only:
-                    out[chunk] = self._hashed(ids_c, codes_c)
-                else:
-                    out[chunk] = self._fill_hashed(*self._lookup(p, ids_c, codes_c), ids_c, codes_c)
-        parts = out.split(lengths)
+        begin = 0
+        for p in range(self._num_passes):
+            members = [(self.code[tables[i]], n) for i, n in zip(order, lengths) if self._pass[tables[i]] == p]
+            end = begin + sum(n for _, n in members)
+            if end > begin:
+                self._apply_pass(p, values[begin:end], out[begin:end], members)
+            begin = end
         result: List[Optional[torch.Tensor]] = [None] * len(ids)
-        for i, part in zip(order, parts):
+        for i, part in zip(order, out.split(lengths)):
             result[i] = part.view(ids[i].shape)
         return result  # type: ignore[return-value]
 
-    def _lookup(self, p: int, ids: torch.Tensor, codes: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(rows, found) of the ids of pass ``p`` (dense, or a perfect hash layout)."""
+    def _apply_pass(self, p: int, ids: torch.Tensor, out: torch.Tensor, members: List[Tuple[int, int]]) -> None:
+        """Writes to ``out`` the rows of ``ids``: the ids of the tables in ``members`` ((code, count) each,
+        end to end), all of pass ``p``."""
+        codes = torch.tensor([c for c, _ in members], device=ids.device)
+        width = members[0][1]
+        if all(n == width for _, n in members):
+            # Features of equal size (one id per sample, the usual input): a (features, ids) matrix
+            # whose rows take their table's parameters by broadcasting a column, no per-id gather.
+            ids, out, index = ids.view(-1, width), out.view(-1, width), codes.view(-1, 1)
+            step = max(1, CHUNK // width)
+        else:
+            index = torch.repeat_interleave(codes, torch.tensor([n for _, n in members], device=ids.device),
+                                            output_size=ids.numel())
+            step = CHUNK
+        # By chunks: every op's temporaries stay small (in cache, and below the size at which the C
+        # allocator maps fresh pages for each, which costs more than the op on 1e5 ids).
+        for start in range(0, ids.shape[0], step):
+            chunk = slice(start, start + step)
+            if p == self._num_passes - 1:
+                out[chunk] = self._hashed(ids[chunk], index[chunk])
+            else:
+                out[chunk] = self._fill_hashed(*self._lookup(p, ids[chunk], index[chunk]), ids[chunk], index[chunk])
+
+    def _lookup(self, p: int, ids: torch.Tensor, index: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(rows, found) of the ids of pass ``p`` (dense, or a perfect hash layout); ``index``: their
+        tables' codes, shaped like ``ids`` or broadcasting to it."""
         if p == 0:
-            offset, last, start = (p.index_select(0, codes) for p in self._dense_params)
+            offset, last, start = (_take(param, index) for param in self._dense_params)
             # Clamp in id space, then subtract: ids - offset could wrap around int64 for extreme ids.
             clamped = torch.clamp(ids, offset, last)
             found = clamped == ids
-            index = clamped.sub_(offset).add_(start)
-            return self._dense_table.index_select(0, index).to(torch.int64), found
+            return _take(self._dense_table, clamped.sub_(offset).add_(start)).to(torch.int64), found
         tensors, params = self._hash_tables[p - 1]
-        offset, w0, w1, w2, w3, groups, slots, group_start, slot_start = (p.index_select(0, codes) for p in params)
+        offset, w0, w1, w2, w3, groups, slots, group_start, slot_start = (_take(param, index) for param in params)
         # Relative keys wrap around for extreme ids, but equal a key only for the entry's id (IdMapping).
         keys = ids - offset
         return perfect_hash.lookup(keys, tensors["slot_keys"], tensors["slot_rows"], tensors["slot_rows_high"],
                                    tensors["group_pilots"], (w0, w1, w2, w3), groups, slots, group_start, slot_start)
 
-    def _hashed(self, ids: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    def _hashed(self, ids: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """The hash row of each id in its table's hash region (``IdMapping._hashed``, all tables at once)."""
-        rows, offset = self._hashing[0].index_select(0, codes), self._hashing[5].index_select(0, codes)
+        rows, offset = _take(self._hashing[0], index), _take(self._hashing[5], index)
         if self._coefficients is None:
-            coefficients = torch.stack([p.index_select(0, codes) for p in self._hashing[:5]], dim=1)
+            coefficients = torch.stack([_take(param, index) for param in self._hashing[:5]], dim=-1)
             return hash_with_coefficients(ids, coefficients).add_(offset)
         # hash_with_coefficients ends with (h * num_buckets) >> 31 of h in [0, 2^31 - 1): with
         # num_buckets = 2^31 it returns h itself, and the per-id scaling gives each id its table's range.
         return hash_with_coefficients(ids, self._coefficients).mul_(rows).bitwise_right_shift_(31).add_(offset)
 
-    def _fill_hashed(self, rows: torch.Tensor, found: torch.Tensor, ids: torch.Tensor, codes: torch.Tensor
+    def _fill_hashed(self, rows: torch.Tensor, found: torch.Tensor, ids: torch.Tensor, index: torch.Tensor
                      ) -> torch.Tensor:
         """``rows`` where ``found``, else the hash rows of the ids (as ``IdMapping`` fills them)."""
         if ids.device.type == "cpu":
             # On CPU hash only the ids that need it; on accelerators the masked copy would sync.
-            missing = (~found).nonzero().squeeze(1)
+            missing = (~found).view(-1).nonzero().squeeze(1)
             if missing.numel():
-                rows.index_copy_(0, missing, self._hashed(ids.index_select(0, missing), codes.index_select(0, missing)))
+                # The code of a missing id: its own, or its row's in a (features, ids) matrix.
+                of_missing = missing if index.shape == ids.shape else torch.div(missing, ids.shape[-1], rounding_mode="floor")
+                hashed = self._hashed(ids.view(-1).index_select(0, missing), index.view(-1).index_select(0, of_missing))
+                rows.view(-1).index_copy_(0, missing, hashed)
             return rows
-        return torch.where(found, rows, self._hashed(ids, codes))
+        return torch.where(found, rows, self._hashed(ids, index))
+
+
+def _take(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``values[index]`` for an index of any shape, with a 1-D ``index_select`` (advanced indexing is
+    several times slower on CPU)."""
+    return values.index_select(0, index.reshape(-1)).view(index.shape)
