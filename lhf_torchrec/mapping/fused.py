@@ -11,8 +11,12 @@ tables at once, each id with its own table's parameters (int64 tensors gathered 
   up by :func:`~lhf_torchrec.mapping.perfect_hash.lookup` with per-id group hashes, sizes and starts;
 * ``none`` tables and every id without an entry: one :func:`~lhf_torchrec.mapping.hashing.hash_with_coefficients`
   call, each id with its table's seed coefficients and hash region;
-* small ``sorted`` tables (a binary search per id, the slowest lookup) run from a dense copy of the
-  same function (:meth:`IdMapping.with_storage`) when it takes at most :data:`RUNTIME_DENSE_BYTES`.
+* small ``sorted`` tables (the fit's choice for a handful of entries; a binary search per id, the
+  slowest lookup) run from a dense copy of the same function over at most :data:`RUNTIME_DENSE_IDS`
+  ids (4 KiB).
+
+Features of equal size (one id per sample, the usual input) are mapped as a (features, ids) matrix
+whose rows take their table's parameters by broadcasting, so no parameter is gathered per id.
 
 The packed arrays are the mappings' own memory: packing replaces each mapping's buffers by views of
 them (the same values), so nothing is stored twice and the mappings save, load and fingerprint as
@@ -29,14 +33,15 @@ from lhf_torchrec.mapping import perfect_hash
 from lhf_torchrec.mapping.hashing import hash_coefficients, hash_with_coefficients
 from lhf_torchrec.mapping.id_mapping import IdMapping
 
-# Largest dense copy of a sorted table run in place of its binary search: a few cache lines of rows
-# for the tiny tables the fit leaves sorted (a perfect hash table's fixed 32 bytes outweigh their entries).
-RUNTIME_DENSE_BYTES = 4096
+# Ids of the dense copy a small sorted table runs from (4 KiB): ids [0, 1024) when its entries lie
+# there (small tables of ids counted from 0: no id of theirs misses the copy and needs the hash), else
+# the span of its entries when it is no wider.
+RUNTIME_DENSE_IDS = 1024
+_HASH_RANGE = 1 << 31
+# Ids mapped at once: int64 temporaries of 256 KiB.
+CHUNK = 1 << 15
 # int64 parameters of a table, gathered per id: hash (num_buckets, a0, a1, a2, b, first row), dense
 # (offset, last id, start), perfect hash (offset, 4 group-hash words, groups, slots, group and slot start).
-_HASH_RANGE = 1 << 31
-# Ids mapped at once: int64 temporaries of 128 KiB.
-CHUNK = 32768
 _PARAMS = {"none": 6, "dense": 6 + 3, "perfect_hash": 6 + 9}
 
 
@@ -44,21 +49,37 @@ def fusable(mapping: IdMapping) -> bool:
     """Whether :class:`FusedIdMappings` applies ``mapping`` (else it runs on its own)."""
     if mapping.probes != 1 or mapping.num_buckets is not None:
         return False
-    return mapping.storage != "sorted" or _dense_span(mapping) * 4 <= RUNTIME_DENSE_BYTES
+    return mapping.storage != "sorted" or _runtime_ids(mapping) is not None
 
 
 def runtime_bytes(mapping: IdMapping) -> int:
-    """Bytes a fused ``mapping`` takes besides its own buffers (0 when it is not fused)."""
+    """Bytes a fused ``mapping`` takes besides its own buffers (0 when it is not fused): the dense copy
+    of a small sorted table, the table's parameters."""
     if not fusable(mapping):
         return 0
-    storage = "dense" if mapping.storage == "sorted" else mapping.storage
-    copy = 4 * _dense_span(mapping) if mapping.storage == "sorted" else 0
-    return copy + 8 * _PARAMS[storage]
+    if mapping.storage == "sorted":
+        return 4 * _runtime_ids(mapping)[1] + 8 * _PARAMS["dense"]
+    return 8 * _PARAMS[mapping.storage]
 
 
-def _dense_span(mapping: IdMapping) -> int:
+def _runtime_ids(mapping: IdMapping) -> Optional[Tuple[int, int]]:
+    """(first id, count) of the ids the dense copy of a sorted ``mapping`` covers; None: too wide."""
     keys = mapping.keys
-    return int(keys[-1]) - int(keys[0]) + 1 if keys.numel() else 0
+    first, last = int(keys[0]), int(keys[-1])
+    if keys.dtype == torch.int32:
+        first, last = first + mapping.offset, last + mapping.offset
+    if 0 <= first and last < RUNTIME_DENSE_IDS:
+        return 0, RUNTIME_DENSE_IDS
+    return (first, last - first + 1) if last - first < RUNTIME_DENSE_IDS else None
+
+
+def _dense_copy(mapping: IdMapping) -> IdMapping:
+    """The same function as the sorted ``mapping``, stored densely over :func:`_runtime_ids`."""
+    first, count = _runtime_ids(mapping)
+    ids = torch.arange(first, first + count, dtype=torch.int64, device=mapping.keys.device)
+    return IdMapping(mapping.num_rows, hash_offset=mapping.hash_offset, hash_rows=mapping.hash_rows, seed=mapping.seed,
+                     storage="dense", offset=first, tensors={"table": mapping(ids).to(torch.int32)},
+                     num_entries=mapping.num_entries, table_name=mapping.table_name)
 
 
 class FusedIdMappings:
@@ -81,8 +102,7 @@ class FusedIdMappings:
             raise ValueError(f"the mappings of tables {self.tables} are on several devices {sorted(map(str, devices))}")
         device = devices.pop() if devices else torch.device("cpu")
         # Runtime form of each table: sorted tables as their dense copy.
-        runtime = {t: mappings[t].with_storage("dense") if mappings[t].storage == "sorted" else mappings[t]
-                   for t in self.tables}
+        runtime = {t: _dense_copy(mappings[t]) if mappings[t].storage == "sorted" else mappings[t] for t in self.tables}
         self.kind = {t: runtime[t].storage for t in self.tables}
         # Views the mappings' buffers were replaced by: (mapping, buffer name, view).
         self._views: List[Tuple[IdMapping, str, torch.Tensor]] = []
@@ -126,7 +146,7 @@ class FusedIdMappings:
             starts[t] = start
             params[:, self.code[t]] = torch.tensor([runtime[t].offset, runtime[t].offset + table.numel() - 1, start])
             start += table.numel()
-        parts = [runtime[t].table.to(device) for t in tables]  # a sorted table's dense copy is built on the CPU
+        parts = [runtime[t].table for t in tables]
         packed = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int32, device=device)
         for t in tables:
             if mappings[t].storage == "dense":  # a sorted table's dense copy is nobody's buffer
@@ -235,6 +255,8 @@ class FusedIdMappings:
         """``rows`` where ``found``, else the hash rows of the ids (as ``IdMapping`` fills them)."""
         if ids.device.type == "cpu":
             # On CPU hash only the ids that need it; on accelerators the masked copy would sync.
+            if bool(found.all()):  # a reduction costs far less than nonzero (e.g. dense tables over every id)
+                return rows
             missing = (~found).view(-1).nonzero().squeeze(1)
             if missing.numel():
                 # The code of a missing id: its own, or its row's in a (features, ids) matrix.

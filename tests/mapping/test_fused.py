@@ -11,7 +11,7 @@ from safetensors.torch import load as safetensors_load
 
 from lhf_torchrec.mapping import IdMapping, load_mappings, save_mappings
 from lhf_torchrec.mapping import fused as fused_module
-from lhf_torchrec.mapping.fused import RUNTIME_DENSE_BYTES, FusedIdMappings, fusable, runtime_bytes
+from lhf_torchrec.mapping.fused import RUNTIME_DENSE_IDS, FusedIdMappings, fusable, runtime_bytes
 
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 EXTREMES = [INT64_MIN, INT64_MIN + 1, -1, 0, 1, (1 << 31) - 1, 1 << 31, (1 << 32) + 5, INT64_MAX - 1, INT64_MAX]
@@ -95,10 +95,12 @@ def test_which_mappings_fuse_and_what_they_add():
                          table_name="b")
     dense = IdMapping.from_entries(np.arange(10), ids % 5, 20, hash_offset=5, table_name="x")
     assert dense.storage == "dense"
-    assert wide_sorted.storage == "sorted" and 4 * int(wide_sorted.keys[-1]) > RUNTIME_DENSE_BYTES
+    assert wide_sorted.storage == "sorted" and int(wide_sorted.keys[-1]) > RUNTIME_DENSE_IDS
     assert [fusable(m) for m in (small_sorted, wide_sorted, double, bucketed, dense)] == [True, False, False, False, True]
-    # The dense copy of a small sorted table (its span, 4 bytes an id) and the per-table parameters.
-    assert runtime_bytes(small_sorted) == 4 * 64 + 8 * 9
+    # The dense copy of a small sorted table (ids [0, 1024) here, 4 bytes an id) and the per-table parameters.
+    assert runtime_bytes(small_sorted) == 4 * RUNTIME_DENSE_IDS + 8 * 9
+    shifted = IdMapping.from_entries(ids + 5000, ids % 5, 20, hash_offset=5, table_name="s").with_storage("sorted")
+    assert runtime_bytes(shifted) == 4 * 64 + 8 * 9  # elsewhere: the span of its entries
     assert runtime_bytes(dense) == 8 * 9
     assert runtime_bytes(wide_sorted) == runtime_bytes(double) == 0
 
