@@ -127,6 +127,7 @@ class FusedIdMappings:
         # Passes in order: dense, each perfect hash layout, hash only. Each table's ids go to its pass.
         passes = [dense, *layouts.values(), [t for t in self.tables if self.kind[t] == "none"]]
         self._pass = {t: p for p, ts in enumerate(passes) for t in ts}
+        self._code_tensors: Dict[Tuple[Tuple[int, ...], torch.device], torch.Tensor] = {}
         self._num_passes = len(passes)
 
     # ------------------------------------------------------------------ packing
@@ -204,7 +205,7 @@ class FusedIdMappings:
     def _apply_pass(self, p: int, ids: torch.Tensor, out: torch.Tensor, members: List[Tuple[int, int]]) -> None:
         """Writes to ``out`` the rows of ``ids``: the ids of the tables in ``members`` ((code, count) each,
         end to end), all of pass ``p``."""
-        codes = torch.tensor([c for c, _ in members], device=ids.device)
+        codes = self._codes(tuple(c for c, _ in members), ids.device)
         width = members[0][1]
         if all(n == width for _, n in members):
             # Features of equal size (one id per sample, the usual input): a (features, ids) matrix
@@ -223,6 +224,13 @@ class FusedIdMappings:
                 out[chunk] = self._hashed(ids[chunk], index[chunk])
             else:
                 out[chunk] = self._fill_hashed(*self._lookup(p, ids[chunk], index[chunk]), ids[chunk], index[chunk])
+
+    def _codes(self, codes: Tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """``codes`` as a tensor on ``device``, made once (a host-to-device copy each call would wait)."""
+        key = (codes, device)
+        if key not in self._code_tensors:
+            self._code_tensors[key] = torch.tensor(codes, dtype=torch.int64, device=device)
+        return self._code_tensors[key]
 
     def _lookup(self, p: int, ids: torch.Tensor, index: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """(rows, found) of the ids of pass ``p`` (dense, or a perfect hash layout); ``index``: their
