@@ -368,6 +368,13 @@ The remap is {100 * remap_share:.0f}% of the hashing-trick step (median of per-r
 
 {markdown_table(remap, remap_labels, remap_extra, 'remap memory')}
 
+`IdRemapper` maps the ids of all tables together, one pass per storage
+(`lhf_torchrec.mapping.fused.FusedIdMappings`: dense tables, each perfect hash layout, the hash), the
+features of equal size as a (features, ids) matrix whose rows broadcast their table's parameters. The
+memory columns count the mappings' buffers and what the fused remap adds (`runtime_bytes`: the 4 KiB dense
+copies it runs the small sorted tables from, per-table parameters); its packed arrays are the mappings'
+own buffers, not copies.
+
 Same KJT, same rows per table. TorchRec's MCH holds the M - 1 most frequent ids of the same history
 in sorted int64 slots (searchsorted, gather, compare) and sends every other id to one shared miss
 row; ours looks up the mapping's entries (int32) and hashes every other id into a reserved region.

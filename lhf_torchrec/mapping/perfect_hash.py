@@ -130,6 +130,7 @@ def lookup(ids: torch.Tensor, slot_keys: torch.Tensor, slot_rows: torch.Tensor, 
            group_pilots: torch.Tensor, group_hash: Sequence[Union[int, torch.Tensor]],
            num_groups: Union[int, torch.Tensor, None] = None, num_slots: Union[int, torch.Tensor, None] = None,
            group_start: Union[int, torch.Tensor] = 0, slot_start: Union[int, torch.Tensor] = 0,
+           high_shift: Union[int, torch.Tensor] = 0, has_high: Optional[torch.Tensor] = None,
            ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(rows int64, found bool) of flat int64 ``ids``; rows are meaningless where not found.
 
@@ -137,7 +138,10 @@ def lookup(ids: torch.Tensor, slot_keys: torch.Tensor, slot_rows: torch.Tensor, 
     table's four ``group_hash`` words, its ``num_groups`` and ``num_slots`` and where its groups and slots
     start in the packed tensors (``group_start``, ``slot_start``) are then int64 tensors shaped like ``ids``
     (each id's own table), all of them broadcasting as ints do: ``ids`` of any shape, e.g. (tables, ids)
-    with (tables, 1) parameters.
+    with (tables, 1) parameters. Packed tables that store high row bits and tables that do not (up to
+    2^15 rows) share one lookup with ``has_high`` (1 or 0 per id) and ``high_shift``, where a table's
+    high bits start in ``slot_rows_high`` relative to its slots: an id of a table without high bits
+    reads some element and multiplies it by 0.
 
     int32 ``slot_keys`` compare as int64: a key never equals an id outside the int32 range."""
     num_groups = group_pilots.numel() if num_groups is None else num_groups
@@ -147,7 +151,12 @@ def lookup(ids: torch.Tensor, slot_keys: torch.Tensor, slot_rows: torch.Tensor, 
     multiplier = _gather(group_pilots, group).to(torch.int64).mul_(group_hash[3]).add_(group_hash[2])
     slot = _shifted(_slot_of(multiplier.mul_(mixed), num_slots), slot_start)
     found = _gather(slot_keys, slot) == ids
-    high = _gather(slot_rows_high, slot) if slot_rows_high.numel() else slot_rows_high
+    if not slot_rows_high.numel():
+        high = slot_rows_high
+    elif has_high is None:
+        high = _gather(slot_rows_high, slot)
+    else:
+        high = _gather(slot_rows_high, (slot + high_shift).clamp_(0, slot_rows_high.numel() - 1)).mul(has_high)
     return decode_rows(_gather(slot_rows, slot), high), found
 
 
