@@ -94,6 +94,14 @@ def bucketed_storage_cost(num_entries: int, num_rows: int) -> Tuple[str, int]:
     return _sparse_cost(num_entries, 8, num_rows) if num_entries else ("none", 0)
 
 
+def _eager_cpu(ids: torch.Tensor) -> bool:
+    """Whether ``forward`` may take data-dependent shortcuts (a host sync, a shape that depends on the
+    values): eager on CPU they save whole passes over memory. Compiled (``torch.compile``: one fused
+    kernel hashes every id for about the cost of a gather, and a data-dependent shape would break the
+    graph) and on accelerators (a sync stalls the stream) the branch-free form is faster."""
+    return ids.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def _check_buckets(table: str, num_rows: int, num_buckets: int, regions: torch.Tensor, probes: int,
                    storage: str, tensors: Mapping[str, torch.Tensor]) -> None:
     """A bucketed mapping's rows split into whole buckets, each with a hash region inside it, and its
@@ -404,9 +412,9 @@ class IdMapping(nn.Module):
         if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
             raise TypeError(f"table '{self.table_name}': ids must be an integer tensor, got dtype {ids.dtype}")
         flat = self._keys_of(ids.reshape(-1))
-        if self.storage == "dense" and self.probes == 1 and flat.device.type == "cpu" and flat.numel():
-            # CPU fast path: when every id lies in the stored span (one reduction, no host sync cost
-            # on CPU), a lookup is a single gather: no range masks, nothing to hash.
+        if self.storage == "dense" and self.probes == 1 and _eager_cpu(flat) and flat.numel():
+            # Eager CPU fast path: when every id lies in the stored span (one reduction, no host sync
+            # cost on CPU), a lookup is a single gather: no range masks, nothing to hash.
             low, high = torch.aminmax(flat)
             if int(low) >= self.offset and int(high) < self.offset + self.table.numel():
                 index = flat - self.offset if self.offset else flat
@@ -466,9 +474,9 @@ class IdMapping(nn.Module):
     def _fill_hashed(self, rows: torch.Tensor, found: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         if self.storage == "none":
             return self._hashed(ids)
-        if ids.device.type == "cpu":
-            # On CPU hash only the ids that need it: the hash costs more than the gather, and most
-            # lookups of a fitted table hit an entry. On accelerators the masked copy would sync.
+        if _eager_cpu(ids):
+            # Eager on CPU hash only the ids that need it: each op of the hash is a pass over memory,
+            # and most lookups of a fitted table hit an entry.
             missing = (~found).nonzero().squeeze(1)
             if missing.numel():
                 rows.index_copy_(0, missing, self._hashed(ids.index_select(0, missing)))
