@@ -11,6 +11,7 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 from lhf_torchrec.mapping import IdMapping
+from lhf_torchrec.mapping.id_mapping import COMPILE_SETTINGS
 
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 
@@ -82,7 +83,7 @@ def test_compiled_apply_is_one_graph_for_any_batch_size_with_the_eager_rows():
     mappings, entry_ids = _mappings()
     assert {m.storage for m in mappings} == {"none", "dense", "sorted", "perfect_hash"}
     module = _ApplyAll(mappings)
-    compiled = torch.compile(module, fullgraph=True, dynamic=True)  # fullgraph: a graph break is an error
+    compiled = torch.compile(module, **COMPILE_SETTINGS)  # fullgraph: a graph break is an error
     graphs = counters["stats"]["unique_graphs"]
     for size in (3000, 1777):
         ids = _queries(entry_ids, size, seed=size)
@@ -96,6 +97,20 @@ def test_compiled_apply_is_one_graph_for_any_batch_size_with_the_eager_rows():
     empty = torch.zeros(0, dtype=torch.int64)
     for m, got, expected in zip(mappings, compiled(empty), module(empty)):
         assert got.shape == expected.shape and got.dtype == expected.dtype, m.table_name
+
+
+def test_compile_in_place_keeps_the_module_and_its_rows():
+    rng = np.random.default_rng(3)
+    keys = rng.integers(INT64_MIN, INT64_MAX, 500, dtype=np.int64)
+    mapping = IdMapping.from_entries(keys, np.arange(500) % 40, 64, hash_offset=40, seed=11, table_name="t")
+    ids = torch.from_numpy(np.concatenate([keys[:300], rng.integers(INT64_MIN, INT64_MAX, 300, dtype=np.int64)]))
+    expected, state = mapping(ids), mapping.state_dict()
+    graphs = counters["stats"]["unique_graphs"]
+    mapping.compile()
+    assert torch.equal(mapping(ids), expected)
+    assert counters["stats"]["unique_graphs"] == graphs + 1
+    # Still an IdMapping with the same state_dict keys: sharders, swaps and checkpoints see no difference.
+    assert type(mapping) is IdMapping and mapping.state_dict().keys() == state.keys()
 
 
 @pytest.fixture(autouse=True)
