@@ -263,11 +263,14 @@ def _spread_ids(profile, kind: str, rng: np.random.Generator):
 def _compiled(mapping, ids: torch.Tensor):
     """``mapping`` compiled as ``IdMapping.compile`` does (a wrapper: the eager mapping stays), the seconds of
     its first call (the compile), checked against eager on ``ids`` and on a batch of another size."""
+    from torch._inductor import config as inductor_config
+
     from lhf_torchrec.mapping.id_mapping import COMPILE_SETTINGS
 
     compiled = torch.compile(mapping, **COMPILE_SETTINGS)
     start = time.perf_counter()
-    rows = compiled(ids)
+    with inductor_config.patch(force_disable_caches=True):  # a cold compile, as on a fresh machine
+        rows = compiled(ids)
     compile_s = time.perf_counter() - start
     torch.compiler.set_stance("fail_on_recompile")  # another batch size runs the same graph
     try:
@@ -644,8 +647,8 @@ def apply_doc(rows: list, num_ids: int, batch: int, reps: int, zch: list) -> str
         "`(fitted)` marks the storage the fit chose. `hit` is the share of lookups that find an entry (the others "
         "are hashed by `hash_ids`). `apply` is eager `mapping(ids)`; `compiled` the same mapping compiled as "
         "`mapping.compile()` does (`torch.compile` with `COMPILE_SETTINGS`: one graph, dynamic batch size, "
-        "inductor's scalar C++ code), once per mapping; `compile_s` is its first call (the compile; the first "
-        "one also loads inductor), and every compiled mapping gives the eager rows on these ids and on a batch of "
+        "inductor's scalar C++ code), once per mapping; `compile_s` is its first call (a cold compile, inductor's "
+        "caches off; the first one also loads inductor), and every compiled mapping gives the eager rows on these ids and on a batch of "
         "another size without recompiling. `lookup/gather` times the storage alone, eager (`_lookup`: finds the "
         "entries, hashes nothing). The floor is a plain `int32_table.index_select(0, int64_ids)` gather of as many "
         f"ids from a {num_ids:,}-row table, timed in the same interleaved reps; median of {reps} reps of the "
