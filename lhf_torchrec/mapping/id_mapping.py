@@ -41,6 +41,12 @@ refuses entries for both; bucketed fitting keeps the more accessed one, see
 
 The mapping is an ``nn.Module`` whose tensors are buffers, so it moves with ``.to(device)`` and is
 saved in a model's ``state_dict``. ``save``/``load`` use safetensors with a checksum.
+
+Compiled apply: ``mapping.compile()`` (:meth:`IdMapping.compile`, ``nn.Module.compile`` with
+:data:`COMPILE_SETTINGS`) turns the lookup and the hash into one fused kernel, one graph for every
+batch size; the first call compiles (5-20 s on CPU). Eager, every element-wise op of the hash is a
+pass over memory (docs/performance.md, "Apply throughput"). ``forward`` has no data-dependent
+control flow when compiled, so ``torch.compile`` of a module that applies mappings compiles them too.
 """
 
 import hashlib
@@ -61,6 +67,11 @@ _INT32_MAX = (1 << 31) - 1
 _INT64_MAX = (1 << 63) - 1
 _HASH_CHUNK = 1 << 16  # ids hashed at once when a dense table precomputes its span's hash rows
 MAPPINGS_FORMAT = "lhf_torchrec.mapping"
+# What IdMapping.compile passes to torch.compile: one graph (a graph break is an error), dynamic batch
+# size. "cpp.simdlen": 1 makes inductor's CPU code scalar: its vectorized code loads gathered elements
+# through a stack buffer, 2-3x slower than scalar loads for the random gathers a lookup is made of
+# (measured on AVX2: docs/performance.md, "Apply throughput"). It does not apply to GPU (triton) code.
+COMPILE_SETTINGS: Dict[str, Any] = {"fullgraph": True, "dynamic": True, "options": {"cpp.simdlen": 1}}
 
 
 SPARSE_STORAGES = ("perfect_hash", "sorted")
@@ -92,6 +103,14 @@ def bucketed_storage_cost(num_entries: int, num_rows: int) -> Tuple[str, int]:
     """Storage and bytes of the entries of a bucketed mapping into ``num_rows`` rows, keyed by int64
     bucket hash."""
     return _sparse_cost(num_entries, 8, num_rows) if num_entries else ("none", 0)
+
+
+def _eager_cpu(ids: torch.Tensor) -> bool:
+    """Whether ``forward`` may take data-dependent shortcuts (a host sync, a shape that depends on the
+    values): eager on CPU they save whole passes over memory. Compiled (``torch.compile``: one fused
+    kernel hashes every id for about the cost of a gather, and a data-dependent shape would break the
+    graph) and on accelerators (a sync stalls the stream) the branch-free form is faster."""
+    return ids.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def _check_buckets(table: str, num_rows: int, num_buckets: int, regions: torch.Tensor, probes: int,
@@ -397,6 +416,21 @@ class IdMapping(nn.Module):
         return first + hash_ids(ids, rows, self.seed)
 
     # ------------------------------------------------------------------ applying
+    def compile(self, **settings: Any) -> None:
+        """Compiles ``forward`` in place with ``torch.compile`` (``nn.Module.compile``): :data:`COMPILE_SETTINGS`,
+        updated by ``settings``. Same rows as eager; the first call compiles, and sizes 0 and 1 once more
+        (dynamo specializes them). Example::
+
+            mapping.compile()
+            mapping(ids)   # compiles on the first call, then one fused kernel per call
+
+        The mapping's seed, sizes and offsets are constants of its kernel, so every mapping compiled on
+        its own is another compiled version of the same function, of which dynamo keeps
+        ``torch._dynamo.config.recompile_limit`` (8): beyond, raise the limit, or compile the module that
+        applies the mappings (one graph for all of them).
+        """
+        super().compile(**{**COMPILE_SETTINGS, **settings})
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows of ``ids`` (same shape; an extra last dim of 2 when ``probes == 2``)."""
         if not isinstance(ids, torch.Tensor):
@@ -404,9 +438,9 @@ class IdMapping(nn.Module):
         if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
             raise TypeError(f"table '{self.table_name}': ids must be an integer tensor, got dtype {ids.dtype}")
         flat = self._keys_of(ids.reshape(-1))
-        if self.storage == "dense" and self.probes == 1 and flat.device.type == "cpu" and flat.numel():
-            # CPU fast path: when every id lies in the stored span (one reduction, no host sync cost
-            # on CPU), a lookup is a single gather: no range masks, nothing to hash.
+        if self.storage == "dense" and self.probes == 1 and _eager_cpu(flat) and flat.numel():
+            # Eager CPU fast path: when every id lies in the stored span (one reduction, no host sync
+            # cost on CPU), a lookup is a single gather: no range masks, nothing to hash.
             low, high = torch.aminmax(flat)
             if int(low) >= self.offset and int(high) < self.offset + self.table.numel():
                 index = flat - self.offset if self.offset else flat
@@ -466,9 +500,9 @@ class IdMapping(nn.Module):
     def _fill_hashed(self, rows: torch.Tensor, found: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         if self.storage == "none":
             return self._hashed(ids)
-        if ids.device.type == "cpu":
-            # On CPU hash only the ids that need it: the hash costs more than the gather, and most
-            # lookups of a fitted table hit an entry. On accelerators the masked copy would sync.
+        if _eager_cpu(ids):
+            # Eager on CPU hash only the ids that need it: each op of the hash is a pass over memory,
+            # and most lookups of a fitted table hit an entry.
             missing = (~found).nonzero().squeeze(1)
             if missing.numel():
                 rows.index_copy_(0, missing, self._hashed(ids.index_select(0, missing)))
