@@ -19,7 +19,7 @@ both. A CSV dataset is named after its file (or the spec's ``name``) in every re
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields as dataclass_fields
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
@@ -93,6 +93,12 @@ def read_csv_spec(path: str) -> CSVSpec:
             fields = json.load(f)
         if not isinstance(fields, dict):
             raise ValueError(f"expected a JSON object, got {type(fields).__name__}")
+        known = [f.name for f in dataclass_fields(CSVSpec) if f.init]
+        unknown = sorted(set(fields) - set(known))
+        if unknown:
+            # TorchRec calls id features "sparse"; the spec calls them "categorical", so say which is which.
+            raise ValueError(f"unknown field(s) {unknown}; the fields are {known} (categorical = id features, "
+                             f"the ones TorchRec calls sparse)")
         return CSVSpec(**fields)
     except FileNotFoundError:
         raise FileNotFoundError(f"CSV spec {path} does not exist") from None

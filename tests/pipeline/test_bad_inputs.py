@@ -192,6 +192,16 @@ def test_csv_spec_with_a_string_for_a_list(tmp_path, csv_files, capsys):
            str(spec), "categorical must be a list of column names, got the string 'user'")
 
 
+def test_csv_spec_with_torchrec_words_for_fields(tmp_path, csv_files, capsys):
+    # A TorchRec user writes "sparse" for the id columns: the error names the field and the right one.
+    spec, data = csv_files
+    fields = {**SPEC, "sparse": SPEC["categorical"]}
+    del fields["categorical"]
+    spec.write_text(json.dumps(fields))
+    _fails(["profile", "--data", "csv", "--data-path", data, "--csv-spec", spec, "--out", tmp_path / "p"], capsys,
+           str(spec), "unknown field(s) ['sparse']", "'categorical'")
+
+
 # ------------------------------------------------------------------ arguments
 
 
@@ -284,3 +294,4 @@ def test_a_full_disk_names_the_file_and_keeps_the_previous_one(tmp_path):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     assert path.read_bytes() == b"previous"
     assert os.listdir(tmp_path) == ["results.json"]  # no temporary file left behind
+
