@@ -86,7 +86,8 @@ def _runtime_ids(mapping: IdMapping) -> Optional[Tuple[int, int]]:
 def _dense_copy(mapping: IdMapping) -> IdMapping:
     """The same function as the sorted ``mapping``, stored densely over :func:`_runtime_ids`."""
     first, count = _runtime_ids(mapping)
-    ids = torch.arange(first, first + count, dtype=torch.int64, device=mapping.keys.device)
+    # first + count may be 2^63 (an entry at the largest id): add first to the offsets instead.
+    ids = torch.arange(count, dtype=torch.int64, device=mapping.keys.device).add_(first)
     return IdMapping(mapping.num_rows, hash_offset=mapping.hash_offset, hash_rows=mapping.hash_rows, seed=mapping.seed,
                      storage="dense", offset=first, tensors={"table": mapping(ids).to(torch.int32)},
                      num_entries=mapping.num_entries, table_name=mapping.table_name)

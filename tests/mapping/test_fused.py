@@ -164,6 +164,14 @@ def test_no_ids_and_empty_features():
     assert torch.equal(rows[2], mappings["a"](torch.tensor([3, 99])))
 
 
+@pytest.mark.parametrize("ids", [[INT64_MAX], [INT64_MAX - 3, INT64_MAX], [INT64_MIN, INT64_MIN + 4], [-7, 2]])
+def test_small_sorted_tables_at_the_ends_of_the_id_space(ids):
+    mapping = IdMapping.from_entries(np.array(ids), np.arange(len(ids)), 5, hash_offset=2, table_name="e")
+    mapping = mapping.with_storage("sorted")
+    queries = torch.tensor(EXTREMES + [i + d for i in ids for d in (-1, 0, 1) if INT64_MIN <= i + d <= INT64_MAX])
+    assert torch.equal(FusedIdMappings({"e": mapping})([queries], ["e"])[0], mapping(queries))
+
+
 @pytest.mark.parametrize("seeds", [(0, 0), (3, 11)])
 def test_hash_only_tables_in_one_pass(seeds):
     mappings = {f"h{i}": IdMapping(50 + 1000 * i, hash_offset=i, seed=s, table_name=f"h{i}") for i, s in enumerate(seeds)}
