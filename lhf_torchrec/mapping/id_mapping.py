@@ -44,9 +44,10 @@ saved in a model's ``state_dict``. ``save``/``load`` use safetensors with a chec
 
 Compiled apply: ``mapping.compile()`` (:meth:`IdMapping.compile`, ``nn.Module.compile`` with
 :data:`COMPILE_SETTINGS`) turns the lookup and the hash into one fused kernel, one graph for every
-batch size; the first call compiles (5-20 s on CPU). Eager, every element-wise op of the hash is a
+batch size; the first call compiles (3-12 s on CPU). Eager, every element-wise op of the hash is a
 pass over memory (docs/performance.md, "Apply throughput"). ``forward`` has no data-dependent
-control flow when compiled, so ``torch.compile`` of a module that applies mappings compiles them too.
+control flow when compiled or exported, so ``torch.compile`` of a module that applies mappings
+compiles them too, and ``torch.export`` exports a mapping.
 """
 
 import hashlib

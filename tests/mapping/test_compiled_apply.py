@@ -113,6 +113,16 @@ def test_compile_in_place_keeps_the_module_and_its_rows():
     assert type(mapping) is IdMapping and mapping.state_dict().keys() == state.keys()
 
 
+@pytest.mark.parametrize("strict", [False, True])
+def test_export_has_no_data_dependent_guard(strict):
+    rng = np.random.default_rng(4)
+    keys = rng.integers(INT64_MIN, INT64_MAX, 200, dtype=np.int64)
+    mapping = IdMapping.from_entries(keys, np.arange(200) % 30, 64, hash_offset=30, table_name="t")
+    ids = torch.from_numpy(np.concatenate([keys, rng.integers(INT64_MIN, INT64_MAX, 100, dtype=np.int64)]))
+    exported = torch.export.export(mapping, (ids,), dynamic_shapes=({0: torch.export.Dim("n")},), strict=strict)
+    assert torch.equal(exported.module()(ids[:123]), mapping(ids[:123]))
+
+
 @pytest.fixture(autouse=True)
 def _default_stance():
     yield
