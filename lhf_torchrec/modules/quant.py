@@ -37,8 +37,9 @@ the trace compiles with ``torch.jit.script`` (:func:`script_for_serving`), Torch
 its quantized EBC; ``torch.export.export(..., strict=False)`` works too (mark the KJT's values
 dimension dynamic). With a table remapped in front all three fail, in ``IdRemapper``/``IdMapping``:
 torch.fx "Proxy object cannot be iterated" (the loop over the KJT's keys), TorchScript
-"Comprehension ifs are not supported yet", torch.export ``GuardOnDataDependentSymNode`` (the
-``if missing.numel():`` of ``IdMapping._fill_hashed``).
+"Comprehension ifs are not supported yet", torch.export on ``IdRemapper``'s data-dependent steps
+(its checks of the ids, the fused remap's shapes). A single ``IdMapping`` exports and compiles (it has
+no data-dependent control flow when traced: :meth:`IdMapping.compile`).
 """
 
 import copy
