@@ -260,14 +260,14 @@ class FusedIdMappings:
         """(rows, found) of the ids of pass ``p`` (dense, or a perfect hash layout); ``index``: their
         tables' codes, shaped like ``ids`` or broadcasting to it."""
         if p == 0:
-            offset, last, start = (_take(param, index) for param in self._dense_params)
+            offset, last, start = (perfect_hash.gather(param, index) for param in self._dense_params)
             # Clamp in id space, then subtract: ids - offset could wrap around int64 for extreme ids.
             clamped = torch.clamp(ids, offset, last)
             found = clamped == ids
-            return _take(self._dense_table, clamped.sub_(offset).add_(start)).to(torch.int64), found
+            return perfect_hash.gather(self._dense_table, clamped.sub_(offset).add_(start)).to(torch.int64), found
         tensors, params = self._hash_tables[p - 1]
         offset, w0, w1, w2, w3, groups, slots, group_start, slot_start, high_shift, has_high = (
-            _take(param, index) for param in params)
+            perfect_hash.gather(param, index) for param in params)
         # Relative keys wrap around for extreme ids, but equal a key only for the entry's id (IdMapping).
         keys = ids - offset
         return perfect_hash.lookup(keys, tensors["slot_keys"], tensors["slot_rows"], tensors["slot_rows_high"],
@@ -276,9 +276,9 @@ class FusedIdMappings:
 
     def _hashed(self, ids: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """The hash row of each id in its table's hash region (``IdMapping._hashed``, all tables at once)."""
-        rows, offset = _take(self._hashing[0], index), _take(self._hashing[5], index)
+        rows, offset = perfect_hash.gather(self._hashing[0], index), perfect_hash.gather(self._hashing[5], index)
         if self._coefficients is None:
-            coefficients = torch.stack([_take(param, index) for param in self._hashing[:5]], dim=-1)
+            coefficients = torch.stack([perfect_hash.gather(param, index) for param in self._hashing[:5]], dim=-1)
             return hash_with_coefficients(ids, coefficients).add_(offset)
         # hash_with_coefficients ends with (h * num_buckets) >> 31 of h in [0, 2^31 - 1): with
         # num_buckets = 2^31 it returns h itself, and the per-id scaling gives each id its table's range.
@@ -300,8 +300,3 @@ class FusedIdMappings:
             return rows
         return torch.where(found, rows, self._hashed(ids, index))
 
-
-def _take(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``values[index]`` for an index of any shape, with a 1-D ``index_select`` (advanced indexing is
-    several times slower on CPU)."""
-    return values.index_select(0, index.reshape(-1)).view(index.shape)

@@ -148,20 +148,21 @@ def lookup(ids: torch.Tensor, slot_keys: torch.Tensor, slot_rows: torch.Tensor, 
     num_slots = slot_keys.numel() if num_slots is None else num_slots
     mixed = _mixed(ids, group_hash)
     group = _shifted(_group_of(mixed, group_hash[0], num_groups), group_start)
-    multiplier = _gather(group_pilots, group).to(torch.int64).mul_(group_hash[3]).add_(group_hash[2])
+    multiplier = gather(group_pilots, group).to(torch.int64).mul_(group_hash[3]).add_(group_hash[2])
     slot = _shifted(_slot_of(multiplier.mul_(mixed), num_slots), slot_start)
-    found = _gather(slot_keys, slot) == ids
+    found = gather(slot_keys, slot) == ids
     if not slot_rows_high.numel():
         high = slot_rows_high
     elif has_high is None:
-        high = _gather(slot_rows_high, slot)
+        high = gather(slot_rows_high, slot)
     else:
-        high = _gather(slot_rows_high, (slot + high_shift).clamp_(0, slot_rows_high.numel() - 1)).mul(has_high)
-    return decode_rows(_gather(slot_rows, slot), high), found
+        high = gather(slot_rows_high, (slot + high_shift).clamp_(0, slot_rows_high.numel() - 1)).mul(has_high)
+    return decode_rows(gather(slot_rows, slot), high), found
 
 
-def _gather(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``values[index]`` with a 1-D ``index_select`` (advanced indexing is several times slower on CPU)."""
+def gather(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``values[index]`` for an index of any shape, with a 1-D ``index_select`` (advanced indexing is
+    several times slower on CPU)."""
     return values.index_select(0, index) if index.dim() == 1 else values.index_select(0, index.reshape(-1)).view(index.shape)
 
 
