@@ -671,11 +671,11 @@ def apply_doc(rows: list, num_ids: int, batch: int, reps: int, zch: list) -> str
         "faster. Where the table outgrows the caches (`combination`, 1e6 entries, 7-11 MB) compiling gains "
         "nothing: a perfect-hash lookup is a chain of dependent random reads (pilot, then slot key and row: three "
         "arrays), and in one fused loop of ~100 scalar ops per id few of them are in flight at once (our reading of "
-        "it); `sorted` is a binary search (~20 dependent reads per id) either way. In an experiment, computing the "
+        "it); `sorted` is a binary search (~20 dependent reads per id) either way. In one-off experiments not in this repository (2026-11-30, this box, not reproduced by this script), computing the "
         "slots in one compiled function and reading keys and rows in a second ran the 1e6-entry table at ~5x the "
         "gather, and an opaque custom op (a copy of the slots) between the two halves of one graph 6.3x (inductor "
-        "otherwise fuses them into one loop). Inductor's default (vectorized, AVX2) CPU code "
-        "ran a plain gather 2-3x slower than its scalar code on this box (measured separately): it moves every "
+        "otherwise fuses them into one loop). In a one-off measurement (same day, not in this repository) inductor's default (vectorized, AVX2) CPU code "
+        "ran a plain gather 2-3x slower than its scalar code on this box: it moves every "
         "gathered element through a stack buffer; hence `cpp.simdlen: 1` in `COMPILE_SETTINGS`.",
         "",
         "FBGEMM's `torch.ops.fbgemm.zero_collision_hash` (TorchRec's `HashZchManagedCollisionModule`; its CPU path "
