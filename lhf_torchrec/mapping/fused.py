@@ -146,6 +146,7 @@ class FusedIdMappings:
         passes = [dense, *layouts.values(), [t for t in self.tables if self.kind[t] == "none"]]
         self._pass = {t: p for p, ts in enumerate(passes) for t in ts}
         self._code_tensors: Dict[Tuple[Tuple[int, ...], torch.device], torch.Tensor] = {}
+        self._column_cache: Dict[Tuple, List[List[torch.Tensor]]] = {}
         self._num_passes = len(passes)
 
     # ------------------------------------------------------------------ packing
@@ -163,7 +164,10 @@ class FusedIdMappings:
         for t in tables:
             table = runtime[t].table
             starts[t] = start
-            params[:, self.code[t]] = torch.tensor([runtime[t].offset, runtime[t].offset + table.numel() - 1, start])
+            offset = runtime[t].offset
+            # start - offset as an int64 (it wraps for offsets near -2^63; so does the sum, back into range)
+            shift = (start - offset + (1 << 63)) % (1 << 64) - (1 << 63)
+            params[:, self.code[t]] = torch.tensor([shift, offset, offset + table.numel() - 1])
             start += table.numel()
         parts = [runtime[t].table for t in tables]
         packed = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int32, device=device)
@@ -236,18 +240,41 @@ class FusedIdMappings:
             # whose rows take their table's parameters by broadcasting a column, no per-id gather.
             ids, out, index = ids.view(-1, width), out.view(-1, width), codes.view(-1, 1)
             step = max(1, CHUNK // width)
+            columns = self._columns(p, tuple(c for c, _ in members), step, ids.device)
         else:
             index = torch.repeat_interleave(codes, torch.tensor([n for _, n in members], device=ids.device),
                                             output_size=ids.numel())
             step = CHUNK
         # By chunks: every op's temporaries stay small (in cache, and below the size at which the C
         # allocator maps fresh pages for each, which costs more than the op on 1e5 ids).
-        for start in range(0, ids.shape[0], step):
+        for k, start in enumerate(range(0, ids.shape[0], step)):
             chunk = slice(start, start + step)
+            params = columns[k] if index.shape != ids.shape else self._gathered(p, index[chunk])
             if p == self._num_passes - 1:
-                out[chunk] = self._hashed(ids[chunk], index[chunk])
+                out[chunk] = self._hashed(ids[chunk], index[chunk], params)
             else:
-                out[chunk] = self._fill_hashed(*self._lookup(p, ids[chunk], index[chunk]), ids[chunk], index[chunk])
+                self._fill(out[chunk], *self._lookup(p, ids[chunk], params), ids[chunk], index[chunk])
+
+    def _params(self, p: int) -> List[torch.Tensor]:
+        """The per-table parameters of pass ``p`` (one int64 row each, indexed by table code)."""
+        if p == 0:
+            return self._dense_params
+        return self._hashing if p == self._num_passes - 1 else self._hash_tables[p - 1][1]
+
+    def _gathered(self, p: int, index: torch.Tensor) -> List[torch.Tensor]:
+        """The parameters of pass ``p`` of the tables ``index`` (codes), shaped like it."""
+        return [perfect_hash.gather(param, index) for param in self._params(p)]
+
+    def _columns(self, p: int, codes: Tuple[int, ...], step: int, device: torch.device) -> List[List[torch.Tensor]]:
+        """The parameters of pass ``p`` as (tables, 1) columns of each chunk of ``step`` tables of a
+        (features, ids) matrix, gathered once per batch layout (a dozen tiny gathers per chunk and call
+        otherwise cost ~0.3 ms a batch)."""
+        key = (p, codes, step, device)
+        if key not in self._column_cache:
+            index = self._codes(codes, device).view(-1, 1)
+            self._column_cache[key] = [self._gathered(p, index[start:start + step])
+                                       for start in range(0, len(codes), step)]
+        return self._column_cache[key]
 
     def _codes(self, codes: Tuple[int, ...], device: torch.device) -> torch.Tensor:
         """``codes`` as a tensor on ``device``, made once (a host-to-device copy each call would wait)."""
@@ -256,47 +283,57 @@ class FusedIdMappings:
             self._code_tensors[key] = torch.tensor(codes, dtype=torch.int64, device=device)
         return self._code_tensors[key]
 
-    def _lookup(self, p: int, ids: torch.Tensor, index: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(rows, found) of the ids of pass ``p`` (dense, or a perfect hash layout); ``index``: their
-        tables' codes, shaped like ``ids`` or broadcasting to it."""
+    def _lookup(self, p: int, ids: torch.Tensor, params: List[torch.Tensor]
+                ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(rows, found) of the ids of pass ``p`` (dense, or a perfect hash layout), ``params`` the pass's
+        parameters of their tables (shaped like ``ids`` or broadcasting to it); found None: all found."""
         if p == 0:
-            offset, last, start = (perfect_hash.gather(param, index) for param in self._dense_params)
-            # Clamp in id space, then subtract: ids - offset could wrap around int64 for extreme ids.
+            shift, offset, last = params
+            if ids.device.type == "cpu" and ids.dim() == 2:
+                # Rows of one table each: when every id lies in its table's span (e.g. small tables of ids
+                # counted from 0) one min/max reduction replaces the clamp, its comparison and its check.
+                low, high = torch.aminmax(ids, dim=1, keepdim=True)
+                if bool(low.ge(offset).logical_and_(high.le(last)).all()):
+                    return perfect_hash.gather(self._dense_table, ids + shift), None
+            # Clamp in id space, then shift: ids - offset could wrap around int64 for extreme ids.
             clamped = torch.clamp(ids, offset, last)
             found = clamped == ids
-            return perfect_hash.gather(self._dense_table, clamped.sub_(offset).add_(start)).to(torch.int64), found
-        tensors, params = self._hash_tables[p - 1]
-        offset, w0, w1, w2, w3, groups, slots, group_start, slot_start, high_shift, has_high = (
-            perfect_hash.gather(param, index) for param in params)
+            if ids.device.type == "cpu" and bool(found.all()):  # a reduction costs far less than nonzero
+                found = None
+            return perfect_hash.gather(self._dense_table, clamped.add_(shift)), found
+        tensors = self._hash_tables[p - 1][0]
+        offset, w0, w1, w2, w3, groups, slots, group_start, slot_start, high_shift, has_high = params
         # Relative keys wrap around for extreme ids, but equal a key only for the entry's id (IdMapping).
         keys = ids - offset
         return perfect_hash.lookup(keys, tensors["slot_keys"], tensors["slot_rows"], tensors["slot_rows_high"],
                                    tensors["group_pilots"], (w0, w1, w2, w3), groups, slots, group_start, slot_start,
                                    high_shift, has_high)
 
-    def _hashed(self, ids: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """The hash row of each id in its table's hash region (``IdMapping._hashed``, all tables at once)."""
-        rows, offset = perfect_hash.gather(self._hashing[0], index), perfect_hash.gather(self._hashing[5], index)
+    def _hashed(self, ids: torch.Tensor, index: torch.Tensor, params: Optional[List[torch.Tensor]] = None
+                ) -> torch.Tensor:
+        """The hash row of each id in its table's hash region (``IdMapping._hashed``, all tables at once);
+        ``index``: their tables' codes, ``params`` the hash parameters gathered for it (else gathered here)."""
+        rows, *coefficients, offset = self._gathered(self._num_passes - 1, index) if params is None else params
         if self._coefficients is None:
-            coefficients = torch.stack([perfect_hash.gather(param, index) for param in self._hashing[:5]], dim=-1)
-            return hash_with_coefficients(ids, coefficients).add_(offset)
+            return hash_with_coefficients(ids, torch.stack([rows, *coefficients], dim=-1)).add_(offset)
         # hash_with_coefficients ends with (h * num_buckets) >> 31 of h in [0, 2^31 - 1): with
         # num_buckets = 2^31 it returns h itself, and the per-id scaling gives each id its table's range.
         return hash_with_coefficients(ids, self._coefficients).mul_(rows).bitwise_right_shift_(31).add_(offset)
 
-    def _fill_hashed(self, rows: torch.Tensor, found: torch.Tensor, ids: torch.Tensor, index: torch.Tensor
-                     ) -> torch.Tensor:
-        """``rows`` where ``found``, else the hash rows of the ids (as ``IdMapping`` fills them)."""
-        if ids.device.type == "cpu":
+    def _fill(self, out: torch.Tensor, rows: torch.Tensor, found: Optional[torch.Tensor], ids: torch.Tensor,
+              index: torch.Tensor) -> None:
+        """Writes to ``out`` the ``rows`` where ``found`` (None: everywhere), else the hash rows of the ids
+        (as ``IdMapping`` fills them)."""
+        if found is None:
+            out.copy_(rows)
+        elif ids.device.type == "cpu":
             # On CPU hash only the ids that need it; on accelerators the masked copy would sync.
-            if bool(found.all()):  # a reduction costs far less than nonzero (e.g. dense tables over every id)
-                return rows
-            missing = (~found).view(-1).nonzero().squeeze(1)
+            out.copy_(rows)
+            missing = found.logical_not_().view(-1).nonzero().squeeze(1)
             if missing.numel():
                 # The code of a missing id: its own, or its row's in a (features, ids) matrix.
                 of_missing = missing if index.shape == ids.shape else torch.div(missing, ids.shape[-1], rounding_mode="floor")
                 hashed = self._hashed(ids.view(-1).index_select(0, missing), index.view(-1).index_select(0, of_missing))
-                rows.view(-1).index_copy_(0, missing, hashed)
-            return rows
-        return torch.where(found, rows, self._hashed(ids, index))
-
+                out.view(-1).index_copy_(0, missing, hashed)
+        else:
+            out.copy_(torch.where(found, rows, self._hashed(ids, index)))
