@@ -50,9 +50,9 @@ _HASH_RANGE = 1 << 31
 # Ids mapped at once: int64 temporaries of 256 KiB.
 CHUNK = 1 << 15
 # int64 parameters of a table, gathered per id: hash (num_buckets, a0, a1, a2, b, first row), dense
-# (offset, last id, start), perfect hash (offset, 4 group-hash words, groups, slots, group and slot start,
-# where its high row bits start and whether it has any).
-_PARAMS = {"none": 6, "dense": 6 + 3, "perfect_hash": 6 + 11}
+# (start - offset, offset, last id), perfect hash (offset, 4 group-hash words, groups, slots, group and
+# slot start).
+_PARAMS = {"none": 6, "dense": 6 + 3, "perfect_hash": 6 + 9}
 
 
 def fusable(mapping: IdMapping) -> bool:
@@ -129,18 +129,13 @@ class FusedIdMappings:
         self._hashing = [row.contiguous().to(device) for row in hashing.t()]
         dense = [t for t in self.tables if self.kind[t] == "dense"]
         self._dense_table, self._dense_params = self._pack_dense(dense, runtime, mappings, num, device)
-        # One pass per layout: key dtype and high row bits (int8 or int16). Tables without high bits
-        # (up to 2^15 rows) join a layout of their key dtype that has them, reading no high bits.
+        # One pass per layout: key dtype and high row bits (none, int8 or int16). Tables without high bits
+        # (up to 2^15 rows) take a pass of their own rather than one that reads high bits: reading and
+        # masking off another table's high bits costs 8 int64 ops per id, a pass ~40 op launches.
         layouts: Dict[Tuple, List[str]] = {}
-        hash_tables = [t for t in self.tables if self.kind[t] == "perfect_hash"]
-        for t in hash_tables:
-            if runtime[t].slot_rows_high.numel():
-                layouts.setdefault((runtime[t].slot_keys.dtype, runtime[t].slot_rows_high.dtype), []).append(t)
-        for t in hash_tables:
-            if not runtime[t].slot_rows_high.numel():
-                key_dtype = runtime[t].slot_keys.dtype
-                high = next((h for k, h in layouts if k == key_dtype), None)
-                layouts.setdefault((key_dtype, high), []).append(t)
+        for t in (t for t in self.tables if self.kind[t] == "perfect_hash"):
+            high = runtime[t].slot_rows_high
+            layouts.setdefault((runtime[t].slot_keys.dtype, high.dtype if high.numel() else None), []).append(t)
         self._hash_tables = [self._pack_perfect_hash(ts, runtime, num, device) for ts in layouts.values()]
         # Passes in order: dense, each perfect hash layout, hash only. Each table's ids go to its pass.
         passes = [dense, *layouts.values(), [t for t in self.tables if self.kind[t] == "none"]]
@@ -178,27 +173,23 @@ class FusedIdMappings:
 
     def _pack_perfect_hash(self, tables: List[str], runtime: Mapping[str, IdMapping], num: int,
                            device: torch.device) -> Tuple[Dict[str, torch.Tensor], List[torch.Tensor]]:
-        # Per table: offset, the 4 group-hash words, groups, slots, group and slot start, then where its
-        # high row bits start relative to its slots and whether it has any (0: its ids read none).
-        params = torch.zeros(11, num, dtype=torch.int64)
+        # Per table: offset, the 4 group-hash words, groups, slots, group and slot start.
+        params = torch.zeros(9, num, dtype=torch.int64)
         names = ("slot_keys", "slot_rows", "slot_rows_high", "group_pilots")
         starts = {name: 0 for name in names}
         at: Dict[str, Dict[str, int]] = {}
         for t in tables:
             m = runtime[t]
             at[t] = dict(starts)
-            has_high = int(m.slot_rows_high.numel() > 0)
-            params[:, self.code[t]] = torch.tensor([
-                m.offset, *m._group_hash, m.group_pilots.numel(), m.slot_keys.numel(),
-                starts["group_pilots"], starts["slot_keys"], starts["slot_rows_high"] - starts["slot_keys"] if has_high
-                else -starts["slot_keys"], has_high])
+            params[:, self.code[t]] = torch.tensor([m.offset, *m._group_hash, m.group_pilots.numel(),
+                                                    m.slot_keys.numel(), starts["group_pilots"], starts["slot_keys"]])
             for name in names:
                 starts[name] += m._buffers[name].numel()
         packed = {name: torch.cat([runtime[t]._buffers[name] for t in tables if runtime[t]._buffers[name].numel()])
                   if starts[name] else runtime[tables[0]]._buffers[name] for name in names}
         for t in tables:
             for name in names:
-                if runtime[t]._buffers[name].numel():  # empty high bits keep their own (empty) tensor
+                if starts[name]:  # a layout without high bits keeps each table's own (empty) tensor
                     self._share(runtime[t], name, packed[name], at[t][name])
         return packed, [row.contiguous().to(device) for row in params]
 
@@ -302,12 +293,11 @@ class FusedIdMappings:
                 found = None
             return perfect_hash.gather(self._dense_table, clamped.add_(shift)), found
         tensors = self._hash_tables[p - 1][0]
-        offset, w0, w1, w2, w3, groups, slots, group_start, slot_start, high_shift, has_high = params
+        offset, w0, w1, w2, w3, groups, slots, group_start, slot_start = params
         # Relative keys wrap around for extreme ids, but equal a key only for the entry's id (IdMapping).
         keys = ids - offset
         return perfect_hash.lookup(keys, tensors["slot_keys"], tensors["slot_rows"], tensors["slot_rows_high"],
-                                   tensors["group_pilots"], (w0, w1, w2, w3), groups, slots, group_start, slot_start,
-                                   high_shift, has_high)
+                                   tensors["group_pilots"], (w0, w1, w2, w3), groups, slots, group_start, slot_start)
 
     def _hashed(self, ids: torch.Tensor, index: torch.Tensor, params: Optional[List[torch.Tensor]] = None
                 ) -> torch.Tensor:

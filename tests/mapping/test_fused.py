@@ -86,6 +86,40 @@ def test_small_chunks_give_the_same_rows(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
 
 
+@pytest.mark.parametrize("width", [None, 700])
+def test_every_perfect_hash_layout_and_dense_span_together(width):
+    """Perfect hash tables of 2-, 3- and 4-byte rows with int32 and int64 keys (one pass per layout) next
+    to dense tables whose ids all lie in their span (one min/max check) or not (clamped), with features of
+    equal size (a (features, ids) matrix) and not."""
+    rng = np.random.default_rng(3)
+    mappings = {}
+    for i, (num_rows, stride) in enumerate([(n, s) for n in (40, 1 << 16, (1 << 23) + 9) for s in (1, 1 << 13)]):
+        ids = (1 << 40) + stride * rng.choice(1 << 20, 400, replace=False)  # keys span 2^20 (int32) or 2^33
+        mappings[f"p{i}"] = IdMapping.from_entries(ids, rng.integers(0, num_rows // 2, 400), num_rows,
+                                                   hash_offset=num_rows // 2, seed=i % 2, table_name=f"p{i}"
+                                                   ).with_storage("perfect_hash")
+    for i in range(3):
+        mappings[f"d{i}"] = IdMapping.from_entries(np.arange(100) + 50 * i, rng.integers(0, 20, 100), 40, hash_offset=20,
+                                                   table_name=f"d{i}")
+        assert mappings[f"d{i}"].storage == "dense"
+    fused = FusedIdMappings(mappings)
+    assert len(fused._hash_tables) == 6 and set(fused.code) == set(mappings)
+    names, queries = [], []
+    for i, (t, m) in enumerate(mappings.items()):
+        size = width or int(rng.integers(1, 900))
+        if t.startswith("d"):  # d0: every id in its span; d1, d2: some not
+            q = rng.integers(50 * int(t[1]), 50 * int(t[1]) + 100 + 30 * int(t[1]), size)
+        else:
+            known = m.stored_entries()[0].numpy()
+            q = np.where(rng.random(size) < 0.7, rng.choice(known, size), known.min() + rng.integers(0, 1 << 34, size))
+        names.append(t)
+        queries.append(torch.from_numpy(q.astype(np.int64)))
+    for picked in (names, names[-3:-1]):  # all tables; d0 and d1 alone (both in span, then one not)
+        got = fused([queries[names.index(t)] for t in picked], picked)
+        for t, rows in zip(picked, got):
+            assert torch.equal(rows, mappings[t](queries[names.index(t)])), t
+
+
 def test_which_mappings_fuse_and_what_they_add():
     ids = np.arange(10) * 7
     small_sorted = IdMapping.from_entries(ids, ids % 5, 20, hash_offset=5, table_name="s").with_storage("sorted")
