@@ -34,6 +34,7 @@ mappings' memory on every replica; and it returns -1 for a miss, which still nee
 of bounds), which the dense pass needs.
 """
 
+import sys
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -47,6 +48,7 @@ from lhf_torchrec.mapping.id_mapping import IdMapping
 # the span of its entries when it is no wider.
 RUNTIME_DENSE_IDS = 1024
 _HASH_RANGE = 1 << 31
+_LOW_32 = 0xFFFFFFFF
 # Ids mapped at once: int64 temporaries of 256 KiB.
 CHUNK = 1 << 15
 # int64 parameters of a table, gathered per id: hash (num_buckets, a0, a1, a2, b, first row), dense
@@ -69,7 +71,16 @@ def runtime_bytes(mapping: IdMapping) -> int:
         return 0
     if mapping.storage == "sorted":
         return 4 * _runtime_ids(mapping)[1] + 8 * _PARAMS["dense"]
+    if _in_records(mapping):  # the unused byte of each record with 3-byte rows
+        return (2 - mapping.slot_rows_high.element_size()) * mapping.slot_keys.numel() + 8 * _PARAMS[mapping.storage]
     return 8 * _PARAMS[mapping.storage]
+
+
+def _in_records(mapping: IdMapping) -> bool:
+    """Whether a fused perfect hash ``mapping`` is packed as int64 records (:class:`FusedIdMappings`): int32
+    keys and 3- or 4-byte rows (at 2-byte rows a record would cost 8 bytes a slot instead of 6)."""
+    return (mapping.storage == "perfect_hash" and mapping.slot_keys.dtype == torch.int32
+            and mapping.slot_rows_high.numel() > 0 and sys.byteorder == "little")
 
 
 def _runtime_ids(mapping: IdMapping) -> Optional[Tuple[int, int]]:
@@ -185,8 +196,21 @@ class FusedIdMappings:
                                                     m.slot_keys.numel(), starts["group_pilots"], starts["slot_keys"]])
             for name in names:
                 starts[name] += m._buffers[name].numel()
-        packed = {name: torch.cat([runtime[t]._buffers[name] for t in tables if runtime[t]._buffers[name].numel()])
-                  if starts[name] else runtime[tables[0]]._buffers[name] for name in names}
+        parts = {name: [runtime[t]._buffers[name] for t in tables] for name in names}
+        if _in_records(runtime[tables[0]]):
+            # One int64 record per slot: its int32 key in the high word, its row (low 16 bits, high bits) in
+            # the low one; the tables' key and row buffers become strided views of the records.
+            records = torch.zeros(starts["slot_keys"], dtype=torch.int64, device=device)
+            halves = records.view(torch.int16).view(-1, 4)
+            high = parts["slot_rows_high"][0].dtype
+            packed = {"slot_keys": records.view(torch.int32).view(-1, 2)[:, 1], "slot_rows": halves[:, 0],
+                      "slot_rows_high": halves[:, 1] if high == torch.int16 else records.view(torch.int8).view(-1, 8)[:, 2],
+                      "group_pilots": torch.cat(parts["group_pilots"]), "records": records}
+            for name in ("slot_keys", "slot_rows", "slot_rows_high"):
+                packed[name].copy_(torch.cat(parts[name]))
+        else:
+            packed = {name: torch.cat([x for x in parts[name] if x.numel()]) if starts[name] else parts[name][0]
+                      for name in names}
         for t in tables:
             for name in names:
                 if starts[name]:  # a layout without high bits keeps each table's own (empty) tensor
@@ -296,6 +320,15 @@ class FusedIdMappings:
         offset, w0, w1, w2, w3, groups, slots, group_start, slot_start = params
         # Relative keys wrap around for extreme ids, but equal a key only for the entry's id (IdMapping).
         keys = ids - offset
+        if "records" in tensors:
+            # perfect_hash.lookup's slot, then one read of the slot's record instead of its key, low and
+            # high row bits (three random reads into arrays that outgrow the caches) and decoding the row.
+            mixed = perfect_hash._mixed(keys, (w0, w1, w2, w3))
+            group = perfect_hash._group_of(mixed, w0, groups).add_(group_start)
+            multiplier = perfect_hash.gather(tensors["group_pilots"], group).to(torch.int64).mul_(w3).add_(w2)
+            record = perfect_hash.gather(tensors["records"], perfect_hash._slot_of(multiplier.mul_(mixed), slots)
+                                         .add_(slot_start))
+            return record.bitwise_and(_LOW_32), record.bitwise_right_shift_(32) == keys
         return perfect_hash.lookup(keys, tensors["slot_keys"], tensors["slot_rows"], tensors["slot_rows_high"],
                                    tensors["group_pilots"], (w0, w1, w2, w3), groups, slots, group_start, slot_start)
 

@@ -147,16 +147,32 @@ def test_packed_arrays_are_the_mappings_memory_and_files_do_not_change(tmp_path)
         "q": IdMapping.from_entries(rng.choice(1 << 40, 200, replace=False), rng.integers(0, 500, 200), 600,
                                     hash_offset=500, table_name="q"),
         "d": IdMapping.from_entries(np.arange(50), rng.integers(0, 10, 50), 20, hash_offset=10, table_name="d"),
+        # int32 keys with 3- and 4-byte rows: packed as int64 records whose words and bytes are their buffers
+        "r": IdMapping.from_entries(rng.choice(1 << 30, 300, replace=False), rng.integers(0, 1 << 16, 300), 1 << 17,
+                                    hash_offset=1 << 16, table_name="r").with_storage("perfect_hash"),
+        "s": IdMapping.from_entries(rng.choice(1 << 30, 300, replace=False), rng.integers(0, 1 << 24, 300),
+                                    (1 << 24) + 9, hash_offset=1 << 24, table_name="s").with_storage("perfect_hash"),
     }
     assert {m.storage for m in mappings.values()} == {"perfect_hash", "dense"}
+    assert [mappings[t].slot_rows_high.dtype for t in "rs"] == [torch.int8, torch.int16]
     before = tmp_path / "before.safetensors"
     save_mappings(str(before), mappings)
     nbytes = sum(m.nbytes for m in mappings.values())
     fused = FusedIdMappings(mappings)
     slot_keys = fused._hash_tables[0][0]["slot_keys"]
     assert mappings["p"].slot_keys.untyped_storage().data_ptr() == slot_keys.untyped_storage().data_ptr()
-    packed = fused._dense_table.nbytes + sum(t.nbytes for tensors, _ in fused._hash_tables for t in tensors.values())
-    assert packed + sum(m.group_hash.nbytes for m in mappings.values() if m.storage == "perfect_hash") == nbytes
+    packed = fused._dense_table.nbytes + sum(
+        tensors["records"].nbytes + tensors["group_pilots"].nbytes if "records" in tensors else
+        sum(t.nbytes for t in tensors.values()) for tensors, _ in fused._hash_tables)
+    records = [tensors["records"] for tensors, _ in fused._hash_tables if "records" in tensors]
+    assert len(records) == 2
+    for t, r in zip("rs", records):
+        assert all(b.untyped_storage().data_ptr() == r.untyped_storage().data_ptr()
+                   for b in (mappings[t].slot_keys, mappings[t].slot_rows, mappings[t].slot_rows_high))
+    # Records with 3-byte rows leave a byte of each slot unused: what the fused remap adds to the mapping.
+    unused = mappings["r"].slot_keys.numel()
+    assert runtime_bytes(mappings["r"]) - runtime_bytes(mappings["s"]) == unused
+    assert packed + sum(m.group_hash.nbytes for m in mappings.values() if m.storage == "perfect_hash") == nbytes + unused
     after = tmp_path / "after.safetensors"
     save_mappings(str(after), mappings)
     # (safetensors writes its header keys in any order: compare what the files hold, not their bytes)
@@ -172,6 +188,10 @@ def test_packed_arrays_are_the_mappings_memory_and_files_do_not_change(tmp_path)
     assert fused.is_current(mappings)
     ids = torch.from_numpy(rng.integers(0, 1 << 40, 1000))
     assert torch.equal(fused([ids], ["p"])[0], loaded["p"](ids))
+    for t in "rs":
+        ids = torch.cat([mappings[t].stored_entries()[0], torch.from_numpy(rng.integers(0, 1 << 30, 500))])
+        assert torch.equal(fused([ids], [t])[0], loaded[t](ids))
+        assert torch.equal(mappings[t](ids), loaded[t](ids))  # the mapping's own lookup reads the strided views
 
 
 def test_a_move_or_another_mapping_makes_it_stale():
