@@ -5,10 +5,15 @@ small torch ops per table, whatever its size: with 26 tables of 4096 ids each op
 :class:`FusedIdMappings` packs the tables' storages end to end and applies them to the ids of all
 tables at once, each id with its own table's parameters (int64 tensors gathered per id):
 
-* ``dense`` tables: one int32 array of all tables, each id clamped into its table's span (as
-  ``IdMapping`` does), then one gather;
-* ``perfect_hash`` tables: one set of slot and pilot arrays per layout (key dtype, row bytes), looked
-  up by :func:`~lhf_torchrec.mapping.perfect_hash.lookup` with per-id group hashes, sizes and starts;
+* ``dense`` tables: one int32 array of all tables, then one gather; each id clamped into its table's
+  span (as ``IdMapping`` does), or, when one min/max per table shows every id inside it, not;
+* ``perfect_hash`` tables: one set of slot and pilot arrays per layout (key dtype; no, 1- or 2-byte high
+  row bits), looked up by :func:`~lhf_torchrec.mapping.perfect_hash.lookup` with per-id group hashes,
+  sizes and starts. Layouts of int32 keys and 3- or 4-byte rows are packed as one int64 *record* per
+  slot (key in the high word, row in the low one), read once per id instead of three times (key, low
+  and high row bits): these are large tables whose arrays outgrow the caches, where each random read
+  costs more than the hashing. The records cost 8 bytes a slot where the split arrays cost 7 (3-byte
+  rows) or 8: at most 1 byte a slot, 1/7 of the table's slots, counted by :func:`runtime_bytes`;
 * ``none`` tables and every id without an entry: one :func:`~lhf_torchrec.mapping.hashing.hash_with_coefficients`
   call, each id with its table's seed coefficients and hash region;
 * small ``sorted`` tables (the fit's choice for a handful of entries; a binary search per id, the
@@ -16,13 +21,23 @@ tables at once, each id with its own table's parameters (int64 tensors gathered 
   ids (4 KiB).
 
 Features of equal size (one id per sample, the usual input) are mapped as a (features, ids) matrix
-whose rows take their table's parameters by broadcasting, so no parameter is gathered per id.
+whose rows take their table's parameters by broadcasting, so no parameter is gathered per id (the
+columns are gathered once per batch layout and kept).
 
 The packed arrays are the mappings' own memory: packing replaces each mapping's buffers by views of
-them (the same values), so nothing is stored twice and the mappings save, load and fingerprint as
-before. What the mappings do not hold is counted by :func:`runtime_bytes`: the dense copies of sorted
-tables and the per-table parameters. Tables it does not fuse (:func:`fusable`: double hashing,
-bucketed mappings, larger sorted tables) stay on their mapping's own path.
+them (the same values; strided views of the records), so nothing is stored twice and the mappings
+save, load and fingerprint as before. What the mappings do not hold is counted by
+:func:`runtime_bytes`: the dense copies of sorted tables, the unused byte of 3-byte-row records and the
+per-table parameters. Tables it does not fuse (:func:`fusable`: double hashing, bucketed mappings,
+larger sorted tables) stay on their mapping's own path.
+
+Two byte counts, one rule: ``IdMapping.nbytes`` is what a fitted mapping holds (its file, the fit's
+byte budget, the CLI's and pipeline's fit reports), ``nbytes + runtime_bytes`` what a module that
+applies it holds (``IdRemapper.state_bytes``, the sharding planner, quantized remaps, a training job's
+``mapping_bytes``, the module benchmark). The fit does not count runtime bytes: how a mapping runs
+depends on the module (which tables are fused together, the byte order), and counting them would
+change which storage the fit picks (a small ``sorted`` table would look 4 KiB dearer than a perfect
+hash one, whose eager lookup is slower).
 
 FBGEMM's multi-table remaps do not serve here. ``torch.ops.fbgemm.pruned_hashmap_lookup`` (linear
 probing over (key, row) pairs, one C++ call for all tables) finds the entries of the module benchmark's
@@ -49,6 +64,8 @@ from lhf_torchrec.mapping.id_mapping import IdMapping
 RUNTIME_DENSE_IDS = 1024
 _HASH_RANGE = 1 << 31
 _LOW_32 = 0xFFFFFFFF
+# Batch layouts (pass, features' tables, chunk) whose parameter columns are kept.
+_MAX_LAYOUTS = 256
 # Ids mapped at once: int64 temporaries of 256 KiB.
 CHUNK = 1 << 15
 # int64 parameters of a table, gathered per id: hash (num_buckets, a0, a1, a2, b, first row), dense
@@ -66,7 +83,7 @@ def fusable(mapping: IdMapping) -> bool:
 
 def runtime_bytes(mapping: IdMapping) -> int:
     """Bytes a fused ``mapping`` takes besides its own buffers (0 when it is not fused): the dense copy
-    of a small sorted table, the table's parameters."""
+    of a small sorted table, the unused byte of each record of 3-byte rows, the table's parameters."""
     if not fusable(mapping):
         return 0
     if mapping.storage == "sorted":
@@ -286,6 +303,8 @@ class FusedIdMappings:
         otherwise cost ~0.3 ms a batch)."""
         key = (p, codes, step, device)
         if key not in self._column_cache:
+            if len(self._column_cache) >= _MAX_LAYOUTS:  # inputs whose features change from batch to batch
+                self._column_cache.clear()
             index = self._codes(codes, device).view(-1, 1)
             self._column_cache[key] = [self._gathered(p, index[start:start + step])
                                        for start in range(0, len(codes), step)]

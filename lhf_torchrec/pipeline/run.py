@@ -15,6 +15,7 @@ from torchrec import EmbeddingBagConfig
 from lhf_torchrec.data.source import CTRSource
 from lhf_torchrec.distributed.planner import CoshardedTable
 from lhf_torchrec.files import atomic_write
+from lhf_torchrec.mapping.fused import runtime_bytes
 from lhf_torchrec.mapping.id_mapping import IdMapping, load_mappings
 from lhf_torchrec.pipeline.artifacts import RESULTS_FORMAT
 from lhf_torchrec.pipeline.datasets import DatasetSpec, load_split
@@ -109,10 +110,10 @@ def run_training(
         train=asdict(train_config),
         world_size=runtime.world_size,
         cosharded_tables=tables_compression.cosharded_tables,
-        # What the mappings cost the whole job: a replicated mapping once per rank, a co-sharded one
-        # once (its layout, spread over the ranks).
-        mapping_bytes=sum(CoshardedTable.of(name, m).nbytes if name in cosharded else m.nbytes * runtime.world_size
-                          for name, m in mappings.items()),
+        # What the mappings cost the whole job: a replicated mapping once per rank, with what its remap
+        # adds to apply it (fused.runtime_bytes), a co-sharded one once (its layout, spread over the ranks).
+        mapping_bytes=sum(CoshardedTable.of(name, m).nbytes if name in cosharded
+                          else (m.nbytes + runtime_bytes(m)) * runtime.world_size for name, m in mappings.items()),
         table_rows={t.name: (mappings[t.name].num_rows if t.name in mappings else t.num_embeddings)
                     for t in data.tables},
     )
