@@ -372,8 +372,10 @@ The remap is {100 * remap_share:.0f}% of the hashing-trick step (median of per-r
 (`lhf_torchrec.mapping.fused.FusedIdMappings`: dense tables, each perfect hash layout, the hash), the
 features of equal size as a (features, ids) matrix whose rows broadcast their table's parameters. The
 memory columns count the mappings' buffers and what the fused remap adds (`runtime_bytes`: the 4 KiB dense
-copies it runs the small sorted tables from, per-table parameters); its packed arrays are the mappings'
-own buffers, not copies.
+copies it runs the small sorted tables from, the unused byte of each int64 record it packs perfect hash
+slots of int32 keys and 3-byte rows into, per-table parameters); its packed arrays are the mappings'
+own buffers, not copies. A mapping's file and the fit's byte budget count its buffers alone (how it runs
+depends on the module: see `lhf_torchrec/mapping/fused.py`).
 
 Same KJT, same rows per table. TorchRec's MCH holds the M - 1 most frequent ids of the same history
 in sorted int64 slots (searchsorted, gather, compare) and sends every other id to one shared miss

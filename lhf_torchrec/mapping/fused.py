@@ -344,7 +344,7 @@ class FusedIdMappings:
             # high row bits (three random reads into arrays that outgrow the caches) and decoding the row.
             mixed = perfect_hash._mixed(keys, (w0, w1, w2, w3))
             group = perfect_hash._group_of(mixed, w0, groups).add_(group_start)
-            multiplier = perfect_hash.gather(tensors["group_pilots"], group).to(torch.int64).mul_(w3).add_(w2)
+            multiplier = torch.addcmul(w2, perfect_hash.gather(tensors["group_pilots"], group), w3)  # first + pilot * step
             record = perfect_hash.gather(tensors["records"], perfect_hash._slot_of(multiplier.mul_(mixed), slots)
                                          .add_(slot_start))
             return record.bitwise_and(_LOW_32), record.bitwise_right_shift_(32) == keys
