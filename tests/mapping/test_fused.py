@@ -70,6 +70,11 @@ def test_fused_rows_equal_every_mappings_own_rows(case):
     for i, got in zip(picked, rows):
         assert got.dtype == torch.int64
         assert torch.equal(got, mappings[tables[i]](queries[i])), f"table {tables[i]} ({mappings[tables[i]].storage})"
+    # Features of equal size: the (features, ids) matrix path (broadcast parameter columns, the dense
+    # pass's span check), each query cycled to 12 ids.
+    square = [queries[i].repeat(12)[:12] if queries[i].numel() else torch.zeros(12, dtype=torch.int64) for i in picked]
+    for i, q, got in zip(picked, square, fused(square, [tables[i] for i in picked])):
+        assert torch.equal(got, mappings[tables[i]](q)), f"table {tables[i]} ({mappings[tables[i]].storage}), equal sizes"
     # Packing shares the mappings' memory, it does not change them.
     assert {n: m.fingerprint for n, m in mappings.items()} == fingerprints
     assert set(fused.code) == {n for n, m in mappings.items() if fusable(m)}
