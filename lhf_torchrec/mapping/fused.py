@@ -12,8 +12,8 @@ tables at once, each id with its own table's parameters (int64 tensors gathered 
   sizes and starts. Layouts of int32 keys and 3- or 4-byte rows are packed as one int64 *record* per
   slot (key in the high word, row in the low one), read once per id instead of three times (key, low
   and high row bits): these are large tables whose arrays outgrow the caches, where each random read
-  costs more than the hashing. The records cost 8 bytes a slot where the split arrays cost 7 (3-byte
-  rows) or 8: at most 1 byte a slot, 1/7 of the table's slots, counted by :func:`runtime_bytes`;
+  costs more than the hashing. A record takes 8 bytes where the split arrays take 7 (3-byte rows) or
+  8: at most 1 byte a slot more (1/7 of the slots' bytes), counted by :func:`runtime_bytes`;
 * ``none`` tables and every id without an entry: one :func:`~lhf_torchrec.mapping.hashing.hash_with_coefficients`
   call, each id with its table's seed coefficients and hash region;
 * small ``sorted`` tables (the fit's choice for a handful of entries; a binary search per id, the
