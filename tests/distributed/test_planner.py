@@ -247,7 +247,8 @@ def test_plan_report_before_and_after():
     assert after.cluster_bytes == sum(n * per_row for n in compressed.values()) + 4 * one_copy
     assert report.compression == before.cluster_bytes / after.cluster_bytes
     single_copy_ratio = before.cluster_bytes / (after.cluster_bytes - 3 * one_copy)
-    assert 7.9 < single_copy_ratio <= 8.0 and report.compression < single_copy_ratio
+    # One copy of the mappings costs ~1.5% of the compressed tables (with what the fused remap adds).
+    assert 7.85 < single_copy_ratio <= 8.0 and report.compression < single_copy_ratio
     text = report.format()
     assert all(f"rank {r}" in text for r in range(4)) and "median" not in text
     summary = report.format(max_rank_rows=2)
