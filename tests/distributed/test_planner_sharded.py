@@ -5,7 +5,8 @@ with that plan and measures its own tensors. Compared like with like:
 
 * tables: the planner's weight term vs the local shards of the table weights (``state_dict``);
 * optimizer: the planner's optimizer term vs the fused optimizer's state tensors on the rank;
-* mappings: the reservation vs the mapping buffers each rank holds. A table-wise table's mapping
+* mappings: the reservation vs the mapping buffers each rank holds, by distinct storage once the
+  fused remap packed them (its records take a byte per slot more for 3-byte rows). A table-wise table's mapping
   lives on its owner only (the sharder remaps it there), but the reservation still counts it on
   every rank: the check adds it back on the other ranks, so the planner's over-estimate is exactly
   that (until the planner counts it with the owner's shard).
@@ -107,6 +108,13 @@ def _estimate_matches_allocation(rank: int, world_size: int) -> None:
         assert {name: chosen[name].sharding_type for name, *_ in TABLES} == {n: k for n, _, _, _, k, _ in TABLES}
 
         dmp = DistributedModelParallel(model, env=None, device=torch.device("cpu"), plan=plan, sharders=sharders)
+        # The remap as it runs: the fused remap packs the mappings' buffers (int64 records of 3-byte rows
+        # take a byte per slot more than their elements), so the mappings count by distinct storage.
+        for module in dmp.modules():
+            if hasattr(module, "fused_mappings"):
+                module.fused_mappings()
+        remap_storages = {b.untyped_storage().data_ptr(): b.untyped_storage().nbytes()
+                          for name, b in dmp.named_buffers() if ".remapper." in f".{name}"}
         state = dmp.state_dict()
         actual: Dict[str, int] = {
             "tables": sum(_nbytes(state[f"ebc.embedding_bags.{name}.weight"]) for name, *_ in TABLES),
@@ -116,7 +124,7 @@ def _estimate_matches_allocation(rank: int, world_size: int) -> None:
                 for t in per_param.values()
                 if isinstance(t, torch.Tensor)
             ),
-            "mappings": sum(_nbytes(b) for name, b in dmp.named_buffers() if ".remapper." in f".{name}"),
+            "mappings": sum(remap_storages.values()),
         }
         planned = {"tables": expected.tables, "optimizer": expected.optimizer, "mappings": expected.mappings}
         not_owned = [name for name, ps in chosen.items() if ps.sharding_type == "table_wise" and ps.ranks != [rank]]
