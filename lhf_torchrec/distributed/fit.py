@@ -10,13 +10,16 @@ rank whose row-wise shard holds the bucket's rows, so W must divide B). Under a 
    and nobody holds the whole profile;
 3. :func:`fit_owned_buckets` fits those buckets (k-means included) with the same per-bucket code
    as :func:`~lhf_torchrec.mapping.buckets.fit_bucketed`;
-4. the result is either gathered on every rank (:func:`gather_mapping`: a replicated
-   :class:`IdMapping`, equal, fingerprint included, to ``fit_bucketed`` on the merged profile) or
+4. the result is either gathered on every rank (:func:`gather_mapping`, or :func:`gather_fits` then
+   ``assemble_bucketed``: a replicated :class:`IdMapping`, equal, fingerprint included, to
+   ``fit_bucketed`` on the merged profile) or
    kept as the rank's shard (:func:`shard_mapping`: its buckets' entries, and the hash regions and
    entry counts of every bucket, which a co-sharded remap's layout needs).
 
 :func:`fit_bucketed_distributed` chains 2-4. Fitting time and memory per rank follow the rank's
-share of the ids (about 1/W of them, for a bucket hash that spreads ids evenly).
+share of the ids (about 1/W of them, for a bucket hash that spreads ids evenly), except a replicated
+mapping's assembly: every rank builds the whole mapping from all the entries, as one process does
+(docs/performance.md "Distributed fit" measures it); a shard avoids it.
 
 At a memory budget (the pipeline, ``lhf fit`` / ``lhf train --num-buckets`` under torchrun) the
 rows come from :func:`~lhf_torchrec.mapping.budget.plan_budget`, which reads the count histogram
