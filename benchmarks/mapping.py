@@ -8,7 +8,9 @@
     .venv/bin/python benchmarks/mapping.py --fit-only --sizes 1e8   # one size (rows of others are kept)
     .venv/bin/python benchmarks/mapping.py --fit-only --sizes 1e8 --methods frequency   # and one method
     .venv/bin/python benchmarks/mapping.py --apply         # only the apply throughput table
-    .venv/bin/python benchmarks/mapping.py --distributed   # distributed fit, 2 gloo ranks vs 1 (~20 minutes)
+    .venv/bin/python benchmarks/mapping.py --distributed   # distributed fit, 2 gloo ranks vs 1 (~30 minutes, loaded box)
+    .venv/bin/python benchmarks/mapping.py --distributed --sizes 1e7 --methods combination --paths library
+                                                            # a slice: printed, docs left as they are
 
 Fit: every size runs in a fresh subprocess (so peak RSS is that fit's own), on a Zipf(1.1) access
 profile over n distinct ids with random 8-d embeddings, fitting ``frequency`` and ``combination``
@@ -29,7 +31,9 @@ on one torch thread; medians of repeated runs.
 Distributed fit (``--distributed``): the same Zipf profile fitted on 1 and on 2 gloo ranks (B = 64
 buckets), each rank a fresh process holding its share of the profile, through the library
 (:mod:`lhf_torchrec.distributed.fit`, fixed rows) and through the pipeline (``fit_mappings`` at a
-budget: share, budget planned across the ranks, fit, gather); wall time and per-rank peak RSS side by side.
+budget: share, budget planned across the ranks, fit, gather), and sharded (the library path ending with each
+rank's shard and co-sharded remap, no gather); wall time and per-rank peak RSS (per phase on the library
+paths) side by side.
 
 Results are printed and written to docs/performance.md (section "Mapping").
 """
@@ -472,7 +476,7 @@ DIST_PATHS = {"library": distributed_fit_rank, "sharded": functools.partial(dist
               "pipeline": distributed_pipeline_rank}
 _LIBRARY_COLUMNS = ("exchange_s", "fit_s", "gather_s", "total_s", "exchange_mb", "fit_phase_mb", "gather_mb",
                     "mapping_mb")
-DIST_TIMES = {"library": _LIBRARY_COLUMNS, "sharded": _LIBRARY_COLUMNS, "pipeline": ("share_s", "fit_s", "total_s")}
+DIST_COLUMNS = {"library": _LIBRARY_COLUMNS, "sharded": _LIBRARY_COLUMNS, "pipeline": ("share_s", "fit_s", "total_s")}
 
 
 def distributed_fit_rows(sizes, methods=("frequency", "combination"), on_row=None, path: str = "library") -> list:
@@ -510,7 +514,7 @@ def distributed_fit_rows(sizes, methods=("frequency", "combination"), on_row=Non
                 ranks.append(json.loads(out.strip().splitlines()[-1]))
         rows.append({"ids": num_ids, "method": method, "ranks": world_size,
                      "ids_per_rank": max(r["owned_ids"] for r in ranks),
-                     **{k: max(r[k] for r in ranks) for k in DIST_TIMES[path] + ("peak_rss_mb", "fit_rss_mb")},
+                     **{k: max(r[k] for r in ranks) for k in DIST_COLUMNS[path] + ("peak_rss_mb", "fit_rss_mb")},
                      # A shard's checksum covers its entries: the ranks' add up to the whole mapping's.
                      "fingerprint": (f"{sum(r['fingerprint'] for r in ranks) % 2**64:016x}" if path == "sharded"
                                      else ranks[0]["fingerprint"])[:12]})
@@ -531,7 +535,7 @@ def distributed_fit_section(done: dict, seconds: float, pending=()) -> str:
     after = ["peak_rss_mb", "fit_rss_mb", "fit_rss_vs_1_rank", "same_mapping"]
 
     def table(path: str) -> str:
-        measured = list(DIST_TIMES[path])
+        measured = list(DIST_COLUMNS[path])
         at = measured.index("total_s") + 1
         return markdown_table(done[path], columns + measured[:at] + ["time_vs_1_rank"] + measured[at:] + after)
 
