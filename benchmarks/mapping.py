@@ -8,7 +8,9 @@
     .venv/bin/python benchmarks/mapping.py --fit-only --sizes 1e8   # one size (rows of others are kept)
     .venv/bin/python benchmarks/mapping.py --fit-only --sizes 1e8 --methods frequency   # and one method
     .venv/bin/python benchmarks/mapping.py --apply         # only the apply throughput table
-    .venv/bin/python benchmarks/mapping.py --distributed   # distributed fit, 2 gloo ranks vs 1 (~20 minutes)
+    .venv/bin/python benchmarks/mapping.py --distributed   # distributed fit, 2 gloo ranks vs 1 (~30 minutes, loaded box)
+    .venv/bin/python benchmarks/mapping.py --distributed --sizes 1e7 --methods combination --paths library
+                                                            # a slice: printed, docs left as they are
 
 Fit: every size runs in a fresh subprocess (so peak RSS is that fit's own), on a Zipf(1.1) access
 profile over n distinct ids with random 8-d embeddings, fitting ``frequency`` and ``combination``
@@ -29,12 +31,15 @@ on one torch thread; medians of repeated runs.
 Distributed fit (``--distributed``): the same Zipf profile fitted on 1 and on 2 gloo ranks (B = 64
 buckets), each rank a fresh process holding its share of the profile, through the library
 (:mod:`lhf_torchrec.distributed.fit`, fixed rows) and through the pipeline (``fit_mappings`` at a
-budget: share, budget planned across the ranks, fit, gather); wall time and per-rank peak RSS side by side.
+budget: share, budget planned across the ranks, fit, gather), and sharded (the library path ending with each
+rank's shard and co-sharded remap, no gather); wall time and per-rank peak RSS (per phase on the library
+paths) side by side.
 
 Results are printed and written to docs/performance.md (section "Mapping").
 """
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -369,12 +374,34 @@ def _rank_start(world_size: int, rank: int, parts_dir: str):
     return IdProfile(ids, counts, int(counts.sum()))
 
 
-def distributed_fit_rank(num_ids: int, method: str, world_size: int, rank: int, parts_dir: str) -> dict:
-    """Runs in a child process (one rank): exchange, fit of the rank's buckets, gather; times and peak RSS."""
+def _phase_peak(rss_before: float) -> float:
+    """The growth of the peak RSS since the last reset over ``rss_before`` (MB); resets the peak for the next phase."""
+    peak = _rss_mb()[1] - rss_before
+    _reset_peak_rss()
+    return peak
+
+
+def _entry_checksum(ids: np.ndarray, rows: np.ndarray) -> int:
+    """An order-free checksum of (id, row) entries (sum of a 64-bit hash of each, mod 2^64): the
+    shards' checksums add up to the whole mapping's."""
+    from lhf_torchrec.mapping.hashing import mix64
+
+    hashed = mix64(mix64(torch.from_numpy(ids)) ^ torch.from_numpy(rows)).numpy().view(np.uint64)
+    return int(hashed.sum(dtype=np.uint64))
+
+
+def distributed_fit_rank(num_ids: int, method: str, world_size: int, rank: int, parts_dir: str,
+                         sharded: bool = False) -> dict:
+    """Runs in a child process (one rank): exchange, fit of the rank's buckets, then the gather and
+    assembly of the whole mapping (as ``fit_bucketed_distributed`` does them: the exchanged profile and
+    the rank's own entries are freed first), or with ``sharded`` the rank's :class:`MappingShard` and
+    its co-sharded remap; times, per-phase and whole peak RSS growth."""
     import torch.distributed as dist
 
-    from lhf_torchrec.distributed.fit import exchange_profiles, fit_owned_buckets, gather_mapping
+    from lhf_torchrec.distributed.fit import (cosharded_remap, exchange_profiles, fit_owned_buckets, gather_fits,
+                                              shard_mapping)
     from lhf_torchrec.mapping import IdEmbeddings
+    from lhf_torchrec.mapping.buckets import assemble_bucketed
 
     local = _rank_start(world_size, rank, parts_dir)
     hyper = {"min_count": 1, "hot_fraction": 0.25, "hashed_fraction": 0.1} if method == "combination" else {}
@@ -383,17 +410,35 @@ def distributed_fit_rank(num_ids: int, method: str, world_size: int, rank: int, 
     rss_before = _reset_peak_rss()
     start = time.perf_counter()
     owned = exchange_profiles(local, DIST_BUCKETS, seed=0)
+    owned_ids = owned.num_ids
+    exchange_mb = _phase_peak(rss_before)
     exchanged = time.perf_counter()
+    # The rank's embeddings (the input of the learned methods) are held to the end, as a caller's are.
     embeddings = IdEmbeddings(owned.ids, _id_vectors(owned.ids)) if method == "combination" else None
     fits = fit_owned_buckets(method, num_rows, DIST_BUCKETS, owned, embeddings, **hyper)
+    del owned
+    fit_mb = _phase_peak(rss_before)
     fitted = time.perf_counter()
-    mapping = gather_mapping(method, num_rows, DIST_BUCKETS, fits, **hyper)
+    if sharded:
+        shard = shard_mapping(method, num_rows, DIST_BUCKETS, fits, **hyper)
+        del fits
+        mapping = cosharded_remap(shard)
+        checksum = _entry_checksum(shard.fits.entry_ids, shard.fits.entry_rows)
+        mapping_mb = sum(b.numel() * b.element_size() for b in mapping.buffers()) / 2**20
+    else:
+        whole = gather_fits(fits)
+        del fits
+        mapping = assemble_bucketed(method, num_rows, DIST_BUCKETS, whole, **hyper)
+        del whole
+        checksum, mapping_mb = mapping.fingerprint, mapping.nbytes / 2**20
     done = time.perf_counter()
-    peak = _rss_mb()[1]
+    assemble_mb = _phase_peak(rss_before)
     dist.destroy_process_group()
-    return {"rank": rank, "owned_ids": owned.num_ids, "exchange_s": exchanged - start, "fit_s": fitted - exchanged,
-            "gather_s": done - fitted, "total_s": done - start, "peak_rss_mb": peak,
-            "fit_rss_mb": peak - rss_before, "fingerprint": mapping.fingerprint}
+    return {"rank": rank, "owned_ids": owned_ids, "exchange_s": exchanged - start, "fit_s": fitted - exchanged,
+            "gather_s": done - fitted, "total_s": done - start, "peak_rss_mb": rss_before + max(
+                exchange_mb, fit_mb, assemble_mb), "exchange_mb": exchange_mb, "fit_phase_mb": fit_mb,
+            "gather_mb": assemble_mb, "mapping_mb": mapping_mb, "fit_rss_mb": max(exchange_mb, fit_mb, assemble_mb),
+            "fingerprint": checksum}
 
 
 def distributed_pipeline_rank(num_ids: int, method: str, world_size: int, rank: int, parts_dir: str) -> dict:
@@ -427,15 +472,19 @@ def distributed_pipeline_rank(num_ids: int, method: str, world_size: int, rank: 
             "fingerprint": mapping.fingerprint}
 
 
-DIST_PATHS = {"library": distributed_fit_rank, "pipeline": distributed_pipeline_rank}
-DIST_TIMES = {"library": ("exchange_s", "fit_s", "gather_s", "total_s"), "pipeline": ("share_s", "fit_s", "total_s")}
+DIST_PATHS = {"library": distributed_fit_rank, "sharded": functools.partial(distributed_fit_rank, sharded=True),
+              "pipeline": distributed_pipeline_rank}
+_LIBRARY_COLUMNS = ("exchange_s", "fit_s", "gather_s", "total_s", "exchange_mb", "fit_phase_mb", "gather_mb",
+                    "mapping_mb")
+DIST_COLUMNS = {"library": _LIBRARY_COLUMNS, "sharded": _LIBRARY_COLUMNS, "pipeline": ("share_s", "fit_s", "total_s")}
 
 
 def distributed_fit_rows(sizes, methods=("frequency", "combination"), on_row=None, path: str = "library") -> list:
     """Each (size, method) fitted on 1 and on 2 ranks, side by side; every rank a fresh process that loads
     only its share of the profile (ids dealt round-robin: each id in one rank's data). ``path``: "library"
     (:func:`distributed_fit_rank`) or "pipeline" (:func:`distributed_pipeline_rank`). ``on_row(rows,
-    pending)`` is called after each job (rows so far, jobs left), so a long run records what it has."""
+    pending)`` is called after each job (rows so far, jobs left), so a long run records what it has.
+    "sharded": the library path ending with each rank's shard and co-sharded remap instead of the gather."""
     import socket
     import tempfile
 
@@ -465,8 +514,10 @@ def distributed_fit_rows(sizes, methods=("frequency", "combination"), on_row=Non
                 ranks.append(json.loads(out.strip().splitlines()[-1]))
         rows.append({"ids": num_ids, "method": method, "ranks": world_size,
                      "ids_per_rank": max(r["owned_ids"] for r in ranks),
-                     **{k: max(r[k] for r in ranks) for k in DIST_TIMES[path] + ("peak_rss_mb", "fit_rss_mb")},
-                     "fingerprint": ranks[0]["fingerprint"][:12]})
+                     **{k: max(r[k] for r in ranks) for k in DIST_COLUMNS[path] + ("peak_rss_mb", "fit_rss_mb")},
+                     # A shard's checksum covers its entries: the ranks' add up to the whole mapping's.
+                     "fingerprint": (f"{sum(r['fingerprint'] for r in ranks) % 2**64:016x}" if path == "sharded"
+                                     else ranks[0]["fingerprint"])[:12]})
         one = next(r for r in rows if (r["ids"], r["method"], r["ranks"]) == (num_ids, method, 1))
         row = rows[-1]
         row["time_vs_1_rank"] = row["total_s"] / one["total_s"]
@@ -477,11 +528,17 @@ def distributed_fit_rows(sizes, methods=("frequency", "combination"), on_row=Non
     return rows
 
 
-def distributed_fit_section(rows, pipeline_rows, seconds: float, pending=()) -> str:
-    """The "Distributed fit" subsection of docs/performance.md: the library path's table and the
-    pipeline path's (``pending``: jobs not run yet, said so)."""
+def distributed_fit_section(done: dict, seconds: float, pending=()) -> str:
+    """The "Distributed fit" subsection of docs/performance.md: a table per path of ``done`` (its rows)
+    (``pending``: jobs not run yet, said so)."""
     columns = ["ids", "method", "ranks", "ids_per_rank"]
-    after = ["time_vs_1_rank", "peak_rss_mb", "fit_rss_mb", "fit_rss_vs_1_rank", "same_mapping"]
+    after = ["peak_rss_mb", "fit_rss_mb", "fit_rss_vs_1_rank", "same_mapping"]
+
+    def table(path: str) -> str:
+        measured = list(DIST_COLUMNS[path])
+        at = measured.index("total_s") + 1
+        return markdown_table(done[path], columns + measured[:at] + ["time_vs_1_rank"] + measured[at:] + after)
+
     return "\n".join([
         DIST_SUBSECTION,
         f"Command: `python benchmarks/mapping.py --distributed` ({seconds:.0f} s). {machine_description()}. "
@@ -495,9 +552,19 @@ def distributed_fit_section(rows, pipeline_rows, seconds: float, pending=()) -> 
         "and noisy; each 1-rank / 2-rank pair ran back to back.",
         "",
         "Library path (`lhf_torchrec.distributed.fit`, n / 10 rows; `combination` with `min_count=1`, hot 25%, "
-        "hashed 10%): exchange by bucket, fit of the rank's own buckets, gather of the whole mapping on every rank.",
+        "hashed 10%): exchange by bucket, fit of the rank's own buckets, gather of every bucket's entries and "
+        "assembly of the whole mapping on every rank (as `fit_bucketed_distributed`: the exchanged profile and the "
+        "rank's own entries are freed before the gather; the rank's embeddings are held to the end, as a caller's "
+        "are). Peak growth per phase over the same start: `exchange_mb`, `fit_phase_mb` (embeddings, fit), "
+        "`gather_mb` (gather and assembly); `fit_rss_mb` is the largest; `mapping_mb`: the mapping's buffers.",
         "",
-        markdown_table(rows, columns + list(DIST_TIMES["library"]) + after),
+        table("library"),
+        "",
+        "Sharded (the same fit, then `shard_mapping` and `cosharded_remap`: each rank keeps its buckets' entries "
+        "and builds its co-sharded remap, `mapping_mb`; no gather): `same_mapping` compares an order-free checksum "
+        "of the (id, row) entries, the ranks' shards added up, with the 1-rank shard's (all buckets).",
+        "",
+        table("sharded"),
         "",
         f"Pipeline path (what `lhf fit --num-buckets {DIST_BUCKETS} --compression 10` runs, "
         "`lhf_torchrec.pipeline.steps.fit_mappings` with the methods' defaults, a dim-16 table of n ids, SGD): "
@@ -506,7 +573,7 @@ def distributed_fit_section(rows, pipeline_rows, seconds: float, pending=()) -> 
         "bucket splits), fits the rank's buckets and gathers the mapping; on 1 rank the one-process path "
         "(budget and fit on the whole profile). Neither holds the whole profile on a rank of 2.",
         "",
-        markdown_table(pipeline_rows, columns + list(DIST_TIMES["pipeline"]) + after),
+        table("pipeline"),
     ] + ([
         "",
         "Not measured yet (the run was stopped before them): "
@@ -704,8 +771,11 @@ def main() -> None:
     parser.add_argument("--child", nargs=2, metavar=("IDS", "METHOD"), help=argparse.SUPPRESS)
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--distributed", action="store_true",
-                        help="only the distributed fit, library and pipeline paths: 1e6 and 1e7 ids on 1 and 2 gloo "
-                             "ranks (--quick: 1e6)")
+                        help="only the distributed fit, library, sharded and pipeline paths: 1e6 and 1e7 ids on 1 "
+                             "and 2 gloo ranks (--quick: 1e6)")
+    parser.add_argument("--paths", nargs="+", choices=list(DIST_PATHS),
+                        help="with --distributed: only these paths (like --sizes and --methods: a slice, printed "
+                             "and not written to docs/performance.md)")
     parser.add_argument("--apply", action="store_true",
                         help="only the apply throughput table (replaces its subsection of docs/performance.md)")
     parser.add_argument("--dist-child", nargs=6, metavar=("IDS", "METHOD", "WORLD", "RANK", "DIR", "PATH"),
@@ -720,22 +790,26 @@ def main() -> None:
         return
     if args.distributed:
         started = time.perf_counter()
-        sizes = [10**6] if args.quick else [10**6, 10**7]
+        sizes = [int(n) for n in args.sizes] if args.sizes else [10**6] if args.quick else [10**6, 10**7]
+        paths = args.paths or list(DIST_PATHS)
+        # Sharded rows: combination only, the method whose replicated assembly dominates a rank's memory.
+        methods = {path: [m for m in args.methods if path != "sharded" or m == "combination"] for path in paths}
+        whole_run = not args.sizes and not args.paths and tuple(args.methods) == FIT_METHODS
         done = {path: [] for path in DIST_PATHS}
-        later = {path: [(path, n, m, w) for n in sizes for m in ("frequency", "combination") for w in DIST_WORLD_SIZES]
-                 for path in DIST_PATHS}
+        jobs = [(path, n, m, w) for path in paths for n in sizes for m in methods[path] for w in DIST_WORLD_SIZES]
 
-        def recorder(path):
-            def record(rows, pending):
+        def record(path):
+            def on_row(rows, _pending):
                 done[path] = rows
-                left = [(path, *job) for job in pending] + (later["pipeline"] if path == "library" else [])
-                text = distributed_fit_section(done["library"], done["pipeline"], time.perf_counter() - started, left)
-                _write_distributed_subsection(text)
+                left = jobs[sum(len(r) for r in done.values()):]
+                text = distributed_fit_section(done, time.perf_counter() - started, left)
+                if whole_run:  # a slice (--sizes, --methods, --paths) prints its rows only
+                    _write_distributed_subsection(text)
                 print(text if not left else json.dumps(rows[-1]), flush=True)
-            return record
+            return on_row
 
-        for path in DIST_PATHS:
-            distributed_fit_rows(sizes, on_row=recorder(path), path=path)
+        for path in paths:
+            distributed_fit_rows(sizes, methods[path], on_row=record(path), path=path)
         return
 
     if args.apply:

@@ -10,13 +10,16 @@ rank whose row-wise shard holds the bucket's rows, so W must divide B). Under a 
    and nobody holds the whole profile;
 3. :func:`fit_owned_buckets` fits those buckets (k-means included) with the same per-bucket code
    as :func:`~lhf_torchrec.mapping.buckets.fit_bucketed`;
-4. the result is either gathered on every rank (:func:`gather_mapping`: a replicated
-   :class:`IdMapping`, equal, fingerprint included, to ``fit_bucketed`` on the merged profile) or
+4. the result is either gathered on every rank (:func:`gather_mapping`, or :func:`gather_fits` then
+   ``assemble_bucketed``: a replicated :class:`IdMapping`, equal, fingerprint included, to
+   ``fit_bucketed`` on the merged profile) or
    kept as the rank's shard (:func:`shard_mapping`: its buckets' entries, and the hash regions and
    entry counts of every bucket, which a co-sharded remap's layout needs).
 
 :func:`fit_bucketed_distributed` chains 2-4. Fitting time and memory per rank follow the rank's
-share of the ids (about 1/W of them, for a bucket hash that spreads ids evenly).
+share of the ids (about 1/W of them, for a bucket hash that spreads ids evenly), except a replicated
+mapping's assembly: every rank builds the whole mapping from all the entries, as one process does
+(docs/performance.md "Distributed fit" measures it); a shard avoids it.
 
 At a memory budget (the pipeline, ``lhf fit`` / ``lhf train --num-buckets`` under torchrun) the
 rows come from :func:`~lhf_torchrec.mapping.budget.plan_budget`, which reads the count histogram
@@ -104,20 +107,36 @@ def _all_to_all(arrays: np.ndarray, send_sizes: np.ndarray, group: ProcessGroup)
     return out.cpu().numpy()
 
 
-def _all_gather(array: np.ndarray, group: ProcessGroup) -> List[np.ndarray]:
-    """Every rank's int64 ``array`` (sizes may differ; the first dimension varies), in rank order."""
+def _gather(array: np.ndarray, group: ProcessGroup) -> Tuple[np.ndarray, List[int]]:
+    """(every rank's int64 ``array`` concatenated in rank order, each rank's length); lengths may differ,
+    the first dimension varies. Each rank's part is broadcast straight into its place in one result
+    buffer: no padded copies, no per-rank list to concatenate (an all_gather of unequal sizes would
+    hold W padded copies, plus their concatenation, plus gloo's flat buffer of them)."""
     device = _device(group)
-    world_size = dist.get_world_size(group)
-    tensor = torch.from_numpy(np.ascontiguousarray(array, np.int64)).to(device)
+    world_size, rank = dist.get_world_size(group), dist.get_rank(group)
+    tensor = torch.from_numpy(np.ascontiguousarray(array, np.int64))
     size = torch.tensor([tensor.shape[0]], dtype=torch.int64, device=device)
     sizes = [torch.empty_like(size) for _ in range(world_size)]
     dist.all_gather(sizes, size, group=group)
-    sizes = [int(s) for s in sizes]
-    padded = torch.zeros((max(sizes),) + tuple(tensor.shape[1:]), dtype=torch.int64, device=device)
-    padded[: tensor.shape[0]] = tensor
-    gathered = [torch.empty_like(padded) for _ in range(world_size)]
-    dist.all_gather(gathered, padded, group=group)
-    return [g[:n].cpu().numpy() for g, n in zip(gathered, sizes)]
+    lengths = [int(s) for s in sizes]
+    bounds = np.cumsum([0] + lengths).tolist()
+    whole = torch.empty((bounds[-1],) + tuple(tensor.shape[1:]), dtype=torch.int64, device=device)
+    whole[bounds[rank]:bounds[rank + 1]] = tensor.to(device)
+    for source in range(world_size):
+        if lengths[source]:  # every rank knows the lengths: all skip the same broadcasts
+            dist.broadcast(whole[bounds[source]:bounds[source + 1]], group=group, group_src=source)
+    return whole.cpu().numpy(), lengths
+
+
+def _gather_concat(array: np.ndarray, group: ProcessGroup) -> np.ndarray:
+    """Every rank's int64 ``array`` concatenated in rank order (:func:`_gather`)."""
+    return _gather(array, group)[0]
+
+
+def _all_gather(array: np.ndarray, group: ProcessGroup) -> List[np.ndarray]:
+    """Every rank's int64 ``array``, in rank order: views into :func:`_gather`'s one buffer."""
+    whole, lengths = _gather(array, group)
+    return np.split(whole, np.cumsum(lengths)[:-1])
 
 
 def exchange_profiles(
@@ -182,7 +201,14 @@ _SPLIT_FIELDS = ("num_rows", "num_hot", "num_clustered", "num_hashed", "num_entr
 def _gather_splits(splits: List[RowSplit], group: ProcessGroup) -> List[RowSplit]:
     """Every bucket's row split, from each rank's ``splits`` of its buckets (a contiguous range, in rank order)."""
     local = np.array([[getattr(s, f) for f in _SPLIT_FIELDS] for s in splits], np.int64).reshape(-1, 8)
-    return [RowSplit(*map(int, row)) for part in _all_gather(local, group) for row in part]
+    return [RowSplit(*map(int, row)) for row in _gather_concat(local, group)]
+
+
+def gather_fits(fits: BucketFits, *, group: ProcessGroup = None) -> BucketFits:
+    """Every bucket's fits on every rank, from each rank's :func:`fit_owned_buckets` (collective).
+    Memory per rank: the gathered entries, 16 bytes each (received in place, :func:`_gather`)."""
+    return BucketFits(0, _gather_splits(fits.splits, group), _gather_concat(fits.entry_ids, group),
+                      _gather_concat(fits.entry_rows, group), _gather_concat(fits.entry_counts, group))
 
 
 def gather_mapping(
@@ -190,13 +216,15 @@ def gather_mapping(
     group: ProcessGroup = None, **hyperparams,
 ) -> IdMapping:
     """The whole mapping on every rank (replicated), from each rank's :func:`fit_owned_buckets`.
-    Collective; ``hyperparams`` as fitted."""
-    splits = _gather_splits(fits.splits, group)
-    entry_ids = np.concatenate(_all_gather(fits.entry_ids, group))
-    entry_rows = np.concatenate(_all_gather(fits.entry_rows, group))
-    entry_counts = np.concatenate(_all_gather(fits.entry_counts, group))
-    whole = BucketFits(0, splits, entry_ids, entry_rows, entry_counts)
-    return assemble_bucketed(method, num_rows, num_buckets, whole, seed=seed, table=table, **hyperparams)
+    Collective; ``hyperparams`` as fitted.
+
+    Memory per rank: the gathered entries and the assembly of the mapping from them, as on one process
+    (the output is replicated), while the rank's own ``fits`` are held; to free them for the assembly,
+    :func:`gather_fits`, drop them, then :func:`~lhf_torchrec.mapping.buckets.assemble_bucketed`
+    (what :func:`fit_bucketed_distributed` does).
+    """
+    return assemble_bucketed(method, num_rows, num_buckets, gather_fits(fits, group=group), seed=seed, table=table,
+                             **hyperparams)
 
 
 @dataclass(frozen=True)
@@ -238,7 +266,7 @@ def shard_mapping(
 ) -> MappingShard:
     """This rank's :class:`MappingShard` (collective: every bucket's split and entry count are gathered)."""
     splits = _gather_splits(fits.splits, group)
-    entry_counts = np.concatenate(_all_gather(fits.entry_counts, group))
+    entry_counts = _gather_concat(fits.entry_counts, group)
     params = make_estimator(method, num_rows // num_buckets, seed=seed, **hyperparams).get_params()
     return MappingShard(table, method, num_rows, num_buckets, seed, params, fits, splits, entry_counts)
 
@@ -270,8 +298,12 @@ def fit_bucketed_distributed(
     owned = exchange_profiles(profile, num_buckets, seed, table=table, group=group)
     fits = fit_owned_buckets(method, num_rows, num_buckets, owned, embeddings, seed=seed, table=table, group=group,
                              **hyperparams)
-    assemble = gather_mapping if gather else shard_mapping
-    return assemble(method, num_rows, num_buckets, fits, seed=seed, table=table, group=group, **hyperparams)
+    del owned  # freed before the gather and the assembly, the peak of a replicated fit
+    if not gather:
+        return shard_mapping(method, num_rows, num_buckets, fits, seed=seed, table=table, group=group, **hyperparams)
+    whole = gather_fits(fits, group=group)
+    del fits  # the rank's entries are among the gathered ones
+    return assemble_bucketed(method, num_rows, num_buckets, whole, seed=seed, table=table, **hyperparams)
 
 
 # ------------------------------------------------------------------ the pipeline's per-rank shares
@@ -315,7 +347,7 @@ def summarize_across_ranks(owned: IdProfile, *, group: ProcessGroup = None) -> P
     """The :class:`ProfileSummary` of the union of every rank's ``owned`` profile, whose ids are
     disjoint (:func:`exchange_profiles`' results). Collective."""
     local = np.array([[owned.num_ids, owned.total, owned.min_id, owned.max_id]], np.int64)
-    parts = np.concatenate(_all_gather(local, group))
+    parts = _gather_concat(local, group)
     seen = parts[parts[:, 0] > 0]
     if not seen.size:
         return ProfileSummary(0, int(parts[:, 1].sum()), 0, 0)
@@ -328,8 +360,8 @@ def gather_profile(share: ProfileShare, min_count: int = 1, *, group: ProcessGro
     For what is not fitted bucket by bucket: a full-size table's vocabulary, a budget too small for
     buckets, the learn step's well-observed ids."""
     keep = share.profile.counts >= min_count
-    ids = np.concatenate(_all_gather(share.profile.ids[keep], group))
-    counts = np.concatenate(_all_gather(share.profile.counts[keep], group))
+    ids = _gather_concat(share.profile.ids[keep], group)
+    counts = _gather_concat(share.profile.counts[keep], group)
     order = np.argsort(ids)
     return IdProfile(ids[order], counts[order], share.summary.total)
 
@@ -339,7 +371,7 @@ def record_entry_share_across_ranks(mapping: IdMapping, share: ProfileShare, *, 
     whole profile: each rank counts its share's accesses with an entry (collective)."""
     if share.summary.total > 0:
         hits = np.array([[accesses_with_entry(mapping, share.profile)]], np.int64)
-        mapping.entry_share = round(float(np.concatenate(_all_gather(hits, group)).sum()) / share.summary.total, 6)
+        mapping.entry_share = round(float(_gather_concat(hits, group).sum()) / share.summary.total, 6)
 
 
 class RankBudgetStatistics(BudgetStatistics):
@@ -372,7 +404,7 @@ class RankBudgetStatistics(BudgetStatistics):
 
     def count_histogram(self) -> Tuple[np.ndarray, np.ndarray]:
         values, ids = np.unique(self.share.profile.counts, return_counts=True)
-        pairs = np.concatenate(_all_gather(np.stack([values, ids.astype(np.int64)], axis=1), self.group))
+        pairs = _gather_concat(np.stack([values, ids.astype(np.int64)], axis=1), self.group)
         merged, inverse = np.unique(pairs[:, 0], return_inverse=True)
         return merged, np.bincount(inverse, weights=pairs[:, 1], minlength=merged.size).astype(np.int64)
 
@@ -420,6 +452,7 @@ __all__ = [
     "exchange_profiles",
     "fit_bucketed_distributed",
     "fit_owned_buckets",
+    "gather_fits",
     "gather_mapping",
     "gather_profile",
     "merge_across_ranks",
@@ -449,8 +482,8 @@ def merge_across_ranks(profile: IdProfile, *, table: str = "table", group: Proce
             merged = part if merged is None else merged.merge(part)
         return merged
     share = exchange_profiles(profile, world_size, seed=0, table=table, group=group)
-    ids = np.concatenate(_all_gather(share.ids, group))
-    counts = np.concatenate(_all_gather(share.counts, group))
+    ids = _gather_concat(share.ids, group)
+    counts = _gather_concat(share.counts, group)
     order = np.argsort(ids)
-    total = sum(int(t[0]) for t in _all_gather(np.array([profile.total]), group))
+    total = int(_gather_concat(np.array([profile.total]), group).sum())
     return IdProfile(ids[order], counts[order], total)

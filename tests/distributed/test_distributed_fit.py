@@ -26,15 +26,19 @@ from lh_dist_helpers import raised_by
 from lhf_torchrec.cli import main
 from lhf_torchrec.distributed.fit import (
     RankBudgetStatistics,
+    _all_gather,
+    _gather,
     cosharded_remap,
     exchange_profiles,
     fit_bucketed_distributed,
+    fit_owned_buckets,
+    gather_fits,
     gather_profile,
     owned_buckets,
     share_profile,
 )
 from lhf_torchrec.mapping.budget import plan_budget
-from lhf_torchrec.mapping.buckets import TooFewRowsForBuckets, bucket_profiles, fit_bucketed
+from lhf_torchrec.mapping.buckets import TooFewRowsForBuckets, bucket_profiles, fit_bucket_range, fit_bucketed
 from lhf_torchrec.mapping import load_mappings
 from lhf_torchrec.mapping.embeddings import IdEmbeddings
 from lhf_torchrec.mapping.profile import IdProfile
@@ -92,6 +96,23 @@ def _distributed_fit_checks(rank: int, world_size: int) -> None:
     # This rank's embeddings cover only its buckets' ids: enough for the learned methods.
     has_own = np.isin(merged.ids, owned.ids)
     own_embeddings = IdEmbeddings(merged.ids[has_own], embeddings.vectors[torch.from_numpy(has_own)])
+
+    # Gathers receive every rank's part in place, in rank order: unequal lengths, an empty part (the
+    # last rank's), rows of several columns; the per-rank list splits the same buffer.
+    part = np.arange(rank * 100, rank * 100 + 6 * (world_size - 1 - rank)).reshape(-1, 2)
+    whole, lengths = _gather(part, None)
+    parts = [np.arange(r * 100, r * 100 + 6 * (world_size - 1 - r)).reshape(-1, 2) for r in range(world_size)]
+    assert lengths == [p.shape[0] for p in parts] and np.array_equal(whole, np.concatenate(parts))
+    listed = _all_gather(part, None)
+    assert whole.dtype == np.int64 and [g.shape for g in listed] == [p.shape for p in parts]
+    assert np.array_equal(np.concatenate(listed), whole)
+    # The gathered fits of the ranks' buckets are one process's fits of every bucket.
+    fits = gather_fits(fit_owned_buckets("combination", NUM_ROWS, NUM_BUCKETS, owned, own_embeddings, seed=5))
+    one = fit_bucket_range("combination", NUM_ROWS, NUM_BUCKETS, bucket_profiles(merged, NUM_BUCKETS, seed=5),
+                           embeddings, seed=5)
+    assert fits.first_bucket == 0 and fits.splits == one.splits
+    for name in ("entry_ids", "entry_rows", "entry_counts"):
+        assert np.array_equal(getattr(fits, name), getattr(one, name)), name
 
     for method in METHODS:
         want = fit_bucketed(method, NUM_ROWS, NUM_BUCKETS, merged, embeddings, seed=5, table="t")
