@@ -685,7 +685,7 @@ def apply_doc(rows: list, num_ids: int, batch: int, reps: int, zch: list) -> str
         "with 64-bit keys) cannot reach 3x the floor here with the slot computation and the hash of the misses on "
         "top; full 64-bit keys need 8 bytes a key, and 40-bit keys with 1e5 rows 57 bits a slot. Eager, every "
         "element-wise op of the slot computation is a pass over the ids (~20-25 passes, ~0.2x the gather each), "
-        "so eager lookups stay at 5-14x. Also tried (one-off, not in this repository): (key, row) as a (S, 2) "
+        "so eager apply stays several times over 3x (the `apply/gather` column). Also tried (one-off, not in this repository): (key, row) as a (S, 2) "
         "int64 tensor, 16 bytes a slot, 9.4x compiled (its 16 MB footprint, and a 2-D `index_select` is slow on "
         "CPU); the records' one-multiply key mixing instead of mix64 (4.40x vs 4.65x compiled side by side, 1e6 "
         "entries, loaded box). `sorted` is a binary search (~20 dependent reads per id) either way. In a one-off "

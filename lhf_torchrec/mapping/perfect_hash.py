@@ -293,12 +293,12 @@ def build(keys: torch.Tensor, rows: torch.Tensor, seed: int, table: str = "table
 
 def _records(keys: torch.Tensor, rows: torch.Tensor, slot: torch.Tensor, num_slots: int, num_rows: int
              ) -> torch.Tensor:
-    """int64 ``key << row_bits | row`` per slot; empty slots hold key 0 (the smallest key: it has its own
-    slot, so no query reaches an empty one with it) and the all-ones row."""
+    """int64 ``key << row_bits | row`` per slot; empty slots hold the smallest key (it has its own slot, so
+    no query reaches an empty one with it) and the all-ones row."""
     bits = record_row_bits(num_rows)
-    if int(keys.min()) < 0 or not packs(max(32, int(keys.max()).bit_length()), num_rows):
+    if int(keys.min()) < 0 or int(keys.max()).bit_length() + bits > 63:
         raise ValueError(f"keys in [{int(keys.min())}, {int(keys.max())}] and {num_rows} rows do not pack into records")
-    records = torch.full((num_slots,), (1 << bits) - 1, dtype=torch.int64)
+    records = torch.full((num_slots,), (int(keys.min()) << bits) | ((1 << bits) - 1), dtype=torch.int64)
     records[slot] = torch.bitwise_left_shift(keys, bits).bitwise_or_(rows.to(torch.int64))
     return records
 

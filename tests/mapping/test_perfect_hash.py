@@ -264,3 +264,16 @@ def test_compiled_lookups_of_large_tables_read_the_slots_apart():
     # Through inductor (the op stays an extern call between two kernels): the eager rows.
     torch._dynamo.reset()
     assert torch.equal(torch.compile(mapping, **COMPILE_SETTINGS)(query), mapping(query))
+
+
+def test_records_without_key_zero_find_only_their_keys():
+    """Empty record slots hold the smallest key, so a query of key 0 (not stored here) finds nothing."""
+    keys = torch.arange(5, 70_000, 2) + (1 << 40)
+    tensors = perfect_hash.build(keys, torch.arange(keys.numel()) % 1000, seed=0, num_rows=1000, packed=True)
+    query = torch.cat([keys, keys + 1, torch.tensor([0, 1 << 40, -1, (1 << 63) - 1])])
+    rows, found = perfect_hash.lookup_records(query, tensors["slot_records"], perfect_hash.record_row_bits(1000),
+                                              tensors["group_pilots"], tuple(tensors["group_hash"].tolist()))
+    assert torch.equal(found, torch.arange(query.numel()) < keys.numel())
+    assert torch.equal(rows[:keys.numel()], torch.arange(keys.numel()) % 1000)
+    with pytest.raises(ValueError, match="do not pack into records"):
+        perfect_hash.build(keys << 20, torch.zeros_like(keys), seed=0, num_rows=1000, packed=True)
