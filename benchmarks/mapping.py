@@ -687,8 +687,8 @@ def apply_doc(rows: list, num_ids: int, batch: int, reps: int, zch: list) -> str
         "element-wise op of the slot computation is a pass over the ids (~20-25 passes, ~0.2x the gather each), "
         "so eager apply stays several times over 3x (the `apply/gather` column). Also tried (one-off, not in this repository): (key, row) as a (S, 2) "
         "int64 tensor, 16 bytes a slot, 9.4x compiled (its 16 MB footprint, and a 2-D `index_select` is slow on "
-        "CPU); the records' one-multiply key mixing instead of mix64 (4.40x vs 4.65x compiled side by side, 1e6 "
-        "entries, loaded box). `sorted` is a binary search (~20 dependent reads per id) either way. In a one-off "
+        "CPU); a one-multiply key mixing instead of mix64 for records (4.40x vs 4.65x compiled side by side, 1e6 "
+        "entries, loaded box), dropped: it found no table for keys k * 7919 * 2^20. `sorted` is a binary search (~20 dependent reads per id) either way. In a one-off "
         "measurement (2026-11-30, not in this repository) inductor's default (vectorized, AVX2) CPU code ran a "
         "plain gather 2-3x slower than its scalar code on this box: it moves every gathered element through a stack "
         "buffer; hence `cpp.simdlen: 1` in `COMPILE_SETTINGS`.",

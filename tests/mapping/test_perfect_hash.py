@@ -277,3 +277,12 @@ def test_records_without_key_zero_find_only_their_keys():
     assert torch.equal(rows[:keys.numel()], torch.arange(keys.numel()) % 1000)
     with pytest.raises(ValueError, match="do not pack into records"):
         perfect_hash.build(keys << 20, torch.zeros_like(keys), seed=0, num_rows=1000, packed=True)
+
+
+def test_records_of_keys_in_arithmetic_progression_build():
+    """Keys k * 7919 * 2^20 (all low bits equal): a weaker mix than mix64 found no table for them."""
+    keys = torch.arange(5000) * (7919 << 20)
+    tensors = perfect_hash.build(keys, torch.arange(5000), seed=0, num_rows=5001, packed=True)
+    rows, found = perfect_hash.lookup_records(keys, tensors["slot_records"], perfect_hash.record_row_bits(5001),
+                                              tensors["group_pilots"], tuple(tensors["group_hash"].tolist()))
+    assert bool(found.all()) and torch.equal(rows, torch.arange(5000))
