@@ -327,8 +327,9 @@ def apply_rows(num_ids: int, batch: int, reps: int) -> list:
         gather = times[0]
         for i, (storage, mapping) in enumerate(zip(storages, variants)):
             t_apply, t_compiled, t_lookup = times[1 + i], times[1 + k + i], times[1 + 2 * k + i]
+            layout = " records" if "slot_records" in mapping._buffers else ""  # perfect hash: one int64 per slot
             rows.append({"ids": kind, "method": method,
-                         "storage": storage + (" (fitted)" if storage == fitted.storage else ""),
+                         "storage": storage + layout + (" (fitted)" if storage == fitted.storage else ""),
                          "entries": mapping.num_entries, "hit": hit, "mapping_mb": mapping.nbytes / 2**20,
                          "gather_Mids_s": ids.numel() / gather / 1e6, "apply_Mids_s": ids.numel() / t_apply / 1e6,
                          "compiled_Mids_s": ids.numel() / t_compiled / 1e6, "apply/gather": t_apply / gather,
@@ -715,7 +716,10 @@ def apply_doc(rows: list, num_ids: int, batch: int, reps: int, zch: list) -> str
         f"anywhere in int64; ids dense (a permutation of [0, {num_ids:,})), sparse 40-bit (random in [0, 2^40)) or "
         f"sparse 64-bit (random int64); mappings into {num_ids // 10:,} rows. Each fitted mapping is applied in every "
         "storage that can hold it (`with_storage`: the same function; dense only where the entries' span is small); "
-        "`(fitted)` marks the storage the fit chose. `hit` is the share of lookups that find an entry (the others "
+        "`(fitted)` marks the storage the fit chose; `perfect_hash records` is its one-record layout (key and row in "
+        "one int64 per slot, for keys relative to the smallest too wide for int32 whose bits fit in 63 with the "
+        "row's: here the 40-bit ids), plain `perfect_hash` the split one (key, low and high row bits in three "
+        "arrays). `hit` is the share of lookups that find an entry (the others "
         "are hashed by `hash_ids`). `apply` is eager `mapping(ids)`; `compiled` the same mapping compiled as "
         "`mapping.compile()` does (`torch.compile` with `COMPILE_SETTINGS`: one graph, dynamic batch size, "
         "inductor's scalar C++ code), once per mapping; `compile_s` is its first call (a cold compile, inductor's "
@@ -735,15 +739,26 @@ def apply_doc(rows: list, num_ids: int, batch: int, reps: int, zch: list) -> str
         "entry, eager apply is mostly the cost of `hash_ids` on the misses (the `hash` row: the hashing trick "
         "itself), ~20 int64 passes over memory; compiled, the hash of every id costs less than the gather (the "
         "`hash` row), and the hashing trick, dense tables and small perfect-hash tables run several times "
-        "faster. Where the table outgrows the caches (`combination`, 1e6 entries, 7-11 MB) compiling gains "
-        "nothing: a perfect-hash lookup is a chain of dependent random reads (pilot, then slot key and row: three "
-        "arrays), and in one fused loop of ~100 scalar ops per id few of them are in flight at once (our reading of "
-        "it); `sorted` is a binary search (~20 dependent reads per id) either way. In one-off experiments not in this repository (2026-11-30, this box, not reproduced by this script), computing the "
-        "slots in one compiled function and reading keys and rows in a second ran the 1e6-entry table at ~5x the "
-        "gather, and an opaque custom op (a copy of the slots) between the two halves of one graph 6.3x (inductor "
-        "otherwise fuses them into one loop). In a one-off measurement (same day, not in this repository) inductor's default (vectorized, AVX2) CPU code "
-        "ran a plain gather 2-3x slower than its scalar code on this box: it moves every "
-        "gathered element through a stack buffer; hence `cpp.simdlen: 1` in `COMPILE_SETTINGS`.",
+        "faster. Where the table outgrows the caches (`combination`, 1e6 entries, 8-11 MB), a perfect-hash lookup "
+        "fused into one loop is a chain of dependent random reads (pilot, then the slot) of which few are in flight "
+        "at once (10.5-11.6x the gather in the previous run of this table); compiled lookups of tables over 2 MiB of slots "
+        "(`perfect_hash.APART_BYTES`) therefore compute every slot in one kernel and read the slots in an op of "
+        "their own (`lhf_torchrec::gather_apart`, an `index_select` inductor cannot fuse), whose independent reads "
+        "the memory system overlaps; smaller tables stay fused (faster there: 50k-entry tables 1.9x fused vs 2.5x "
+        "apart, split layout, one-off run on this box). What is left at 1e6 entries is the reads' footprint: in "
+        "one-off runs on this box (loaded) an `index_select` of 1e6 random ids from an 8 MB table costs 2.3-2.5x "
+        "the same gather from the 4 MB floor table whatever the element size (int32 or int64: the bytes the reads "
+        "spread over, not the bytes read, set it), so a 1e6-entry sparse table (8.4 MB of records, 11.4 MB split "
+        "with 64-bit keys) cannot reach 3x the floor here with the slot computation and the hash of the misses on "
+        "top; full 64-bit keys need 8 bytes a key, and 40-bit keys with 1e5 rows 57 bits a slot. Eager, every "
+        "element-wise op of the slot computation is a pass over the ids (~20-25 passes, ~0.2x the gather each), "
+        "so eager apply stays several times over 3x (the `apply/gather` column). Also tried (one-off, not in this repository): (key, row) as a (S, 2) "
+        "int64 tensor, 16 bytes a slot, 9.4x compiled (its 16 MB footprint, and a 2-D `index_select` is slow on "
+        "CPU); a one-multiply key mixing instead of mix64 for records (4.40x vs 4.65x compiled side by side, 1e6 "
+        "entries, loaded box), dropped: it found no table for keys k * 7919 * 2^20. `sorted` is a binary search (~20 dependent reads per id) either way. In a one-off "
+        "measurement (2026-11-30, not in this repository) inductor's default (vectorized, AVX2) CPU code ran a "
+        "plain gather 2-3x slower than its scalar code on this box: it moves every gathered element through a stack "
+        "buffer; hence `cpp.simdlen: 1` in `COMPILE_SETTINGS`.",
         "",
         "FBGEMM's `torch.ops.fbgemm.zero_collision_hash` (TorchRec's `HashZchManagedCollisionModule`; its CPU path "
         "is read-only at lookup) on the entries of the sparse 64-bit `frequency` mapping, with as many identity "

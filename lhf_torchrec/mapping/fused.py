@@ -76,8 +76,8 @@ _PARAMS = {"none": 6, "dense": 6 + 3, "perfect_hash": 6 + 9}
 
 def fusable(mapping: IdMapping) -> bool:
     """Whether :class:`FusedIdMappings` applies ``mapping`` (else it runs on its own)."""
-    if mapping.probes != 1 or mapping.num_buckets is not None:
-        return False
+    if mapping.probes != 1 or mapping.num_buckets is not None or "slot_records" in mapping._buffers:
+        return False  # perfect hash records (keys wider than int32) are looked up by their mapping
     return mapping.storage != "sorted" or _runtime_ids(mapping) is not None
 
 

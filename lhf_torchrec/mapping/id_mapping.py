@@ -12,7 +12,9 @@ for this table:
   span fits, else int64) and rows (2 bytes up to 2^15 rows, 3 up to 2^23, else 4) at 97% load, with
   a 2-byte pilot per ~4.5 entries (:mod:`~lhf_torchrec.mapping.perfect_hash`): three gathers (four
   with 3-byte rows) and a comparison per id, no search. Cost: about 6.6 / 7.7 bytes x entries with
-  int32 keys (2 / 3-byte rows), 10.8 / 11.8 with int64 keys.
+  int32 keys (2 / 3-byte rows), 10.8 / 11.8 with int64 keys. Relative keys too wide for int32 whose
+  bits and the rows' fit in 63 (e.g. a 2^40 span into up to 2^22 rows) are stored as one int64 record
+  per slot: two gathers, 8.8 bytes x entries.
 * ``sorted``: sorted keys (int32 relative to ``offset`` when the span fits, else int64) and int32
   rows, applied with ``searchsorted`` (a binary search). Cost: 8 or 12 bytes x entries.
 * ``none``: no entries (the hashing trick).
@@ -78,10 +80,11 @@ COMPILE_SETTINGS: Dict[str, Any] = {"fullgraph": True, "dynamic": True, "options
 SPARSE_STORAGES = ("perfect_hash", "sorted")
 
 
-def _sparse_cost(num_entries: int, key_bytes: int, num_rows: int) -> Tuple[str, int]:
-    """The cheaper sparse storage and its bytes; the perfect hash table (faster) on a tie."""
+def _sparse_cost(num_entries: int, key_bytes: int, num_rows: int, key_bits: int = 64) -> Tuple[str, int]:
+    """The cheaper sparse storage and its bytes (keys of ``key_bytes``, ``key_bits`` relative to the
+    smallest); the perfect hash table (faster) on a tie."""
     sorted_bytes = num_entries * (4 + key_bytes)
-    table_bytes = perfect_hash.table_bytes(num_entries, key_bytes, num_rows)
+    table_bytes = perfect_hash.table_bytes(num_entries, key_bytes, num_rows, key_bits)
     return ("perfect_hash", table_bytes) if table_bytes <= sorted_bytes else ("sorted", sorted_bytes)
 
 
@@ -95,7 +98,7 @@ def storage_cost(num_entries: int, span: int, num_rows: int) -> Tuple[str, int]:
     """
     if num_entries == 0:
         return "none", 0
-    sparse = _sparse_cost(num_entries, 4 if span - 1 <= _INT32_MAX else 8, num_rows)
+    sparse = _sparse_cost(num_entries, 4 if span - 1 <= _INT32_MAX else 8, num_rows, perfect_hash.key_bits(span))
     dense_bytes = 4 * span
     return ("dense", dense_bytes) if dense_bytes <= sparse[1] else sparse
 
@@ -178,9 +181,9 @@ class IdMapping(nn.Module):
             )
         if probes not in (1, 2):
             raise ValueError(f"table '{table_name}': probes must be 1 or 2, got {probes}")
-        expected = {"none": set(), "dense": {"table"}, "sorted": {"keys", "values"},
-                    "perfect_hash": set(perfect_hash.TENSORS)}
         tensors = dict(tensors or {})
+        expected = {"none": set(), "dense": {"table"}, "sorted": {"keys", "values"},
+                    "perfect_hash": set(perfect_hash.RECORD_TENSORS if "slot_records" in tensors else perfect_hash.TENSORS)}
         needed = expected.get(storage, set()) | ({"bucket_hash_regions"} if num_buckets is not None else set())
         if storage not in expected or set(tensors) != needed:
             raise ValueError(
@@ -279,15 +282,18 @@ class IdMapping(nn.Module):
         elif storage in SPARSE_STORAGES:
             # int32 keys relative to the smallest when they fit (as storage_cost counts them). Bucketed
             # mappings keep int64 keys: storage_cost does not know their span.
-            relative = hashed.num_buckets is None and int(keys[-1]) - offset <= _INT32_MAX
-            offset = offset if relative else 0
+            # Wider keys relative to the smallest go into perfect hash records where they pack with the rows.
+            bits = perfect_hash.key_bits(int(keys[-1]) - offset + 1)
+            relative = hashed.num_buckets is None and bits <= 31
+            packed = storage == "perfect_hash" and hashed.num_buckets is None and perfect_hash.packs(bits, hashed.num_rows)
+            offset = offset if relative or packed else 0
             if storage == "sorted":
                 tensors["keys"] = torch.from_numpy((keys - offset).astype(np.int32) if relative else keys)
                 tensors["values"] = torch.from_numpy(rows.astype(np.int32))
             else:
                 tensors.update(perfect_hash.build(torch.from_numpy(keys - offset), torch.from_numpy(rows), hashed.seed,
                                                   hashed.table_name, torch.int32 if relative else torch.int64,
-                                                  hashed.num_rows))
+                                                  hashed.num_rows, packed))
         elif storage != "none":
             raise ValueError(f"table '{hashed.table_name}': unknown storage '{storage}'")
         return cls(hashed.num_rows, storage=storage, offset=offset, tensors=tensors, num_entries=int(keys.size),
@@ -307,9 +313,9 @@ class IdMapping(nn.Module):
             keys = self.keys.to(torch.int64) + self.offset if self.keys.dtype == torch.int32 else self.keys
             return keys, self.values.to(torch.int64)
         if self.storage == "perfect_hash":
-            rows = perfect_hash.slot_row_values(dict(self.named_buffers()))
+            keys, rows = self._slot_entries()
             real = rows >= 0
-            keys, order = torch.sort(self.slot_keys[real].to(torch.int64) + self.offset)
+            keys, order = torch.sort(keys[real] + self.offset)
             return keys, rows[real].index_select(0, order)
         if self.storage == "dense":
             ids = torch.arange(self.table.numel(), dtype=torch.int64, device=self.table.device) + self.offset
@@ -353,9 +359,15 @@ class IdMapping(nn.Module):
         storage, _ = bucketed_storage_cost(int(keys.size), hashed.num_rows)
         return cls._stored(hashed, keys, entry_rows, storage, base, settings)
 
+    def _slot_entries(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(int64 relative key, row) of every perfect hash slot; row -1 where empty."""
+        if "slot_records" in self._buffers:
+            return perfect_hash.record_values(self.slot_records, self.num_rows)
+        return self.slot_keys.to(torch.int64), perfect_hash.slot_row_values(dict(self.named_buffers()))
+
     def _check_rows(self) -> None:
         if self.storage == "perfect_hash":
-            rows = perfect_hash.slot_row_values(dict(self.named_buffers()))
+            rows = self._slot_entries()[1]
         else:
             rows = {"dense": "table", "sorted": "values"}.get(self.storage)
             rows = getattr(self, rows) if rows is not None else None
@@ -494,6 +506,9 @@ class IdMapping(nn.Module):
             # Relative keys: ids - offset wraps around for extreme ids, but equals a key k only
             # when id = offset + k (mod 2^64), i.e. for the entry's id itself.
             keys = ids - self.offset if self.offset else ids
+            if "slot_records" in self._buffers:
+                return perfect_hash.lookup_records(keys, self.slot_records, perfect_hash.record_row_bits(self.num_rows),
+                                                   self.group_pilots, self._group_hash)
             return perfect_hash.lookup(keys, self.slot_keys, self.slot_rows, self.slot_rows_high, self.group_pilots,
                                        self._group_hash)
         return torch.zeros_like(ids), torch.zeros_like(ids, dtype=torch.bool)

@@ -13,6 +13,18 @@ sparse 64-bit ids, or of bucket hashes). Hash-and-displace, as PTHash (Pibiri an
   slots (``slot_keys`` int32 or int64, rows in ``slot_rows`` and ``slot_rows_high``): every key has
   exactly one slot, so a lookup never probes.
 
+Two slot layouts (:func:`packs` picks, ``build(..., packed=)``):
+
+* *split*: ``slot_keys`` (int32 or int64) and the rows in ``slot_rows`` (low 16 bits) and
+  ``slot_rows_high`` (the bits above, for 3- and 4-byte rows): a slot read is 2-3 random reads;
+* *records*: one int64 ``slot_records`` per slot, ``key << row_bits | row`` with ``row_bits`` =
+  ``num_rows.bit_length()`` (all ones: an empty slot), for keys relative to the smallest whose bits
+  (:func:`key_bits`) and the row bits fit in 63: a slot read is one random read of 8 bytes, and the
+  table costs 8 bytes per slot instead of 10-12 with int64 keys (e.g. ids in a 2^40 span into up to
+  2^22 rows). Keys that fit int32 stay split (6-7 bytes per slot), as do full 64-bit keys. Both
+  layouts place keys with the same functions (a one-multiply mix instead of mix64 saved ~5% compiled but
+  left keys in arithmetic progressions, e.g. ``k * 7919 * 2^20``, without a table).
+
 Lookup, vectorized over the queries: group, gather its pilot, slot, gather the slot's key and row,
 compare the key. No data-dependent control flow, a handful of int64 element-wise ops and three
 gathers (four where rows take 3 or 4 bytes: their high bits are a second array); a key that is not
@@ -57,6 +69,13 @@ _LOW_32 = 0xFFFFFFFF
 # bytes a row the table costs less than sorted keys with int32 rows. -1 marks an empty slot.
 ROW_LIMITS = (1 << 15, 1 << 23, 1 << 31)
 TENSORS = ("slot_keys", "slot_rows", "slot_rows_high", "group_pilots", "group_hash")
+RECORD_TENSORS = ("slot_records", "group_pilots", "group_hash")
+# Compiled (torch.compile), a lookup whose slot arrays exceed this many bytes computes every slot first and
+# reads the slots in a separate gather (:func:`gather_apart`): in one fused loop of hashing and dependent
+# random reads few reads are in flight, which costs 2-3x once the slots outgrow the caches (1e6 entries,
+# 8-11 MB), while tables of a few hundred KB (5e4 entries) run faster fused (docs/performance.md,
+# "Apply throughput").
+APART_BYTES = 1 << 21
 
 
 def table_sizes(num_entries: int) -> Tuple[int, int]:
@@ -76,11 +95,28 @@ def rows_limit(num_rows: int) -> int:
     return ROW_LIMITS[row_bytes(num_rows) - 2]
 
 
-def table_bytes(num_entries: int, key_bytes: int, num_rows: int) -> int:
-    """Bytes of a table of ``num_entries`` keys of ``key_bytes`` into ``num_rows`` rows: slots (key, row),
-    int16 group pilots, the 4-word group hash."""
+def record_row_bits(num_rows: int) -> int:
+    """Bits of a record's row field into ``num_rows`` rows: rows < num_rows, all ones for an empty slot."""
+    return int(num_rows).bit_length()
+
+
+def key_bits(span: int) -> int:
+    """Bits of the keys relative to the smallest of entries spread over ``span`` (>= 1) ids."""
+    return int(span - 1).bit_length()
+
+
+def packs(bits: int, num_rows: int) -> bool:
+    """Whether keys of ``bits`` bits into ``num_rows`` rows are stored as one int64 record per slot: when
+    they fit and do not fit int32 keys (split slots of int32 keys cost 6-7 bytes, a record 8)."""
+    return 31 < bits and bits + record_row_bits(num_rows) <= 63
+
+
+def table_bytes(num_entries: int, key_bytes: int, num_rows: int, bits: int = 64) -> int:
+    """Bytes of a table of ``num_entries`` keys of ``key_bytes`` (``bits`` relative to the smallest) into
+    ``num_rows`` rows: slots (records of 8 bytes, or key and row), int16 group pilots, the 4-word group hash."""
     slots, groups = table_sizes(num_entries)
-    return (key_bytes + row_bytes(num_rows)) * slots + 2 * groups + 32
+    slot_bytes = 8 if key_bytes == 8 and packs(bits, num_rows) else key_bytes + row_bytes(num_rows)
+    return slot_bytes * slots + 2 * groups + 32
 
 
 def encode_rows(rows: torch.Tensor, num_rows: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -144,20 +180,43 @@ def lookup(ids: torch.Tensor, slot_keys: torch.Tensor, slot_rows: torch.Tensor, 
     reads some element and multiplies it by 0.
 
     int32 ``slot_keys`` compare as int64: a key never equals an id outside the int32 range."""
-    num_groups = group_pilots.numel() if num_groups is None else num_groups
-    num_slots = slot_keys.numel() if num_slots is None else num_slots
-    mixed = _mixed(ids, group_hash)
-    group = _shifted(_group_of(mixed, group_hash[0], num_groups), group_start)
-    multiplier = gather(group_pilots, group).to(torch.int64).mul_(group_hash[3]).add_(group_hash[2])
-    slot = _shifted(_slot_of(multiplier.mul_(mixed), num_slots), slot_start)
-    found = gather(slot_keys, slot) == ids
+    slot = _slots(ids, group_pilots, group_hash, slot_keys.numel() if num_slots is None else num_slots,
+                  num_groups, group_start, slot_start)
+    take = gather_apart if _apart(slot_keys, slot_rows, slot_rows_high) else gather
+    found = take(slot_keys, slot) == ids
     if not slot_rows_high.numel():
         high = slot_rows_high
     elif has_high is None:
-        high = gather(slot_rows_high, slot)
+        high = take(slot_rows_high, slot)
     else:
-        high = gather(slot_rows_high, (slot + high_shift).clamp_(0, slot_rows_high.numel() - 1)).mul(has_high)
-    return decode_rows(gather(slot_rows, slot), high), found
+        high = take(slot_rows_high, (slot + high_shift).clamp_(0, slot_rows_high.numel() - 1)).mul(has_high)
+    return decode_rows(take(slot_rows, slot), high), found
+
+
+def lookup_records(ids: torch.Tensor, slot_records: torch.Tensor, row_bits: int, group_pilots: torch.Tensor,
+                   group_hash: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(rows int64, found bool) of flat int64 ``ids`` (keys relative to the smallest, wrapped around) in a
+    table of records (``build(..., packed=True)``): one gather per id after the slot. A record's key is in
+    [0, 2^63 >> row_bits): an id whose relative key is outside never matches."""
+    slot = _slots(ids, group_pilots, group_hash, slot_records.numel())
+    record = (gather_apart if _apart(slot_records) else gather)(slot_records, slot)
+    return record & ((1 << row_bits) - 1), torch.bitwise_right_shift(record, row_bits) == ids
+
+
+def _slots(ids: torch.Tensor, group_pilots: torch.Tensor, group_hash: Sequence[Union[int, torch.Tensor]],
+           num_slots: Union[int, torch.Tensor], num_groups: Union[int, torch.Tensor, None] = None,
+           group_start: Union[int, torch.Tensor] = 0, slot_start: Union[int, torch.Tensor] = 0) -> torch.Tensor:
+    """The slot of every key: group, its pilot's multiplier, multiply-shift."""
+    num_groups = group_pilots.numel() if num_groups is None else num_groups
+    mixed = _mixed(ids, group_hash)
+    group = _shifted(_group_of(mixed, group_hash[0], num_groups), group_start)
+    multiplier = gather(group_pilots, group).to(torch.int64).mul_(group_hash[3]).add_(group_hash[2])
+    return _shifted(_slot_of(multiplier.mul_(mixed), num_slots), slot_start)
+
+
+def _apart(*slot_arrays: torch.Tensor) -> bool:
+    """Whether to read the slots apart from computing them (:data:`APART_BYTES`): compiled, large tables."""
+    return torch.compiler.is_compiling() and sum(a.numel() * a.element_size() for a in slot_arrays) > APART_BYTES
 
 
 def gather(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -166,15 +225,35 @@ def gather(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return values.index_select(0, index) if index.dim() == 1 else values.index_select(0, index.reshape(-1)).view(index.shape)
 
 
+@torch.library.custom_op("lhf_torchrec::gather_apart", mutates_args=())
+def _gather_op(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return values.index_select(0, index)
+
+
+@_gather_op.register_fake
+def _(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return values.new_empty(index.shape)
+
+
+def gather_apart(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """:func:`gather` as an op torch.compile cannot fuse into its neighbours: the index is computed for every
+    id first, and the gather runs as its own tight loop (eager ``index_select``, any device), whose
+    independent random reads the memory system overlaps. Eager, the same as :func:`gather`."""
+    if index.dim() != 1:
+        return _gather_op(values, index.reshape(-1)).view(index.shape)
+    return _gather_op(values, index)
+
+
 def _candidates(group_hash, pilots: torch.Tensor) -> torch.Tensor:
     """The multiplier of each pilot: ``first + pilot * step`` (odd first, even step: always odd)."""
     return pilots.to(torch.int64) * group_hash[3] + group_hash[2]
 
 
 def build(keys: torch.Tensor, rows: torch.Tensor, seed: int, table: str = "table",
-          key_dtype: torch.dtype = torch.int64, num_rows: int = 1 << 31) -> Dict[str, torch.Tensor]:
+          key_dtype: torch.dtype = torch.int64, num_rows: int = 1 << 31, packed: bool = False) -> Dict[str, torch.Tensor]:
     """The table of unique ``keys`` and their ``rows`` (>= 0, < ``num_rows``), deterministic given ``seed``;
-    its keys are stored as ``key_dtype`` (int32 when every key fits), its rows in :func:`row_bytes` bytes."""
+    its keys are stored as ``key_dtype`` (int32 when every key fits), its rows in :func:`row_bytes` bytes;
+    ``packed``: as int64 records (:data:`RECORD_TENSORS`; keys >= 0 whose bits :func:`packs` with the rows)."""
     keys = keys.to(torch.int64).cpu().contiguous()
     num_slots, num_groups = table_sizes(keys.numel())
     for attempt in range(MAX_ATTEMPTS):
@@ -185,15 +264,36 @@ def build(keys: torch.Tensor, rows: torch.Tensor, seed: int, table: str = "table
         placed = _place(mixed, _group_of(mixed, group_hash[0], num_groups), num_groups, num_slots, group_hash)
         if placed is not None:
             pilots, slot = placed
+            tail = {"group_pilots": pilots, "group_hash": torch.tensor(group_hash, dtype=torch.int64)}
+            if packed:
+                return {"slot_records": _records(keys, rows, slot, num_slots, num_rows), **tail}
             slot_keys = torch.full((num_slots,), int(keys.min()), dtype=key_dtype)
             slot_rows = torch.full((num_slots,), -1, dtype=torch.int64)
             slot_keys[slot] = keys.to(key_dtype)
             slot_rows[slot] = rows.to(torch.int64)
             low, high = encode_rows(slot_rows, num_rows)
-            return {"slot_keys": slot_keys, "slot_rows": low, "slot_rows_high": high, "group_pilots": pilots,
-                    "group_hash": torch.tensor(group_hash, dtype=torch.int64)}
+            return {"slot_keys": slot_keys, "slot_rows": low, "slot_rows_high": high, **tail}
     raise ValueError(f"table '{table}': no perfect hash table for its {keys.numel()} entries after {MAX_ATTEMPTS} "
                      "attempts (are the entry keys unique?)")
+
+
+def _records(keys: torch.Tensor, rows: torch.Tensor, slot: torch.Tensor, num_slots: int, num_rows: int
+             ) -> torch.Tensor:
+    """int64 ``key << row_bits | row`` per slot; empty slots hold the smallest key (it has its own slot, so
+    no query reaches an empty one with it) and the all-ones row."""
+    bits = record_row_bits(num_rows)
+    if int(keys.min()) < 0 or int(keys.max()).bit_length() + bits > 63:
+        raise ValueError(f"keys in [{int(keys.min())}, {int(keys.max())}] and {num_rows} rows do not pack into records")
+    records = torch.full((num_slots,), (int(keys.min()) << bits) | ((1 << bits) - 1), dtype=torch.int64)
+    records[slot] = torch.bitwise_left_shift(keys, bits).bitwise_or_(rows.to(torch.int64))
+    return records
+
+
+def record_values(records: torch.Tensor, num_rows: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(relative keys, rows) of every record; row -1 for an empty slot."""
+    bits = record_row_bits(num_rows)
+    rows = records & ((1 << bits) - 1)
+    return torch.bitwise_right_shift(records, bits), torch.where(rows == (1 << bits) - 1, -1, rows)
 
 
 def _place(keys: torch.Tensor, group: torch.Tensor, num_groups: int, num_slots: int,
@@ -252,18 +352,29 @@ def _place(keys: torch.Tensor, group: torch.Tensor, num_groups: int, num_slots: 
 
 
 def check(tensors: Mapping[str, torch.Tensor], table: str = "table") -> None:
-    """Raises ValueError naming the table unless ``tensors`` have the dtypes and shapes of a table."""
-    dtypes = {"slot_keys": (torch.int64, torch.int32), "slot_rows": (torch.int16,),
-              "slot_rows_high": (torch.int8, torch.int16), "group_pilots": (torch.int16,), "group_hash": (torch.int64,)}
+    """Raises ValueError naming the table unless ``tensors`` have the dtypes and shapes of a table (split
+    :data:`TENSORS` or :data:`RECORD_TENSORS`)."""
+    if "slot_records" in tensors:
+        dtypes = {"slot_records": (torch.int64,), "group_pilots": (torch.int16,), "group_hash": (torch.int64,)}
+    else:
+        dtypes = {"slot_keys": (torch.int64, torch.int32), "slot_rows": (torch.int16,),
+                  "slot_rows_high": (torch.int8, torch.int16), "group_pilots": (torch.int16,), "group_hash": (torch.int64,)}
     for name, dtype in dtypes.items():
         if tensors[name].dtype not in dtype or tensors[name].dim() != 1:
             raise ValueError(f"table '{table}': perfect hash tensor '{name}' must be a 1-D {dtype} tensor, got "
                              f"{tensors[name].dtype} {tuple(tensors[name].shape)}")
-    slots, groups = tensors["slot_keys"].numel(), tensors["group_pilots"].numel()
-    if slots < 1 or tensors["slot_rows"].numel() != slots:
-        raise ValueError(f"table '{table}': perfect hash slot_keys and slot_rows must have the same length >= 1, got "
-                         f"{slots} and {tensors['slot_rows'].numel()}")
-    if tensors["slot_rows_high"].numel() not in (0, slots):
+    groups = tensors["group_pilots"].numel()
+    if "slot_records" in tensors:
+        records = tensors["slot_records"]
+        if not records.numel() or int(records.min()) < 0:
+            raise ValueError(f"table '{table}': perfect hash slot_records must be at least one record, none negative")
+        slots = records.numel()
+    else:
+        slots = tensors["slot_keys"].numel()
+        if slots < 1 or tensors["slot_rows"].numel() != slots:
+            raise ValueError(f"table '{table}': perfect hash slot_keys and slot_rows must have the same length >= 1, "
+                             f"got {slots} and {tensors['slot_rows'].numel()}")
+    if "slot_rows_high" in tensors and tensors["slot_rows_high"].numel() not in (0, slots):
         raise ValueError(f"table '{table}': perfect hash slot_rows_high must be empty or have {slots} slots, got "
                          f"{tensors['slot_rows_high'].numel()}")
     if groups < 1 or tensors["group_hash"].numel() != 4:

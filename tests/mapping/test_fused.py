@@ -136,6 +136,8 @@ def test_which_mappings_fuse_and_what_they_add():
     assert dense.storage == "dense"
     assert wide_sorted.storage == "sorted" and int(wide_sorted.keys[-1]) > RUNTIME_DENSE_IDS
     assert [fusable(m) for m in (small_sorted, wide_sorted, double, bucketed, dense)] == [True, False, False, False, True]
+    records = wide_sorted.with_storage("perfect_hash")  # 36-bit keys: perfect hash records, on their own
+    assert "slot_records" in records._buffers and not fusable(records) and runtime_bytes(records) == 0
     # The dense copy of a small sorted table (ids [0, 1024) here, 4 bytes an id) and the per-table parameters.
     assert runtime_bytes(small_sorted) == 4 * RUNTIME_DENSE_IDS + 8 * 9
     shifted = IdMapping.from_entries(ids + 5000, ids % 5, 20, hash_offset=5, table_name="s").with_storage("sorted")
@@ -147,9 +149,10 @@ def test_which_mappings_fuse_and_what_they_add():
 def test_packed_arrays_are_the_mappings_memory_and_files_do_not_change(tmp_path):
     rng = np.random.default_rng(1)
     mappings = {
-        "p": IdMapping.from_entries(rng.choice(1 << 40, 300, replace=False), rng.integers(0, 900, 300), 1000,
+        # 62-bit keys: split slots (40-bit keys would pack into records, which run on their own mapping)
+        "p": IdMapping.from_entries(rng.choice(1 << 40, 300, replace=False) << 22, rng.integers(0, 900, 300), 1000,
                                     hash_offset=900, table_name="p"),
-        "q": IdMapping.from_entries(rng.choice(1 << 40, 200, replace=False), rng.integers(0, 500, 200), 600,
+        "q": IdMapping.from_entries(rng.choice(1 << 40, 200, replace=False) << 22, rng.integers(0, 500, 200), 600,
                                     hash_offset=500, table_name="q"),
         "d": IdMapping.from_entries(np.arange(50), rng.integers(0, 10, 50), 20, hash_offset=10, table_name="d"),
         # int32 keys with 3- and 4-byte rows: packed as int64 records whose words and bytes are their buffers

@@ -98,7 +98,7 @@ def test_the_table_is_deterministic_given_the_seed():
 def test_save_load_round_trip_and_checksum(tmp_path):
     mapping = IdMapping.from_entries(np.arange(1, 1 << 40, (1 << 40) // 300)[:300], np.arange(300) % 50, 64,
                                      hash_offset=50, table_name="t_sparse")
-    assert mapping.storage == "perfect_hash"
+    assert mapping.storage == "perfect_hash" and "slot_records" in mapping._buffers
     path = str(tmp_path / "m.safetensors")
     save_mappings(path, {"t_sparse": mapping})
     loaded = load_mappings(path)["t_sparse"]
@@ -106,7 +106,7 @@ def test_save_load_round_trip_and_checksum(tmp_path):
     assert loaded.fingerprint == mapping.fingerprint and torch.equal(loaded(query), mapping(query))
     # One changed slot key: the file no longer matches its checksum.
     data = bytearray(open(path, "rb").read())
-    raw = mapping.slot_keys.numpy().tobytes()
+    raw = mapping.slot_records.numpy().tobytes()
     at = bytes(data).index(raw)
     data[at] ^= 1
     open(path, "wb").write(bytes(data))
@@ -148,7 +148,10 @@ def test_storage_rule_takes_the_cheapest_storage_and_the_faster_on_a_tie():
     small, large = 1 << 15, (1 << 23) + 1  # 2-byte rows up to 2^15 rows, 4-byte beyond 2^23
     assert storage_cost(1000, 1600, small) == ("dense", 6_400)  # cheaper than the table's 6,730 bytes
     assert storage_cost(1000, 1 << 20, small) == ("perfect_hash", perfect_hash.table_bytes(1000, 4, small))
-    assert storage_cost(1000, 1 << 40, small) == ("perfect_hash", perfect_hash.table_bytes(1000, 8, small))
+    # Keys of 40 bits and 16-bit row fields pack into int64 records: 8 bytes a slot instead of 10.
+    assert storage_cost(1000, 1 << 40, small) == ("perfect_hash", perfect_hash.table_bytes(1000, 8, small, 40))
+    assert perfect_hash.table_bytes(1000, 8, small, 40) == 8 * 1042 + 2 * 250 + 32
+    assert storage_cost(1000, 1 << 63, small) == ("perfect_hash", perfect_hash.table_bytes(1000, 8, small))
     assert storage_cost(3, 1 << 40, small) == ("sorted", 36)  # rounding slots and groups up costs more
     for entries in (20, 100, 10_000, 1_000_000):
         for key_bytes, span in ((4, 1 << 31), (8, 1 << 40)):
@@ -157,7 +160,8 @@ def test_storage_rule_takes_the_cheapest_storage_and_the_faster_on_a_tie():
             assert storage_cost(entries, span, large) == ("sorted", sorted_bytes)
             for num_rows in (small, (1 << 23)):
                 storage, nbytes = storage_cost(entries, span, num_rows)
-                assert nbytes == min(sorted_bytes, perfect_hash.table_bytes(entries, key_bytes, num_rows))
+                assert nbytes == min(sorted_bytes, perfect_hash.table_bytes(entries, key_bytes, num_rows,
+                                                                            perfect_hash.key_bits(span)))
                 if entries >= 10_000:  # fewer: the 32-byte group hash and rounding up can tip it
                     assert storage == "perfect_hash" and nbytes < sorted_bytes
 
@@ -170,3 +174,115 @@ def test_key_zero_is_placed_like_any_other():
                                       tensors["group_pilots"],
                                       tuple(tensors["group_hash"].tolist()))
     assert bool(found.all()) and torch.equal(rows, torch.arange(keys.numel()) % 1000)
+
+
+# Entry ids in a span of up to 2^44 anywhere in int64 (the bottom and the top included): relative keys too wide
+# for int32, packed into records with the rows where they fit.
+_spans = st.tuples(st.sampled_from([-(1 << 63), (1 << 63) - (1 << 44), -(1 << 20), 1 << 50]), st.integers(32, 44))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    start_bits=_spans,
+    offsets=st.lists(st.integers(0, (1 << 44) - 1), min_size=1, max_size=60, unique=True),
+    extra=st.lists(int64s, max_size=20),
+    num_rows=st.one_of(st.integers(2, 500), st.sampled_from([1 << 15, (1 << 19) - 1, 1 << 19, 1 << 30])),
+    seed=st.integers(0, 1 << 40),
+)
+def test_records_give_what_sorted_keys_give(start_bits, offsets, extra, num_rows, seed):
+    start, bits = start_bits
+    # The span's ends are entries: its width sets the key bits.
+    entry_ids = sorted({start, start + (1 << bits) - 1, *(start + o % (1 << bits) for o in offsets)})
+    rows = (np.arange(len(entry_ids)) * 62_710_007) % num_rows
+    mapping = IdMapping.from_entries(np.array(entry_ids, dtype=np.int64), rows, num_rows, seed=seed,
+                                     hash_offset=num_rows // 3, table_name="t").with_storage("perfect_hash")
+    packed = bits + num_rows.bit_length() <= 63
+    assert ("slot_records" in mapping._buffers) == packed and mapping.storage == "perfect_hash"
+    span = entry_ids[-1] - entry_ids[0] + 1
+    expected_bytes = perfect_hash.table_bytes(len(entry_ids), 8, num_rows, perfect_hash.key_bits(span))
+    assert mapping.nbytes == expected_bytes
+    if len(entry_ids) >= 30:  # the cost the fit counts; fewer entries may go to sorted keys
+        assert storage_cost(len(entry_ids), span, num_rows) == ("perfect_hash", expected_bytes)
+    keys = mapping.with_storage("sorted")
+    near = [i + d for i in entry_ids for d in (-1, 1, 1 << bits, -(1 << bits)) if -(1 << 63) <= i + d < (1 << 63)]
+    query = torch.tensor(entry_ids + entry_ids[:5] + near + EXTREMES + extra, dtype=torch.int64)
+    _same(mapping, keys, query)
+    _same(mapping, keys, torch.zeros(0, dtype=torch.int64))
+    assert torch.equal(mapping(torch.tensor(entry_ids)), torch.from_numpy(rows))
+
+
+def test_records_cost_less_than_int64_keys_and_split_files_still_load(tmp_path):
+    rng = np.random.default_rng(1)
+    ids = np.unique(rng.integers(0, 1 << 40, 30_000))
+    rows = rng.integers(0, 1 << 16, ids.size)
+    mapping = IdMapping.from_entries(ids, rows, 1 << 17, seed=3, table_name="t")
+    assert mapping.slot_records.dtype == torch.int64 and set(mapping._buffers) == set(perfect_hash.RECORD_TENSORS)
+    assert mapping.nbytes == storage_cost(ids.size, int(ids[-1] - ids[0]) + 1, 1 << 17)[1]
+    assert mapping.nbytes < perfect_hash.table_bytes(ids.size, 8, 1 << 17) * 0.75  # 8 bytes a slot, not 11
+    # A file written before records existed: the same entries in split slots (int64 keys, offset 0).
+    split = IdMapping(1 << 17, seed=3, storage="perfect_hash", offset=0, num_entries=ids.size, table_name="t",
+                      tensors=perfect_hash.build(torch.from_numpy(ids), torch.from_numpy(rows), 3, "t", torch.int64,
+                                                 1 << 17))
+    path = str(tmp_path / "old.safetensors")
+    save_mappings(path, {"t": split})
+    loaded = load_mappings(path)["t"]
+    assert set(loaded._buffers) == set(perfect_hash.TENSORS)
+    query = torch.from_numpy(np.concatenate([ids, ids + 1, rng.integers(-(1 << 63), 1 << 63, 5000), EXTREMES]))
+    assert torch.equal(loaded(query), mapping(query)) and torch.equal(loaded.has_entry(query), mapping.has_entry(query))
+    # A record whose row field is beyond the rows, or a negative record: a clear error naming the table.
+    bad = dict(mapping._buffers, slot_records=mapping.slot_records.clone())
+    bad["slot_records"][0] = (1 << 18) - 2  # row field 2^18 - 2 >= 2^17 rows (all ones: empty)
+    with pytest.raises(ValueError, match="table 't': stored rows exceed"):
+        IdMapping(1 << 17, storage="perfect_hash", offset=mapping.offset, tensors=bad, table_name="t")
+    bad["slot_records"][0] = -1
+    with pytest.raises(ValueError, match="table 't': perfect hash slot_records must be"):
+        IdMapping(1 << 17, storage="perfect_hash", offset=mapping.offset, tensors=bad, table_name="t")
+
+
+def test_compiled_lookups_of_large_tables_read_the_slots_apart():
+    """Above APART_BYTES of slots the compiled lookup gathers the slots in their own op, with the eager rows."""
+    from lhf_torchrec.mapping.id_mapping import COMPILE_SETTINGS
+
+    rng = np.random.default_rng(2)
+    ids = np.unique(rng.integers(0, 1 << 40, 300_000))  # 2.5 MB of records
+    mapping = IdMapping.from_entries(ids, rng.integers(0, 1000, ids.size), 2000, hash_offset=1000, seed=1)
+    wide = IdMapping.from_entries(np.unique(rng.integers(-(1 << 63), 1 << 63, 300, dtype=np.int64)),
+                                  np.arange(300) % 1000, 2000, hash_offset=1000, seed=1)  # small, split, fused
+    assert "slot_records" in mapping._buffers and "slot_keys" in wide._buffers
+    query = torch.from_numpy(np.concatenate([ids[::7], rng.integers(-(1 << 63), 1 << 63, 3000)]))
+    for m, apart in ((mapping, True), (wide, False)):
+        graphs = []
+
+        def capture(gm, inputs):
+            graphs.append(gm)
+            return gm.forward
+
+        torch._dynamo.reset()
+        assert torch.equal(torch.compile(m, backend=capture, fullgraph=True, dynamic=True)(query), m(query))
+        ops = {node.target for gm in graphs for node in gm.graph.nodes}
+        assert (torch.ops.lhf_torchrec.gather_apart.default in ops) == apart
+    # Through inductor (the op stays an extern call between two kernels): the eager rows.
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(mapping, **COMPILE_SETTINGS)(query), mapping(query))
+
+
+def test_records_without_key_zero_find_only_their_keys():
+    """Empty record slots hold the smallest key, so a query of key 0 (not stored here) finds nothing."""
+    keys = torch.arange(5, 70_000, 2) + (1 << 40)
+    tensors = perfect_hash.build(keys, torch.arange(keys.numel()) % 1000, seed=0, num_rows=1000, packed=True)
+    query = torch.cat([keys, keys + 1, torch.tensor([0, 1 << 40, -1, (1 << 63) - 1])])
+    rows, found = perfect_hash.lookup_records(query, tensors["slot_records"], perfect_hash.record_row_bits(1000),
+                                              tensors["group_pilots"], tuple(tensors["group_hash"].tolist()))
+    assert torch.equal(found, torch.arange(query.numel()) < keys.numel())
+    assert torch.equal(rows[:keys.numel()], torch.arange(keys.numel()) % 1000)
+    with pytest.raises(ValueError, match="do not pack into records"):
+        perfect_hash.build(keys << 20, torch.zeros_like(keys), seed=0, num_rows=1000, packed=True)
+
+
+def test_records_of_keys_in_arithmetic_progression_build():
+    """Keys k * 7919 * 2^20 (all low bits equal): a weaker mix than mix64 found no table for them."""
+    keys = torch.arange(5000) * (7919 << 20)
+    tensors = perfect_hash.build(keys, torch.arange(5000), seed=0, num_rows=5001, packed=True)
+    rows, found = perfect_hash.lookup_records(keys, tensors["slot_records"], perfect_hash.record_row_bits(5001),
+                                              tensors["group_pilots"], tuple(tensors["group_hash"].tolist()))
+    assert bool(found.all()) and torch.equal(rows, torch.arange(5000))
