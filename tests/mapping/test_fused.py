@@ -98,8 +98,10 @@ def test_every_perfect_hash_layout_and_dense_span_together(width):
     equal size (a (features, ids) matrix) and not."""
     rng = np.random.default_rng(3)
     mappings = {}
-    for i, (num_rows, stride) in enumerate([(n, s) for n in (40, 1 << 16, (1 << 23) + 9) for s in (1, 1 << 13)]):
-        ids = (1 << 40) + stride * rng.choice(1 << 20, 400, replace=False)  # keys span 2^20 (int32) or 2^33
+    # Keys span 2^20 (int32 keys) or 2^62 (int64 keys: too wide to pack with the rows into one record, a layout
+    # that runs on its own mapping).
+    for i, (num_rows, stride) in enumerate([(n, s) for n in (40, 1 << 16, (1 << 23) + 9) for s in (1, 1 << 42)]):
+        ids = (1 << 40) + stride * rng.choice(1 << 20, 400, replace=False)
         mappings[f"p{i}"] = IdMapping.from_entries(ids, rng.integers(0, num_rows // 2, 400), num_rows,
                                                    hash_offset=num_rows // 2, seed=i % 2, table_name=f"p{i}"
                                                    ).with_storage("perfect_hash")
