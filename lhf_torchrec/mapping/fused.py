@@ -342,11 +342,9 @@ class FusedIdMappings:
         if "records" in tensors:
             # perfect_hash.lookup's slot, then one read of the slot's record instead of its key, low and
             # high row bits (three random reads into arrays that outgrow the caches) and decoding the row.
-            mixed = perfect_hash._mixed(keys, (w0, w1, w2, w3))
-            group = perfect_hash._group_of(mixed, w0, groups).add_(group_start)
-            multiplier = torch.addcmul(w2, perfect_hash.gather(tensors["group_pilots"], group), w3)  # first + pilot * step
-            record = perfect_hash.gather(tensors["records"], perfect_hash._slot_of(multiplier.mul_(mixed), slots)
-                                         .add_(slot_start))
+            slot = perfect_hash.find_slots(keys, tensors["group_pilots"], (w0, w1, w2, w3), slots, groups, group_start,
+                                       slot_start)
+            record = perfect_hash.gather(tensors["records"], slot)
             return record.bitwise_and(_LOW_32), record.bitwise_right_shift_(32) == keys
         return perfect_hash.lookup(keys, tensors["slot_keys"], tensors["slot_rows"], tensors["slot_rows_high"],
                                    tensors["group_pilots"], (w0, w1, w2, w3), groups, slots, group_start, slot_start)

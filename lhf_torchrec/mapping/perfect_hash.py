@@ -166,7 +166,6 @@ def lookup(ids: torch.Tensor, slot_keys: torch.Tensor, slot_rows: torch.Tensor, 
            group_pilots: torch.Tensor, group_hash: Sequence[Union[int, torch.Tensor]],
            num_groups: Union[int, torch.Tensor, None] = None, num_slots: Union[int, torch.Tensor, None] = None,
            group_start: Union[int, torch.Tensor] = 0, slot_start: Union[int, torch.Tensor] = 0,
-           high_shift: Union[int, torch.Tensor] = 0, has_high: Optional[torch.Tensor] = None,
            ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(rows int64, found bool) of flat int64 ``ids``; rows are meaningless where not found.
 
@@ -174,22 +173,15 @@ def lookup(ids: torch.Tensor, slot_keys: torch.Tensor, slot_rows: torch.Tensor, 
     table's four ``group_hash`` words, its ``num_groups`` and ``num_slots`` and where its groups and slots
     start in the packed tensors (``group_start``, ``slot_start``) are then int64 tensors shaped like ``ids``
     (each id's own table), all of them broadcasting as ints do: ``ids`` of any shape, e.g. (tables, ids)
-    with (tables, 1) parameters. Packed tables that store high row bits and tables that do not (up to
-    2^15 rows) share one lookup with ``has_high`` (1 or 0 per id) and ``high_shift``, where a table's
-    high bits start in ``slot_rows_high`` relative to its slots: an id of a table without high bits
-    reads some element and multiplies it by 0.
+    with (tables, 1) parameters; packed tables share one row width (their ``slot_rows_high`` end to end
+    like their slots).
 
     int32 ``slot_keys`` compare as int64: a key never equals an id outside the int32 range."""
-    slot = _slots(ids, group_pilots, group_hash, slot_keys.numel() if num_slots is None else num_slots,
+    slot = find_slots(ids, group_pilots, group_hash, slot_keys.numel() if num_slots is None else num_slots,
                   num_groups, group_start, slot_start)
     take = gather_apart if _apart(slot_keys, slot_rows, slot_rows_high) else gather
     found = take(slot_keys, slot) == ids
-    if not slot_rows_high.numel():
-        high = slot_rows_high
-    elif has_high is None:
-        high = take(slot_rows_high, slot)
-    else:
-        high = take(slot_rows_high, (slot + high_shift).clamp_(0, slot_rows_high.numel() - 1)).mul(has_high)
+    high = take(slot_rows_high, slot) if slot_rows_high.numel() else slot_rows_high
     return decode_rows(take(slot_rows, slot), high), found
 
 
@@ -198,12 +190,12 @@ def lookup_records(ids: torch.Tensor, slot_records: torch.Tensor, row_bits: int,
     """(rows int64, found bool) of flat int64 ``ids`` (keys relative to the smallest, wrapped around) in a
     table of records (``build(..., packed=True)``): one gather per id after the slot. A record's key is in
     [0, 2^63 >> row_bits): an id whose relative key is outside never matches."""
-    slot = _slots(ids, group_pilots, group_hash, slot_records.numel())
+    slot = find_slots(ids, group_pilots, group_hash, slot_records.numel())
     record = (gather_apart if _apart(slot_records) else gather)(slot_records, slot)
     return record & ((1 << row_bits) - 1), torch.bitwise_right_shift(record, row_bits) == ids
 
 
-def _slots(ids: torch.Tensor, group_pilots: torch.Tensor, group_hash: Sequence[Union[int, torch.Tensor]],
+def find_slots(ids: torch.Tensor, group_pilots: torch.Tensor, group_hash: Sequence[Union[int, torch.Tensor]],
            num_slots: Union[int, torch.Tensor], num_groups: Union[int, torch.Tensor, None] = None,
            group_start: Union[int, torch.Tensor] = 0, slot_start: Union[int, torch.Tensor] = 0) -> torch.Tensor:
     """The slot of every key: group, its pilot's multiplier, multiply-shift."""
