@@ -63,7 +63,6 @@ from lhf_torchrec.mapping.id_mapping import IdMapping
 # the span of its entries when it is no wider.
 RUNTIME_DENSE_IDS = 1024
 _HASH_RANGE = 1 << 31
-_LOW_32 = 0xFFFFFFFF
 # Batch layouts (pass, features' tables, chunk) whose parameter columns are kept.
 _MAX_LAYOUTS = 256
 # Ids mapped at once: int64 temporaries of 256 KiB.
@@ -340,12 +339,10 @@ class FusedIdMappings:
         # Relative keys wrap around for extreme ids, but equal a key only for the entry's id (IdMapping).
         keys = ids - offset
         if "records" in tensors:
-            # perfect_hash.lookup's slot, then one read of the slot's record instead of its key, low and
-            # high row bits (three random reads into arrays that outgrow the caches) and decoding the row.
-            slot = perfect_hash.find_slots(keys, tensors["group_pilots"], (w0, w1, w2, w3), slots, groups, group_start,
-                                       slot_start)
-            record = perfect_hash.gather(tensors["records"], slot)
-            return record.bitwise_and(_LOW_32), record.bitwise_right_shift_(32) == keys
+            # One read of the slot's record instead of its key, low and high row bits (three random reads
+            # into arrays that outgrow the caches): key in the high word, row in the low one.
+            return perfect_hash.lookup_records(keys, tensors["records"], 32, tensors["group_pilots"], (w0, w1, w2, w3),
+                                               groups, slots, group_start, slot_start)
         return perfect_hash.lookup(keys, tensors["slot_keys"], tensors["slot_rows"], tensors["slot_rows_high"],
                                    tensors["group_pilots"], (w0, w1, w2, w3), groups, slots, group_start, slot_start)
 

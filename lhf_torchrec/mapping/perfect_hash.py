@@ -177,7 +177,7 @@ def lookup(ids: torch.Tensor, slot_keys: torch.Tensor, slot_rows: torch.Tensor, 
     like their slots).
 
     int32 ``slot_keys`` compare as int64: a key never equals an id outside the int32 range."""
-    slot = find_slots(ids, group_pilots, group_hash, slot_keys.numel() if num_slots is None else num_slots,
+    slot = _slots(ids, group_pilots, group_hash, slot_keys.numel() if num_slots is None else num_slots,
                   num_groups, group_start, slot_start)
     take = gather_apart if _apart(slot_keys, slot_rows, slot_rows_high) else gather
     found = take(slot_keys, slot) == ids
@@ -186,16 +186,21 @@ def lookup(ids: torch.Tensor, slot_keys: torch.Tensor, slot_rows: torch.Tensor, 
 
 
 def lookup_records(ids: torch.Tensor, slot_records: torch.Tensor, row_bits: int, group_pilots: torch.Tensor,
-                   group_hash: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(rows int64, found bool) of flat int64 ``ids`` (keys relative to the smallest, wrapped around) in a
-    table of records (``build(..., packed=True)``): one gather per id after the slot. A record's key is in
-    [0, 2^63 >> row_bits): an id whose relative key is outside never matches."""
-    slot = find_slots(ids, group_pilots, group_hash, slot_records.numel())
+                   group_hash: Sequence[Union[int, torch.Tensor]], num_groups: Union[int, torch.Tensor, None] = None,
+                   num_slots: Union[int, torch.Tensor, None] = None, group_start: Union[int, torch.Tensor] = 0,
+                   slot_start: Union[int, torch.Tensor] = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(rows int64, found bool) of int64 ``ids`` (keys relative to the smallest, wrapped around) in a
+    table of records, ``key << row_bits | row`` (``build(..., packed=True)``, or the fused remap's records
+    of int32 keys, ``row_bits`` 32): one gather per id after the slot. A record's key is in
+    [0, 2^63 >> row_bits): an id whose relative key is outside never matches. Several tables packed end
+    to end: the sizes and starts as in :func:`lookup`."""
+    slot = _slots(ids, group_pilots, group_hash, slot_records.numel() if num_slots is None else num_slots,
+                  num_groups, group_start, slot_start)
     record = (gather_apart if _apart(slot_records) else gather)(slot_records, slot)
     return record & ((1 << row_bits) - 1), torch.bitwise_right_shift(record, row_bits) == ids
 
 
-def find_slots(ids: torch.Tensor, group_pilots: torch.Tensor, group_hash: Sequence[Union[int, torch.Tensor]],
+def _slots(ids: torch.Tensor, group_pilots: torch.Tensor, group_hash: Sequence[Union[int, torch.Tensor]],
            num_slots: Union[int, torch.Tensor], num_groups: Union[int, torch.Tensor, None] = None,
            group_start: Union[int, torch.Tensor] = 0, slot_start: Union[int, torch.Tensor] = 0) -> torch.Tensor:
     """The slot of every key: group, its pilot's multiplier, multiply-shift."""
