@@ -92,3 +92,14 @@ def test_learn_step_benchmark_quick_mode_measures_both_floors(tmp_path):
     assert "## Learn step (benchmarks/learn_step.py)" in text
     for ids in ("dense", "sparse 40-bit"):
         assert f"| {ids} | 1 | 100,000 | " in text and f"| {ids} | 10 | 9,143 | 10,058 | " in text
+
+
+def test_data_benchmark_quick_mode_times_the_text_and_the_cache(tmp_path):
+    doc = tmp_path / "performance.md"
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "data.py"), "--quick", "--rows", "3000",
+                          "--doc", str(doc)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = doc.read_text()
+    assert "## CSV reading (benchmarks/data.py)" in text and "3,000 records" in text
+    for step in ("count records", "pass over the text", "build the cache", "open the cache", "pass over the cache"):
+        assert f"| {step} |" in text

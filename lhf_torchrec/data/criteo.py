@@ -37,6 +37,7 @@ from lhf_torchrec.data.files import (
     check_on_error,
     check_readable,
     open_binary,
+    open_npy,
 )
 from lhf_torchrec.data.source import StreamingSource
 
@@ -390,17 +391,6 @@ def write_criteo_npy_days(directory: PathLike, data: CTRData, num_days: int = 1)
     return written
 
 
-def _open_npy(path: Path) -> np.ndarray:
-    """A memory map of an npy file; anything else (a pickle, garbage, a bad header) is a
-    :class:`DataFormatError` naming the file. Pickles are never loaded."""
-    try:
-        return np.load(check_readable(path), mmap_mode="r", allow_pickle=False)
-    except (ValueError, EOFError, OSError) as e:
-        if isinstance(e, (FileNotFoundError, IsADirectoryError)):
-            raise
-        raise DataFormatError(path, None, f"not a numpy .npy array file ({e})") from None
-
-
 class CriteoNpyDays(StreamingSource):
     """TorchRec's preprocessed Criteo npy day files, read in chunks through memory maps.
 
@@ -427,7 +417,7 @@ class CriteoNpyDays(StreamingSource):
         self.paths = [criteo_npy_paths(directory, d) for d in days]
         self.rows_per_day: list[int] = []
         for paths in self.paths:
-            shapes = [_open_npy(p).shape for p in paths]
+            shapes = [open_npy(p).shape for p in paths]
             n = shapes[0][0] if shapes[0] else 0
             expected = [(n, INT_FEATURE_COUNT), (n, CAT_FEATURE_COUNT), (n, 1)]
             if shapes != expected:
@@ -451,7 +441,7 @@ class CriteoNpyDays(StreamingSource):
         for paths, n in zip(self.paths, self.rows_per_day):
             lo, hi = max(start - offset, 0), min(stop - offset, n)
             if lo < hi:
-                dense, sparse, labels = (_open_npy(p) for p in paths)
+                dense, sparse, labels = (open_npy(p) for p in paths)
                 for a in range(lo, hi, self.chunk_rows):
                     rows = slice(a, min(a + self.chunk_rows, hi))
                     yield CTRData(dense[rows], sparse[rows], labels[rows, 0], self.dense_names, self.sparse_names)

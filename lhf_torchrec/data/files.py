@@ -7,17 +7,38 @@ the end of each pass.
 """
 
 import gzip
+import hashlib
 import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Literal, Sequence
 
+import numpy as np
+
 logger = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike
 OnError = Literal["raise", "skip"]
 MAX_REPORTED_LINES = 5
+
+
+def resolve_cache_dir(cache_dir: PathLike | None = None) -> Path:
+    """The cache root: ``cache_dir``, else ``$LHF_CACHE_DIR``, else ``~/.cache/lhf_torchrec``."""
+    if cache_dir is not None:
+        return Path(cache_dir)
+    if os.environ.get("LHF_CACHE_DIR"):
+        return Path(os.environ["LHF_CACHE_DIR"])
+    return Path.home() / ".cache" / "lhf_torchrec"
+
+
+def file_sha256(path: PathLike, block_bytes: int = 1 << 22) -> str:
+    """The sha256 of a file's bytes, read in blocks (files larger than memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(block_bytes):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 class DataFormatError(ValueError):
@@ -89,3 +110,14 @@ def open_binary(path: PathLike) -> IO[bytes]:
     if str(path).endswith(".gz"):
         return gzip.open(path, "rb")
     return open(path, "rb")
+
+
+def open_npy(path: PathLike) -> np.ndarray:
+    """A memory map of an npy file; anything else (a pickle, garbage, a bad header) is a
+    :class:`DataFormatError` naming the file. Pickles are never loaded."""
+    try:
+        return np.load(check_readable(path), mmap_mode="r", allow_pickle=False)
+    except (ValueError, EOFError, OSError) as e:
+        if isinstance(e, (FileNotFoundError, IsADirectoryError)):
+            raise
+        raise DataFormatError(path, None, f"not a numpy .npy array file ({e})") from None

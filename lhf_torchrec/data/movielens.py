@@ -19,7 +19,6 @@ As CTR data (100,000 ratings, sorted by timestamp so that :func:`time_split` is 
 
 import hashlib
 import logging
-import os
 import subprocess
 import sys
 import tempfile
@@ -29,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from lhf_torchrec.data.ctr_data import CTRData
-from lhf_torchrec.data.files import PathLike
+from lhf_torchrec.data.files import PathLike, file_sha256, resolve_cache_dir
 from lhf_torchrec.files import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -53,19 +52,6 @@ class DownloadError(RuntimeError):
     """The MovieLens files could not be fetched (offline, or no pip in this environment)."""
 
 
-def resolve_cache_dir(cache_dir: PathLike | None = None) -> Path:
-    """The cache root: ``cache_dir``, else ``$LHF_CACHE_DIR``, else ``~/.cache/lhf_torchrec``."""
-    if cache_dir is not None:
-        return Path(cache_dir)
-    if os.environ.get("LHF_CACHE_DIR"):
-        return Path(os.environ["LHF_CACHE_DIR"])
-    return Path.home() / ".cache" / "lhf_torchrec"
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def fetch_movielens_100k(cache_dir: PathLike | None = None) -> Path:
     """The directory holding ``ml-100k.{inter,user,item}``, downloading them on first use.
 
@@ -74,7 +60,7 @@ def fetch_movielens_100k(cache_dir: PathLike | None = None) -> Path:
         folder = fetch_movielens_100k()  # ~/.cache/lhf_torchrec/ml-100k
     """
     folder = resolve_cache_dir(cache_dir) / "ml-100k"
-    if all((folder / name).is_file() and _sha256(folder / name) == digest for name, digest in _SHA256.items()):
+    if all((folder / name).is_file() and file_sha256(folder / name) == digest for name, digest in _SHA256.items()):
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     logger.info("downloading MovieLens-100k (recbole==%s wheel) into %s", RECBOLE_VERSION, folder)

@@ -14,7 +14,9 @@ The full-size tables are one per feature. Criteo TSV ids are 32-bit hashes: a ta
 of the ids it saw). CSV tables are sized from the data (:meth:`lhf_torchrec.data.CSVSource.table_sizes`):
 integer-coded columns by their id space, every other column (strings, hashes, sparse integers) by
 its vocabulary, so a user's file needs no table sizes. ``--num-embeddings-per-feature`` overrides
-both. A CSV dataset is named after its file (or the spec's ``name``) in every report.
+both. A CSV dataset is named after its file (or the spec's ``name``) in every report. CSV text is
+parsed once into a binary cache (:meth:`lhf_torchrec.data.CSVSource.cache`, under ``$LHF_CACHE_DIR``
+or ``~/.cache/lhf_torchrec``) that every later pass and run on the same files reads instead.
 """
 
 import json
@@ -120,6 +122,7 @@ def load_split(spec: DatasetSpec, embedding_dim: int, progress: bool = True) -> 
     elif spec.kind == "csv":
         csv_spec = read_csv_spec(spec.csv_spec)
         source = CSVSource(spec.paths, csv_spec, on_error=spec.on_error)
+        source.cache(progress=progress)  # parse the text once; every later pass reads the arrays
         name = csv_spec.name or _files_name(spec.paths)
         if csv_spec.standardized:
             source.fit_standardization(*split_bounds(len(source), spec.split)[0])

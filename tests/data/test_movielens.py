@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from lhf_torchrec.data import CTRData, fetch_movielens_100k, load_movielens_100k, time_split
-from lhf_torchrec.data.movielens import DownloadError, resolve_cache_dir
+from lhf_torchrec.data.files import resolve_cache_dir
+from lhf_torchrec.data.movielens import DownloadError
 
 
 def test_cache_dir_resolution(tmp_path: Path, monkeypatch) -> None:

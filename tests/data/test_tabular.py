@@ -171,3 +171,96 @@ def test_table_sizes_come_from_the_data(tmp_path: Path) -> None:
     # strings: a vocabulary (7 ids + 1 unseen); 0..9 and 14 fill most of [0, 14]: the id space;
     # sparse large integers: a vocabulary; 4 ids near 10^6: a vocabulary; no value at all: one row
     assert sizes == [8, 15, 41, 5, 1]
+
+
+PLAIN = CSVSpec(label="y", dense=["views", "age", "raw"], categorical=["u"])
+
+
+def _mixed_file(tmp_path: Path, rows: int = 300) -> Path:
+    """Strings, integers, empty fields, a quoted comma and a malformed record every 97 rows."""
+    lines = ["y,views,age,raw,u"]
+    for i in range(rows):
+        if i % 97 == 50:
+            lines.append(f"{i % 2},x{i},1,2,u{i}")  # not a number in 'views'
+        else:
+            lines.append(f"{i % 2},{i % 13 if i % 11 else ''},{i},{i % 5 - 2},\"u,{i % 17}\"" if i % 3 else
+                         f"{(i + 1) % 2},{i % 7},{i * 2},,{i % 29}")
+    return _write(tmp_path / "mixed.csv", "\n".join(lines) + "\n")
+
+
+def _tables(source: CSVSource):
+    data = source.load()
+    return data.labels, data.dense, data.sparse
+
+
+@pytest.mark.parametrize("rows", [300, 70_000])  # one block, and blocks that straddle the bad records
+def test_parse_cache_reads_what_the_text_gives(tmp_path: Path, rows: int, monkeypatch) -> None:
+    monkeypatch.setattr("lhf_torchrec.data.tabular._BLOCK_ROWS", 256)
+    path = _mixed_file(tmp_path, rows)
+    text = CSVSource(path, TRANSFORMED, on_error="skip")
+    cached = CSVSource(path, TRANSFORMED, on_error="skip")
+    folder = cached.cache(tmp_path / "cache", progress=False)
+    assert folder.parent == tmp_path / "cache" / "csv" and len(cached) == len(text) == rows
+    for source in (text, cached):
+        source.fit_standardization(0, rows // 2)
+    assert cached.standardization == text.standardization
+    first_bad = None  # the cache describes the files' first bad records (their counts are exact everywhere)
+    for start, stop in [(0, rows), (1, rows // 3), (rows // 2, rows)]:
+        got, want = cached.slice(start, stop), text.slice(start, stop)
+        for a, b in zip(_tables(got), _tables(want)):
+            np.testing.assert_array_equal(a, b)
+        assert (got.report.lines_read, got.report.lines_skipped) == (want.report.lines_read, want.report.lines_skipped)
+        assert got.report.lines_skipped > 0
+        first_bad = first_bad or want.report.examples
+        assert got.report.examples == [e for e in want.report.examples if e in first_bad]
+
+
+def test_parse_cache_is_reused_and_follows_the_files(tmp_path: Path, monkeypatch) -> None:
+    path = _mixed_file(tmp_path)
+    first = CSVSource(path, PLAIN, on_error="skip").cache(tmp_path / "cache", progress=False)
+    # A second source of the same files and columns opens the cache: the text is not parsed again.
+    monkeypatch.setattr(CSVSource, "_parse", lambda *a: pytest.fail("parsed the text again"))
+    again = CSVSource(path, PLAIN, on_error="skip")
+    assert again.cache(tmp_path / "cache", progress=False) == first
+    monkeypatch.undo()
+    other_columns = CSVSpec(label="y", dense=["age"], categorical=["u"])
+    assert CSVSource(path, other_columns, on_error="skip").cache(tmp_path / "cache", progress=False) != first
+    _write(path, path.read_text() + "1,2,3,4,late\n")  # an edited file is parsed again
+    edited = CSVSource(path, PLAIN, on_error="skip")
+    assert edited.cache(tmp_path / "cache", progress=False) != first and len(edited) == 301
+    assert edited.load().sparse[-1, 0] == categorical_id("late")
+    assert not list((tmp_path / "cache" / "csv").glob(".*"))  # no private folders left behind
+
+
+def test_a_damaged_parse_cache_is_named(tmp_path: Path) -> None:
+    path = _mixed_file(tmp_path)
+    folder = CSVSource(path, TRANSFORMED, on_error="skip").cache(tmp_path / "cache", progress=False)
+    sparse = folder / "sparse.npy"
+    raw = bytearray(sparse.read_bytes())
+    raw[-1] ^= 1
+    sparse.write_bytes(bytes(raw))
+    with pytest.raises(DataFormatError, match=f"{sparse}: missing or damaged .*delete {folder}"):
+        CSVSource(path, TRANSFORMED, on_error="skip").cache(tmp_path / "cache", progress=False)
+    (folder / "manifest.json").write_text("{")
+    with pytest.raises(DataFormatError, match="not a readable parse cache manifest"):
+        CSVSource(path, TRANSFORMED, on_error="skip").cache(tmp_path / "cache", progress=False)
+
+
+def test_a_malformed_record_stops_the_cache_and_leaves_nothing(tmp_path: Path) -> None:
+    path = _mixed_file(tmp_path)
+    with pytest.raises(DataFormatError, match=r"mixed.csv:52: column 'views'"):
+        CSVSource(path, TRANSFORMED).cache(tmp_path / "cache", progress=False)
+    assert not any((tmp_path / "cache" / "csv").iterdir())
+
+
+def test_a_cache_published_by_another_process_is_used(tmp_path: Path) -> None:
+    path = _mixed_file(tmp_path)
+    source = CSVSource(path, PLAIN, on_error="skip")
+    folder = source.cache(tmp_path / "cache", progress=False)
+    # The race: this process finishes parsing after another one published the same cache.
+    source._write_cache(folder, source._cache_inputs(), progress=False)
+    assert [p.name for p in (tmp_path / "cache" / "csv").iterdir()] == [folder.name]
+    reopened = CSVSource(path, PLAIN, on_error="skip")
+    assert reopened.cache(tmp_path / "cache", progress=False) == folder
+    for a, b in zip(_tables(reopened), _tables(source)):
+        np.testing.assert_array_equal(a, b)
