@@ -389,7 +389,7 @@ class CSVSource(StreamingSource):
             yield from self._read_cache(start, stop, report)
         else:
             for block in self._parse(start, stop, report):
-                if len(block.valid) and block.valid.any():
+                if block.valid.any():
                     yield self._data(*block.values)
         report.log()
 
@@ -460,10 +460,11 @@ class CSVSource(StreamingSource):
                 raise DataFormatError(path, line, reason)
             else:
                 report.add_bad_lines(path, [line], [reason])
-        values = self._convert([r for r, ok in zip(records, valid) if ok], columns, caches) if valid.any() else None
-        if values is None:
-            valid[:] = False
-            values = _no_values(len(self.spec.dense), len(caches))
+        if not valid.any():
+            return _Block(first, valid, _no_values(len(self.spec.dense), len(caches)))
+        values = self._convert([r for r, ok in zip(records, valid) if ok], columns, caches)
+        if values is None:  # _problem checks what _convert does: the well-formed records convert
+            raise DataFormatError(path, lines[0], "a block of records that each pass the checks does not convert")
         return _Block(first, valid, values)
 
     def _convert(
