@@ -64,6 +64,9 @@ MAX_ATTEMPTS = 4
 # Candidates tried at once per round are bounded: (groups x TRIES_PER_ROUND x group size) int64s.
 _ROUND_ELEMENTS = 1 << 21
 _LOW_32 = 0xFFFFFFFF
+_INT32_MAX = (1 << 31) - 1
+# Keys mixed, gathered or written at once by build: its int64 temporaries stay a few MB.
+_CHUNK = 1 << 18
 # Slot rows take 2 bytes (int16 ``slot_rows``) for tables of up to 2^15 rows, 3 (plus int8
 # ``slot_rows_high``, the bits above the low 16) up to 2^23 rows, 4 (int16 high bits) beyond: at 3
 # bytes a row the table costs less than sorted keys with int32 rows. -1 marks an empty slot.
@@ -250,39 +253,54 @@ def build(keys: torch.Tensor, rows: torch.Tensor, seed: int, table: str = "table
           key_dtype: torch.dtype = torch.int64, num_rows: int = 1 << 31, packed: bool = False) -> Dict[str, torch.Tensor]:
     """The table of unique ``keys`` and their ``rows`` (>= 0, < ``num_rows``), deterministic given ``seed``;
     its keys are stored as ``key_dtype`` (int32 when every key fits), its rows in :func:`row_bytes` bytes;
-    ``packed``: as int64 records (:data:`RECORD_TENSORS`; keys >= 0 whose bits :func:`packs` with the rows)."""
+    ``packed``: as int64 records (:data:`RECORD_TENSORS`; keys >= 0 whose bits :func:`packs` with the rows).
+
+    ``keys`` may come in any order: the table is a function of the set of (key, row) entries (a group's
+    pilot depends on its keys as a set, contention goes to the lower group), so callers need not sort.
+    Memory besides the inputs and the table: about 40 bytes per key at the peak (:func:`_place`)."""
     keys = keys.to(torch.int64).cpu().contiguous()
+    rows = rows.cpu().contiguous()
     num_slots, num_groups = table_sizes(keys.numel())
     for attempt in range(MAX_ATTEMPTS):
         words = mix64(torch.tensor([-1, -2, -3, -4]) + bucket_key(seed * MAX_ATTEMPTS + attempt))
         # group multiplier and first candidate odd, candidate step even and nonzero.
         group_hash = [int(words[0]) | 1, int(words[1]), int(words[2]) | 1, (int(words[3]) | 2) & ~1]
-        mixed = _mixed(keys, group_hash)
-        placed = _place(mixed, _group_of(mixed, group_hash[0], num_groups), num_groups, num_slots, group_hash)
+        placed = _place(keys, num_groups, num_slots, group_hash)
         if placed is not None:
-            pilots, slot = placed
+            pilots, order, slot_of_sorted = placed
             tail = {"group_pilots": pilots, "group_hash": torch.tensor(group_hash, dtype=torch.int64)}
             if packed:
-                return {"slot_records": _records(keys, rows, slot, num_slots, num_rows), **tail}
+                return {"slot_records": _records(keys, rows, order, slot_of_sorted, num_slots, num_rows), **tail}
             slot_keys = torch.full((num_slots,), int(keys.min()), dtype=key_dtype)
-            slot_rows = torch.full((num_slots,), -1, dtype=torch.int64)
-            slot_keys[slot] = keys.to(key_dtype)
-            slot_rows[slot] = rows.to(torch.int64)
-            low, high = encode_rows(slot_rows, num_rows)
+            # Empty slots: row -1, whose low and high parts (encode_rows) are -1 too.
+            width = row_bytes(num_rows)
+            low = torch.full((num_slots,), -1, dtype=torch.int16)
+            high = torch.full((num_slots if width > 2 else 0,), -1, dtype=torch.int8 if width < 4 else torch.int16)
+            for start in range(0, keys.numel(), _CHUNK):
+                taken, slot = order[start:start + _CHUNK], slot_of_sorted[start:start + _CHUNK]
+                slot_keys[slot] = keys.index_select(0, taken).to(key_dtype)
+                chunk_low, chunk_high = encode_rows(rows.index_select(0, taken).to(torch.int64), num_rows)
+                low[slot] = chunk_low
+                if high.numel():
+                    high[slot] = chunk_high
             return {"slot_keys": slot_keys, "slot_rows": low, "slot_rows_high": high, **tail}
     raise ValueError(f"table '{table}': no perfect hash table for its {keys.numel()} entries after {MAX_ATTEMPTS} "
                      "attempts (are the entry keys unique?)")
 
 
-def _records(keys: torch.Tensor, rows: torch.Tensor, slot: torch.Tensor, num_slots: int, num_rows: int
-             ) -> torch.Tensor:
-    """int64 ``key << row_bits | row`` per slot; empty slots hold the smallest key (it has its own slot, so
-    no query reaches an empty one with it) and the all-ones row."""
+def _records(keys: torch.Tensor, rows: torch.Tensor, order: torch.Tensor, slot_of_sorted: torch.Tensor,
+             num_slots: int, num_rows: int) -> torch.Tensor:
+    """int64 ``key << row_bits | row`` per slot (key ``keys[order[i]]`` in slot ``slot_of_sorted[i]``); empty
+    slots hold the smallest key (it has its own slot, so no query reaches an empty one with it) and the
+    all-ones row."""
     bits = record_row_bits(num_rows)
     if int(keys.min()) < 0 or int(keys.max()).bit_length() + bits > 63:
         raise ValueError(f"keys in [{int(keys.min())}, {int(keys.max())}] and {num_rows} rows do not pack into records")
     records = torch.full((num_slots,), (int(keys.min()) << bits) | ((1 << bits) - 1), dtype=torch.int64)
-    records[slot] = torch.bitwise_left_shift(keys, bits).bitwise_or_(rows.to(torch.int64))
+    for start in range(0, keys.numel(), _CHUNK):
+        taken = order[start:start + _CHUNK]
+        records[slot_of_sorted[start:start + _CHUNK]] = torch.bitwise_left_shift(
+            keys.index_select(0, taken), bits).bitwise_or_(rows.index_select(0, taken).to(torch.int64))
     return records
 
 
@@ -293,18 +311,28 @@ def record_values(records: torch.Tensor, num_rows: int) -> Tuple[torch.Tensor, t
     return torch.bitwise_right_shift(records, bits), torch.where(rows == (1 << bits) - 1, -1, rows)
 
 
-def _place(keys: torch.Tensor, group: torch.Tensor, num_groups: int, num_slots: int,
-           group_hash) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
-    """(int16 pilot of each group, slot of each key), or None when some group found no multiplier."""
+def _place(keys: torch.Tensor, num_groups: int, num_slots: int, group_hash
+           ) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(int16 pilot of each group, ``order``, ``slot_of_sorted``): key ``keys[order[i]]`` takes slot
+    ``slot_of_sorted[i]`` (``order`` sorts the keys by group); None when some group found no multiplier.
+
+    Memory besides ``keys``: ``order``, the group-sorted mixed keys and ``slot_of_sorted`` (8 bytes per key
+    each), an int32 owner per slot, per-group sizes and starts; the groups themselves (int32) only
+    until they are sorted."""
+    group = torch.empty(keys.numel(), dtype=torch.int32)
+    for start in range(0, keys.numel(), _CHUNK):
+        group[start:start + _CHUNK] = _group_of(_mixed(keys[start:start + _CHUNK], group_hash), group_hash[0],
+                                                num_groups)
     order = torch.argsort(group, stable=True)
-    sorted_keys = keys.index_select(0, order)
     sizes = torch.bincount(group, minlength=num_groups)
+    del group
+    sorted_keys = _sorted_mixed(keys, order, group_hash)
     starts = torch.cumsum(sizes, 0) - sizes
     occupied = torch.zeros(num_slots, dtype=torch.bool)
     pilots = torch.zeros(num_groups, dtype=torch.int16)
     slot_of_sorted = torch.empty_like(keys)
-    nobody = 1 << 62
-    owner = torch.full((num_slots,), nobody, dtype=torch.int64)
+    nobody = _INT32_MAX  # ranks in a round are < _ROUND_ELEMENTS: int32 owners
+    owner = torch.full((num_slots,), nobody, dtype=torch.int32)
     for size in torch.unique(sizes[sizes > 0]).flip(0).tolist():
         pending = torch.nonzero(sizes == size).squeeze(1)
         next_try = torch.zeros_like(pending)
@@ -331,7 +359,7 @@ def _place(keys: torch.Tensor, group: torch.Tensor, num_groups: int, num_slots: 
             first = ok.to(torch.int8).argmax(1)
             # Among groups with a candidate, the lower group wins a slot both want in this round.
             chosen = slots[torch.arange(groups.numel()), first]  # (P, size)
-            rank = torch.arange(groups.numel(), dtype=torch.int64).unsqueeze(1).expand(-1, size)
+            rank = torch.arange(groups.numel(), dtype=torch.int32).unsqueeze(1).expand(-1, size)
             wanted = chosen[has].view(-1)
             owner.scatter_reduce_(0, wanted, rank[has].reshape(-1), "amin")
             won = has & (owner.index_select(0, chosen.view(-1)).view(chosen.shape) == rank).all(1)
@@ -343,9 +371,15 @@ def _place(keys: torch.Tensor, group: torch.Tensor, num_groups: int, num_slots: 
             tries = torch.where(has, tries + first, tries + width)
             pending = torch.cat([groups[~won], pending[per_round:]])
             next_try = torch.cat([tries[~won], next_try[per_round:]])
-    slot = torch.empty_like(keys)
-    slot[order] = slot_of_sorted
-    return pilots, slot
+    return pilots, order, slot_of_sorted
+
+
+def _sorted_mixed(keys: torch.Tensor, order: torch.Tensor, group_hash) -> torch.Tensor:
+    """The mixed keys in ``order``, gathered and mixed :data:`_CHUNK` at a time."""
+    out = torch.empty_like(keys)
+    for start in range(0, keys.numel(), _CHUNK):
+        out[start:start + _CHUNK] = _mixed(keys.index_select(0, order[start:start + _CHUNK]), group_hash)
+    return out
 
 
 def check(tensors: Mapping[str, torch.Tensor], table: str = "table") -> None:
