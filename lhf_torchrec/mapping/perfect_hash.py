@@ -41,7 +41,10 @@ one size in parallel rounds that try ``TRIES_PER_ROUND`` candidate pilots per gr
 the first candidate whose slots are free and distinct, and two groups that want one slot in the same
 round go to the lower group. Deterministic given the seed; when a group exhausts ``MAX_TRIES``
 candidates (two keys that no multiplier separates), the table is rebuilt with the next ``group_hash``
-(``MAX_ATTEMPTS`` in all).
+(``MAX_ATTEMPTS`` in all). The table depends on the set of entries only, not on their order, and the
+build keeps one int64 per key (the mixed keys sorted by group) plus the pilots and per-slot flags: every
+slot is computed again from its group's pilot at the end, as a lookup does (about 20 bytes per key at
+the peak besides its inputs and the table, at 1e7 keys).
 """
 
 import math
