@@ -402,3 +402,13 @@ def test_duplicate_key_finds_the_smallest_repeated_key(keys, width, sort_buckets
     values, counts = np.unique(keys, return_counts=True)
     repeated = values[counts > 1]
     assert _duplicate_key(keys, width) == (int(repeated[0]) if repeated.size else None)
+
+
+def test_bucketed_entries_in_any_order_are_sorted_for_sorted_keys():
+    """Past 2^23 rows sorted keys are cheaper than the perfect hash table: the assembly then sorts the keys."""
+    ids, rows = _bucket_entries(np.arange(0, 3000, 7, dtype=np.int64), 4, 1 << 22, 0)
+    perm = np.random.default_rng(2).permutation(ids.size)
+    mapping = _bucketed_from(ids[perm], rows[perm], 4, 1 << 22, 0)
+    assert mapping.storage == "sorted" and bool((mapping.keys[1:] > mapping.keys[:-1]).all())
+    assert mapping.fingerprint == _bucketed_from(ids, rows, 4, 1 << 22, 0).fingerprint
+    assert torch.equal(mapping(torch.from_numpy(ids)), torch.from_numpy(rows))
