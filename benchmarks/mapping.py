@@ -524,6 +524,9 @@ def distributed_fit_rows(sizes, methods=("frequency", "combination"), on_row=Non
         row["time_vs_1_rank"] = row["total_s"] / one["total_s"]
         row["fit_rss_vs_1_rank"] = row["fit_rss_mb"] / one["fit_rss_mb"] if one["fit_rss_mb"] else float("nan")
         row["same_mapping"] = "yes" if row["fingerprint"] == one["fingerprint"] else "NO"
+        if "mapping_mb" in row:  # the rank's peak over the output it keeps (a replicated mapping is whole on every rank)
+            row["minus_mapping_mb"] = row["fit_rss_mb"] - row["mapping_mb"]
+            row["minus_mapping_vs_1_rank"] = row["minus_mapping_mb"] / (one["fit_rss_mb"] - one["mapping_mb"])
         if on_row is not None:
             on_row(rows, jobs[len(rows):])
     return rows
@@ -538,7 +541,8 @@ def distributed_fit_section(done: dict, seconds: float, pending=()) -> str:
     def table(path: str) -> str:
         measured = list(DIST_COLUMNS[path])
         at = measured.index("total_s") + 1
-        return markdown_table(done[path], columns + measured[:at] + ["time_vs_1_rank"] + measured[at:] + after)
+        output = ["minus_mapping_mb", "minus_mapping_vs_1_rank"] if "mapping_mb" in measured else []
+        return markdown_table(done[path], columns + measured[:at] + ["time_vs_1_rank"] + measured[at:] + after + output)
 
     return "\n".join([
         DIST_SUBSECTION,
@@ -557,7 +561,9 @@ def distributed_fit_section(done: dict, seconds: float, pending=()) -> str:
         "assembly of the whole mapping on every rank (as `fit_bucketed_distributed`: the exchanged profile and the "
         "rank's own entries are freed before the gather; the rank's embeddings are held to the end, as a caller's "
         "are). Peak growth per phase over the same start: `exchange_mb`, `fit_phase_mb` (embeddings, fit), "
-        "`gather_mb` (gather and assembly); `fit_rss_mb` is the largest; `mapping_mb`: the mapping's buffers.",
+        "`gather_mb` (gather and assembly); `fit_rss_mb` is the largest; `mapping_mb`: the mapping's buffers; "
+        "`minus_mapping_mb`: `fit_rss_mb` less `mapping_mb`, the rank's fitting memory beside the output it keeps "
+        "(a replicated mapping is whole on every rank: that is what replicated asks for).",
         "",
         table("library"),
         "",

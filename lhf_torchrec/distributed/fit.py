@@ -17,9 +17,11 @@ rank whose row-wise shard holds the bucket's rows, so W must divide B). Under a 
    entry counts of every bucket, which a co-sharded remap's layout needs).
 
 :func:`fit_bucketed_distributed` chains 2-4. Fitting time and memory per rank follow the rank's
-share of the ids (about 1/W of them, for a bucket hash that spreads ids evenly), except a replicated
-mapping's assembly: every rank builds the whole mapping from all the entries, as one process does
-(docs/performance.md "Distributed fit" measures it); a shard avoids it.
+share of the ids (about 1/W of them, for a bucket hash that spreads ids evenly). A replicated mapping
+is, by definition, whole on every rank: each rank holds the gathered entries (16 bytes each) and
+assembles the mapping from them, with about 27 bytes per entry over the finished table at 1e7 entries
+(the bucket keys and the perfect hash build's own arrays: no sorted copies, the entries are used in
+their gathered order; docs/performance.md "Distributed fit"); a shard avoids both.
 
 At a memory budget (the pipeline, ``lhf fit`` / ``lhf train --num-buckets`` under torchrun) the
 rows come from :func:`~lhf_torchrec.mapping.budget.plan_budget`, which reads the count histogram
@@ -218,8 +220,8 @@ def gather_mapping(
     """The whole mapping on every rank (replicated), from each rank's :func:`fit_owned_buckets`.
     Collective; ``hyperparams`` as fitted.
 
-    Memory per rank: the gathered entries and the assembly of the mapping from them, as on one process
-    (the output is replicated), while the rank's own ``fits`` are held; to free them for the assembly,
+    Memory per rank: the gathered entries and the assembly of the mapping from them (the output is
+    replicated), while the rank's own ``fits`` are held; to free them for the assembly,
     :func:`gather_fits`, drop them, then :func:`~lhf_torchrec.mapping.buckets.assemble_bucketed`
     (what :func:`fit_bucketed_distributed` does).
     """

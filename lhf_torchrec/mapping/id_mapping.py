@@ -69,6 +69,7 @@ FORMAT_VERSION = 1
 _INT32_MAX = (1 << 31) - 1
 _INT64_MAX = (1 << 63) - 1
 _HASH_CHUNK = 1 << 16  # ids hashed at once when a dense table precomputes its span's hash rows
+_ENTRY_CHUNK = 1 << 18  # bucketed entries hashed and checked at once
 MAPPINGS_FORMAT = "lhf_torchrec.mapping"
 # What IdMapping.compile passes to torch.compile: one graph (a graph break is an error), dynamic batch
 # size. "cpp.simdlen": 1 makes inductor's CPU code scalar: its vectorized code loads gathered elements
@@ -138,6 +139,28 @@ def _check_buckets(table: str, num_rows: int, num_buckets: int, regions: torch.T
         b = int(bad.nonzero()[0])
         raise ValueError(f"table '{table}': bucket {b}'s hash region [{int(offset[b])}, {int(offset[b] + rows[b])}) "
                          f"must lie in its {rows_per_bucket} rows and hold at least {probes} row(s)")
+
+
+def _duplicate_key(keys: np.ndarray, bucket_width: int) -> Optional[int]:
+    """The smallest key that ``keys`` holds more than once, or None.
+
+    Keys in bucket order (``keys // bucket_width`` never decreasing: the entries of a bucketed fit, and
+    their gather across ranks, whose buckets are contiguous ranges in rank order) are sorted one
+    bucket at a time, so the sort copies one bucket's keys; any other order sorts a copy of all."""
+    bounds = [0]
+    for start in range(0, keys.size, _ENTRY_CHUNK):
+        steps = np.diff(keys[start:start + _ENTRY_CHUNK + 1] // bucket_width)
+        if (steps < 0).any():  # not in bucket order
+            bounds = [0]
+            break
+        bounds.extend((start + 1 + np.flatnonzero(steps)).tolist())
+    bounds.append(keys.size)
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        run = np.sort(keys[lo:hi])
+        same = np.flatnonzero(run[1:] == run[:-1])
+        if same.size:
+            return int(run[same[0]])
+    return None
 
 
 class IdMapping(nn.Module):
@@ -260,7 +283,8 @@ class IdMapping(nn.Module):
     def _stored(cls, hashed: "IdMapping", keys: np.ndarray, rows: np.ndarray, storage: str,
                 base: Dict[str, torch.Tensor], settings: Mapping[str, Any]) -> "IdMapping":
         """The mapping of ``hashed``'s settings whose entries are (sorted unique int64 ``keys``, ``rows``),
-        in ``storage``. Keys are ids, or bucket hashes for a bucketed mapping."""
+        in ``storage``. Keys are ids, or bucket hashes for a bucketed mapping (whose perfect hash table
+        takes them in any order: :meth:`_bucketed_from_entries`)."""
         tensors: Dict[str, torch.Tensor] = dict(base)
         storage = storage if keys.size else "none"  # without entries every storage is the hash alone
         offset = int(keys[0]) if keys.size else 0
@@ -291,7 +315,8 @@ class IdMapping(nn.Module):
                 tensors["keys"] = torch.from_numpy((keys - offset).astype(np.int32) if relative else keys)
                 tensors["values"] = torch.from_numpy(rows.astype(np.int32))
             else:
-                tensors.update(perfect_hash.build(torch.from_numpy(keys - offset), torch.from_numpy(rows), hashed.seed,
+                tensors.update(perfect_hash.build(torch.from_numpy(keys - offset if offset else keys),
+                                                  torch.from_numpy(rows), hashed.seed,
                                                   hashed.table_name, torch.int32 if relative else torch.int64,
                                                   hashed.num_rows, packed))
         elif storage != "none":
@@ -339,24 +364,33 @@ class IdMapping(nn.Module):
     @classmethod
     def _bucketed_from_entries(cls, hashed: "IdMapping", entry_ids: np.ndarray, entry_rows: np.ndarray,
                                base: Dict[str, torch.Tensor], settings: Mapping[str, Any]) -> "IdMapping":
-        """Entries keyed by bucket hash h, sorted by h (so each bucket's entries are one contiguous run)."""
+        """Entries keyed by bucket hash h. A perfect hash table does not depend on its entries' order
+        (:func:`~lhf_torchrec.mapping.perfect_hash.build`), so they stay in the given order: the whole
+        mapping of a distributed fit is assembled on every rank with h (8 bytes per entry) and the build's
+        own memory over the gathered entries, no sorted copies. Only sorted keys (``sorted`` storage) sort."""
         table_name = hashed.table_name
-        keys = hashed._keys_of(torch.from_numpy(entry_ids)).numpy()
-        order = np.argsort(keys, kind="stable")
-        keys, entry_ids, entry_rows = keys[order], entry_ids[order], entry_rows[order]
-        same = np.flatnonzero(keys[1:] == keys[:-1])
-        if same.size:
-            i = int(same[0])
-            what = (f"id {entry_ids[i]} has more than one entry" if entry_ids[i] == entry_ids[i + 1] else
-                    f"ids {entry_ids[i]} and {entry_ids[i + 1]} have the same bucket hash {keys[i]} (a bucketed "
+        keys = np.empty(entry_ids.size, np.int64)
+        for start in range(0, keys.size, _ENTRY_CHUNK):  # by chunk: the hash's int64 temporaries stay small
+            keys[start:start + _ENTRY_CHUNK] = hashed._keys_of(
+                torch.from_numpy(entry_ids[start:start + _ENTRY_CHUNK])).numpy()
+        same = _duplicate_key(keys, hashed._bucket_width)
+        if same is not None:
+            i, j = np.flatnonzero(keys == same)[:2]
+            what = (f"id {entry_ids[i]} has more than one entry" if entry_ids[i] == entry_ids[j] else
+                    f"ids {entry_ids[i]} and {entry_ids[j]} have the same bucket hash {same} (a bucketed "
                     f"mapping cannot tell them apart): give only one of them an entry")
             raise ValueError(f"table '{table_name}': {what}")
-        buckets = keys // hashed._bucket_width
-        outside = entry_rows // hashed.rows_per_bucket != buckets
-        if outside.any():
-            raise ValueError(f"table '{table_name}': entry row {entry_rows[outside][0]} of id "
-                             f"{entry_ids[outside][0]} is outside its bucket {buckets[outside][0]}")
+        for start in range(0, keys.size, _ENTRY_CHUNK):
+            buckets = keys[start:start + _ENTRY_CHUNK] // hashed._bucket_width
+            outside = np.flatnonzero(entry_rows[start:start + _ENTRY_CHUNK] // hashed.rows_per_bucket != buckets)
+            if outside.size:
+                i = start + int(outside[0])
+                raise ValueError(f"table '{table_name}': entry row {entry_rows[i]} of id {entry_ids[i]} is outside "
+                                 f"its bucket {buckets[outside[0]]}")
         storage, _ = bucketed_storage_cost(int(keys.size), hashed.num_rows)
+        if storage == "sorted":
+            order = np.argsort(keys, kind="stable")
+            keys, entry_rows = keys[order], entry_rows[order]
         return cls._stored(hashed, keys, entry_rows, storage, base, settings)
 
     def _slot_entries(self) -> Tuple[torch.Tensor, torch.Tensor]:

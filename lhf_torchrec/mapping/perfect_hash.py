@@ -41,7 +41,10 @@ one size in parallel rounds that try ``TRIES_PER_ROUND`` candidate pilots per gr
 the first candidate whose slots are free and distinct, and two groups that want one slot in the same
 round go to the lower group. Deterministic given the seed; when a group exhausts ``MAX_TRIES``
 candidates (two keys that no multiplier separates), the table is rebuilt with the next ``group_hash``
-(``MAX_ATTEMPTS`` in all).
+(``MAX_ATTEMPTS`` in all). The table depends on the set of entries only, not on their order, and the
+build keeps one int64 per key (the mixed keys sorted by group) plus the pilots and per-slot flags: every
+slot is computed again from its group's pilot at the end, as a lookup does (about 20 bytes per key at
+the peak besides its inputs and the table, at 1e7 keys).
 """
 
 import math
@@ -63,7 +66,12 @@ MAX_TRIES = 1 << 15
 MAX_ATTEMPTS = 4
 # Candidates tried at once per round are bounded: (groups x TRIES_PER_ROUND x group size) int64s.
 _ROUND_ELEMENTS = 1 << 21
+# Candidate slots computed at once inside a round (the round's outcome does not depend on it).
+_FIT_ELEMENTS = 1 << 18
 _LOW_32 = 0xFFFFFFFF
+_INT32_MAX = (1 << 31) - 1
+# Keys mixed, gathered or written at once by build: its int64 temporaries stay a few MB.
+_CHUNK = 1 << 18
 # Slot rows take 2 bytes (int16 ``slot_rows``) for tables of up to 2^15 rows, 3 (plus int8
 # ``slot_rows_high``, the bits above the low 16) up to 2^23 rows, 4 (int16 high bits) beyond: at 3
 # bytes a row the table costs less than sorted keys with int32 rows. -1 marks an empty slot.
@@ -250,39 +258,55 @@ def build(keys: torch.Tensor, rows: torch.Tensor, seed: int, table: str = "table
           key_dtype: torch.dtype = torch.int64, num_rows: int = 1 << 31, packed: bool = False) -> Dict[str, torch.Tensor]:
     """The table of unique ``keys`` and their ``rows`` (>= 0, < ``num_rows``), deterministic given ``seed``;
     its keys are stored as ``key_dtype`` (int32 when every key fits), its rows in :func:`row_bytes` bytes;
-    ``packed``: as int64 records (:data:`RECORD_TENSORS`; keys >= 0 whose bits :func:`packs` with the rows)."""
+    ``packed``: as int64 records (:data:`RECORD_TENSORS`; keys >= 0 whose bits :func:`packs` with the rows).
+
+    ``keys`` may come in any order: the table is a function of the set of (key, row) entries (a group's
+    pilot depends on its keys as a set, contention goes to the lower group), so callers need not sort.
+    Memory besides the inputs and the table: about 20 bytes per key at the peak (:func:`_place`)."""
     keys = keys.to(torch.int64).cpu().contiguous()
+    rows = rows.cpu().contiguous()
     num_slots, num_groups = table_sizes(keys.numel())
     for attempt in range(MAX_ATTEMPTS):
         words = mix64(torch.tensor([-1, -2, -3, -4]) + bucket_key(seed * MAX_ATTEMPTS + attempt))
         # group multiplier and first candidate odd, candidate step even and nonzero.
         group_hash = [int(words[0]) | 1, int(words[1]), int(words[2]) | 1, (int(words[3]) | 2) & ~1]
-        mixed = _mixed(keys, group_hash)
-        placed = _place(mixed, _group_of(mixed, group_hash[0], num_groups), num_groups, num_slots, group_hash)
-        if placed is not None:
-            pilots, slot = placed
+        pilots = _place(keys, num_groups, num_slots, group_hash)
+        if pilots is not None:
             tail = {"group_pilots": pilots, "group_hash": torch.tensor(group_hash, dtype=torch.int64)}
             if packed:
-                return {"slot_records": _records(keys, rows, slot, num_slots, num_rows), **tail}
+                return {"slot_records": _records(keys, rows, pilots, group_hash, num_slots, num_rows), **tail}
             slot_keys = torch.full((num_slots,), int(keys.min()), dtype=key_dtype)
-            slot_rows = torch.full((num_slots,), -1, dtype=torch.int64)
-            slot_keys[slot] = keys.to(key_dtype)
-            slot_rows[slot] = rows.to(torch.int64)
-            low, high = encode_rows(slot_rows, num_rows)
+            # Empty slots: row -1, whose low and high parts (encode_rows) are -1 too.
+            width = row_bytes(num_rows)
+            low = torch.full((num_slots,), -1, dtype=torch.int16)
+            high = torch.full((num_slots if width > 2 else 0,), -1, dtype=torch.int8 if width < 4 else torch.int16)
+            # Each key's slot is recomputed from its group's pilot, as a lookup computes it.
+            for start in range(0, keys.numel(), _CHUNK):
+                chunk = keys[start:start + _CHUNK]
+                slot = _slots(chunk, pilots, group_hash, num_slots)
+                slot_keys[slot] = chunk.to(key_dtype)
+                chunk_low, chunk_high = encode_rows(rows[start:start + _CHUNK].to(torch.int64), num_rows)
+                low[slot] = chunk_low
+                if high.numel():
+                    high[slot] = chunk_high
             return {"slot_keys": slot_keys, "slot_rows": low, "slot_rows_high": high, **tail}
     raise ValueError(f"table '{table}': no perfect hash table for its {keys.numel()} entries after {MAX_ATTEMPTS} "
                      "attempts (are the entry keys unique?)")
 
 
-def _records(keys: torch.Tensor, rows: torch.Tensor, slot: torch.Tensor, num_slots: int, num_rows: int
-             ) -> torch.Tensor:
-    """int64 ``key << row_bits | row`` per slot; empty slots hold the smallest key (it has its own slot, so
-    no query reaches an empty one with it) and the all-ones row."""
+def _records(keys: torch.Tensor, rows: torch.Tensor, pilots: torch.Tensor, group_hash, num_slots: int,
+             num_rows: int) -> torch.Tensor:
+    """int64 ``key << row_bits | row`` per slot (each key in the slot its group's pilot gives it); empty
+    slots hold the smallest key (it has its own slot, so no query reaches an empty one with it) and the
+    all-ones row."""
     bits = record_row_bits(num_rows)
     if int(keys.min()) < 0 or int(keys.max()).bit_length() + bits > 63:
         raise ValueError(f"keys in [{int(keys.min())}, {int(keys.max())}] and {num_rows} rows do not pack into records")
     records = torch.full((num_slots,), (int(keys.min()) << bits) | ((1 << bits) - 1), dtype=torch.int64)
-    records[slot] = torch.bitwise_left_shift(keys, bits).bitwise_or_(rows.to(torch.int64))
+    for start in range(0, keys.numel(), _CHUNK):
+        chunk = keys[start:start + _CHUNK]
+        records[_slots(chunk, pilots, group_hash, num_slots)] = torch.bitwise_left_shift(chunk, bits).bitwise_or_(
+            rows[start:start + _CHUNK].to(torch.int64))
     return records
 
 
@@ -293,22 +317,29 @@ def record_values(records: torch.Tensor, num_rows: int) -> Tuple[torch.Tensor, t
     return torch.bitwise_right_shift(records, bits), torch.where(rows == (1 << bits) - 1, -1, rows)
 
 
-def _place(keys: torch.Tensor, group: torch.Tensor, num_groups: int, num_slots: int,
-           group_hash) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
-    """(int16 pilot of each group, slot of each key), or None when some group found no multiplier."""
+def _place(keys: torch.Tensor, num_groups: int, num_slots: int, group_hash) -> Optional[torch.Tensor]:
+    """The int16 pilot of each group, or None when some group found no multiplier. A key's slot follows
+    from its group's pilot (:func:`_slots`), so only the pilots are kept.
+
+    Memory besides ``keys``: the mixed keys sorted by group (8 bytes per key), an int32 owner and a bool
+    per slot, per-group sizes and starts; while sorting, the groups (int32) and the sort's order (int64)."""
+    group = torch.empty(keys.numel(), dtype=torch.int32)
+    for start in range(0, keys.numel(), _CHUNK):
+        group[start:start + _CHUNK] = _group_of(_mixed(keys[start:start + _CHUNK], group_hash), group_hash[0],
+                                                num_groups)
     order = torch.argsort(group, stable=True)
-    sorted_keys = keys.index_select(0, order)
     sizes = torch.bincount(group, minlength=num_groups)
+    del group
+    sorted_keys = _sorted_mixed(keys, order, group_hash)
+    del order
     starts = torch.cumsum(sizes, 0) - sizes
     occupied = torch.zeros(num_slots, dtype=torch.bool)
     pilots = torch.zeros(num_groups, dtype=torch.int16)
-    slot_of_sorted = torch.empty_like(keys)
-    nobody = 1 << 62
-    owner = torch.full((num_slots,), nobody, dtype=torch.int64)
+    nobody = _INT32_MAX  # ranks in a round are < _ROUND_ELEMENTS: int32 owners
+    owner = torch.full((num_slots,), nobody, dtype=torch.int32)
     for size in torch.unique(sizes[sizes > 0]).flip(0).tolist():
         pending = torch.nonzero(sizes == size).squeeze(1)
         next_try = torch.zeros_like(pending)
-        members = torch.arange(size, dtype=torch.int64)
         first_round = True
         while pending.numel():
             # Most groups take their first candidate while the table is empty: try few at first.
@@ -319,33 +350,54 @@ def _place(keys: torch.Tensor, group: torch.Tensor, num_groups: int, num_slots: 
             last = int(tries.max()) + width
             if last > MAX_TRIES:
                 return None
-            positions = starts.index_select(0, groups).unsqueeze(1) + members  # (P, size)
-            member_keys = sorted_keys.index_select(0, positions.view(-1)).view(-1, 1, size)
             tried = tries.unsqueeze(1) + torch.arange(width)  # (P, width) pilots
-            candidates = _candidates(group_hash, tried)
-            slots = _slot_of(member_keys * candidates.unsqueeze(2), num_slots)  # (P, width, size)
-            ok = ~occupied.index_select(0, slots.view(-1)).view(slots.shape).any(2)
-            for j in range(1, size):  # the group's keys must take distinct slots
-                ok &= (slots[:, :, j:] != slots[:, :, :-j]).all(2)
-            has = ok.any(1)
-            first = ok.to(torch.int8).argmax(1)
+            has, first, chosen = _first_fits(sorted_keys, starts.index_select(0, groups), size, tried, occupied,
+                                             group_hash, num_slots)
             # Among groups with a candidate, the lower group wins a slot both want in this round.
-            chosen = slots[torch.arange(groups.numel()), first]  # (P, size)
-            rank = torch.arange(groups.numel(), dtype=torch.int64).unsqueeze(1).expand(-1, size)
+            rank = torch.arange(groups.numel(), dtype=torch.int32).unsqueeze(1).expand(-1, size)
             wanted = chosen[has].view(-1)
             owner.scatter_reduce_(0, wanted, rank[has].reshape(-1), "amin")
             won = has & (owner.index_select(0, chosen.view(-1)).view(chosen.shape) == rank).all(1)
             owner.index_fill_(0, wanted, nobody)
             occupied[chosen[won].view(-1)] = True
             pilots[groups[won]] = tried[won, first[won]].to(torch.int16)
-            slot_of_sorted[positions[won].view(-1)] = chosen[won].view(-1)
             # No candidate: try the next ones. Lost a slot to a lower group: retry the same one.
             tries = torch.where(has, tries + first, tries + width)
             pending = torch.cat([groups[~won], pending[per_round:]])
             next_try = torch.cat([tries[~won], next_try[per_round:]])
-    slot = torch.empty_like(keys)
-    slot[order] = slot_of_sorted
-    return pilots, slot
+    return pilots
+
+
+def _first_fits(sorted_keys: torch.Tensor, starts: torch.Tensor, size: int, tried: torch.Tensor,
+                occupied: torch.Tensor, group_hash, num_slots: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For groups of ``size`` keys starting at ``starts`` in ``sorted_keys`` and their (P, width) ``tried``
+    pilots: (whether a pilot sends the group's keys to free, distinct slots, the first such pilot's index,
+    its (P, size) slots). Computed :data:`_FIT_ELEMENTS` candidate slots at a time: each group's answer
+    depends on its own keys only, and the (P, width, size) temporaries stay a few MB."""
+    width = tried.shape[1]
+    members = torch.arange(size, dtype=torch.int64)
+    step = max(1, _FIT_ELEMENTS // (width * size))
+    has, first, chosen = [], [], []
+    for lo in range(0, starts.numel(), step):
+        positions = starts[lo:lo + step].unsqueeze(1) + members  # (p, size)
+        member_keys = sorted_keys.index_select(0, positions.view(-1)).view(-1, 1, size)
+        slots = _slot_of(member_keys * _candidates(group_hash, tried[lo:lo + step]).unsqueeze(2), num_slots)
+        ok = ~occupied.index_select(0, slots.view(-1)).view(slots.shape).any(2)
+        for j in range(1, size):  # the group's keys must take distinct slots
+            ok &= (slots[:, :, j:] != slots[:, :, :-j]).all(2)
+        best = ok.to(torch.int8).argmax(1)
+        has.append(ok.any(1))
+        first.append(best)
+        chosen.append(slots[torch.arange(best.numel()), best])
+    return torch.cat(has), torch.cat(first), torch.cat(chosen)
+
+
+def _sorted_mixed(keys: torch.Tensor, order: torch.Tensor, group_hash) -> torch.Tensor:
+    """The mixed keys in ``order``, gathered and mixed :data:`_CHUNK` at a time."""
+    out = torch.empty_like(keys)
+    for start in range(0, keys.numel(), _CHUNK):
+        out[start:start + _CHUNK] = _mixed(keys.index_select(0, order[start:start + _CHUNK]), group_hash)
+    return out
 
 
 def check(tensors: Mapping[str, torch.Tensor], table: str = "table") -> None:

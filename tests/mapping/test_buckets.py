@@ -334,3 +334,81 @@ def test_bucket_entry_counts_and_cosharded_bytes_follow_the_fullest_bucket():
     assert cosharded_slots(32, 4, 0) == 1
     with pytest.raises(ValueError, match="not bucketed"):
         IdMapping(10).bucket_entry_counts()
+
+
+# ------------------------------------------------------------------------ assembly in the entries' order
+
+
+def _bucket_entries(ids: np.ndarray, num_buckets: int, rows_per_bucket: int, seed: int):
+    """(ids, rows) in bucket order (as a bucketed fit and a distributed gather give them), one id per bucket
+    hash, each row inside its id's bucket."""
+    ids = np.unique(ids)
+    _, first = np.unique(bucket_hash(torch.from_numpy(ids), num_buckets, seed).numpy(), return_index=True)
+    ids = ids[np.sort(first)]
+    buckets = bucket_of(torch.from_numpy(ids), num_buckets, seed).numpy()
+    order = np.argsort(buckets, kind="stable")
+    ids, buckets = ids[order], buckets[order]
+    return ids, buckets * rows_per_bucket + (ids % (rows_per_bucket - 1)) + 1
+
+
+def _bucketed_from(ids, rows, num_buckets, rows_per_bucket, seed):
+    regions = torch.tensor([[0, 1]] * num_buckets, dtype=torch.int32)
+    return IdMapping.from_entries(ids, rows, num_buckets * rows_per_bucket, hash_rows=num_buckets * rows_per_bucket,
+                                  seed=seed, num_buckets=num_buckets, bucket_hash_regions=regions, table_name="tb")
+
+
+@settings(max_examples=40, deadline=None)
+@given(ids=st.lists(int64s, min_size=1, max_size=300), num_buckets=st.sampled_from([1, 4, 16]),
+       seed=st.integers(0, 1000), shuffle=st.integers(0, 1 << 30))
+def test_bucketed_entries_give_one_mapping_in_any_order(ids, num_buckets, seed, shuffle):
+    """The perfect hash table is built from the entries in the order given (no sort): any order of the same
+    entries, in bucket order or not, gives the same mapping, bit for bit."""
+    ids, rows = _bucket_entries(np.array(ids, np.int64), num_buckets, 8, seed)
+    ordered = _bucketed_from(ids, rows, num_buckets, 8, seed)
+    perm = np.random.default_rng(shuffle).permutation(ids.size)
+    shuffled = _bucketed_from(ids[perm], rows[perm], num_buckets, 8, seed)
+    assert ordered.fingerprint == shuffled.fingerprint
+    query = torch.from_numpy(ids)
+    assert torch.equal(ordered(query), torch.from_numpy(rows)) and torch.equal(shuffled(query), ordered(query))
+
+
+@pytest.mark.parametrize("bucket_order", [True, False])
+def test_duplicate_entries_are_refused_in_bucket_order_and_in_any_other(bucket_order):
+    """The duplicate check sorts one bucket at a time only when the keys are in bucket order, and all of them
+    otherwise: a repeated id, or two ids of one bucket hash, are refused either way."""
+    ids, rows = _bucket_entries(np.arange(0, 4000, 3, dtype=np.int64), 8, 16, 0)
+    if not bucket_order:
+        perm = np.random.default_rng(1).permutation(ids.size)
+        ids, rows = ids[perm], rows[perm]
+    # A repeated id inside one bucket's run (not next to itself) and at the far end of the entries.
+    for where in (5, ids.size - 1):
+        dup_ids, dup_rows = np.insert(ids, where + 1, ids[where - 3]), np.insert(rows, where + 1, rows[where - 3])
+        with pytest.raises(ValueError, match=f"table 'tb': id {ids[where - 3]} has more than one entry"):
+            _bucketed_from(dup_ids, dup_rows, 8, 16, 0)
+    twin = _same_bucket_hash(int(ids[10]), 0, 1)
+    with pytest.raises(ValueError, match=f"ids {ids[10]} and {twin} have the same bucket hash"):
+        _bucketed_from(np.append(ids, twin), np.append(rows, rows[10]), 8, 16, 0)
+
+
+@settings(max_examples=100, deadline=None)
+@given(keys=st.lists(st.integers(0, 200), max_size=80), width=st.sampled_from([1, 7, 50, 1000]),
+       sort_buckets=st.booleans())
+def test_duplicate_key_finds_the_smallest_repeated_key(keys, width, sort_buckets):
+    from lhf_torchrec.mapping.id_mapping import _duplicate_key
+
+    keys = np.array(keys, np.int64)
+    if sort_buckets:  # bucket order, keys unsorted inside each bucket
+        keys = keys[np.argsort(keys // width, kind="stable")]
+    values, counts = np.unique(keys, return_counts=True)
+    repeated = values[counts > 1]
+    assert _duplicate_key(keys, width) == (int(repeated[0]) if repeated.size else None)
+
+
+def test_bucketed_entries_in_any_order_are_sorted_for_sorted_keys():
+    """Past 2^23 rows sorted keys are cheaper than the perfect hash table: the assembly then sorts the keys."""
+    ids, rows = _bucket_entries(np.arange(0, 3000, 7, dtype=np.int64), 4, 1 << 22, 0)
+    perm = np.random.default_rng(2).permutation(ids.size)
+    mapping = _bucketed_from(ids[perm], rows[perm], 4, 1 << 22, 0)
+    assert mapping.storage == "sorted" and bool((mapping.keys[1:] > mapping.keys[:-1]).all())
+    assert mapping.fingerprint == _bucketed_from(ids, rows, 4, 1 << 22, 0).fingerprint
+    assert torch.equal(mapping(torch.from_numpy(ids)), torch.from_numpy(rows))

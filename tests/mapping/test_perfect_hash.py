@@ -286,3 +286,35 @@ def test_records_of_keys_in_arithmetic_progression_build():
     rows, found = perfect_hash.lookup_records(keys, tensors["slot_records"], perfect_hash.record_row_bits(5001),
                                               tensors["group_pilots"], tuple(tensors["group_hash"].tolist()))
     assert bool(found.all()) and torch.equal(rows, torch.arange(5000))
+
+
+@settings(max_examples=30, deadline=None)
+@given(keys=st.lists(st.integers(0, (1 << 40) - 1), min_size=1, max_size=400, unique=True),
+       num_rows=st.sampled_from([100, 1 << 16, 1 << 24]), packed=st.booleans(), shuffle=st.integers(0, 1 << 30))
+def test_the_table_does_not_depend_on_the_keys_order(keys, num_rows, packed, shuffle):
+    """build takes the keys in any order (bucketed mappings are assembled without sorting them)."""
+    keys = torch.tensor(keys, dtype=torch.int64)
+    rows = keys % num_rows
+    perm = torch.from_numpy(np.random.default_rng(shuffle).permutation(keys.numel()))
+    a = perfect_hash.build(keys, rows, seed=3, num_rows=num_rows, packed=packed)
+    b = perfect_hash.build(keys[perm], rows[perm], seed=3, num_rows=num_rows, packed=packed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_chunked_build_gives_the_same_table(monkeypatch, packed):
+    """The build mixes, writes and tries candidates by chunks to bound its memory; the chunk sizes do not
+    change the table (a round's outcome is computed group by group)."""
+    keys = torch.from_numpy(np.random.default_rng(0).choice(1 << 40, 30_000, replace=False))
+    rows = keys % 5000
+    whole = perfect_hash.build(keys, rows, seed=1, num_rows=5000, packed=packed)
+    monkeypatch.setattr(perfect_hash, "_CHUNK", 999)
+    monkeypatch.setattr(perfect_hash, "_FIT_ELEMENTS", 100)
+    chunked = perfect_hash.build(keys, rows, seed=1, num_rows=5000, packed=packed)
+    assert all(torch.equal(whole[k], chunked[k]) for k in whole)
+    found_rows, found = (perfect_hash.lookup_records(keys, chunked["slot_records"], perfect_hash.record_row_bits(5000),
+                                                     chunked["group_pilots"], chunked["group_hash"].tolist())
+                         if packed else perfect_hash.lookup(keys, chunked["slot_keys"], chunked["slot_rows"],
+                                                            chunked["slot_rows_high"], chunked["group_pilots"],
+                                                            chunked["group_hash"].tolist()))
+    assert bool(found.all()) and torch.equal(found_rows, rows)
