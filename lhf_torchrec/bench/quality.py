@@ -155,8 +155,9 @@ def _run_line(r: RunRecord) -> str:
     head = f"{r.dataset} {r.method} {'full' if r.method == 'full' else f'{r.compression:g}x'} seed {r.seed}"
     if r.error:
         return f"{head}: not fitted ({r.error})"
-    return (f"{head} (epochs seen {epochs_seen(r)}): test logloss {r.test['logloss']:.4f} AUC {r.test['auc']:.4f} NE {r.test['ne']:.4f} "
-            f"({r.steps} steps, fit {r.fit_seconds:.1f} s, train {r.train_seconds:.1f} s)")
+    return (f"{head}: test logloss {r.test['logloss']:.4f} AUC {r.test['auc']:.4f} NE {r.test['ne']:.4f} "
+            f"(epochs seen {epochs_seen(r)}, {r.steps} steps, fit {r.fit_seconds:.1f} s, "
+            f"train {r.train_seconds:.1f} s)")
 
 
 def tested_validation(record: RunRecord) -> Dict[str, float]:

@@ -266,8 +266,8 @@ def format_table(rows: Sequence[Dict[str, Any]]) -> str:
         budget = "full" if r["method"] == "full" else f"{r['compression']:g}x"
         pm = lambda m: f"{r[m]:.4f}" + (f" ± {r[m + '_std']:.4f}" if r["seeds"] > 1 else "")  # noqa: E731
         lines.append(
-            f"| {r['dataset']} | {r['method']} | {budget} | {r['epochs_seen']} | {pm('logloss')} | {pm('auc')} | {pm('ne')} | "
-            f"{r['total_mb']:.2f} | {r['mapping_mb']:.3f} | {r['fit_s']:.1f} | {r['train_s']:.1f} |"
+            f"| {r['dataset']} | {r['method']} | {budget} | {r['epochs_seen']} | {pm('logloss')} | {pm('auc')} | "
+            f"{pm('ne')} | {r['total_mb']:.2f} | {r['mapping_mb']:.3f} | {r['fit_s']:.1f} | {r['train_s']:.1f} |"
         )
     return "\n".join(lines)
 
