@@ -539,7 +539,8 @@ def _add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
     quality.add_argument("--equal-passes", action="store_true",
                          help="the methods without a learn step (hash, frequency, QR, MCH, CCE, full...) train "
                               "--epochs + 1 epochs: as many gradient passes over the training split as the "
-                              "methods that learn embeddings first make (their learn step + --epochs); "
+                              "methods that learn embeddings first make (their learn step + --epochs; no change "
+                              "when none of --methods does); "
                               "composes with --best-epoch (best of each method's own epochs)")
     quality.add_argument("--embedding-dim", type=int_in(1), default=16)
     quality.add_argument("--batch-size", type=int_in(1), default=None,
