@@ -536,6 +536,12 @@ def _add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
     quality.add_argument("--epochs", type=int_in(1), default=1)
     quality.add_argument("--best-epoch", action="store_true",
                          help="report the epoch with the best validation logloss (best of --epochs)")
+    quality.add_argument("--equal-passes", action="store_true",
+                         help="the methods without a learn step (hash, frequency, QR, MCH, CCE, full...) train "
+                              "--epochs + 1 epochs: as many gradient passes over the training split as the "
+                              "methods that learn embeddings first make (their learn step + --epochs; no change "
+                              "when none of --methods does); "
+                              "composes with --best-epoch (best of each method's own epochs)")
     quality.add_argument("--embedding-dim", type=int_in(1), default=16)
     quality.add_argument("--batch-size", type=int_in(1), default=None,
                          help="per rank, for every dataset (default: 1024, MovieLens 256)")
@@ -564,7 +570,7 @@ def _quality_config(args: argparse.Namespace):
         config.batch_size, config.default_batch_size = {}, args.batch_size
     config.compressions = args.compressions or config.compressions
     config.seeds = args.seeds or config.seeds
-    config.epochs, config.best_epoch = args.epochs, args.best_epoch
+    config.epochs, config.best_epoch, config.equal_passes = args.epochs, args.best_epoch, args.equal_passes
     config.embedding_dim = args.embedding_dim
     config.out_dir = args.out_dir or ("runs/selection" if args.select and not args.quick else config.out_dir)
     return config

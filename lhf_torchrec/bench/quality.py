@@ -7,6 +7,11 @@ rates and seeds for all; bytes counted the same way), then writes ``results.md``
 of the hashing trick's logloss gap each method recovers, and plain statements of where
 ``combination`` loses), ``results.json`` and ``quality_vs_bytes.png``.
 
+Every table says the epochs each run saw (training epochs + the learn step's passes, which only
+the methods that learn embeddings make; :func:`~lhf_torchrec.pipeline.compare.epochs_seen`). With
+``equal_passes`` (``--equal-passes``) the methods without a learn step train that many more epochs,
+so that every method makes the same number of gradient passes over the training split.
+
 A progress bar counts the runs (runs done / total, with an ETA) and every finished run logs one
 line. When the full-table model learned nothing on a dataset (validation NE >= 1 or AUC <= 0.5:
 too few training steps for its size), the benchmark says so at once, and the report marks that
@@ -35,6 +40,7 @@ from lhf_torchrec.pipeline.compare import (
     MethodSpec,
     RunRecord,
     compare_methods,
+    epochs_seen,
     format_table,
     num_runs,
     summarize,
@@ -82,6 +88,8 @@ class QualityConfig:
     seeds: Sequence[int] = (0, 1, 2)
     epochs: int = 1
     best_epoch: bool = False
+    # The methods without a learn step train epochs + its passes (compare_methods' equal_passes).
+    equal_passes: bool = False
     embedding_dim: int = 16
     batch_size: Dict[str, int] = field(default_factory=lambda: {"movielens": 256})
     default_batch_size: int = 1024
@@ -138,7 +146,8 @@ def _train_all(config: QualityConfig, methods: Sequence[Any]) -> Tuple[List[RunR
 
             records += compare_methods(data, methods, config.compressions, config.seeds,
                                        ModelConfig(embedding_dim=config.embedding_dim), train,
-                                       best_epoch=config.best_epoch, runtime=runtime, on_record=finished)
+                                       best_epoch=config.best_epoch, equal_passes=config.equal_passes,
+                                       runtime=runtime, on_record=finished)
     return records, runtime
 
 
@@ -147,7 +156,8 @@ def _run_line(r: RunRecord) -> str:
     if r.error:
         return f"{head}: not fitted ({r.error})"
     return (f"{head}: test logloss {r.test['logloss']:.4f} AUC {r.test['auc']:.4f} NE {r.test['ne']:.4f} "
-            f"({r.steps} steps, fit {r.fit_seconds:.1f} s, train {r.train_seconds:.1f} s)")
+            f"(epochs seen {epochs_seen(r)}, {r.steps} steps, fit {r.fit_seconds:.1f} s, "
+            f"train {r.train_seconds:.1f} s)")
 
 
 def tested_validation(record: RunRecord) -> Dict[str, float]:
@@ -239,7 +249,7 @@ def write_report(records: Sequence[RunRecord], config: QualityConfig, seconds: f
                   for r in rows if r["method"] == "hash" and r["dataset"] in full and r["dataset"] not in untrained
                   and r["logloss"] <= full[r["dataset"]]]
     seeds = ", ".join(str(s) for s in config.seeds)
-    epochs = f"best of {config.epochs} epochs on validation" if config.best_epoch else f"{config.epochs} epoch(s)"
+    epochs = _epochs_text(config)
     text = f"""# Model quality at equal memory
 
 Command: `{config.command}` ({seconds:.0f} s on this machine). Seeds {seeds}; {epochs}; every
@@ -248,7 +258,7 @@ row-wise Adagrad for the tables, Adam for the MLPs), learning rates (no per-meth
 fixed values for all) and seeds. Budgets are total bytes: table weights + optimizer state + mappings
 + any structure a method keeps (QR's two tables, MCH's slot ids, CCE's pointers), each table at
 1/compression of its full bytes; tables under 100 rows stay full size for every method. Metrics
-are on the test split (the last rows in time order), mean ± std over seeds.
+are on the test split (the last rows in time order), mean ± std over seeds. {_passes_text(config)}
 
 ## Results
 
@@ -278,16 +288,16 @@ def write_selection_report(records: Sequence[RunRecord], config: QualityConfig, 
     selected, choices = select_on_validation(records)
     untrained = untrained_datasets(records)
     seeds = ", ".join(str(s) for s in config.seeds)
-    epochs = f"best of {config.epochs} epochs on validation" if config.best_epoch else f"{config.epochs} epoch(s)"
+    epochs = _epochs_text(config)
     text = f"""# Model quality at equal memory, settings selected on validation
 
 Command: `{config.command}` ({seconds:.0f} s on this machine). Seeds {seeds}; {epochs}; the same DLRM
 (dim {config.embedding_dim}), data, optimizer and learning rates for every method. Each method tried the
 settings of its grid (at most {TUNING_BUDGET}, `lhf_torchrec/bench/selection.py`); per dataset, budget and
 seed the setting with the best **validation** logloss was kept and its **test** metrics are reported. Gap
-recovered: (hash - method) / (hash - full) of mean logloss, on each split.
+recovered: (hash - method) / (hash - full) of mean logloss, on each split. {_passes_text(config)}
 
-{_untrained_warning(untrained)}{selection_report(selected, choices, config.epochs, untrained=untrained)}
+{_untrained_warning(untrained)}{selection_report(selected, choices, untrained=untrained)}
 
 ## Every setting tried (mean over seeds)
 
@@ -296,6 +306,23 @@ recovered: (hash - method) / (hash - full) of mean logloss, on each split.
     os.makedirs(config.out_dir, exist_ok=True)
     write_results(records, text, config.out_dir, title=f"every setting tried: test quality vs total bytes ({epochs})")
     print(text)
+
+
+def _epochs_text(config: QualityConfig) -> str:
+    epochs = f"best of {config.epochs} epochs on validation" if config.best_epoch else f"{config.epochs} epoch(s)"
+    return epochs + (", + the learn step's passes for the methods without one (equal passes)" if config.equal_passes
+                     else "")
+
+
+def _passes_text(config: QualityConfig) -> str:
+    text = ("\"Epochs seen\": the run's training epochs + the passes of its learn step (the methods that learn "
+            "embeddings first, warm starts too); \"ids only\": MCH's replay of the training stream through "
+            "TorchRec's remapper, which reads ids and computes no gradient.")
+    if config.equal_passes:
+        return text + (" Equal passes: the methods without a learn step train as many more epochs as it makes "
+                       "passes, so every method makes the same number of gradient passes over the training split.")
+    return text + (" The methods without a learn step make fewer passes (`--equal-passes` gives them as many "
+                   "more epochs).")
 
 
 def _untrained_warning(untrained: Mapping[str, str]) -> str:

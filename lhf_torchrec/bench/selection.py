@@ -16,8 +16,7 @@ import statistics
 from dataclasses import dataclass, replace
 from typing import Collection, Dict, List, Sequence, Tuple
 
-from lhf_torchrec.pipeline.compare import MethodSpec, RunRecord
-from lhf_torchrec.pipeline.methods import get_method
+from lhf_torchrec.pipeline.compare import MethodSpec, RunRecord, epochs_seen_of
 
 # The most settings any method may try: the same small tuning budget for every method.
 TUNING_BUDGET = 4
@@ -95,18 +94,8 @@ def select_on_validation(records: Sequence[RunRecord]) -> Tuple[List[RunRecord],
     return selected, choices
 
 
-def passes_over_training_data(method: str, epochs: int, learn_epochs: int = 1) -> str:
-    """What a method saw of the training split: its training epochs, plus the passes of its fit
-    (embedding learning for the learned methods, the profiling pass of MCH)."""
-    if get_method(method).needs_embeddings:
-        return f"{epochs} + {learn_epochs} (embeddings)"
-    if method == "mch":
-        return f"{epochs} + 1 (profiling, no gradient)"
-    return str(epochs)
-
-
-def selection_report(selected: Sequence[RunRecord], choices: Sequence[Choice], epochs: int,
-                     learn_epochs: int = 1, untrained: Collection[str] = ()) -> str:
+def selection_report(selected: Sequence[RunRecord], choices: Sequence[Choice],
+                     untrained: Collection[str] = ()) -> str:
     """Markdown: validation and test logloss of every method's selected setting (mean ± std over
     seeds), the share of the hashing trick's gap recovered on validation and on test (``n/a`` on the
     datasets in ``untrained``, whose full-table model learned nothing), the passes over the training
@@ -149,7 +138,7 @@ def selection_report(selected: Sequence[RunRecord], choices: Sequence[Choice], e
         lines.append(
             f"| {dataset} | {budget} | {method} | {tried[key]} | {v:.4f} ± {vs:.4f} | {t:.4f} ± {ts:.4f} | "
             f"{recovered(dataset, compression, method, 0)} | {recovered(dataset, compression, method, 1)} | "
-            f"{passes_over_training_data(method, epochs, learn_epochs)} | {'; '.join(by_key[key])} |")
+            f"{epochs_seen_of(rs)} | {'; '.join(by_key[key])} |")
     return "\n".join(lines)
 
 
@@ -184,7 +173,6 @@ __all__ = [
     "all_settings_report",
     "family_of",
     "grid_specs",
-    "passes_over_training_data",
     "select_on_validation",
     "selection_methods",
     "selection_report",

@@ -4,6 +4,13 @@ For every seed: profile the training split, learn low-dimensional embeddings onc
 learned method is compared; its time is charged to the learned methods), then for every
 compression ratio and method fit the method (:mod:`lhf_torchrec.pipeline.methods`) at that
 budget, train the same DLRM with the same data, optimizer and epochs, and evaluate on the test split.
+
+Epochs seen: the learn step is ``learn_epochs`` more gradient passes over the training split (a
+small model's, or the DLRM's dim for a warm start), which the methods without it do not get. Every
+:class:`RunRecord` says how many passes its run made (:func:`epochs_seen`), and ``equal_passes``
+gives the methods without a learn step that many more training epochs. Passes that read ids only
+(the counting profile every method shares; MCH's replay of the stream through TorchRec's remapper)
+compute no gradient and are not counted as epochs; MCH's is shown beside them.
 """
 
 import dataclasses
@@ -48,6 +55,25 @@ class RunRecord:
     validation: List[Dict[str, Any]] = field(default_factory=list)
     epoch: int = 0  # the epoch whose model was tested (the last, or the best on validation)
     error: str = ""  # why the method could not be fitted at this budget (then nothing was trained)
+    # Passes over the training split (0 in results written before they were recorded: unknown).
+    train_epochs: int = 0  # of the DLRM's training
+    learn_epochs: int = 0  # of the learn step (gradient passes of the model that learns the embeddings)
+    id_passes: int = 0  # that read ids only, no gradient (MCH's replay of the stream), beyond the shared profile
+
+
+def epochs_seen(record: RunRecord) -> str:
+    """The gradient passes a run made over the training split, e.g. ``"1"``, ``"1 + 1 learn"``,
+    ``"2 + 1 ids only"`` (an id-only pass: MCH's), ``"?"`` for a record written before they were kept."""
+    if not record.train_epochs:
+        return "?"
+    text = str(record.train_epochs)
+    text += f" + {record.learn_epochs} learn" if record.learn_epochs else ""
+    return text + (f" + {record.id_passes} ids only" if record.id_passes else "")
+
+
+def epochs_seen_of(records: Sequence[RunRecord]) -> str:
+    """:func:`epochs_seen` of runs of one method (seeds), each distinct value once: ``"1 + 1 learn"``."""
+    return " / ".join(dict.fromkeys(epochs_seen(r) for r in records))
 
 
 @dataclass(frozen=True)
@@ -80,15 +106,21 @@ def compare_methods(
     learn_dim: int = 8,
     learn_epochs: int = 1,
     best_epoch: bool = False,
+    equal_passes: bool = False,
     runtime: Optional[Runtime] = None,
     on_record: Optional[Callable[[RunRecord], None]] = None,
 ) -> List[RunRecord]:
     """Trains ``full`` once per seed and every method at every compression; returns the records.
 
     Every run gets the same data, epochs (``train_config.epochs``), optimizer, learning rates and
-    seed. With ``best_epoch`` the test metrics are those of the epoch with the best validation
-    logloss (best of N epochs), otherwise of the last epoch. ``on_record`` is called with each
-    record as soon as its run is done (:func:`num_runs` of them), e.g. to show progress.
+    seed; the methods with a learn step (learned embeddings, warm start) also had its ``learn_epochs``
+    passes. With ``equal_passes`` (when some method has a learn step) the methods without one train
+    ``train_config.epochs + learn_epochs`` epochs instead, so that every run makes the same number of
+    gradient passes over the training split (MCH's id-only replay not counted: it computes no
+    gradient, as the profile every method reads). With ``best_epoch`` the test metrics are those of
+    the epoch with the best validation logloss (best of the run's epochs), otherwise of the last
+    epoch. ``on_record`` is called with each record as soon as its run is done (:func:`num_runs` of
+    them), e.g. to show progress.
     """
     specs = [_spec(m) for m in methods]
     for s in specs:  # unknown names fail here, before any training
@@ -99,6 +131,7 @@ def compare_methods(
     profiles = profile_tables(data.train, data.tables)
     full_bytes = full_table_bytes(data.tables, profiles, train_config.optimizer)
     records: List[RunRecord] = []
+    any_learn_step = any(_has_learn_step(s) for s in specs)
     for seed in seeds:
         config = TrainConfig(**{**asdict(train_config), "seed": seed, "checkpoint_dir": None, "resume": False})
         learned: Dict[int, Any] = {}  # embedding dim -> (embeddings, seconds to learn them)
@@ -114,7 +147,12 @@ def compare_methods(
         runs = [(s, 1.0) for s in specs if s.method == "full"]
         runs += [(s, c) for c in compressions for s in specs if s.method != "full"]
         for spec, compression in runs:
-            needs_embeddings = spec.warm_start or get_method(spec.method).needs_embeddings
+            needs_embeddings = _has_learn_step(spec)
+            passes = dict(train_epochs=config.epochs, learn_epochs=learn_epochs if needs_embeddings else 0,
+                          id_passes=1 if spec.method == "mch" else 0)
+            if equal_passes and any_learn_step and not needs_embeddings:
+                passes["train_epochs"] += learn_epochs
+            run_config = dataclasses.replace(config, epochs=passes["train_epochs"])
             embeddings, learn_seconds = (
                 embeddings_at(model_config.embedding_dim if spec.warm_start else learn_dim)
                 if needs_embeddings else (None, 0.0)
@@ -133,22 +171,28 @@ def compare_methods(
             except ValueError as e:  # the method cannot represent some table at this budget
                 logger.warning("%s %s %gx seed %d does not fit: %s", data.name, spec.label, compression, seed, e)
                 records.append(RunRecord(data.name, spec.label, compression, seed, 0, 0, 0, full_bytes, 0.0, 0.0, 0,
-                                         {}, error=str(e)))
+                                         {}, error=str(e), **passes))
                 if on_record is not None:
                     on_record(records[-1])
                 continue
             fit_seconds = time.perf_counter() - start + learn_seconds
-            trainer = Trainer(model_config, config, data.tables, len(data.train.dense_names), tables_compression,
+            trainer = Trainer(model_config, run_config, data.tables, len(data.train.dense_names), tables_compression,
                               runtime)
-            test, epoch, result = _train_and_test(trainer, data, config, best_epoch)
+            test, epoch, result = _train_and_test(trainer, data, run_config, best_epoch)
             record = RunRecord(data.name, spec.label, compression, seed, fitted.total_bytes, fitted.table_bytes,
                                fitted.mapping_bytes, full_bytes, fit_seconds, result.train_seconds, result.steps,
-                               test, result.validation, epoch)
-            logger.info("%s %s %.0fx seed %d: test %s", data.name, spec.label, compression, seed, test)
+                               test, result.validation, epoch, **passes)
+            logger.info("%s %s %.0fx seed %d (epochs seen %s): test %s", data.name, spec.label, compression, seed,
+                        epochs_seen(record), test)
             records.append(record)
             if on_record is not None:
                 on_record(record)
     return records
+
+
+def _has_learn_step(spec: MethodSpec) -> bool:
+    """Whether the method's fit learns embeddings first (its learned methods, or a warm start)."""
+    return spec.warm_start or get_method(spec.method).needs_embeddings
 
 
 def learn_floors(specs: Sequence[MethodSpec], model_dim: int, learn_dim: int) -> Dict[int, int]:
@@ -208,20 +252,22 @@ def summarize(records: Sequence[RunRecord]) -> List[Dict[str, Any]]:
         row["full_mb"] = rs[0].full_bytes / 2**20
         row["fit_s"] = statistics.fmean(r.fit_seconds for r in rs)
         row["train_s"] = statistics.fmean(r.train_seconds for r in rs)
+        row["epochs_seen"] = epochs_seen_of(rs)
         rows.append(row)
     return rows
 
 
 def format_table(rows: Sequence[Dict[str, Any]]) -> str:
     """A markdown table of :func:`summarize` rows."""
-    header = "| dataset | method | budget | test logloss | test AUC | NE | total MB | mapping MB | fit s | train s |"
-    lines = [header, "|---|---|---|---|---|---|---|---|---|---|"]
+    header = ("| dataset | method | budget | epochs seen | test logloss | test AUC | NE | total MB | mapping MB | "
+              "fit s | train s |")
+    lines = [header, "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         budget = "full" if r["method"] == "full" else f"{r['compression']:g}x"
         pm = lambda m: f"{r[m]:.4f}" + (f" ± {r[m + '_std']:.4f}" if r["seeds"] > 1 else "")  # noqa: E731
         lines.append(
-            f"| {r['dataset']} | {r['method']} | {budget} | {pm('logloss')} | {pm('auc')} | {pm('ne')} | "
-            f"{r['total_mb']:.2f} | {r['mapping_mb']:.3f} | {r['fit_s']:.1f} | {r['train_s']:.1f} |"
+            f"| {r['dataset']} | {r['method']} | {budget} | {r['epochs_seen']} | {pm('logloss')} | {pm('auc')} | "
+            f"{pm('ne')} | {r['total_mb']:.2f} | {r['mapping_mb']:.3f} | {r['fit_s']:.1f} | {r['train_s']:.1f} |"
         )
     return "\n".join(lines)
 

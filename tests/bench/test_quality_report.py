@@ -1,8 +1,11 @@
 """The quality report's arithmetic and its warning when the full tables learned nothing (no training)."""
 
+import json
+
 import pytest
 
-from lhf_torchrec.pipeline.compare import RunRecord, num_runs, summarize
+from lhf_torchrec.cli import _quality_config, build_parser
+from lhf_torchrec.pipeline.compare import RunRecord, epochs_seen, num_runs, summarize
 from lhf_torchrec.bench.quality import QualityConfig, gap_recovered, untrained_datasets, verdicts, write_report
 
 
@@ -54,3 +57,33 @@ def test_report_marks_the_dataset_instead_of_printing_percentages(tmp_path, caps
 
 def test_num_runs_counts_what_compare_methods_trains() -> None:
     assert num_runs(["full", "hash", "combination"], [4, 10, 50], [0, 1]) == 2 * (1 + 3 * 2)
+
+
+def test_the_report_and_results_json_show_the_epochs_each_method_saw(tmp_path) -> None:
+    # What compare_methods records with equal passes: 2 epochs without a learn step, 1 + 1 with one.
+    passes = {"full": (2, 0, 0), "hash": (2, 0, 0), "mch": (2, 0, 1), "combination": (1, 1, 0)}
+    records = [_record("good", method, logloss) for method, logloss in
+               (("full", 0.40), ("hash", 0.50), ("mch", 0.46), ("combination", 0.42))]
+    for r in records:
+        r.train_epochs, r.learn_epochs, r.id_passes = passes[r.method]
+    write_report(records, QualityConfig(out_dir=str(tmp_path), seeds=(0,), equal_passes=True), seconds=1.0)
+    report = (tmp_path / "results.md").read_text()
+    assert "| dataset | method | budget | epochs seen | test logloss |" in report
+    assert "| good | full | full | 2 | 0.4000 |" in report and "| good | hash | 10x | 2 | 0.5000 |" in report
+    assert "| good | mch | 10x | 2 + 1 ids only | 0.4600 |" in report
+    assert "| good | combination | 10x | 1 + 1 learn | 0.4200 |" in report
+    assert "Equal passes: the methods without a learn step train as many more epochs" in report
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert [(r["train_epochs"], r["learn_epochs"], r["id_passes"]) for r in saved] == list(passes.values())
+
+    # results.json written before the passes were kept still loads; its passes read as unknown.
+    old = {k: v for k, v in saved[3].items() if k not in ("train_epochs", "learn_epochs", "id_passes")}
+    assert epochs_seen(RunRecord(**old)) == "?"
+
+
+def test_equal_passes_and_best_epoch_are_quality_options() -> None:
+    def config(*argv):
+        return _quality_config(build_parser().parse_args(["bench", "quality", *argv]))
+
+    assert (config().equal_passes, config().best_epoch) == (False, False)
+    assert (config("--equal-passes", "--best-epoch").equal_passes, config("--best-epoch").best_epoch) == (True, True)

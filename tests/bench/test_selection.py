@@ -78,14 +78,17 @@ def test_report_shows_gap_recovered_on_validation_and_test_and_the_epochs() -> N
                _record("combination [tail 10%, floor 10]", 0.42, 0.43),
                _record("combination [tail 1 row, floor 10]", 0.44, 0.40),
                _record("mch [lfu]", 0.45, 0.46)]
-    report = selection_report(*select_on_validation(records), epochs=1)
+    for r in records:  # the passes compare_methods records: 1 epoch, + the learn step, + MCH's id-only replay
+        r.train_epochs, r.learn_epochs = 1, int(r.method.startswith("combination"))
+        r.id_passes = int(r.method.startswith("mch"))
+    report = selection_report(*select_on_validation(records))
     # combination: validation (0.50 - 0.42) / 0.10 = 80%, test (0.51 - 0.43) / 0.10 = 80%.
-    assert "| d | 10x | combination | 2 | 0.4200 ± 0.0000 | 0.4300 ± 0.0000 | 80% | 80% | 1 + 1 (embeddings) |" \
+    assert "| d | 10x | combination | 2 | 0.4200 ± 0.0000 | 0.4300 ± 0.0000 | 80% | 80% | 1 + 1 learn |" \
            " 0: combination [tail 10%, floor 10] |" in report
-    assert "| d | 10x | mch | 1 | 0.4500 ± 0.0000 | 0.4600 ± 0.0000 | 50% | 50% | 1 + 1 (profiling, no gradient) |" \
+    assert "| d | 10x | mch | 1 | 0.4500 ± 0.0000 | 0.4600 ± 0.0000 | 50% | 50% | 1 + 1 ids only |" \
         in report
     assert report.index("| d | full | full |") < report.index("| d | 10x | hash |")
-    untrained = selection_report(*select_on_validation(records), epochs=1, untrained={"d"})
+    untrained = selection_report(*select_on_validation(records), untrained={"d"})
     assert "| d | 10x | mch | 1 | 0.4500 ± 0.0000 | 0.4600 ± 0.0000 | n/a | n/a |" in untrained
 
 
