@@ -10,7 +10,8 @@ Timed, each in the same process, one after the other (wall clock):
 * ``count records``: the pass that counts records (``CSVSource.record_counts``: the ``csv`` reader alone);
 * ``pass over the text``: every record parsed and converted (what every pass cost before the cache);
 * ``build the cache``: the pass that parses every record once more and writes the npy arrays, plus
-  their checksums (``CSVSource.cache`` on a cold cache, after the count above);
+  their checksums (``CSVSource.cache`` on a cold cache, after the count above), in this process alone
+  (``workers=0``) and with the default DataLoader workers converting the blocks;
 * ``open the cache``: another process's ``cache()`` on a warm cache (reads the manifest, checks every
   array's sha256);
 * ``pass over the cache``: the same rows as the text pass, read through the memory maps.
@@ -22,6 +23,7 @@ and written to docs/performance.md (section "CSV reading").
 
 import argparse
 import os
+import resource
 import shutil
 import sys
 import tempfile
@@ -33,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import machine_description, markdown_table, write_doc_section  # noqa: E402
 
 from lhf_torchrec.data import CSVSource, CSVSpec  # noqa: E402
+from lhf_torchrec.data.tabular import _MAX_PARSE_WORKERS  # noqa: E402
 
 DENSE = [f"I{i}" for i in range(1, 14)]
 CATEGORICAL = [f"C{i}" for i in range(1, 27)]
@@ -56,10 +59,17 @@ def write_criteo_like_csv(path: str, rows: int, seed: int = 0) -> None:
                 f.write(f"{labels[i]}," + ",".join(fields) + "\n")
 
 
-def timed(work) -> float:
-    start = time.perf_counter()
+def _cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (the parse workers)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def timed(work) -> tuple[float, float]:
+    """(wall, CPU) seconds of ``work()``."""
+    start, cpu = time.perf_counter(), _cpu_seconds()
     work()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, _cpu_seconds() - cpu
 
 
 def main() -> None:
@@ -81,9 +91,14 @@ def main() -> None:
 
         text = CSVSource(path, spec)
         results = [("count records", timed(text.record_counts)), ("pass over the text", timed(lambda: full_pass(text)))]
+        alone = CSVSource(path, spec)
+        alone.record_counts()  # counted above: the builds below are the parse and the writes
+        results.append(("build the cache, 1 process",
+                        timed(lambda: alone.cache(os.path.join(work, "alone"), progress=False, workers=0))))
         cached = CSVSource(path, spec)
-        cached.record_counts()  # counted above: the build below is the parse and the writes
-        results.append(("build the cache", timed(lambda: cached.cache(cache_dir, progress=False))))
+        cached.record_counts()
+        results.append((f"build the cache, {_MAX_PARSE_WORKERS} workers",
+                        timed(lambda: cached.cache(cache_dir, progress=False))))
         reopened = CSVSource(path, spec)
         results.append(("open the cache", timed(lambda: reopened.cache(cache_dir, progress=False))))
         results.append(("pass over the cache", timed(lambda: full_pass(reopened))))
@@ -92,18 +107,25 @@ def main() -> None:
         text_mb = os.path.getsize(path) / 2**20
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    text_pass = results[1][1]
-    table = markdown_table([{"step": step, "seconds": round(s, 3), "records_per_s": int(rows / s) if s else 0,
-                             "vs_text_pass": round(s / text_pass, 4)} for step, s in results],
-                           ["step", "seconds", "records_per_s", "vs_text_pass"])
+    seconds = {step: wall for step, (wall, _) in results}
+    text_pass = results[1][1][0]
+    table = markdown_table([{"step": step, "seconds": round(wall, 3), "cpu_seconds": round(cpu, 3),
+                             "records_per_s": int(rows / wall) if wall else 0, "vs_text_pass": round(wall / text_pass, 4)}
+                            for step, (wall, cpu) in results],
+                           ["step", "seconds", "cpu_seconds", "records_per_s", "vs_text_pass"])
+    alone, parallel = results[2][1][0], results[3][1][0]
     command = "python benchmarks/data.py" + (" --quick" if args.quick else "") + (f" --rows {args.rows}" if args.rows else "")
     body = (f"Command: `{command}`. {machine_description()}.\n\n"
             f"{rows:,} records, {len(DENSE)} dense and {len(CATEGORICAL)} categorical columns ({text_mb:,.0f} MB of "
-            f"text; the parse cache takes {cache_mb:,.0f} MB). Wall clock of each step, once each, in one process.\n\n"
+            f"text; the parse cache takes {cache_mb:,.0f} MB). Wall clock and CPU time (this process and its parse "
+            f"workers) of each step, once each, one after the other; the parse workers are the cores' share the other "
+            f"jobs on the machine leave (load average above).\n\n"
             f"{table}\n\n"
-            f"A pass over the cache costs {results[4][1] / text_pass:.1%} of a pass over the text; building the cache "
-            f"costs {results[2][1] / text_pass:.2f} text passes after the count, so it pays for itself from a run's second "
-            f"pass on, and every later run on the same file starts from it ({results[3][1]:.2f} s to open and check).\n")
+            f"A pass over the cache costs {seconds['pass over the cache'] / text_pass:.1%} of a pass over the text; "
+            f"building the cache in one process costs {alone / text_pass:.2f} text passes after the count, "
+            f"{parallel / text_pass:.2f} with {_MAX_PARSE_WORKERS} workers ({alone / parallel:.2f}x faster), so it pays for "
+            f"itself from a run's second pass on, and every later run on the same file starts from it "
+            f"({seconds['open the cache']:.2f} s to open and check).\n")
     print(body)
     write_doc_section(args.doc, "CSV reading (benchmarks/data.py)", body)
 

@@ -59,6 +59,9 @@ class DataFormatError(ValueError):
         self.line = line
         self.reason = reason
 
+    def __reduce__(self):  # pickles (e.g. from a parsing worker) as the error it is
+        return type(self), (self.path, self.line, self.reason)
+
 
 @dataclass
 class ParseReport:
@@ -77,6 +80,12 @@ class ParseReport:
             if len(self.examples) < MAX_REPORTED_LINES:
                 self.examples.append(f"{path}:{line}: {reason}")
         self.lines_skipped += len(lines)
+
+    def extend(self, other: "ParseReport") -> None:
+        """Adds what ``other``, a report of the lines after this one's, read and skipped."""
+        self.lines_read += other.lines_read
+        self.lines_skipped += other.lines_skipped
+        self.examples.extend(other.examples[: MAX_REPORTED_LINES - len(self.examples)])
 
     def log(self) -> None:
         if self.lines_skipped:

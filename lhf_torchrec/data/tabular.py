@@ -18,8 +18,11 @@ fill at least half of ``[0, max id]`` gets a table of ``max id + 1`` rows; any o
 (strings, hashes, sparse or large integers) a vocabulary-sized table, one row per distinct id and
 one for ids never seen. No table is ever sized from the 2**63 hash space.
 
-Records are parsed with Python's ``csv`` module (quoting and embedded newlines work); ``len``,
-``slice`` and :func:`time_split` count records, not physical lines.
+Records follow the ``csv`` module's rules (quoting and embedded newlines work); ``len``, ``slice`` and
+:func:`time_split` count records, not physical lines. Text is read in blocks of a few MiB: a block
+without quotes, NUL bytes or lone carriage returns (most CTR logs) is cut into lines and split on the
+delimiter with ``str`` methods, column by column; from the first block that has any, to the end of the
+file, the ``csv`` module reads the records (same records, slower).
 
 Parsing text is the slow part (tens of thousands of records a second on one core), and training reads
 the data many times (profiles, table sizes, every epoch of every run). :meth:`CSVSource.cache` parses
@@ -30,21 +33,28 @@ transforms, the categorical ids and which records were well-formed, under
 with the same columns, read those arrays through memory maps instead of the text. The key covers the
 files (path, size, modification time) and the spec's columns, so an edited file is parsed again;
 each array's sha256 is checked when the cache is opened. It takes 9 + 8 x (dense + categorical columns)
-bytes a record on disk (delete the folder to reclaim it).
+bytes a record on disk (delete the folder to reclaim it). The blocks of text are converted by the
+worker processes of a ``torch.utils.data.DataLoader`` (one per core, at most 8): the one pass over
+the text scales with the cores of the machine.
 """
 
 import csv
 import hashlib
+import io
 import json
 import math
+import multiprocessing
 import operator
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
+from itertools import compress
 from pathlib import Path
 from typing import Iterator, Mapping, NamedTuple, Sequence
 
 import numpy as np
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 
 from lhf_torchrec.data.ctr_data import CTRData
@@ -64,8 +74,12 @@ from lhf_torchrec.data.source import StreamingSource
 from lhf_torchrec.files import atomic_write
 
 _HASH_KEY = b"lhf_torchrec"
+_KEYED_HASH = hashlib.blake2b(digest_size=8, key=_HASH_KEY)  # copied per string: cheaper than keying anew
 _MAX_ID = (1 << 63) - 1
 _BLOCK_ROWS = 1 << 16
+_BLOCK_BYTES = 1 << 23  # text read at once (whole lines): ~30k Criteo-shaped records
+_BOM = b"\xef\xbb\xbf"
+_MAX_PARSE_WORKERS = min(8, os.cpu_count() or 1)  # the parse cache's default: text conversion is CPU-bound
 _MAX_CACHED_IDS = 1 << 20  # per column: bounds memory on huge vocabularies
 DENSE_TRANSFORMS = ("log1p", "standardize")  # in the order they apply
 # An integer column's table is its id space [0, max id] when at least this share of it occurs;
@@ -89,8 +103,9 @@ def categorical_id(value: str) -> int:
         return -1
     if value.isascii() and value.isdigit() and (value[0] != "0" or value == "0") and int(value) <= _MAX_ID:
         return int(value)
-    digest = hashlib.blake2b(value.encode("utf-8"), digest_size=8, key=_HASH_KEY).digest()
-    return int.from_bytes(digest, "big") >> 1
+    keyed = _KEYED_HASH.copy()
+    keyed.update(value.encode("utf-8"))
+    return int.from_bytes(keyed.digest(), "big") >> 1
 
 
 @dataclass(frozen=True)
@@ -198,30 +213,67 @@ class CSVSource(StreamingSource):
     def __repr__(self) -> str:
         return f"CSVSource({[str(p) for p in self.paths]}, rows={self._range})"
 
-    def _records(self, path: Path) -> Iterator[tuple[int, list[str], list[int]]]:
-        """(line number, fields, used column positions) of each non-blank data record of ``path``."""
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.reader(f, delimiter=self.spec.delimiter)
-            try:
-                if self.spec.header:
-                    names = next(reader, None)
-                    if names is None:
-                        raise DataFormatError(path, 1, "empty file, expected a header line")
-                else:
-                    names = list(self.spec.column_names or ())
+    def _record_blocks(self, path: Path) -> Iterator[tuple[list[int], "_Records"]]:
+        """(used column positions, then the field count; records) for consecutive blocks of the data
+        records of ``path`` (see the module docstring for the two ways a block is read)."""
+        names = None if self.spec.header else list(self.spec.column_names or ())
+        columns = None if names is None else self.spec.column_indices(names, path) + [len(names)]
+        with open(path, "rb") as raw:
+            offset = len(_BOM) if raw.read(len(_BOM)) == _BOM else 0
+            raw.seek(offset)
+            line = 1
+            for block in _line_blocks(raw):
+                if columns is None:
+                    end = block.find(b"\n") + 1 or len(block)
+                    header = _quote_free_text(block[:end])
+                    if header is None:
+                        break
+                    names = header.rstrip("\n").split(self.spec.delimiter)
+                    columns = self.spec.column_indices(names, path) + [len(names)]
+                    block, offset, line = block[end:], offset + end, line + 1
+                text = _quote_free_text(block)
+                if text is None:
+                    break
+                yield columns, _Records.of_lines(text, line, self.spec.delimiter)
+                offset, line = offset + len(block), line + block.count(b"\n")
+            else:
+                if columns is None:
+                    raise DataFormatError(path, 1, "empty file, expected a header line")
+                return
+            raw.seek(offset)
+            yield from self._csv_record_blocks(path, io.TextIOWrapper(raw, "utf-8", newline=""), line, columns)
+
+    def _csv_record_blocks(
+        self, path: Path, text: io.TextIOBase, line: int, columns: list[int] | None
+    ) -> Iterator[tuple[list[int], "_Records"]]:
+        """The records of ``text`` (``path`` from ``line`` on) read by the ``csv`` module, in blocks;
+        ``columns``: as in :meth:`_record_blocks`, None while the header is still to be read."""
+        reader = csv.reader(text, delimiter=self.spec.delimiter)
+        lines, rows = [], []
+        try:
+            if columns is None:
+                names = next(reader, None)
+                if names is None:
+                    raise DataFormatError(path, 1, "empty file, expected a header line")
                 columns = self.spec.column_indices(names, path) + [len(names)]
-                for fields in reader:
-                    if fields:
-                        yield reader.line_num, fields, columns
-            except UnicodeDecodeError as e:
-                raise DataFormatError(path, None, f"not UTF-8 text after line {reader.line_num}: {e}") from e
-            except csv.Error as e:
-                raise DataFormatError(path, reader.line_num, str(e)) from e
+            for fields in reader:
+                if fields:
+                    lines.append(line - 1 + reader.line_num)
+                    rows.append(fields)
+                    if len(rows) == _BLOCK_ROWS:
+                        yield columns, _Records(lines, rows, None)
+                        lines, rows = [], []
+        except UnicodeDecodeError as e:
+            raise DataFormatError(path, None, f"not UTF-8 text after line {line - 1 + reader.line_num}: {e}") from e
+        except csv.Error as e:
+            raise DataFormatError(path, line - 1 + reader.line_num, str(e)) from e
+        if rows:
+            yield columns, _Records(lines, rows, None)
 
     def record_counts(self) -> list[int]:
         """Data records per file (counted once, then cached)."""
         if self._record_counts is None:
-            self._record_counts = [sum(1 for _ in self._records(p)) for p in self.paths]
+            self._record_counts = [sum(len(records) for _, records in self._record_blocks(p)) for p in self.paths]
         return self._record_counts
 
     def _total_rows(self) -> int:
@@ -302,10 +354,13 @@ class CSVSource(StreamingSource):
                 sizes.append(len(ids) + 1)
         return sizes
 
-    def cache(self, cache_dir: PathLike | None = None, *, progress: bool = True) -> Path:
+    def cache(self, cache_dir: PathLike | None = None, *, progress: bool = True, workers: int | None = None) -> Path:
         """Parses every record of the files once into the parse cache (module docstring), or opens the
         one an earlier run made; this source, and the slices taken from it afterwards, then read the
         cache instead of the text. Returns the cache's folder.
+
+        ``workers`` processes convert the text's blocks (a ``torch.utils.data.DataLoader``'s workers;
+        default: one per CPU core, at most 8; 0 or 1: this process alone): the same cache either way.
 
         Several processes may cache the same files at once (e.g. the ranks of one job): each parses,
         the first to finish publishes its folder, the others use it.
@@ -320,7 +375,9 @@ class CSVSource(StreamingSource):
         key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:32]
         folder = resolve_cache_dir(cache_dir) / "csv" / key
         if not folder.is_dir():
-            self._write_cache(folder, inputs, progress)
+            if workers is None:  # a daemonic process (e.g. a DataLoader worker) may not start workers
+                workers = 0 if multiprocessing.current_process().daemon else _MAX_PARSE_WORKERS
+            self._write_cache(folder, inputs, progress, workers)
         self._cache = _open_cache(folder, inputs, len(self.spec.dense), len(self.spec.categorical))
         self._record_counts = self._cache.record_counts
         return folder
@@ -338,7 +395,7 @@ class CSVSource(StreamingSource):
         return {"format": _CACHE_FORMAT, "version": _CACHE_VERSION, "files": files, "columns": columns,
                 "on_error": self.on_error}
 
-    def _write_cache(self, folder: Path, inputs: dict, progress: bool) -> None:
+    def _write_cache(self, folder: Path, inputs: dict, progress: bool, workers: int) -> None:
         """Parses every record into npy files of a private folder, then publishes it as ``folder``."""
         counts = self.record_counts()
         total = sum(counts)
@@ -353,7 +410,9 @@ class CSVSource(StreamingSource):
             bad: list[int] = []  # record numbers of the first bad records (those report.examples describe)
             with tqdm(total=total, desc=f"parsing {self.paths[0].name}" + (" ..." if len(self.paths) > 1 else ""),
                       unit=" records", disable=not progress) as bar:
-                for block in self._parse(0, total, report):
+                blocks = (self._parse(0, total, report) if workers <= 1 else
+                          self._parse_in_workers(0, total, report, workers))
+                for block in blocks:
                     records = slice(block.first, block.first + len(block.valid))
                     rows = records if block.valid.all() else block.first + np.flatnonzero(block.valid)
                     arrays["valid"][records] = block.valid
@@ -412,6 +471,12 @@ class CSVSource(StreamingSource):
     def _parse(self, start: int, stop: int, report: ParseReport) -> Iterator["_Block"]:
         """The records ``[start, stop)`` of the text, parsed in blocks."""
         caches: list[dict[str, int]] = [{} for _ in self.spec.categorical]
+        for path, first, records, columns in self._text_blocks(start, stop):
+            yield self._convert_block(path, first, records, columns, caches, report)
+
+    def _text_blocks(self, start: int, stop: int) -> Iterator[tuple[Path, int, "_Records", list[int]]]:
+        """(file, record number of the first, records, used columns) for blocks of at most
+        ``_BLOCK_ROWS`` records that cover the records ``[start, stop)`` in order."""
         offset = 0
         for i, path in enumerate(self.paths):
             if offset >= stop:
@@ -419,28 +484,29 @@ class CSVSource(StreamingSource):
             if self._record_counts is not None and offset + self._record_counts[i] <= start:
                 offset += self._record_counts[i]
                 continue
-            lines: list[int] = []
-            records: list[list[str]] = []
-            for line, fields, columns in self._records(path):
+            for columns, records in self._record_blocks(path):
+                first, last = max(start - offset, 0), min(stop - offset, len(records))
+                for a in range(first, last, _BLOCK_ROWS):
+                    yield path, offset + a, records.sliced(a, min(a + _BLOCK_ROWS, last)), columns
+                offset += len(records)
                 if offset >= stop:
                     break
-                if offset >= start:
-                    lines.append(line)
-                    records.append(fields)
-                    if len(records) == _BLOCK_ROWS:
-                        yield self._convert_block(path, offset + 1 - len(records), lines, records, columns, caches,
-                                                  report)
-                        lines, records = [], []
-                offset += 1
-            if records:
-                yield self._convert_block(path, offset - len(records), lines, records, columns, caches, report)
+
+    def _parse_in_workers(self, start: int, stop: int, report: ParseReport, workers: int) -> Iterator["_Block"]:
+        """What :meth:`_parse` yields, the blocks converted by ``workers`` DataLoader worker processes."""
+        loader = DataLoader(_BlockParsing(self, start, stop), batch_size=None, num_workers=workers,
+                            collate_fn=_as_is, prefetch_factor=2)
+        for block, block_report in loader:
+            if isinstance(block_report, DataFormatError):
+                raise block_report
+            report.extend(block_report)
+            yield block
 
     def _convert_block(
         self,
         path: Path,
         first: int,
-        lines: list[int],
-        records: list[list[str]],
+        records: "_Records",
         columns: list[int],
         caches: list[dict[str, int]],
         report: ParseReport,
@@ -448,12 +514,12 @@ class CSVSource(StreamingSource):
         """Converts a block of records (record numbers from ``first``) column by column; looks for the
         culprits record by record only when the block holds a malformed one."""
         report.lines_read += len(records)
-        values = self._convert(records, columns, caches)
+        values = self._convert(records.columns(columns), caches)
         if values is not None:
             return _Block(first, np.ones(len(records), dtype=bool), values)
         valid = np.zeros(len(records), dtype=bool)
-        for k, (line, fields) in enumerate(zip(lines, records)):
-            reason = self._problem(fields, columns)
+        for k, line in enumerate(records.lines):
+            reason = self._problem(records.fields(k), columns)
             if reason is None:
                 valid[k] = True
             elif self.on_error == "raise":
@@ -462,20 +528,20 @@ class CSVSource(StreamingSource):
                 report.add_bad_lines(path, [line], [reason])
         if not valid.any():
             return _Block(first, valid, _no_values(len(self.spec.dense), len(caches)))
-        values = self._convert([r for r, ok in zip(records, valid) if ok], columns, caches)
+        values = self._convert(records.kept(valid).columns(columns), caches)
         if values is None:  # _problem checks what _convert does: the well-formed records convert
-            raise DataFormatError(path, lines[0], "a block of records that each pass the checks does not convert")
+            raise DataFormatError(path, records.lines[0], "a block of records that each pass the checks does not convert")
         return _Block(first, valid, values)
 
     def _convert(
-        self, records: list[list[str]], columns: list[int], caches: list[dict[str, int]]
+        self, values: list[Sequence[str]] | None, caches: list[dict[str, int]]
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-        """(labels, dense values before their transforms, categorical ids) of the records, or None if one
-        of them is malformed (see :meth:`_problem`)."""
-        n = len(records)
-        if any(len(fields) != columns[-1] for fields in records):
+        """(labels, dense values before their transforms, categorical ids) from the records' label,
+        dense and categorical fields (column by column), or None if one of the records is malformed
+        (``values`` None: a record with another field count; see :meth:`_problem`)."""
+        if values is None:
             return None
-        values = list(zip(*map(operator.itemgetter(*columns[:-1]), records)))
+        n = len(values[0])
         num_dense = len(self.spec.dense)
         dense = np.empty((n, num_dense))
         try:
@@ -492,7 +558,7 @@ class CSVSource(StreamingSource):
             if len(cache) + len(new) > _MAX_CACHED_IDS:
                 cache.clear()
                 new = set(v)
-            cache.update((text, categorical_id(text)) for text in new)
+            cache.update(zip(new, map(categorical_id, new)))  # a set iterates twice in one order
             sparse[:, j] = np.fromiter(map(cache.__getitem__, v), dtype=np.int64, count=n)
         return labels, dense, sparse
 
@@ -532,6 +598,109 @@ class _Block(NamedTuple):
     first: int
     valid: np.ndarray
     values: tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+@dataclass(frozen=True)
+class _Records:
+    """Consecutive data records of one file: each one's line number and either its line, to be split
+    on ``delimiter`` (quote-free text), or, with ``delimiter`` None, its fields (read by ``csv``)."""
+
+    lines: list[int]
+    rows: list[str] | list[list[str]]
+    delimiter: str | None
+
+    @classmethod
+    def of_lines(cls, text: str, first_line: int, delimiter: str) -> "_Records":
+        """The records of quote-free text whose first line is ``first_line``: its non-blank lines."""
+        pieces = text.split("\n")
+        if pieces[-1] == "":  # what follows the last newline
+            pieces.pop()
+        lines = range(first_line, first_line + len(pieces))
+        if all(pieces):
+            return cls(list(lines), pieces, delimiter)
+        return cls(list(compress(lines, pieces)), list(filter(None, pieces)), delimiter)  # blank lines: no record
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+    def sliced(self, start: int, stop: int) -> "_Records":
+        return _Records(self.lines[start:stop], self.rows[start:stop], self.delimiter)
+
+    def kept(self, keep: np.ndarray) -> "_Records":
+        return _Records(list(compress(self.lines, keep)), list(compress(self.rows, keep)), self.delimiter)
+
+    def fields(self, k: int) -> list[str]:
+        return self.rows[k] if self.delimiter is None else self.rows[k].split(self.delimiter)
+
+    def columns(self, columns: list[int]) -> list[Sequence[str]] | None:
+        """The fields at ``columns[:-1]`` of every record, column by column; None if a record does not
+        have ``columns[-1]`` fields."""
+        positions, width = columns[:-1], columns[-1]
+        if self.delimiter is None:
+            if any(len(fields) != width for fields in self.rows):
+                return None
+            return list(zip(*map(operator.itemgetter(*positions), self.rows)))
+        if any(row.count(self.delimiter) != width - 1 for row in self.rows):
+            return None
+        flat = self.delimiter.join(self.rows).split(self.delimiter)
+        return [flat[p::width] for p in positions]
+
+
+def _line_blocks(raw: io.BufferedIOBase) -> Iterator[bytes]:
+    """Consecutive blocks of about ``_BLOCK_BYTES`` of a binary file, each ending with a newline but
+    the last."""
+    pending = b""
+    while chunk := raw.read(_BLOCK_BYTES):
+        pending += chunk
+        cut = pending.rfind(b"\n") + 1
+        if cut:
+            yield pending[:cut]
+            pending = pending[cut:]
+    if pending:
+        yield pending
+
+
+def _quote_free_text(block: bytes) -> str | None:
+    """``block`` as text with ``\\n`` line ends, or None where the ``csv`` module's rules are needed
+    to read it (quotes, NUL bytes, lone carriage returns) or to report it (not UTF-8)."""
+    if b'"' in block or b"\x00" in block:
+        return None
+    if b"\r" in block:
+        block = block.replace(b"\r\n", b"\n")
+        if b"\r" in block:
+            return None
+    try:
+        return block.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+class _BlockParsing(IterableDataset):
+    """The blocks of records ``[start, stop)`` of a :class:`CSVSource` for DataLoader workers: worker
+    ``k`` of ``n`` converts blocks ``k``, ``k + n``, ... (and only cuts the others into records), so
+    the loader's round-robin over its workers yields them in the files' order. Items are (block, the
+    block's report), or (None, the error) for a malformed record under ``on_error="raise"``: raised
+    by the main process in order, after every block before it."""
+
+    def __init__(self, source: "CSVSource", start: int, stop: int) -> None:
+        self.source, self.start, self.stop = source, start, stop
+
+    def __iter__(self) -> Iterator[tuple["_Block | None", "ParseReport | DataFormatError"]]:
+        worker = get_worker_info()
+        part, parts = (worker.id, worker.num_workers) if worker is not None else (0, 1)
+        caches: list[dict[str, int]] = [{} for _ in self.source.spec.categorical]
+        for i, (path, first, records, columns) in enumerate(self.source._text_blocks(self.start, self.stop)):
+            if i % parts == part:
+                report = ParseReport()
+                try:
+                    yield self.source._convert_block(path, first, records, columns, caches, report), report
+                except DataFormatError as e:
+                    yield None, e
+                    return
+
+
+def _as_is(item):
+    return item
 
 
 class _ParseCache(NamedTuple):

@@ -1,8 +1,12 @@
+import csv
 import hashlib
+import io
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lhf_torchrec.data import CSVSource, CSVSpec, DataFormatError, categorical_id, read_csv, time_split
 
@@ -258,9 +262,109 @@ def test_a_cache_published_by_another_process_is_used(tmp_path: Path) -> None:
     source = CSVSource(path, PLAIN, on_error="skip")
     folder = source.cache(tmp_path / "cache", progress=False)
     # The race: this process finishes parsing after another one published the same cache.
-    source._write_cache(folder, source._cache_inputs(), progress=False)
+    source._write_cache(folder, source._cache_inputs(), progress=False, workers=1)
     assert [p.name for p in (tmp_path / "cache" / "csv").iterdir()] == [folder.name]
     reopened = CSVSource(path, PLAIN, on_error="skip")
     assert reopened.cache(tmp_path / "cache", progress=False) == folder
     for a, b in zip(_tables(reopened), _tables(source)):
         np.testing.assert_array_equal(a, b)
+
+
+_FIELD_TEXT = st.text(alphabet=st.sampled_from(['a', 'Z', '7', '0', ' ', 'é', ',', '"', '\r', '\n', '\t']), max_size=4)
+
+
+def _oracle(path: Path, spec: CSVSpec) -> tuple[list[int], np.ndarray, np.ndarray, np.ndarray]:
+    """Line numbers, labels, dense values and ids of every record, by the csv module directly."""
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f, delimiter=spec.delimiter)
+        names = next(reader)
+        positions = [names.index(c) for c in (spec.label, *spec.dense, *spec.categorical)]
+        lines, rows = [], []
+        for fields in reader:
+            if fields:
+                lines.append(reader.line_num)
+                rows.append([fields[p] for p in positions])
+    num_dense = len(spec.dense)
+    labels = np.array([float(r[0]) for r in rows])
+    dense = np.array([[float(t or "0") for t in r[1 : 1 + num_dense]] for r in rows]).reshape(len(rows), num_dense)
+    sparse = np.array([[categorical_id(t) for t in r[1 + num_dense :]] for r in rows], dtype=np.int64)
+    return lines, labels, dense, sparse.reshape(len(rows), len(spec.categorical))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    records=st.lists(st.tuples(st.sampled_from(["0", "1", "0.5"]), st.sampled_from(["", "3", "-1.5", "1e3"]),
+                               _FIELD_TEXT, st.sampled_from(["12", "", "x", "007"])), max_size=40),
+    line_end=st.sampled_from(["\n", "\r\n"]),
+    bom=st.booleans(),
+    blank_every=st.sampled_from([0, 3]),
+    block_bytes=st.sampled_from([1, 16, 64, 1 << 20]),
+)
+def test_quote_free_blocks_read_what_the_csv_module_reads(
+    tmp_path_factory, records, line_end: str, bom: bool, blank_every: int, block_bytes: int
+) -> None:
+    # Lines are split with str methods until the first block with a quote, NUL or lone CR; the csv
+    # module reads from there on. Either way: the records, values and line numbers the csv module gives.
+    spec = CSVSpec(label="y", dense=["d"], categorical=["s", "k"])
+
+    def write(name: str, bad: int = -1) -> Path:
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator=line_end)
+        writer.writerow(["k", "y", "d", "s"])
+        for i, (label, dense, text, key) in enumerate(records):
+            writer.writerow([key, "2" if i == bad else label, dense, text])
+            if blank_every and i % blank_every == 0:
+                buffer.write(line_end)
+        path = tmp_path_factory.mktemp("csv") / name
+        path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + buffer.getvalue().encode())
+        return path
+
+    path = write("r.csv")
+    lines, labels, dense, sparse = _oracle(path, spec)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("lhf_torchrec.data.tabular._BLOCK_BYTES", block_bytes)
+        source = CSVSource(path, spec)
+        data = source.load()
+        assert source.record_counts() == [len(records)]
+        np.testing.assert_array_equal(data.labels, labels)
+        np.testing.assert_array_equal(data.dense, dense.astype(data.dense.dtype))
+        np.testing.assert_array_equal(data.sparse, sparse)
+        if records:  # a malformed label is named by the line the csv module puts its record on
+            bad = len(records) // 2
+            with pytest.raises(DataFormatError, match=f"bad.csv:{lines[bad]}: column 'y': label must lie in"):
+                CSVSource(write("bad.csv", bad), spec).load()
+
+
+def test_a_line_longer_than_a_block_and_quotes_after_the_first_block(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr("lhf_torchrec.data.tabular._BLOCK_BYTES", 32)
+    long_id = "x" * 100
+    path = _write(tmp_path / "l.csv", f"y,u\n1,{long_id}\n0,b\n\n1,\"c,d\"\n0,e\n1,oops\n")
+    data = CSVSource(path, CSVSpec(label="y", categorical=["u"])).load()
+    np.testing.assert_array_equal(data.sparse[:, 0], [categorical_id(t) for t in [long_id, "b", "c,d", "e", "oops"]])
+    _write(path, f"y,u\n1,{long_id}\n0,b\n\n1,\"c,d\"\n0,e\n2,oops\n")
+    with pytest.raises(DataFormatError, match="l.csv:7: column 'y'"):
+        CSVSource(path, CSVSpec(label="y", categorical=["u"])).load()
+
+
+@pytest.mark.parametrize("on_error", ["skip", "raise"])
+def test_parse_workers_build_the_same_cache(tmp_path: Path, monkeypatch, on_error: str) -> None:
+    # Blocks converted by two DataLoader workers land in the files' order, with the same reports and,
+    # under on_error="raise", the same first error.
+    monkeypatch.setattr("lhf_torchrec.data.tabular._BLOCK_ROWS", 64)
+    path = _mixed_file(tmp_path, 1000)
+    plain = path.read_text().replace('"', "")  # quote-free: the blocks split with str methods
+    _write(tmp_path / "plain.csv", plain.replace("u,", "u_"))
+    for name in ("mixed.csv", "plain.csv"):
+        caches = []
+        for workers in (0, 2):
+            source = CSVSource(tmp_path / name, PLAIN, on_error=on_error)
+            if on_error == "raise":
+                with pytest.raises(DataFormatError, match=rf"{name}:52: column 'views'"):
+                    source.cache(tmp_path / f"cache{workers}", progress=False, workers=workers)
+                continue
+            caches.append(source.cache(tmp_path / f"cache{workers}", progress=False, workers=workers))
+            assert source.load().labels.shape == (1000 - 10,) and source.report.lines_skipped == 10
+        for array in ("labels", "dense", "sparse", "valid", "manifest.json"):
+            if caches:
+                file = array if array.endswith(".json") else f"{array}.npy"
+                assert (caches[0] / file).read_bytes() == (caches[1] / file).read_bytes(), (name, array)
