@@ -12,6 +12,10 @@ Values:
   integer below 2**63 (``0``, ``42``, not ``007`` or ``-3``) is kept as its id, so integer-coded
   columns keep their dense id space; any other string ``s`` gets :func:`categorical_id`, the first
   63 bits of ``blake2b(s, key=b"lhf_torchrec")``: stable across runs, hosts and Python versions.
+  A column in the spec's ``multi_valued`` holds a bag of such values joined by its ``separator``
+  (``Comedy|Drama``), at most its ``max_values`` (a record with more is malformed); it is one
+  multi-valued feature, read as ``max_values`` sparse columns ``name[0]``, ``name[1]``, ... padded
+  with ``-1`` (:class:`~lhf_torchrec.data.CTRData`'s ``multi_valued``); empty items are dropped.
 
 Table sizes come from the data (:meth:`CSVSource.table_sizes`): an integer-coded column whose ids
 fill at least half of ``[0, max id]`` gets a table of ``max id + 1`` rows; any other column
@@ -49,7 +53,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
-from itertools import compress
+from itertools import chain, compress
 from pathlib import Path
 from typing import Iterator, Mapping, NamedTuple, Sequence
 
@@ -57,7 +61,7 @@ import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 
-from lhf_torchrec.data.ctr_data import CTRData
+from lhf_torchrec.data.ctr_data import CTRData, feature_columns
 from lhf_torchrec.data.files import (
     MAX_REPORTED_LINES,
     DataFormatError,
@@ -81,6 +85,7 @@ _BLOCK_BYTES = 1 << 23  # text read at once (whole lines): ~30k Criteo-shaped re
 _BOM = b"\xef\xbb\xbf"
 _MAX_PARSE_WORKERS = min(8, os.cpu_count() or 1)  # the parse cache's default: text conversion is CPU-bound
 _MAX_CACHED_IDS = 1 << 20  # per column: bounds memory on huge vocabularies
+_MAX_BAG = 1024  # max_values of a multi-valued column: each value takes a sparse column of its own
 DENSE_TRANSFORMS = ("log1p", "standardize")  # in the order they apply
 # An integer column's table is its id space [0, max id] when at least this share of it occurs;
 # sparser columns get a vocabulary instead (a table of 2**40 rows for 1,000 ids helps no one).
@@ -113,7 +118,8 @@ class CSVSpec:
     """Which columns are what. With ``header=False`` name all columns in ``column_names``.
 
     ``transforms`` maps a dense column to ``"log1p"``, ``"standardize"`` or both (a list, in that
-    order); ``name`` names the dataset in reports (default: the file's name).
+    order); ``multi_valued`` maps a categorical column holding bags of ids to its ``separator`` and
+    ``max_values``; ``name`` names the dataset in reports (default: the file's name).
 
     Example::
 
@@ -121,6 +127,8 @@ class CSVSpec:
         spec = CSVSpec(label="y", categorical=["a"], header=False, column_names=["y", "a", "note"])
         spec = CSVSpec(label="y", dense=["views", "age"], categorical=["user"],
                        transforms={"views": ["log1p", "standardize"], "age": "standardize"}, name="shop")
+        spec = CSVSpec(label="y", categorical=["user", "genres"],
+                       multi_valued={"genres": {"separator": "|", "max_values": 6}})
     """
 
     label: str
@@ -130,6 +138,7 @@ class CSVSpec:
     header: bool = True
     column_names: Sequence[str] | None = None
     transforms: Mapping[str, str | Sequence[str]] = field(default_factory=dict)
+    multi_valued: Mapping[str, Mapping[str, str | int]] = field(default_factory=dict)
     name: str | None = None
     _used: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
@@ -150,6 +159,7 @@ class CSVSpec:
         if self.name is not None and (not isinstance(self.name, str) or not self.name.strip()):
             raise ValueError(f"name must be a non-empty string, got {self.name!r}")
         object.__setattr__(self, "transforms", self._checked_transforms())
+        object.__setattr__(self, "multi_valued", self._checked_multi_valued())
         object.__setattr__(self, "_used", used)
 
     def _checked_transforms(self) -> dict[str, tuple[str, ...]]:
@@ -167,6 +177,36 @@ class CSVSpec:
                 raise ValueError(f"transforms of {column!r}: {list(steps)}; each at most once, in the order "
                                  f"{list(DENSE_TRANSFORMS)}")
             out[column] = steps
+        return out
+
+    def _checked_multi_valued(self) -> dict[str, dict[str, str | int]]:
+        if not isinstance(self.multi_valued, Mapping):
+            raise ValueError(f"multi_valued must map categorical columns to a separator and max_values, got "
+                             f"{self.multi_valued!r}")
+        out = {}
+        for column, bag in self.multi_valued.items():
+            where = f"multi_valued[{column!r}]"
+            if column not in self.categorical:
+                raise ValueError(f"{where}: not a categorical column (categorical: {list(self.categorical)})")
+            if not isinstance(bag, Mapping) or set(bag) != {"separator", "max_values"}:
+                raise ValueError(f"{where} must be {{'separator': ..., 'max_values': ...}}, got {bag!r}")
+            separator, max_values = bag["separator"], bag["max_values"]
+            if not isinstance(separator, str) or len(separator) != 1 or separator in (self.delimiter, '"', "\n", "\r"):
+                raise ValueError(f"{where}: separator must be one character other than the delimiter, a quote or a "
+                                 f"line end, got {separator!r}")
+            if isinstance(max_values, bool) or not isinstance(max_values, int) or not 1 <= max_values <= _MAX_BAG:
+                raise ValueError(f"{where}: max_values must be an integer in [1, {_MAX_BAG}], got {max_values!r}")
+            out[column] = {"separator": separator, "max_values": max_values}
+        return out
+
+    @property
+    def sparse_columns(self) -> list[str]:
+        """The sparse columns the categorical ones are read into: a multi-valued column ``c`` becomes
+        ``c[0]`` ... ``c[max_values - 1]``, every other column itself."""
+        out = []
+        for column in self.categorical:
+            bag = self.multi_valued.get(column)
+            out.extend([column] if bag is None else [f"{column}[{k}]" for k in range(bag["max_values"])])
         return out
 
     @property
@@ -202,8 +242,11 @@ class CSVSource(StreamingSource):
         self.spec = spec
         self.on_error = on_error
         self.dense_names = list(spec.dense)
-        self.sparse_names = list(spec.categorical)
+        self.sparse_names = spec.sparse_columns
         self.multi_valued = {}
+        for column, bag in spec.multi_valued.items():
+            first = self.sparse_names.index(f"{column}[0]")
+            self.multi_valued[column] = list(range(first, first + bag["max_values"]))
         self.report = ParseReport()
         self._record_counts: list[int] | None = None
         self._cache: _ParseCache | None = None
@@ -326,18 +369,19 @@ class CSVSource(StreamingSource):
         return {c: (float(mean[k]), float(std[k])) for k, c in enumerate(self.spec.dense) if c in standardized}
 
     def table_sizes(self) -> list[int]:
-        """Rows of each categorical column's full-size table, from one pass over this source's rows.
+        """Rows of each feature's full-size table (:attr:`feature_names`: a multi-valued column is one
+        feature), from one pass over this source's rows.
 
-        ``max id + 1`` when the column's ids fill at least half of ``[0, max id]`` (an integer-coded
+        ``max id + 1`` when the feature's ids fill at least half of ``[0, max id]`` (an integer-coded
         column), else ``distinct ids + 1``: a vocabulary of the ids seen and one row for any other
-        (strings, hashes, sparse or large integers). A column without any value gets one row.
+        (strings, hashes, sparse or large integers). A feature without any value gets one row.
         """
-        num_columns = len(self.spec.categorical)
-        seen: list[list[np.ndarray]] = [[] for _ in range(num_columns)]
-        pending = [0] * num_columns
+        features = feature_columns(self.sparse_names, self.multi_valued)
+        seen: list[list[np.ndarray]] = [[] for _ in features]
+        pending = [0] * len(features)
         for chunk in self.chunks(_BLOCK_ROWS):
-            for j in range(num_columns):
-                ids = chunk.sparse[:, j]
+            for j, (_, columns) in enumerate(features):
+                ids = chunk.sparse[:, columns].ravel()
                 seen[j].append(np.unique(ids[ids >= 0]))
                 pending[j] += len(seen[j][-1])
                 if pending[j] > _UNIQUE_MERGE_IDS:
@@ -378,7 +422,7 @@ class CSVSource(StreamingSource):
             if workers is None:  # a daemonic process (e.g. a DataLoader worker) may not start workers
                 workers = 0 if multiprocessing.current_process().daemon else _MAX_PARSE_WORKERS
             self._write_cache(folder, inputs, progress, workers)
-        self._cache = _open_cache(folder, inputs, len(self.spec.dense), len(self.spec.categorical))
+        self._cache = _open_cache(folder, inputs, len(self.spec.dense), len(self.sparse_names))
         self._record_counts = self._cache.record_counts
         return folder
 
@@ -390,7 +434,7 @@ class CSVSource(StreamingSource):
             files.append([str(path.resolve()), stat.st_size, stat.st_mtime_ns])
         spec = self.spec
         columns = {"label": spec.label, "dense": list(spec.dense), "categorical": list(spec.categorical),
-                   "delimiter": spec.delimiter, "header": spec.header,
+                   "multi_valued": spec.multi_valued, "delimiter": spec.delimiter, "header": spec.header,
                    "column_names": None if spec.column_names is None else list(spec.column_names)}
         return {"format": _CACHE_FORMAT, "version": _CACHE_VERSION, "files": files, "columns": columns,
                 "on_error": self.on_error}
@@ -403,7 +447,7 @@ class CSVSource(StreamingSource):
         tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
         try:
             layout = {"labels": ((total,), np.float64), "dense": ((total, len(self.spec.dense)), np.float64),
-                      "sparse": ((total, len(self.spec.categorical)), np.int64), "valid": ((total,), np.bool_)}
+                      "sparse": ((total, len(self.sparse_names)), np.int64), "valid": ((total,), np.bool_)}
             arrays = {name: np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=dtype, shape=shape)
                       for name, (shape, dtype) in layout.items()}
             report = ParseReport()
@@ -466,7 +510,7 @@ class CSVSource(StreamingSource):
         report.examples = [e for r, e in self._cache.examples if start <= r < stop]
 
     def _data(self, labels: np.ndarray, dense: np.ndarray, sparse: np.ndarray) -> CTRData:
-        return CTRData(self._transform(dense), sparse, labels, self.dense_names, self.sparse_names)
+        return CTRData(self._transform(dense), sparse, labels, self.dense_names, self.sparse_names, self.multi_valued)
 
     def _parse(self, start: int, stop: int, report: ParseReport) -> Iterator["_Block"]:
         """The records ``[start, stop)`` of the text, parsed in blocks."""
@@ -527,7 +571,7 @@ class CSVSource(StreamingSource):
             else:
                 report.add_bad_lines(path, [line], [reason])
         if not valid.any():
-            return _Block(first, valid, _no_values(len(self.spec.dense), len(caches)))
+            return _Block(first, valid, _no_values(len(self.spec.dense), len(self.sparse_names)))
         values = self._convert(records.kept(valid).columns(columns), caches)
         if values is None:  # _problem checks what _convert does: the well-formed records convert
             raise DataFormatError(path, records.lines[0], "a block of records that each pass the checks does not convert")
@@ -552,14 +596,25 @@ class CSVSource(StreamingSource):
             return None
         if not (np.isfinite(dense).all() and ((labels >= 0) & (labels <= 1)).all()):
             return None
-        sparse = np.empty((n, len(caches)), dtype=np.int64)
-        for j, (cache, v) in enumerate(zip(caches, values[1 + num_dense :])):
-            new = set(v).difference(cache)
-            if len(cache) + len(new) > _MAX_CACHED_IDS:
-                cache.clear()
-                new = set(v)
-            cache.update(zip(new, map(categorical_id, new)))  # a set iterates twice in one order
-            sparse[:, j] = np.fromiter(map(cache.__getitem__, v), dtype=np.int64, count=n)
+        sparse = np.empty((n, len(self.sparse_names)), dtype=np.int64)
+        first = 0
+        for column, cache, v in zip(self.spec.categorical, caches, values[1 + num_dense :]):
+            bag = self.spec.multi_valued.get(column)
+            if bag is None:
+                sparse[:, first] = _ids(v, cache)
+                first += 1
+                continue
+            items = [text.split(bag["separator"]) if text else [] for text in v]
+            lengths = np.fromiter(map(len, items), dtype=np.int64, count=n)
+            width = bag["max_values"]
+            if n and lengths.max() > width:
+                return None
+            ids = _ids(list(chain.from_iterable(items)), cache)
+            block = np.full((n, width), -1, dtype=np.int64)
+            starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
+            block[np.repeat(np.arange(n), lengths), np.arange(len(ids)) - starts] = ids
+            sparse[:, first : first + width] = block
+            first += width
         return labels, dense, sparse
 
     def _transform(self, dense: np.ndarray) -> np.ndarray:
@@ -588,6 +643,11 @@ class CSVSource(StreamingSource):
                 return f"column {name!r}: expected a finite number, got {text[:40]!r}"
             if name == self.spec.label and not 0.0 <= x <= 1.0:
                 return f"column {name!r}: label must lie in [0, 1], got {text[:40]!r}"
+        for name, c in zip(self.spec.categorical, columns[1 + len(self.spec.dense) : -1]):
+            bag = self.spec.multi_valued.get(name)
+            count = len(fields[c].split(bag["separator"])) if bag is not None and fields[c] else 0
+            if bag is not None and count > bag["max_values"]:
+                return f"column {name!r}: {count} values, more than its max_values {bag['max_values']}"
         return None
 
 
@@ -644,6 +704,16 @@ class _Records:
             return None
         flat = self.delimiter.join(self.rows).split(self.delimiter)
         return [flat[p::width] for p in positions]
+
+
+def _ids(texts: Sequence[str], cache: dict[str, int]) -> np.ndarray:
+    """:func:`categorical_id` of each text, computed once per distinct text (``cache`` keeps them)."""
+    new = set(texts).difference(cache)
+    if len(cache) + len(new) > _MAX_CACHED_IDS:
+        cache.clear()
+        new = set(texts)
+    cache.update(zip(new, map(categorical_id, new)))  # a set iterates twice in one order
+    return np.fromiter(map(cache.__getitem__, texts), dtype=np.int64, count=len(texts))
 
 
 def _line_blocks(raw: io.BufferedIOBase) -> Iterator[bytes]:
@@ -712,11 +782,11 @@ class _ParseCache(NamedTuple):
     examples: list[tuple[int, str]]
 
 
-def _no_values(num_dense: int, num_categorical: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    return np.zeros(0), np.zeros((0, num_dense)), np.zeros((0, num_categorical), dtype=np.int64)
+def _no_values(num_dense: int, num_sparse: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return np.zeros(0), np.zeros((0, num_dense)), np.zeros((0, num_sparse), dtype=np.int64)
 
 
-def _open_cache(folder: Path, inputs: dict, num_dense: int, num_categorical: int) -> _ParseCache:
+def _open_cache(folder: Path, inputs: dict, num_dense: int, num_sparse: int) -> _ParseCache:
     """The parse cache in ``folder``, checked against the ``inputs`` it must have been made from and
     its arrays' checksums; a damaged cache is a :class:`DataFormatError` naming the file."""
     manifest_path = folder / "manifest.json"
@@ -731,7 +801,7 @@ def _open_cache(folder: Path, inputs: dict, num_dense: int, num_categorical: int
     if manifest.get("inputs") != inputs:
         raise DataFormatError(manifest_path, None, f"a parse cache of other files or columns; {remedy}")
     total = sum(counts)
-    shapes = {"labels": (total,), "dense": (total, num_dense), "sparse": (total, num_categorical), "valid": (total,)}
+    shapes = {"labels": (total,), "dense": (total, num_dense), "sparse": (total, num_sparse), "valid": (total,)}
     arrays = {}
     for name in _CACHE_ARRAYS:
         path = folder / f"{name}.npy"

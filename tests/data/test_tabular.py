@@ -1,4 +1,5 @@
 import csv
+import dataclasses
 import hashlib
 import io
 from pathlib import Path
@@ -376,3 +377,55 @@ def test_parse_workers_build_the_same_cache(tmp_path: Path, monkeypatch, on_erro
             if caches:
                 file = array if array.endswith(".json") else f"{array}.npy"
                 assert (caches[0] / file).read_bytes() == (caches[1] / file).read_bytes(), (name, array)
+
+
+GENRES = CSVSpec(label="y", dense=["d"], categorical=["user", "genres"],
+                 multi_valued={"genres": {"separator": "|", "max_values": 3}})
+
+
+@pytest.mark.parametrize("quoted", [False, True])  # quote-free blocks and the csv module
+def test_a_multi_valued_column_is_one_feature_with_a_bag_per_record(tmp_path: Path, quoted: bool) -> None:
+    note = ',"a, b"' if quoted else ",n"
+    path = _write(tmp_path / "g.csv", "y,user,genres,d,note\n" + "".join(
+        f"{y},{u},{g},1{note}\n" for y, u, g in [(1, 7, "Comedy|Drama"), (0, 8, ""), (1, 7, "Drama"),
+                                                  (0, 9, "42||Comedy"), (1, 8, "Drama|Drama|War")]))
+    source = CSVSource(path, GENRES)
+    assert source.sparse_names == ["user", "genres[0]", "genres[1]", "genres[2]"]
+    assert source.feature_names == ["user", "genres"]
+    data = source.load()
+    c, d, w = categorical_id("Comedy"), categorical_id("Drama"), categorical_id("War")
+    np.testing.assert_array_equal(data.sparse[:, 1:], [[c, d, -1], [-1, -1, -1], [d, -1, -1], [42, -1, c], [d, d, w]])
+    kjt = next(iter(data.batches(5))).sparse_features
+    assert kjt["genres"].lengths().tolist() == [2, 0, 1, 2, 3]
+    assert kjt["genres"].values().tolist() == [c, d, d, 42, c, d, d, w]
+    # One table for the feature, sized from the ids of all its columns: 4 distinct strings and ints.
+    assert source.table_sizes() == [4, 5]  # users 7, 8, 9: a vocabulary of 3 (+1)
+    cached = CSVSource(path, GENRES)
+    cached.cache(tmp_path / "cache", progress=False)
+    np.testing.assert_array_equal(cached.load().sparse, data.sparse)
+    assert cached.cache(tmp_path / "cache", progress=False) != CSVSource(path, dataclasses.replace(
+        GENRES, multi_valued={"genres": {"separator": "|", "max_values": 4}})).cache(tmp_path / "cache", progress=False)
+
+
+def test_too_many_values_in_a_bag_is_a_malformed_record(tmp_path: Path) -> None:
+    path = _write(tmp_path / "g.csv", "y,user,genres,d\n1,7,a|b,1\n0,8,a|b|c|d,2\n1,9,c,3\n")
+    with pytest.raises(DataFormatError, match=r"g.csv:3: column 'genres': 4 values, more than its max_values 3"):
+        read_csv(path, GENRES)
+    source = CSVSource(path, GENRES, on_error="skip")
+    np.testing.assert_array_equal(source.load().sparse[:, 0], [7, 9])
+    assert source.report.lines_skipped == 1
+
+
+@pytest.mark.parametrize(
+    "multi_valued, message",
+    [
+        ({"d": {"separator": "|", "max_values": 2}}, "not a categorical column"),
+        ({"genres": "|"}, "must be {'separator'"),
+        ({"genres": {"separator": ",", "max_values": 2}}, "separator must be one character other than the delimiter"),
+        ({"genres": {"separator": "|", "max_values": 0}}, r"max_values must be an integer in \[1, 1024\]"),
+        ({"genres": {"separator": "|", "max_values": True}}, "max_values must be an integer"),
+    ],
+)
+def test_bad_multi_valued_specs_are_named(multi_valued, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        CSVSpec(label="y", dense=["d"], categorical=["user", "genres"], multi_valued=multi_valued)

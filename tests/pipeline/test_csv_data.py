@@ -11,18 +11,20 @@ from lhf_torchrec.cli import main
 from lhf_torchrec.pipeline.datasets import DatasetSpec, load_split
 from lhf_torchrec.training.model import make_tables
 
-SPEC = {"label": "click", "categorical": ["user", "item", "ad", "site", "flag"]}
+SPEC = {"label": "click", "categorical": ["user", "item", "ad", "site", "flag", "tags"],
+        "multi_valued": {"tags": {"separator": "|", "max_values": 4}}}
 
 
 def write_ids_only_csv(path: Path, rows: int, seed: int = 0) -> Path:
     """Clicks driven by the user's group, with no dense column: string user ids, dense integer items,
-    sparse integers of 13+ digits for ads, strings with missing values, small integers with missing."""
+    sparse integers of 13+ digits for ads, strings with missing values, small integers with missing,
+    bags of 0 to 4 string tags."""
     rng = np.random.default_rng(seed)
     users = rng.zipf(1.4, rows) % 400
     click_rate = np.where(users % 3 == 0, 0.6, 0.08)
     with open(path, "w", newline="") as f:
         out = csv.writer(f)
-        out.writerow(["click", "user", "item", "ad", "site", "flag"])
+        out.writerow(["click", "user", "item", "ad", "site", "flag", "tags"])
         for i in range(rows):
             out.writerow([
                 int(rng.random() < click_rate[i]),
@@ -31,6 +33,7 @@ def write_ids_only_csv(path: Path, rows: int, seed: int = 0) -> Path:
                 int(rng.integers(0, 500)) * 10**12 + 7,
                 "" if rng.random() < 0.3 else f"site.{rng.integers(0, 40)}.example",
                 "" if rng.random() < 0.5 else int(rng.integers(0, 3)),
+                "|".join(f"tag-{t}" for t in rng.integers(0, 300, rng.integers(0, 5))),
             ])
     return path
 
@@ -52,6 +55,8 @@ def test_tables_are_sized_from_the_data_and_named_after_the_file(ids_csv, tmp_pa
     assert rows["t_flag"] == 3
     assert 100 < rows["t_user"] <= 401 and 400 < rows["t_ad"] <= 501  # vocabularies, + 1 unseen row
     assert 30 < rows["t_site"] <= 41
+    assert 250 < rows["t_tags"] <= 301  # one table for the values of every bag
+    assert data.train.feature_names == ["user", "item", "ad", "site", "flag", "tags"]
     named = tmp_path / "named.json"
     named.write_text(json.dumps({**SPEC, "name": "shop clicks"}))
     assert load_split(DatasetSpec("csv", [data_path], csv_spec=str(named)), embedding_dim=8).name == "shop clicks"
