@@ -36,7 +36,7 @@ transforms, the categorical ids and which records were well-formed, under
 ``$LHF_CACHE_DIR``, else ``~/.cache/lhf_torchrec``). Later passes, and later runs on the same files
 with the same columns, read those arrays through memory maps instead of the text. The key covers the
 files (path, size, modification time) and the spec's columns, so an edited file is parsed again;
-each array's sha256 is checked when the cache is opened. It takes 9 + 8 x (dense + categorical columns)
+each array's sha256 is checked when the cache is opened. It takes 9 + 8 x (dense + sparse columns)
 bytes a record on disk (delete the folder to reclaim it). The blocks of text are converted by the
 worker processes of a ``torch.utils.data.DataLoader`` (one per core, at most 8): the one pass over
 the text scales with the cores of the machine.
