@@ -46,12 +46,14 @@ import csv
 import hashlib
 import io
 import json
+import logging
 import math
 import multiprocessing
 import operator
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from itertools import chain, compress
 from pathlib import Path
@@ -77,6 +79,8 @@ from lhf_torchrec.data.files import (
 from lhf_torchrec.data.source import StreamingSource
 from lhf_torchrec.files import atomic_write
 
+logger = logging.getLogger(__name__)
+
 _HASH_KEY = b"lhf_torchrec"
 _KEYED_HASH = hashlib.blake2b(digest_size=8, key=_HASH_KEY)  # copied per string: cheaper than keying anew
 _MAX_ID = (1 << 63) - 1
@@ -85,6 +89,7 @@ _BLOCK_BYTES = 1 << 23  # text read at once (whole lines): ~30k Criteo-shaped re
 _BOM = b"\xef\xbb\xbf"
 _MAX_PARSE_WORKERS = min(8, os.cpu_count() or 1)  # the parse cache's default: text conversion is CPU-bound
 _MAX_CACHED_IDS = 1 << 20  # per column: bounds memory on huge vocabularies
+_WAIT_POLL_S = 0.5  # how often a process that does not build the parse cache looks for it
 _MAX_BAG = 1024  # max_values of a multi-valued column: each value takes a sparse column of its own
 DENSE_TRANSFORMS = ("log1p", "standardize")  # in the order they apply
 # An integer column's table is its id space [0, max id] when at least this share of it occurs;
@@ -398,7 +403,9 @@ class CSVSource(StreamingSource):
                 sizes.append(len(ids) + 1)
         return sizes
 
-    def cache(self, cache_dir: PathLike | None = None, *, progress: bool = True, workers: int | None = None) -> Path:
+    def cache(
+        self, cache_dir: PathLike | None = None, *, progress: bool = True, workers: int | None = None, build: bool = True
+    ) -> Path:
         """Parses every record of the files once into the parse cache (module docstring), or opens the
         one an earlier run made; this source, and the slices taken from it afterwards, then read the
         cache instead of the text. Returns the cache's folder.
@@ -406,8 +413,9 @@ class CSVSource(StreamingSource):
         ``workers`` processes convert the text's blocks (a ``torch.utils.data.DataLoader``'s workers;
         default: one per CPU core, at most 8; 0 or 1: this process alone): the same cache either way.
 
-        Several processes may cache the same files at once (e.g. the ranks of one job): each parses,
-        the first to finish publishes its folder, the others use it.
+        Several processes may cache the same files at once: each parses, the first to finish
+        publishes its folder, the others use it. With ``build=False`` this process parses nothing
+        and waits until another one (e.g. the first rank of the host) has published the cache.
 
         Example::
 
@@ -418,7 +426,9 @@ class CSVSource(StreamingSource):
         inputs = self._cache_inputs()
         key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:32]
         folder = resolve_cache_dir(cache_dir) / "csv" / key
-        if not folder.is_dir():
+        if not folder.is_dir() and not build:
+            _wait_for(folder, self.paths[0])
+        elif not folder.is_dir():
             if workers is None:  # a daemonic process (e.g. a DataLoader worker) may not start workers
                 workers = 0 if multiprocessing.current_process().daemon else _MAX_PARSE_WORKERS
             self._write_cache(folder, inputs, progress, workers)
@@ -704,6 +714,17 @@ class _Records:
             return None
         flat = self.delimiter.join(self.rows).split(self.delimiter)
         return [flat[p::width] for p in positions]
+
+
+def _wait_for(folder: Path, path: Path) -> None:
+    """Returns once ``folder`` exists (another process publishes it), logging every minute."""
+    started = time.monotonic()
+    while not folder.is_dir():
+        time.sleep(_WAIT_POLL_S)
+        waited = time.monotonic() - started
+        if waited // 60 != (waited - _WAIT_POLL_S) // 60:
+            logger.info("waiting %.0f min for another process to build the parse cache of %s in %s",
+                        waited / 60, path, folder)
 
 
 def _ids(texts: Sequence[str], cache: dict[str, int]) -> np.ndarray:

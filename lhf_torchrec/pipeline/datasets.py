@@ -21,6 +21,7 @@ or ``~/.cache/lhf_torchrec``) that every later pass and run on the same files re
 
 import json
 import logging
+import os
 from dataclasses import dataclass, field, fields as dataclass_fields
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
@@ -122,7 +123,9 @@ def load_split(spec: DatasetSpec, embedding_dim: int, progress: bool = True) -> 
     elif spec.kind == "csv":
         csv_spec = read_csv_spec(spec.csv_spec)
         source = CSVSource(spec.paths, csv_spec, on_error=spec.on_error)
-        source.cache(progress=progress)  # parse the text once; every later pass reads the arrays
+        # Parse the text once (every later pass reads the arrays), on one process per host: under
+        # torchrun the other ranks of the host wait for local rank 0's cache.
+        source.cache(progress=progress, build=int(os.environ.get("LOCAL_RANK", 0)) == 0)
         name = csv_spec.name or _files_name(spec.paths)
         if csv_spec.standardized:
             source.fit_standardization(*split_bounds(len(source), spec.split)[0])

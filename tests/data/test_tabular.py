@@ -2,6 +2,8 @@ import csv
 import dataclasses
 import hashlib
 import io
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -429,3 +431,21 @@ def test_too_many_values_in_a_bag_is_a_malformed_record(tmp_path: Path) -> None:
 def test_bad_multi_valued_specs_are_named(multi_valued, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         CSVSpec(label="y", dense=["d"], categorical=["user", "genres"], multi_valued=multi_valued)
+
+
+def test_a_process_that_does_not_build_waits_for_the_cache(tmp_path: Path, monkeypatch) -> None:
+    # Ranks other than the host's first wait for its cache instead of parsing the same text.
+    path = _mixed_file(tmp_path)
+    monkeypatch.setattr("lhf_torchrec.data.tabular._WAIT_POLL_S", 0.01)
+    waiting = CSVSource(path, PLAIN, on_error="skip")
+    waiting._write_cache = lambda *a: pytest.fail("a process with build=False parsed the text")
+    result: list[Path] = []
+    thread = threading.Thread(target=lambda: result.append(waiting.cache(tmp_path / "cache", build=False)))
+    thread.start()
+    time.sleep(0.2)
+    assert thread.is_alive()  # nothing published yet
+    builder = CSVSource(path, PLAIN, on_error="skip")
+    folder = builder.cache(tmp_path / "cache", progress=False, workers=0)
+    thread.join(timeout=30)
+    assert result == [folder]
+    np.testing.assert_array_equal(waiting.load().sparse, builder.load().sparse)
