@@ -16,9 +16,7 @@ keeps them as values, so give it ``hashes=`` (``-1 % h`` is the last row) when y
 files with it.
 """
 
-import gzip
 import re
-import zlib
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -36,7 +34,7 @@ from lhf_torchrec.data.files import (
     PathLike,
     check_on_error,
     check_readable,
-    open_binary,
+    line_blocks,
     open_npy,
 )
 from lhf_torchrec.data.source import StreamingSource
@@ -235,29 +233,8 @@ def _parse_lines(block: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray,
     return labels[good], counts[good], ids[good], bad_lines, reasons
 
 
-def _line_blocks(path: Path, block_bytes: int) -> Iterator[tuple[bytes, int]]:
-    """Blocks of whole lines as ``(data, end)``: ``data[:end]`` ends with a newline (one is added
-    to a last unterminated line). Not slicing ``data`` saves a copy of every block."""
-    carry = b""
-    with open_binary(path) as f:
-        while True:
-            try:
-                data = f.read(block_bytes)
-            except (EOFError, zlib.error, gzip.BadGzipFile) as e:
-                raise DataFormatError(path, None, f"corrupt or truncated compressed file: {e}") from e
-            if not data:
-                break
-            data = carry + data
-            end = data.rfind(b"\n") + 1
-            carry = data[end:]
-            if end:
-                yield data, end
-    if carry:
-        yield carry + b"\n", len(carry) + 1
-
-
 def _count_lines(path: Path, block_bytes: int) -> int:
-    return sum(data.count(b"\n", 0, end) for data, end in _line_blocks(path, block_bytes))
+    return sum(data.count(b"\n", 0, end) for data, end in line_blocks(path, block_bytes))
 
 
 class CriteoTSV(StreamingSource):
@@ -316,7 +293,7 @@ class CriteoTSV(StreamingSource):
                 offset += self._line_counts[i]
                 continue
             line = 0
-            for data, end in _line_blocks(path, self.block_bytes):
+            for data, end in line_blocks(path, self.block_bytes):
                 num_lines = data.count(b"\n", 0, end)
                 lo, hi = max(start - offset - line, 0), min(stop - offset - line, num_lines)
                 if lo < hi:

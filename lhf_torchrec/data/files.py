@@ -10,9 +10,10 @@ import gzip
 import hashlib
 import logging
 import os
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Literal, Sequence
+from typing import IO, Iterator, Literal, Sequence
 
 import numpy as np
 
@@ -119,6 +120,34 @@ def open_binary(path: PathLike) -> IO[bytes]:
     if str(path).endswith(".gz"):
         return gzip.open(path, "rb")
     return open(path, "rb")
+
+
+COMPRESSION_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile)  # what reading a damaged .gz raises
+
+
+def corrupt_compressed_file(path: PathLike, error: Exception) -> "DataFormatError":
+    return DataFormatError(path, None, f"corrupt or truncated compressed file: {error}")
+
+
+def line_blocks(path: PathLike, block_bytes: int) -> Iterator[tuple[bytes, int]]:
+    """Blocks of whole lines as ``(data, end)``: ``data[:end]`` ends with a newline (one is added
+    to a last unterminated line). Not slicing ``data`` saves a copy of every block."""
+    carry = b""
+    with open_binary(path) as f:
+        while True:
+            try:
+                data = f.read(block_bytes)
+            except COMPRESSION_ERRORS as e:
+                raise corrupt_compressed_file(path, e) from e
+            if not data:
+                break
+            data = carry + data
+            end = data.rfind(b"\n") + 1
+            carry = data[end:]
+            if end:
+                yield data, end
+    if carry:
+        yield carry + b"\n", len(carry) + 1
 
 
 def open_npy(path: PathLike) -> np.ndarray:

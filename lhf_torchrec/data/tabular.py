@@ -23,7 +23,7 @@ fill at least half of ``[0, max id]`` gets a table of ``max id + 1`` rows; any o
 one for ids never seen. No table is ever sized from the 2**63 hash space.
 
 Records follow the ``csv`` module's rules (quoting and embedded newlines work); ``len``, ``slice`` and
-:func:`time_split` count records, not physical lines. Text is read in blocks of a few MiB: a block
+:func:`time_split` count records, not physical lines. Files ending in ``.gz`` are decompressed on the fly. Text is read in blocks of a few MiB: a block
 without quotes, NUL bytes or lone carriage returns (most CTR logs) is cut into lines and split on the
 delimiter with ``str`` methods, column by column; from the first block that has any, to the end of the
 file, the ``csv`` module reads the records (same records, slower).
@@ -65,6 +65,7 @@ from tqdm.auto import tqdm
 
 from lhf_torchrec.data.ctr_data import CTRData, feature_columns
 from lhf_torchrec.data.files import (
+    COMPRESSION_ERRORS,
     MAX_REPORTED_LINES,
     DataFormatError,
     OnError,
@@ -72,7 +73,10 @@ from lhf_torchrec.data.files import (
     PathLike,
     check_on_error,
     check_readable,
+    corrupt_compressed_file,
     file_sha256,
+    line_blocks,
+    open_binary,
     open_npy,
     resolve_cache_dir,
 )
@@ -266,28 +270,29 @@ class CSVSource(StreamingSource):
         records of ``path`` (see the module docstring for the two ways a block is read)."""
         names = None if self.spec.header else list(self.spec.column_names or ())
         columns = None if names is None else self.spec.column_indices(names, path) + [len(names)]
-        with open(path, "rb") as raw:
-            offset = len(_BOM) if raw.read(len(_BOM)) == _BOM else 0
-            raw.seek(offset)
-            line = 1
-            for block in _line_blocks(raw):
-                if columns is None:
-                    end = block.find(b"\n") + 1 or len(block)
-                    header = _quote_free_text(block[:end])
-                    if header is None:
-                        break
-                    names = header.rstrip("\n").split(self.spec.delimiter)
-                    columns = self.spec.column_indices(names, path) + [len(names)]
-                    block, offset, line = block[end:], offset + end, line + 1
-                text = _quote_free_text(block)
-                if text is None:
+        offset, line = 0, 1  # where the next block starts: byte (of the decompressed text) and line
+        for data, end in line_blocks(path, _BLOCK_BYTES):
+            block = data[:end]
+            if offset == 0 and block.startswith(_BOM):
+                block, offset = block[len(_BOM) :], len(_BOM)
+            if columns is None:
+                header_end = block.find(b"\n") + 1
+                header = _quote_free_text(block[:header_end])
+                if header is None:
                     break
-                yield columns, _Records.of_lines(text, line, self.spec.delimiter)
-                offset, line = offset + len(block), line + block.count(b"\n")
-            else:
-                if columns is None:
-                    raise DataFormatError(path, 1, "empty file, expected a header line")
-                return
+                names = header.rstrip("\n").split(self.spec.delimiter)
+                columns = self.spec.column_indices(names, path) + [len(names)]
+                block, offset, line = block[header_end:], offset + header_end, line + 1
+            text = _quote_free_text(block)
+            if text is None:
+                break
+            yield columns, _Records.of_lines(text, line, self.spec.delimiter)
+            offset, line = offset + len(block), line + block.count(b"\n")
+        else:
+            if columns is None:
+                raise DataFormatError(path, 1, "empty file, expected a header line")
+            return
+        with open_binary(path) as raw:
             raw.seek(offset)
             yield from self._csv_record_blocks(path, io.TextIOWrapper(raw, "utf-8", newline=""), line, columns)
 
@@ -315,6 +320,8 @@ class CSVSource(StreamingSource):
             raise DataFormatError(path, None, f"not UTF-8 text after line {line - 1 + reader.line_num}: {e}") from e
         except csv.Error as e:
             raise DataFormatError(path, line - 1 + reader.line_num, str(e)) from e
+        except COMPRESSION_ERRORS as e:
+            raise corrupt_compressed_file(path, e) from e
         if rows:
             yield columns, _Records(lines, rows, None)
 
@@ -735,20 +742,6 @@ def _ids(texts: Sequence[str], cache: dict[str, int]) -> np.ndarray:
         new = set(texts)
     cache.update(zip(new, map(categorical_id, new)))  # a set iterates twice in one order
     return np.fromiter(map(cache.__getitem__, texts), dtype=np.int64, count=len(texts))
-
-
-def _line_blocks(raw: io.BufferedIOBase) -> Iterator[bytes]:
-    """Consecutive blocks of about ``_BLOCK_BYTES`` of a binary file, each ending with a newline but
-    the last."""
-    pending = b""
-    while chunk := raw.read(_BLOCK_BYTES):
-        pending += chunk
-        cut = pending.rfind(b"\n") + 1
-        if cut:
-            yield pending[:cut]
-            pending = pending[cut:]
-    if pending:
-        yield pending
 
 
 def _quote_free_text(block: bytes) -> str | None:

@@ -1,5 +1,6 @@
 import csv
 import dataclasses
+import gzip
 import hashlib
 import io
 import threading
@@ -449,3 +450,17 @@ def test_a_process_that_does_not_build_waits_for_the_cache(tmp_path: Path, monke
     thread.join(timeout=30)
     assert result == [folder]
     np.testing.assert_array_equal(waiting.load().sparse, builder.load().sparse)
+
+
+def test_gzip_files_read_as_their_text(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr("lhf_torchrec.data.tabular._BLOCK_BYTES", 256)  # quote-free blocks, then the csv module
+    path = _mixed_file(tmp_path, 500)
+    packed = tmp_path / "mixed.csv.gz"
+    packed.write_bytes(gzip.compress(path.read_bytes()))
+    for a, b in zip(_tables(CSVSource(packed, PLAIN, on_error="skip")), _tables(CSVSource(path, PLAIN, on_error="skip"))):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(DataFormatError, match=r"mixed.csv.gz:52: column 'views'"):
+        read_csv(packed, PLAIN)
+    (tmp_path / "cut.csv.gz").write_bytes(packed.read_bytes()[:-20])
+    with pytest.raises(DataFormatError, match="cut.csv.gz: corrupt or truncated compressed file"):
+        read_csv(tmp_path / "cut.csv.gz", PLAIN)
