@@ -110,8 +110,8 @@ def main() -> None:
     seconds = {step: wall for step, (wall, _) in results}
     text_pass = results[1][1][0]
     table = markdown_table([{"step": step, "seconds": round(wall, 3), "cpu_seconds": round(cpu, 3),
-                             "records_per_s": int(rows / wall) if wall else 0, "vs_text_pass": round(wall / text_pass, 4)}
-                            for step, (wall, cpu) in results],
+                             "records_per_s": int(rows / wall) if wall else 0,
+                             "vs_text_pass": round(wall / text_pass, 4)} for step, (wall, cpu) in results],
                            ["step", "seconds", "cpu_seconds", "records_per_s", "vs_text_pass"])
     alone, parallel = results[2][1][0], results[3][1][0]
     command = "python benchmarks/data.py" + (" --quick" if args.quick else "") + (f" --rows {args.rows}" if args.rows else "")

@@ -2,7 +2,8 @@
 
 Values:
 
-* label: a number in [0, 1];
+* label: a number in [0, 1]; with the spec's ``label_threshold`` any finite number, 1 from the
+  threshold on and 0 below it (a rating log: ``label_threshold=4`` makes 4 and 5 stars positives);
 * dense: a float; an empty field is 0.0. The spec's ``transforms`` apply, per column and in this
   order, ``log1p`` (``log(1 + max(x, 0))``, the Criteo reader's transform of counts: negative values
   count as 0) and ``standardize`` (``(x - mean) / std`` with the mean and standard deviation of the
@@ -23,10 +24,11 @@ fill at least half of ``[0, max id]`` gets a table of ``max id + 1`` rows; any o
 one for ids never seen. No table is ever sized from the 2**63 hash space.
 
 Records follow the ``csv`` module's rules (quoting and embedded newlines work); ``len``, ``slice`` and
-:func:`time_split` count records, not physical lines. Files ending in ``.gz`` are decompressed on the fly. Text is read in blocks of a few MiB: a block
-without quotes, NUL bytes or lone carriage returns (most CTR logs) is cut into lines and split on the
-delimiter with ``str`` methods, column by column; from the first block that has any, to the end of the
-file, the ``csv`` module reads the records (same records, slower).
+:func:`time_split` count records, not physical lines. Files ending in ``.gz`` are decompressed on the
+fly. Text is read in blocks of a few MiB: a block without quotes, NUL bytes or lone carriage returns
+(most CTR logs) is cut into lines and split on the delimiter with ``str`` methods, column by column;
+from the first block that has any, to the end of the file, the ``csv`` module reads the records
+(same records, slower).
 
 Parsing text is the slow part (tens of thousands of records a second on one core), and training reads
 the data many times (profiles, table sizes, every epoch of every run). :meth:`CSVSource.cache` parses
@@ -128,7 +130,8 @@ class CSVSpec:
 
     ``transforms`` maps a dense column to ``"log1p"``, ``"standardize"`` or both (a list, in that
     order); ``multi_valued`` maps a categorical column holding bags of ids to its ``separator`` and
-    ``max_values``; ``name`` names the dataset in reports (default: the file's name).
+    ``max_values``; ``label_threshold`` turns a numeric label (a rating) into a click, 1 from that value
+    on; ``name`` names the dataset in reports (default: the file's name).
 
     Example::
 
@@ -148,6 +151,7 @@ class CSVSpec:
     column_names: Sequence[str] | None = None
     transforms: Mapping[str, str | Sequence[str]] = field(default_factory=dict)
     multi_valued: Mapping[str, Mapping[str, str | int]] = field(default_factory=dict)
+    label_threshold: float | None = None
     name: str | None = None
     _used: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
@@ -165,6 +169,9 @@ class CSVSpec:
             raise ValueError(f"delimiter must be one character, got {self.delimiter!r}")
         if self.header == (self.column_names is not None):
             raise ValueError("give column_names exactly when the file has no header (header=False)")
+        if self.label_threshold is not None and (isinstance(self.label_threshold, bool) or not isinstance(
+                self.label_threshold, (int, float)) or not math.isfinite(self.label_threshold)):
+            raise ValueError(f"label_threshold must be a finite number, got {self.label_threshold!r}")
         if self.name is not None and (not isinstance(self.name, str) or not self.name.strip()):
             raise ValueError(f"name must be a non-empty string, got {self.name!r}")
         object.__setattr__(self, "transforms", self._checked_transforms())
@@ -411,7 +418,12 @@ class CSVSource(StreamingSource):
         return sizes
 
     def cache(
-        self, cache_dir: PathLike | None = None, *, progress: bool = True, workers: int | None = None, build: bool = True
+        self,
+        cache_dir: PathLike | None = None,
+        *,
+        progress: bool = True,
+        workers: int | None = None,
+        build: bool = True,
     ) -> Path:
         """Parses every record of the files once into the parse cache (module docstring), or opens the
         one an earlier run made; this source, and the slices taken from it afterwards, then read the
@@ -451,7 +463,8 @@ class CSVSource(StreamingSource):
             files.append([str(path.resolve()), stat.st_size, stat.st_mtime_ns])
         spec = self.spec
         columns = {"label": spec.label, "dense": list(spec.dense), "categorical": list(spec.categorical),
-                   "multi_valued": spec.multi_valued, "delimiter": spec.delimiter, "header": spec.header,
+                   "multi_valued": spec.multi_valued, "label_threshold": spec.label_threshold,
+                   "delimiter": spec.delimiter, "header": spec.header,
                    "column_names": None if spec.column_names is None else list(spec.column_names)}
         return {"format": _CACHE_FORMAT, "version": _CACHE_VERSION, "files": files, "columns": columns,
                 "on_error": self.on_error}
@@ -591,7 +604,8 @@ class CSVSource(StreamingSource):
             return _Block(first, valid, _no_values(len(self.spec.dense), len(self.sparse_names)))
         values = self._convert(records.kept(valid).columns(columns), caches)
         if values is None:  # _problem checks what _convert does: the well-formed records convert
-            raise DataFormatError(path, records.lines[0], "a block of records that each pass the checks does not convert")
+            raise DataFormatError(path, records.lines[0],
+                                  "a block of records that each pass the checks does not convert")
         return _Block(first, valid, values)
 
     def _convert(
@@ -611,8 +625,13 @@ class CSVSource(StreamingSource):
                 dense[:, k] = np.fromiter(map(float, [t or "0" for t in v]), dtype=np.float64, count=n)
         except ValueError:
             return None
-        if not (np.isfinite(dense).all() and ((labels >= 0) & (labels <= 1)).all()):
+        threshold = self.spec.label_threshold
+        if threshold is None and not ((labels >= 0) & (labels <= 1)).all():
             return None
+        if not (np.isfinite(dense).all() and np.isfinite(labels).all()):
+            return None
+        if threshold is not None:
+            labels = (labels >= threshold).astype(np.float64)
         sparse = np.empty((n, len(self.sparse_names)), dtype=np.int64)
         first = 0
         for column, cache, v in zip(self.spec.categorical, caches, values[1 + num_dense :]):
@@ -658,8 +677,9 @@ class CSVSource(StreamingSource):
                 return f"column {name!r}: expected a number, got {text[:40]!r}"
             if not math.isfinite(x):
                 return f"column {name!r}: expected a finite number, got {text[:40]!r}"
-            if name == self.spec.label and not 0.0 <= x <= 1.0:
-                return f"column {name!r}: label must lie in [0, 1], got {text[:40]!r}"
+            if name == self.spec.label and self.spec.label_threshold is None and not 0.0 <= x <= 1.0:
+                return (f"column {name!r}: label must lie in [0, 1], got {text[:40]!r} (for ratings, set the spec's "
+                        f"label_threshold)")
         for name, c in zip(self.spec.categorical, columns[1 + len(self.spec.dense) : -1]):
             bag = self.spec.multi_valued.get(name)
             count = len(fields[c].split(bag["separator"])) if bag is not None and fields[c] else 0

@@ -80,7 +80,8 @@ def test_spec_validation() -> None:
         ("7,cheap,1,red,3,", "column 'price': expected a number, got 'cheap'"),
         ("7,inf,1,red,3,", "column 'price': expected a finite number, got 'inf'"),
         ("7,1,,red,3,", "column 'click': expected a number, got ''"),
-        ("7,1,3,red,3,", "column 'click': label must lie in [0, 1], got '3'"),
+        ("7,1,3,red,3,",
+         "column 'click': label must lie in [0, 1], got '3' (for ratings, set the spec's label_threshold)"),
     ],
 )
 def test_malformed_records_name_file_and_line(tmp_path: Path, bad_record: str, reason: str) -> None:
@@ -457,10 +458,25 @@ def test_gzip_files_read_as_their_text(tmp_path: Path, monkeypatch) -> None:
     path = _mixed_file(tmp_path, 500)
     packed = tmp_path / "mixed.csv.gz"
     packed.write_bytes(gzip.compress(path.read_bytes()))
-    for a, b in zip(_tables(CSVSource(packed, PLAIN, on_error="skip")), _tables(CSVSource(path, PLAIN, on_error="skip"))):
+    plain, compressed = CSVSource(path, PLAIN, on_error="skip"), CSVSource(packed, PLAIN, on_error="skip")
+    for a, b in zip(_tables(compressed), _tables(plain)):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(DataFormatError, match=r"mixed.csv.gz:52: column 'views'"):
         read_csv(packed, PLAIN)
     (tmp_path / "cut.csv.gz").write_bytes(packed.read_bytes()[:-20])
     with pytest.raises(DataFormatError, match="cut.csv.gz: corrupt or truncated compressed file"):
         read_csv(tmp_path / "cut.csv.gz", PLAIN)
+
+
+def test_a_rating_label_with_a_threshold_is_a_click(tmp_path: Path) -> None:
+    path = _write(tmp_path / "r.csv", "rating,user\n5,a\n3.5,b\n4,c\n1,a\n")
+    spec = CSVSpec(label="rating", categorical=["user"], label_threshold=4)
+    np.testing.assert_array_equal(read_csv(path, spec).labels, [1, 0, 1, 0])
+    with pytest.raises(DataFormatError, match=r"r.csv:2: column 'rating': label must lie in \[0, 1\], got '5' "
+                                              r"\(for ratings, set the spec's label_threshold\)"):
+        read_csv(path, CSVSpec(label="rating", categorical=["user"]))
+    _write(path, "rating,user\n5,a\nnan,b\n")
+    with pytest.raises(DataFormatError, match=r"r.csv:3: column 'rating': expected a finite number"):
+        read_csv(path, spec)
+    with pytest.raises(ValueError, match="label_threshold must be a finite number"):
+        CSVSpec(label="rating", categorical=["user"], label_threshold="4")
