@@ -13,6 +13,7 @@ from lhf_torchrec.bench.selection import (
     selection_report,
 )
 from lhf_torchrec.cli import main
+from lhf_torchrec.mapping.budget import plan_budget
 from lhf_torchrec.mapping.methods import make_estimator
 from lhf_torchrec.mapping.profile import IdProfile
 from lhf_torchrec.pipeline.compare import RunRecord
@@ -40,19 +41,37 @@ def test_combination_grid_settings_are_valid_and_one_tail_row_means_one_hash_row
     profile = IdProfile.from_ids(np.repeat(np.arange(1400), [50] * 300 + [20] * 100 + [1] * 1000))
     layouts = {}
     for spec in SELECTION_GRIDS["combination"]:
-        layouts[spec.label] = make_estimator("combination", 200, **spec.hyperparams).split(profile)
+        estimator_settings = {k: v for k, v in spec.hyperparams.items() if k != "mapping_share"}  # a budget setting
+        layouts[spec.label] = make_estimator("combination", 200, **estimator_settings).split(profile)
     assert layouts["combination [tail 1 row, floor 10]"].num_hashed == 1
-    assert layouts["combination [tail 30%, floor 10]"].num_hashed == 60
+    assert layouts["combination [tail 10%, floor 10]"].num_hashed == 20
     # A higher clustering floor gives fewer ids an entry.
     assert (layouts["combination [tail 1 row, floor 30]"].num_entries
             < layouts["combination [tail 1 row, floor 10]"].num_entries)
+
+
+def test_combination_grid_mapping_share_clusters_more_ids_where_the_budget_raises_the_floor() -> None:
+    # Zipf-like: at 50x a quarter of the budget cannot hold an entry for every id seen 10 times (808).
+    rng = np.random.default_rng(0)
+    profile = IdProfile.from_ids(rng.zipf(1.3, 200_000) % 20_000)
+    budget = profile.num_ids * 4 * 16 // 50
+    grid = {spec.label: spec.hyperparams for spec in SELECTION_GRIDS["combination"]}
+    default = plan_budget(profile, embedding_dim=16, total_bytes=budget, **grid["combination [tail 10%, floor 10]"])
+    half = plan_budget(profile, embedding_dim=16, total_bytes=budget,
+                       **grid["combination [tail 10%, floor 10, mapping 50%]"])
+    assert default.hyperparams["min_count"] > 10  # the budget raised the floor
+    assert half.hyperparams["min_count"] < default.hyperparams["min_count"]
+    assert half.split.num_entries > default.split.num_entries and half.mapping_bytes > default.mapping_bytes
+    assert half.split.num_rows < default.split.num_rows  # paid for with rows, at the same budget
+    assert default.mapping_bytes <= 0.25 * budget and half.mapping_bytes <= 0.5 * budget
+    assert max(default.total_bytes, half.total_bytes) <= budget
 
 
 def test_selection_chooses_on_validation_never_on_test() -> None:
     records = [
         _record("combination [tail 10%, floor 10]", validation=0.50, test=0.40),  # best test, worse validation
         _record("combination [tail 1 row, floor 10]", validation=0.45, test=0.48),
-        _record("combination [tail 30%, floor 10]", validation=0.47, test=0.30),
+        _record("combination [tail 10%, floor 10, mapping 50%]", validation=0.47, test=0.30),
     ]
     selected, choices = select_on_validation(records)
     assert [r.method for r in selected] == ["combination"]
