@@ -18,10 +18,11 @@ rank whose row-wise shard holds the bucket's rows, so W must divide B). Under a 
 
 :func:`fit_bucketed_distributed` chains 2-4. Fitting time and memory per rank follow the rank's
 share of the ids (about 1/W of them, for a bucket hash that spreads ids evenly). A replicated mapping
-is, by definition, whole on every rank: each rank holds the gathered entries (16 bytes each) and
-assembles the mapping from them, with about 27 bytes per entry over the finished table at 1e7 entries
-(the bucket keys and the perfect hash build's own arrays: no sorted copies, the entries are used in
-their gathered order; docs/performance.md "Distributed fit"); a shard avoids both.
+is, by definition, whole on every rank: each rank keys its own entries by bucket hash and checks them
+(errors name the id and are raised on every rank), then holds the gathered keys and int32 rows (12
+bytes per entry of the whole mapping) and assembles the mapping from them in their gathered order,
+with the perfect hash build's own arrays (about 11 bytes per entry at its peak, as much as the finished
+table: docs/performance.md "Distributed fit"); a shard avoids both.
 
 At a memory budget (the pipeline, ``lhf fit`` / ``lhf train --num-buckets`` under torchrun) the
 rows come from :func:`~lhf_torchrec.mapping.budget.plan_budget`, which reads the count histogram
