@@ -400,7 +400,7 @@ def distributed_fit_rank(num_ids: int, method: str, world_size: int, rank: int, 
     import torch.distributed as dist
 
     from lhf_torchrec.distributed.fit import (cosharded_remap, exchange_profiles, fit_owned_buckets,
-                                              gather_keyed_fits, release_freed_memory, shard_mapping)
+                                              gather_keyed_fits, shard_mapping)
     from lhf_torchrec.mapping import IdEmbeddings
     from lhf_torchrec.mapping.buckets import assemble_keyed
 
@@ -418,7 +418,6 @@ def distributed_fit_rank(num_ids: int, method: str, world_size: int, rank: int, 
     embeddings = IdEmbeddings(owned.ids, _id_vectors(owned.ids)) if method == "combination" else None
     fits = fit_owned_buckets(method, num_rows, DIST_BUCKETS, owned, embeddings, **hyper)
     del owned
-    release_freed_memory()
     fit_mb = _phase_peak(rss_before)
     fitted = time.perf_counter()
     if sharded:

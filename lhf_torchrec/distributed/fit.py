@@ -40,8 +40,6 @@ which no rank has; merge them on one process (:meth:`IdProfile.merge`) and fit w
 Collectives run on CPU tensors under gloo and on the current CUDA device under NCCL.
 """
 
-import ctypes
-import ctypes.util
 from dataclasses import dataclass
 from typing import List, Optional, Tuple, Union
 
@@ -225,17 +223,6 @@ def _raise_if_any(error: Optional[ValueError], group: ProcessGroup) -> None:
                          ("" if first == dist.get_rank(group) else f" (raised on rank {first})"))
 
 
-def release_freed_memory() -> None:
-    """Hands the heap's free blocks back to the OS (glibc's ``malloc_trim``; elsewhere nothing). A fit
-    frees its bucket-sized temporaries (k-means of a bucket: under glibc's 32 MB mmap threshold, so
-    on the heap), but the process keeps the freed heap resident; the replicated assembly that follows
-    is a rank's peak, so it is called between them (measured: docs/performance.md "Distributed fit")."""
-    libc = ctypes.util.find_library("c")
-    trim = getattr(ctypes.CDLL(libc), "malloc_trim", None) if libc else None
-    if trim is not None:
-        trim(0)
-
-
 def gather_keyed_fits(
     fits: BucketFits, num_rows: int, num_buckets: int, *, seed: int = 0, table: str = "table",
     group: ProcessGroup = None,
@@ -342,7 +329,6 @@ def fit_bucketed_distributed(
     fits = fit_owned_buckets(method, num_rows, num_buckets, owned, embeddings, seed=seed, table=table, group=group,
                              **hyperparams)
     del owned  # freed before the gather and the assembly, the peak of a replicated fit
-    release_freed_memory()
     if not gather:
         return shard_mapping(method, num_rows, num_buckets, fits, seed=seed, table=table, group=group, **hyperparams)
     whole = gather_keyed_fits(fits, num_rows, num_buckets, seed=seed, table=table, group=group)
@@ -503,7 +489,6 @@ __all__ = [
     "own_share",
     "owned_buckets",
     "record_entry_share_across_ranks",
-    "release_freed_memory",
     "shard_mapping",
     "share_profile",
     "summarize_across_ranks",

@@ -23,7 +23,6 @@ from lhf_torchrec.distributed.fit import (
     merge_across_ranks,
     own_share,
     record_entry_share_across_ranks,
-    release_freed_memory,
     share_profile,
 )
 from lhf_torchrec.mapping.buckets import TooFewRowsForBuckets, assemble_keyed, fit_bucket_range
@@ -298,7 +297,6 @@ def _fit_shares(
         # The replicated mapping's assembly is every rank's peak: free the buckets' profiles and the
         # rank's own entries first (they are among the gathered ones).
         del statistics
-        release_freed_memory()
         whole = gather_keyed_fits(fits, plan.num_rows, num_buckets, seed=seed, table=t.name)
         del fits
         mappings[t.name] = assemble_keyed(method, plan.num_rows, num_buckets, whole, seed=seed, table=t.name,
