@@ -399,10 +399,10 @@ def distributed_fit_rank(num_ids: int, method: str, world_size: int, rank: int, 
     its co-sharded remap; times, per-phase and whole peak RSS growth."""
     import torch.distributed as dist
 
-    from lhf_torchrec.distributed.fit import (cosharded_remap, exchange_profiles, fit_owned_buckets, gather_fits,
-                                              shard_mapping)
+    from lhf_torchrec.distributed.fit import (cosharded_remap, exchange_profiles, fit_owned_buckets,
+                                              gather_keyed_fits, shard_mapping)
     from lhf_torchrec.mapping import IdEmbeddings
-    from lhf_torchrec.mapping.buckets import assemble_bucketed
+    from lhf_torchrec.mapping.buckets import assemble_keyed
 
     local = _rank_start(world_size, rank, parts_dir)
     hyper = {"min_count": 1, "hot_fraction": 0.25, "hashed_fraction": 0.1} if method == "combination" else {}
@@ -427,9 +427,9 @@ def distributed_fit_rank(num_ids: int, method: str, world_size: int, rank: int, 
         checksum = _entry_checksum(shard.fits.entry_ids, shard.fits.entry_rows)
         mapping_mb = sum(b.numel() * b.element_size() for b in mapping.buffers()) / 2**20
     else:
-        whole = gather_fits(fits)
+        whole = gather_keyed_fits(fits, num_rows, DIST_BUCKETS)
         del fits
-        mapping = assemble_bucketed(method, num_rows, DIST_BUCKETS, whole, **hyper)
+        mapping = assemble_keyed(method, num_rows, DIST_BUCKETS, whole, **hyper)
         del whole
         checksum, mapping_mb = mapping.fingerprint, mapping.nbytes / 2**20
     done = time.perf_counter()
@@ -557,9 +557,10 @@ def distributed_fit_section(done: dict, seconds: float, pending=()) -> str:
         "and noisy; each 1-rank / 2-rank pair ran back to back.",
         "",
         "Library path (`lhf_torchrec.distributed.fit`, n / 10 rows; `combination` with `min_count=1`, hot 25%, "
-        "hashed 10%): exchange by bucket, fit of the rank's own buckets, gather of every bucket's entries and "
-        "assembly of the whole mapping on every rank (as `fit_bucketed_distributed`: the exchanged profile and the "
-        "rank's own entries are freed before the gather; the rank's embeddings are held to the end, as a caller's "
+        "hashed 10%): exchange by bucket, fit of the rank's own buckets, gather of every bucket's entries keyed "
+        "by bucket hash (int64 key and int32 row, each rank keying and checking its own) and assembly of the whole "
+        "mapping on every rank (as `fit_bucketed_distributed`: the exchanged profile is freed before the gather, "
+        "the rank's own entries before the assembly; the rank's embeddings are held to the end, as a caller's "
         "are). Peak growth per phase over the same start: `exchange_mb`, `fit_phase_mb` (embeddings, fit), "
         "`gather_mb` (gather and assembly); `fit_rss_mb` is the largest; `mapping_mb`: the mapping's buffers; "
         "`minus_mapping_mb`: `fit_rss_mb` less `mapping_mb`, the rank's fitting memory beside the output it keeps "

@@ -10,18 +10,19 @@ rank whose row-wise shard holds the bucket's rows, so W must divide B). Under a 
    and nobody holds the whole profile;
 3. :func:`fit_owned_buckets` fits those buckets (k-means included) with the same per-bucket code
    as :func:`~lhf_torchrec.mapping.buckets.fit_bucketed`;
-4. the result is either gathered on every rank (:func:`gather_mapping`, or :func:`gather_fits` then
-   ``assemble_bucketed``: a replicated :class:`IdMapping`, equal, fingerprint included, to
+4. the result is either gathered on every rank (:func:`gather_mapping`, or :func:`gather_keyed_fits` then
+   ``assemble_keyed``: a replicated :class:`IdMapping`, equal, fingerprint included, to
    ``fit_bucketed`` on the merged profile) or
    kept as the rank's shard (:func:`shard_mapping`: its buckets' entries, and the hash regions and
    entry counts of every bucket, which a co-sharded remap's layout needs).
 
 :func:`fit_bucketed_distributed` chains 2-4. Fitting time and memory per rank follow the rank's
 share of the ids (about 1/W of them, for a bucket hash that spreads ids evenly). A replicated mapping
-is, by definition, whole on every rank: each rank holds the gathered entries (16 bytes each) and
-assembles the mapping from them, with about 27 bytes per entry over the finished table at 1e7 entries
-(the bucket keys and the perfect hash build's own arrays: no sorted copies, the entries are used in
-their gathered order; docs/performance.md "Distributed fit"); a shard avoids both.
+is, by definition, whole on every rank: each rank keys its own entries by bucket hash and checks them
+(errors name the id and are raised on every rank), then holds the gathered keys and int32 rows (12
+bytes per entry of the whole mapping) and assembles the mapping from them in their gathered order,
+with the perfect hash build's own arrays (about 11 bytes per entry at its peak, as much as the finished
+table: docs/performance.md "Distributed fit"); a shard avoids both.
 
 At a memory budget (the pipeline, ``lhf fit`` / ``lhf train --num-buckets`` under torchrun) the
 rows come from :func:`~lhf_torchrec.mapping.budget.plan_budget`, which reads the count histogram
@@ -48,12 +49,14 @@ import torch.distributed as dist
 
 from lhf_torchrec.mapping.buckets import (
     BucketFits,
-    assemble_bucketed,
+    KeyedFits,
+    assemble_keyed,
     bucket_profiles,
     bucket_split,
     check_bucket_rows,
     cosharded_slots,
     fit_bucket_range,
+    keyed_fits,
     total_split,
 )
 from lhf_torchrec.mapping.budget import BudgetStatistics
@@ -110,19 +113,20 @@ def _all_to_all(arrays: np.ndarray, send_sizes: np.ndarray, group: ProcessGroup)
 
 
 def _gather(array: np.ndarray, group: ProcessGroup) -> Tuple[np.ndarray, List[int]]:
-    """(every rank's int64 ``array`` concatenated in rank order, each rank's length); lengths may differ,
-    the first dimension varies. Each rank's part is broadcast straight into its place in one result
-    buffer: no padded copies, no per-rank list to concatenate (an all_gather of unequal sizes would
-    hold W padded copies, plus their concatenation, plus gloo's flat buffer of them)."""
+    """(every rank's integer ``array`` concatenated in rank order, each rank's length); lengths may
+    differ, the first dimension varies, every rank's array has the same dtype. Each rank's part is
+    broadcast straight into its place in one result buffer: no padded copies, no per-rank list to
+    concatenate (an all_gather of unequal sizes would hold W padded copies, plus their concatenation,
+    plus gloo's flat buffer of them)."""
     device = _device(group)
     world_size, rank = dist.get_world_size(group), dist.get_rank(group)
-    tensor = torch.from_numpy(np.ascontiguousarray(array, np.int64))
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
     size = torch.tensor([tensor.shape[0]], dtype=torch.int64, device=device)
     sizes = [torch.empty_like(size) for _ in range(world_size)]
     dist.all_gather(sizes, size, group=group)
     lengths = [int(s) for s in sizes]
     bounds = np.cumsum([0] + lengths).tolist()
-    whole = torch.empty((bounds[-1],) + tuple(tensor.shape[1:]), dtype=torch.int64, device=device)
+    whole = torch.empty((bounds[-1],) + tuple(tensor.shape[1:]), dtype=tensor.dtype, device=device)
     whole[bounds[rank]:bounds[rank + 1]] = tensor.to(device)
     for source in range(world_size):
         if lengths[source]:  # every rank knows the lengths: all skip the same broadcasts
@@ -131,12 +135,12 @@ def _gather(array: np.ndarray, group: ProcessGroup) -> Tuple[np.ndarray, List[in
 
 
 def _gather_concat(array: np.ndarray, group: ProcessGroup) -> np.ndarray:
-    """Every rank's int64 ``array`` concatenated in rank order (:func:`_gather`)."""
+    """Every rank's ``array`` concatenated in rank order (:func:`_gather`)."""
     return _gather(array, group)[0]
 
 
 def _all_gather(array: np.ndarray, group: ProcessGroup) -> List[np.ndarray]:
-    """Every rank's int64 ``array``, in rank order: views into :func:`_gather`'s one buffer."""
+    """Every rank's ``array``, in rank order: views into :func:`_gather`'s one buffer."""
     whole, lengths = _gather(array, group)
     return np.split(whole, np.cumsum(lengths)[:-1])
 
@@ -206,11 +210,35 @@ def _gather_splits(splits: List[RowSplit], group: ProcessGroup) -> List[RowSplit
     return [RowSplit(*map(int, row)) for row in _gather_concat(local, group)]
 
 
-def gather_fits(fits: BucketFits, *, group: ProcessGroup = None) -> BucketFits:
-    """Every bucket's fits on every rank, from each rank's :func:`fit_owned_buckets` (collective).
-    Memory per rank: the gathered entries, 16 bytes each (received in place, :func:`_gather`)."""
-    return BucketFits(0, _gather_splits(fits.splits, group), _gather_concat(fits.entry_ids, group),
-                      _gather_concat(fits.entry_rows, group), _gather_concat(fits.entry_counts, group))
+def _raise_if_any(error: Optional[ValueError], group: ProcessGroup) -> None:
+    """Raises, on every rank, the first rank's ``error`` (in rank order) if any rank has one (collective):
+    a check that only the rank holding the bad entry can make fails on all ranks, none of them left
+    waiting in the next collective."""
+    message = np.frombuffer(str(error).encode(), np.uint8) if error is not None else np.zeros(0, np.uint8)
+    whole, lengths = _gather(message, group)
+    if any(lengths):
+        first = next(r for r, n in enumerate(lengths) if n)
+        start = sum(lengths[:first])
+        raise ValueError(whole[start:start + lengths[first]].tobytes().decode() +
+                         ("" if first == dist.get_rank(group) else f" (raised on rank {first})"))
+
+
+def gather_keyed_fits(
+    fits: BucketFits, num_rows: int, num_buckets: int, *, seed: int = 0, table: str = "table",
+    group: ProcessGroup = None,
+) -> KeyedFits:
+    """Every bucket's entries keyed by bucket hash on every rank, from each rank's
+    :func:`fit_owned_buckets` (collective): each rank keys and checks its own entries (errors name the
+    id, raised on every rank: :func:`~lhf_torchrec.mapping.buckets.keyed_fits`), then the int64 keys and
+    int32 rows are gathered. Memory per rank: 12 bytes per entry of the whole mapping (received in
+    place), besides the rank's own fits and their keyed copy (12 bytes per own entry)."""
+    try:
+        local, error = keyed_fits(fits, num_rows, num_buckets, seed=seed, table=table), None
+    except ValueError as e:
+        local, error = None, e
+    _raise_if_any(error, group)
+    return KeyedFits(0, _gather_splits(local.splits, group), _gather_concat(local.keys, group),
+                     _gather_concat(local.rows, group), _gather_concat(local.entry_counts, group))
 
 
 def gather_mapping(
@@ -220,13 +248,13 @@ def gather_mapping(
     """The whole mapping on every rank (replicated), from each rank's :func:`fit_owned_buckets`.
     Collective; ``hyperparams`` as fitted.
 
-    Memory per rank: the gathered entries and the assembly of the mapping from them (the output is
-    replicated), while the rank's own ``fits`` are held; to free them for the assembly,
-    :func:`gather_fits`, drop them, then :func:`~lhf_torchrec.mapping.buckets.assemble_bucketed`
+    Memory per rank: the gathered keyed entries (12 bytes each) and the perfect hash build over them
+    (the output is replicated), while the rank's own ``fits`` are held; to free them for the assembly,
+    :func:`gather_keyed_fits`, drop them, then :func:`~lhf_torchrec.mapping.buckets.assemble_keyed`
     (what :func:`fit_bucketed_distributed` does).
     """
-    return assemble_bucketed(method, num_rows, num_buckets, gather_fits(fits, group=group), seed=seed, table=table,
-                             **hyperparams)
+    whole = gather_keyed_fits(fits, num_rows, num_buckets, seed=seed, table=table, group=group)
+    return assemble_keyed(method, num_rows, num_buckets, whole, seed=seed, table=table, **hyperparams)
 
 
 @dataclass(frozen=True)
@@ -303,9 +331,9 @@ def fit_bucketed_distributed(
     del owned  # freed before the gather and the assembly, the peak of a replicated fit
     if not gather:
         return shard_mapping(method, num_rows, num_buckets, fits, seed=seed, table=table, group=group, **hyperparams)
-    whole = gather_fits(fits, group=group)
+    whole = gather_keyed_fits(fits, num_rows, num_buckets, seed=seed, table=table, group=group)
     del fits  # the rank's entries are among the gathered ones
-    return assemble_bucketed(method, num_rows, num_buckets, whole, seed=seed, table=table, **hyperparams)
+    return assemble_keyed(method, num_rows, num_buckets, whole, seed=seed, table=table, **hyperparams)
 
 
 # ------------------------------------------------------------------ the pipeline's per-rank shares
@@ -454,7 +482,7 @@ __all__ = [
     "exchange_profiles",
     "fit_bucketed_distributed",
     "fit_owned_buckets",
-    "gather_fits",
+    "gather_keyed_fits",
     "gather_mapping",
     "gather_profile",
     "merge_across_ranks",

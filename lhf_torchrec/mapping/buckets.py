@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from lhf_torchrec.mapping.embeddings import EmbeddingsLike
 from lhf_torchrec.mapping.hashing import bucket_hash, input_hash_size
-from lhf_torchrec.mapping.id_mapping import IdMapping
+from lhf_torchrec.mapping.id_mapping import IdMapping, bucket_entry_keys
 from lhf_torchrec.mapping.methods import MappingEstimator, RowSplit, make_estimator
 from lhf_torchrec.mapping.profile import IdProfile
 
@@ -180,22 +180,65 @@ def fit_bucket_range(
                       np.array([ids.size for ids in entry_ids], np.int64))
 
 
+@dataclass(frozen=True)
+class KeyedFits:
+    """:class:`BucketFits` whose entries are keyed by bucket hash (int64 ``keys``, int32 ``rows``, 12 bytes
+    an entry): what a replicated mapping is gathered and assembled from across ranks (:func:`keyed_fits`,
+    :func:`assemble_keyed`)."""
+
+    first_bucket: int
+    splits: List[RowSplit]
+    keys: np.ndarray
+    rows: np.ndarray
+    entry_counts: np.ndarray
+
+    @property
+    def end_bucket(self) -> int:
+        return self.first_bucket + len(self.splits)
+
+
+def keyed_fits(fits: BucketFits, num_rows: int, num_buckets: int, *, seed: int = 0, table: str = "table") -> KeyedFits:
+    """``fits`` keyed by bucket hash, their entries checked (errors name the ids:
+    :func:`~lhf_torchrec.mapping.id_mapping.bucket_entry_keys`). A bucket's entries are checked whole
+    in any range of buckets, so checking each rank's range checks the mapping."""
+    if num_rows >= 1 << 31:
+        raise ValueError(f"table '{table}': {num_rows} rows do not fit the int32 rows of keyed entries")
+    keys = bucket_entry_keys(fits.entry_ids, fits.entry_rows, num_rows, num_buckets, seed, table)
+    return KeyedFits(fits.first_bucket, fits.splits, keys, fits.entry_rows.astype(np.int32), fits.entry_counts)
+
+
+def _assembly_settings(method: str, num_rows: int, num_buckets: int, first_bucket: int, splits: List[RowSplit],
+                       seed: int, table: str, hyperparams: dict) -> dict:
+    """The keyword arguments of the bucketed mapping of every bucket's ``splits`` (``hyperparams`` as fitted)."""
+    if (first_bucket, first_bucket + len(splits)) != (0, num_buckets):
+        raise ValueError(f"table '{table}': a mapping needs the fits of all {num_buckets} buckets, got buckets "
+                         f"[{first_bucket}, {first_bucket + len(splits)})")
+    estimator = make_estimator(method, num_rows // num_buckets, seed=seed, **hyperparams)
+    regions = torch.tensor([[s.hash_offset, s.hash_rows] for s in splits], dtype=torch.int32)
+    return dict(hash_offset=0, hash_rows=num_rows, probes=estimator.probes, seed=seed, method=method,
+                params=estimator.get_params(), layout=total_split(splits).layout(), table_name=table,
+                num_buckets=num_buckets, bucket_hash_regions=regions)
+
+
 def assemble_bucketed(
     method: str, num_rows: int, num_buckets: int, fits: BucketFits, *, seed: int = 0, table: str = "table",
     **hyperparams,
 ) -> IdMapping:
     """The bucketed mapping of ``fits``, which must cover every bucket (``hyperparams`` as fitted)."""
-    if (fits.first_bucket, fits.end_bucket) != (0, num_buckets):
-        raise ValueError(f"table '{table}': a mapping needs the fits of all {num_buckets} buckets, got buckets "
-                         f"[{fits.first_bucket}, {fits.end_bucket})")
-    estimator = make_estimator(method, num_rows // num_buckets, seed=seed, **hyperparams)
-    regions = torch.tensor([[s.hash_offset, s.hash_rows] for s in fits.splits], dtype=torch.int32)
-    split = total_split(fits.splits)
-    return IdMapping.from_entries(
-        fits.entry_ids, fits.entry_rows, num_rows, hash_offset=0, hash_rows=num_rows,
-        probes=estimator.probes, seed=seed, method=method, params=estimator.get_params(), layout=split.layout(),
-        table_name=table, num_buckets=num_buckets, bucket_hash_regions=regions,
-    )
+    settings = _assembly_settings(method, num_rows, num_buckets, fits.first_bucket, fits.splits, seed, table,
+                                  hyperparams)
+    return IdMapping.from_entries(fits.entry_ids, fits.entry_rows, num_rows, **settings)
+
+
+def assemble_keyed(
+    method: str, num_rows: int, num_buckets: int, fits: KeyedFits, *, seed: int = 0, table: str = "table",
+    **hyperparams,
+) -> IdMapping:
+    """:func:`assemble_bucketed` of keyed fits (:func:`keyed_fits`): the same mapping, built from the
+    keys and int32 rows (:meth:`IdMapping.from_bucket_keys`)."""
+    settings = _assembly_settings(method, num_rows, num_buckets, fits.first_bucket, fits.splits, seed, table,
+                                  hyperparams)
+    return IdMapping.from_bucket_keys(fits.keys, fits.rows, num_rows, **settings)
 
 
 def fit_bucketed(

@@ -163,6 +163,54 @@ def _duplicate_key(keys: np.ndarray, bucket_width: int) -> Optional[int]:
     return None
 
 
+def bucket_entry_keys(entry_ids: np.ndarray, entry_rows: np.ndarray, num_rows: int, num_buckets: int, seed: int,
+                      table: str = "table") -> np.ndarray:
+    """The int64 bucket hash of every entry id of a bucketed mapping (what its entries are keyed by),
+    after checking the entries as :meth:`IdMapping.from_entries` does, errors naming the ids: no id
+    twice, no two ids of one bucket hash, every row in [0, ``num_rows``) and in its id's bucket.
+
+    A distributed fit keys each rank's entries with it before the gather (:mod:`lhf_torchrec.distributed.fit`):
+    every rank then receives 12 bytes per entry (key and int32 row, :meth:`IdMapping.from_bucket_keys`)
+    instead of the id, its int64 row and the key computed again."""
+    entry_ids = np.asarray(entry_ids, dtype=np.int64)
+    entry_rows = np.asarray(entry_rows)
+    _check_entry_rows(entry_rows, num_rows, table)
+    width = input_hash_size(num_buckets) // num_buckets
+    keys = np.empty(entry_ids.size, np.int64)
+    for start in range(0, keys.size, _ENTRY_CHUNK):  # by chunk: the hash's int64 temporaries stay small
+        keys[start:start + _ENTRY_CHUNK] = bucket_hash(torch.from_numpy(entry_ids[start:start + _ENTRY_CHUNK]),
+                                                       num_buckets, seed).numpy()
+    same = _duplicate_key(keys, width)
+    if same is not None:
+        i, j = np.flatnonzero(keys == same)[:2]
+        what = (f"id {entry_ids[i]} has more than one entry" if entry_ids[i] == entry_ids[j] else
+                f"ids {entry_ids[i]} and {entry_ids[j]} have the same bucket hash {same} (a bucketed "
+                f"mapping cannot tell them apart): give only one of them an entry")
+        raise ValueError(f"table '{table}': {what}")
+    outside = _outside_bucket(keys, entry_rows, width, num_rows // num_buckets)
+    if outside is not None:
+        raise ValueError(f"table '{table}': entry row {entry_rows[outside]} of id {entry_ids[outside]} is outside "
+                         f"its bucket {keys[outside] // width}")
+    return keys
+
+
+def _check_entry_rows(rows: np.ndarray, num_rows: int, table: str) -> None:
+    """Raises unless every entry row lies in [0, ``num_rows``)."""
+    if rows.size and (rows.min() < 0 or rows.max() >= num_rows):
+        bad = rows[(rows < 0) | (rows >= num_rows)][0]
+        raise ValueError(f"table '{table}': entry row {bad} is outside [0, {num_rows})")
+
+
+def _outside_bucket(keys: np.ndarray, rows: np.ndarray, bucket_width: int, rows_per_bucket: int) -> Optional[int]:
+    """The first entry whose row is not in its key's bucket, or None (by chunk: no entry-sized temporaries)."""
+    for start in range(0, keys.size, _ENTRY_CHUNK):
+        buckets = keys[start:start + _ENTRY_CHUNK] // bucket_width
+        outside = np.flatnonzero(rows[start:start + _ENTRY_CHUNK] // rows_per_bucket != buckets)
+        if outside.size:
+            return start + int(outside[0])
+    return None
+
+
 class IdMapping(nn.Module):
     """Maps raw int64 ids to rows of a compressed embedding table.
 
@@ -265,11 +313,11 @@ class IdMapping(nn.Module):
         table_name = hashed.table_name
         entry_ids = np.asarray(entry_ids, dtype=np.int64)
         entry_rows = np.asarray(entry_rows, dtype=np.int64)
-        if entry_rows.size and (entry_rows.min() < 0 or entry_rows.max() >= num_rows):
-            bad = entry_rows[(entry_rows < 0) | (entry_rows >= num_rows)][0]
-            raise ValueError(f"table '{table_name}': entry row {bad} is outside [0, {num_rows})")
         if hashed.num_buckets is not None:
-            return cls._bucketed_from_entries(hashed, entry_ids, entry_rows, base, settings)
+            keys = bucket_entry_keys(entry_ids, entry_rows, hashed.num_rows, hashed.num_buckets, hashed.seed,
+                                     table_name)
+            return cls._bucketed_from_keys(hashed, keys, entry_rows, base, settings)
+        _check_entry_rows(entry_rows, num_rows, table_name)
         order = np.argsort(entry_ids, kind="stable")
         entry_ids, entry_rows = entry_ids[order], entry_rows[order]
         if entry_ids.size and np.any(entry_ids[1:] == entry_ids[:-1]):
@@ -362,36 +410,54 @@ class IdMapping(nn.Module):
         return self._stored(hashed, keys, rows, storage, base, settings)
 
     @classmethod
-    def _bucketed_from_entries(cls, hashed: "IdMapping", entry_ids: np.ndarray, entry_rows: np.ndarray,
-                               base: Dict[str, torch.Tensor], settings: Mapping[str, Any]) -> "IdMapping":
-        """Entries keyed by bucket hash h. A perfect hash table does not depend on its entries' order
-        (:func:`~lhf_torchrec.mapping.perfect_hash.build`), so they stay in the given order: the whole
-        mapping of a distributed fit is assembled on every rank with h (8 bytes per entry) and the build's
-        own memory over the gathered entries, no sorted copies. Only sorted keys (``sorted`` storage) sort."""
-        table_name = hashed.table_name
-        keys = np.empty(entry_ids.size, np.int64)
-        for start in range(0, keys.size, _ENTRY_CHUNK):  # by chunk: the hash's int64 temporaries stay small
-            keys[start:start + _ENTRY_CHUNK] = hashed._keys_of(
-                torch.from_numpy(entry_ids[start:start + _ENTRY_CHUNK])).numpy()
-        same = _duplicate_key(keys, hashed._bucket_width)
+    def from_bucket_keys(
+        cls, keys: np.ndarray, rows: np.ndarray, num_rows: int, *, bucket_hash_regions: torch.Tensor, **settings: Any
+    ) -> "IdMapping":
+        """A bucketed mapping (``settings`` must give ``num_buckets``) from entries keyed by bucket hash
+        (int64 ``keys``, as :func:`bucket_entry_keys` gives them, with their ``rows`` of any integer
+        dtype): :meth:`from_entries` without the ids. Errors name the keys: each key once, in
+        [0, input_hash_size), its row in its bucket.
+
+        What a distributed fit assembles the replicated mapping from (each rank has checked its own
+        entries by id: :func:`bucket_entry_keys`)."""
+        if settings.get("num_buckets") is None:
+            raise ValueError(f"table '{settings.get('table_name', 'table')}': entries keyed by bucket hash make a "
+                             f"bucketed mapping: give num_buckets")
+        base = {"bucket_hash_regions": bucket_hash_regions.to(torch.int32)}
+        hashed = cls(num_rows, tensors=dict(base), **settings)
+        table_name, width = hashed.table_name, hashed._bucket_width
+        keys, rows = np.asarray(keys), np.asarray(rows)
+        if keys.dtype != np.int64 or keys.shape != rows.shape or keys.ndim != 1 or not np.issubdtype(rows.dtype,
+                                                                                                    np.integer):
+            raise ValueError(f"table '{table_name}': bucket keys must be 1-D int64 with one integer row each, got "
+                             f"{keys.dtype} {keys.shape} keys and {rows.dtype} {rows.shape} rows")
+        _check_entry_rows(rows, num_rows, table_name)
+        if keys.size and (keys.min() < 0 or keys.max() >= input_hash_size(hashed.num_buckets)):
+            bad = keys[(keys < 0) | (keys >= input_hash_size(hashed.num_buckets))][0]
+            raise ValueError(f"table '{table_name}': bucket hash {bad} is outside [0, "
+                             f"{input_hash_size(hashed.num_buckets)})")
+        same = _duplicate_key(keys, width)
         if same is not None:
-            i, j = np.flatnonzero(keys == same)[:2]
-            what = (f"id {entry_ids[i]} has more than one entry" if entry_ids[i] == entry_ids[j] else
-                    f"ids {entry_ids[i]} and {entry_ids[j]} have the same bucket hash {same} (a bucketed "
-                    f"mapping cannot tell them apart): give only one of them an entry")
-            raise ValueError(f"table '{table_name}': {what}")
-        for start in range(0, keys.size, _ENTRY_CHUNK):
-            buckets = keys[start:start + _ENTRY_CHUNK] // hashed._bucket_width
-            outside = np.flatnonzero(entry_rows[start:start + _ENTRY_CHUNK] // hashed.rows_per_bucket != buckets)
-            if outside.size:
-                i = start + int(outside[0])
-                raise ValueError(f"table '{table_name}': entry row {entry_rows[i]} of id {entry_ids[i]} is outside "
-                                 f"its bucket {buckets[outside[0]]}")
+            raise ValueError(f"table '{table_name}': bucket hash {same} has more than one entry")
+        outside = _outside_bucket(keys, rows, width, hashed.rows_per_bucket)
+        if outside is not None:
+            raise ValueError(f"table '{table_name}': entry row {rows[outside]} of bucket hash {keys[outside]} is "
+                             f"outside its bucket {keys[outside] // width}")
+        return cls._bucketed_from_keys(hashed, keys, rows, base, settings)
+
+    @classmethod
+    def _bucketed_from_keys(cls, hashed: "IdMapping", keys: np.ndarray, rows: np.ndarray,
+                            base: Dict[str, torch.Tensor], settings: Mapping[str, Any]) -> "IdMapping":
+        """The bucketed mapping of checked entries keyed by bucket hash h. A perfect hash table does not
+        depend on its entries' order (:func:`~lhf_torchrec.mapping.perfect_hash.build`), so they stay in
+        the given order: the whole mapping of a distributed fit is assembled on every rank with the
+        build's own memory over the gathered keys and rows, no sorted copies. Only sorted keys (``sorted``
+        storage) sort."""
         storage, _ = bucketed_storage_cost(int(keys.size), hashed.num_rows)
         if storage == "sorted":
             order = np.argsort(keys, kind="stable")
-            keys, entry_rows = keys[order], entry_rows[order]
-        return cls._stored(hashed, keys, entry_rows, storage, base, settings)
+            keys, rows = keys[order], rows[order]
+        return cls._stored(hashed, keys, rows, storage, base, settings)
 
     def _slot_entries(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """(int64 relative key, row) of every perfect hash slot; row -1 where empty."""

@@ -42,9 +42,11 @@ the first candidate whose slots are free and distinct, and two groups that want 
 round go to the lower group. Deterministic given the seed; when a group exhausts ``MAX_TRIES``
 candidates (two keys that no multiplier separates), the table is rebuilt with the next ``group_hash``
 (``MAX_ATTEMPTS`` in all). The table depends on the set of entries only, not on their order, and the
-build keeps one int64 per key (the mixed keys sorted by group) plus the pilots and per-slot flags: every
-slot is computed again from its group's pilot at the end, as a lookup does (about 20 bytes per key at
-the peak besides its inputs and the table, at 1e7 keys).
+build keeps one int64 per key (the mixed keys, grouped by a chunked counting sort) plus the pilots, the
+groups' sizes and starts and a flag per slot; a round's contention is settled among the slots it wants,
+and every slot is computed again from its group's pilot at the end, as a lookup does (about 11 bytes per
+key at the peak besides its inputs and the table, measured at 1e7 keys; 18 with an argsort of the groups
+and an owner per slot).
 """
 
 import math
@@ -69,7 +71,6 @@ _ROUND_ELEMENTS = 1 << 21
 # Candidate slots computed at once inside a round (the round's outcome does not depend on it).
 _FIT_ELEMENTS = 1 << 18
 _LOW_32 = 0xFFFFFFFF
-_INT32_MAX = (1 << 31) - 1
 # Keys mixed, gathered or written at once by build: its int64 temporaries stay a few MB.
 _CHUNK = 1 << 18
 # Slot rows take 2 bytes (int16 ``slot_rows``) for tables of up to 2^15 rows, 3 (plus int8
@@ -262,7 +263,7 @@ def build(keys: torch.Tensor, rows: torch.Tensor, seed: int, table: str = "table
 
     ``keys`` may come in any order: the table is a function of the set of (key, row) entries (a group's
     pilot depends on its keys as a set, contention goes to the lower group), so callers need not sort.
-    Memory besides the inputs and the table: about 20 bytes per key at the peak (:func:`_place`)."""
+    Memory besides the inputs and the table: about 11 bytes per key at the peak (:func:`_place`)."""
     keys = keys.to(torch.int64).cpu().contiguous()
     rows = rows.cpu().contiguous()
     num_slots, num_groups = table_sizes(keys.numel())
@@ -321,22 +322,13 @@ def _place(keys: torch.Tensor, num_groups: int, num_slots: int, group_hash) -> O
     """The int16 pilot of each group, or None when some group found no multiplier. A key's slot follows
     from its group's pilot (:func:`_slots`), so only the pilots are kept.
 
-    Memory besides ``keys``: the mixed keys sorted by group (8 bytes per key), an int32 owner and a bool
-    per slot, per-group sizes and starts; while sorting, the groups (int32) and the sort's order (int64)."""
-    group = torch.empty(keys.numel(), dtype=torch.int32)
-    for start in range(0, keys.numel(), _CHUNK):
-        group[start:start + _CHUNK] = _group_of(_mixed(keys[start:start + _CHUNK], group_hash), group_hash[0],
-                                                num_groups)
-    order = torch.argsort(group, stable=True)
-    sizes = torch.bincount(group, minlength=num_groups)
-    del group
-    sorted_keys = _sorted_mixed(keys, order, group_hash)
-    del order
-    starts = torch.cumsum(sizes, 0) - sizes
+    Memory besides ``keys``: the mixed keys sorted by group (8 bytes per key, :func:`_by_group`), a bool
+    per slot, the int16 pilots and int32 sizes and int64 starts of the groups (about 11 bytes per key
+    in all); a round's contention is settled among the slots it wants (:func:`_winners`), not in an
+    array over all slots."""
+    sizes, starts, sorted_keys = _by_group(keys, num_groups, group_hash)
     occupied = torch.zeros(num_slots, dtype=torch.bool)
     pilots = torch.zeros(num_groups, dtype=torch.int16)
-    nobody = _INT32_MAX  # ranks in a round are < _ROUND_ELEMENTS: int32 owners
-    owner = torch.full((num_slots,), nobody, dtype=torch.int32)
     for size in torch.unique(sizes[sizes > 0]).flip(0).tolist():
         pending = torch.nonzero(sizes == size).squeeze(1)
         next_try = torch.zeros_like(pending)
@@ -354,11 +346,8 @@ def _place(keys: torch.Tensor, num_groups: int, num_slots: int, group_hash) -> O
             has, first, chosen = _first_fits(sorted_keys, starts.index_select(0, groups), size, tried, occupied,
                                              group_hash, num_slots)
             # Among groups with a candidate, the lower group wins a slot both want in this round.
-            rank = torch.arange(groups.numel(), dtype=torch.int32).unsqueeze(1).expand(-1, size)
-            wanted = chosen[has].view(-1)
-            owner.scatter_reduce_(0, wanted, rank[has].reshape(-1), "amin")
-            won = has & (owner.index_select(0, chosen.view(-1)).view(chosen.shape) == rank).all(1)
-            owner.index_fill_(0, wanted, nobody)
+            won = has.clone()
+            won[has] = _winners(chosen[has])
             occupied[chosen[won].view(-1)] = True
             pilots[groups[won]] = tried[won, first[won]].to(torch.int16)
             # No candidate: try the next ones. Lost a slot to a lower group: retry the same one.
@@ -366,6 +355,47 @@ def _place(keys: torch.Tensor, num_groups: int, num_slots: int, group_hash) -> O
             pending = torch.cat([groups[~won], pending[per_round:]])
             next_try = torch.cat([tries[~won], next_try[per_round:]])
     return pilots
+
+
+def _winners(chosen: torch.Tensor) -> torch.Tensor:
+    """For groups (rows of ``chosen``, lowest first) that each want distinct slots: whether each gets
+    all of its slots, a slot that several want going to the lowest of them."""
+    wanted = chosen.reshape(-1)  # row-major: the groups wanting a slot come in ascending order
+    slots, order = torch.sort(wanted, stable=True)  # each slot's wanters stay lowest first
+    first = torch.ones(slots.numel(), dtype=torch.bool)
+    first[1:] = slots[1:] != slots[:-1]
+    gets = torch.zeros(wanted.numel(), dtype=torch.bool)
+    gets[order[first]] = True
+    return gets.view(chosen.shape).all(1)
+
+
+def _by_group(keys: torch.Tensor, num_groups: int, group_hash) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(int32 keys per group, int64 start of each group, the mixed keys in group order): a counting
+    sort, :data:`_CHUNK` keys at a time, stable (keys of a group in their given order) like an argsort of
+    the groups, without the keys' group, order or sort buffers (16-28 bytes a key)."""
+
+    def mixed_and_groups(start: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        mixed = _mixed(keys[start:start + _CHUNK], group_hash)
+        return mixed, _group_of(mixed, group_hash[0], num_groups)
+
+    sizes = torch.zeros(num_groups, dtype=torch.int32)
+    for start in range(0, keys.numel(), _CHUNK):
+        group = mixed_and_groups(start)[1]
+        sizes.index_add_(0, group, torch.ones(1, dtype=torch.int32).expand(group.numel()))
+    # Where each group's next key goes: its start, advanced by its keys placed so far.
+    fill = torch.cumsum(sizes, 0, dtype=torch.int64) - sizes
+    sorted_keys = torch.empty_like(keys)
+    for start in range(0, keys.numel(), _CHUNK):
+        mixed, group = mixed_and_groups(start)
+        group, order = torch.sort(group, stable=True)
+        new = torch.ones(group.numel(), dtype=torch.bool)  # the chunk's first key of its group
+        new[1:] = group[1:] != group[:-1]
+        index = torch.arange(group.numel())
+        run_start = torch.cummax(torch.where(new, index, 0), 0).values
+        sorted_keys[fill.index_select(0, group) + (index - run_start)] = mixed.index_select(0, order)
+        fill.index_add_(0, group, torch.ones(1, dtype=torch.int64).expand(group.numel()))
+    fill -= sizes  # every group's start again
+    return sizes, fill, sorted_keys
 
 
 def _first_fits(sorted_keys: torch.Tensor, starts: torch.Tensor, size: int, tried: torch.Tensor,
@@ -390,14 +420,6 @@ def _first_fits(sorted_keys: torch.Tensor, starts: torch.Tensor, size: int, trie
         first.append(best)
         chosen.append(slots[torch.arange(best.numel()), best])
     return torch.cat(has), torch.cat(first), torch.cat(chosen)
-
-
-def _sorted_mixed(keys: torch.Tensor, order: torch.Tensor, group_hash) -> torch.Tensor:
-    """The mixed keys in ``order``, gathered and mixed :data:`_CHUNK` at a time."""
-    out = torch.empty_like(keys)
-    for start in range(0, keys.numel(), _CHUNK):
-        out[start:start + _CHUNK] = _mixed(keys.index_select(0, order[start:start + _CHUNK]), group_hash)
-    return out
 
 
 def check(tensors: Mapping[str, torch.Tensor], table: str = "table") -> None:

@@ -18,14 +18,14 @@ from lhf_torchrec.data.source import CTRSource
 from lhf_torchrec.distributed.fit import (
     ProfileShare,
     RankBudgetStatistics,
-    gather_fits,
+    gather_keyed_fits,
     gather_profile,
     merge_across_ranks,
     own_share,
     record_entry_share_across_ranks,
     share_profile,
 )
-from lhf_torchrec.mapping.buckets import TooFewRowsForBuckets, assemble_bucketed, fit_bucket_range
+from lhf_torchrec.mapping.buckets import TooFewRowsForBuckets, assemble_keyed, fit_bucket_range
 from lhf_torchrec.mapping.budget import plan_budget, row_bytes
 from lhf_torchrec.mapping.embeddings import IdEmbeddings, embeddings_of
 from lhf_torchrec.mapping.fit import fit_mapping
@@ -297,10 +297,10 @@ def _fit_shares(
         # The replicated mapping's assembly is every rank's peak: free the buckets' profiles and the
         # rank's own entries first (they are among the gathered ones).
         del statistics
-        whole = gather_fits(fits)
+        whole = gather_keyed_fits(fits, plan.num_rows, num_buckets, seed=seed, table=t.name)
         del fits
-        mappings[t.name] = assemble_bucketed(method, plan.num_rows, num_buckets, whole, seed=seed, table=t.name,
-                                             **plan.hyperparams)
+        mappings[t.name] = assemble_keyed(method, plan.num_rows, num_buckets, whole, seed=seed, table=t.name,
+                                          **plan.hyperparams)
         del whole
         record_entry_share_across_ranks(mappings[t.name], share)
     summaries = {name: share.summary for name, share in shares.items()}

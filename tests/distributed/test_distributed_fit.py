@@ -32,13 +32,20 @@ from lhf_torchrec.distributed.fit import (
     exchange_profiles,
     fit_bucketed_distributed,
     fit_owned_buckets,
-    gather_fits,
+    gather_keyed_fits,
     gather_profile,
     owned_buckets,
     share_profile,
 )
 from lhf_torchrec.mapping.budget import plan_budget
-from lhf_torchrec.mapping.buckets import TooFewRowsForBuckets, bucket_profiles, fit_bucket_range, fit_bucketed
+from lhf_torchrec.mapping.buckets import (
+    TooFewRowsForBuckets,
+    BucketFits,
+    bucket_profiles,
+    fit_bucket_range,
+    fit_bucketed,
+    keyed_fits,
+)
 from lhf_torchrec.mapping import load_mappings
 from lhf_torchrec.mapping.embeddings import IdEmbeddings
 from lhf_torchrec.mapping.profile import IdProfile
@@ -106,13 +113,36 @@ def _distributed_fit_checks(rank: int, world_size: int) -> None:
     listed = _all_gather(part, None)
     assert whole.dtype == np.int64 and [g.shape for g in listed] == [p.shape for p in parts]
     assert np.array_equal(np.concatenate(listed), whole)
-    # The gathered fits of the ranks' buckets are one process's fits of every bucket.
-    fits = gather_fits(fit_owned_buckets("combination", NUM_ROWS, NUM_BUCKETS, owned, own_embeddings, seed=5))
-    one = fit_bucket_range("combination", NUM_ROWS, NUM_BUCKETS, bucket_profiles(merged, NUM_BUCKETS, seed=5),
-                           embeddings, seed=5)
-    assert fits.first_bucket == 0 and fits.splits == one.splits
-    for name in ("entry_ids", "entry_rows", "entry_counts"):
+    # Gathers keep the dtype (int32 rows of keyed entries, bytes of an error message).
+    small, small_lengths = _gather(np.arange(rank + 1, dtype=np.int32), None)
+    assert small.dtype == np.int32 and small_lengths == list(range(1, world_size + 1))
+    # The gathered keyed fits of the ranks' buckets are one process's fits of every bucket, keyed.
+    own = fit_owned_buckets("combination", NUM_ROWS, NUM_BUCKETS, owned, own_embeddings, seed=5)
+    fits = gather_keyed_fits(own, NUM_ROWS, NUM_BUCKETS, seed=5)
+    one = keyed_fits(fit_bucket_range("combination", NUM_ROWS, NUM_BUCKETS, bucket_profiles(merged, NUM_BUCKETS, seed=5),
+                                      embeddings, seed=5), NUM_ROWS, NUM_BUCKETS, seed=5)
+    assert fits.first_bucket == 0 and fits.splits == one.splits and fits.rows.dtype == np.int32
+    for name in ("keys", "rows", "entry_counts"):
         assert np.array_equal(getattr(fits, name), getattr(one, name)), name
+    # A bad entry only one rank holds (its bucket's) fails on every rank, naming the id, none left waiting.
+    ids, rows = own.entry_ids.copy(), own.entry_rows.copy()
+    if rank == 0 and ids.size > 1:
+        ids[1] = ids[0]
+    bad = BucketFits(own.first_bucket, own.splits, ids, rows, own.entry_counts)
+    error = raised_by(lambda: gather_keyed_fits(bad, NUM_ROWS, NUM_BUCKETS, seed=5, table="t_dup"))
+    if rank == 0:
+        assert str(error) == f"table 't_dup': id {own.entry_ids[0]} has more than one entry", error
+    else:
+        assert str(error).startswith("table 't_dup': id ") and str(error).endswith(
+            "has more than one entry (raised on rank 0)"), error
+    # So does an entry row outside its bucket, on the rank that holds it (the last rank holds buckets too).
+    rows = own.entry_rows.copy()
+    if rank == world_size - 1 and rows.size:
+        rows[0] = (rows[0] + NUM_ROWS // NUM_BUCKETS) % NUM_ROWS
+    bad = BucketFits(own.first_bucket, own.splits, own.entry_ids, rows, own.entry_counts)
+    error = raised_by(lambda: gather_keyed_fits(bad, NUM_ROWS, NUM_BUCKETS, seed=5, table="t_row"))
+    assert "table 't_row': entry row" in str(error) and "is outside its bucket" in str(error), error
+    assert (rank == world_size - 1) != (f"(raised on rank {world_size - 1})" in str(error)), error
 
     for method in METHODS:
         want = fit_bucketed(method, NUM_ROWS, NUM_BUCKETS, merged, embeddings, seed=5, table="t")

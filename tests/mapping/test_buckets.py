@@ -412,3 +412,79 @@ def test_bucketed_entries_in_any_order_are_sorted_for_sorted_keys():
     assert mapping.storage == "sorted" and bool((mapping.keys[1:] > mapping.keys[:-1]).all())
     assert mapping.fingerprint == _bucketed_from(ids, rows, 4, 1 << 22, 0).fingerprint
     assert torch.equal(mapping(torch.from_numpy(ids)), torch.from_numpy(rows))
+
+
+# ------------------------------------------------------------------ entries keyed by bucket hash
+
+
+@settings(max_examples=40, deadline=None)
+@given(ids=st.lists(int64s, min_size=0, max_size=300), num_buckets=st.sampled_from([1, 4, 16]),
+       rows_per_bucket=st.sampled_from([8, 1 << 20]), seed=st.integers(0, 1000), shuffle=st.integers(0, 1 << 30))
+def test_entries_keyed_by_bucket_hash_give_the_mapping_of_their_ids(ids, num_buckets, rows_per_bucket, seed, shuffle):
+    """A distributed fit gathers (bucket hash, int32 row) instead of (id, int64 row): the mapping built from
+    the keys (from_bucket_keys) is the one from the ids, fingerprint included, in any order and storage."""
+    from lhf_torchrec.mapping.id_mapping import bucket_entry_keys
+
+    ids, rows = _bucket_entries(np.array(ids + [5], np.int64), num_buckets, rows_per_bucket, seed)
+    perm = np.random.default_rng(shuffle).permutation(ids.size)
+    ids, rows = ids[perm], rows[perm]
+    want = _bucketed_from(ids, rows, num_buckets, rows_per_bucket, seed)
+    num_rows = num_buckets * rows_per_bucket
+    keys = bucket_entry_keys(ids, rows, num_rows, num_buckets, seed, "tb")
+    assert np.array_equal(keys, bucket_hash(torch.from_numpy(ids), num_buckets, seed).numpy())
+    got = IdMapping.from_bucket_keys(keys, rows.astype(np.int32), num_rows, hash_rows=num_rows, seed=seed,
+                                     num_buckets=num_buckets, table_name="tb",
+                                     bucket_hash_regions=torch.tensor([[0, 1]] * num_buckets, dtype=torch.int32))
+    assert got.fingerprint == want.fingerprint and got.storage == want.storage
+    assert torch.equal(got(torch.from_numpy(ids)), torch.from_numpy(rows))
+
+
+@pytest.mark.parametrize("method", ["frequency", "combination", "hash"])
+def test_keyed_fits_assemble_the_mapping_of_the_fits(data, method):
+    from lhf_torchrec.mapping.buckets import assemble_bucketed, assemble_keyed, bucket_profiles, fit_bucket_range, keyed_fits
+
+    profile, embeddings = data
+    fits = fit_bucket_range(method, 512, 8, bucket_profiles(profile, 8, 3), embeddings, seed=3)
+    keyed = keyed_fits(fits, 512, 8, seed=3)
+    assert keyed.rows.dtype == np.int32 and keyed.splits == fits.splits and keyed.keys.size == fits.entry_ids.size
+    want = assemble_bucketed(method, 512, 8, fits, seed=3, table="t")
+    assert assemble_keyed(method, 512, 8, keyed, seed=3, table="t").fingerprint == want.fingerprint
+    # Keyed fits of some buckets only are refused at the assembly, as fits are.
+    part = type(keyed)(2, keyed.splits[2:], keyed.keys[:0], keyed.rows[:0], keyed.entry_counts[2:])
+    with pytest.raises(ValueError, match=r"table 't': a mapping needs the fits of all 8 buckets, got buckets \[2, 8\)"):
+        assemble_keyed(method, 512, 8, part, seed=3, table="t")
+
+
+def test_bad_keyed_entries_are_refused_naming_the_key():
+    ids, rows = _bucket_entries(np.arange(0, 3000, 7, dtype=np.int64), 4, 16, 0)
+    keys = bucket_hash(torch.from_numpy(ids), 4, 0).numpy()
+    regions = torch.tensor([[0, 1]] * 4, dtype=torch.int32)
+
+    def build(k, r, **settings):
+        settings = {"num_buckets": 4, "table_name": "tk", **settings}
+        return IdMapping.from_bucket_keys(k, r, 64, hash_rows=64, bucket_hash_regions=regions, **settings)
+
+    with pytest.raises(ValueError, match=f"table 'tk': bucket hash {keys[3]} has more than one entry"):
+        build(np.append(keys, keys[3]), np.append(rows, rows[3]))
+    wrong = rows.copy()
+    wrong[2] = (wrong[2] + 16) % 64
+    with pytest.raises(ValueError, match=f"table 'tk': entry row {wrong[2]} of bucket hash {keys[2]} is outside its "
+                                         f"bucket {keys[2] // (input_hash_size(4) // 4)}"):
+        build(keys, wrong)
+    with pytest.raises(ValueError, match=r"table 'tk': entry row 64 is outside \[0, 64\)"):
+        build(keys, np.append(rows[:-1], 64))
+    with pytest.raises(ValueError, match=f"table 'tk': bucket hash -1 is outside \\[0, {input_hash_size(4)}\\)"):
+        build(np.append(keys, -1), np.append(rows, 0))
+    with pytest.raises(ValueError, match="table 'tk': bucket keys must be 1-D int64 with one integer row each"):
+        build(keys.astype(np.float64), rows)
+    with pytest.raises(ValueError, match="table 'tk': bucket keys must be 1-D int64 with one integer row each"):
+        build(keys, rows[:-1])
+    with pytest.raises(ValueError, match="table 'tk': entries keyed by bucket hash make a bucketed mapping"):
+        build(keys, rows, num_buckets=None)
+    # Keying the fits checks by id: the id named, not its key.
+    from lhf_torchrec.mapping.id_mapping import bucket_entry_keys
+
+    with pytest.raises(ValueError, match=f"table 'tk': id {ids[4]} has more than one entry"):
+        bucket_entry_keys(np.append(ids, ids[4]), np.append(rows, rows[4]), 64, 4, 0, "tk")
+    with pytest.raises(ValueError, match=f"table 'tk': entry row {wrong[2]} of id {ids[2]} is outside its bucket"):
+        bucket_entry_keys(ids, wrong, 64, 4, 0, "tk")

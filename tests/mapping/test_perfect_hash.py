@@ -319,3 +319,49 @@ def test_chunked_build_gives_the_same_table(monkeypatch, packed):
                                                             chunked["slot_rows_high"], chunked["group_pilots"],
                                                             chunked["group_hash"].tolist()))
     assert bool(found.all()) and torch.equal(found_rows, rows)
+
+
+def test_the_table_is_the_one_the_argsort_build_made():
+    """Golden tables, computed by the build before its counting sort and per-round contention (commit
+    112ce46: an argsort of the groups, an int32 owner per slot): the memory-saving build makes the same
+    tables bit for bit, so every fitted mapping keeps its fingerprint."""
+    import hashlib
+
+    keys = torch.from_numpy(np.random.default_rng(0).choice(1 << 40, 30_000, replace=False))
+    for packed, want in ((False, "d04d6baea53ca330"), (True, "e38f20d074e0a645")):
+        table = perfect_hash.build(keys, keys % 5000, seed=1, num_rows=5000, packed=packed)
+        got = hashlib.sha256(b"".join(table[k].numpy().tobytes() for k in sorted(table))).hexdigest()[:16]
+        assert got == want, packed
+
+
+@settings(max_examples=60, deadline=None)
+@given(keys=st.lists(int64s, max_size=300), num_groups=st.integers(1, 40), chunk=st.sampled_from([1, 7, 64, 1 << 18]),
+       seed=st.integers(0, 3))
+def test_counting_sort_by_group_equals_a_stable_argsort(keys, num_groups, chunk, seed):
+    """The build groups its keys with a chunked counting sort: the same sizes, starts and key order (keys
+    of a group in their given order) as a stable argsort of the groups, over any chunk size."""
+    from unittest import mock
+
+    keys = torch.tensor(keys, dtype=torch.int64)
+    group_hash = [0x9E3779B97F4A7C15 - (1 << 64) | 1, seed * 7919, 3, 2]
+    mixed = perfect_hash._mixed(keys, group_hash)
+    group = perfect_hash._group_of(mixed.clone(), group_hash[0], num_groups)
+    order = torch.argsort(group, stable=True)
+    want_sizes = torch.bincount(group, minlength=num_groups)
+    with mock.patch.object(perfect_hash, "_CHUNK", chunk):
+        sizes, starts, sorted_keys = perfect_hash._by_group(keys, num_groups, group_hash)
+    assert torch.equal(sizes.long(), want_sizes) and torch.equal(starts, torch.cumsum(want_sizes, 0) - want_sizes)
+    assert torch.equal(sorted_keys, mixed[order])
+
+
+@settings(max_examples=100, deadline=None)
+@given(rows=st.lists(st.lists(st.integers(0, 30), min_size=3, max_size=3, unique=True), max_size=40))
+def test_contention_goes_to_the_lowest_group_as_an_owner_per_slot_gives_it(rows):
+    """A round's contention is settled among the slots it wants: each group gets all its slots iff no lower
+    group wants one of them, as the per-slot owner array (scatter_reduce amin) it replaces decided."""
+    chosen = torch.tensor(rows, dtype=torch.int64).view(-1, 3)
+    rank = torch.arange(chosen.shape[0], dtype=torch.int32).unsqueeze(1).expand(-1, 3)
+    owner = torch.full((31,), 1 << 30, dtype=torch.int32)
+    owner.scatter_reduce_(0, chosen.reshape(-1), rank.reshape(-1), "amin")
+    want = (owner.index_select(0, chosen.reshape(-1)).view(chosen.shape) == rank).all(1)
+    assert torch.equal(perfect_hash._winners(chosen), want)
