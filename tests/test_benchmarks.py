@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -101,5 +102,7 @@ def test_data_benchmark_quick_mode_times_the_text_and_the_cache(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     text = doc.read_text()
     assert "## CSV reading (benchmarks/data.py)" in text and "3,000 records" in text
-    for step in ("count records", "pass over the text", "build the cache", "open the cache", "pass over the cache"):
+    for step in ("count records", "pass over the text", "build the cache, 1 process", "open the cache",
+                 "pass over the cache"):
         assert f"| {step} |" in text
+    assert re.search(r"\| build the cache, \d+ workers \|", text)
