@@ -231,11 +231,12 @@ class CSVSpec:
         return [c for c in self.dense if "standardize" in self.transforms.get(c, ())]
 
     def column_indices(self, names: Sequence[str], path: PathLike) -> list[int]:
-        """Positions of label, dense and categorical columns (in that order) among ``names``."""
+        """Positions of label, dense and categorical columns (in that order) among ``names``, then the
+        number of fields a record has (``len(names)``)."""
         missing = [c for c in self._used if c not in names]
         if missing:
             raise DataFormatError(path, 1 if self.header else None, f"columns {missing} not found among {list(names)}")
-        return [list(names).index(c) for c in self._used]
+        return [list(names).index(c) for c in self._used] + [len(names)]
 
 
 class CSVSource(StreamingSource):
@@ -276,7 +277,7 @@ class CSVSource(StreamingSource):
         """(used column positions, then the field count; records) for consecutive blocks of the data
         records of ``path`` (see the module docstring for the two ways a block is read)."""
         names = None if self.spec.header else list(self.spec.column_names or ())
-        columns = None if names is None else self.spec.column_indices(names, path) + [len(names)]
+        columns = None if names is None else self.spec.column_indices(names, path)
         offset, line = 0, 1  # where the next block starts: byte (of the decompressed text) and line
         for data, end in line_blocks(path, _BLOCK_BYTES):
             block = data[:end]
@@ -288,7 +289,7 @@ class CSVSource(StreamingSource):
                 if header is None:
                     break
                 names = header.rstrip("\n").split(self.spec.delimiter)
-                columns = self.spec.column_indices(names, path) + [len(names)]
+                columns = self.spec.column_indices(names, path)
                 block, offset, line = block[header_end:], offset + header_end, line + 1
             text = _quote_free_text(block)
             if text is None:
@@ -315,7 +316,7 @@ class CSVSource(StreamingSource):
                 names = next(reader, None)
                 if names is None:
                     raise DataFormatError(path, 1, "empty file, expected a header line")
-                columns = self.spec.column_indices(names, path) + [len(names)]
+                columns = self.spec.column_indices(names, path)
             for fields in reader:
                 if fields:
                     lines.append(line - 1 + reader.line_num)
