@@ -480,3 +480,103 @@ def test_a_rating_label_with_a_threshold_is_a_click(tmp_path: Path) -> None:
         read_csv(path, spec)
     with pytest.raises(ValueError, match="label_threshold must be a finite number"):
         CSVSpec(label="rating", categorical=["user"], label_threshold="4")
+
+
+ORDERED = CSVSpec(label="click", dense=["price"], categorical=["user"], order_by="ts", name="log")
+
+
+def _unordered_log(tmp_path: Path, bad: str = "") -> tuple[Path, list[tuple[float, int, int]]]:
+    """A log sorted by user, not by time (as many rating logs are): (time, user, click) per record."""
+    rng = np.random.default_rng(0)
+    records = [(float(t), u, int(rng.integers(2))) for u in range(30) for t in rng.integers(0, 50, size=7)]
+    lines = [f"{c},{t / 2},{u},{t:g}\n" for t, u, c in records]
+    if bad:
+        lines.insert(100, bad)
+    return _write(tmp_path / "log.csv", "click,price,user,ts\n" + "".join(lines)), records
+
+
+def test_records_come_in_the_order_of_a_time_column(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("LHF_CACHE_DIR", str(tmp_path / "cache"))
+    path, records = _unordered_log(tmp_path, bad="1,2.0,5,soon\n")
+    want = sorted(records, key=lambda r: r[0])  # stable: records of one time keep the file's order
+    source = CSVSource(path, ORDERED, on_error="skip")
+    with pytest.raises(ValueError, match="ordered by 'ts' are read from the parse cache; call cache"):
+        source.load()
+    folder = source.cache(progress=False)
+    assert sorted(p.name for p in folder.iterdir()) == ["dense.npy", "labels.npy", "manifest.json", "sparse.npy",
+                                                        "valid.npy"]
+    assert len(source) == len(records) + 1  # the malformed record counts, as in file order
+    data = source.load()
+    np.testing.assert_array_equal(data.sparse[:, 0], [u for _, u, _ in want])
+    np.testing.assert_array_equal(data.labels, [c for _, _, c in want])
+    np.testing.assert_array_equal(data.dense[:, 0], [t / 2 for t, _, _ in want])
+    assert source.report.lines_skipped == 1
+    assert source.report.examples == [f"{path}:102: column 'ts' (order_by): expected a number or an ISO 8601 "
+                                      "date/time, got 'soon'"]
+    # The time split follows the times: no training record is later than a test record.
+    splits = time_split(source)
+    assert splits[0].load().dense.max() <= splits[2].load().dense.min()
+    examples = []
+    for split in splits:
+        split.load()
+        examples += split.report.examples
+    assert len(examples) == 1  # the malformed record lies in one split (it has the time of the record before it)
+    assert read_csv(path, ORDERED, on_error="skip").sparse.tolist() == data.sparse.tolist()
+    # Ordered and unordered records are other caches.
+    unordered = dataclasses.replace(ORDERED, order_by=None)
+    assert CSVSource(path, unordered, on_error="skip").cache(progress=False) != folder
+    with pytest.raises(DataFormatError, match=r"log.csv:102: column 'ts' \(order_by\): expected a number or an "
+                                              r"ISO 8601 date/time, got 'soon'"):
+        CSVSource(path, ORDERED).cache(progress=False)
+
+
+def test_order_by_reads_iso_dates_and_the_files_order_breaks_ties(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("LHF_CACHE_DIR", str(tmp_path / "cache"))
+    path = _write(tmp_path / "d.csv", "click,price,user,ts\n1,0,a,2017-11-26\n0,0,b,2017-11-25 23:30:00\n"
+                                      "1,0,c,2017-11-26T01:00:00+02:00\n0,0,d,2017-11-26\n0,0,e,2017-11-24T08:00\n")
+    users = [categorical_id(u) for u in "ecbad"]  # c is 2017-11-25 23:00 UTC
+    assert read_csv(path, ORDERED).sparse[:, 0].tolist() == users
+    spec = dataclasses.replace(ORDERED, order_by="user")
+    with pytest.raises(DataFormatError, match=r"d.csv:2: column 'user' \(order_by\): expected a number or an ISO "
+                                              r"8601 date/time, got 'a'"):
+        read_csv(path, spec)
+    with pytest.raises(DataFormatError, match=r"columns \['when'\] not found"):
+        read_csv(path, dataclasses.replace(ORDERED, order_by="when"))
+
+
+def test_labels_of_text_with_positive_labels(tmp_path: Path) -> None:
+    path = _write(tmp_path / "b.csv", "user,behavior\n1,pv\n2,buy\n1,cart\n3,fav\n2,buy\n")
+    spec = CSVSpec(label="behavior", categorical=["user"], positive_labels=["buy", "cart"])
+    np.testing.assert_array_equal(read_csv(path, spec).labels, [0, 1, 1, 0, 1])
+    _write(path, "user,behavior\n1,pv\n2,\n")
+    with pytest.raises(DataFormatError, match=r"b.csv:3: column 'behavior': empty label"):
+        read_csv(path, spec)
+    with pytest.raises(DataFormatError, match=r"b.csv:2: column 'behavior': expected a number, got 'pv'"):
+        read_csv(path, CSVSpec(label="behavior", categorical=["user"]))
+    for bad in ("buy", [], ["buy", 1], [""]):
+        with pytest.raises(ValueError, match="positive_labels must be a list of label texts"):
+            CSVSpec(label="behavior", categorical=["user"], positive_labels=bad)
+    with pytest.raises(ValueError, match="label_threshold .* or positive_labels .*, not both"):
+        CSVSpec(label="behavior", categorical=["user"], positive_labels=["buy"], label_threshold=1)
+    with pytest.raises(ValueError, match=r"delimiter must be one character, got '::' .*sed"):
+        CSVSpec(label="rating", categorical=["user"], delimiter="::")
+
+
+def test_records_grouped_by_a_feature_are_named(tmp_path: Path, monkeypatch, caplog) -> None:
+    monkeypatch.setenv("LHF_CACHE_DIR", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    users = np.repeat(np.arange(200), 6)  # a rating log sorted by user: each user's records in one run
+    times, items = rng.permutation(len(users)), rng.integers(0, 50, len(users))
+    path = _write(tmp_path / "ratings.csv", "click,price,user,item,ts\n" + "".join(
+        f"{k % 2},0,{u},{i},{t}\n" for k, (u, i, t) in enumerate(zip(users, items, times))))
+    grouped = CSVSpec(label="click", dense=["price"], categorical=["user", "item"])
+    with caplog.at_level("WARNING"):
+        CSVSource(path, grouped).table_sizes()
+    assert "records are grouped by user (200 ids in 200 runs of records), not in time order" in caplog.text
+    assert "order_by" in caplog.text and "item" not in caplog.text.split("grouped by")[1].split("not in time")[0]
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        source = CSVSource(path, dataclasses.replace(grouped, order_by="ts"))
+        source.cache(progress=False)
+        assert source.table_sizes() == [200, 50]  # integer-coded ids that fill [0, max id]
+    assert "grouped" not in caplog.text

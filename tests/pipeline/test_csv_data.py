@@ -115,3 +115,29 @@ def test_a_column_first_filled_after_the_training_rows_gets_one_row(tmp_path) ->
     full = fit_mappings(data.tables, profile_tables(data.train, data.tables), "full", compression=1)
     assert full.rows["t_late"] == 1  # no id in training: every id is unseen and shares one row
     assert full.compression.mappings["t_late"](torch.tensor([5, 1 << 62])).tolist() == [0, 0]
+
+
+def test_an_event_log_sorted_by_user_splits_in_time_order(tmp_path) -> None:
+    """A user-behaviour log as such logs are published: no header, sorted by user, the label an event
+    type, a unix time column."""
+    import gzip
+
+    rng = np.random.default_rng(0)
+    events = [(u, int(rng.integers(0, 80)), str(rng.choice(["pv", "pv", "pv", "cart", "buy"])),
+               1_511_500_000 + int(rng.integers(0, 10**6))) for u in range(150) for _ in range(8)]
+    path = tmp_path / "UserBehavior.csv.gz"
+    path.write_bytes(gzip.compress("".join(f"{u},{i},{b},{t}\n" for u, i, b, t in events).encode()))
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"label": "behavior", "categorical": ["user", "item"], "header": False,
+                                "column_names": ["user", "item", "behavior", "timestamp"],
+                                "positive_labels": ["buy", "cart"], "order_by": "timestamp"}))
+    data = load_split(DatasetSpec("csv", [str(path)], csv_spec=str(spec)), embedding_dim=4)
+    assert data.name == "UserBehavior"
+    by_time = sorted(events, key=lambda e: e[3])
+    loaded = [data.train.load(), data.validation.load(), data.test.load()]
+    assert [len(d) for d in loaded] == [960, 120, 120]
+    np.testing.assert_array_equal(np.concatenate([d.sparse[:, 0] for d in loaded]), [e[0] for e in by_time])
+    np.testing.assert_array_equal(np.concatenate([d.labels for d in loaded]),
+                                  [float(e[2] != "pv") for e in by_time])
+    # The test users are the training users (in file order they would be the last 15 users, all unseen).
+    assert set(loaded[2].sparse[:, 0]) <= set(loaded[0].sparse[:, 0])
