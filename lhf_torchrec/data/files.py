@@ -6,10 +6,13 @@ counted in a :class:`ParseReport` (the first few with file, line and reason), lo
 the end of each pass.
 """
 
+import bz2
 import gzip
 import hashlib
 import logging
+import lzma
 import os
+import zipfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,14 +118,48 @@ def check_readable(path: PathLike) -> Path:
     return path
 
 
+COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zip")
+
+
 def open_binary(path: PathLike) -> IO[bytes]:
-    """Opens ``path`` for reading bytes, decompressing ``.gz`` files on the fly."""
-    if str(path).endswith(".gz"):
+    """Opens ``path`` for reading bytes, decompressing ``.gz``, ``.bz2``, ``.xz`` files and the one
+    file of a ``.zip`` archive (as data sites ship them) on the fly."""
+    name = str(path)
+    if name.endswith(".gz"):
         return gzip.open(path, "rb")
+    if name.endswith(".bz2"):
+        return bz2.open(path, "rb")
+    if name.endswith(".xz"):
+        return lzma.open(path, "rb")
+    if name.endswith(".zip"):
+        return _zip_member(path)
     return open(path, "rb")
 
 
-COMPRESSION_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile)  # what reading a damaged .gz raises
+def _zip_member(path: PathLike) -> IO[bytes]:
+    """The one file of a zip archive (folders and macOS' ``__MACOSX/`` entries aside), open for reading."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = [m for m in archive.infolist() if not m.is_dir() and not m.filename.startswith("__MACOSX/")]
+            if len(members) != 1:
+                names = ", ".join(m.filename for m in members[:5]) + (" ..." if len(members) > 5 else "")
+                raise DataFormatError(path, None, f"a zip archive of {len(members)} files ({names}); give an archive of "
+                                                  "one file, or the files unpacked")
+            return archive.open(members[0])  # stays readable after the archive object closes
+    except (zipfile.BadZipFile, NotImplementedError) as e:  # NotImplementedError: e.g. deflate64
+        raise DataFormatError(path, None, f"not a readable zip archive: {e}") from None
+
+
+# What reading a damaged compressed file raises; bz2 raises a plain OSError (see is_damaged_compressed).
+COMPRESSION_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile, lzma.LZMAError, zipfile.BadZipFile, OSError)
+
+
+def is_damaged_compressed(path: PathLike, error: Exception) -> bool:
+    """Whether ``error``, one of :data:`COMPRESSION_ERRORS` met reading ``path``, says the compressed
+    file is damaged (an OSError of an uncompressed file is the system's, not the data's)."""
+    if isinstance(error, gzip.BadGzipFile) or not isinstance(error, OSError):
+        return True
+    return type(error) is OSError and str(path).endswith(COMPRESSED_SUFFIXES)  # bz2's "Invalid data stream"
 
 
 def corrupt_compressed_file(path: PathLike, error: Exception) -> "DataFormatError":
@@ -138,6 +175,8 @@ def line_blocks(path: PathLike, block_bytes: int) -> Iterator[tuple[bytes, int]]
             try:
                 data = f.read(block_bytes)
             except COMPRESSION_ERRORS as e:
+                if not is_damaged_compressed(path, e):
+                    raise
                 raise corrupt_compressed_file(path, e) from e
             if not data:
                 break

@@ -27,9 +27,11 @@ one for ids never seen. No table is ever sized from the 2**63 hash space.
 Records follow the ``csv`` module's rules (quoting and embedded newlines work); ``len``, ``slice`` and
 :func:`time_split` count records, not physical lines. They come in the files' order, or with the
 spec's ``order_by`` (a column of numbers or ISO 8601 dates and times) in time order: the parse cache
-(below) then stores them sorted by that column, so a log sorted by user still splits by time. Files ending in ``.gz`` are decompressed on the
-fly. Text is read in blocks of a few MiB: a block without quotes, NUL bytes or lone carriage returns
-(most CTR logs) is cut into lines and split on the delimiter with ``str`` methods, column by column;
+(below) then stores them sorted by that column, so a log sorted by user still splits by time. Files
+ending in ``.gz``, ``.bz2``, ``.xz`` and ``.zip`` archives of one file are decompressed on the fly
+(:func:`~lhf_torchrec.data.files.open_binary`). Text is read in blocks of a few MiB: a block
+without quotes, NUL bytes or lone carriage returns (most CTR logs) is cut into lines and split on the
+delimiter with ``str`` methods, column by column;
 from the first block that has any, to the end of the file, the ``csv`` module reads the records
 (same records, slower).
 
@@ -81,6 +83,7 @@ from lhf_torchrec.data.files import (
     check_readable,
     corrupt_compressed_file,
     file_sha256,
+    is_damaged_compressed,
     line_blocks,
     open_binary,
     open_npy,
@@ -352,6 +355,8 @@ class CSVSource(StreamingSource):
         except csv.Error as e:
             raise DataFormatError(path, line - 1 + reader.line_num, str(e)) from e
         except COMPRESSION_ERRORS as e:
+            if not is_damaged_compressed(path, e):
+                raise
             raise corrupt_compressed_file(path, e) from e
         if rows:
             yield columns, _Records(lines, rows, None)

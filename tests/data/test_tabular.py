@@ -1,10 +1,13 @@
+import bz2
 import csv
 import dataclasses
 import gzip
 import hashlib
 import io
+import lzma
 import threading
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -453,19 +456,43 @@ def test_a_process_that_does_not_build_waits_for_the_cache(tmp_path: Path, monke
     np.testing.assert_array_equal(waiting.load().sparse, builder.load().sparse)
 
 
-def test_gzip_files_read_as_their_text(tmp_path: Path, monkeypatch) -> None:
+def _zipped(data: bytes, *names: str) -> bytes:
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.mkdir("data")
+        for name in names:
+            archive.writestr(name, data)
+    return out.getvalue()
+
+
+COMPRESSORS = {".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress,
+               ".zip": lambda data: _zipped(data, "data/mixed.csv", "__MACOSX/._mixed.csv")}
+
+
+@pytest.mark.parametrize("suffix", list(COMPRESSORS))
+def test_compressed_files_read_as_their_text(tmp_path: Path, monkeypatch, suffix: str) -> None:
     monkeypatch.setattr("lhf_torchrec.data.tabular._BLOCK_BYTES", 256)  # quote-free blocks, then the csv module
     path = _mixed_file(tmp_path, 500)
-    packed = tmp_path / "mixed.csv.gz"
-    packed.write_bytes(gzip.compress(path.read_bytes()))
+    packed = tmp_path / f"mixed.csv{suffix}"
+    packed.write_bytes(COMPRESSORS[suffix](path.read_bytes()))
     plain, compressed = CSVSource(path, PLAIN, on_error="skip"), CSVSource(packed, PLAIN, on_error="skip")
     for a, b in zip(_tables(compressed), _tables(plain)):
         np.testing.assert_array_equal(a, b)
-    with pytest.raises(DataFormatError, match=r"mixed.csv.gz:52: column 'views'"):
+    with pytest.raises(DataFormatError, match=rf"mixed.csv{suffix}:52: column 'views'"):
         read_csv(packed, PLAIN)
-    (tmp_path / "cut.csv.gz").write_bytes(packed.read_bytes()[:-20])
-    with pytest.raises(DataFormatError, match="cut.csv.gz: corrupt or truncated compressed file"):
-        read_csv(tmp_path / "cut.csv.gz", PLAIN)
+    cut = tmp_path / f"cut.csv{suffix}"
+    cut.write_bytes(packed.read_bytes()[: len(packed.read_bytes()) // 2])
+    damaged = "not a readable zip archive" if suffix == ".zip" else "corrupt or truncated compressed file"
+    with pytest.raises(DataFormatError, match=f"cut.csv{suffix}: {damaged}"):
+        read_csv(cut, PLAIN)
+
+
+def test_a_zip_of_several_files_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "two.zip"
+    path.write_bytes(_zipped(b"click,user\n1,a\n", "a.csv", "b.csv"))
+    with pytest.raises(DataFormatError, match=r"two.zip: a zip archive of 2 files \(a.csv, b.csv\); give an archive "
+                                              "of one file, or the files unpacked"):
+        read_csv(path, CSVSpec(label="click", categorical=["user"]))
 
 
 def test_a_rating_label_with_a_threshold_is_a_click(tmp_path: Path) -> None:
