@@ -49,6 +49,7 @@ worker processes of a ``torch.utils.data.DataLoader`` (one per core, at most 8):
 the text scales with the cores of the machine.
 """
 
+import codecs
 import csv
 import hashlib
 import io
@@ -165,6 +166,7 @@ class CSVSpec:
     label_threshold: float | None = None
     positive_labels: Sequence[str] | None = None
     order_by: str | None = None
+    encoding: str = "utf-8"
     name: str | None = None
     _used: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
@@ -197,11 +199,23 @@ class CSVSpec:
             object.__setattr__(self, "positive_labels", tuple(self.positive_labels))
         if self.order_by is not None and (not isinstance(self.order_by, str) or not self.order_by):
             raise ValueError(f"order_by must name a column, got {self.order_by!r}")
+        self._check_encoding()
         if self.name is not None and (not isinstance(self.name, str) or not self.name.strip()):
             raise ValueError(f"name must be a non-empty string, got {self.name!r}")
         object.__setattr__(self, "transforms", self._checked_transforms())
         object.__setattr__(self, "multi_valued", self._checked_multi_valued())
         object.__setattr__(self, "_used", used)
+
+    def _check_encoding(self) -> None:
+        """The text is cut into lines and fields as bytes: the encoding must write ASCII as ASCII."""
+        ascii_text = f'\n\r"{self.delimiter}0aZ'
+        try:
+            compatible = codecs.lookup(self.encoding) and ascii_text.encode(self.encoding) == ascii_text.encode()
+        except (LookupError, TypeError, UnicodeEncodeError):
+            compatible = False
+        if not compatible:
+            raise ValueError(f"encoding must be a text encoding that writes ASCII as ASCII (utf-8, latin-1, cp1252, "
+                             f"...), got {self.encoding!r} (convert UTF-16 files first: iconv -f utf-16 -t utf-8)")
 
     def _checked_transforms(self) -> dict[str, tuple[str, ...]]:
         if not isinstance(self.transforms, Mapping):
@@ -311,13 +325,13 @@ class CSVSource(StreamingSource):
                 block, offset = block[len(_BOM) :], len(_BOM)
             if columns is None:
                 header_end = block.find(b"\n") + 1
-                header = _quote_free_text(block[:header_end])
+                header = _quote_free_text(block[:header_end], self.spec.encoding)
                 if header is None:
                     break
                 names = header.rstrip("\n").split(self.spec.delimiter)
                 columns = self.spec.column_indices(names, path)
                 block, offset, line = block[header_end:], offset + header_end, line + 1
-            text = _quote_free_text(block)
+            text = _quote_free_text(block, self.spec.encoding)
             if text is None:
                 break
             yield columns, _Records.of_lines(text, line, self.spec.delimiter)
@@ -328,7 +342,7 @@ class CSVSource(StreamingSource):
             return
         with open_binary(path) as raw:
             raw.seek(offset)
-            yield from self._csv_record_blocks(path, io.TextIOWrapper(raw, "utf-8", newline=""), line, columns)
+            yield from self._csv_record_blocks(path, io.TextIOWrapper(raw, self.spec.encoding, newline=""), line, columns)
 
     def _csv_record_blocks(
         self, path: Path, text: io.TextIOBase, line: int, columns: list[int] | None
@@ -351,7 +365,8 @@ class CSVSource(StreamingSource):
                         yield columns, _Records(lines, rows, None)
                         lines, rows = [], []
         except UnicodeDecodeError as e:
-            raise DataFormatError(path, None, f"not UTF-8 text after line {line - 1 + reader.line_num}: {e}") from e
+            raise DataFormatError(path, None, f"not {self.spec.encoding} text after line {line - 1 + reader.line_num} "
+                                              f"(set the spec's encoding, e.g. \"latin-1\"): {e}") from e
         except csv.Error as e:
             raise DataFormatError(path, line - 1 + reader.line_num, str(e)) from e
         except COMPRESSION_ERRORS as e:
@@ -510,7 +525,7 @@ class CSVSource(StreamingSource):
                    "multi_valued": spec.multi_valued, "label_threshold": spec.label_threshold,
                    "positive_labels": None if spec.positive_labels is None else list(spec.positive_labels),
                    "order_by": spec.order_by,
-                   "delimiter": spec.delimiter, "header": spec.header,
+                   "delimiter": spec.delimiter, "header": spec.header, "encoding": spec.encoding,
                    "column_names": None if spec.column_names is None else list(spec.column_names)}
         return {"format": _CACHE_FORMAT, "version": _CACHE_VERSION, "files": files, "columns": columns,
                 "on_error": self.on_error}
@@ -898,9 +913,9 @@ def _times(texts: Sequence[str]) -> np.ndarray | None:
     return times if np.isfinite(times).all() else None
 
 
-def _quote_free_text(block: bytes) -> str | None:
+def _quote_free_text(block: bytes, encoding: str) -> str | None:
     """``block`` as text with ``\\n`` line ends, or None where the ``csv`` module's rules are needed
-    to read it (quotes, NUL bytes, lone carriage returns) or to report it (not UTF-8)."""
+    to read it (quotes, NUL bytes, lone carriage returns) or to report it (not ``encoding`` text)."""
     if b'"' in block or b"\x00" in block:
         return None
     if b"\r" in block:
@@ -908,7 +923,7 @@ def _quote_free_text(block: bytes) -> str | None:
         if b"\r" in block:
             return None
     try:
-        return block.decode("utf-8")
+        return block.decode(encoding)
     except UnicodeDecodeError:
         return None
 

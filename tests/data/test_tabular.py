@@ -114,8 +114,15 @@ def test_file_level_errors(tmp_path: Path) -> None:
         read_csv(_write(tmp_path / "empty.csv", ""), SPEC)
     binary = tmp_path / "latin1.csv"
     binary.write_bytes((HEADER + "7,1,1,r\xe9d,3,\n").encode("latin-1"))
-    with pytest.raises(DataFormatError, match=f"{binary}: not UTF-8 text"):
+    with pytest.raises(DataFormatError, match=f"{binary}: not utf-8 text after line 1 \\(set the spec's encoding"):
         read_csv(binary, SPEC)
+    latin1 = dataclasses.replace(SPEC, encoding="latin-1")
+    assert read_csv(binary, latin1).sparse[0, 1] == categorical_id("r\xe9d")  # the same id as from UTF-8 text
+    binary.write_bytes((HEADER + '7,1,1,"r\xe9d",3,\n').encode("cp1252"))  # quoted: read by the csv module
+    assert read_csv(binary, dataclasses.replace(SPEC, encoding="cp1252")).sparse[0, 1] == categorical_id("r\xe9d")
+    for bad in ("utf-16", "no-such-codec", "base64"):
+        with pytest.raises(ValueError, match=f"encoding must be a text encoding that writes ASCII as ASCII .*{bad}"):
+            dataclasses.replace(SPEC, encoding=bad)
 
 
 TRANSFORMED = CSVSpec(label="y", dense=["views", "age", "raw"], categorical=["u"],
