@@ -141,7 +141,9 @@ class CSVSpec:
     ``max_values``; ``label_threshold`` turns a numeric label (a rating) into a click, 1 from that value
     on, ``positive_labels`` a label of text (an event type) into one, 1 for those texts; ``order_by``
     names a column of times (numbers or ISO 8601 dates) that orders the records for the time split,
-    for files not written in time order; ``name`` names the dataset in reports (default: the file's name).
+    for files not written in time order; ``missing_values`` lists texts that mark a missing dense or
+    categorical value (``"NA"``, ``"\\N"``), read as an empty field; ``encoding`` is the files' text
+    encoding (one that writes ASCII as ASCII); ``name`` names the dataset in reports (default: the file's name).
 
     Example::
 
@@ -166,6 +168,7 @@ class CSVSpec:
     label_threshold: float | None = None
     positive_labels: Sequence[str] | None = None
     order_by: str | None = None
+    missing_values: Sequence[str] = ()
     encoding: str = "utf-8"
     name: str | None = None
     _used: tuple[str, ...] = field(init=False, repr=False, compare=False)
@@ -199,6 +202,10 @@ class CSVSpec:
             object.__setattr__(self, "positive_labels", tuple(self.positive_labels))
         if self.order_by is not None and (not isinstance(self.order_by, str) or not self.order_by):
             raise ValueError(f"order_by must name a column, got {self.order_by!r}")
+        if isinstance(self.missing_values, str) or not all(isinstance(t, str) and t for t in self.missing_values):
+            raise ValueError(f"missing_values must be a list of texts that mark a missing value (e.g. [\"NA\", "
+                             f"\"\\\\N\"]), got {self.missing_values!r}")
+        object.__setattr__(self, "missing_values", frozenset(self.missing_values))
         self._check_encoding()
         if self.name is not None and (not isinstance(self.name, str) or not self.name.strip()):
             raise ValueError(f"name must be a non-empty string, got {self.name!r}")
@@ -524,7 +531,7 @@ class CSVSource(StreamingSource):
         columns = {"label": spec.label, "dense": list(spec.dense), "categorical": list(spec.categorical),
                    "multi_valued": spec.multi_valued, "label_threshold": spec.label_threshold,
                    "positive_labels": None if spec.positive_labels is None else list(spec.positive_labels),
-                   "order_by": spec.order_by,
+                   "order_by": spec.order_by, "missing_values": sorted(spec.missing_values),
                    "delimiter": spec.delimiter, "header": spec.header, "encoding": spec.encoding,
                    "column_names": None if spec.column_names is None else list(spec.column_names)}
         return {"format": _CACHE_FORMAT, "version": _CACHE_VERSION, "files": files, "columns": columns,
@@ -722,6 +729,10 @@ class CSVSource(StreamingSource):
             return None
         n = len(values[0])
         num_dense, num_categorical = len(self.spec.dense), len(self.spec.categorical)
+        markers = self.spec.missing_values
+        if markers:  # dense and categorical fields only: a label or a time must be there
+            values = [v if not 1 <= k <= num_dense + num_categorical or markers.isdisjoint(v) else
+                      ["" if t in markers else t for t in v] for k, v in enumerate(values)]
         positives = self.spec.positive_labels
         dense = np.empty((n, num_dense))
         try:
@@ -783,18 +794,23 @@ class CSVSource(StreamingSource):
         """Why one record is malformed, or None. ``columns``: used positions, then the field count."""
         if len(fields) != columns[-1]:
             return f"expected {columns[-1]} fields, got {len(fields)}"
+        markers = self.spec.missing_values
+        if markers:
+            blanked = set(columns[1 : 1 + len(self.spec.dense) + len(self.spec.categorical)])
+            fields = ["" if k in blanked and t in markers else t for k, t in enumerate(fields)]
         label = self.spec.label
         if self.spec.positive_labels is not None and not fields[columns[0]]:
             return f"column {label!r}: empty label"
         names = (label, *self.spec.dense) if self.spec.positive_labels is None else self.spec.dense
         for name, c in zip(names, columns if self.spec.positive_labels is None else columns[1:]):
             text = fields[c]
+            hint = "" if name == label else " (a marker of missing values? list it in the spec's missing_values)"
             try:
-                x = float(text or ("0" if name != self.spec.label else text))
+                x = float(text or ("0" if name != label else text))
             except ValueError:
-                return f"column {name!r}: expected a number, got {text[:40]!r}"
+                return f"column {name!r}: expected a number, got {text[:40]!r}{hint}"
             if not math.isfinite(x):
-                return f"column {name!r}: expected a finite number, got {text[:40]!r}"
+                return f"column {name!r}: expected a finite number, got {text[:40]!r}{hint}"
             if name == self.spec.label and self.spec.label_threshold is None and not 0.0 <= x <= 1.0:
                 return (f"column {name!r}: label must lie in [0, 1], got {text[:40]!r} (for ratings, set the spec's "
                         f"label_threshold)")

@@ -614,3 +614,23 @@ def test_records_grouped_by_a_feature_are_named(tmp_path: Path, monkeypatch, cap
         source.cache(progress=False)
         assert source.table_sizes() == [200, 50]  # integer-coded ids that fill [0, max id]
     assert "grouped" not in caplog.text
+
+
+def test_markers_of_missing_values_read_as_empty_fields(tmp_path: Path) -> None:
+    text = HEADER + "7,NA,1,red,3,x\n\\N,2,0,NA,NA,y\n"
+    path = _write(tmp_path / "na.csv", text)
+    with pytest.raises(DataFormatError, match=r"na.csv:2: column 'price': expected a number, got 'NA' \(a marker of "
+                                              r"missing values\? list it in the spec's missing_values\)"):
+        read_csv(path, SPEC)
+    spec = dataclasses.replace(SPEC, missing_values=["NA", "\\N"])
+    data = read_csv(path, spec)
+    np.testing.assert_array_equal(data.dense, [[0, 3], [2, 0]])
+    np.testing.assert_array_equal(data.sparse, [[7, categorical_id("red")], [-1, -1]])
+    np.testing.assert_array_equal(data.labels, [1, 0])
+    quoted = read_csv(_write(tmp_path / "quoted.csv", text.replace("red", '"red"')), spec)  # the csv module's path
+    np.testing.assert_array_equal(quoted.sparse, data.sparse)
+    with pytest.raises(DataFormatError, match=r"na.csv:2: column 'click': expected a number, got 'NA'$"):
+        read_csv(_write(path, HEADER + "7,1,NA,red,3,x\n"), spec)  # a label is never missing
+    for bad in ("NA", [""], [None]):
+        with pytest.raises(ValueError, match="missing_values must be a list of texts"):
+            dataclasses.replace(SPEC, missing_values=bad)
