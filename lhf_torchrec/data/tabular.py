@@ -109,6 +109,8 @@ DENSE_TRANSFORMS = ("log1p", "standardize")  # in the order they apply
 # An integer column's table is its id space [0, max id] when at least this share of it occurs;
 # sparser columns get a vocabulary instead (a table of 2**40 rows for 1,000 ids helps no one).
 _MIN_ID_SPACE_OCCUPANCY = 0.5
+# Texts that usually mark a missing value: a number error on one of them points to the spec's missing_values.
+_MISSING_MARKERS = frozenset({"na", "n/a", "nan", "null", "none", "\\n", "-", "?"})
 _UNIQUE_MERGE_IDS = 1 << 22  # distinct-id counting merges its per-chunk arrays at this many ids
 _CACHE_FORMAT = "lhf_torchrec.csv_parse_cache"
 _CACHE_VERSION = 1
@@ -804,7 +806,8 @@ class CSVSource(StreamingSource):
         names = (label, *self.spec.dense) if self.spec.positive_labels is None else self.spec.dense
         for name, c in zip(names, columns if self.spec.positive_labels is None else columns[1:]):
             text = fields[c]
-            hint = "" if name == label else " (a marker of missing values? list it in the spec's missing_values)"
+            hint = (" (a marker of missing values? list it in the spec's missing_values)"
+                    if name != label and text.strip().lower() in _MISSING_MARKERS else "")
             try:
                 x = float(text or ("0" if name != label else text))
             except ValueError:
