@@ -141,3 +141,18 @@ def test_an_event_log_sorted_by_user_splits_in_time_order(tmp_path) -> None:
                                   [float(e[2] != "pv") for e in by_time])
     # The test users are the training users (in file order they would be the last 15 users, all unseen).
     assert set(loaded[2].sparse[:, 0]) <= set(loaded[0].sparse[:, 0])
+
+
+def test_the_example_spec_reads_a_rating_log_in_recbole_format(tmp_path) -> None:
+    """examples/csv/ml-100k-ratings.json (docs/results.md runs it on MovieLens-100k's ml-100k.inter)."""
+    spec = Path(__file__).parents[2] / "examples" / "csv" / "ml-100k-ratings.json"
+    path = tmp_path / "ratings.inter"
+    rows = [(196, 242, 3, 881250949), (186, 302, 5, 891717742), (22, 377, 1, 878887116), (244, 51, 4, 880606923)]
+    path.write_text("user_id:token\titem_id:token\trating:float\ttimestamp:float\n" +
+                    "".join("\t".join(map(str, r)) + "\n" for r in rows * 5))
+    data = load_split(DatasetSpec("csv", [str(path)], csv_spec=str(spec), split=(0.5, 0.25, 0.25)), embedding_dim=4)
+    assert data.name == "ml-100k ratings (csv)"
+    loaded = [split.load() for split in (data.train, data.validation, data.test)]
+    by_time = sorted(rows * 5, key=lambda r: r[3])
+    np.testing.assert_array_equal(np.concatenate([d.sparse[:, 1] for d in loaded]), [r[1] for r in by_time])
+    np.testing.assert_array_equal(np.concatenate([d.labels for d in loaded]), [float(r[2] >= 4) for r in by_time])
