@@ -238,7 +238,8 @@ def _count_lines(path: Path, block_bytes: int) -> int:
 
 
 class CriteoTSV(StreamingSource):
-    """Raw Criteo TSV files (compressed too: :func:`~lhf_torchrec.data.files.open_binary`) read as one stream of rows, in file order.
+    """Raw Criteo TSV files (compressed too: :func:`~lhf_torchrec.data.files.open_binary`) read as one
+    stream of rows, in file order.
 
     Rows are lines: ``len``, ``slice`` and :func:`time_split` count lines, and with
     ``on_error="skip"`` a malformed line is dropped from its range (see :attr:`report`).

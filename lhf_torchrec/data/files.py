@@ -143,8 +143,8 @@ def _zip_member(path: PathLike) -> IO[bytes]:
             members = [m for m in archive.infolist() if not m.is_dir() and not m.filename.startswith("__MACOSX/")]
             if len(members) != 1:
                 names = ", ".join(m.filename for m in members[:5]) + (" ..." if len(members) > 5 else "")
-                raise DataFormatError(path, None, f"a zip archive of {len(members)} files ({names}); give an archive of "
-                                                  "one file, or the files unpacked")
+                raise DataFormatError(path, None, f"a zip archive of {len(members)} files ({names}); give an archive "
+                                                  "of one file, or the files unpacked")
             return archive.open(members[0])  # stays readable after the archive object closes
     except (zipfile.BadZipFile, NotImplementedError) as e:  # NotImplementedError: e.g. deflate64
         raise DataFormatError(path, None, f"not a readable zip archive: {e}") from None

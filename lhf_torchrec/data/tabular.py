@@ -351,7 +351,8 @@ class CSVSource(StreamingSource):
             return
         with open_binary(path) as raw:
             raw.seek(offset)
-            yield from self._csv_record_blocks(path, io.TextIOWrapper(raw, self.spec.encoding, newline=""), line, columns)
+            text = io.TextIOWrapper(raw, self.spec.encoding, newline="")
+            yield from self._csv_record_blocks(path, text, line, columns)
 
     def _csv_record_blocks(
         self, path: Path, text: io.TextIOBase, line: int, columns: list[int] | None
@@ -762,7 +763,8 @@ class CSVSource(StreamingSource):
             labels = (labels >= threshold).astype(np.float64)
         sparse = np.empty((n, len(self.sparse_names)), dtype=np.int64)
         first = 0
-        for column, cache, v in zip(self.spec.categorical, caches, values[1 + num_dense : 1 + num_dense + num_categorical]):
+        categorical = values[1 + num_dense : 1 + num_dense + num_categorical]
+        for column, cache, v in zip(self.spec.categorical, caches, categorical):
             bag = self.spec.multi_valued.get(column)
             if bag is None:
                 sparse[:, first] = _ids(v, cache)
