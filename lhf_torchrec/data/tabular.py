@@ -813,6 +813,8 @@ class CSVSource(StreamingSource):
             try:
                 x = float(text or ("0" if name != label else text))
             except ValueError:
+                if name == label and text:
+                    hint = " (for labels of text, list the positive ones in the spec's positive_labels)"
                 return f"column {name!r}: expected a number, got {text[:40]!r}{hint}"
             if not math.isfinite(x):
                 return f"column {name!r}: expected a finite number, got {text[:40]!r}{hint}"

@@ -585,7 +585,8 @@ def test_labels_of_text_with_positive_labels(tmp_path: Path) -> None:
     _write(path, "user,behavior\n1,pv\n2,\n")
     with pytest.raises(DataFormatError, match=r"b.csv:3: column 'behavior': empty label"):
         read_csv(path, spec)
-    with pytest.raises(DataFormatError, match=r"b.csv:2: column 'behavior': expected a number, got 'pv'"):
+    with pytest.raises(DataFormatError, match=r"b.csv:2: column 'behavior': expected a number, got 'pv' \(for labels "
+                                              r"of text, list the positive ones in the spec's positive_labels\)"):
         read_csv(path, CSVSpec(label="behavior", categorical=["user"]))
     for bad in ("buy", [], ["buy", 1], [""]):
         with pytest.raises(ValueError, match="positive_labels must be a list of label texts"):
@@ -629,7 +630,7 @@ def test_markers_of_missing_values_read_as_empty_fields(tmp_path: Path) -> None:
     np.testing.assert_array_equal(data.labels, [1, 0])
     quoted = read_csv(_write(tmp_path / "quoted.csv", text.replace("red", '"red"')), spec)  # the csv module's path
     np.testing.assert_array_equal(quoted.sparse, data.sparse)
-    with pytest.raises(DataFormatError, match=r"na.csv:2: column 'click': expected a number, got 'NA'$"):
+    with pytest.raises(DataFormatError, match=r"na.csv:2: column 'click': expected a number, got 'NA' \(for labels"):
         read_csv(_write(path, HEADER + "7,1,NA,red,3,x\n"), spec)  # a label is never missing
     for bad in ("NA", [""], [None]):
         with pytest.raises(ValueError, match="missing_values must be a list of texts"):
