@@ -5,7 +5,7 @@ small torch ops per table, whatever its size: with 26 tables of 4096 ids each op
 :class:`FusedIdMappings` packs the tables' storages end to end and applies them to the ids of all
 tables at once, each id with its own table's parameters (int64 tensors gathered per id):
 
-* ``dense`` tables: one int32 array of all tables, then one gather; each id clamped into its table's
+* ``dense`` tables: one array of all tables per row dtype (int8, int16, int32), then one gather; each id clamped into its table's
   span (as ``IdMapping`` does), or, when one min/max per table shows every id inside it, not;
 * ``perfect_hash`` tables: one set of slot and pilot arrays per layout (key dtype; no, 1- or 2-byte high
   row bits), looked up by :func:`~lhf_torchrec.mapping.perfect_hash.lookup` with per-id group hashes,
@@ -154,8 +154,12 @@ class FusedIdMappings:
         self._coefficients = (torch.tensor([_HASH_RANGE, *hash_coefficients(seeds.pop())], device=device)
                               if len(seeds) == 1 else None)
         self._hashing = [row.contiguous().to(device) for row in hashing.t()]
-        dense = [t for t in self.tables if self.kind[t] == "dense"]
-        self._dense_table, self._dense_params = self._pack_dense(dense, runtime, mappings, num, device)
+        # One dense pass per row dtype (dense tables store rows as int8, int16 or int32): a packed table
+        # of one dtype lets every table's buffer be a view of it, no wider copy.
+        dense_layouts: Dict[torch.dtype, List[str]] = {}
+        for t in (t for t in self.tables if self.kind[t] == "dense"):
+            dense_layouts.setdefault(runtime[t].table.dtype, []).append(t)
+        self._dense = [self._pack_dense(ts, runtime, mappings, num, device) for ts in dense_layouts.values()]
         # One pass per layout: key dtype and high row bits (none, int8 or int16). Tables without high bits
         # (up to 2^15 rows) take a pass of their own rather than one that reads high bits: reading and
         # masking off another table's high bits costs 8 int64 ops per id, a pass ~40 op launches.
@@ -164,8 +168,8 @@ class FusedIdMappings:
             high = runtime[t].slot_rows_high
             layouts.setdefault((runtime[t].slot_keys.dtype, high.dtype if high.numel() else None), []).append(t)
         self._hash_tables = [self._pack_perfect_hash(ts, runtime, num, device) for ts in layouts.values()]
-        # Passes in order: dense, each perfect hash layout, hash only. Each table's ids go to its pass.
-        passes = [dense, *layouts.values(), [t for t in self.tables if self.kind[t] == "none"]]
+        # Passes in order: each dense dtype, each perfect hash layout, hash only. Each table's ids go to its pass.
+        passes = [*dense_layouts.values(), *layouts.values(), [t for t in self.tables if self.kind[t] == "none"]]
         self._pass = {t: p for p, ts in enumerate(passes) for t in ts}
         self._code_tensors: Dict[Tuple[Tuple[int, ...], torch.device], torch.Tensor] = {}
         self._column_cache: Dict[Tuple, List[List[torch.Tensor]]] = {}
@@ -288,9 +292,9 @@ class FusedIdMappings:
 
     def _params(self, p: int) -> List[torch.Tensor]:
         """The per-table parameters of pass ``p`` (one int64 row each, indexed by table code)."""
-        if p == 0:
-            return self._dense_params
-        return self._hashing if p == self._num_passes - 1 else self._hash_tables[p - 1][1]
+        if p < len(self._dense):
+            return self._dense[p][1]
+        return self._hashing if p == self._num_passes - 1 else self._hash_tables[p - len(self._dense)][1]
 
     def _gathered(self, p: int, index: torch.Tensor) -> List[torch.Tensor]:
         """The parameters of pass ``p`` of the tables ``index`` (codes), shaped like it."""
@@ -320,21 +324,22 @@ class FusedIdMappings:
                 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """(rows, found) of the ids of pass ``p`` (dense, or a perfect hash layout), ``params`` the pass's
         parameters of their tables (shaped like ``ids`` or broadcasting to it); found None: all found."""
-        if p == 0:
+        if p < len(self._dense):
+            dense_table = self._dense[p][0]
             shift, offset, last = params
             if ids.device.type == "cpu" and ids.dim() == 2:
                 # Rows of one table each: when every id lies in its table's span (e.g. small tables of ids
                 # counted from 0) one min/max reduction replaces the clamp, its comparison and its check.
                 low, high = torch.aminmax(ids, dim=1, keepdim=True)
                 if bool(low.ge(offset).logical_and_(high.le(last)).all()):
-                    return perfect_hash.gather(self._dense_table, ids + shift), None
+                    return perfect_hash.gather(dense_table, ids + shift), None
             # Clamp in id space, then shift: ids - offset could wrap around int64 for extreme ids.
             clamped = torch.clamp(ids, offset, last)
             found = clamped == ids
             if ids.device.type == "cpu" and bool(found.all()):  # a reduction costs far less than nonzero
                 found = None
-            return perfect_hash.gather(self._dense_table, clamped.add_(shift)), found
-        tensors = self._hash_tables[p - 1][0]
+            return perfect_hash.gather(dense_table, clamped.add_(shift)), found
+        tensors = self._hash_tables[p - len(self._dense)][0]
         offset, w0, w1, w2, w3, groups, slots, group_start, slot_start = params
         # Relative keys wrap around for extreme ids, but equal a key only for the entry's id (IdMapping).
         keys = ids - offset

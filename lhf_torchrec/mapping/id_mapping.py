@@ -5,9 +5,10 @@ ids) plus a seeded hash that places every other id (rare, unseen, negative, out 
 a reserved region of rows. Only the entries cost memory, stored in whichever layout is cheaper
 for this table:
 
-* ``dense``: an int32 row per id over the span ``[offset, offset + len(table))`` of the entry ids.
-  Ids of the span without an entry hold their precomputed hash row, so applying it is one gather
-  and a range check. Cost: 4 bytes x span.
+* ``dense``: a row per id over the span ``[offset, offset + len(table))`` of the entry ids, in the
+  narrowest signed integer that holds the rows (:func:`dense_row_dtype`: int8 up to 128 rows, int16
+  up to 2^15, else int32). Ids of the span without an entry hold their precomputed hash row, so
+  applying it is one gather and a range check. Cost: 1, 2 or 4 bytes x span.
 * ``perfect_hash``: a static perfect hash table of keys (int32 relative to ``offset`` when the
   span fits, else int64) and rows (2 bytes up to 2^15 rows, 3 up to 2^23, else 4) at 97% load, with
   a 2-byte pilot per ~4.5 entries (:mod:`~lhf_torchrec.mapping.perfect_hash`): three gathers (four
@@ -89,6 +90,14 @@ def _sparse_cost(num_entries: int, key_bytes: int, num_rows: int, key_bits: int 
     return ("perfect_hash", table_bytes) if table_bytes <= sorted_bytes else ("sorted", sorted_bytes)
 
 
+def dense_row_dtype(num_rows: int) -> torch.dtype:
+    """The narrowest signed integer dtype of a dense table's rows: rows lie in ``[0, num_rows)`` and -1
+    marks an id without an entry in a double-hashing table. Narrow rows are what make a dense table the
+    cheapest storage for small tables (a 125-id table into 10 rows: 125 bytes instead of 500), whose
+    budget would otherwise hash most of their ids (docs/results.md, stop 16)."""
+    return torch.int8 if num_rows <= 128 else torch.int16 if num_rows <= 1 << 15 else torch.int32
+
+
 def storage_cost(num_entries: int, span: int, num_rows: int) -> Tuple[str, int]:
     """The storage for ``num_entries`` entry ids spread over ``span`` ids, mapped into ``num_rows`` rows,
     and its bytes: the cheapest one, so that lookup speed never costs the table rows.
@@ -100,7 +109,7 @@ def storage_cost(num_entries: int, span: int, num_rows: int) -> Tuple[str, int]:
     if num_entries == 0:
         return "none", 0
     sparse = _sparse_cost(num_entries, 4 if span - 1 <= _INT32_MAX else 8, num_rows, perfect_hash.key_bits(span))
-    dense_bytes = 4 * span
+    dense_bytes = dense_row_dtype(num_rows).itemsize * span
     return ("dense", dense_bytes) if dense_bytes <= sparse[1] else sparse
 
 
@@ -261,6 +270,9 @@ class IdMapping(nn.Module):
                 f"table '{table_name}': storage '{storage}'{' (bucketed)' if num_buckets is not None else ''} "
                 f"needs tensors {sorted(needed)}, got {sorted(tensors)}"
             )
+        if storage == "dense" and tensors["table"].dtype not in (torch.int8, torch.int16, torch.int32):
+            raise ValueError(f"table '{table_name}': a dense table's rows must be int8, int16 or int32, "
+                             f"got {tensors['table'].dtype}")
         if storage == "perfect_hash":
             perfect_hash.check(tensors, table_name)
             # Python ints: multiplying by a scalar is cheaper than by a one-element tensor.
@@ -343,13 +355,13 @@ class IdMapping(nn.Module):
             if hashed.probes == 1:
                 # Precompute the hash of every id in the span: lookups then never hash in-span ids.
                 # By chunk: hashing makes several span-sized int64 temporaries, out of cache (7x slower at 1e7).
-                table = torch.empty(span, dtype=torch.int32)
+                table = torch.empty(span, dtype=dense_row_dtype(hashed.num_rows))
                 for start in range(0, span, _HASH_CHUNK):
                     table[start:start + _HASH_CHUNK] = hashed(
                         torch.arange(start, min(span, start + _HASH_CHUNK), dtype=torch.int64) + offset)
             else:
-                table = torch.full((span,), -1, dtype=torch.int32)
-            table[torch.from_numpy(keys - offset)] = torch.from_numpy(rows).to(torch.int32)
+                table = torch.full((span,), -1, dtype=dense_row_dtype(hashed.num_rows))
+            table[torch.from_numpy(keys - offset)] = torch.from_numpy(rows).to(table.dtype)
             tensors["table"] = table
         elif storage in SPARSE_STORAGES:
             # int32 keys relative to the smallest when they fit (as storage_cost counts them). Bucketed

@@ -51,9 +51,10 @@ def test_combination_grid_settings_are_valid_and_one_tail_row_means_one_hash_row
 
 
 def test_combination_grid_mapping_share_clusters_more_ids_where_the_budget_raises_the_floor() -> None:
-    # Zipf-like: at 50x a quarter of the budget cannot hold an entry for every id seen 10 times (808).
+    # Zipf-like: at 50x a quarter of the budget cannot hold an entry for every id seen 10 times (808). Ids spread
+    # far apart, so that the entries need a sparse storage (a dense table of 2-byte rows would hold them all).
     rng = np.random.default_rng(0)
-    profile = IdProfile.from_ids(rng.zipf(1.3, 200_000) % 20_000)
+    profile = IdProfile.from_ids(rng.zipf(1.3, 200_000) % 20_000 * 7919)
     budget = profile.num_ids * 4 * 16 // 50
     grid = {spec.label: spec.hyperparams for spec in SELECTION_GRIDS["combination"]}
     default = plan_budget(profile, embedding_dim=16, total_bytes=budget, **grid["combination [tail 10%, floor 10]"])

@@ -35,7 +35,7 @@ def test_budget_identity(method, optimizer, zipf_profile):
 
 
 def test_budget_that_cannot_hold_the_mapping(zipf_profile):
-    with pytest.raises(ValueError, match="table 'C1': a budget of 10 bytes cannot hold method 'learned': its mapping alone needs 0 bytes and one row 64"):
+    with pytest.raises(ValueError, match="table 'C1': a budget of 10 bytes cannot hold method 'learned': its mapping alone needs 1 bytes and one row 64"):
         plan_budget(zipf_profile, embedding_dim=16, total_bytes=10, method="learned", table="C1")
 
 

@@ -105,12 +105,13 @@ def test_every_perfect_hash_layout_and_dense_span_together(width):
         mappings[f"p{i}"] = IdMapping.from_entries(ids, rng.integers(0, num_rows // 2, 400), num_rows,
                                                    hash_offset=num_rows // 2, seed=i % 2, table_name=f"p{i}"
                                                    ).with_storage("perfect_hash")
-    for i in range(3):
-        mappings[f"d{i}"] = IdMapping.from_entries(np.arange(100) + 50 * i, rng.integers(0, 20, 100), 40, hash_offset=20,
-                                                   table_name=f"d{i}")
-        assert mappings[f"d{i}"].storage == "dense"
+    # Dense tables of 40, 1000 and 40,000 rows store int8, int16 and int32 rows: one dense pass each.
+    for i, (num_rows, dtype) in enumerate([(40, torch.int8), (1000, torch.int16), (40_000, torch.int32)]):
+        mappings[f"d{i}"] = IdMapping.from_entries(np.arange(100) + 50 * i, rng.integers(0, 20, 100), num_rows,
+                                                   hash_offset=20, table_name=f"d{i}")
+        assert mappings[f"d{i}"].storage == "dense" and mappings[f"d{i}"].table.dtype == dtype
     fused = FusedIdMappings(mappings)
-    assert len(fused._hash_tables) == 6 and set(fused.code) == set(mappings)
+    assert len(fused._hash_tables) == 6 and len(fused._dense) == 3 and set(fused.code) == set(mappings)
     names, queries = [], []
     for i, (t, m) in enumerate(mappings.items()):
         size = width or int(rng.integers(1, 900))
@@ -171,7 +172,8 @@ def test_packed_arrays_are_the_mappings_memory_and_files_do_not_change(tmp_path)
     fused = FusedIdMappings(mappings)
     slot_keys = fused._hash_tables[0][0]["slot_keys"]
     assert mappings["p"].slot_keys.untyped_storage().data_ptr() == slot_keys.untyped_storage().data_ptr()
-    packed = fused._dense_table.nbytes + sum(
+    assert mappings["d"].table.untyped_storage().data_ptr() == fused._dense[0][0].untyped_storage().data_ptr()
+    packed = sum(table.nbytes for table, _ in fused._dense) + sum(
         tensors["records"].nbytes + tensors["group_pilots"].nbytes if "records" in tensors else
         sum(t.nbytes for t in tensors.values()) for tensors, _ in fused._hash_tables)
     records = [tensors["records"] for tensors, _ in fused._hash_tables if "records" in tensors]

@@ -36,6 +36,30 @@ def test_storage_is_the_cheaper_one_and_both_agree_with_a_reference(ids, storage
     assert m(query).tolist() == expected
 
 
+@pytest.mark.parametrize("num_rows, dtype", [(12, torch.int8), (128, torch.int8), (129, torch.int16),
+                                             (1 << 15, torch.int16), ((1 << 15) + 1, torch.int32)])
+@pytest.mark.parametrize("probes", [1, 2])
+def test_a_dense_table_stores_its_rows_in_the_narrowest_integer_and_costs_that(num_rows, dtype, probes, tmp_path):
+    """A small table's mapping is what its budget pays for: 125 ids into 10 rows take 125 bytes, not 500."""
+    ids = np.arange(125) + 7
+    rows = np.arange(125) % (num_rows // 2)  # rows up to num_rows / 2: the hash region above, -1 never a row
+    m = IdMapping.from_entries(ids, rows, num_rows, hash_offset=num_rows // 2, probes=probes, table_name="t")
+    assert m.storage == "dense" and m.table.dtype == dtype
+    assert m.nbytes == storage_cost(125, 125, num_rows)[1] == dtype.itemsize * 125
+    query = torch.tensor([*ids.tolist(), 0, 6, 132, 1 << 40, -1])
+    sparse = m.with_storage("sorted")
+    assert torch.equal(m(query), sparse(query))
+    assert torch.equal(m.stored_entries()[1], sparse.stored_entries()[1])
+    save_mappings(str(tmp_path / "m.safetensors"), {"t": m})
+    loaded = load_mappings(str(tmp_path / "m.safetensors"))["t"]
+    assert loaded.table.dtype == dtype and torch.equal(loaded(query), m(query))
+
+
+def test_a_dense_table_of_another_dtype_is_refused():
+    with pytest.raises(ValueError, match="table 't': a dense table's rows must be int8, int16 or int32, got torch.int64"):
+        IdMapping(10, storage="dense", tensors={"table": torch.zeros(5, dtype=torch.int64)}, table_name="t")
+
+
 @settings(max_examples=150, deadline=None)
 @given(
     entry_ids=st.lists(int64s, min_size=0, max_size=30, unique=True),

@@ -146,7 +146,9 @@ def test_rows_take_2_3_or_4_bytes_by_the_row_count(num_rows, row_bytes):
 
 def test_storage_rule_takes_the_cheapest_storage_and_the_faster_on_a_tie():
     small, large = 1 << 15, (1 << 23) + 1  # 2-byte rows up to 2^15 rows, 4-byte beyond 2^23
-    assert storage_cost(1000, 1600, small) == ("dense", 6_400)  # cheaper than the table's 6,730 bytes
+    assert storage_cost(1000, 1600, small) == ("dense", 3_200)  # 2-byte rows: cheaper than the table's 6,730 bytes
+    assert storage_cost(1000, 1600, 128) == ("dense", 1_600)  # 1-byte rows up to 128 rows
+    assert storage_cost(1000, 1600, large) == ("dense", 6_400)  # 4-byte rows
     assert storage_cost(1000, 1 << 20, small) == ("perfect_hash", perfect_hash.table_bytes(1000, 4, small))
     # Keys of 40 bits and 16-bit row fields pack into int64 records: 8 bytes a slot instead of 10.
     assert storage_cost(1000, 1 << 40, small) == ("perfect_hash", perfect_hash.table_bytes(1000, 8, small, 40))

@@ -10,7 +10,7 @@ from lhf_torchrec.distributed.planner.memory import format_bytes
 from lhf_torchrec.mapping.budget import row_bytes
 from lhf_torchrec.mapping.buckets import MIN_ROWS_PER_BUCKET
 from lhf_torchrec.mapping import perfect_hash
-from lhf_torchrec.mapping.id_mapping import IdMapping, bucketed_storage_cost, storage_cost
+from lhf_torchrec.mapping.id_mapping import IdMapping, bucketed_storage_cost, dense_row_dtype, storage_cost
 
 
 # Synthetic mappings leave smaller tables at full size: they are a negligible share of the memory.
@@ -85,7 +85,7 @@ def synthetic_mappings(
                 "storage); lower the compression or the entry fraction"
             )
         if storage == "dense":
-            tensors = {"table": torch.zeros(ids, dtype=torch.int32)}
+            tensors = {"table": torch.zeros(ids, dtype=dense_row_dtype(rows))}
         elif storage == "none":
             tensors = {}
         else:  # ids - 1 < 2^31: int32 keys
