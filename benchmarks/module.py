@@ -381,7 +381,7 @@ Same KJT, same rows per table. TorchRec's MCH holds the M - 1 most frequent ids 
 in sorted int64 slots (searchsorted, gather, compare) and sends every other id to one shared miss
 row; ours looks up the mapping's entries (int32) and hashes every other id into a reserved region.
 MCH does less per miss (no hash) and stores 24 bytes per row (int64 sorted raw id, remapped id and
-LFU count) where ours stores 7-8 bytes per entry (perfect hash table, int32 keys, 2- or 3-byte rows) or 4 per id of the span (dense).
+LFU count) where ours stores 7-8 bytes per entry (perfect hash table, int32 keys, 2- or 3-byte rows) or 1, 2 or 4 per id of the span (dense: the narrowest integer that holds the table's rows).
 
 ### Where the remap time goes: the largest table alone ({big.name}, {big.num_embeddings:,} ids, {args.batch} ids per call)
 
@@ -390,7 +390,7 @@ LFU count) where ours stores 7-8 bytes per entry (perfect hash table, int32 keys
 {100 * hit_rate:.0f}% of these lookups hit an entry of the `frequency` mapping. The perfect hash table
 finds an entry with three or four gathers and a comparison; sorted keys pay a binary search (~17 dependent
 gathers); both then hash the misses. Stored densely the same function is one gather (in-span ids'
-hash rows are precomputed), at 4 bytes per id instead of 7-8 per entry.
+hash rows are precomputed), at 1-4 bytes per id (the narrowest integer that holds its rows: the memory column) instead of 7-8 per entry.
 
 ### Serving: eval forward of the quantized module (`quantize_learned_hash_ebc`, `combination` mappings)
 
