@@ -5,8 +5,9 @@ small torch ops per table, whatever its size: with 26 tables of 4096 ids each op
 :class:`FusedIdMappings` packs the tables' storages end to end and applies them to the ids of all
 tables at once, each id with its own table's parameters (int64 tensors gathered per id):
 
-* ``dense`` tables: one array of all tables per row dtype (int8, int16, int32), then one gather; each id clamped into its table's
-  span (as ``IdMapping`` does), or, when one min/max per table shows every id inside it, not;
+* ``dense`` tables: one array of all tables per row dtype (int8, int16, int32), then one gather; each
+  id clamped into its table's span (as ``IdMapping`` does), or, when one min/max per table shows every
+  id inside it, not;
 * ``perfect_hash`` tables: one set of slot and pilot arrays per layout (key dtype; no, 1- or 2-byte high
   row bits), looked up by :func:`~lhf_torchrec.mapping.perfect_hash.lookup` with per-id group hashes,
   sizes and starts. Layouts of int32 keys and 3- or 4-byte rows are packed as one int64 *record* per
