@@ -732,10 +732,9 @@ class CSVSource(StreamingSource):
             return None
         n = len(values[0])
         num_dense, num_categorical = len(self.spec.dense), len(self.spec.categorical)
-        markers = self.spec.missing_values
-        if markers:  # dense and categorical fields only: a label or a time must be there
-            values = [v if not 1 <= k <= num_dense + num_categorical or markers.isdisjoint(v) else
-                      ["" if t in markers else t for t in v] for k, v in enumerate(values)]
+        if self.spec.missing_values:  # dense and categorical fields only: a label or a time must be there
+            values = [self._without_markers(v) if 1 <= k <= num_dense + num_categorical else v
+                      for k, v in enumerate(values)]
         positives = self.spec.positive_labels
         dense = np.empty((n, num_dense))
         try:
@@ -783,6 +782,11 @@ class CSVSource(StreamingSource):
             first += width
         return (labels, dense, sparse), times
 
+    def _without_markers(self, texts: Sequence[str]) -> Sequence[str]:
+        """``texts`` with the spec's ``missing_values`` markers read as empty fields."""
+        markers = self.spec.missing_values
+        return texts if markers.isdisjoint(texts) else ["" if t in markers else t for t in texts]
+
     def _transform(self, dense: np.ndarray) -> np.ndarray:
         """The spec's dense transforms, column by column (see the module docstring)."""
         if self._standardization is None:
@@ -798,10 +802,10 @@ class CSVSource(StreamingSource):
         """Why one record is malformed, or None. ``columns``: used positions, then the field count."""
         if len(fields) != columns[-1]:
             return f"expected {columns[-1]} fields, got {len(fields)}"
-        markers = self.spec.missing_values
-        if markers:
-            blanked = set(columns[1 : 1 + len(self.spec.dense) + len(self.spec.categorical)])
-            fields = ["" if k in blanked and t in markers else t for k, t in enumerate(fields)]
+        if self.spec.missing_values:
+            fields = list(fields)
+            for k in columns[1 : 1 + len(self.spec.dense) + len(self.spec.categorical)]:
+                fields[k] = self._without_markers([fields[k]])[0]
         label = self.spec.label
         if self.spec.positive_labels is not None and not fields[columns[0]]:
             return f"column {label!r}: empty label"
