@@ -33,7 +33,8 @@ ending in ``.gz``, ``.bz2``, ``.xz`` and ``.zip`` archives of one file are decom
 without quotes, NUL bytes or lone carriage returns (most CTR logs) is cut into lines and split on the
 delimiter with ``str`` methods, column by column;
 from the first block that has any, to the end of the file, the ``csv`` module reads the records
-(same records, slower).
+(same records, slower). A delimiter of several characters (MovieLens' ``::``) has no quoting: every
+block is cut and split as plain text, quotes included.
 
 Parsing text is the slow part (tens of thousands of records a second on one core), and training reads
 the data many times (profiles, table sizes, every epoch of every run). :meth:`CSVSource.cache` parses
@@ -138,6 +139,9 @@ def categorical_id(value: str) -> int:
 class CSVSpec:
     """Which columns are what. With ``header=False`` name all columns in ``column_names``.
 
+    ``delimiter`` separates the fields: one character (``","``, ``"\\t"``), read by the ``csv`` module's
+    rules (quoted fields), or several (``"::"``, MovieLens' ``.dat`` files), read as plain text: a field
+    is what lies between two delimiters, quotes are part of it, and nothing can be quoted.
     ``transforms`` maps a dense column to ``"log1p"``, ``"standardize"`` or both (a list, in that
     order); ``multi_valued`` maps a categorical column holding bags of ids to its ``separator`` and
     ``max_values``; ``label_threshold`` turns a numeric label (a rating) into a click, 1 from that value
@@ -157,6 +161,8 @@ class CSVSpec:
                        multi_valued={"genres": {"separator": "|", "max_values": 6}})
         spec = CSVSpec(label="behavior", categorical=["user", "item"], positive_labels=["buy", "cart"],
                        order_by="timestamp")
+        spec = CSVSpec(label="rating", categorical=["user", "movie"], delimiter="::", header=False,
+                       column_names=["user", "movie", "rating", "time"], label_threshold=4, order_by="time")
     """
 
     label: str
@@ -185,10 +191,9 @@ class CSVSpec:
             raise ValueError(f"columns used twice in CSVSpec: {duplicates}")
         if not self.categorical:
             raise ValueError("CSVSpec needs at least one categorical column")
-        if len(self.delimiter) != 1:
-            raise ValueError(f"delimiter must be one character, got {self.delimiter!r} (a file split by several "
-                             "characters, such as MovieLens' '::' .dat files, can be converted first: "
-                             "sed 's/::/\\t/g' ratings.dat > ratings.tsv, then delimiter '\\t')")
+        if not isinstance(self.delimiter, str) or not self.delimiter or any(c in self.delimiter for c in '"\n\r'):
+            raise ValueError(f"delimiter must be one or more characters other than a quote or a line end, got "
+                             f"{self.delimiter!r}")
         if self.header == (self.column_names is not None):
             raise ValueError("give column_names exactly when the file has no header (header=False)")
         if self.label_threshold is not None and (isinstance(self.label_threshold, bool) or not isinstance(
@@ -255,7 +260,7 @@ class CSVSpec:
             if not isinstance(bag, Mapping) or set(bag) != {"separator", "max_values"}:
                 raise ValueError(f"{where} must be {{'separator': ..., 'max_values': ...}}, got {bag!r}")
             separator, max_values = bag["separator"], bag["max_values"]
-            if not isinstance(separator, str) or len(separator) != 1 or separator in (self.delimiter, '"', "\n", "\r"):
+            if not isinstance(separator, str) or len(separator) != 1 or separator in (*self.delimiter, '"', "\n", "\r"):
                 raise ValueError(f"{where}: separator must be one character other than the delimiter, a quote or a "
                                  f"line end, got {separator!r}")
             if isinstance(max_values, bool) or not isinstance(max_values, int) or not 1 <= max_values <= _MAX_BAG:
@@ -334,13 +339,13 @@ class CSVSource(StreamingSource):
                 block, offset = block[len(_BOM) :], len(_BOM)
             if columns is None:
                 header_end = block.find(b"\n") + 1
-                header = _quote_free_text(block[:header_end], self.spec.encoding)
+                header = self._plain_text(path, block[:header_end], line)
                 if header is None:
                     break
                 names = header.rstrip("\n").split(self.spec.delimiter)
                 columns = self.spec.column_indices(names, path)
                 block, offset, line = block[header_end:], offset + header_end, line + 1
-            text = _quote_free_text(block, self.spec.encoding)
+            text = self._plain_text(path, block, line)
             if text is None:
                 break
             yield columns, _Records.of_lines(text, line, self.spec.delimiter)
@@ -353,6 +358,17 @@ class CSVSource(StreamingSource):
             raw.seek(offset)
             text = io.TextIOWrapper(raw, self.spec.encoding, newline="")
             yield from self._csv_record_blocks(path, text, line, columns)
+
+    def _plain_text(self, path: Path, block: bytes, line: int) -> str | None:
+        """``block`` (of ``path`` from ``line`` on) as text with ``\\n`` line ends, or None where the
+        ``csv`` module's rules are needed to read it (:func:`_quote_free_text`). A multi-character
+        delimiter has no such rules: then what plain text cannot hold is an error naming its line."""
+        text = _quote_free_text(block, self.spec.encoding, quotes=len(self.spec.delimiter) == 1)
+        if text is None and len(self.spec.delimiter) > 1:
+            offset, reason = _not_plain_text(block, self.spec.encoding)
+            raise DataFormatError(path, line + block.count(b"\n", 0, offset),
+                                  f"{reason} (the delimiter {self.spec.delimiter!r} reads every line as plain text)")
+        return text
 
     def _csv_record_blocks(
         self, path: Path, text: io.TextIOBase, line: int, columns: list[int] | None
@@ -889,7 +905,10 @@ class _Records:
             return list(zip(*map(operator.itemgetter(*positions), self.rows)))
         if any(row.count(self.delimiter) != width - 1 for row in self.rows):
             return None
-        flat = self.delimiter.join(self.rows).split(self.delimiter)
+        if len(self.delimiter) == 1:
+            flat = self.delimiter.join(self.rows).split(self.delimiter)
+        else:  # joined, a field that ends or starts with part of the delimiter could split at another place
+            flat = [f for row in self.rows for f in row.split(self.delimiter)]
         return [flat[p::width] for p in positions]
 
 
@@ -940,10 +959,11 @@ def _times(texts: Sequence[str]) -> np.ndarray | None:
     return times if np.isfinite(times).all() else None
 
 
-def _quote_free_text(block: bytes, encoding: str) -> str | None:
+def _quote_free_text(block: bytes, encoding: str, quotes: bool = True) -> str | None:
     """``block`` as text with ``\\n`` line ends, or None where the ``csv`` module's rules are needed
-    to read it (quotes, NUL bytes, lone carriage returns) or to report it (not ``encoding`` text)."""
-    if b'"' in block or b"\x00" in block:
+    to read it (quotes, unless ``quotes`` is False: then they are text; NUL bytes, lone carriage
+    returns) or to report it (not ``encoding`` text)."""
+    if (quotes and b'"' in block) or b"\x00" in block:
         return None
     if b"\r" in block:
         block = block.replace(b"\r\n", b"\n")
@@ -953,6 +973,31 @@ def _quote_free_text(block: bytes, encoding: str) -> str | None:
         return block.decode(encoding)
     except UnicodeDecodeError:
         return None
+
+
+def _not_plain_text(block: bytes, encoding: str) -> tuple[int, str]:
+    """(byte offset, what it is) of the first thing in ``block`` that :func:`_quote_free_text` with
+    ``quotes=False`` cannot read: a NUL byte, a carriage return that ends no line, or text that is not
+    ``encoding``."""
+    found = []
+    if b"\x00" in block:
+        found.append((block.index(b"\x00"), "a NUL byte"))
+    lone_return = next((i for i in _positions(block, b"\r") if block[i + 1 : i + 2] != b"\n"), None)
+    if lone_return is not None:
+        found.append((lone_return, "a carriage return that ends no line"))
+    try:
+        block.decode(encoding)
+    except UnicodeDecodeError as e:
+        found.append((e.start, f"not {encoding} text (set the spec's encoding, e.g. \"latin-1\")"))
+    return min(found)
+
+
+def _positions(data: bytes, byte: bytes) -> Iterator[int]:
+    """The offsets of ``byte`` in ``data``."""
+    at = data.find(byte)
+    while at >= 0:
+        yield at
+        at = data.find(byte, at + 1)
 
 
 class _BlockParsing(IterableDataset):

@@ -593,8 +593,49 @@ def test_labels_of_text_with_positive_labels(tmp_path: Path) -> None:
             CSVSpec(label="behavior", categorical=["user"], positive_labels=bad)
     with pytest.raises(ValueError, match="label_threshold .* or positive_labels .*, not both"):
         CSVSpec(label="behavior", categorical=["user"], positive_labels=["buy"], label_threshold=1)
-    with pytest.raises(ValueError, match=r"delimiter must be one character, got '::' .*sed"):
-        CSVSpec(label="rating", categorical=["user"], delimiter="::")
+    for bad in ("", '"', "\n", ":\r:"):
+        with pytest.raises(ValueError, match="delimiter must be one or more characters other than a quote or a line end"):
+            CSVSpec(label="rating", categorical=["user"], delimiter=bad)
+    with pytest.raises(ValueError, match="separator must be one character other than the delimiter"):
+        CSVSpec(label="rating", categorical=["user"], delimiter="::", multi_valued={"user": {"separator": ":",
+                                                                                           "max_values": 2}})
+
+
+MOVIELENS_DAT = CSVSpec(label="rating", categorical=["user", "movie", "genres"], delimiter="::", header=False,
+                        column_names=["user", "movie", "rating", "time", "genres"], label_threshold=4,
+                        order_by="time", multi_valued={"genres": {"separator": "|", "max_values": 3}})
+
+
+@pytest.mark.parametrize("block_bytes", [32, 1 << 20])  # records cut across blocks, and one block
+def test_a_delimiter_of_several_characters_reads_plain_text(tmp_path: Path, monkeypatch, block_bytes: int) -> None:
+    # MovieLens' .dat files: fields split by '::', no quoting (a quote is text), records in user order.
+    # A record ending in ':' before one starting with ':' is split record by record, not across them.
+    monkeypatch.setenv("LHF_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr("lhf_torchrec.data.tabular._BLOCK_BYTES", block_bytes)
+    records = [("1", '"Heat" (1995)', "5", "978300760", "Action|Crime"), (":2", "a:b", "3", "978300100", "Drama:"),
+               (":3", "x", "4", "978300000", ""), ("10", "a,b", "1", "978300500", "Drama")]
+    path = _write(tmp_path / "ratings.dat", "".join("::".join(r) + "\n" for r in records))
+    data = read_csv(path, MOVIELENS_DAT)
+    in_time = sorted(records, key=lambda r: int(r[3]))
+    np.testing.assert_array_equal(data.labels, [float(r[2]) >= 4 for r in in_time])
+    np.testing.assert_array_equal(data.sparse[:, :2], [[categorical_id(r[0]), categorical_id(r[1])] for r in in_time])
+    genres = [[categorical_id(g) for g in r[4].split("|") if g] for r in in_time]
+    np.testing.assert_array_equal(data.sparse[:, 2:], [g + [-1] * (3 - len(g)) for g in genres])
+    _write(path, "1::a::5::1::x\n1::a::5::2::x::3\n")  # 6 fields where 5 are named
+    with pytest.raises(DataFormatError, match="ratings.dat:2: expected 5 fields"):
+        read_csv(path, MOVIELENS_DAT)
+
+
+@pytest.mark.parametrize("text, line, reason", [
+    (b"1::a::x::5::1\n2::b\x00::x::5::2\n", 2, "a NUL byte"),
+    (b"1::a::x::5::1\r\n2::b::x::5::2\r\n3::c\rd::x::5::3\n", 3, "a carriage return that ends no line"),
+    (b"1::a::x::5::1\n2::r\xe9d::x::5::2\n", 2, "not utf-8 text"),
+])
+def test_what_plain_text_cannot_hold_is_named(tmp_path: Path, text: bytes, line: int, reason: str) -> None:
+    path = tmp_path / "ratings.dat"
+    path.write_bytes(text)
+    with pytest.raises(DataFormatError, match=rf"ratings.dat:{line}: {reason}.*the delimiter '::' reads every line"):
+        read_csv(path, MOVIELENS_DAT)
 
 
 def test_records_grouped_by_a_feature_are_named(tmp_path: Path, monkeypatch, caplog) -> None:

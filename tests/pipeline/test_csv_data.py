@@ -143,15 +143,19 @@ def test_an_event_log_sorted_by_user_splits_in_time_order(tmp_path) -> None:
     assert set(loaded[2].sparse[:, 0]) <= set(loaded[0].sparse[:, 0])
 
 
-def test_the_example_spec_reads_a_rating_log_in_recbole_format(tmp_path) -> None:
-    """examples/csv/ml-100k-ratings.json (docs/results.md runs it on MovieLens-100k's ml-100k.inter)."""
-    spec = Path(__file__).parents[2] / "examples" / "csv" / "ml-100k-ratings.json"
-    path = tmp_path / "ratings.inter"
+@pytest.mark.parametrize("example, name, header, delimiter", [
+    ("ml-100k-ratings.json", "ml-100k ratings (csv)", "user_id:token\titem_id:token\trating:float\ttimestamp:float\n",
+     "\t"),  # RecBole's ml-100k.inter, as docs/results.md runs it
+    ("ml-1m-ratings.json", "ml-1m ratings (dat)", "", "::"),  # MovieLens-1M's ratings.dat, as GroupLens ships it
+])
+def test_the_example_specs_read_rating_logs(tmp_path, example: str, name: str, header: str, delimiter: str) -> None:
+    """The specs in examples/csv/ read a rating log of their format: ids, the rating as a click, time order."""
+    spec = Path(__file__).parents[2] / "examples" / "csv" / example
+    path = tmp_path / "ratings.log"
     rows = [(196, 242, 3, 881250949), (186, 302, 5, 891717742), (22, 377, 1, 878887116), (244, 51, 4, 880606923)]
-    path.write_text("user_id:token\titem_id:token\trating:float\ttimestamp:float\n" +
-                    "".join("\t".join(map(str, r)) + "\n" for r in rows * 5))
+    path.write_text(header + "".join(delimiter.join(map(str, r)) + "\n" for r in rows * 5))
     data = load_split(DatasetSpec("csv", [str(path)], csv_spec=str(spec), split=(0.5, 0.25, 0.25)), embedding_dim=4)
-    assert data.name == "ml-100k ratings (csv)"
+    assert data.name == name
     loaded = [split.load() for split in (data.train, data.validation, data.test)]
     by_time = sorted(rows * 5, key=lambda r: r[3])
     np.testing.assert_array_equal(np.concatenate([d.sparse[:, 1] for d in loaded]), [r[1] for r in by_time])
