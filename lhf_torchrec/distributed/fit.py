@@ -62,7 +62,7 @@ from lhf_torchrec.mapping.buckets import (
 from lhf_torchrec.mapping.budget import BudgetStatistics
 from lhf_torchrec.mapping.embeddings import EmbeddingsLike
 from lhf_torchrec.mapping.fit import accesses_with_entry
-from lhf_torchrec.mapping.hashing import bucket_hash, input_hash_size
+from lhf_torchrec.mapping.hashing import bucket_hashes, input_hash_size
 from lhf_torchrec.mapping.id_mapping import IdMapping
 from lhf_torchrec.mapping.methods import MappingEstimator, RowSplit, make_estimator
 from lhf_torchrec.mapping.profile import IdProfile, ProfileSummary
@@ -87,9 +87,11 @@ def owned_buckets(rank: int, world_size: int, num_buckets: int) -> range:
 
 def bucket_owners(ids: np.ndarray, num_buckets: int, world_size: int, seed: int) -> np.ndarray:
     """The rank owning each id's bucket (the bucket of its bucket hash h, as :func:`bucket_profiles` has it)."""
-    hashes = bucket_hash(torch.from_numpy(ids), num_buckets, seed).numpy()
-    buckets = hashes // (input_hash_size(num_buckets) // num_buckets)
-    return buckets * world_size // num_buckets
+    owners = bucket_hashes(ids, num_buckets, seed)  # becomes the owners in place: one array as large as the ids
+    owners //= input_hash_size(num_buckets) // num_buckets
+    owners *= world_size
+    owners //= num_buckets
+    return owners
 
 
 def _device(group: ProcessGroup) -> torch.device:
@@ -153,7 +155,9 @@ def exchange_profiles(
     Collective: every rank calls it with its own exact profile (empty if it saw no data). Each
     rank receives the (id, count) pairs of its buckets from every rank and sums them: the result is
     the merged profile restricted to the rank's buckets (``total`` counts their accesses only).
-    Memory per rank: its local profile plus the distinct ids of its buckets (16 bytes per id).
+    Memory per rank: its local profile, plus the pairs it sends and receives and their merge (about
+    four int64 arrays as long as the larger of the two at a time), then the distinct ids of its
+    buckets (16 bytes per id).
     """
     world_size = dist.get_world_size(group)
     check_world_size(world_size, num_buckets, table)
@@ -164,11 +168,28 @@ def exchange_profiles(
     owners = bucket_owners(profile.ids, num_buckets, world_size, seed)
     order = np.argsort(owners, kind="stable")  # ids stay sorted within each destination
     send_sizes = np.bincount(owners, minlength=world_size)
+    del owners
     ids = _all_to_all(profile.ids[order], send_sizes, group)
     counts = _all_to_all(profile.counts[order], send_sizes, group)
-    unique, inverse = np.unique(ids, return_inverse=True)
-    summed = np.bincount(inverse, weights=counts, minlength=unique.size).astype(np.int64)
-    return IdProfile(unique, summed, int(summed.sum()))
+    del order
+    return _summed_by_id(ids, counts)
+
+
+def _summed_by_id(ids: np.ndarray, counts: np.ndarray) -> IdProfile:
+    """The profile of (id, count) pairs in which an id may repeat (the ranks' sorted runs, end to end):
+    each id once, its counts summed in int64 (exact at any count). Sorts ``ids`` and ``counts`` in
+    place (the caller's buffers: a sorted copy would hold both, as the caller still refers to them)."""
+    order = np.argsort(ids, kind="stable")  # a merge of the W sorted runs
+    ids[:] = ids[order]
+    counts[:] = counts[order]
+    del order
+    first = np.empty(ids.size, dtype=bool)
+    first[:1] = True
+    np.not_equal(ids[1:], ids[:-1], out=first[1:])
+    starts = np.flatnonzero(first)
+    del first
+    summed = np.add.reduceat(counts, starts) if starts.size else counts
+    return IdProfile(ids[starts], summed, int(summed.sum()))
 
 
 def fit_owned_buckets(
@@ -458,7 +479,7 @@ def cosharded_remap(shard: MappingShard, device: Optional[torch.device] = None) 
         raise ValueError(f"table '{shard.table}': the mapping cannot co-shard with its table: {probes} probes per id "
                          f"(method '{shard.method}')")
     fits = shard.fits
-    keys = bucket_hash(torch.from_numpy(fits.entry_ids), shard.num_buckets, shard.seed)
+    keys = torch.from_numpy(bucket_hashes(fits.entry_ids, shard.num_buckets, shard.seed))
     order = torch.argsort(keys, stable=True)
     mine = shard.buckets
     split = total_split(shard.splits)

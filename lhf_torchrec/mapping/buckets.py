@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lhf_torchrec.mapping.embeddings import EmbeddingsLike
-from lhf_torchrec.mapping.hashing import bucket_hash, input_hash_size
+from lhf_torchrec.mapping.hashing import bucket_hashes, input_hash_size
 from lhf_torchrec.mapping.id_mapping import IdMapping, bucket_entry_keys
 from lhf_torchrec.mapping.methods import MappingEstimator, RowSplit, make_estimator
 from lhf_torchrec.mapping.profile import IdProfile
@@ -79,25 +79,38 @@ def bucket_profiles(profile: IdProfile, num_buckets: int, seed: int) -> List[IdP
     tie) is kept, so it alone can get an entry and the others take its row. With n profiled ids this
     happens with probability about n^2 / 2^63 (negligible below a billion ids); it is logged.
     """
-    hashes = bucket_hash(torch.from_numpy(profile.ids), num_buckets, seed).numpy()
+    hashes = bucket_hashes(profile.ids, num_buckets, seed)
     ids, counts = profile.ids, profile.counts
-    by_hash = np.lexsort((ids, -counts, hashes))  # by h, then most accessed first, then smaller id
-    first = np.ones(by_hash.size, dtype=bool)
-    first[1:] = hashes[by_hash][1:] != hashes[by_hash][:-1]
-    if not first.all():
+    if _repeats(hashes):  # rare: sort out who keeps the hash (a lexsort holds several arrays as long as the ids)
+        by_hash = np.lexsort((ids, -counts, hashes))  # by h, then most accessed first, then smaller id
+        first = np.ones(by_hash.size, dtype=bool)
+        sorted_hashes = hashes[by_hash]
+        first[1:] = sorted_hashes[1:] != sorted_hashes[:-1]
+        del sorted_hashes
         dropped = by_hash[~first]
         logger.info("%d profiled id(s) share a bucket hash with a more accessed id and take its row (e.g. id %d)",
                     dropped.size, ids[dropped[0]])
         keep = np.sort(by_hash[first])
+        del by_hash, first
         ids, counts, hashes = ids[keep], counts[keep], hashes[keep]
-    buckets = hashes // (input_hash_size(num_buckets) // num_buckets)
+    buckets = hashes  # in place: the bucket of each id
+    buckets //= input_hash_size(num_buckets) // num_buckets
     order = np.argsort(buckets, kind="stable")
-    ids, counts = ids[order], counts[order]
-    bounds = np.searchsorted(buckets[order], np.arange(num_buckets + 1))
+    bounds = np.concatenate([[0], np.cumsum(np.bincount(buckets, minlength=num_buckets))])
+    del buckets, hashes
+    ids = ids[order]
+    counts = counts[order]
+    del order
     return [
         IdProfile(ids[lo:hi], counts[lo:hi], int(counts[lo:hi].sum()), profile.capacity, profile.error_bound)
         for lo, hi in zip(bounds[:-1], bounds[1:])
     ]
+
+
+def _repeats(values: np.ndarray) -> bool:
+    """Whether an int64 value occurs twice (one sorted copy)."""
+    ordered = np.sort(values)
+    return bool((ordered[1:] == ordered[:-1]).any())
 
 
 def _all_hashed(estimator: MappingEstimator) -> RowSplit:

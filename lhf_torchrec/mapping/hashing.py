@@ -18,6 +18,7 @@ modules bucketize their input. Only the top bit and the reduction mod IHS lose i
 
 from typing import Tuple, Union
 
+import numpy as np
 import torch
 
 MERSENNE_31 = (1 << 31) - 1
@@ -126,6 +127,22 @@ def bucket_hash(ids: torch.Tensor, num_buckets: int, seed: int) -> torch.Tensor:
     """
     mixed = mix64(ids.to(torch.int64) ^ bucket_key(seed)) & ((1 << 63) - 1)
     return torch.remainder(mixed, input_hash_size(num_buckets))
+
+
+# Ids hashed at once by :func:`bucket_hashes`: the mixing's int64 temporaries take 8 MiB each, whatever the input.
+HASH_CHUNK = 1 << 20
+
+
+def bucket_hashes(ids: np.ndarray, num_buckets: int, seed: int) -> np.ndarray:
+    """:func:`bucket_hash` of a numpy array of ids, chunk by chunk into one int64 array: a fit's
+    profiles hold up to billions of ids, and hashing them at once would hold about four temporaries
+    as large as the ids (``mix64``'s steps)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    out = np.empty(ids.shape[0], np.int64)
+    for start in range(0, ids.shape[0], HASH_CHUNK):
+        out[start:start + HASH_CHUNK] = bucket_hash(torch.from_numpy(ids[start:start + HASH_CHUNK]), num_buckets,
+                                                    seed).numpy()
+    return out
 
 
 def bucket_of(ids: torch.Tensor, num_buckets: int, seed: int) -> torch.Tensor:

@@ -64,7 +64,7 @@ from torch import nn
 
 from lhf_torchrec.files import atomic_write, read_safetensors
 from lhf_torchrec.mapping import perfect_hash
-from lhf_torchrec.mapping.hashing import bucket_hash, hash_ids, input_hash_size
+from lhf_torchrec.mapping.hashing import bucket_hash, bucket_hashes, hash_ids, input_hash_size
 
 FORMAT_VERSION = 1
 _INT32_MAX = (1 << 31) - 1
@@ -185,10 +185,7 @@ def bucket_entry_keys(entry_ids: np.ndarray, entry_rows: np.ndarray, num_rows: i
     entry_rows = np.asarray(entry_rows)
     _check_entry_rows(entry_rows, num_rows, table)
     width = input_hash_size(num_buckets) // num_buckets
-    keys = np.empty(entry_ids.size, np.int64)
-    for start in range(0, keys.size, _ENTRY_CHUNK):  # by chunk: the hash's int64 temporaries stay small
-        keys[start:start + _ENTRY_CHUNK] = bucket_hash(torch.from_numpy(entry_ids[start:start + _ENTRY_CHUNK]),
-                                                       num_buckets, seed).numpy()
+    keys = bucket_hashes(entry_ids, num_buckets, seed)
     same = _duplicate_key(keys, width)
     if same is not None:
         i, j = np.flatnonzero(keys == same)[:2]

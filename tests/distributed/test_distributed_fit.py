@@ -18,6 +18,8 @@ import unittest
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torchrec.distributed.test_utils.multi_process import MultiProcessTestBase
 
 import torch.distributed as dist
@@ -28,6 +30,7 @@ from lhf_torchrec.distributed.fit import (
     RankBudgetStatistics,
     _all_gather,
     _gather,
+    _summed_by_id,
     cosharded_remap,
     exchange_profiles,
     fit_bucketed_distributed,
@@ -263,6 +266,22 @@ def _worker(rank: int, world_size: int, path: str) -> None:
         _distributed_fit_checks(rank, world_size)
     finally:
         dist.destroy_process_group()
+
+
+@settings(max_examples=100, deadline=None)
+@given(runs=st.lists(st.lists(st.tuples(st.integers(-(1 << 63), (1 << 63) - 1), st.integers(1, 1 << 40)), max_size=30),
+                     min_size=1, max_size=4))
+def test_received_pairs_merge_into_one_profile(runs):
+    """What a rank receives (each rank's sorted ids with counts, end to end) sums to each id once, exactly."""
+    pairs = [p for run in runs for p in sorted(dict(run).items())]
+    ids = np.array([i for i, _ in pairs], np.int64)
+    counts = np.array([c for _, c in pairs], np.int64)
+    merged = _summed_by_id(ids, counts)
+    want = {}
+    for i, c in pairs:
+        want[i] = want.get(i, 0) + c
+    assert merged.ids.tolist() == sorted(want) and merged.counts.tolist() == [want[i] for i in sorted(want)]
+    assert merged.total == sum(want.values())
 
 
 class DistributedFitTest(MultiProcessTestBase):

@@ -18,8 +18,10 @@ from lhf_torchrec.mapping import (
     plan_budget,
     save_mappings,
 )
-from lhf_torchrec.mapping.buckets import TooFewRowsForBuckets, cosharded_bytes, cosharded_slots, fit_bucketed
-from lhf_torchrec.mapping.hashing import bucket_hash, bucket_key, bucket_of, hash_ids, input_hash_size, mix64
+from lhf_torchrec.mapping.buckets import (TooFewRowsForBuckets, bucket_profiles, cosharded_bytes, cosharded_slots,
+                                          fit_bucketed)
+from lhf_torchrec.mapping.hashing import (bucket_hash, bucket_hashes, bucket_key, bucket_of, hash_ids, input_hash_size,
+                                          mix64)
 from lhf_torchrec.mapping.methods import METHODS
 from lhf_torchrec.pipeline.steps import fit_mappings
 
@@ -51,6 +53,31 @@ def test_bucket_function_equals_the_pure_python_reference(ids, num_buckets, seed
     assert bucket_hash(tensor, num_buckets, seed).tolist() == [h for h, _ in expected]
     assert bucket_of(tensor, num_buckets, seed).tolist() == [b for _, b in expected]
     assert input_hash_size(num_buckets) % num_buckets == 0 and input_hash_size(num_buckets) <= 1 << 62
+
+
+@settings(max_examples=100, deadline=None)
+@given(ids=st.lists(int64s, min_size=0, max_size=40), num_buckets=st.integers(1, 5000), seed=st.integers(0, 2**64 - 1),
+       chunk=st.integers(1, 8))
+def test_bucket_hashes_of_an_array_are_the_hashes_chunk_by_chunk(ids, num_buckets, seed, chunk):
+    values = np.array(ids + EXTREMES, dtype=np.int64)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("lhf_torchrec.mapping.hashing.HASH_CHUNK", chunk)
+        hashed = bucket_hashes(values, num_buckets, seed)
+    assert hashed.dtype == np.int64 and hashed.tolist() == [_bucket_reference(int(v), num_buckets, seed)[0] for v in values]
+
+
+@settings(max_examples=100, deadline=None)
+@given(ids=st.lists(int64s, min_size=0, max_size=60, unique=True), data=st.data(), num_buckets=st.integers(1, 9),
+       seed=st.integers(0, 2**32))
+def test_bucket_profiles_split_a_profile_by_bucket_keeping_id_order(ids, data, num_buckets, seed):
+    ids = sorted(ids)
+    counts = data.draw(st.lists(st.integers(1, 1000), min_size=len(ids), max_size=len(ids)))
+    profile = IdProfile(np.array(ids, np.int64), np.array(counts, np.int64), sum(counts))
+    buckets = bucket_profiles(profile, num_buckets, seed)
+    assert len(buckets) == num_buckets
+    for b, part in enumerate(buckets):
+        want = [(i, c) for i, c in zip(ids, counts) if _bucket_reference(i, num_buckets, seed)[1] == b]
+        assert list(zip(part.ids.tolist(), part.counts.tolist())) == want and part.total == sum(c for _, c in want)
 
 
 def test_mix64_is_splitmix64_and_a_bijection_on_a_sample():
