@@ -283,13 +283,20 @@ class CSVSpec:
         """The dense columns with a ``standardize`` transform."""
         return [c for c in self.dense if "standardize" in self.transforms.get(c, ())]
 
+    def _delimiter_hint(self) -> str:
+        """What to check when a line is one field: the delimiter does not occur in it."""
+        if "\\" in self.delimiter:  # an escape written twice, e.g. "\\t" in JSON
+            return f" (the delimiter {self.delimiter!r} does not occur in the line; a tab is \"\\t\" in a JSON spec)"
+        return f" (the delimiter {self.delimiter!r} does not occur in the line: is it the files' delimiter?)"
+
     def column_indices(self, names: Sequence[str], path: PathLike) -> list[int]:
         """Positions of label, dense, categorical and ``order_by`` columns (in that order) among
         ``names``, then the number of fields a record has (``len(names)``)."""
         read = (*self._used, self.order_by) if self.order_by is not None else self._used
         missing = [c for c in read if c not in names]
         if missing:
-            raise DataFormatError(path, 1 if self.header else None, f"columns {missing} not found among {list(names)}")
+            raise DataFormatError(path, 1 if self.header else None, f"columns {missing} not found among {list(names)}"
+                                  + (self._delimiter_hint() if len(names) == 1 else ""))
         return [list(names).index(c) for c in read] + [len(names)]
 
 
@@ -817,7 +824,8 @@ class CSVSource(StreamingSource):
     def _problem(self, fields: list[str], columns: list[int]) -> str | None:
         """Why one record is malformed, or None. ``columns``: used positions, then the field count."""
         if len(fields) != columns[-1]:
-            return f"expected {columns[-1]} fields, got {len(fields)}"
+            hint = self.spec._delimiter_hint() if len(fields) == 1 else ""
+            return f"expected {columns[-1]} fields, got {len(fields)}{hint}"
         if self.spec.missing_values:
             fields = list(fields)
             for k in columns[1 : 1 + len(self.spec.dense) + len(self.spec.categorical)]:

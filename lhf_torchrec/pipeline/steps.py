@@ -89,8 +89,9 @@ def share_tables(
     """Under a process group whose world size divides ``num_buckets``: each rank profiles its 1/W of
     the rows and keeps the exact merged counts of its own buckets' ids (:func:`share_profile`), never
     the whole profile: what :func:`fit_mappings` needs to fit bucketed mappings across the ranks."""
-    return {name: share_profile(p, num_buckets, seed, table=name)
-            for name, p in _rank_profiles(source, tables, None, chunk_rows, spill_dir).items()}
+    local = _rank_profiles(source, tables, None, chunk_rows, spill_dir)
+    # Each table's local profile is dropped once shared: the rank holds its shares and the profiles still to share.
+    return {name: share_profile(local.pop(name), num_buckets, seed, table=name) for name in list(local)}
 
 
 def _rank_profiles(

@@ -626,6 +626,18 @@ def test_a_delimiter_of_several_characters_reads_plain_text(tmp_path: Path, monk
         read_csv(path, MOVIELENS_DAT)
 
 
+def test_a_delimiter_missing_from_the_lines_is_named(tmp_path: Path) -> None:
+    path = _write(tmp_path / "t.tsv", "user\titem\tclick\n1\t2\t1\n")
+    spec = CSVSpec(label="click", categorical=["user", "item"], delimiter=";")
+    with pytest.raises(DataFormatError, match=r"t.tsv:1: columns .* not found among \['user\\titem\\tclick'\] \(the "
+                                              r"delimiter ';' does not occur in the line: is it the files' delimiter\?\)"):
+        read_csv(path, spec)
+    with pytest.raises(DataFormatError, match=r"the delimiter '\\\\t' does not occur in the line; a tab is \"\\t\" in a JSON"):
+        read_csv(path, dataclasses.replace(spec, delimiter="\\t"))  # the two characters backslash, t
+    with pytest.raises(DataFormatError, match=r"t.tsv:1: expected 3 fields, got 1 \(the delimiter ';' does not occur"):
+        read_csv(path, dataclasses.replace(spec, header=False, column_names=["user", "item", "click"]))
+
+
 @pytest.mark.parametrize("text, line, reason", [
     (b"1::a::x::5::1\n2::b\x00::x::5::2\n", 2, "a NUL byte"),
     (b"1::a::x::5::1\r\n2::b::x::5::2\r\n3::c\rd::x::5::3\n", 3, "a carriage return that ends no line"),
