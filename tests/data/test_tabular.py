@@ -298,7 +298,9 @@ def _oracle(path: Path, spec: CSVSpec) -> tuple[list[int], np.ndarray, np.ndarra
         for fields in reader:
             if fields:
                 if len(fields) != len(names):  # e.g. an unquoted lone CR: a line end to the csv module
-                    raise DataFormatError(path, reader.line_num, f"expected {len(names)} fields, got {len(fields)}")
+                    hint = f" (the delimiter {spec.delimiter!r} does not occur in the line: is it the files' delimiter?)"
+                    raise DataFormatError(path, reader.line_num, f"expected {len(names)} fields, got {len(fields)}"
+                                                                 + (hint if len(fields) == 1 else ""))
                 lines.append(reader.line_num)
                 rows.append([fields[p] for p in positions])
     num_dense = len(spec.dense)
