@@ -239,7 +239,8 @@ def _train_config(args: argparse.Namespace):
                        sparse_lr=args.sparse_lr, dense_lr=args.dense_lr, seed=args.seed,
                        eval_every_steps=args.eval_every, checkpoint_dir=args.checkpoint_dir,
                        checkpoint_every_steps=args.checkpoint_every, resume=args.resume, overwrite=args.overwrite,
-                       max_steps=args.max_steps, progress=not args.no_progress)
+                       max_steps=args.max_steps, progress=not args.no_progress,
+                       unseen_id_rate=getattr(args, "unseen_id_rate", 0.0))
 
 
 def _methods() -> List[str]:
@@ -442,6 +443,10 @@ def _add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     source.add_argument("--method", choices=_methods(), default="full",
                         help="fit this method here on the training split instead (default: full tables)")
     parser.add_argument("--compression", type=COMPRESSION, default=10.0, help="with --method")
+    parser.add_argument("--unseen-id-rate", type=float_in(0, 1, high_open=True), default=0.0, metavar="P",
+                        help="replace this share of the compressed tables' training ids by ids never seen, so the "
+                             "hash rows that new ids land in are trained for them (docs/results.md, 'Unseen ids in "
+                             "training'; default 0: off)")
     parser.add_argument("--num-buckets", type=int_in(1), metavar="B",
                         help="with --method: bucketed mappings; under torchrun, tables whose bucket count the world "
                              "size divides keep their mapping with their rows (co-sharded row-wise), as do bucketed "

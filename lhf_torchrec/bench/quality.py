@@ -78,6 +78,8 @@ QUALITY_METHODS: Tuple[Any, ...] = (
     MethodSpec("frequency, warm start", "frequency", warm_start=True),
     # What bucketing (the foundation of co-sharding a mapping with its table) costs, at equal bytes.
     MethodSpec("combination, 64 buckets", "combination", {"num_buckets": 64}),
+    # 5% of the training ids replaced by ids never seen: trains the hash rows that ids new at test time land in.
+    MethodSpec("combination, unseen ids 5%", "combination", unseen_id_rate=0.05),
 )
 
 

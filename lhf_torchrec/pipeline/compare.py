@@ -89,6 +89,8 @@ class MethodSpec:
     hyperparams: Mapping[str, Any] = field(default_factory=dict)
     # Learn embeddings at the model's dim and start every compressed row from them (warm_start_rows).
     warm_start: bool = False
+    # TrainConfig.unseen_id_rate of the run: training ids replaced by ids never seen (with_unseen_ids).
+    unseen_id_rate: float = 0.0
 
 
 def _spec(method: Union[str, MethodSpec]) -> MethodSpec:
@@ -124,8 +126,9 @@ def compare_methods(
     """
     specs = [_spec(m) for m in methods]
     for s in specs:  # unknown names fail here, before any training
-        if not get_method(s.method).maps_ids and s.warm_start:
-            raise ValueError(f"{s.label}: warm start needs a method that maps ids to rows, not '{s.method}'")
+        if not get_method(s.method).maps_ids and (s.warm_start or s.unseen_id_rate):
+            raise ValueError(f"{s.label}: warm start and unseen ids need a method that maps ids to rows, not "
+                             f"'{s.method}'")
     floors = learn_floors(specs, model_config.embedding_dim, learn_dim)
     runtime = runtime or init_runtime()
     profiles = profile_tables(data.train, data.tables)
@@ -152,7 +155,7 @@ def compare_methods(
                           id_passes=1 if spec.method == "mch" else 0)
             if equal_passes and any_learn_step and not needs_embeddings:
                 passes["train_epochs"] += learn_epochs
-            run_config = dataclasses.replace(config, epochs=passes["train_epochs"])
+            run_config = dataclasses.replace(config, epochs=passes["train_epochs"], unseen_id_rate=spec.unseen_id_rate)
             embeddings, learn_seconds = (
                 embeddings_at(model_config.embedding_dim if spec.warm_start else learn_dim)
                 if needs_embeddings else (None, 0.0)

@@ -35,6 +35,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec import EmbeddingBagConfig
+from torchrec.datasets.utils import Batch
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import Topology
@@ -42,6 +43,7 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from tqdm.auto import tqdm
 
 from lhf_torchrec.data.source import CTRSource
@@ -85,12 +87,16 @@ class TrainConfig:
     overwrite: bool = False  # delete the checkpoints already in checkpoint_dir (else they are an error)
     max_steps: int = 0  # 0: no limit
     progress: bool = True
+    # Share of the training ids of learned-hash tables replaced by ids never seen (:func:`with_unseen_ids`).
+    unseen_id_rate: float = 0.0
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer '{self.optimizer}'; choose one of {sorted(OPTIMIZERS)}")
         if self.batch_size < 1 or self.epochs < 1:
             raise ValueError(f"batch_size and epochs must be >= 1, got {self.batch_size} and {self.epochs}")
+        if not 0.0 <= self.unseen_id_rate < 1.0:
+            raise ValueError(f"unseen_id_rate must lie in [0, 1), got {self.unseen_id_rate}")
 
 
 @dataclass
@@ -216,6 +222,9 @@ class Trainer:
                 break
             batches = train.batches(cfg.batch_size, shuffle=cfg.shuffle, seed=cfg.seed, epoch=epoch, drop_last=True,
                                     rank=self.runtime.rank, world_size=self.runtime.world_size)
+            if cfg.unseen_id_rate > 0:  # before the skip of a resumed epoch: the same draws either way
+                batches = with_unseen_ids(batches, self._learned_hash_features(), cfg.unseen_id_rate, torch.Generator()
+                                          .manual_seed(_unseen_id_seed(cfg.seed, epoch, self.runtime.rank)))
             batches = itertools.islice(batches, self._batch_in_epoch, None)
             finished_epoch = False
             while not self._done(total):
@@ -234,6 +243,15 @@ class Trainer:
         result.steps = self.step
         result.mean_train_loss = float(np.mean(losses)) if losses else float("nan")
         return result
+
+    def _learned_hash_features(self) -> FrozenSet[str]:
+        """The features whose tables have an ``IdMapping`` (``unseen_id_rate`` needs some)."""
+        mapped = set(getattr(self.compression, "mappings", None) or {})
+        features = frozenset(f for t in self.tables if t.name in mapped for f in t.feature_names)
+        if not features:
+            raise ValueError(f"unseen_id_rate={self.config.unseen_id_rate} replaces ids of learned-hash tables, and "
+                             f"this model has none (compression: {type(self.compression).__name__})")
+        return features
 
     def _done(self, total: int) -> bool:
         return self.step >= total
@@ -337,7 +355,9 @@ class Trainer:
         """What else the result of a run depends on: resuming with anything different is an error."""
         cfg = self.config
         return {"batch_size": cfg.batch_size, "sparse_lr": cfg.sparse_lr, "dense_lr": cfg.dense_lr, "seed": cfg.seed,
-                "shuffle": cfg.shuffle, "world_size": self.runtime.world_size, "data": self._data_fingerprint}
+                "shuffle": cfg.shuffle, "world_size": self.runtime.world_size, "data": self._data_fingerprint,
+                # only when set: checkpoints written before the setting existed still resume
+                **({"unseen_id_rate": cfg.unseen_id_rate} if cfg.unseen_id_rate else {})}
 
     def _delete_checkpoints(self, directory: str) -> None:
         if self.runtime.is_main:
@@ -497,6 +517,39 @@ def data_fingerprint(train: CTRSource, batch_size: int) -> Dict[str, Any]:
 def _first_line(error: Exception) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+# Ids drawn for ``unseen_id_rate``: uniform in [2^62, 2^63), far from counted ids and rarely a hashed string's id
+# (an entry among n is drawn with probability n / 2^62 per draw).
+_UNSEEN_IDS = (1 << 62, (1 << 63) - 1)
+
+
+def with_unseen_ids(batches: Iterator[Batch], features: FrozenSet[str], rate: float,
+                    generator: torch.Generator) -> Iterator[Batch]:
+    """``batches`` with each id of ``features`` replaced, with probability ``rate``, by a random id never
+    seen: it has no entry in its table's mapping, so it is hashed into the table's hash region (or the
+    vocabulary's row for ids never seen), as an id new at serving time will be.
+
+    Why: when almost every training id has an entry (low clustering floors, a short log), the hash
+    rows are trained by almost no id, while the ids first seen after training all land there;
+    replacing a few training ids by unseen ones trains those rows for them, as word dropout trains a
+    language model's unknown-word vector (docs/results.md, "Unseen ids in training"). Other features
+    and the labels are untouched; the draws follow ``generator`` (deterministic given its seed)."""
+    for batch in batches:
+        kjt = batch.sparse_features
+        chosen = torch.tensor([k in features for k in kjt.keys()])
+        in_features = torch.repeat_interleave(chosen, torch.tensor(kjt.length_per_key()),
+                                              output_size=kjt.values().numel())
+        replaced = torch.rand(kjt.values().shape, generator=generator).lt(rate).logical_and_(in_features)
+        values = kjt.values().clone()
+        values[replaced] = torch.randint(*_UNSEEN_IDS, (int(replaced.sum()),), generator=generator)
+        yield Batch(batch.dense_features, KeyedJaggedTensor(keys=kjt.keys(), values=values, lengths=kjt.lengths(),
+                                                            weights=kjt.weights_or_none()), batch.labels)
+
+
+def _unseen_id_seed(seed: int, epoch: int, rank: int) -> int:
+    """The generator seed of ``with_unseen_ids`` for one rank's epoch: distinct per (seed, epoch, rank)."""
+    return int.from_bytes(hashlib.sha256(f"unseen ids {seed} {epoch} {rank}".encode()).digest()[:8], "big") >> 1
 
 
 def steps_per_epoch(num_rows: int, batch_size: int, world_size: int) -> int:

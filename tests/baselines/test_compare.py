@@ -30,7 +30,7 @@ def test_unknown_methods_name_every_method(tiny_split):
 
 def test_warm_start_needs_a_mapping_method(tiny_split):
     spec = compare.MethodSpec("qr, warm", "qr", warm_start=True)
-    with pytest.raises(ValueError, match="qr, warm: warm start needs a method that maps ids to rows, not 'qr'"):
+    with pytest.raises(ValueError, match="qr, warm: warm start and unseen ids need a method that maps ids to rows, not .qr."):
         compare.compare_methods(tiny_split, [spec], [4], [0], MODEL, TrainConfig(**TRAIN))
 
 

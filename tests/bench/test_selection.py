@@ -33,7 +33,8 @@ def test_every_grid_is_within_the_tuning_budget_and_starts_with_the_default() ->
         assert all(spec.method == method for spec in grid)
         assert len({spec.label for spec in grid}) == len(grid)
         get_method(method)  # a registered method
-    assert SELECTION_GRIDS["combination"][0].hyperparams == {}  # the default is always among the candidates
+    default = SELECTION_GRIDS["combination"][0]
+    assert default.hyperparams == {} and default.unseen_id_rate == 0  # the default is always among the candidates
 
 
 def test_combination_grid_settings_are_valid_and_one_tail_row_means_one_hash_row() -> None:
@@ -43,11 +44,11 @@ def test_combination_grid_settings_are_valid_and_one_tail_row_means_one_hash_row
     for spec in SELECTION_GRIDS["combination"]:
         estimator_settings = {k: v for k, v in spec.hyperparams.items() if k != "mapping_share"}  # a budget setting
         layouts[spec.label] = make_estimator("combination", 200, **estimator_settings).split(profile)
-    assert layouts["combination [tail 1 row, floor 10]"].num_hashed == 1
+    assert layouts["combination [tail 1 row, floor 10, unseen ids 5%]"].num_hashed == 1
     assert layouts["combination [tail 10%, floor 10]"].num_hashed == 20
     # A higher clustering floor gives fewer ids an entry.
     assert (layouts["combination [tail 1 row, floor 30]"].num_entries
-            < layouts["combination [tail 1 row, floor 10]"].num_entries)
+            < layouts["combination [tail 1 row, floor 10, unseen ids 5%]"].num_entries)
 
 
 def test_combination_grid_mapping_share_clusters_more_ids_where_the_budget_raises_the_floor() -> None:
@@ -71,17 +72,17 @@ def test_combination_grid_mapping_share_clusters_more_ids_where_the_budget_raise
 def test_selection_chooses_on_validation_never_on_test() -> None:
     records = [
         _record("combination [tail 10%, floor 10]", validation=0.50, test=0.40),  # best test, worse validation
-        _record("combination [tail 1 row, floor 10]", validation=0.45, test=0.48),
+        _record("combination [tail 1 row, floor 10, unseen ids 5%]", validation=0.45, test=0.48),
         _record("combination [tail 10%, floor 10, mapping 50%]", validation=0.47, test=0.30),
     ]
     selected, choices = select_on_validation(records)
     assert [r.method for r in selected] == ["combination"]
     assert selected[0].test["logloss"] == 0.48
-    assert choices[0].setting == "combination [tail 1 row, floor 10]" and choices[0].tried == 3
+    assert choices[0].setting == "combination [tail 1 row, floor 10, unseen ids 5%]" and choices[0].tried == 3
 
 
 def test_selection_is_per_seed_and_budget_ties_keep_the_default_and_failures_take_no_part() -> None:
-    default, one_row = "combination [tail 10%, floor 10]", "combination [tail 1 row, floor 10]"
+    default, one_row = "combination [tail 10%, floor 10]", "combination [tail 1 row, floor 10, unseen ids 5%]"
     failed = _record(one_row, validation=0.1, test=0.1, seed=1)
     failed.error, failed.validation = "does not fit", []
     records = [_record(one_row, 0.45, 0.45, seed=0), _record(default, 0.45, 0.46, seed=0),
@@ -96,7 +97,7 @@ def test_selection_is_per_seed_and_budget_ties_keep_the_default_and_failures_tak
 def test_report_shows_gap_recovered_on_validation_and_test_and_the_epochs() -> None:
     records = [_record("full", 0.40, 0.41), _record("hash", 0.50, 0.51),
                _record("combination [tail 10%, floor 10]", 0.42, 0.43),
-               _record("combination [tail 1 row, floor 10]", 0.44, 0.40),
+               _record("combination [tail 1 row, floor 10, unseen ids 5%]", 0.44, 0.40),
                _record("mch [lfu]", 0.45, 0.46)]
     for r in records:  # the passes compare_methods records: 1 epoch, + the learn step, + MCH's id-only replay
         r.train_epochs, r.learn_epochs = 1, int(r.method.startswith("combination"))

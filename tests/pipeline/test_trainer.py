@@ -154,3 +154,46 @@ def test_existing_checkpoints_need_resume_or_overwrite(tiny_split, mappings, two
     assert _tree_digest(ckpt) == before
     _trainer(tiny_split, mappings, checkpoint_dir=ckpt, max_steps=1, overwrite=True).fit(tiny_split.train)
     assert sorted(os.listdir(ckpt)) == ["step_000000001"]
+
+
+def test_unseen_ids_replace_a_share_of_the_learned_hash_features_ids_only(tiny_split, mappings):
+    from lhf_torchrec.training.trainer import with_unseen_ids
+
+    batches = list(tiny_split.train.batches(128))
+    mapped = [t for t in tiny_split.tables if t.name in mappings][:2]
+    features = frozenset(f for t in mapped for f in t.feature_names)
+    replaced = list(with_unseen_ids(iter(batches), features, 0.2, torch.Generator().manual_seed(3)))
+    again = list(with_unseen_ids(iter(batches), features, 0.2, torch.Generator().manual_seed(3)))
+    changed, total = 0, 0
+    for before, after, same in zip(batches, replaced, again):
+        assert torch.equal(after.sparse_features.values(), same.sparse_features.values())  # deterministic
+        assert torch.equal(after.labels, before.labels) and torch.equal(after.dense_features, before.dense_features)
+        for key in before.sparse_features.keys():
+            old, new = before.sparse_features[key], after.sparse_features[key]
+            assert torch.equal(old.lengths(), new.lengths())
+            differs = old.values() != new.values()
+            if key not in features:
+                assert not differs.any(), key
+                continue
+            assert (new.values()[differs] >= 1 << 62).all()  # ids no profile holds
+            changed, total = changed + int(differs.sum()), total + differs.numel()
+    assert 0.15 < changed / total < 0.25
+    # They have no entry: each table's mapping hashes them into its hash region.
+    mapping = mappings[mapped[0].name]
+    rows = mapping(torch.tensor([1 << 62, (1 << 62) + 12345, (1 << 63) - 2]))
+    assert ((rows >= mapping.hash_offset) & (rows < mapping.hash_offset + mapping.hash_rows)).all()
+
+
+def test_unseen_ids_train_a_learned_hash_model_and_need_one(tiny_split, mappings):
+    with_rate = _trainer(tiny_split, mappings, epochs=1, unseen_id_rate=0.05)
+    without = _trainer(tiny_split, mappings, epochs=1)
+    with_rate.fit(tiny_split.train)
+    without.fit(tiny_split.train)
+    assert with_rate.evaluate(tiny_split.test) != without.evaluate(tiny_split.test)
+    full = Trainer(MODEL, TrainConfig(batch_size=128, progress=False, unseen_id_rate=0.05), tiny_split.tables,
+                   len(tiny_split.train.dense_names))
+    with pytest.raises(ValueError, match="unseen_id_rate=0.05 replaces ids of learned-hash tables, and this model has "
+                                         "none"):
+        full.fit(tiny_split.train)
+    with pytest.raises(ValueError, match=r"unseen_id_rate must lie in \[0, 1\), got 1.0"):
+        TrainConfig(unseen_id_rate=1.0)
