@@ -221,6 +221,7 @@ def test_csv_spec_with_torchrec_words_for_fields(tmp_path, csv_files, capsys):
         (["train", "--batch-size", "0"], ["--batch-size", "got 0"]),
         (["train", "--split", "0.8,-0.1,0.3"], ["--split", "-0.1"]),
         (["train", "--seed", "-1"], ["--seed", "got -1"]),
+        (["train", "--unseen-id-rate", "1"], ["--unseen-id-rate", "[0, 1)", "got 1"]),
         (["profile", "--split", "0.5,0.5", "--out", "p"], ["split needs 3 fractions", "[0.5, 0.5]"]),
     ],
 )
