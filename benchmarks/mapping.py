@@ -480,8 +480,9 @@ _LIBRARY_COLUMNS = ("exchange_s", "fit_s", "gather_s", "total_s", "exchange_mb",
 DIST_COLUMNS = {"library": _LIBRARY_COLUMNS, "sharded": _LIBRARY_COLUMNS, "pipeline": ("share_s", "fit_s", "total_s")}
 
 
-def distributed_fit_rows(sizes, methods=("frequency", "combination"), on_row=None, path: str = "library") -> list:
-    """Each (size, method) fitted on 1 and on 2 ranks, side by side; every rank a fresh process that loads
+def distributed_fit_rows(sizes, methods=("frequency", "combination"), on_row=None, path: str = "library",
+                         world_sizes=DIST_WORLD_SIZES) -> list:
+    """Each (size, method) fitted on 1 and on 2 ranks (``world_sizes``, 1 first), side by side; every rank a fresh process that loads
     only its share of the profile (ids dealt round-robin: each id in one rank's data). ``path``: "library"
     (:func:`distributed_fit_rank`) or "pipeline" (:func:`distributed_pipeline_rank`). ``on_row(rows,
     pending)`` is called after each job (rows so far, jobs left), so a long run records what it has.
@@ -492,7 +493,7 @@ def distributed_fit_rows(sizes, methods=("frequency", "combination"), on_row=Non
     from tqdm import tqdm
 
     rows = []
-    jobs = [(n, m, w) for n in sizes for m in methods for w in DIST_WORLD_SIZES]
+    jobs = [(n, m, w) for n in sizes for m in methods for w in world_sizes]
     profiles = {}
     for num_ids, method, world_size in tqdm(jobs, desc=f"distributed fit ({path})"):
         profile = profiles.setdefault(num_ids, zipf_profile(num_ids, seed=0, sparse_ids=False))
@@ -798,6 +799,10 @@ def main() -> None:
     parser.add_argument("--paths", nargs="+", choices=list(DIST_PATHS),
                         help="with --distributed: only these paths (like --sizes and --methods: a slice, printed "
                              "and not written to docs/performance.md)")
+    parser.add_argument("--world-sizes", type=int, nargs="+",
+                        help=f"with --distributed: these numbers of ranks, 1 first (a slice; default "
+                             f"{' '.join(map(str, DIST_WORLD_SIZES))}; each rank a process: more ranks than cores "
+                             f"time nothing, their memory still counts)")
     parser.add_argument("--apply", action="store_true",
                         help="only the apply throughput table (replaces its subsection of docs/performance.md)")
     parser.add_argument("--dist-child", nargs=6, metavar=("IDS", "METHOD", "WORLD", "RANK", "DIR", "PATH"),
@@ -816,9 +821,12 @@ def main() -> None:
         paths = args.paths or list(DIST_PATHS)
         # Sharded rows: combination only, the method whose replicated assembly dominates a rank's memory.
         methods = {path: [m for m in args.methods if path != "sharded" or m == "combination"] for path in paths}
-        whole_run = not args.sizes and not args.paths and tuple(args.methods) == FIT_METHODS
+        world_sizes = tuple(args.world_sizes or DIST_WORLD_SIZES)
+        if world_sizes[0] != 1 or any(DIST_BUCKETS % w for w in world_sizes):
+            parser.error(f"--world-sizes must start with 1 and divide {DIST_BUCKETS} buckets, got {list(world_sizes)}")
+        whole_run = not args.sizes and not args.paths and tuple(args.methods) == FIT_METHODS and not args.world_sizes
         done = {path: [] for path in DIST_PATHS}
-        jobs = [(path, n, m, w) for path in paths for n in sizes for m in methods[path] for w in DIST_WORLD_SIZES]
+        jobs = [(path, n, m, w) for path in paths for n in sizes for m in methods[path] for w in world_sizes]
 
         def record(path):
             def on_row(rows, _pending):
@@ -831,7 +839,7 @@ def main() -> None:
             return on_row
 
         for path in paths:
-            distributed_fit_rows(sizes, methods[path], on_row=record(path), path=path)
+            distributed_fit_rows(sizes, methods[path], on_row=record(path), path=path, world_sizes=world_sizes)
         return
 
     if args.apply:
