@@ -482,8 +482,8 @@ DIST_COLUMNS = {"library": _LIBRARY_COLUMNS, "sharded": _LIBRARY_COLUMNS, "pipel
 
 def distributed_fit_rows(sizes, methods=("frequency", "combination"), on_row=None, path: str = "library",
                          world_sizes=DIST_WORLD_SIZES) -> list:
-    """Each (size, method) fitted on 1 and on 2 ranks (``world_sizes``, 1 first), side by side; every rank a fresh process that loads
-    only its share of the profile (ids dealt round-robin: each id in one rank's data). ``path``: "library"
+    """Each (size, method) fitted on 1 and on 2 ranks (``world_sizes``, 1 first), side by side; every
+    rank a fresh process that loads only its share of the profile (ids dealt round-robin: each id in one rank's data). ``path``: "library"
     (:func:`distributed_fit_rank`) or "pipeline" (:func:`distributed_pipeline_rank`). ``on_row(rows,
     pending)`` is called after each job (rows so far, jobs left), so a long run records what it has.
     "sharded": the library path ending with each rank's shard and co-sharded remap instead of the gather."""
@@ -753,7 +753,8 @@ def apply_doc(rows: list, num_ids: int, batch: int, reps: int, zch: list) -> str
         "(`perfect_hash.APART_BYTES`) therefore compute every slot in one kernel and read the slots in an op of "
         "their own (`lhf_torchrec::gather_apart`, an `index_select` inductor cannot fuse), whose independent reads "
         "the memory system overlaps; smaller tables stay fused (faster there: 50k-entry tables 1.9x fused vs 2.5x "
-        "apart, split layout, one-off run on an AMD EPYC 2-core box, stop 16). What is left at 1e6 entries is the reads' footprint: in "
+        "apart, split layout, one-off run on an AMD EPYC 2-core box, stop 16). What is left at 1e6 entries is "
+        "the reads' footprint: in "
         "one-off runs on that box (loaded) an `index_select` of 1e6 random ids from an 8 MB table costs 2.3-2.5x "
         "the same gather from the 4 MB floor table whatever the element size (int32 or int64: the bytes the reads "
         "spread over, not the bytes read, set it), so a 1e6-entry sparse table (8.4 MB of records, 11.4 MB split "

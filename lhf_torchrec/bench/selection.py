@@ -59,7 +59,7 @@ def grid_specs(methods: Sequence[str]) -> List[MethodSpec]:
 
 
 def family_of(label: str) -> str:
-    """The method a setting's label belongs to (``"combination [tail 1 row, floor 10, unseen ids 5%]"`` -> ``"combination"``)."""
+    """The method a setting's label belongs to (``"combination [tail 1 row, floor 30]"`` -> ``"combination"``)."""
     for method, grid in SELECTION_GRIDS.items():
         if any(spec.label == label for spec in grid):
             return method

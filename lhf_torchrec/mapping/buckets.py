@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from lhf_torchrec.mapping.embeddings import EmbeddingsLike
 from lhf_torchrec.mapping.hashing import bucket_hashes, input_hash_size
-from lhf_torchrec.mapping.id_mapping import IdMapping, bucket_entry_keys
+from lhf_torchrec.mapping.id_mapping import IdMapping, _duplicate_key, bucket_entry_keys
 from lhf_torchrec.mapping.methods import MappingEstimator, RowSplit, make_estimator
 from lhf_torchrec.mapping.profile import IdProfile
 
@@ -81,7 +81,9 @@ def bucket_profiles(profile: IdProfile, num_buckets: int, seed: int) -> List[IdP
     """
     hashes = bucket_hashes(profile.ids, num_buckets, seed)
     ids, counts = profile.ids, profile.counts
-    if _repeats(hashes):  # rare: sort out who keeps the hash (a lexsort holds several arrays as long as the ids)
+    width = input_hash_size(num_buckets) // num_buckets
+    # Rare: sort out who keeps the hash (a lexsort holds several arrays as long as the ids).
+    if _duplicate_key(hashes, width) is not None:
         by_hash = np.lexsort((ids, -counts, hashes))  # by h, then most accessed first, then smaller id
         first = np.ones(by_hash.size, dtype=bool)
         sorted_hashes = hashes[by_hash]
@@ -94,7 +96,7 @@ def bucket_profiles(profile: IdProfile, num_buckets: int, seed: int) -> List[IdP
         del by_hash, first
         ids, counts, hashes = ids[keep], counts[keep], hashes[keep]
     buckets = hashes  # in place: the bucket of each id
-    buckets //= input_hash_size(num_buckets) // num_buckets
+    buckets //= width
     order = np.argsort(buckets, kind="stable")
     bounds = np.concatenate([[0], np.cumsum(np.bincount(buckets, minlength=num_buckets))])
     del buckets, hashes
@@ -105,12 +107,6 @@ def bucket_profiles(profile: IdProfile, num_buckets: int, seed: int) -> List[IdP
         IdProfile(ids[lo:hi], counts[lo:hi], int(counts[lo:hi].sum()), profile.capacity, profile.error_bound)
         for lo, hi in zip(bounds[:-1], bounds[1:])
     ]
-
-
-def _repeats(values: np.ndarray) -> bool:
-    """Whether an int64 value occurs twice (one sorted copy)."""
-    ordered = np.sort(values)
-    return bool((ordered[1:] == ordered[:-1]).any())
 
 
 def _all_hashed(estimator: MappingEstimator) -> RowSplit:
