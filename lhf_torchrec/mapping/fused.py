@@ -8,8 +8,8 @@ tables at once, each id with its own table's parameters (int64 tensors gathered 
 * ``dense`` tables: one array of all tables per row dtype (int8, int16, int32), then one gather; each
   id clamped into its table's span (as ``IdMapping`` does), or, when one min/max per table shows every
   id inside it, not;
-* ``perfect_hash`` tables: one set of slot and pilot arrays per layout (key dtype; no, 1- or 2-byte high
-  row bits), looked up by :func:`~lhf_torchrec.mapping.perfect_hash.lookup` with per-id group hashes,
+* ``perfect_hash`` tables: one set of slot and pilot arrays per layout (remainders of int64 keys; split
+  slots of each key dtype and no, 1- or 2-byte high row bits), looked up by :func:`~lhf_torchrec.mapping.perfect_hash.lookup` with per-id group hashes,
   sizes and starts. Layouts of int32 keys and 3- or 4-byte rows are packed as one int64 *record* per
   slot (key in the high word, row in the low one), read once per id instead of three times (key, low
   and high row bits): these are large tables whose arrays outgrow the caches, where each random read
@@ -70,14 +70,14 @@ _MAX_LAYOUTS = 256
 CHUNK = 1 << 15
 # int64 parameters of a table, gathered per id: hash (num_buckets, a0, a1, a2, b, first row), dense
 # (start - offset, offset, last id), perfect hash (offset, 4 group-hash words, groups, slots, group and
-# slot start).
-_PARAMS = {"none": 6, "dense": 6 + 3, "perfect_hash": 6 + 9}
+# slot start, low bits of a remainders table).
+_PARAMS = {"none": 6, "dense": 6 + 3, "perfect_hash": 6 + 10}
 
 
 def fusable(mapping: IdMapping) -> bool:
     """Whether :class:`FusedIdMappings` applies ``mapping`` (else it runs on its own)."""
     if mapping.probes != 1 or mapping.num_buckets is not None or "slot_records" in mapping._buffers:
-        return False  # perfect hash records (keys wider than int32) are looked up by their mapping
+        return False  # perfect hash records (keys of 32-63 bits) are looked up by their mapping
     return mapping.storage != "sorted" or _runtime_ids(mapping) is not None
 
 
@@ -96,7 +96,8 @@ def runtime_bytes(mapping: IdMapping) -> int:
 def _in_records(mapping: IdMapping) -> bool:
     """Whether a fused perfect hash ``mapping`` is packed as int64 records (:class:`FusedIdMappings`): int32
     keys and 3- or 4-byte rows (at 2-byte rows a record would cost 8 bytes a slot instead of 6)."""
-    return (mapping.storage == "perfect_hash" and mapping.slot_keys.dtype == torch.int32
+    return (mapping.storage == "perfect_hash" and perfect_hash.layout_of(mapping._buffers) == "split"
+            and mapping.slot_keys.dtype == torch.int32
             and mapping.slot_rows_high.numel() > 0 and sys.byteorder == "little")
 
 
@@ -166,6 +167,9 @@ class FusedIdMappings:
         # masking off another table's high bits costs 8 int64 ops per id, a pass ~40 op launches.
         layouts: Dict[Tuple, List[str]] = {}
         for t in (t for t in self.tables if self.kind[t] == "perfect_hash"):
+            if "slot_remainders" in runtime[t]._buffers:
+                layouts.setdefault(("remainders",), []).append(t)
+                continue
             high = runtime[t].slot_rows_high
             layouts.setdefault((runtime[t].slot_keys.dtype, high.dtype if high.numel() else None), []).append(t)
         self._hash_tables = [self._pack_perfect_hash(ts, runtime, num, device) for ts in layouts.values()]
@@ -205,16 +209,21 @@ class FusedIdMappings:
 
     def _pack_perfect_hash(self, tables: List[str], runtime: Mapping[str, IdMapping], num: int,
                            device: torch.device) -> Tuple[Dict[str, torch.Tensor], List[torch.Tensor]]:
-        # Per table: offset, the 4 group-hash words, groups, slots, group and slot start.
-        params = torch.zeros(9, num, dtype=torch.int64)
-        names = ("slot_keys", "slot_rows", "slot_rows_high", "group_pilots")
+        # Per table: offset, the 4 group-hash words, groups, slots, group and slot start, low bits.
+        params = torch.zeros(10, num, dtype=torch.int64)
+        remainders = "slot_remainders" in runtime[tables[0]]._buffers
+        slot_name = "slot_remainders" if remainders else "slot_keys"
+        names = ("slot_remainders", "group_pilots") if remainders else ("slot_keys", "slot_rows", "slot_rows_high",
+                                                                         "group_pilots")
         starts = {name: 0 for name in names}
         at: Dict[str, Dict[str, int]] = {}
         for t in tables:
             m = runtime[t]
             at[t] = dict(starts)
+            low_bits = perfect_hash.record_row_bits(m.num_rows) if remainders else 0
             params[:, self.code[t]] = torch.tensor([m.offset, *m._group_hash, m.group_pilots.numel(),
-                                                    m.slot_keys.numel(), starts["group_pilots"], starts["slot_keys"]])
+                                                    m._buffers[slot_name].numel(), starts["group_pilots"],
+                                                    starts[slot_name], low_bits])
             for name in names:
                 starts[name] += m._buffers[name].numel()
         parts = {name: [runtime[t]._buffers[name] for t in tables] for name in names}
@@ -341,7 +350,10 @@ class FusedIdMappings:
                 found = None
             return perfect_hash.gather(dense_table, clamped.add_(shift)), found
         tensors = self._hash_tables[p - len(self._dense)][0]
-        offset, w0, w1, w2, w3, groups, slots, group_start, slot_start = params
+        offset, w0, w1, w2, w3, groups, slots, group_start, slot_start, low_bits = params
+        if "slot_remainders" in tensors:  # int64 keys, not relative
+            return perfect_hash.lookup_remainders(ids, tensors["slot_remainders"], low_bits, tensors["group_pilots"],
+                                                  (w0, w1, w2, w3), groups, slots, group_start, slot_start)
         # Relative keys wrap around for extreme ids, but equal a key only for the entry's id (IdMapping).
         keys = ids - offset
         if "records" in tensors:

@@ -106,6 +106,27 @@ def mix64(ids: torch.Tensor) -> torch.Tensor:
     return z ^ _shift_right(z, 31)
 
 
+
+
+def _signed64(word: int) -> int:
+    """The int64 with the bits of an unsigned 64-bit word."""
+    return word - (1 << 64) if word >= 1 << 63 else word
+
+
+# The inverses mod 2^64 of mix64's multipliers.
+_UNMIX_1 = _signed64(pow(0xBF58476D1CE4E5B9, -1, 1 << 64))
+_UNMIX_2 = _signed64(pow(0x94D049BB133111EB, -1, 1 << 64))
+
+
+def unmix64(words: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`mix64`: ``unmix64(mix64(x)) == x``. Each step of mix64 undone in reverse; a
+    xorshift z ^ (z >> s) is undone by xoring the shifts by s, 2s, ... below 64 bits."""
+    z = words.to(torch.int64)
+    z = (z ^ _shift_right(z, 31) ^ _shift_right(z, 62)) * _UNMIX_2
+    z = (z ^ _shift_right(z, 27) ^ _shift_right(z, 54)) * _UNMIX_1
+    return z ^ _shift_right(z, 30) ^ _shift_right(z, 60)
+
+
 def input_hash_size(num_buckets: int) -> int:
     """IHS = B * floor(2^62 / B): the hashed id space, B equal value ranges of IHS / B ids each."""
     if isinstance(num_buckets, bool) or not isinstance(num_buckets, int) or num_buckets < 1:
@@ -115,8 +136,7 @@ def input_hash_size(num_buckets: int) -> int:
 
 def bucket_key(seed: int) -> int:
     """The int64 word an id is XOR-ed with before mixing: a fixed function of ``seed``."""
-    key = _splitmix64(seed & _MASK_64)[1]
-    return key - (1 << 64) if key >= 1 << 63 else key
+    return _signed64(_splitmix64(seed & _MASK_64)[1])
 
 
 def bucket_hash(ids: torch.Tensor, num_buckets: int, seed: int) -> torch.Tensor:

@@ -260,7 +260,8 @@ class IdMapping(nn.Module):
             raise ValueError(f"table '{table_name}': probes must be 1 or 2, got {probes}")
         tensors = dict(tensors or {})
         expected = {"none": set(), "dense": {"table"}, "sorted": {"keys", "values"},
-                    "perfect_hash": set(perfect_hash.RECORD_TENSORS if "slot_records" in tensors else perfect_hash.TENSORS)}
+                    "perfect_hash": set({"records": perfect_hash.RECORD_TENSORS, "remainders": perfect_hash.REMAINDER_TENSORS,
+                                         "split": perfect_hash.TENSORS}[perfect_hash.layout_of(tensors)])}
         needed = expected.get(storage, set()) | ({"bucket_hash_regions"} if num_buckets is not None else set())
         if storage not in expected or set(tensors) != needed:
             raise ValueError(
@@ -271,7 +272,7 @@ class IdMapping(nn.Module):
             raise ValueError(f"table '{table_name}': a dense table's rows must be int8, int16 or int32, "
                              f"got {tensors['table'].dtype}")
         if storage == "perfect_hash":
-            perfect_hash.check(tensors, table_name)
+            perfect_hash.check(tensors, num_rows, table_name)
             # Python ints: multiplying by a scalar is cheaper than by a one-element tensor.
             self._group_hash = tuple(int(w) for w in tensors["group_hash"])
         if num_buckets is not None:
@@ -363,11 +364,12 @@ class IdMapping(nn.Module):
         elif storage in SPARSE_STORAGES:
             # int32 keys relative to the smallest when they fit (as storage_cost counts them). Bucketed
             # mappings keep int64 keys: storage_cost does not know their span.
-            # Wider keys relative to the smallest go into perfect hash records where they pack with the rows.
-            bits = perfect_hash.key_bits(int(keys[-1]) - offset + 1)
-            relative = hashed.num_buckets is None and bits <= 31
-            packed = storage == "perfect_hash" and hashed.num_buckets is None and perfect_hash.packs(bits, hashed.num_rows)
-            offset = offset if relative or packed else 0
+            # Wider keys relative to the smallest go into perfect hash records where they pack with the rows,
+            # int64 keys into remainders where those cost no more (perfect_hash.layout).
+            bits = perfect_hash.key_bits(int(keys[-1]) - offset + 1) if hashed.num_buckets is None else 64
+            relative = bits <= 31
+            layout = perfect_hash.layout(int(keys.size), 4 if relative else 8, hashed.num_rows, bits)
+            offset = offset if relative or layout == "records" else 0
             if storage == "sorted":
                 tensors["keys"] = torch.from_numpy((keys - offset).astype(np.int32) if relative else keys)
                 tensors["values"] = torch.from_numpy(rows.astype(np.int32))
@@ -375,7 +377,7 @@ class IdMapping(nn.Module):
                 tensors.update(perfect_hash.build(torch.from_numpy(keys - offset if offset else keys),
                                                   torch.from_numpy(rows), hashed.seed,
                                                   hashed.table_name, torch.int32 if relative else torch.int64,
-                                                  hashed.num_rows, packed))
+                                                  hashed.num_rows, layout))
         elif storage != "none":
             raise ValueError(f"table '{hashed.table_name}': unknown storage '{storage}'")
         return cls(hashed.num_rows, storage=storage, offset=offset, tensors=tensors, num_entries=int(keys.size),
@@ -472,6 +474,8 @@ class IdMapping(nn.Module):
         """(int64 relative key, row) of every perfect hash slot; row -1 where empty."""
         if "slot_records" in self._buffers:
             return perfect_hash.record_values(self.slot_records, self.num_rows)
+        if "slot_remainders" in self._buffers:
+            return perfect_hash.remainder_values(self.slot_remainders, self.group_pilots, self._group_hash, self.num_rows)
         return self.slot_keys.to(torch.int64), perfect_hash.slot_row_values(dict(self.named_buffers()))
 
     def _check_rows(self) -> None:
@@ -618,6 +622,10 @@ class IdMapping(nn.Module):
             if "slot_records" in self._buffers:
                 return perfect_hash.lookup_records(keys, self.slot_records, perfect_hash.record_row_bits(self.num_rows),
                                                    self.group_pilots, self._group_hash)
+            if "slot_remainders" in self._buffers:
+                return perfect_hash.lookup_remainders(keys, self.slot_remainders,
+                                                      perfect_hash.record_row_bits(self.num_rows), self.group_pilots,
+                                                      self._group_hash)
             return perfect_hash.lookup(keys, self.slot_keys, self.slot_rows, self.slot_rows_high, self.group_pilots,
                                        self._group_hash)
         return torch.zeros_like(ids), torch.zeros_like(ids, dtype=torch.bool)

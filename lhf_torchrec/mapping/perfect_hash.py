@@ -13,7 +13,7 @@ sparse 64-bit ids, or of bucket hashes). Hash-and-displace, as PTHash (Pibiri an
   slots (``slot_keys`` int32 or int64, rows in ``slot_rows`` and ``slot_rows_high``): every key has
   exactly one slot, so a lookup never probes.
 
-Two slot layouts (:func:`packs` picks, ``build(..., packed=)``):
+Three slot layouts (:func:`layout` picks, ``build(..., layout=)``):
 
 * *split*: ``slot_keys`` (int32 or int64) and the rows in ``slot_rows`` (low 16 bits) and
   ``slot_rows_high`` (the bits above, for 3- and 4-byte rows): a slot read is 2-3 random reads;
@@ -21,9 +21,19 @@ Two slot layouts (:func:`packs` picks, ``build(..., packed=)``):
   ``num_rows.bit_length()`` (all ones: an empty slot), for keys relative to the smallest whose bits
   (:func:`key_bits`) and the row bits fit in 63: a slot read is one random read of 8 bytes, and the
   table costs 8 bytes per slot instead of 10-12 with int64 keys (e.g. ids in a 2^40 span into up to
-  2^22 rows). Keys that fit int32 stay split (6-7 bytes per slot), as do full 64-bit keys. Both
-  layouts place keys with the same functions (a one-multiply mix instead of mix64 saved ~5% compiled but
-  left keys in arithmetic progressions, e.g. ``k * 7919 * 2^20``, without a table).
+  2^22 rows). Keys that fit int32 stay split (6-7 bytes per slot). Split and records place keys with
+  the same functions (a one-multiply mix instead of mix64 saved ~5% compiled but left keys in
+  arithmetic progressions, e.g. ``k * 7919 * 2^20``, without a table);
+* *remainders*: for full 64-bit keys (sparse ids, bucket hashes), one int64 ``slot_remainders`` per
+  slot: the mixed key y with its low t bits replaced by the row (t = ``num_rows.bit_length()``, all
+  ones: an empty slot). The slot itself gives back those t bits, so a record holds the whole key in 8
+  bytes where split slots take 10-12: PTHash's xor displacement (position = y xor h(pilot), reduced)
+  with S = m * 2^t slots, ``slot = strip(x) * 2^t + (x mod 2^t)`` for ``x = y xor pilot * first``
+  (the strip any function of x), and the group a function of y's top 32 bits only. A query whose
+  record has its own y above bit t is then in the same group, has the same pilot, and its low t bits
+  are the slot's xor the pilot's: it is the stored key. Chosen where its slots (S rounded up to a
+  multiple of 2^t, at least :data:`MIN_STRIPS` strips) cost no more bytes than the split ones; a slot
+  read is one random read.
 
 Lookup, vectorized over the queries: group, gather its pilot, slot, gather the slot's key and row,
 compare the key. No data-dependent control flow, a handful of int64 element-wise ops and three
@@ -54,7 +64,7 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
-from lhf_torchrec.mapping.hashing import bucket_key, mix64
+from lhf_torchrec.mapping.hashing import bucket_key, mix64, unmix64
 
 # Entries per slot. A higher load saves bytes but makes the last groups search longer.
 LOAD = 0.96
@@ -79,6 +89,15 @@ _CHUNK = 1 << 18
 ROW_LIMITS = (1 << 15, 1 << 23, 1 << 31)
 TENSORS = ("slot_keys", "slot_rows", "slot_rows_high", "group_pilots", "group_hash")
 RECORD_TENSORS = ("slot_records", "group_pilots", "group_hash")
+REMAINDER_TENSORS = ("slot_remainders", "group_pilots", "group_hash")
+# Strips of a remainders table at least (:func:`layout`): two keys of a group whose mixed values share
+# their low bits take the same slot within every strip, and only part when their strips differ.
+MIN_STRIPS = 4
+# Entries of a remainders table at least. A group's keys move together (one xor per pilot), so a nearly
+# full table of a few strips of a few slots can leave the last groups no fit: first-attempt builds of
+# 60 keys into 15 rows (4 strips of 16 slots) failed 8 times in 20, of 200-100,000 keys none in 104
+# (stop 18, one-off). Small tables gain little from 8-byte slots anyway.
+MIN_REMAINDER_ENTRIES = 1 << 10
 # Compiled (torch.compile), a lookup whose slot arrays exceed this many bytes computes every slot first and
 # reads the slots in a separate gather (:func:`gather_apart`): in one fused loop of hashing and dependent
 # random reads few reads are in flight, which costs 2-3x once the slots outgrow the caches (1e6 entries,
@@ -87,11 +106,12 @@ RECORD_TENSORS = ("slot_records", "group_pilots", "group_hash")
 APART_BYTES = 1 << 21
 
 
-def table_sizes(num_entries: int) -> Tuple[int, int]:
-    """(slots, groups) of a table of ``num_entries`` (>= 1) keys: a pure function of the count."""
+def table_sizes(num_entries: int, low_bits: int = 0) -> Tuple[int, int]:
+    """(slots, groups) of a table of ``num_entries`` (>= 1) keys: a pure function of the count; the slots
+    a multiple of 2^``low_bits`` (the remainders layout: :func:`record_row_bits` of its rows)."""
     slots = max(1, math.ceil(num_entries / LOAD))
     groups = max(1, math.ceil(num_entries / GROUP_KEYS))
-    return slots, groups
+    return -(-slots >> low_bits) << low_bits, groups
 
 
 def row_bytes(num_rows: int) -> int:
@@ -100,8 +120,9 @@ def row_bytes(num_rows: int) -> int:
 
 
 def rows_limit(num_rows: int) -> int:
-    """The most rows a table can map into with the row bytes of ``num_rows`` rows."""
-    return ROW_LIMITS[row_bytes(num_rows) - 2]
+    """The most rows a table can map into with the bytes of one into ``num_rows`` rows: the same row bytes
+    and record row bits (which size a remainders table's strips)."""
+    return min(ROW_LIMITS[row_bytes(num_rows) - 2], (1 << record_row_bits(num_rows)) - 1)
 
 
 def record_row_bits(num_rows: int) -> int:
@@ -120,11 +141,34 @@ def packs(bits: int, num_rows: int) -> bool:
     return 31 < bits and bits + record_row_bits(num_rows) <= 63
 
 
+def layout(num_entries: int, key_bytes: int, num_rows: int, bits: int = 64) -> str:
+    """The slot layout of a table of ``num_entries`` keys of ``key_bytes`` (``bits`` relative to the
+    smallest) into ``num_rows`` rows: ``records`` where they pack, else ``remainders`` for int64 keys
+    where its slots cost no more than split ones, else ``split``."""
+    if key_bytes != 8:
+        return "split"
+    if packs(bits, num_rows):
+        return "records"
+    if num_entries < MIN_REMAINDER_ENTRIES:
+        return "split"
+    low_bits = record_row_bits(num_rows)
+    remainder_slots = table_sizes(num_entries, low_bits)[0]
+    split_bytes = (8 + row_bytes(num_rows)) * table_sizes(num_entries)[0]
+    return "remainders" if remainder_slots >> low_bits >= MIN_STRIPS and 8 * remainder_slots <= split_bytes else "split"
+
+
+def layout_of(tensors: Mapping[str, torch.Tensor]) -> str:
+    """The layout of a table's ``tensors``: ``records``, ``remainders`` or ``split``."""
+    return "records" if "slot_records" in tensors else "remainders" if "slot_remainders" in tensors else "split"
+
+
 def table_bytes(num_entries: int, key_bytes: int, num_rows: int, bits: int = 64) -> int:
     """Bytes of a table of ``num_entries`` keys of ``key_bytes`` (``bits`` relative to the smallest) into
-    ``num_rows`` rows: slots (records of 8 bytes, or key and row), int16 group pilots, the 4-word group hash."""
-    slots, groups = table_sizes(num_entries)
-    slot_bytes = 8 if key_bytes == 8 and packs(bits, num_rows) else key_bytes + row_bytes(num_rows)
+    ``num_rows`` rows in its :func:`layout`: slots (records of 8 bytes, or key and row), int16 group pilots,
+    the 4-word group hash."""
+    kind = layout(num_entries, key_bytes, num_rows, bits)
+    slots, groups = table_sizes(num_entries, record_row_bits(num_rows) if kind == "remainders" else 0)
+    slot_bytes = key_bytes + row_bytes(num_rows) if kind == "split" else 8
     return slot_bytes * slots + 2 * groups + 32
 
 
@@ -161,8 +205,11 @@ def _shifted(index: torch.Tensor, start: Union[int, torch.Tensor]) -> torch.Tens
     return index if isinstance(start, int) and start == 0 else index.add_(start)
 
 
-def _group_of(keys: torch.Tensor, group_hash: Union[int, torch.Tensor], num_groups: Union[int, torch.Tensor]
-              ) -> torch.Tensor:
+def _group_of(keys: torch.Tensor, group_hash: Union[int, torch.Tensor], num_groups: Union[int, torch.Tensor],
+              top_only: bool = False) -> torch.Tensor:
+    """The group of mixed keys: multiply-shift, or (``top_only``, remainders) fastrange of their top 32 bits."""
+    if top_only:
+        return _slot_of(keys.clone(), num_groups)
     return _slot_of(keys * group_hash, num_groups)
 
 
@@ -194,6 +241,33 @@ def lookup(ids: torch.Tensor, slot_keys: torch.Tensor, slot_rows: torch.Tensor, 
     return decode_rows(take(slot_rows, slot), high), found
 
 
+def lookup_remainders(ids: torch.Tensor, slot_remainders: torch.Tensor, low_bits: Union[int, torch.Tensor],
+                      group_pilots: torch.Tensor, group_hash: Sequence[Union[int, torch.Tensor]],
+                      num_groups: Union[int, torch.Tensor, None] = None, num_slots: Union[int, torch.Tensor, None] = None,
+                      group_start: Union[int, torch.Tensor] = 0, slot_start: Union[int, torch.Tensor] = 0
+                      ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(rows int64, found bool) of int64 ``ids`` in a table of remainders (``build(..., layout="remainders")``,
+    ``low_bits`` = :func:`record_row_bits` of its rows): one gather per id after the slot; a record
+    matches when its bits above ``low_bits`` are the mixed id's and its row is not the empty mark.
+    Several tables packed end to end: ``low_bits``, the sizes and the starts as in :func:`lookup`."""
+    slot, mixed = _remainder_slots(ids, group_pilots, group_hash, slot_remainders.numel() if num_slots is None
+                                   else num_slots, low_bits, group_pilots.numel() if num_groups is None else num_groups,
+                                   group_start)
+    slot = _shifted(slot, slot_start)
+    record = (gather_apart if _apart(slot_remainders) else gather)(slot_remainders, slot)
+    empty = _low_mask(low_bits)
+    rows = record & empty
+    # Arithmetic shift: zero exactly where every bit above low_bits agrees.
+    return rows, (torch.bitwise_right_shift(record ^ mixed, low_bits) == 0) & (rows != empty)
+
+
+def _low_mask(low_bits: Union[int, torch.Tensor]) -> Union[int, torch.Tensor]:
+    """2^low_bits - 1, per id where ``low_bits`` is a tensor."""
+    if isinstance(low_bits, torch.Tensor):
+        return torch.bitwise_left_shift(torch.ones_like(low_bits), low_bits).sub_(1)
+    return (1 << low_bits) - 1
+
+
 def lookup_records(ids: torch.Tensor, slot_records: torch.Tensor, row_bits: int, group_pilots: torch.Tensor,
                    group_hash: Sequence[Union[int, torch.Tensor]], num_groups: Union[int, torch.Tensor, None] = None,
                    num_slots: Union[int, torch.Tensor, None] = None, group_start: Union[int, torch.Tensor] = 0,
@@ -218,6 +292,31 @@ def _slots(ids: torch.Tensor, group_pilots: torch.Tensor, group_hash: Sequence[U
     group = _shifted(_group_of(mixed, group_hash[0], num_groups), group_start)
     multiplier = gather(group_pilots, group).to(torch.int64).mul_(group_hash[3]).add_(group_hash[2])
     return _shifted(_slot_of(multiplier.mul_(mixed), num_slots), slot_start)
+
+
+def _remainder_slots(ids: torch.Tensor, group_pilots: torch.Tensor, group_hash: Sequence[Union[int, torch.Tensor]],
+                     num_slots: Union[int, torch.Tensor], low_bits: Union[int, torch.Tensor],
+                     num_groups: Union[int, torch.Tensor, None] = None, group_start: Union[int, torch.Tensor] = 0
+                     ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(slot within the table, mixed key) of every key of a remainders table: the group from the mixed
+    key's top 32 bits, its pilot, :func:`_remainder_slot`."""
+    mixed = _mixed(ids, group_hash)
+    group = _group_of(mixed, group_hash[0], group_pilots.numel() if num_groups is None else num_groups, True)
+    pilot = gather(group_pilots, _shifted(group, group_start))
+    return _remainder_slot(mixed, pilot, group_hash, num_slots, low_bits), mixed
+
+
+def _remainder_slot(mixed: torch.Tensor, pilots: torch.Tensor, group_hash: Sequence[Union[int, torch.Tensor]],
+                    num_slots: Union[int, torch.Tensor], low_bits: Union[int, torch.Tensor]) -> torch.Tensor:
+    """x = mixed xor pilot * first; slot = strip * 2^low_bits + x mod 2^low_bits, the strip (of S / 2^low_bits)
+    a multiply-shift of all of x: keys of a group share their top bits, and two of them with the same
+    low bits (frequent for small ``low_bits``) only part by strip. ``pilots`` broadcast against
+    ``mixed`` (the build tries several per key); first is odd, so the pilots below 2^low_bits move a key
+    to as many distinct low parts."""
+    x = torch.bitwise_xor(pilots.to(torch.int64) * group_hash[2], mixed)
+    low = x & _low_mask(low_bits)
+    strips = num_slots >> low_bits
+    return _slot_of(x.mul_(group_hash[0]), strips).bitwise_left_shift_(low_bits).bitwise_or_(low)
 
 
 def _apart(*slot_arrays: torch.Tensor) -> bool:
@@ -255,27 +354,41 @@ def _candidates(group_hash, pilots: torch.Tensor) -> torch.Tensor:
     return pilots.to(torch.int64) * group_hash[3] + group_hash[2]
 
 
+def _candidate_slots(mixed: torch.Tensor, pilots: torch.Tensor, group_hash, num_slots: int, low_bits: int
+                     ) -> torch.Tensor:
+    """The slots of mixed keys under ``pilots`` (broadcast), as a lookup computes them in either placement."""
+    if low_bits:
+        return _remainder_slot(mixed, pilots, group_hash, num_slots, low_bits)
+    return _slot_of(mixed * _candidates(group_hash, pilots), num_slots)
+
+
 def build(keys: torch.Tensor, rows: torch.Tensor, seed: int, table: str = "table",
-          key_dtype: torch.dtype = torch.int64, num_rows: int = 1 << 31, packed: bool = False) -> Dict[str, torch.Tensor]:
-    """The table of unique ``keys`` and their ``rows`` (>= 0, < ``num_rows``), deterministic given ``seed``;
-    its keys are stored as ``key_dtype`` (int32 when every key fits), its rows in :func:`row_bytes` bytes;
-    ``packed``: as int64 records (:data:`RECORD_TENSORS`; keys >= 0 whose bits :func:`packs` with the rows).
+          key_dtype: torch.dtype = torch.int64, num_rows: int = 1 << 31, layout: str = "split") -> Dict[str, torch.Tensor]:
+    """The table of unique ``keys`` and their ``rows`` (>= 0, < ``num_rows``), deterministic given ``seed``,
+    in ``layout`` (:func:`layout`): ``split``, its keys stored as ``key_dtype`` (int32 when every key fits)
+    and its rows in :func:`row_bytes` bytes; ``records``, int64 records (:data:`RECORD_TENSORS`; keys >= 0
+    whose bits :func:`packs` with the rows); ``remainders`` (:data:`REMAINDER_TENSORS`; any int64 keys).
 
     ``keys`` may come in any order: the table is a function of the set of (key, row) entries (a group's
     pilot depends on its keys as a set, contention goes to the lower group), so callers need not sort.
     Memory besides the inputs and the table: about 11 bytes per key at the peak (:func:`_place`)."""
+    if layout not in ("split", "records", "remainders"):
+        raise ValueError(f"table '{table}': unknown perfect hash layout '{layout}'")
     keys = keys.to(torch.int64).cpu().contiguous()
     rows = rows.cpu().contiguous()
-    num_slots, num_groups = table_sizes(keys.numel())
+    low_bits = record_row_bits(num_rows) if layout == "remainders" else 0
+    num_slots, num_groups = table_sizes(keys.numel(), low_bits)
     for attempt in range(MAX_ATTEMPTS):
         words = mix64(torch.tensor([-1, -2, -3, -4]) + bucket_key(seed * MAX_ATTEMPTS + attempt))
         # group multiplier and first candidate odd, candidate step even and nonzero.
         group_hash = [int(words[0]) | 1, int(words[1]), int(words[2]) | 1, (int(words[3]) | 2) & ~1]
-        pilots = _place(keys, num_groups, num_slots, group_hash)
+        pilots = _place(keys, num_groups, num_slots, group_hash, low_bits)
         if pilots is not None:
             tail = {"group_pilots": pilots, "group_hash": torch.tensor(group_hash, dtype=torch.int64)}
-            if packed:
+            if layout == "records":
                 return {"slot_records": _records(keys, rows, pilots, group_hash, num_slots, num_rows), **tail}
+            if layout == "remainders":
+                return {"slot_remainders": _remainders(keys, rows, pilots, group_hash, num_slots, low_bits), **tail}
             slot_keys = torch.full((num_slots,), int(keys.min()), dtype=key_dtype)
             # Empty slots: row -1, whose low and high parts (encode_rows) are -1 too.
             width = row_bytes(num_rows)
@@ -311,6 +424,34 @@ def _records(keys: torch.Tensor, rows: torch.Tensor, pilots: torch.Tensor, group
     return records
 
 
+def _remainders(keys: torch.Tensor, rows: torch.Tensor, pilots: torch.Tensor, group_hash, num_slots: int,
+                low_bits: int) -> torch.Tensor:
+    """int64 per slot: the mixed key of the slot's entry above ``low_bits``, its row below; empty slots
+    hold the all-ones row (which no lookup returns as found)."""
+    empty = (1 << low_bits) - 1
+    records = torch.full((num_slots,), empty, dtype=torch.int64)
+    for start in range(0, keys.numel(), _CHUNK):
+        slot, mixed = _remainder_slots(keys[start:start + _CHUNK], pilots, group_hash, num_slots, low_bits)
+        records[slot] = mixed.bitwise_and_(~empty).bitwise_or_(rows[start:start + _CHUNK].to(torch.int64))
+    return records
+
+
+def remainder_values(records: torch.Tensor, pilots: torch.Tensor, group_hash: Sequence[int], num_rows: int
+                     ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(keys, rows) of every slot of a remainders table; row -1 (and a meaningless key) for an empty slot.
+    The key's low bits come back from its slot and pilot (:func:`_remainder_slot` inverted), the key from
+    its mixed value (mix64 is a bijection)."""
+    low_bits = record_row_bits(num_rows)
+    empty = (1 << low_bits) - 1
+    rows = records & empty
+    high = records & ~empty
+    pilot = gather(pilots, _group_of(high, group_hash[0], pilots.numel(), True)).to(torch.int64)
+    slot = torch.arange(records.numel(), dtype=torch.int64, device=records.device)
+    low = pilot.mul_(group_hash[2]).bitwise_xor_(slot).bitwise_and_(empty)
+    keys = unmix64(high.bitwise_or_(low)).sub_(group_hash[1])
+    return keys, torch.where(rows == empty, -1, rows)
+
+
 def record_values(records: torch.Tensor, num_rows: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """(relative keys, rows) of every record; row -1 for an empty slot."""
     bits = record_row_bits(num_rows)
@@ -318,7 +459,8 @@ def record_values(records: torch.Tensor, num_rows: int) -> Tuple[torch.Tensor, t
     return torch.bitwise_right_shift(records, bits), torch.where(rows == (1 << bits) - 1, -1, rows)
 
 
-def _place(keys: torch.Tensor, num_groups: int, num_slots: int, group_hash) -> Optional[torch.Tensor]:
+def _place(keys: torch.Tensor, num_groups: int, num_slots: int, group_hash, low_bits: int = 0
+           ) -> Optional[torch.Tensor]:
     """The int16 pilot of each group, or None when some group found no multiplier. A key's slot follows
     from its group's pilot (:func:`_slots`), so only the pilots are kept.
 
@@ -326,7 +468,7 @@ def _place(keys: torch.Tensor, num_groups: int, num_slots: int, group_hash) -> O
     per slot, the int16 pilots and int32 sizes and int64 starts of the groups (about 11 bytes per key
     in all); a round's contention is settled among the slots it wants (:func:`_winners`), not in an
     array over all slots."""
-    sizes, starts, sorted_keys = _by_group(keys, num_groups, group_hash)
+    sizes, starts, sorted_keys = _by_group(keys, num_groups, group_hash, low_bits)
     occupied = torch.zeros(num_slots, dtype=torch.bool)
     pilots = torch.zeros(num_groups, dtype=torch.int16)
     for size in torch.unique(sizes[sizes > 0]).flip(0).tolist():
@@ -344,7 +486,7 @@ def _place(keys: torch.Tensor, num_groups: int, num_slots: int, group_hash) -> O
                 return None
             tried = tries.unsqueeze(1) + torch.arange(width)  # (P, width) pilots
             has, first, chosen = _first_fits(sorted_keys, starts.index_select(0, groups), size, tried, occupied,
-                                             group_hash, num_slots)
+                                             group_hash, num_slots, low_bits)
             # Among groups with a candidate, the lower group wins a slot both want in this round.
             won = has.clone()
             won[has] = _winners(chosen[has])
@@ -369,14 +511,15 @@ def _winners(chosen: torch.Tensor) -> torch.Tensor:
     return gets.view(chosen.shape).all(1)
 
 
-def _by_group(keys: torch.Tensor, num_groups: int, group_hash) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _by_group(keys: torch.Tensor, num_groups: int, group_hash, low_bits: int
+              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(int32 keys per group, int64 start of each group, the mixed keys in group order): a counting
     sort, :data:`_CHUNK` keys at a time, stable (keys of a group in their given order) like an argsort of
     the groups, without the keys' group, order or sort buffers (16-28 bytes a key)."""
 
     def mixed_and_groups(start: int) -> Tuple[torch.Tensor, torch.Tensor]:
         mixed = _mixed(keys[start:start + _CHUNK], group_hash)
-        return mixed, _group_of(mixed, group_hash[0], num_groups)
+        return mixed, _group_of(mixed, group_hash[0], num_groups, low_bits > 0)
 
     sizes = torch.zeros(num_groups, dtype=torch.int32)
     for start in range(0, keys.numel(), _CHUNK):
@@ -399,7 +542,8 @@ def _by_group(keys: torch.Tensor, num_groups: int, group_hash) -> Tuple[torch.Te
 
 
 def _first_fits(sorted_keys: torch.Tensor, starts: torch.Tensor, size: int, tried: torch.Tensor,
-                occupied: torch.Tensor, group_hash, num_slots: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                occupied: torch.Tensor, group_hash, num_slots: int, low_bits: int
+                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For groups of ``size`` keys starting at ``starts`` in ``sorted_keys`` and their (P, width) ``tried``
     pilots: (whether a pilot sends the group's keys to free, distinct slots, the first such pilot's index,
     its (P, size) slots). Computed :data:`_FIT_ELEMENTS` candidate slots at a time: each group's answer
@@ -411,7 +555,7 @@ def _first_fits(sorted_keys: torch.Tensor, starts: torch.Tensor, size: int, trie
     for lo in range(0, starts.numel(), step):
         positions = starts[lo:lo + step].unsqueeze(1) + members  # (p, size)
         member_keys = sorted_keys.index_select(0, positions.view(-1)).view(-1, 1, size)
-        slots = _slot_of(member_keys * _candidates(group_hash, tried[lo:lo + step]).unsqueeze(2), num_slots)
+        slots = _candidate_slots(member_keys, tried[lo:lo + step].unsqueeze(2), group_hash, num_slots, low_bits)
         ok = ~occupied.index_select(0, slots.view(-1)).view(slots.shape).any(2)
         for j in range(1, size):  # the group's keys must take distinct slots
             ok &= (slots[:, :, j:] != slots[:, :, :-j]).all(2)
@@ -422,11 +566,12 @@ def _first_fits(sorted_keys: torch.Tensor, starts: torch.Tensor, size: int, trie
     return torch.cat(has), torch.cat(first), torch.cat(chosen)
 
 
-def check(tensors: Mapping[str, torch.Tensor], table: str = "table") -> None:
-    """Raises ValueError naming the table unless ``tensors`` have the dtypes and shapes of a table (split
-    :data:`TENSORS` or :data:`RECORD_TENSORS`)."""
-    if "slot_records" in tensors:
-        dtypes = {"slot_records": (torch.int64,), "group_pilots": (torch.int16,), "group_hash": (torch.int64,)}
+def check(tensors: Mapping[str, torch.Tensor], num_rows: int, table: str = "table") -> None:
+    """Raises ValueError naming the table unless ``tensors`` have the dtypes and shapes of a table into
+    ``num_rows`` rows (split :data:`TENSORS`, :data:`RECORD_TENSORS` or :data:`REMAINDER_TENSORS`)."""
+    kind = layout_of(tensors)
+    if kind != "split":
+        dtypes = {f"slot_{kind}": (torch.int64,), "group_pilots": (torch.int16,), "group_hash": (torch.int64,)}
     else:
         dtypes = {"slot_keys": (torch.int64, torch.int32), "slot_rows": (torch.int16,),
                   "slot_rows_high": (torch.int8, torch.int16), "group_pilots": (torch.int16,), "group_hash": (torch.int64,)}
@@ -435,11 +580,16 @@ def check(tensors: Mapping[str, torch.Tensor], table: str = "table") -> None:
             raise ValueError(f"table '{table}': perfect hash tensor '{name}' must be a 1-D {dtype} tensor, got "
                              f"{tensors[name].dtype} {tuple(tensors[name].shape)}")
     groups = tensors["group_pilots"].numel()
-    if "slot_records" in tensors:
+    if kind == "records":
         records = tensors["slot_records"]
         if not records.numel() or int(records.min()) < 0:
             raise ValueError(f"table '{table}': perfect hash slot_records must be at least one record, none negative")
         slots = records.numel()
+    elif kind == "remainders":
+        slots, low_bits = tensors["slot_remainders"].numel(), record_row_bits(num_rows)
+        if slots < 1 or slots % (1 << low_bits):
+            raise ValueError(f"table '{table}': perfect hash slot_remainders must be a positive multiple of "
+                             f"2^{low_bits} slots for {num_rows} rows, got {slots}")
     else:
         slots = tensors["slot_keys"].numel()
         if slots < 1 or tensors["slot_rows"].numel() != slots:

@@ -3,7 +3,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lhf_torchrec.mapping.hashing import MERSENNE_31, hash_coefficients, hash_ids
+from lhf_torchrec.mapping.hashing import MERSENNE_31, hash_coefficients, hash_ids, mix64, unmix64
 
 int64s = st.integers(min_value=-(1 << 63), max_value=(1 << 63) - 1)
 
@@ -74,3 +74,10 @@ def test_the_vectorized_hash_is_the_carter_wegman_formula_bit_for_bit(ids, bucke
     query = ids + extremes
     expected = [_reference_hash(x, buckets, seed) for x in query]
     assert hash_ids(torch.tensor(query, dtype=torch.int64), buckets, seed).tolist() == expected
+
+
+@settings(max_examples=50, deadline=None)
+@given(ids=st.lists(st.integers(-(1 << 63), (1 << 63) - 1), max_size=50))
+def test_unmix64_inverts_mix64(ids):
+    x = torch.tensor(ids + [-(1 << 63), -1, 0, 1, (1 << 63) - 1], dtype=torch.int64)
+    assert torch.equal(unmix64(mix64(x)), x) and torch.equal(mix64(unmix64(x)), x)

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from lhf_torchrec.mapping import IdMapping, load_mappings, save_mappings
 from lhf_torchrec.mapping import perfect_hash
 from lhf_torchrec.mapping.hashing import bucket_hash, bucket_of
-from lhf_torchrec.mapping.id_mapping import bucketed_storage_cost, storage_cost
+from lhf_torchrec.mapping.id_mapping import COMPILE_SETTINGS, bucketed_storage_cost, storage_cost
 
 int64s = st.integers(min_value=-(1 << 63), max_value=(1 << 63) - 1)
 EXTREMES = [-(1 << 63), (1 << 63) - 1, 0, -1, 1, (1 << 31) - 1, 1 << 31, -(1 << 31)]
@@ -69,8 +69,12 @@ def test_a_large_table_matches_sorted_keys_and_its_bytes_match_the_cost():
         mapping = IdMapping.from_entries(ids, rows, 2000, hash_offset=1000, seed=5)
         assert mapping.storage == "perfect_hash"
         assert mapping.nbytes == storage_cost(ids.size, int(ids[-1] - ids[0]) + 1, 2000)[1]
-        assert mapping.slot_keys.dtype == (torch.int32 if ids[-1] - ids[0] < 1 << 31 else torch.int64)
-        assert mapping.slot_rows.dtype == torch.int16 and not mapping.slot_rows_high.numel()  # 2-byte rows
+        if ids[-1] - ids[0] < 1 << 31:  # int32 keys, 2-byte rows
+            assert mapping.slot_keys.dtype == torch.int32
+            assert mapping.slot_rows.dtype == torch.int16 and not mapping.slot_rows_high.numel()
+        else:  # int64 keys: remainders, 8 bytes a slot (11 strips of 2^11 slots) instead of 10
+            assert set(mapping._buffers) == set(perfect_hash.REMAINDER_TENSORS)
+            assert mapping.slot_remainders.numel() == 11 * 2048
         query = torch.from_numpy(np.concatenate([ids, rng.integers(-(1 << 63), 1 << 63, 5000), ids[:100] + 1]))
         sorted_keys = mapping.with_storage("sorted")
         assert torch.equal(mapping(query), sorted_keys(query))
@@ -79,7 +83,7 @@ def test_a_large_table_matches_sorted_keys_and_its_bytes_match_the_cost():
 
 def test_bucketed_mappings_key_the_table_by_bucket_hash():
     mapping = _bucketed(list(range(-3000, 3000, 3)), 8, seed=2)
-    assert mapping.storage == "perfect_hash" and mapping.slot_keys.dtype == torch.int64
+    assert mapping.storage == "perfect_hash" and "slot_remainders" in mapping._buffers  # int64 bucket hashes
     assert mapping.nbytes == bucketed_storage_cost(mapping.num_entries, mapping.num_rows)[1] + 8 * 8
     query = torch.arange(-4000, 4000)
     _same(mapping, mapping.with_storage("sorted"), query)
@@ -243,8 +247,6 @@ def test_records_cost_less_than_int64_keys_and_split_files_still_load(tmp_path):
 
 def test_compiled_lookups_of_large_tables_read_the_slots_apart():
     """Above APART_BYTES of slots the compiled lookup gathers the slots in their own op, with the eager rows."""
-    from lhf_torchrec.mapping.id_mapping import COMPILE_SETTINGS
-
     rng = np.random.default_rng(2)
     ids = np.unique(rng.integers(0, 1 << 40, 300_000))  # 2.5 MB of records
     mapping = IdMapping.from_entries(ids, rng.integers(0, 1000, ids.size), 2000, hash_offset=1000, seed=1)
@@ -271,20 +273,20 @@ def test_compiled_lookups_of_large_tables_read_the_slots_apart():
 def test_records_without_key_zero_find_only_their_keys():
     """Empty record slots hold the smallest key, so a query of key 0 (not stored here) finds nothing."""
     keys = torch.arange(5, 70_000, 2) + (1 << 40)
-    tensors = perfect_hash.build(keys, torch.arange(keys.numel()) % 1000, seed=0, num_rows=1000, packed=True)
+    tensors = perfect_hash.build(keys, torch.arange(keys.numel()) % 1000, seed=0, num_rows=1000, layout="records")
     query = torch.cat([keys, keys + 1, torch.tensor([0, 1 << 40, -1, (1 << 63) - 1])])
     rows, found = perfect_hash.lookup_records(query, tensors["slot_records"], perfect_hash.record_row_bits(1000),
                                               tensors["group_pilots"], tuple(tensors["group_hash"].tolist()))
     assert torch.equal(found, torch.arange(query.numel()) < keys.numel())
     assert torch.equal(rows[:keys.numel()], torch.arange(keys.numel()) % 1000)
     with pytest.raises(ValueError, match="do not pack into records"):
-        perfect_hash.build(keys << 20, torch.zeros_like(keys), seed=0, num_rows=1000, packed=True)
+        perfect_hash.build(keys << 20, torch.zeros_like(keys), seed=0, num_rows=1000, layout="records")
 
 
 def test_records_of_keys_in_arithmetic_progression_build():
     """Keys k * 7919 * 2^20 (all low bits equal): a weaker mix than mix64 found no table for them."""
     keys = torch.arange(5000) * (7919 << 20)
-    tensors = perfect_hash.build(keys, torch.arange(5000), seed=0, num_rows=5001, packed=True)
+    tensors = perfect_hash.build(keys, torch.arange(5000), seed=0, num_rows=5001, layout="records")
     rows, found = perfect_hash.lookup_records(keys, tensors["slot_records"], perfect_hash.record_row_bits(5001),
                                               tensors["group_pilots"], tuple(tensors["group_hash"].tolist()))
     assert bool(found.all()) and torch.equal(rows, torch.arange(5000))
@@ -292,34 +294,38 @@ def test_records_of_keys_in_arithmetic_progression_build():
 
 @settings(max_examples=30, deadline=None)
 @given(keys=st.lists(st.integers(0, (1 << 40) - 1), min_size=1, max_size=400, unique=True),
-       num_rows=st.sampled_from([100, 1 << 16, 1 << 24]), packed=st.booleans(), shuffle=st.integers(0, 1 << 30))
-def test_the_table_does_not_depend_on_the_keys_order(keys, num_rows, packed, shuffle):
+       num_rows=st.sampled_from([100, 1 << 16, 1 << 24]), layout=st.sampled_from(["split", "records", "remainders"]),
+       shuffle=st.integers(0, 1 << 30))
+def test_the_table_does_not_depend_on_the_keys_order(keys, num_rows, layout, shuffle):
     """build takes the keys in any order (bucketed mappings are assembled without sorting them)."""
-    assume(not packed or max(keys).bit_length() + perfect_hash.record_row_bits(num_rows) <= 63)  # records fit
+    assume(layout != "records" or max(keys).bit_length() + perfect_hash.record_row_bits(num_rows) <= 63)  # records fit
     keys = torch.tensor(keys, dtype=torch.int64)
     rows = keys % num_rows
     perm = torch.from_numpy(np.random.default_rng(shuffle).permutation(keys.numel()))
-    a = perfect_hash.build(keys, rows, seed=3, num_rows=num_rows, packed=packed)
-    b = perfect_hash.build(keys[perm], rows[perm], seed=3, num_rows=num_rows, packed=packed)
+    a = perfect_hash.build(keys, rows, seed=3, num_rows=num_rows, layout=layout)
+    b = perfect_hash.build(keys[perm], rows[perm], seed=3, num_rows=num_rows, layout=layout)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("packed", [False, True])
-def test_chunked_build_gives_the_same_table(monkeypatch, packed):
+@pytest.mark.parametrize("layout", ["split", "records", "remainders"])
+def test_chunked_build_gives_the_same_table(monkeypatch, layout):
     """The build mixes, writes and tries candidates by chunks to bound its memory; the chunk sizes do not
     change the table (a round's outcome is computed group by group)."""
     keys = torch.from_numpy(np.random.default_rng(0).choice(1 << 40, 30_000, replace=False))
     rows = keys % 5000
-    whole = perfect_hash.build(keys, rows, seed=1, num_rows=5000, packed=packed)
+    whole = perfect_hash.build(keys, rows, seed=1, num_rows=5000, layout=layout)
     monkeypatch.setattr(perfect_hash, "_CHUNK", 999)
     monkeypatch.setattr(perfect_hash, "_FIT_ELEMENTS", 100)
-    chunked = perfect_hash.build(keys, rows, seed=1, num_rows=5000, packed=packed)
+    chunked = perfect_hash.build(keys, rows, seed=1, num_rows=5000, layout=layout)
     assert all(torch.equal(whole[k], chunked[k]) for k in whole)
-    found_rows, found = (perfect_hash.lookup_records(keys, chunked["slot_records"], perfect_hash.record_row_bits(5000),
-                                                     chunked["group_pilots"], chunked["group_hash"].tolist())
-                         if packed else perfect_hash.lookup(keys, chunked["slot_keys"], chunked["slot_rows"],
-                                                            chunked["slot_rows_high"], chunked["group_pilots"],
-                                                            chunked["group_hash"].tolist()))
+    group_hash = chunked["group_hash"].tolist()
+    if layout == "split":
+        found_rows, found = perfect_hash.lookup(keys, chunked["slot_keys"], chunked["slot_rows"],
+                                                chunked["slot_rows_high"], chunked["group_pilots"], group_hash)
+    else:
+        lookup = perfect_hash.lookup_records if layout == "records" else perfect_hash.lookup_remainders
+        found_rows, found = lookup(keys, chunked[f"slot_{layout}"], perfect_hash.record_row_bits(5000),
+                                   chunked["group_pilots"], group_hash)
     assert bool(found.all()) and torch.equal(found_rows, rows)
 
 
@@ -330,10 +336,10 @@ def test_the_table_is_the_one_the_argsort_build_made():
     import hashlib
 
     keys = torch.from_numpy(np.random.default_rng(0).choice(1 << 40, 30_000, replace=False))
-    for packed, want in ((False, "d04d6baea53ca330"), (True, "e38f20d074e0a645")):
-        table = perfect_hash.build(keys, keys % 5000, seed=1, num_rows=5000, packed=packed)
+    for layout, want in (("split", "d04d6baea53ca330"), ("records", "e38f20d074e0a645")):
+        table = perfect_hash.build(keys, keys % 5000, seed=1, num_rows=5000, layout=layout)
         got = hashlib.sha256(b"".join(table[k].numpy().tobytes() for k in sorted(table))).hexdigest()[:16]
-        assert got == want, packed
+        assert got == want, layout
 
 
 @settings(max_examples=60, deadline=None)
@@ -351,7 +357,7 @@ def test_counting_sort_by_group_equals_a_stable_argsort(keys, num_groups, chunk,
     order = torch.argsort(group, stable=True)
     want_sizes = torch.bincount(group, minlength=num_groups)
     with mock.patch.object(perfect_hash, "_CHUNK", chunk):
-        sizes, starts, sorted_keys = perfect_hash._by_group(keys, num_groups, group_hash)
+        sizes, starts, sorted_keys = perfect_hash._by_group(keys, num_groups, group_hash, 0)
     assert torch.equal(sizes.long(), want_sizes) and torch.equal(starts, torch.cumsum(want_sizes, 0) - want_sizes)
     assert torch.equal(sorted_keys, mixed[order])
 
@@ -367,3 +373,107 @@ def test_contention_goes_to_the_lowest_group_as_an_owner_per_slot_gives_it(rows)
     owner.scatter_reduce_(0, chosen.reshape(-1), rank.reshape(-1), "amin")
     want = (owner.index_select(0, chosen.reshape(-1)).view(chosen.shape) == rank).all(1)
     assert torch.equal(perfect_hash._winners(chosen), want)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    shape=st.sampled_from(["uniform", "progression", "run", "high"]),
+    size=st.integers(perfect_hash.MIN_REMAINDER_ENTRIES, 3000),
+    draw_seed=st.integers(0, 1 << 30),
+    extra=st.lists(int64s, max_size=20),
+    rows_per_entry=st.sampled_from([4, 9, 50, 200]),
+    seed=st.integers(0, 1 << 40),
+)
+def test_remainders_give_what_sorted_keys_give(shape, size, draw_seed, extra, rows_per_entry, seed):
+    """int64 keys in remainders (the mixed key above the row bits, its low bits given back by the slot):
+    the rows, entries found and stored entries of sorted keys, for keys anywhere in int64 (the extremes
+    included) and unseen ids next to them; applied alone and fused with another table."""
+    rng = np.random.default_rng(draw_seed)
+    base = {"uniform": rng.integers(-(1 << 63), (1 << 63) - 1, size, dtype=np.int64),
+            "progression": np.arange(size, dtype=np.int64) * (7919 << 20),  # low bits all equal
+            "run": np.arange(size, dtype=np.int64) - size // 2 + (1 << 62),
+            "high": rng.integers(-(1 << 20), 1 << 20, size).astype(np.int64) << 43}[shape]
+    entry_ids = sorted(set(base.tolist()) | set(EXTREMES))
+    num_rows = max(2, len(entry_ids) // rows_per_entry)
+    rows = (np.arange(len(entry_ids)) * 62_710_007) % num_rows
+    mapping = IdMapping.from_entries(np.array(entry_ids, dtype=np.int64), rows, num_rows, seed=seed,
+                                     hash_offset=num_rows // 3, table_name="t").with_storage("perfect_hash")
+    stored = mapping.stored_entries()[0]
+    span = int(stored[-1]) - int(stored[0]) + 1
+    kind = perfect_hash.layout(stored.numel(), 8 if span > 1 << 31 else 4, num_rows, perfect_hash.key_bits(span))
+    assert perfect_hash.layout_of(mapping._buffers) == kind
+    assume(kind == "remainders")
+    assert mapping.nbytes == perfect_hash.table_bytes(stored.numel(), 8, num_rows, perfect_hash.key_bits(span))
+    near = [i + d for i in entry_ids[::5] for d in (-1, 1, 1 << 17, -(1 << 43)) if -(1 << 63) <= i + d < (1 << 63)]
+    query = torch.tensor(entry_ids + entry_ids[:5] + near + EXTREMES + extra, dtype=torch.int64)
+    keys = mapping.with_storage("sorted")
+    _same(mapping, keys, query)
+    _same(mapping, keys, torch.zeros(0, dtype=torch.int64))
+    assert torch.equal(keys.with_storage("perfect_hash").slot_remainders, mapping.slot_remainders)
+    from lhf_torchrec.mapping.fused import FusedIdMappings
+
+    other = IdMapping.from_entries(np.arange(10), np.arange(10) % 3, 3, hash_offset=1, table_name="d")
+    fused = FusedIdMappings({"t": mapping, "d": other})
+    assert "t" in fused.tables
+    assert torch.equal(fused([query, query], ["t", "d"])[0], keys(query))
+
+
+def test_remainders_are_8_bytes_a_slot_and_save_load_with_a_checksum(tmp_path):
+    rng = np.random.default_rng(4)
+    ids = np.unique(rng.integers(-(1 << 63), (1 << 63) - 1, 40_000, dtype=np.int64))
+    rows = rng.integers(0, 4000, ids.size)
+    mapping = IdMapping.from_entries(ids, rows, 4000, hash_offset=3000, seed=2, table_name="t")
+    assert set(mapping._buffers) == set(perfect_hash.REMAINDER_TENSORS) and mapping.offset == 0
+    # 4000 rows: 12 row bits, slots a multiple of 2^12 (11 strips), 8 bytes each against 10 split.
+    assert mapping.slot_remainders.numel() == 11 * 4096
+    assert mapping.nbytes == 8 * 11 * 4096 + 2 * 10_000 + 32 < 10 * perfect_hash.table_sizes(ids.size)[0]
+    path = str(tmp_path / "m.safetensors")
+    save_mappings(path, {"t": mapping})
+    loaded = load_mappings(path)["t"]
+    query = torch.from_numpy(np.concatenate([ids, ids + 1, rng.integers(-(1 << 63), 1 << 63, 5000), EXTREMES]))
+    assert loaded.fingerprint == mapping.fingerprint and torch.equal(loaded(query), mapping(query))
+    data = bytearray(open(path, "rb").read())
+    at = bytes(data).index(mapping.slot_remainders.numpy().tobytes())
+    data[at] ^= 1
+    open(path, "wb").write(bytes(data))
+    with pytest.raises(ValueError, match="checksum mismatch for table 't'"):
+        load_mappings(path)
+    # A row field beyond the rows, or slots that are not strips of 2^12: clear errors naming the table.
+    bad = dict(mapping._buffers, slot_remainders=mapping.slot_remainders.clone())
+    bad["slot_remainders"][0] = (bad["slot_remainders"][0] & ~4095) | 4001
+    with pytest.raises(ValueError, match="table 't': stored rows exceed"):
+        IdMapping(4000, storage="perfect_hash", tensors=bad, table_name="t")
+    bad["slot_remainders"] = mapping.slot_remainders[:-1]
+    with pytest.raises(ValueError, match=r"table 't': perfect hash slot_remainders must be a positive multiple of 2\^12"):
+        IdMapping(4000, storage="perfect_hash", tensors=bad, table_name="t")
+
+
+def test_remainders_of_structured_keys_build_and_find_only_their_keys():
+    """Keys in arithmetic progressions (low bits all equal before mixing) and runs of consecutive ids; queries
+    next to them are not found, including ids whose mixed value shares the stored keys' high bits."""
+    for keys in (torch.arange(20_000) * (7919 << 20), torch.arange(20_000) + (1 << 62), torch.arange(20_000) << 44):
+        rows = torch.arange(keys.numel()) % 1000
+        tensors = perfect_hash.build(keys, rows, seed=0, num_rows=1000, layout="remainders")
+        group_hash = tensors["group_hash"].tolist()
+        query = torch.cat([keys, keys + 1, keys - 1, keys + keys.numel()])
+        found_rows, found = perfect_hash.lookup_remainders(query, tensors["slot_remainders"], 10,
+                                                           tensors["group_pilots"], group_hash)
+        assert torch.equal(found, torch.isin(query, keys)) and bool(found[:keys.numel()].all())
+        assert torch.equal(found_rows[:keys.numel()], rows)
+    # The mixed value of a stored key with other low bits: same high bits, another key; never found.
+    mixed = perfect_hash._mixed(keys, group_hash)
+    from lhf_torchrec.mapping.hashing import unmix64
+
+    twins = unmix64(mixed ^ torch.randint(1, 1 << 10, mixed.shape)) - group_hash[1]
+    assert not perfect_hash.lookup_remainders(twins, tensors["slot_remainders"], 10, tensors["group_pilots"],
+                                              group_hash)[1].any()
+
+
+def test_compiled_remainders_read_the_slots_apart_with_the_eager_rows():
+    rng = np.random.default_rng(5)
+    ids = np.unique(rng.integers(-(1 << 63), (1 << 63) - 1, 300_000, dtype=np.int64))  # 2.4 MB of slots
+    mapping = IdMapping.from_entries(ids, rng.integers(0, 30_000, ids.size), 40_000, hash_offset=30_000, seed=1)
+    assert "slot_remainders" in mapping._buffers
+    query = torch.from_numpy(np.concatenate([ids[::7], ids[::7] + 1, rng.integers(-(1 << 63), 1 << 63, 3000)]))
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(mapping, **COMPILE_SETTINGS)(query), mapping(query))

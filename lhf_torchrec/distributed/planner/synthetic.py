@@ -138,6 +138,13 @@ def _sparse_tensors(storage: str, entries: int, key_dtype: torch.dtype, rows: to
     """Zero keys and the given entry rows in the shapes of ``storage`` (sorted or perfect_hash)."""
     if storage == "sorted":
         return {"keys": torch.zeros(entries, dtype=key_dtype), "values": rows}
+    if perfect_hash.layout(entries, key_dtype.itemsize, num_rows) == "remainders":
+        low_bits = perfect_hash.record_row_bits(num_rows)
+        slots, groups = perfect_hash.table_sizes(entries, low_bits)
+        remainders = torch.full((slots,), (1 << low_bits) - 1, dtype=torch.int64)  # empty: the all-ones row
+        remainders[:entries] = rows  # the entries' rows (high bits 0), so that bucket_entry_counts sees them
+        return {"slot_remainders": remainders, "group_pilots": torch.zeros(groups, dtype=torch.int16),
+                "group_hash": torch.ones(4, dtype=torch.int64)}
     slots, groups = perfect_hash.table_sizes(entries)
     slot_rows = torch.full((slots,), -1, dtype=torch.int64)
     slot_rows[:entries] = rows  # the entries' rows, so that bucket_entry_counts sees them
