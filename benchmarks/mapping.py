@@ -287,10 +287,26 @@ def _compiled(mapping, ids: torch.Tensor):
     return compiled, compile_s
 
 
+def _layout_label(storage_label: str, storage: str) -> str:
+    """The slot layout in a row's storage label (`perfect_hash remainders (fitted)` -> ` remainders`)."""
+    layout = storage_label[len(storage):].replace("(fitted)", "").strip()
+    return f" {layout}" if layout else ""
+
+
+def _split_slots(mapping):
+    """``mapping`` (int64 keys in perfect hash remainders) with its entries in split slots instead."""
+    from lhf_torchrec.mapping import IdMapping, perfect_hash
+
+    keys, rows = mapping.stored_entries()
+    tensors = perfect_hash.build(keys, rows, mapping.seed, mapping.table_name, torch.int64, mapping.num_rows, "split")
+    return IdMapping(mapping.num_rows, storage="perfect_hash", tensors=tensors, num_entries=mapping.num_entries,
+                     **mapping._settings())
+
+
 def apply_rows(num_ids: int, batch: int, reps: int) -> list:
     """Apply throughput of every storage, eager and compiled, next to a plain gather, on one torch thread
     (the box is shared)."""
-    from lhf_torchrec.mapping import IdEmbeddings, fit_mapping
+    from lhf_torchrec.mapping import IdEmbeddings, fit_mapping, perfect_hash
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -312,6 +328,11 @@ def apply_rows(num_ids: int, batch: int, reps: int) -> list:
         storages = ["none"] if fitted.storage == "none" else [
             s for s in ("dense", "perfect_hash", "sorted") if s != "dense" or span <= _MAX_DENSE_SPAN]
         variants = [fitted if s == fitted.storage else fitted.with_storage(s) for s in storages]
+        # A remainders table next to the split slots int64 keys took before it (the same function).
+        for i, m in enumerate(list(variants)):
+            if "slot_remainders" in m._buffers:
+                storages.insert(i + 1, m.storage)
+                variants.insert(i + 1, _split_slots(m))
         hit = float(fitted.has_entry(ids).float().mean())
         # Every mapping compiles once (dynamic batch size); dynamo keeps 8 compiled versions of
         # IdMapping.forward (each mapping's constants are its own), so start each case afresh.
@@ -327,9 +348,9 @@ def apply_rows(num_ids: int, batch: int, reps: int) -> list:
         gather = times[0]
         for i, (storage, mapping) in enumerate(zip(storages, variants)):
             t_apply, t_compiled, t_lookup = times[1 + i], times[1 + k + i], times[1 + 2 * k + i]
-            layout = " records" if "slot_records" in mapping._buffers else ""  # perfect hash: one int64 per slot
+            layout = perfect_hash.slot_layout_of(mapping._buffers) if storage == "perfect_hash" else ""
             rows.append({"ids": kind, "method": method,
-                         "storage": storage + layout + (" (fitted)" if storage == fitted.storage else ""),
+                         "storage": f"{storage} {layout}".strip() + (" (fitted)" if mapping is fitted else ""),
                          "entries": mapping.num_entries, "hit": hit, "mapping_mb": mapping.nbytes / 2**20,
                          "gather_Mids_s": ids.numel() / gather / 1e6, "apply_Mids_s": ids.numel() / t_apply / 1e6,
                          "compiled_Mids_s": ids.numel() / t_compiled / 1e6, "apply/gather": t_apply / gather,
@@ -711,7 +732,8 @@ def apply_doc(rows: list, num_ids: int, batch: int, reps: int, zch: list) -> str
         parts = []
         for label, keep in (("meet it", lambda r: r["compiled/gather"] <= APPLY_TARGET),
                             ("over it", lambda r: r["compiled/gather"] > APPLY_TARGET)):
-            named = [f"{r['ids']} `{r['method']}` {r['compiled/gather']:.2f}x" for r in own if keep(r)]
+            named = [f"{r['ids']} `{r['method']}`{_layout_label(r['storage'], storage)} {r['compiled/gather']:.2f}x"
+                     for r in own if keep(r)]
             parts.append(f"{label}: " + (", ".join(named) if named else "none"))
         return "; ".join(parts)
 
@@ -724,10 +746,13 @@ def apply_doc(rows: list, num_ids: int, batch: int, reps: int, zch: list) -> str
         f"anywhere in int64; ids dense (a permutation of [0, {num_ids:,})), sparse 40-bit (random in [0, 2^40)) or "
         f"sparse 64-bit (random int64); mappings into {num_ids // 10:,} rows. Each fitted mapping is applied in every "
         "storage that can hold it (`with_storage`: the same function; dense only where the entries' span is small); "
-        "`(fitted)` marks the storage the fit chose; `perfect_hash records` is its one-record layout (key and row in "
-        "one int64 per slot, for keys relative to the smallest too wide for int32 whose bits fit in 63 with the "
-        "row's: here the 40-bit ids), plain `perfect_hash` the split one (key, low and high row bits in three "
-        "arrays). `hit` is the share of lookups that find an entry (the others "
+        "`(fitted)` marks the storage the fit chose. `perfect_hash` comes in three slot layouts "
+        "(`perfect_hash.slot_layout`): `split` (key, low and high row bits in three arrays; int32 keys relative to "
+        "the smallest, or int64), `records` (key relative to the smallest and row in one int64, where their bits "
+        "fit in 63: here the 40-bit ids) and `remainders` (full 64-bit keys: the mixed key above the row bits and "
+        "the row in one int64, the key's low bits given back by the slot); a fitted `remainders` table is also "
+        "timed in the `split` slots int64 keys took before it (same function, side by side). `hit` is the share of "
+        "lookups that find an entry (the others "
         "are hashed by `hash_ids`). `apply` is eager `mapping(ids)`; `compiled` the same mapping compiled as "
         "`mapping.compile()` does (`torch.compile` with `COMPILE_SETTINGS`: one graph, dynamic batch size, "
         "inductor's scalar C++ code), once per mapping; `compile_s` is its first call (a cold compile, inductor's "

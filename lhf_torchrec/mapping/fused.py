@@ -96,7 +96,7 @@ def runtime_bytes(mapping: IdMapping) -> int:
 def _in_records(mapping: IdMapping) -> bool:
     """Whether a fused perfect hash ``mapping`` is packed as int64 records (:class:`FusedIdMappings`): int32
     keys and 3- or 4-byte rows (at 2-byte rows a record would cost 8 bytes a slot instead of 6)."""
-    return (mapping.storage == "perfect_hash" and perfect_hash.layout_of(mapping._buffers) == "split"
+    return (mapping.storage == "perfect_hash" and perfect_hash.slot_layout_of(mapping._buffers) == "split"
             and mapping.slot_keys.dtype == torch.int32
             and mapping.slot_rows_high.numel() > 0 and sys.byteorder == "little")
 

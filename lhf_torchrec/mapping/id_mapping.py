@@ -261,7 +261,7 @@ class IdMapping(nn.Module):
         tensors = dict(tensors or {})
         expected = {"none": set(), "dense": {"table"}, "sorted": {"keys", "values"},
                     "perfect_hash": set({"records": perfect_hash.RECORD_TENSORS, "remainders": perfect_hash.REMAINDER_TENSORS,
-                                         "split": perfect_hash.TENSORS}[perfect_hash.layout_of(tensors)])}
+                                         "split": perfect_hash.TENSORS}[perfect_hash.slot_layout_of(tensors)])}
         needed = expected.get(storage, set()) | ({"bucket_hash_regions"} if num_buckets is not None else set())
         if storage not in expected or set(tensors) != needed:
             raise ValueError(
@@ -365,11 +365,12 @@ class IdMapping(nn.Module):
             # int32 keys relative to the smallest when they fit (as storage_cost counts them). Bucketed
             # mappings keep int64 keys: storage_cost does not know their span.
             # Wider keys relative to the smallest go into perfect hash records where they pack with the rows,
-            # int64 keys into remainders where those cost no more (perfect_hash.layout).
+            # int64 keys into remainders where those cost no more (perfect_hash.slot_layout).
             bits = perfect_hash.key_bits(int(keys[-1]) - offset + 1) if hashed.num_buckets is None else 64
             relative = bits <= 31
-            layout = perfect_hash.layout(int(keys.size), 4 if relative else 8, hashed.num_rows, bits)
-            offset = offset if relative or layout == "records" else 0
+            slot_layout = (perfect_hash.slot_layout(int(keys.size), 4 if relative else 8, hashed.num_rows, bits)
+                           if storage == "perfect_hash" else None)
+            offset = offset if relative or slot_layout == "records" else 0
             if storage == "sorted":
                 tensors["keys"] = torch.from_numpy((keys - offset).astype(np.int32) if relative else keys)
                 tensors["values"] = torch.from_numpy(rows.astype(np.int32))
@@ -377,7 +378,7 @@ class IdMapping(nn.Module):
                 tensors.update(perfect_hash.build(torch.from_numpy(keys - offset if offset else keys),
                                                   torch.from_numpy(rows), hashed.seed,
                                                   hashed.table_name, torch.int32 if relative else torch.int64,
-                                                  hashed.num_rows, layout))
+                                                  hashed.num_rows, slot_layout))
         elif storage != "none":
             raise ValueError(f"table '{hashed.table_name}': unknown storage '{storage}'")
         return cls(hashed.num_rows, storage=storage, offset=offset, tensors=tensors, num_entries=int(keys.size),

@@ -13,7 +13,7 @@ sparse 64-bit ids, or of bucket hashes). Hash-and-displace, as PTHash (Pibiri an
   slots (``slot_keys`` int32 or int64, rows in ``slot_rows`` and ``slot_rows_high``): every key has
   exactly one slot, so a lookup never probes.
 
-Three slot layouts (:func:`layout` picks, ``build(..., layout=)``):
+Three slot layouts (:func:`slot_layout` picks, ``build(..., slot_layout=)``):
 
 * *split*: ``slot_keys`` (int32 or int64) and the rows in ``slot_rows`` (low 16 bits) and
   ``slot_rows_high`` (the bits above, for 3- and 4-byte rows): a slot read is 2-3 random reads;
@@ -43,8 +43,9 @@ that key goes to its own slot, never to an empty one, so the comparison alone de
 
 Layout: S = ceil(E / LOAD) slots (key of 4 or 8 bytes, row of 2, 3 or 4 bytes by the table's row
 count: :func:`row_bytes`) and G ~ E / 3..6 groups of 2 bytes: about 6.6 bytes per entry with int32
-keys and 2-byte rows, 7.7 with 3-byte rows (10.8 / 11.8 with int64 keys), against 8 (12) for sorted
-keys + searchsorted, whose lookup is a binary search (~17 dependent gathers for 1e5 keys).
+keys and 2-byte rows, 7.7 with 3-byte rows (10.8 / 11.8 with int64 keys split, 8.3-10.4 in remainders,
+whose slots round up to whole strips), against 8 (12) for sorted keys + searchsorted, whose lookup is a
+binary search (~17 dependent gathers for 1e5 keys).
 
 Build: groups are placed largest first (their keys need the most free slots at once), all groups of
 one size in parallel rounds that try ``TRIES_PER_ROUND`` candidate pilots per group; a group takes
@@ -90,7 +91,7 @@ ROW_LIMITS = (1 << 15, 1 << 23, 1 << 31)
 TENSORS = ("slot_keys", "slot_rows", "slot_rows_high", "group_pilots", "group_hash")
 RECORD_TENSORS = ("slot_records", "group_pilots", "group_hash")
 REMAINDER_TENSORS = ("slot_remainders", "group_pilots", "group_hash")
-# Strips of a remainders table at least (:func:`layout`): two keys of a group whose mixed values share
+# Strips of a remainders table at least (:func:`slot_layout`): two keys of a group whose mixed values share
 # their low bits take the same slot within every strip, and only part when their strips differ.
 MIN_STRIPS = 4
 # Entries of a remainders table at least. A group's keys move together (one xor per pilot), so a nearly
@@ -141,7 +142,7 @@ def packs(bits: int, num_rows: int) -> bool:
     return 31 < bits and bits + record_row_bits(num_rows) <= 63
 
 
-def layout(num_entries: int, key_bytes: int, num_rows: int, bits: int = 64) -> str:
+def slot_layout(num_entries: int, key_bytes: int, num_rows: int, bits: int = 64) -> str:
     """The slot layout of a table of ``num_entries`` keys of ``key_bytes`` (``bits`` relative to the
     smallest) into ``num_rows`` rows: ``records`` where they pack, else ``remainders`` for int64 keys
     where its slots cost no more than split ones, else ``split``."""
@@ -157,16 +158,16 @@ def layout(num_entries: int, key_bytes: int, num_rows: int, bits: int = 64) -> s
     return "remainders" if remainder_slots >> low_bits >= MIN_STRIPS and 8 * remainder_slots <= split_bytes else "split"
 
 
-def layout_of(tensors: Mapping[str, torch.Tensor]) -> str:
-    """The layout of a table's ``tensors``: ``records``, ``remainders`` or ``split``."""
+def slot_layout_of(tensors: Mapping[str, torch.Tensor]) -> str:
+    """The slot layout of a table's ``tensors``: ``records``, ``remainders`` or ``split``."""
     return "records" if "slot_records" in tensors else "remainders" if "slot_remainders" in tensors else "split"
 
 
 def table_bytes(num_entries: int, key_bytes: int, num_rows: int, bits: int = 64) -> int:
     """Bytes of a table of ``num_entries`` keys of ``key_bytes`` (``bits`` relative to the smallest) into
-    ``num_rows`` rows in its :func:`layout`: slots (records of 8 bytes, or key and row), int16 group pilots,
+    ``num_rows`` rows in its :func:`slot_layout`: slots (records of 8 bytes, or key and row), int16 group pilots,
     the 4-word group hash."""
-    kind = layout(num_entries, key_bytes, num_rows, bits)
+    kind = slot_layout(num_entries, key_bytes, num_rows, bits)
     slots, groups = table_sizes(num_entries, record_row_bits(num_rows) if kind == "remainders" else 0)
     slot_bytes = key_bytes + row_bytes(num_rows) if kind == "split" else 8
     return slot_bytes * slots + 2 * groups + 32
@@ -246,7 +247,7 @@ def lookup_remainders(ids: torch.Tensor, slot_remainders: torch.Tensor, low_bits
                       num_groups: Union[int, torch.Tensor, None] = None, num_slots: Union[int, torch.Tensor, None] = None,
                       group_start: Union[int, torch.Tensor] = 0, slot_start: Union[int, torch.Tensor] = 0
                       ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(rows int64, found bool) of int64 ``ids`` in a table of remainders (``build(..., layout="remainders")``,
+    """(rows int64, found bool) of int64 ``ids`` in a table of remainders (``build(..., slot_layout="remainders")``,
     ``low_bits`` = :func:`record_row_bits` of its rows): one gather per id after the slot; a record
     matches when its bits above ``low_bits`` are the mixed id's and its row is not the empty mark.
     Several tables packed end to end: ``low_bits``, the sizes and the starts as in :func:`lookup`."""
@@ -363,20 +364,20 @@ def _candidate_slots(mixed: torch.Tensor, pilots: torch.Tensor, group_hash, num_
 
 
 def build(keys: torch.Tensor, rows: torch.Tensor, seed: int, table: str = "table",
-          key_dtype: torch.dtype = torch.int64, num_rows: int = 1 << 31, layout: str = "split") -> Dict[str, torch.Tensor]:
+          key_dtype: torch.dtype = torch.int64, num_rows: int = 1 << 31, slot_layout: str = "split") -> Dict[str, torch.Tensor]:
     """The table of unique ``keys`` and their ``rows`` (>= 0, < ``num_rows``), deterministic given ``seed``,
-    in ``layout`` (:func:`layout`): ``split``, its keys stored as ``key_dtype`` (int32 when every key fits)
+    in ``slot_layout`` (:func:`slot_layout`): ``split``, its keys stored as ``key_dtype`` (int32 when every key fits)
     and its rows in :func:`row_bytes` bytes; ``records``, int64 records (:data:`RECORD_TENSORS`; keys >= 0
     whose bits :func:`packs` with the rows); ``remainders`` (:data:`REMAINDER_TENSORS`; any int64 keys).
 
     ``keys`` may come in any order: the table is a function of the set of (key, row) entries (a group's
     pilot depends on its keys as a set, contention goes to the lower group), so callers need not sort.
     Memory besides the inputs and the table: about 11 bytes per key at the peak (:func:`_place`)."""
-    if layout not in ("split", "records", "remainders"):
-        raise ValueError(f"table '{table}': unknown perfect hash layout '{layout}'")
+    if slot_layout not in ("split", "records", "remainders"):
+        raise ValueError(f"table '{table}': unknown perfect hash slot layout '{slot_layout}'")
     keys = keys.to(torch.int64).cpu().contiguous()
     rows = rows.cpu().contiguous()
-    low_bits = record_row_bits(num_rows) if layout == "remainders" else 0
+    low_bits = record_row_bits(num_rows) if slot_layout == "remainders" else 0
     num_slots, num_groups = table_sizes(keys.numel(), low_bits)
     for attempt in range(MAX_ATTEMPTS):
         words = mix64(torch.tensor([-1, -2, -3, -4]) + bucket_key(seed * MAX_ATTEMPTS + attempt))
@@ -385,9 +386,9 @@ def build(keys: torch.Tensor, rows: torch.Tensor, seed: int, table: str = "table
         pilots = _place(keys, num_groups, num_slots, group_hash, low_bits)
         if pilots is not None:
             tail = {"group_pilots": pilots, "group_hash": torch.tensor(group_hash, dtype=torch.int64)}
-            if layout == "records":
+            if slot_layout == "records":
                 return {"slot_records": _records(keys, rows, pilots, group_hash, num_slots, num_rows), **tail}
-            if layout == "remainders":
+            if slot_layout == "remainders":
                 return {"slot_remainders": _remainders(keys, rows, pilots, group_hash, num_slots, low_bits), **tail}
             slot_keys = torch.full((num_slots,), int(keys.min()), dtype=key_dtype)
             # Empty slots: row -1, whose low and high parts (encode_rows) are -1 too.
@@ -569,7 +570,7 @@ def _first_fits(sorted_keys: torch.Tensor, starts: torch.Tensor, size: int, trie
 def check(tensors: Mapping[str, torch.Tensor], num_rows: int, table: str = "table") -> None:
     """Raises ValueError naming the table unless ``tensors`` have the dtypes and shapes of a table into
     ``num_rows`` rows (split :data:`TENSORS`, :data:`RECORD_TENSORS` or :data:`REMAINDER_TENSORS`)."""
-    kind = layout_of(tensors)
+    kind = slot_layout_of(tensors)
     if kind != "split":
         dtypes = {f"slot_{kind}": (torch.int64,), "group_pilots": (torch.int16,), "group_hash": (torch.int64,)}
     else:

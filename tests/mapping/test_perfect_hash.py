@@ -273,20 +273,20 @@ def test_compiled_lookups_of_large_tables_read_the_slots_apart():
 def test_records_without_key_zero_find_only_their_keys():
     """Empty record slots hold the smallest key, so a query of key 0 (not stored here) finds nothing."""
     keys = torch.arange(5, 70_000, 2) + (1 << 40)
-    tensors = perfect_hash.build(keys, torch.arange(keys.numel()) % 1000, seed=0, num_rows=1000, layout="records")
+    tensors = perfect_hash.build(keys, torch.arange(keys.numel()) % 1000, seed=0, num_rows=1000, slot_layout="records")
     query = torch.cat([keys, keys + 1, torch.tensor([0, 1 << 40, -1, (1 << 63) - 1])])
     rows, found = perfect_hash.lookup_records(query, tensors["slot_records"], perfect_hash.record_row_bits(1000),
                                               tensors["group_pilots"], tuple(tensors["group_hash"].tolist()))
     assert torch.equal(found, torch.arange(query.numel()) < keys.numel())
     assert torch.equal(rows[:keys.numel()], torch.arange(keys.numel()) % 1000)
     with pytest.raises(ValueError, match="do not pack into records"):
-        perfect_hash.build(keys << 20, torch.zeros_like(keys), seed=0, num_rows=1000, layout="records")
+        perfect_hash.build(keys << 20, torch.zeros_like(keys), seed=0, num_rows=1000, slot_layout="records")
 
 
 def test_records_of_keys_in_arithmetic_progression_build():
     """Keys k * 7919 * 2^20 (all low bits equal): a weaker mix than mix64 found no table for them."""
     keys = torch.arange(5000) * (7919 << 20)
-    tensors = perfect_hash.build(keys, torch.arange(5000), seed=0, num_rows=5001, layout="records")
+    tensors = perfect_hash.build(keys, torch.arange(5000), seed=0, num_rows=5001, slot_layout="records")
     rows, found = perfect_hash.lookup_records(keys, tensors["slot_records"], perfect_hash.record_row_bits(5001),
                                               tensors["group_pilots"], tuple(tensors["group_hash"].tolist()))
     assert bool(found.all()) and torch.equal(rows, torch.arange(5000))
@@ -302,8 +302,8 @@ def test_the_table_does_not_depend_on_the_keys_order(keys, num_rows, layout, shu
     keys = torch.tensor(keys, dtype=torch.int64)
     rows = keys % num_rows
     perm = torch.from_numpy(np.random.default_rng(shuffle).permutation(keys.numel()))
-    a = perfect_hash.build(keys, rows, seed=3, num_rows=num_rows, layout=layout)
-    b = perfect_hash.build(keys[perm], rows[perm], seed=3, num_rows=num_rows, layout=layout)
+    a = perfect_hash.build(keys, rows, seed=3, num_rows=num_rows, slot_layout=layout)
+    b = perfect_hash.build(keys[perm], rows[perm], seed=3, num_rows=num_rows, slot_layout=layout)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -313,10 +313,10 @@ def test_chunked_build_gives_the_same_table(monkeypatch, layout):
     change the table (a round's outcome is computed group by group)."""
     keys = torch.from_numpy(np.random.default_rng(0).choice(1 << 40, 30_000, replace=False))
     rows = keys % 5000
-    whole = perfect_hash.build(keys, rows, seed=1, num_rows=5000, layout=layout)
+    whole = perfect_hash.build(keys, rows, seed=1, num_rows=5000, slot_layout=layout)
     monkeypatch.setattr(perfect_hash, "_CHUNK", 999)
     monkeypatch.setattr(perfect_hash, "_FIT_ELEMENTS", 100)
-    chunked = perfect_hash.build(keys, rows, seed=1, num_rows=5000, layout=layout)
+    chunked = perfect_hash.build(keys, rows, seed=1, num_rows=5000, slot_layout=layout)
     assert all(torch.equal(whole[k], chunked[k]) for k in whole)
     group_hash = chunked["group_hash"].tolist()
     if layout == "split":
@@ -337,7 +337,7 @@ def test_the_table_is_the_one_the_argsort_build_made():
 
     keys = torch.from_numpy(np.random.default_rng(0).choice(1 << 40, 30_000, replace=False))
     for layout, want in (("split", "d04d6baea53ca330"), ("records", "e38f20d074e0a645")):
-        table = perfect_hash.build(keys, keys % 5000, seed=1, num_rows=5000, layout=layout)
+        table = perfect_hash.build(keys, keys % 5000, seed=1, num_rows=5000, slot_layout=layout)
         got = hashlib.sha256(b"".join(table[k].numpy().tobytes() for k in sorted(table))).hexdigest()[:16]
         assert got == want, layout
 
@@ -400,8 +400,8 @@ def test_remainders_give_what_sorted_keys_give(shape, size, draw_seed, extra, ro
                                      hash_offset=num_rows // 3, table_name="t").with_storage("perfect_hash")
     stored = mapping.stored_entries()[0]
     span = int(stored[-1]) - int(stored[0]) + 1
-    kind = perfect_hash.layout(stored.numel(), 8 if span > 1 << 31 else 4, num_rows, perfect_hash.key_bits(span))
-    assert perfect_hash.layout_of(mapping._buffers) == kind
+    kind = perfect_hash.slot_layout(stored.numel(), 8 if span > 1 << 31 else 4, num_rows, perfect_hash.key_bits(span))
+    assert perfect_hash.slot_layout_of(mapping._buffers) == kind
     assume(kind == "remainders")
     assert mapping.nbytes == perfect_hash.table_bytes(stored.numel(), 8, num_rows, perfect_hash.key_bits(span))
     near = [i + d for i in entry_ids[::5] for d in (-1, 1, 1 << 17, -(1 << 43)) if -(1 << 63) <= i + d < (1 << 63)]
@@ -453,7 +453,7 @@ def test_remainders_of_structured_keys_build_and_find_only_their_keys():
     next to them are not found, including ids whose mixed value shares the stored keys' high bits."""
     for keys in (torch.arange(20_000) * (7919 << 20), torch.arange(20_000) + (1 << 62), torch.arange(20_000) << 44):
         rows = torch.arange(keys.numel()) % 1000
-        tensors = perfect_hash.build(keys, rows, seed=0, num_rows=1000, layout="remainders")
+        tensors = perfect_hash.build(keys, rows, seed=0, num_rows=1000, slot_layout="remainders")
         group_hash = tensors["group_hash"].tolist()
         query = torch.cat([keys, keys + 1, keys - 1, keys + keys.numel()])
         found_rows, found = perfect_hash.lookup_remainders(query, tensors["slot_remainders"], 10,

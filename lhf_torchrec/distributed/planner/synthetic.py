@@ -138,7 +138,7 @@ def _sparse_tensors(storage: str, entries: int, key_dtype: torch.dtype, rows: to
     """Zero keys and the given entry rows in the shapes of ``storage`` (sorted or perfect_hash)."""
     if storage == "sorted":
         return {"keys": torch.zeros(entries, dtype=key_dtype), "values": rows}
-    if perfect_hash.layout(entries, key_dtype.itemsize, num_rows) == "remainders":
+    if perfect_hash.slot_layout(entries, key_dtype.itemsize, num_rows) == "remainders":
         low_bits = perfect_hash.record_row_bits(num_rows)
         slots, groups = perfect_hash.table_sizes(entries, low_bits)
         remainders = torch.full((slots,), (1 << low_bits) - 1, dtype=torch.int64)  # empty: the all-ones row
