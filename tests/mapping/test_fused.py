@@ -93,18 +93,23 @@ def test_small_chunks_give_the_same_rows(monkeypatch):
 
 @pytest.mark.parametrize("width", [None, 700])
 def test_every_perfect_hash_layout_and_dense_span_together(width):
-    """Perfect hash tables of 2-, 3- and 4-byte rows with int32 and int64 keys (one pass per layout) next
-    to dense tables whose ids all lie in their span (one min/max check) or not (clamped), with features of
-    equal size (a (features, ids) matrix) and not."""
+    """Perfect hash tables of 2-, 3- and 4-byte rows with int32 and int64 keys (one pass per layout; int64
+    keys of 40 and 300 rows in remainders of 6 and 9 low bits, one pass) next to dense tables whose ids all
+    lie in their span (one min/max check) or not (clamped), with features of equal size (a (features, ids)
+    matrix) and not."""
     rng = np.random.default_rng(3)
     mappings = {}
-    # Keys span 2^20 (int32 keys) or 2^62 (int64 keys: too wide to pack with the rows into one record, a layout
-    # that runs on its own mapping).
-    for i, (num_rows, stride) in enumerate([(n, s) for n in (40, 1 << 16, (1 << 23) + 9) for s in (1, 1 << 42)]):
-        ids = (1 << 40) + stride * rng.choice(1 << 20, 400, replace=False)
-        mappings[f"p{i}"] = IdMapping.from_entries(ids, rng.integers(0, num_rows // 2, 400), num_rows,
+    # Keys span 2^20 (int32 keys) or 2^62 (int64 keys: too wide to pack with the rows into one record).
+    cases = [(n, s, 400) for n in (40, 1 << 16, (1 << 23) + 9) for s in (1, 1 << 42)] + [(300, 1 << 42, 2000)]
+    for i, (num_rows, stride, entries) in enumerate(cases):
+        if num_rows == 40 and stride > 1:
+            entries = 2000  # enough entries for remainders (MIN_REMAINDER_ENTRIES)
+        ids = (1 << 40) + stride * rng.choice(1 << 20, entries, replace=False)
+        mappings[f"p{i}"] = IdMapping.from_entries(ids, rng.integers(0, num_rows // 2, entries), num_rows,
                                                    hash_offset=num_rows // 2, seed=i % 2, table_name=f"p{i}"
                                                    ).with_storage("perfect_hash")
+    remainders = [t for t, m in mappings.items() if "slot_remainders" in m._buffers]
+    assert remainders == ["p1", "p6"]
     # Dense tables of 40, 1000 and 40,000 rows store int8, int16 and int32 rows: one dense pass each.
     for i, (num_rows, dtype) in enumerate([(40, torch.int8), (1000, torch.int16), (40_000, torch.int32)]):
         mappings[f"d{i}"] = IdMapping.from_entries(np.arange(100) + 50 * i, rng.integers(0, 20, 100), num_rows,
@@ -112,6 +117,7 @@ def test_every_perfect_hash_layout_and_dense_span_together(width):
         assert mappings[f"d{i}"].storage == "dense" and mappings[f"d{i}"].table.dtype == dtype
     fused = FusedIdMappings(mappings)
     assert len(fused._hash_tables) == 6 and len(fused._dense) == 3 and set(fused.code) == set(mappings)
+    assert len({fused._pass[t] for t in remainders}) == 1
     names, queries = [], []
     for i, (t, m) in enumerate(mappings.items()):
         size = width or int(rng.integers(1, 900))
@@ -122,7 +128,7 @@ def test_every_perfect_hash_layout_and_dense_span_together(width):
             q = np.where(rng.random(size) < 0.7, rng.choice(known, size), known.min() + rng.integers(0, 1 << 34, size))
         names.append(t)
         queries.append(torch.from_numpy(q.astype(np.int64)))
-    for picked in (names, names[-3:-1]):  # all tables; d0 and d1 alone (both in span, then one not)
+    for picked in (names, names[-3:-1], remainders):  # all; d0 and d1 alone (in span, then one not); remainders
         got = fused([queries[names.index(t)] for t in picked], picked)
         for t, rows in zip(picked, got):
             assert torch.equal(rows, mappings[t](queries[names.index(t)])), t
