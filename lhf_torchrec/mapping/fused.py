@@ -9,7 +9,8 @@ tables at once, each id with its own table's parameters (int64 tensors gathered 
   id clamped into its table's span (as ``IdMapping`` does), or, when one min/max per table shows every
   id inside it, not;
 * ``perfect_hash`` tables: one set of slot and pilot arrays per layout (remainders of int64 keys; split
-  slots of each key dtype and no, 1- or 2-byte high row bits), looked up by :func:`~lhf_torchrec.mapping.perfect_hash.lookup` with per-id group hashes,
+  slots of each key dtype and no, 1- or 2-byte high row bits), looked up by
+  :func:`~lhf_torchrec.mapping.perfect_hash.lookup` (or ``lookup_remainders``) with per-id group hashes,
   sizes and starts. Layouts of int32 keys and 3- or 4-byte rows are packed as one int64 *record* per
   slot (key in the high word, row in the low one), read once per id instead of three times (key, low
   and high row bits): these are large tables whose arrays outgrow the caches, where each random read

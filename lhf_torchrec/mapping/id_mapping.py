@@ -260,7 +260,8 @@ class IdMapping(nn.Module):
             raise ValueError(f"table '{table_name}': probes must be 1 or 2, got {probes}")
         tensors = dict(tensors or {})
         expected = {"none": set(), "dense": {"table"}, "sorted": {"keys", "values"},
-                    "perfect_hash": set({"records": perfect_hash.RECORD_TENSORS, "remainders": perfect_hash.REMAINDER_TENSORS,
+                    "perfect_hash": set({"records": perfect_hash.RECORD_TENSORS,
+                                         "remainders": perfect_hash.REMAINDER_TENSORS,
                                          "split": perfect_hash.TENSORS}[perfect_hash.slot_layout_of(tensors)])}
         needed = expected.get(storage, set()) | ({"bucket_hash_regions"} if num_buckets is not None else set())
         if storage not in expected or set(tensors) != needed:
@@ -476,7 +477,8 @@ class IdMapping(nn.Module):
         if "slot_records" in self._buffers:
             return perfect_hash.record_values(self.slot_records, self.num_rows)
         if "slot_remainders" in self._buffers:
-            return perfect_hash.remainder_values(self.slot_remainders, self.group_pilots, self._group_hash, self.num_rows)
+            return perfect_hash.remainder_values(self.slot_remainders, self.group_pilots, self._group_hash,
+                                                 self.num_rows)
         return self.slot_keys.to(torch.int64), perfect_hash.slot_row_values(dict(self.named_buffers()))
 
     def _check_rows(self) -> None:

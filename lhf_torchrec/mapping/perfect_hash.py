@@ -244,8 +244,8 @@ def lookup(ids: torch.Tensor, slot_keys: torch.Tensor, slot_rows: torch.Tensor, 
 
 def lookup_remainders(ids: torch.Tensor, slot_remainders: torch.Tensor, low_bits: Union[int, torch.Tensor],
                       group_pilots: torch.Tensor, group_hash: Sequence[Union[int, torch.Tensor]],
-                      num_groups: Union[int, torch.Tensor, None] = None, num_slots: Union[int, torch.Tensor, None] = None,
-                      group_start: Union[int, torch.Tensor] = 0, slot_start: Union[int, torch.Tensor] = 0
+                      num_groups: Union[int, torch.Tensor, None] = None,
+                      num_slots: Union[int, torch.Tensor, None] = None, group_start: Union[int, torch.Tensor] = 0, slot_start: Union[int, torch.Tensor] = 0
                       ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(rows int64, found bool) of int64 ``ids`` in a table of remainders (``build(..., slot_layout="remainders")``,
     ``low_bits`` = :func:`record_row_bits` of its rows): one gather per id after the slot; a record
@@ -364,7 +364,8 @@ def _candidate_slots(mixed: torch.Tensor, pilots: torch.Tensor, group_hash, num_
 
 
 def build(keys: torch.Tensor, rows: torch.Tensor, seed: int, table: str = "table",
-          key_dtype: torch.dtype = torch.int64, num_rows: int = 1 << 31, slot_layout: str = "split") -> Dict[str, torch.Tensor]:
+          key_dtype: torch.dtype = torch.int64, num_rows: int = 1 << 31, slot_layout: str = "split"
+          ) -> Dict[str, torch.Tensor]:
     """The table of unique ``keys`` and their ``rows`` (>= 0, < ``num_rows``), deterministic given ``seed``,
     in ``slot_layout`` (:func:`slot_layout`): ``split``, its keys stored as ``key_dtype`` (int32 when every key fits)
     and its rows in :func:`row_bytes` bytes; ``records``, int64 records (:data:`RECORD_TENSORS`; keys >= 0

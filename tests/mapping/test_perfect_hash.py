@@ -444,7 +444,7 @@ def test_remainders_are_8_bytes_a_slot_and_save_load_with_a_checksum(tmp_path):
     with pytest.raises(ValueError, match="table 't': stored rows exceed"):
         IdMapping(4000, storage="perfect_hash", tensors=bad, table_name="t")
     bad["slot_remainders"] = mapping.slot_remainders[:-1]
-    with pytest.raises(ValueError, match=r"table 't': perfect hash slot_remainders must be a positive multiple of 2\^12"):
+    with pytest.raises(ValueError, match=r"slot_remainders must be a positive multiple of 2\^12 slots"):
         IdMapping(4000, storage="perfect_hash", tensors=bad, table_name="t")
 
 

@@ -445,15 +445,16 @@ def plan_report(
         full = [t.name for t in tables if t.name not in mappings]
         source = (
             f"synthetic for {compression:g}x: an entry for {entry_fraction:.0%} of the ids of each table "
-            "(sorted int32 key + int32 row, 8 bytes/entry, or dense int32 when cheaper); rows fill the rest "
+            "(in the storage a fit would take, the cheapest of dense, perfect hash and sorted keys: "
+            "IdMapping's storage_cost); rows fill the rest "
             f"of 1/{compression:g} of the table's weights + optimizer state"
         )
         if num_buckets is not None:
             source += (
                 f"; bucketed into {num_buckets} buckets where a table has >= {MIN_ROWS_PER_BUCKET} rows per bucket "
-                f"(entries keyed by the 64-bit bucket hash: 12 bytes/entry, 8 bytes/bucket), ids spread uniformly "
-                f"over buckets, the fullest bucket assumed to hold the mean + {FULLEST_BUCKET_SIGMAS:g} standard "
-                "deviations of entries (the co-sharded layout pads every bucket to it)"
+                "(entries keyed by the 64-bit bucket hash in the cheapest sparse storage, 8 bytes/bucket), ids "
+                f"spread uniformly over buckets, the fullest bucket assumed to hold the mean + "
+                f"{FULLEST_BUCKET_SIGMAS:g} standard deviations of entries (the co-sharded layout pads every bucket to it)"
             )
         if full:
             notes.append(f"full size (fewer than {MIN_COMPRESSED_IDS} ids): {len(full)} tables ({', '.join(full)})")
