@@ -383,7 +383,8 @@ def _reset_peak_rss() -> float:
 
 
 def _rank_start(world_size: int, rank: int, parts_dir: str):
-    """A benchmark rank: one torch thread, its gloo group, its part of the profile."""
+    """A benchmark rank: one torch thread, its gloo group, its part of the profile; (profile, the RSS in MB
+    before loading it)."""
     import torch.distributed as dist
 
     from lhf_torchrec.mapping import IdProfile
@@ -392,8 +393,9 @@ def _rank_start(world_size: int, rank: int, parts_dir: str):
     # machine spin against other jobs (measured: 2 threads made the 1-rank fit 7x slower per bucket).
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    base_rss = _rss_mb()[0]
     ids, counts = np.load(os.path.join(parts_dir, f"ids{rank}.npy")), np.load(os.path.join(parts_dir, f"counts{rank}.npy"))
-    return IdProfile(ids, counts, int(counts.sum()))
+    return IdProfile(ids, counts, int(counts.sum())), base_rss
 
 
 def _phase_peak(rss_before: float) -> float:
@@ -425,7 +427,7 @@ def distributed_fit_rank(num_ids: int, method: str, world_size: int, rank: int, 
     from lhf_torchrec.mapping import IdEmbeddings
     from lhf_torchrec.mapping.buckets import assemble_keyed
 
-    local = _rank_start(world_size, rank, parts_dir)
+    local, base_rss = _rank_start(world_size, rank, parts_dir)
     hyper = {"min_count": 1, "hot_fraction": 0.25, "hashed_fraction": 0.1} if method == "combination" else {}
     num_rows = num_ids // 10 // DIST_BUCKETS * DIST_BUCKETS
     dist.barrier()
@@ -456,9 +458,10 @@ def distributed_fit_rank(num_ids: int, method: str, world_size: int, rank: int, 
     done = time.perf_counter()
     assemble_mb = _phase_peak(rss_before)
     dist.destroy_process_group()
+    peak = rss_before + max(exchange_mb, fit_mb, assemble_mb)
     return {"rank": rank, "owned_ids": owned_ids, "exchange_s": exchanged - start, "fit_s": fitted - exchanged,
-            "gather_s": done - fitted, "total_s": done - start, "peak_rss_mb": rss_before + max(
-                exchange_mb, fit_mb, assemble_mb), "exchange_mb": exchange_mb, "fit_phase_mb": fit_mb,
+            "gather_s": done - fitted, "total_s": done - start, "peak_rss_mb": peak, "rank_mb": peak - base_rss,
+            "exchange_mb": exchange_mb, "fit_phase_mb": fit_mb,
             "gather_mb": assemble_mb, "mapping_mb": mapping_mb, "fit_rss_mb": max(exchange_mb, fit_mb, assemble_mb),
             "fingerprint": checksum}
 
@@ -467,7 +470,8 @@ def distributed_pipeline_rank(num_ids: int, method: str, world_size: int, rank: 
     """Runs in a child process (one rank): the pipeline path of ``lhf fit --num-buckets 64`` at 10x
     compression (``fit_mappings``, the budget planned from the profile). On 2 ranks: the rank's share
     of the profile (exchange), the budget planned across the ranks, the fit of its buckets, the gather;
-    on 1 rank: the one-process path on the whole profile. Times and peak RSS."""
+    on 1 rank: the one-process path on the whole profile. Times and peak RSS. On 2 ranks the rank drops its
+    local profile once shared, as ``lhf fit`` does (``share_tables``)."""
     import torch.distributed as dist
     from torchrec import EmbeddingBagConfig
 
@@ -475,12 +479,13 @@ def distributed_pipeline_rank(num_ids: int, method: str, world_size: int, rank: 
     from lhf_torchrec.mapping import IdEmbeddings
     from lhf_torchrec.pipeline.steps import fit_mappings
 
-    local = _rank_start(world_size, rank, parts_dir)
+    local, base_rss = _rank_start(world_size, rank, parts_dir)
     table = EmbeddingBagConfig(name="t", embedding_dim=16, num_embeddings=num_ids, feature_names=["f"])
     dist.barrier()
     rss_before = _reset_peak_rss()
     start = time.perf_counter()
     profile = share_profile(local, DIST_BUCKETS, seed=0, table="t") if world_size > 1 else local
+    del local
     shared = time.perf_counter()
     own_ids = profile.profile.ids if world_size > 1 else profile.ids
     embeddings = {"t": IdEmbeddings(own_ids, _id_vectors(own_ids))} if method == "combination" else None
@@ -490,7 +495,8 @@ def distributed_pipeline_rank(num_ids: int, method: str, world_size: int, rank: 
     peak = _rss_mb()[1]
     dist.destroy_process_group()
     return {"rank": rank, "owned_ids": own_ids.size, "share_s": shared - start, "fit_s": done - shared,
-            "total_s": done - start, "peak_rss_mb": peak, "fit_rss_mb": peak - rss_before, "rows": mapping.num_rows,
+            "total_s": done - start, "peak_rss_mb": peak, "fit_rss_mb": peak - rss_before, "rank_mb": peak - base_rss,
+            "rows": mapping.num_rows,
             "fingerprint": mapping.fingerprint}
 
 
@@ -537,7 +543,7 @@ def distributed_fit_rows(sizes, methods=("frequency", "combination"), on_row=Non
                 ranks.append(json.loads(out.strip().splitlines()[-1]))
         rows.append({"ids": num_ids, "method": method, "ranks": world_size,
                      "ids_per_rank": max(r["owned_ids"] for r in ranks),
-                     **{k: max(r[k] for r in ranks) for k in DIST_COLUMNS[path] + ("peak_rss_mb", "fit_rss_mb")},
+                     **{k: max(r[k] for r in ranks) for k in DIST_COLUMNS[path] + ("peak_rss_mb", "fit_rss_mb", "rank_mb")},
                      # A shard's checksum covers its entries: the ranks' add up to the whole mapping's.
                      "fingerprint": (f"{sum(r['fingerprint'] for r in ranks) % 2**64:016x}" if path == "sharded"
                                      else ranks[0]["fingerprint"])[:12]})
@@ -545,6 +551,7 @@ def distributed_fit_rows(sizes, methods=("frequency", "combination"), on_row=Non
         row = rows[-1]
         row["time_vs_1_rank"] = row["total_s"] / one["total_s"]
         row["fit_rss_vs_1_rank"] = row["fit_rss_mb"] / one["fit_rss_mb"] if one["fit_rss_mb"] else float("nan")
+        row["rank_vs_1_rank"] = row["rank_mb"] / one["rank_mb"]
         row["same_mapping"] = "yes" if row["fingerprint"] == one["fingerprint"] else "NO"
         if "mapping_mb" in row:  # the rank's peak over the output it keeps (a replicated mapping is whole on every rank)
             row["minus_mapping_mb"] = row["fit_rss_mb"] - row["mapping_mb"]
@@ -558,7 +565,7 @@ def distributed_fit_section(done: dict, seconds: float, pending=()) -> str:
     """The "Distributed fit" subsection of docs/performance.md: a table per path of ``done`` (its rows)
     (``pending``: jobs not run yet, said so)."""
     columns = ["ids", "method", "ranks", "ids_per_rank"]
-    after = ["peak_rss_mb", "fit_rss_mb", "fit_rss_vs_1_rank", "same_mapping"]
+    after = ["peak_rss_mb", "fit_rss_mb", "fit_rss_vs_1_rank", "rank_mb", "rank_vs_1_rank", "same_mapping"]
 
     def table(path: str) -> str:
         measured = list(DIST_COLUMNS[path])
@@ -573,7 +580,9 @@ def distributed_fit_section(done: dict, seconds: float, pending=()) -> str:
         "fitted on 1 rank and on 2 gloo ranks, each rank a fresh process holding its share of the profile (ids "
         "dealt round-robin: each id in one rank's data). Times and RSS are the slowest / largest rank's; "
         "`fit_rss_mb` is the growth of the peak RSS over the RSS after loading the share (the peak is reset "
-        "there), `peak_rss_mb` includes ~750 MB of imports (torch, TorchRec); `same_mapping`: the 2-rank mapping "
+        "there), `peak_rss_mb` includes ~750 MB of imports (torch, TorchRec); `rank_mb` is the peak over the RSS "
+        "before the rank loaded its share: everything its fit holds, its input included (a rank of 2 loads half "
+        "the profile); `same_mapping`: the 2-rank mapping "
         "has the 1-rank one's fingerprint. Each rank runs one torch thread (the 2-rank fit uses 2 cores, the "
         "1-rank fit 1). The machine is shared with other jobs (load average above): absolute times are inflated "
         "and noisy; each 1-rank / 2-rank pair ran back to back.",
@@ -601,7 +610,9 @@ def distributed_fit_section(done: dict, seconds: float, pending=()) -> str:
         "on 2 ranks `share_s` is the exchange that leaves each rank the merged counts of its own buckets' ids, "
         "then `fit_s` plans the budget across the ranks (collectives over the ranks' count histograms and "
         "bucket splits), fits the rank's buckets and gathers the mapping; on 1 rank the one-process path "
-        "(budget and fit on the whole profile). Neither holds the whole profile on a rank of 2.",
+        "(budget and fit on the whole profile). Neither holds the whole profile on a rank of 2. A rank of 2 drops "
+        "its local profile once shared, as `lhf fit` does (`share_tables`); the library path's caller holds it to "
+        "the end (`fit_bucketed_distributed` takes it as an argument).",
         "",
         table("pipeline"),
     ] + ([
