@@ -71,6 +71,11 @@ from lhf_torchrec.modules.cosharded import CoShardedIdRemap
 ProcessGroup = Optional[dist.ProcessGroup]
 
 
+# Rounds of the profile exchange: each sends and merges about 1/ROUNDS of a rank's pairs at a time.
+EXCHANGE_ROUNDS = 8
+_INT64_MAX = (1 << 63) - 1
+
+
 def check_world_size(world_size: int, num_buckets: int, table: str = "table") -> None:
     """Raises unless ``world_size`` ranks can own whole buckets: W must divide B."""
     if world_size < 1 or num_buckets % world_size:
@@ -155,9 +160,12 @@ def exchange_profiles(
     Collective: every rank calls it with its own exact profile (empty if it saw no data). Each
     rank receives the (id, count) pairs of its buckets from every rank and sums them: the result is
     the merged profile restricted to the rank's buckets (``total`` counts their accesses only).
-    Memory per rank: its local profile, plus the pairs it sends and receives and their merge (about
-    four int64 arrays as long as the larger of the two at a time), then the distinct ids of its
-    buckets (16 bytes per id).
+
+    In :data:`EXCHANGE_ROUNDS` rounds, each of the ids in one part of the ranks' common id range: an id
+    is in the same round on every rank, so each round's merged ids are sorted and above the previous
+    round's, and go straight into one result buffer sized from the counts every rank will send. Memory
+    per rank besides its local profile: an owner byte per local id, the result (16 bytes per id
+    received) and one round's pairs sent, received and merged.
     """
     world_size = dist.get_world_size(group)
     check_world_size(world_size, num_buckets, table)
@@ -165,14 +173,40 @@ def exchange_profiles(
         raise ValueError(f"table '{table}': distributed fitting needs exact profiles, got a heavy-hitter summary "
                          f"(capacity={profile.capacity}): its counts shrink against the global stream, which no "
                          f"rank has; merge the summaries on one process (IdProfile.merge) and fit with fit_bucketed")
-    owners = bucket_owners(profile.ids, num_buckets, world_size, seed)
-    order = np.argsort(owners, kind="stable")  # ids stay sorted within each destination
-    send_sizes = np.bincount(owners, minlength=world_size)
+    ends = _round_ends(profile.ids, group)
+    owners = bucket_owners(profile.ids, num_buckets, world_size, seed).astype(np.min_scalar_type(world_size - 1))
+    # sent[k, r]: this rank's pairs of round k for rank r; what every rank sends here sizes the result.
+    sent = np.stack([np.bincount(owners[a:b], minlength=world_size) for a, b in zip(ends[:-1], ends[1:])])
+    received = int(_all_to_all(np.ascontiguousarray(sent.T).reshape(-1), np.full(world_size, EXCHANGE_ROUNDS),
+                               group).sum())
+    ids, counts = np.empty(received, np.int64), np.empty(received, np.int64)
+    filled = 0
+    for k, (a, b) in enumerate(zip(ends[:-1], ends[1:])):
+        order = np.argsort(owners[a:b], kind="stable")  # ids stay sorted within each destination
+        round_ids = _all_to_all(profile.ids[a:b][order], sent[k], group)
+        round_counts = _all_to_all(profile.counts[a:b][order], sent[k], group)
+        del order
+        merged = _summed_by_id(round_ids, round_counts)
+        ids[filled:filled + merged.num_ids] = merged.ids
+        counts[filled:filled + merged.num_ids] = merged.counts
+        filled += merged.num_ids
     del owners
-    ids = _all_to_all(profile.ids[order], send_sizes, group)
-    counts = _all_to_all(profile.counts[order], send_sizes, group)
-    del order
-    return _summed_by_id(ids, counts)
+    if 2 * filled < received:  # mostly repeated ids: keep the distinct ones, not the buffer for every pair
+        ids, counts = ids[:filled].copy(), counts[:filled].copy()
+    return IdProfile(ids[:filled], counts[:filled], int(counts[:filled].sum()))
+
+
+def _round_ends(ids: np.ndarray, group: ProcessGroup) -> List[int]:
+    """Where each exchange round's ids end in this rank's sorted ``ids``: the ranks' common id range
+    [lowest, highest] cut into :data:`EXCHANGE_ROUNDS` equal parts (the same cuts on every rank)."""
+    bounds = np.array([int(ids[0]), int(ids[-1])] if ids.size else [_INT64_MAX, -_INT64_MAX - 1], np.int64)
+    every = _all_gather(bounds, group)
+    lowest, highest = min(int(b[0]) for b in every), max(int(b[1]) for b in every)
+    if lowest > highest:  # no rank has an id
+        return [0] * (EXCHANGE_ROUNDS + 1)
+    span = highest - lowest + 1
+    cuts = [lowest + span * k // EXCHANGE_ROUNDS for k in range(1, EXCHANGE_ROUNDS)]
+    return [0, *np.searchsorted(ids, np.array(cuts, np.int64)).tolist(), ids.size]
 
 
 def _summed_by_id(ids: np.ndarray, counts: np.ndarray) -> IdProfile:

@@ -31,6 +31,7 @@ from lhf_torchrec.distributed.fit import (
     _all_gather,
     _gather,
     _summed_by_id,
+    bucket_owners,
     cosharded_remap,
     exchange_profiles,
     fit_bucketed_distributed,
@@ -106,6 +107,14 @@ def _distributed_fit_checks(rank: int, world_size: int) -> None:
     # This rank's embeddings cover only its buckets' ids: enough for the learned methods.
     has_own = np.isin(merged.ids, owned.ids)
     own_embeddings = IdEmbeddings(merged.ids[has_own], embeddings.vectors[torch.from_numpy(has_own)])
+
+    # The exchange's rounds cut the ranks' common id range: ids at both ends of int64 on rank 0, none on the others.
+    extremes = np.array([-(1 << 63), -(1 << 62), -5, 7, 1 << 40, (1 << 63) - 1], np.int64)
+    some = IdProfile(extremes, np.arange(1, 7), 21) if rank == 0 else IdProfile(np.zeros(0, np.int64),
+                                                                               np.zeros(0, np.int64), 0)
+    got = exchange_profiles(some, NUM_BUCKETS, seed=5)
+    keep = bucket_owners(extremes, NUM_BUCKETS, world_size, 5) == rank
+    assert got.ids.tolist() == extremes[keep].tolist() and got.counts.tolist() == np.arange(1, 7)[keep].tolist()
 
     # Gathers receive every rank's part in place, in rank order: unequal lengths, an empty part (the
     # last rank's), rows of several columns; the per-rank list splits the same buffer.
