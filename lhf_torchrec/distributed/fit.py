@@ -191,9 +191,10 @@ def exchange_profiles(
         counts[filled:filled + merged.num_ids] = merged.counts
         filled += merged.num_ids
     del owners
+    ids, counts = ids[:filled], counts[:filled]
     if 2 * filled < received:  # mostly repeated ids: keep the distinct ones, not the buffer for every pair
-        ids, counts = ids[:filled].copy(), counts[:filled].copy()
-    return IdProfile(ids[:filled], counts[:filled], int(counts[:filled].sum()))
+        ids, counts = ids.copy(), counts.copy()
+    return IdProfile(ids, counts, int(counts.sum()))
 
 
 def _round_ends(ids: np.ndarray, group: ProcessGroup) -> List[int]:

@@ -106,8 +106,6 @@ def mix64(ids: torch.Tensor) -> torch.Tensor:
     return z ^ _shift_right(z, 31)
 
 
-
-
 def _signed64(word: int) -> int:
     """The int64 with the bits of an unsigned 64-bit word."""
     return word - (1 << 64) if word >= 1 << 63 else word

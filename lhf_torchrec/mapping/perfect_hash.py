@@ -245,16 +245,14 @@ def lookup(ids: torch.Tensor, slot_keys: torch.Tensor, slot_rows: torch.Tensor, 
 def lookup_remainders(ids: torch.Tensor, slot_remainders: torch.Tensor, low_bits: Union[int, torch.Tensor],
                       group_pilots: torch.Tensor, group_hash: Sequence[Union[int, torch.Tensor]],
                       num_groups: Union[int, torch.Tensor, None] = None,
-                      num_slots: Union[int, torch.Tensor, None] = None, group_start: Union[int, torch.Tensor] = 0, slot_start: Union[int, torch.Tensor] = 0
-                      ) -> Tuple[torch.Tensor, torch.Tensor]:
+                      num_slots: Union[int, torch.Tensor, None] = None, group_start: Union[int, torch.Tensor] = 0,
+                      slot_start: Union[int, torch.Tensor] = 0) -> Tuple[torch.Tensor, torch.Tensor]:
     """(rows int64, found bool) of int64 ``ids`` in a table of remainders (``build(..., slot_layout="remainders")``,
     ``low_bits`` = :func:`record_row_bits` of its rows): one gather per id after the slot; a record
     matches when its bits above ``low_bits`` are the mixed id's and its row is not the empty mark.
     Several tables packed end to end: ``low_bits``, the sizes and the starts as in :func:`lookup`."""
     slot, mixed = _remainder_slots(ids, group_pilots, group_hash, slot_remainders.numel() if num_slots is None
-                                   else num_slots, low_bits, group_pilots.numel() if num_groups is None else num_groups,
-                                   group_start)
-    slot = _shifted(slot, slot_start)
+                                   else num_slots, low_bits, num_groups, group_start, slot_start)
     record = (gather_apart if _apart(slot_remainders) else gather)(slot_remainders, slot)
     empty = _low_mask(low_bits)
     rows = record & empty
@@ -274,7 +272,7 @@ def lookup_records(ids: torch.Tensor, slot_records: torch.Tensor, row_bits: int,
                    num_slots: Union[int, torch.Tensor, None] = None, group_start: Union[int, torch.Tensor] = 0,
                    slot_start: Union[int, torch.Tensor] = 0) -> Tuple[torch.Tensor, torch.Tensor]:
     """(rows int64, found bool) of int64 ``ids`` (keys relative to the smallest, wrapped around) in a
-    table of records, ``key << row_bits | row`` (``build(..., packed=True)``, or the fused remap's records
+    table of records, ``key << row_bits | row`` (``build(..., slot_layout="records")``, or the fused remap's records
     of int32 keys, ``row_bits`` 32): one gather per id after the slot. A record's key is in
     [0, 2^63 >> row_bits): an id whose relative key is outside never matches. Several tables packed end
     to end: the sizes and starts as in :func:`lookup`."""
@@ -297,14 +295,14 @@ def _slots(ids: torch.Tensor, group_pilots: torch.Tensor, group_hash: Sequence[U
 
 def _remainder_slots(ids: torch.Tensor, group_pilots: torch.Tensor, group_hash: Sequence[Union[int, torch.Tensor]],
                      num_slots: Union[int, torch.Tensor], low_bits: Union[int, torch.Tensor],
-                     num_groups: Union[int, torch.Tensor, None] = None, group_start: Union[int, torch.Tensor] = 0
-                     ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(slot within the table, mixed key) of every key of a remainders table: the group from the mixed
-    key's top 32 bits, its pilot, :func:`_remainder_slot`."""
+                     num_groups: Union[int, torch.Tensor, None] = None, group_start: Union[int, torch.Tensor] = 0,
+                     slot_start: Union[int, torch.Tensor] = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(slot, mixed key) of every key of a remainders table, as :func:`_slots` for the other layouts: the
+    group from the mixed key's top 32 bits, its pilot, :func:`_remainder_slot`."""
+    num_groups = group_pilots.numel() if num_groups is None else num_groups
     mixed = _mixed(ids, group_hash)
-    group = _group_of(mixed, group_hash[0], group_pilots.numel() if num_groups is None else num_groups, True)
-    pilot = gather(group_pilots, _shifted(group, group_start))
-    return _remainder_slot(mixed, pilot, group_hash, num_slots, low_bits), mixed
+    pilot = gather(group_pilots, _shifted(_group_of(mixed, group_hash[0], num_groups, True), group_start))
+    return _shifted(_remainder_slot(mixed, pilot, group_hash, num_slots, low_bits), slot_start), mixed
 
 
 def _remainder_slot(mixed: torch.Tensor, pilots: torch.Tensor, group_hash: Sequence[Union[int, torch.Tensor]],

@@ -454,7 +454,8 @@ def plan_report(
                 f"; bucketed into {num_buckets} buckets where a table has >= {MIN_ROWS_PER_BUCKET} rows per bucket "
                 "(entries keyed by the 64-bit bucket hash in the cheapest sparse storage, 8 bytes/bucket), ids "
                 f"spread uniformly over buckets, the fullest bucket assumed to hold the mean + "
-                f"{FULLEST_BUCKET_SIGMAS:g} standard deviations of entries (the co-sharded layout pads every bucket to it)"
+                f"{FULLEST_BUCKET_SIGMAS:g} standard deviations of entries (the co-sharded layout pads every bucket "
+                "to it)"
             )
         if full:
             notes.append(f"full size (fewer than {MIN_COMPRESSED_IDS} ids): {len(full)} tables ({', '.join(full)})")
