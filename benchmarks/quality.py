@@ -5,7 +5,9 @@
     lhf bench quality --data criteo-tsv --data-path day_0   # the same on your data
     lhf bench quality --data csv --data-path clicks.csv --csv-spec spec.json --seeds 0 --compressions 10
 
-Writes docs/results.md, docs/results.json and docs/quality_vs_bytes.png (--quick: runs/quality-quick/).
+Writes results.md, results.json and quality_vs_bytes.png to runs/quality/ (--quick: runs/quality-quick/,
+--select: runs/selection/, or --out-dir), never over another run's report unless --overwrite. docs/results.md
+is written by hand from such runs (each section names its command): it holds analysis no run regenerates.
 """
 
 import sys

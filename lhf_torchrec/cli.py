@@ -555,7 +555,9 @@ def _add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
                               "setting of its grid (lhf_torchrec/bench/selection.py), report the test metrics "
                               "of the setting with the best validation logloss (--methods: of these methods)")
     quality.add_argument("--out-dir", type=output_dir, default=None,
-                         help="default docs/ (--quick: runs/quality-quick/, --select: runs/selection/)")
+                         help="default runs/quality/ (--quick: runs/quality-quick/, --select: runs/selection/)")
+    quality.add_argument("--overwrite", action="store_true",
+                         help="replace the report already in --out-dir (else the benchmark refuses before training)")
     quality.set_defaults(handler=_run_bench_quality)
 
 
@@ -585,7 +587,10 @@ def _run_bench_quality(args: argparse.Namespace) -> int:
     from lhf_torchrec.bench.quality import QUALITY_METHODS, run_quality, run_selection
     from lhf_torchrec.bench.selection import SELECTION_GRIDS
 
+    from lhf_torchrec.bench.quality import check_report_dir
+
     config = _quality_config(args)
+    check_report_dir(config.out_dir, args.overwrite)
     if sys.argv[1:3] == ["bench", "quality"]:
         config.command = "lhf bench quality " + shlex.join(sys.argv[3:])
     elif os.path.basename(sys.argv[0]) == "quality.py":

@@ -98,7 +98,7 @@ class QualityConfig:
     embedding_dim: int = 16
     batch_size: Dict[str, int] = field(default_factory=lambda: {"movielens": 256})
     default_batch_size: int = 1024
-    out_dir: str = "docs"
+    out_dir: str = "runs/quality"
     command: str = "python benchmarks/quality.py"
 
 
@@ -106,6 +106,18 @@ def quick_config(out_dir: str = "runs/quality-quick") -> QualityConfig:
     """A smoke run of every method in well under 3 minutes: tiny synthetic data, 10x, one seed."""
     return QualityConfig(datasets=[DatasetSpec("synthetic", rows=20_000, scale=0.001)], compressions=(10,),
                          seeds=(0,), out_dir=out_dir, command="python benchmarks/quality.py --quick")
+
+
+REPORT_FILES = ("results.md", "results.json", "quality_vs_bytes.png")
+
+
+def check_report_dir(out_dir: str, overwrite: bool = False) -> None:
+    """Refuses, before any training, an ``out_dir`` that already holds a report (another run's), unless
+    ``overwrite``: a benchmark of one dataset must not replace the results of another."""
+    found = [name for name in REPORT_FILES if os.path.exists(os.path.join(out_dir, name))]
+    if found and not overwrite:
+        raise ValueError(f"--out-dir {out_dir} already holds a quality report ({', '.join(found)}); choose another "
+                         f"--out-dir, or pass --overwrite to replace it")
 
 
 def run_quality(config: QualityConfig, methods: Sequence[Any] = QUALITY_METHODS) -> List[RunRecord]:
@@ -175,7 +187,10 @@ def full_model_warning(full_runs: Sequence[RunRecord]) -> str:
     seed, validation metrics averaged over seeds): "" when it learned something."""
     validation = None
     if all(r.validation for r in full_runs):
-        validation = {k: statistics.fmean(tested_validation(r)[k] for r in full_runs) for k in ("ne", "auc")}
+        tested = [tested_validation(r) for r in full_runs]
+        # click_rate: absent from results written before it was recorded.
+        validation = {k: statistics.fmean(m[k] for m in tested) for k in ("logloss", "ne", "auc", "click_rate")
+                      if all(k in m for m in tested)}
     return untrained_warning("the full-table model", validation, min(r.steps for r in full_runs))
 
 
@@ -304,6 +319,10 @@ recovered: (hash - method) / (hash - full) of mean logloss, on each split. {_pas
 
 {_untrained_warning(untrained)}{selection_report(selected, choices, untrained=untrained)}
 
+## Where {OURS} wins and loses (selected settings, test split)
+
+{chr(10).join(verdicts(summarize(selected), untrained))}
+{_failures(records)}
 ## Every setting tried (mean over seeds)
 
 {all_settings_report(records)}

@@ -93,12 +93,9 @@ class ParseReport:
 
     def log(self) -> None:
         if self.lines_skipped:
-            logger.warning(
-                "skipped %d malformed of %d lines; first: %s",
-                self.lines_skipped,
-                self.lines_read,
-                "; ".join(self.examples),
-            )
+            # No examples: the records were skipped when the parse cache was built, which logged the first ones.
+            first = f"; first: {'; '.join(self.examples)}" if self.examples else ""
+            logger.warning("skipped %d malformed of %d lines%s", self.lines_skipped, self.lines_read, first)
 
 
 def check_on_error(on_error: str) -> None:

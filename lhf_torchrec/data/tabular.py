@@ -114,7 +114,9 @@ _MIN_ID_SPACE_OCCUPANCY = 0.5
 _MISSING_MARKERS = frozenset({"na", "n/a", "nan", "null", "none", "\\n", "-", "?"})
 _UNIQUE_MERGE_IDS = 1 << 22  # distinct-id counting merges its per-chunk arrays at this many ids
 _CACHE_FORMAT = "lhf_torchrec.csv_parse_cache"
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: dense values beyond float32 (without log1p) are malformed
+# The largest dense value the model takes (its dense inputs are float32): beyond, a value is infinite there.
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 _CACHE_ARRAYS = ("labels", "dense", "sparse", "valid")
 
 
@@ -283,6 +285,12 @@ class CSVSpec:
         """The dense columns with a ``standardize`` transform."""
         return [c for c in self.dense if "standardize" in self.transforms.get(c, ())]
 
+    @property
+    def raw_dense(self) -> list[str]:
+        """The dense columns without a ``log1p`` transform: their values reach the model's float32 inputs
+        as they are (standardized or not), so each must be within float32's range."""
+        return [c for c in self.dense if "log1p" not in self.transforms.get(c, ())]
+
     def _delimiter_hint(self) -> str:
         """What to check when a line is one field: the delimiter does not occur in it."""
         if "\\" in self.delimiter:  # an escape written twice, e.g. "\\t" in JSON
@@ -297,7 +305,14 @@ class CSVSpec:
         if missing:
             raise DataFormatError(path, 1 if self.header else None, f"columns {missing} not found among {list(names)}"
                                   + (self._delimiter_hint() if len(names) == 1 else ""))
-        return [list(names).index(c) for c in read] + [len(names)]
+        names = list(names)
+        twice = [c for c in read if names.count(c) > 1]
+        if twice:
+            where = ", ".join(f"{c!r} at fields {[k + 1 for k, n in enumerate(names) if n == c]}" for c in twice)
+            raise DataFormatError(path, 1 if self.header else None,
+                                  f"column names used by the spec occur more than once: {where}; rename them in "
+                                  f"the header or give the spec's column_names")
+        return [names.index(c) for c in read] + [len(names)]
 
 
 class CSVSource(StreamingSource):
@@ -320,19 +335,23 @@ class CSVSource(StreamingSource):
         self.spec = spec
         self.on_error = on_error
         self.dense_names = list(spec.dense)
+        self._raw_dense = [k for k, column in enumerate(spec.dense) if column in spec.raw_dense]
         self.sparse_names = spec.sparse_columns
         self.multi_valued = {}
         for column, bag in spec.multi_valued.items():
             first = self.sparse_names.index(f"{column}[0]")
             self.multi_valued[column] = list(range(first, first + bag["max_values"]))
         self.report = ParseReport()
+        # Record ranges whose skipped records were logged: every epoch reads them again (slices share the set).
+        self._reported: set[tuple[int, int]] = set()
         self._record_counts: list[int] | None = None
         self._cache: _ParseCache | None = None
         # (mean, std) per dense column for the standardize transforms; identity where none applies.
         self._standardization: tuple[np.ndarray, np.ndarray] | None = None if spec.standardized else _identity(spec)
 
     def __repr__(self) -> str:
-        return f"CSVSource({[str(p) for p in self.paths]}, rows={self._range})"
+        records = "" if self._range is None else f", records [{self._range[0]}, {self._range[1]})"
+        return f"CSVSource({[str(p) for p in self.paths]}{records})"
 
     def _record_blocks(self, path: Path) -> Iterator[tuple[list[int], "_Records"]]:
         """(used column positions, then the field count; records) for consecutive blocks of the data
@@ -559,7 +578,8 @@ class CSVSource(StreamingSource):
                    "positive_labels": None if spec.positive_labels is None else list(spec.positive_labels),
                    "order_by": spec.order_by, "missing_values": sorted(spec.missing_values),
                    "delimiter": spec.delimiter, "header": spec.header, "encoding": spec.encoding,
-                   "column_names": None if spec.column_names is None else list(spec.column_names)}
+                   "column_names": None if spec.column_names is None else list(spec.column_names),
+                   "raw_dense": spec.raw_dense}  # which values are too large to be well-formed
         return {"format": _CACHE_FORMAT, "version": _CACHE_VERSION, "files": files, "columns": columns,
                 "on_error": self.on_error}
 
@@ -661,7 +681,9 @@ class CSVSource(StreamingSource):
             for block in self._parse(start, stop, report):
                 if block.valid.any():
                     yield self._data(*block.values)
-        report.log()
+        if (start, stop) not in self._reported:
+            report.log()
+            self._reported.add((start, stop))
 
     def _read_cache(self, start: int, stop: int, report: ParseReport) -> Iterator[CTRData]:
         arrays = self._cache.arrays
@@ -781,6 +803,8 @@ class CSVSource(StreamingSource):
                 return None
         if not (np.isfinite(dense).all() and np.isfinite(labels).all()):
             return None
+        if num_dense and (np.abs(dense[:, self._raw_dense]) > _FLOAT32_MAX).any():
+            return None
         if threshold is not None:
             labels = (labels >= threshold).astype(np.float64)
         sparse = np.empty((n, len(self.sparse_names)), dtype=np.int64)
@@ -846,6 +870,9 @@ class CSVSource(StreamingSource):
                 return f"column {name!r}: expected a number, got {text[:40]!r}{hint}"
             if not math.isfinite(x):
                 return f"column {name!r}: expected a finite number, got {text[:40]!r}{hint}"
+            if name != label and abs(x) > _FLOAT32_MAX and name in self.spec.raw_dense:
+                return (f"column {name!r}: {text[:40]!r} is beyond float32's range (3.4e38), the model's dense "
+                        f"inputs; declare \"log1p\" in the spec's transforms for {name!r}")
             if name == self.spec.label and self.spec.label_threshold is None and not 0.0 <= x <= 1.0:
                 return (f"column {name!r}: label must lie in [0, 1], got {text[:40]!r} (for ratings, set the spec's "
                         f"label_threshold)")

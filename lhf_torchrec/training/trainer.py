@@ -203,7 +203,8 @@ class Trainer:
         per_epoch = steps_per_epoch(len(train), cfg.batch_size, self.runtime.world_size)
         if per_epoch == 0:
             raise ValueError(f"the training data has {len(train):,} rows, fewer than one global batch "
-                             f"({cfg.batch_size} per rank x {self.runtime.world_size} ranks)")
+                             f"({cfg.batch_size} per rank x {self.runtime.world_size} ranks); give a smaller "
+                             f"--batch-size")
         if cfg.checkpoint_dir:
             self._data_fingerprint = data_fingerprint(train, cfg.batch_size)
             check_checkpoint_dir(cfg)

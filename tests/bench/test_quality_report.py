@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from lhf_torchrec.cli import _quality_config, build_parser
 from lhf_torchrec.pipeline.compare import RunRecord, epochs_seen, num_runs, summarize
@@ -40,6 +41,22 @@ def test_a_full_model_without_a_training_step_is_flagged() -> None:
     records = [_record("tiny", "full", 0.69, steps=0), _record("tiny", "hash", 0.69)]
     records[0].validation = []
     assert "had no training step" in untrained_datasets(records)["tiny"]
+
+
+def test_a_diverged_or_single_label_full_model_is_flagged_not_read() -> None:
+    from lhf_torchrec.training.metrics import binary_metrics
+
+    diverged = _record("huge", "full", float("nan"))
+    diverged.validation[0].update(logloss=float("nan"), auc=float("nan"), ne=float("nan"))
+    one_label = _record("zeros", "full", 0.01)
+    # What evaluation gives on a split whose labels are all 0: AUC and NE undefined, the rate recorded.
+    one_label.validation[0].update(binary_metrics(torch.tensor([-3.0, -4.0]), torch.tensor([0.0, 0.0])))
+    records = [diverged, _record("huge", "hash", 0.69), one_label, _record("zeros", "hash", 0.02)]
+    untrained = untrained_datasets(records)
+    assert "the full-table model diverged: its validation logloss is nan after 50 training steps" in untrained["huge"]
+    assert "log1p or standardize" in untrained["huge"]
+    assert "every validation label is 0, so AUC and NE are undefined" in untrained["zeros"]
+    assert gap_recovered(summarize(records), untrained) == {}
 
 
 def test_report_marks_the_dataset_instead_of_printing_percentages(tmp_path, capsys) -> None:

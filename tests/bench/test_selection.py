@@ -134,3 +134,23 @@ def test_quality_batch_size_follows_the_dataset_unless_given():
     assert batch_sizes("--data", "movielens") == [256]
     assert batch_sizes("--data", "movielens", "--batch-size", "512") == [512]
     assert batch_sizes("--batch-size", "64") == [64, 64]
+
+
+def test_selection_report_says_where_the_selected_combination_loses_on_test(tmp_path) -> None:
+    from lhf_torchrec.bench.quality import QualityConfig, write_selection_report
+    from lhf_torchrec.pipeline.datasets import DatasetSpec
+
+    records = [_record("full", 0.40, 0.41), _record("hash", 0.50, 0.51),
+               # Validation chooses the one-row tail (0.44), whose test logloss then loses to MCH's.
+               _record("combination [tail 10%, floor 10]", 0.46, 0.43),
+               _record("combination [tail 1 row, floor 10, unseen ids 5%]", 0.44, 0.47),
+               _record("mch [lfu]", 0.45, 0.46), _record("mch [lru]", 0.47, 0.42),
+               _record("qr", 0.48, 0.49)]
+    config = QualityConfig(datasets=[DatasetSpec("synthetic")], compressions=(10,), seeds=(0,), out_dir=str(tmp_path))
+    write_selection_report(records, config, seconds=1.0)
+    report = (tmp_path / "results.md").read_text()
+    verdicts = report[report.index("## Where combination wins and loses"):report.index("## Every setting tried")]
+    # MCH's own choice is LFU (validation 0.45), so its test logloss is 0.46, not LRU's 0.42.
+    assert "d, 10x: combination test logloss 0.4700, 40% of the hashing trick's gap" in verdicts
+    assert "**combination loses to**: mch (0.4600, +0.0100)." in verdicts
+    assert "qr" not in verdicts

@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lhf_torchrec.data import CSVSource, CSVSpec, DataFormatError, categorical_id, read_csv, time_split
+from lhf_torchrec.data.files import MAX_REPORTED_LINES
 
 SPEC = CSVSpec(label="click", dense=["price", "hour"], categorical=["user", "color"])
 HEADER = "user,price,click,color,hour,note\n"
@@ -82,6 +83,9 @@ def test_spec_validation() -> None:
         ("7,1.5,1,red", "expected 6 fields, got 4"),
         ("7,cheap,1,red,3,", "column 'price': expected a number, got 'cheap'"),
         ("7,inf,1,red,3,", "column 'price': expected a finite number, got 'inf'"),
+        # Finite as a float64, infinite as the model's float32 input.
+        ("7,-1e39,1,red,3,", "column 'price': '-1e39' is beyond float32's range (3.4e38), the model's dense inputs; "
+                             "declare \"log1p\" in the spec's transforms for 'price'"),
         ("7,1,,red,3,", "column 'click': expected a number, got ''"),
         ("7,1,3,red,3,",
          "column 'click': label must lie in [0, 1], got '3' (for ratings, set the spec's label_threshold)"),
@@ -95,6 +99,53 @@ def test_malformed_records_name_file_and_line(tmp_path: Path, bad_record: str, r
     source = CSVSource(path, SPEC, on_error="skip")
     assert len(source.load()) == 2
     assert source.report.lines_skipped == 1 and source.report.examples == [f"{path}:3: {reason}"]
+
+
+def test_a_value_beyond_float32_is_well_formed_under_log1p(tmp_path: Path) -> None:
+    path = _write(tmp_path / "big.csv", HEADER + "7,1e308,1,red,3,\n8,2,0,red,3e38,\n")
+    logged = dataclasses.replace(SPEC, transforms={"price": "log1p"})
+    logged_source = CSVSource(path, logged)
+    logged_source.cache(tmp_path / "cache", progress=False)
+    data = logged_source.load()
+    np.testing.assert_allclose(data.dense[:, 0], np.log1p([1e308, 2]), rtol=1e-6)
+    assert data.dense[1, 1] == np.float32(3e38)  # within float32: kept as it is
+    # Without log1p the record is malformed: the parse cache built with it is not reused.
+    with pytest.raises(DataFormatError, match=r"big.csv:2: column 'price': '1e308' is beyond float32's range"):
+        CSVSource(path, SPEC).cache(tmp_path / "cache", progress=False)
+
+
+def test_a_column_name_the_spec_uses_twice_in_the_header_is_named(tmp_path: Path) -> None:
+    path = _write(tmp_path / "dup.csv", "user,price,click,color,hour,user\n7,1,1,red,3,8\n")
+    with pytest.raises(DataFormatError, match=r"dup.csv:1: column names used by the spec occur more than once: "
+                                              r"'user' at fields \[1, 6\]; rename them"):
+        read_csv(path, SPEC)
+    # A repeated name the spec does not use is no ambiguity.
+    other = _write(tmp_path / "other.csv", "user,price,click,color,hour,x,x\n7,1,1,red,3,a,b\n")
+    assert read_csv(other, SPEC).sparse[0, 0] == 7
+
+
+def test_skipped_records_are_logged_once_per_range(tmp_path: Path, caplog) -> None:
+    path = _write(tmp_path / "skip.csv", HEADER + "7,x,1,red,3,\n" + "8,1,0,red,3,\n" * 9)
+    source = CSVSource(path, SPEC, on_error="skip")
+    source.cache(tmp_path / "cache", progress=False)
+    head, tail = source.slice(0, 5), source.slice(5, 10)
+    with caplog.at_level("WARNING"):
+        for _ in range(3):  # three epochs
+            list(head.chunks(4))
+            list(tail.chunks(4))
+    logged = [r.getMessage() for r in caplog.records if "malformed" in r.getMessage()]
+    assert logged == [f"skipped 1 malformed of 5 lines; first: {path}:2: column 'price': expected a number, got 'x'"]
+    # The cache keeps the texts of the first MAX_REPORTED_LINES bad records only: a later range with none of
+    # them says how many it skipped, without an empty list of examples.
+    many = _write(tmp_path / "many.csv", HEADER + "7,x,1,red,3,\n" * MAX_REPORTED_LINES + "8,1,0,red,3,\n" * 4
+                  + "7,x,1,red,3,\n")
+    source = CSVSource(many, SPEC, on_error="skip")
+    source.cache(tmp_path / "cache", progress=False)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        list(source.slice(MAX_REPORTED_LINES, MAX_REPORTED_LINES + 5).chunks(4))
+    assert [r.getMessage() for r in caplog.records if "malformed" in r.getMessage()] == [
+        "skipped 1 malformed of 5 lines"]
 
 
 def test_line_numbers_count_physical_lines(tmp_path: Path) -> None:

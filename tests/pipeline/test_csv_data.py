@@ -90,6 +90,14 @@ def test_quality_benchmark_on_a_csv_of_ids(ids_csv, tmp_path, capsys) -> None:
     records = json.loads((quick / "results.json").read_text())
     assert [(r["dataset"], r["method"], r["compression"], r["seed"]) for r in records] == [("my_clicks", "hash", 10, 0)]
 
+    # Another run into a folder that holds a report is refused before it trains anything.
+    before = (quick / "results.json").read_bytes()
+    capsys.readouterr()
+    assert main(["bench", "quality", "--quick", *data, "--methods", "full", "--out-dir", str(quick)]) == 2
+    assert f"--out-dir {quick} already holds a quality report (results.md, results.json, quality_vs_bytes.png)" \
+        in capsys.readouterr().err
+    assert (quick / "results.json").read_bytes() == before
+
 
 def test_train_says_when_the_model_learned_nothing(ids_csv, tmp_path, capsys) -> None:
     data_path, spec_path = ids_csv
