@@ -8,7 +8,8 @@ from torchmetrics.functional.classification import binary_auroc
 
 
 def binary_metrics(logits: torch.Tensor, labels: torch.Tensor) -> Dict[str, float]:
-    """``logloss`` (mean binary cross-entropy), ``auc`` (exact ROC AUC) and ``ne``.
+    """``logloss`` (mean binary cross-entropy), ``auc`` (exact ROC AUC), ``ne``, the number of ``examples``
+    and their ``click_rate`` (AUC and NE are NaN where it is 0 or 1: a single label leaves them undefined).
 
     NE (He et al., "Practical Lessons from Predicting Clicks on Ads at Facebook", 2014) is the
     logloss divided by the entropy of the evaluated set's click rate: 1.0 is no better than

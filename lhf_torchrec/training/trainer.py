@@ -146,7 +146,7 @@ class Trainer:
         trainer = Trainer(ModelConfig(embedding_dim=16), TrainConfig(batch_size=512), tables, num_dense=13,
                           compression=LearnedHashing(load_mappings("mappings.safetensors")))
         result = trainer.fit(train, validation)
-        test_metrics = trainer.evaluate(test)    # {"logloss", "auc", "ne", "examples"}
+        test_metrics = trainer.evaluate(test)    # {"logloss", "auc", "ne", "examples", "click_rate"}
     """
 
     def __init__(
