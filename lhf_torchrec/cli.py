@@ -525,7 +525,8 @@ def _add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
             "needs no table sizes: see --csv-spec). A progress bar counts the runs (with an ETA) and each "
             "finished run logs one line. If the full-table model learns nothing (validation NE >= 1 or "
             "AUC <= 0.5), a warning says so and the report marks the dataset: give more --epochs or a "
-            "smaller --batch-size."
+            "smaller --batch-size; likewise where NE and AUC are undefined (a diverged model, a validation "
+            "split of one label). A report already in --out-dir is never replaced without --overwrite."
         ),
     )
     _add_data_arguments(quality)
@@ -584,10 +585,8 @@ def _quality_config(args: argparse.Namespace):
 
 
 def _run_bench_quality(args: argparse.Namespace) -> int:
-    from lhf_torchrec.bench.quality import QUALITY_METHODS, run_quality, run_selection
+    from lhf_torchrec.bench.quality import QUALITY_METHODS, check_report_dir, run_quality, run_selection
     from lhf_torchrec.bench.selection import SELECTION_GRIDS
-
-    from lhf_torchrec.bench.quality import check_report_dir
 
     config = _quality_config(args)
     check_report_dir(config.out_dir, args.overwrite)

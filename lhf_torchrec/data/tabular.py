@@ -5,7 +5,8 @@ Values:
 * label: a number in [0, 1]; with the spec's ``label_threshold`` any finite number, 1 from the
   threshold on and 0 below it (a rating log: ``label_threshold=4`` makes 4 and 5 stars positives);
   with its ``positive_labels`` any non-empty text, 1 for those texts (an event log: ``["buy"]``);
-* dense: a float; an empty field is 0.0. The spec's ``transforms`` apply, per column and in this
+* dense: a float; an empty field is 0.0; a value beyond float32's range (the model's dense inputs) is
+  malformed unless its column has ``log1p``. The spec's ``transforms`` apply, per column and in this
   order, ``log1p`` (``log(1 + max(x, 0))``, the Criteo reader's transform of counts: negative values
   count as 0) and ``standardize`` (``(x - mean) / std`` with the mean and standard deviation of the
   *training* rows, see :meth:`CSVSource.fit_standardization`, so validation and test rows are
