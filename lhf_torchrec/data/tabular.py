@@ -384,7 +384,7 @@ class CSVSource(StreamingSource):
         with open_binary(path) as raw:
             raw.seek(offset)
             text = io.TextIOWrapper(raw, self.spec.encoding, newline="")
-            yield from self._csv_record_blocks(path, text, line, columns)
+            yield from self._csv_record_blocks(path, text, line, columns, offset)
 
     def _plain_text(self, path: Path, block: bytes, line: int) -> str | None:
         """``block`` (of ``path`` from ``line`` on) as text with ``\\n`` line ends, or None where the
@@ -398,10 +398,10 @@ class CSVSource(StreamingSource):
         return text
 
     def _csv_record_blocks(
-        self, path: Path, text: io.TextIOBase, line: int, columns: list[int] | None
+        self, path: Path, text: io.TextIOBase, line: int, columns: list[int] | None, offset: int = 0
     ) -> Iterator[tuple[list[int], "_Records"]]:
-        """The records of ``text`` (``path`` from ``line`` on) read by the ``csv`` module, in blocks;
-        ``columns``: as in :meth:`_record_blocks`, None while the header is still to be read."""
+        """The records of ``text`` (``path`` from byte ``offset`` and ``line`` on) read by the ``csv`` module,
+        in blocks; ``columns``: as in :meth:`_record_blocks`, None while the header is still to be read."""
         reader = csv.reader(text, delimiter=self.spec.delimiter)
         lines, rows = [], []
         try:
@@ -418,8 +418,10 @@ class CSVSource(StreamingSource):
                         yield columns, _Records(lines, rows, None)
                         lines, rows = [], []
         except UnicodeDecodeError as e:
-            raise DataFormatError(path, None, f"not {self.spec.encoding} text after line {line - 1 + reader.line_num} "
-                                              f"(set the spec's encoding, e.g. \"latin-1\"): {e}") from e
+            # The decoder reads ahead of the csv module's records: find the line by decoding line by line.
+            raise DataFormatError(path, _undecodable_line(path, offset, line, self.spec.encoding),
+                                  f"not {self.spec.encoding} text (set the spec's encoding, e.g. \"latin-1\"): "
+                                  f"{e.reason}") from e
         except csv.Error as e:
             raise DataFormatError(path, line - 1 + reader.line_num, str(e)) from e
         except COMPRESSION_ERRORS as e:
@@ -1009,6 +1011,19 @@ def _quote_free_text(block: bytes, encoding: str, quotes: bool = True) -> str | 
         return block.decode(encoding)
     except UnicodeDecodeError:
         return None
+
+
+def _undecodable_line(path: Path, offset: int, line: int, encoding: str) -> int | None:
+    """The number of the first line of ``path`` from byte ``offset`` (line ``line``) that is not ``encoding``
+    text, or None. The encodings a spec takes write ASCII as ASCII, so no character holds a newline byte."""
+    with open_binary(path) as raw:
+        raw.seek(offset)
+        for number, text in enumerate(raw, start=line):
+            try:
+                text.decode(encoding)
+            except UnicodeDecodeError:
+                return number
+    return None
 
 
 def _not_plain_text(block: bytes, encoding: str) -> tuple[int, str]:

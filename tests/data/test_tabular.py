@@ -165,8 +165,13 @@ def test_file_level_errors(tmp_path: Path) -> None:
         read_csv(_write(tmp_path / "empty.csv", ""), SPEC)
     binary = tmp_path / "latin1.csv"
     binary.write_bytes((HEADER + "7,1,1,r\xe9d,3,\n").encode("latin-1"))
-    with pytest.raises(DataFormatError, match=f"{binary}: not utf-8 text after line 1 \\(set the spec's encoding"):
+    with pytest.raises(DataFormatError, match=f"{binary}:2: not utf-8 text \\(set the spec's encoding"):
         read_csv(binary, SPEC)
+    # Read by the csv module (a quote): its decoder reads thousands of lines ahead, the error names the line.
+    late = tmp_path / "late.csv"
+    late.write_bytes((HEADER + '7,1,1,"red",3,\n' + "7,1,1,red,3,\n" * 3000 + "7,1,1,r\xe9d,3,\n").encode("latin-1"))
+    with pytest.raises(DataFormatError, match=f"{late}:3003: not utf-8 text \\(set the spec's encoding"):
+        read_csv(late, SPEC)
     latin1 = dataclasses.replace(SPEC, encoding="latin-1")
     assert read_csv(binary, latin1).sparse[0, 1] == categorical_id("r\xe9d")  # the same id as from UTF-8 text
     binary.write_bytes((HEADER + '7,1,1,"r\xe9d",3,\n').encode("cp1252"))  # quoted: read by the csv module
