@@ -307,7 +307,7 @@ class CriteoTSV(StreamingSource):
                 if offset + line >= stop:
                     break
             offset += line
-        report.log()
+        self._log_skipped(report, start, stop)
 
     def _parse(self, buf: np.ndarray, path: Path, first_line: int, report: ParseReport) -> Iterator[CTRData]:
         labels, counts, ids, bad_lines, reasons = _parse_lines(buf)

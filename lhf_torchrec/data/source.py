@@ -15,6 +15,7 @@ import numpy as np
 from torchrec.datasets.utils import Batch
 
 from lhf_torchrec.data.ctr_data import BatchOrder, CTRData, CTRSource, batches_from_chunks, feature_columns
+from lhf_torchrec.data.files import ParseReport
 
 #: Rows per shuffle window of streaming sources (one window holds this many rows in memory).
 SHUFFLE_WINDOW_ROWS = 1 << 18
@@ -53,6 +54,14 @@ class StreamingSource(CTRSource):
 
     def __init__(self) -> None:
         self._range: tuple[int, int] | None = None
+        # Row ranges whose skipped lines were logged: every epoch reads them again (slices share the set).
+        self._reported: set[tuple[int, int]] = set()
+
+    def _log_skipped(self, report: ParseReport, start: int, stop: int) -> None:
+        """Logs what a whole pass over rows ``[start, stop)`` skipped (:meth:`ParseReport.log`), once per range."""
+        if (start, stop) not in self._reported:
+            report.log()
+            self._reported.add((start, stop))
 
     @abc.abstractmethod
     def _total_rows(self) -> int:

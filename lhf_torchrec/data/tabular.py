@@ -343,8 +343,6 @@ class CSVSource(StreamingSource):
             first = self.sparse_names.index(f"{column}[0]")
             self.multi_valued[column] = list(range(first, first + bag["max_values"]))
         self.report = ParseReport()
-        # Record ranges whose skipped records were logged: every epoch reads them again (slices share the set).
-        self._reported: set[tuple[int, int]] = set()
         self._record_counts: list[int] | None = None
         self._cache: _ParseCache | None = None
         # (mean, std) per dense column for the standardize transforms; identity where none applies.
@@ -684,9 +682,7 @@ class CSVSource(StreamingSource):
             for block in self._parse(start, stop, report):
                 if block.valid.any():
                     yield self._data(*block.values)
-        if (start, stop) not in self._reported:
-            report.log()
-            self._reported.add((start, stop))
+        self._log_skipped(report, start, stop)
 
     def _read_cache(self, start: int, stop: int, report: ParseReport) -> Iterator[CTRData]:
         arrays = self._cache.arrays
