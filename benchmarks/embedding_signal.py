@@ -37,7 +37,7 @@ from lhf_torchrec.data import SyntheticCriteoConfig, make_synthetic_criteo  # no
 from lhf_torchrec.files import atomic_write  # noqa: E402
 from lhf_torchrec.mapping.embeddings import embeddings_of  # noqa: E402
 from lhf_torchrec.pipeline.datasets import DatasetSpec, load_split  # noqa: E402
-from lhf_torchrec.pipeline.steps import fit_mappings, learn_embeddings, profile_tables  # noqa: E402
+from lhf_torchrec.pipeline.steps import fit_mappings, learn_model, profile_tables  # noqa: E402
 from lhf_torchrec.training.runtime import init_runtime  # noqa: E402
 from lhf_torchrec.training.trainer import TrainConfig  # noqa: E402
 
@@ -86,8 +86,8 @@ def main() -> None:
     truth = make_synthetic_criteo(1, SyntheticCriteoConfig(scale=scale, seed=spec.seed), progress=False).truth
     profiles = profile_tables(data.train, data.tables)
     train_config = TrainConfig(batch_size=1024, progress=False)
-    embeddings = learn_embeddings(data.train, data.tables, profiles, dim=8, train_config=train_config,
-                                  runtime=runtime)
+    embeddings = learn_model(data.train, data.tables, profiles, dim=8, train_config=train_config,
+                             runtime=runtime).embeddings
     feature_index = {f"t_{name}": i for i, name in enumerate(data.train.feature_names)}
     largest = sorted(data.tables, key=lambda t: -profiles[t.name].num_ids)[:4]
 

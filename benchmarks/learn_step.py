@@ -6,7 +6,7 @@
 One table whose profile holds n distinct ids with Zipf(1.0) access counts, 10 accesses per id on
 average (most ids are seen a few times, a few percent at least 10 times), with dense ids (0..n-1,
 the table's own rows) and sparse 40-bit ids (behind a mapping). Each case runs
-:func:`~lhf_torchrec.pipeline.steps.learn_embeddings` (8-d, batch 1024) in a fresh subprocess, so
+:func:`~lhf_torchrec.pipeline.steps.learn_model` (8-d, batch 1024) in a fresh subprocess, so
 its peak RSS is that learn step's own, at two floors:
 
 * ``min_count=1``: a row for every profiled id, what the learn step trained before it had a floor
@@ -60,7 +60,7 @@ def learn_once(num_ids: int, sparse_ids: bool, min_count: int) -> dict:
     from lhf_torchrec.mapping import IdProfile
     from lhf_torchrec.mapping.budget import row_bytes
     from lhf_torchrec.mapping.tables import learn_mappings
-    from lhf_torchrec.pipeline.steps import learn_embeddings
+    from lhf_torchrec.pipeline.steps import learn_model
     from lhf_torchrec.training.runtime import init_runtime
     from lhf_torchrec.training.trainer import TrainConfig
 
@@ -85,8 +85,8 @@ def learn_once(num_ids: int, sparse_ids: bool, min_count: int) -> dict:
     with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM: from here on it is the learn step's peak
         f.write("5")
     start = time.perf_counter()
-    embeddings = learn_embeddings(train, [table], {"t_ids": profile}, dim=DIM, min_count=min_count,
-                                  train_config=config, runtime=runtime)
+    embeddings = learn_model(train, [table], {"t_ids": profile}, dim=DIM, min_count=min_count,
+                             train_config=config, runtime=runtime).embeddings
     seconds = time.perf_counter() - start
     peak = _status_bytes("VmHWM")
     return {
@@ -131,7 +131,7 @@ def report(rows: list, num_ids: int, command: str, seconds: float) -> str:
 shared with other jobs, so the seconds are loose). One table of {num_ids:,} distinct ids, Zipf(1.0)
 access counts, {MEAN_ACCESSES} accesses per id on average: {int(kept.sum()):,} ids ({kept.mean():.1%}) are
 seen at least 10 times and carry {counts[kept].sum() / counts.sum():.0%} of the accesses. Each row is
-`learn_embeddings` (dim {DIM}, batch {BATCH}, {STEPS} steps: the tables and their optimizer state exist
+`learn_model` (dim {DIM}, batch {BATCH}, {STEPS} steps: the tables and their optimizer state exist
 from the first step, so more steps change no memory) in a fresh process. `min_count=1` gives every
 profiled id a row, as the learn step did before it had a floor (the table itself for dense ids, a
 vocabulary of n + 1 rows for sparse ones); `min_count=10` (the learned methods' clustering floor)

@@ -52,7 +52,7 @@ def main() -> None:
     profiles = profile_batches(data.batches(8192))
     # 3. One mapping per large table at 1/10 of its bytes, mapping included. The learned methods
     #    ("learned", "combination") also take embeddings=: e.g. a trained table reduced by PCA,
-    #    lhf_torchrec.embeddings_from_table(weight, 8), or lhf_torchrec.pipeline.steps.learn_embeddings.
+    #    lhf_torchrec.embeddings_from_table(weight, 8), or lhf_torchrec.pipeline.steps.learn_model.
     mappings = {
         t.name: fit_mapping(profiles[t.feature_names[0]], method="frequency", table=t.name, embedding_dim=DIM,
                             total_bytes=t.num_embeddings * row_bytes(DIM, "rowwise_adagrad") // 10,

@@ -318,15 +318,15 @@ def _add_learn_parser(subparsers: argparse._SubParsersAction) -> None:
 def _run_learn(args: argparse.Namespace) -> int:
     from lhf_torchrec.pipeline.artifacts import load_profiles, require_tables, save_embeddings
     from lhf_torchrec.pipeline.datasets import load_split
-    from lhf_torchrec.pipeline.steps import learn_embeddings
+    from lhf_torchrec.pipeline.steps import learn_model
     from lhf_torchrec.training.runtime import init_runtime
 
     runtime = init_runtime()
     data = load_split(_dataset(args), embedding_dim=args.dim, progress=runtime.is_main)
     profiles, _ = load_profiles(args.profiles, args.dim)
     require_tables(args.profiles, profiles, [t.name for t in data.tables])
-    embeddings = learn_embeddings(data.train, data.tables, profiles, dim=args.dim, epochs=args.epochs,
-                                  train_config=_train_config(args), runtime=runtime)
+    embeddings = learn_model(data.train, data.tables, profiles, dim=args.dim, epochs=args.epochs,
+                             train_config=_train_config(args), runtime=runtime).embeddings
     if runtime.is_main:
         save_embeddings(args.out, embeddings)
         print(f"wrote {args.out}: {args.dim}-d embeddings of {sum(e.ids.size for e in embeddings.values()):,} ids")
@@ -452,6 +452,10 @@ def _add_train_parser(subparsers: argparse._SubParsersAction) -> None:
                              "size divides keep their mapping with their rows (co-sharded row-wise), as do bucketed "
                              "--mappings, and each rank profiles its share of the rows and fits only its own "
                              "buckets (default: no buckets; unbucketed mappings are fitted on every rank)")
+    parser.add_argument("--per-table", action="store_true",
+                        help="with --method combination or learned: choose each table's rare tail (10%% of the rows or "
+                             "one shared row) and clustering floor on the validation split, scored by the learn "
+                             "step's model (docs/method.md, 'Per-table choice')")
     parser.add_argument("--results", type=output_file(RESULTS_FORMAT), metavar="FILE", help="write the metrics as JSON")
     parser.set_defaults(handler=_run_train, evaluate_only=False)
 
@@ -465,7 +469,8 @@ def _add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
     _add_train_arguments(parser, writes_checkpoints=False)
     parser.add_argument("--mappings", type=input_path, metavar="FILE", help="the mappings the run trained with")
     parser.add_argument("--results", type=output_file(RESULTS_FORMAT), metavar="FILE", help="write the metrics as JSON")
-    parser.set_defaults(handler=_run_train, evaluate_only=True, method="full", compression=1.0, num_buckets=None)
+    parser.set_defaults(handler=_run_train, evaluate_only=True, method="full", compression=1.0, num_buckets=None,
+                        per_table=False)
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -475,9 +480,11 @@ def _run_train(args: argparse.Namespace) -> int:
     if args.num_buckets is not None and (args.mappings or args.method == "full"):
         raise ValueError("--num-buckets applies to a compressed --method fitted here (bucketed --mappings co-shard "
                          "as they are)")
+    if args.per_table and (args.mappings or args.method == "full"):
+        raise ValueError("--per-table chooses the settings of a --method fitted here (combination or learned)")
     outcome = run_training(_dataset(args), _model_config(args), _train_config(args), mappings_path=args.mappings,
                            method=args.method, compression=args.compression, num_buckets=args.num_buckets,
-                           results_path=args.results, evaluate_only=args.evaluate_only)
+                           per_table=args.per_table, results_path=args.results, evaluate_only=args.evaluate_only)
     if init_runtime().is_main:
         test = outcome["test"]
         print(f"test: logloss {test['logloss']:.5f}  AUC {test['auc']:.5f}  NE {test['ne']:.5f}  "

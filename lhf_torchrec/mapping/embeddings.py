@@ -4,8 +4,8 @@ Two forms are accepted wherever embeddings are:
 
 * a 2-d tensor (or array) ``E`` where row ``i`` is the embedding of raw id ``i``: the weight of a
   full-size table, e.g. ``ebc.embedding_bags["t"].weight`` reduced by :func:`embeddings_from_table`;
-* :class:`IdEmbeddings` (ids, vectors) for sparse id spaces, as :func:`lhf_torchrec.learn_embeddings`
-  returns them.
+* :class:`IdEmbeddings` (ids, vectors) for sparse id spaces, as the learn step
+  (:func:`lhf_torchrec.pipeline.steps.learn_model`) gives them.
 """
 
 from dataclasses import dataclass

@@ -9,7 +9,7 @@ A compressed table's budget is its full rows x :func:`~lhf_torchrec.mapping.budg
 (fp32 weights + the table optimizer's state) divided by the compression, whatever the method; tables
 with fewer than ``MIN_COMPRESSED_ROWS`` full rows (or no profiled id) stay full size for every method.
 
-The learn step (:func:`lhf_torchrec.pipeline.steps.learn_embeddings`) does not train full tables:
+The learn step (:func:`lhf_torchrec.pipeline.steps.learn_model`) does not train full tables:
 :func:`learn_mappings` gives it a row for each id seen at least ``min_count`` times (the ids the
 learned methods can cluster) and a small hashed region for every other id.
 """

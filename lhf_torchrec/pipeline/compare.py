@@ -27,7 +27,8 @@ from lhf_torchrec.mapping.methods import MIN_COUNT
 from lhf_torchrec.mapping.tables import full_table_bytes
 from lhf_torchrec.pipeline.datasets import SplitData
 from lhf_torchrec.pipeline.methods import FitInputs, fit_method, get_method
-from lhf_torchrec.pipeline.steps import learn_embeddings, profile_tables, warm_start_rows
+from lhf_torchrec.pipeline.steps import learn_model, profile_tables, warm_start_rows
+from lhf_torchrec.pipeline.table_choice import fit_per_table
 from lhf_torchrec.training.compression import LearnedHashing
 from lhf_torchrec.training.model import ModelConfig
 from lhf_torchrec.training.runtime import Runtime, init_runtime
@@ -59,6 +60,8 @@ class RunRecord:
     train_epochs: int = 0  # of the DLRM's training
     learn_epochs: int = 0  # of the learn step (gradient passes of the model that learns the embeddings)
     id_passes: int = 0  # that read ids only, no gradient (MCH's replay of the stream), beyond the shared profile
+    # The setting each table chose on validation (MethodSpec.per_table; table -> its TABLE_SETTINGS label).
+    table_settings: Dict[str, str] = field(default_factory=dict)
 
 
 def epochs_seen(record: RunRecord) -> str:
@@ -91,6 +94,9 @@ class MethodSpec:
     warm_start: bool = False
     # TrainConfig.unseen_id_rate of the run: training ids replaced by ids never seen (with_unseen_ids).
     unseen_id_rate: float = 0.0
+    # Each table's tail and clustering floor chosen among TABLE_SETTINGS on validation by the learn
+    # model (lhf_torchrec.pipeline.table_choice); hyperparams apply to every setting.
+    per_table: bool = False
 
 
 def _spec(method: Union[str, MethodSpec]) -> MethodSpec:
@@ -129,6 +135,9 @@ def compare_methods(
         if not get_method(s.method).maps_ids and (s.warm_start or s.unseen_id_rate):
             raise ValueError(f"{s.label}: warm start and unseen ids need a method that maps ids to rows, not "
                              f"'{s.method}'")
+        if s.per_table and (s.warm_start or not get_method(s.method).needs_embeddings):
+            raise ValueError(f"{s.label}: a per-table choice scores with the learn step's model: it needs a method "
+                             f"that learns embeddings (learned, combination), without warm start, not '{s.method}'")
     floors = learn_floors(specs, model_config.embedding_dim, learn_dim)
     runtime = runtime or init_runtime()
     profiles = profile_tables(data.train, data.tables)
@@ -137,13 +146,13 @@ def compare_methods(
     any_learn_step = any(_has_learn_step(s) for s in specs)
     for seed in seeds:
         config = TrainConfig(**{**asdict(train_config), "seed": seed, "checkpoint_dir": None, "resume": False})
-        learned: Dict[int, Any] = {}  # embedding dim -> (embeddings, seconds to learn them)
+        learned: Dict[int, Any] = {}  # embedding dim -> (learned model, seconds to learn it)
 
-        def embeddings_at(dim: int):
+        def learned_at(dim: int):
             if dim not in learned:
                 start = time.perf_counter()
-                learned[dim] = (learn_embeddings(data.train, data.tables, profiles, dim=dim, epochs=learn_epochs,
-                                                 min_count=floors[dim], train_config=config, runtime=runtime),
+                learned[dim] = (learn_model(data.train, data.tables, profiles, dim=dim, epochs=learn_epochs,
+                                            min_count=floors[dim], train_config=config, runtime=runtime),
                                 time.perf_counter() - start)
             return learned[dim]
 
@@ -156,15 +165,22 @@ def compare_methods(
             if equal_passes and any_learn_step and not needs_embeddings:
                 passes["train_epochs"] += learn_epochs
             run_config = dataclasses.replace(config, epochs=passes["train_epochs"], unseen_id_rate=spec.unseen_id_rate)
-            embeddings, learn_seconds = (
-                embeddings_at(model_config.embedding_dim if spec.warm_start else learn_dim)
+            model, learn_seconds = (
+                learned_at(model_config.embedding_dim if spec.warm_start else learn_dim)
                 if needs_embeddings else (None, 0.0)
             )
+            embeddings = model.embeddings if model is not None else None
             start = time.perf_counter()
+            table_settings: Dict[str, str] = {}
             try:
-                inputs = FitInputs(embeddings, data.train, config.batch_size * runtime.world_size)
-                fitted = fit_method(spec.method, data.tables, profiles, inputs, compression=compression,
-                                    optimizer=train_config.optimizer, seed=seed, **dict(spec.hyperparams))
+                if spec.per_table:
+                    fitted, table_settings = fit_per_table(
+                        model, data.validation, data.tables, profiles, spec.method, compression=compression,
+                        optimizer=train_config.optimizer, seed=seed, **dict(spec.hyperparams))
+                else:
+                    inputs = FitInputs(embeddings, data.train, config.batch_size * runtime.world_size)
+                    fitted = fit_method(spec.method, data.tables, profiles, inputs, compression=compression,
+                                        optimizer=train_config.optimizer, seed=seed, **dict(spec.hyperparams))
                 tables_compression = fitted.compression
                 if spec.warm_start:
                     mappings = tables_compression.mappings
@@ -184,7 +200,7 @@ def compare_methods(
             test, epoch, result = _train_and_test(trainer, data, run_config, best_epoch)
             record = RunRecord(data.name, spec.label, compression, seed, fitted.total_bytes, fitted.table_bytes,
                                fitted.mapping_bytes, full_bytes, fit_seconds, result.train_seconds, result.steps,
-                               test, result.validation, epoch, **passes)
+                               test, result.validation, epoch, table_settings=table_settings, **passes)
             logger.info("%s %s %.0fx seed %d (epochs seen %s): test %s", data.name, spec.label, compression, seed,
                         epochs_seen(record), test)
             records.append(record)

@@ -20,7 +20,8 @@ from lhf_torchrec.mapping.id_mapping import IdMapping, load_mappings
 from lhf_torchrec.pipeline.artifacts import RESULTS_FORMAT
 from lhf_torchrec.pipeline.datasets import DatasetSpec, load_split
 from lhf_torchrec.pipeline.methods import FitInputs, fit_method, get_method
-from lhf_torchrec.pipeline.steps import learn_embeddings, profile_tables, share_tables
+from lhf_torchrec.pipeline.steps import learn_model, profile_tables, share_tables
+from lhf_torchrec.pipeline.table_choice import fit_per_table
 from lhf_torchrec.training.compression import LearnedHashing
 from lhf_torchrec.training.metrics import untrained_warning
 from lhf_torchrec.training.model import ModelConfig
@@ -39,6 +40,7 @@ def run_training(
     method: str = "full",
     compression: float = 10.0,
     num_buckets: Optional[int] = None,
+    per_table: bool = False,
     learn_dim: int = 8,
     results_path: Optional[str] = None,
     evaluate_only: bool = False,
@@ -50,7 +52,9 @@ def run_training(
     where ids are sparse; ``num_buckets``: bucketed mappings). Bucketed mappings (one row per id) whose
     bucket count the world size divides co-shard row-wise with their tables
     (:class:`~lhf_torchrec.training.compression.LearnedHashing` ``cosharded_world_size``); the
-    others keep replicated remaps. Returns (and on rank 0 writes to ``results_path``) the validation
+    others keep replicated remaps. ``per_table``: each table's rare tail and clustering floor are
+    chosen on the validation split (:func:`~lhf_torchrec.pipeline.table_choice.fit_per_table`; a
+    learned method). Returns (and on rank 0 writes to ``results_path``) the validation
     history and test metrics, and a ``warning`` (logged too) when the model learned nothing
     (:func:`~lhf_torchrec.training.metrics.untrained_warning`).
     """
@@ -58,6 +62,7 @@ def run_training(
     if not evaluate_only:
         check_checkpoint_dir(train_config)  # before any work: never train for nothing
     data = load_split(dataset, model_config.embedding_dim, progress=runtime.is_main)
+    table_settings: Dict[str, str] = {}  # the setting each table chose (per_table)
     if mappings_path:
         mappings = load_mappings(mappings_path)
         names = [t.name for t in data.tables]
@@ -70,18 +75,30 @@ def run_training(
     else:
         if not get_method(method).maps_ids:
             raise ValueError(f"method '{method}' is not a mapping method; train it with lhf bench quality")
-        if num_buckets is not None and runtime.world_size > 1 and num_buckets % runtime.world_size == 0:
+        if per_table and not get_method(method).needs_embeddings:
+            raise ValueError(f"a per-table choice scores with the learn step's model: it needs a method that learns "
+                             f"embeddings (learned, combination), not '{method}'")
+        if num_buckets is not None and runtime.world_size > 1 and num_buckets % runtime.world_size == 0 \
+                and not per_table:  # the per-table choice reads whole profiles
             # Each rank keeps only its buckets' share of the profiles (fit_mappings plans and fits from it).
             profiles = share_tables(data.train, data.tables, num_buckets, train_config.seed)
         else:
             profiles = profile_tables(data.train, data.tables)
-        embeddings = None
+        learned = None
         if get_method(method).needs_embeddings:
-            embeddings = learn_embeddings(data.train, data.tables, profiles, dim=learn_dim,
-                                          train_config=train_config, runtime=runtime)
+            learned = learn_model(data.train, data.tables, profiles, dim=learn_dim, train_config=train_config,
+                                  runtime=runtime)
         bucketed = {} if num_buckets is None else {"num_buckets": num_buckets}
-        mappings = fit_method(method, data.tables, profiles, FitInputs(embeddings), compression=compression,
-                              optimizer=train_config.optimizer, seed=train_config.seed, **bucketed).compression.mappings
+        if per_table:
+            fitted, table_settings = fit_per_table(learned, data.validation, data.tables, profiles, method,
+                                                   compression=compression, optimizer=train_config.optimizer,
+                                                   seed=train_config.seed, **bucketed)
+        else:
+            fitted = fit_method(method, data.tables, profiles, FitInputs(learned.embeddings if learned else None),
+                                compression=compression, optimizer=train_config.optimizer, seed=train_config.seed,
+                                **bucketed)
+        mappings = fitted.compression.mappings
+        del learned, fitted  # the learn model is not needed to train
     # Bucketed mappings whose bucket count the world size divides co-shard with their (row-wise) tables.
     tables_compression = LearnedHashing(mappings, cosharded_world_size=runtime.world_size)
     cosharded = set(tables_compression.cosharded_tables)
@@ -110,6 +127,7 @@ def run_training(
         train=asdict(train_config),
         world_size=runtime.world_size,
         cosharded_tables=tables_compression.cosharded_tables,
+        table_settings=table_settings,
         # What the mappings cost the whole job: a replicated mapping once per rank, with what its remap
         # adds to apply it (fused.runtime_bytes), a co-sharded one once (its layout, spread over the ranks).
         mapping_bytes=sum(CoshardedTable.of(name, m).nbytes if name in cosharded

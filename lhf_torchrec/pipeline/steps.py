@@ -126,7 +126,26 @@ def _world() -> Tuple[int, int]:
     return 1, 0
 
 
-def learn_embeddings(
+@dataclasses.dataclass
+class LearnedModel:
+    """What the learn step produced, on every rank: the embeddings of the ids it kept (the input of the
+    learned methods), and the small model that learned them, which scores candidate mappings on
+    validation (:mod:`lhf_torchrec.pipeline.table_choice`): its tables (``weights``, full, on every
+    rank) and the mappings of its ids to their rows (``mappings``; a table without one reads its ids
+    as rows)."""
+
+    embeddings: Dict[str, IdEmbeddings]
+    trainer: Trainer
+    weights: Dict[str, torch.Tensor]
+    mappings: Dict[str, IdMapping]
+
+    def learned_rows(self, table: str, ids: torch.Tensor) -> torch.Tensor:
+        """The rows of the learn model's table that ``ids`` read."""
+        mapping = self.mappings.get(table)
+        return ids if mapping is None else mapping(ids)
+
+
+def learn_model(
     train: CTRSource,
     tables: List[EmbeddingBagConfig],
     profiles: Mapping[str, Union[IdProfile, ProfileShare]],
@@ -136,9 +155,9 @@ def learn_embeddings(
     min_count: int = MIN_COUNT,
     train_config: Optional[TrainConfig] = None,
     runtime: Optional[Runtime] = None,
-) -> Dict[str, IdEmbeddings]:
+) -> LearnedModel:
     """Low-dimensional embeddings of the ids seen at least ``min_count`` times, from a short training
-    run of a DLRM with ``dim``-wide tables (the paper's "learned" signal). Returned on every rank.
+    run of a DLRM with ``dim``-wide tables (the paper's "learned" signal), and that model.
 
     Only those ids can be clustered (the learned methods' ``min_count``, a floor the budget may only
     raise), so only they get a row of their own (:func:`~lhf_torchrec.mapping.tables.learn_mappings`):
@@ -160,13 +179,12 @@ def learn_embeddings(
     trainer = Trainer(ModelConfig(embedding_dim=dim), config, small, len(train.dense_names), LearnedHashing(mappings),
                       runtime)
     trainer.fit(train)
-    weights = trainer.table_weights()
-    payload = [None]
-    if trainer.runtime.is_main:
-        payload = [{t.name: _kept_embeddings(weights[t.name], profiles[t.name], mappings.get(t.name), min_count)
-                    for t in small}]
+    payload = [trainer.table_weights() if trainer.runtime.is_main else None]
     torch.distributed.broadcast_object_list(payload, src=0)
-    return payload[0]
+    weights = payload[0]
+    embeddings = {t.name: _kept_embeddings(weights[t.name], profiles[t.name], mappings.get(t.name), min_count)
+                  for t in small}
+    return LearnedModel(embeddings, trainer, weights, mappings)
 
 
 def _kept_embeddings(
@@ -175,6 +193,17 @@ def _kept_embeddings(
     ids = profile.ids[profile.counts >= min_count]
     rows = torch.from_numpy(ids) if mapping is None else mapping(torch.from_numpy(ids))
     return IdEmbeddings(ids, weight.index_select(0, rows).float())
+
+
+def row_means(rows: torch.Tensor, vectors: torch.Tensor, weights: torch.Tensor, num_rows: int
+              ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(means, reached): each of ``num_rows`` rows the ``weights``-weighted mean of the ``vectors``
+    mapped to it by ``rows``, and which rows any vector reached (the others' means are 0)."""
+    sums = torch.zeros(num_rows, vectors.shape[1]).index_add_(0, rows, vectors * weights[:, None])
+    mass = torch.zeros(num_rows).index_add_(0, rows, weights)
+    reached = mass > 0
+    sums[reached] /= mass[reached, None]
+    return sums, reached
 
 
 def warm_start_rows(mapping: IdMapping, profile: IdProfile, embeddings: IdEmbeddings, seed: int = 0) -> torch.Tensor:
@@ -187,14 +216,11 @@ def warm_start_rows(mapping: IdMapping, profile: IdProfile, embeddings: IdEmbedd
         raise ValueError(f"table '{mapping.table_name}': warm start needs one row per id, not {mapping.method}")
     has, vectors = embeddings_of(embeddings, profile.ids, mapping.table_name)
     rows = mapping(torch.from_numpy(profile.ids[has]))
-    weights = torch.from_numpy(profile.counts[has]).to(torch.float32)
-    sums = torch.zeros(mapping.num_rows, vectors.shape[1]).index_add_(0, rows, vectors * weights[:, None])
-    mass = torch.zeros(mapping.num_rows).index_add_(0, rows, weights)
+    means, reached = row_means(rows, vectors, torch.from_numpy(profile.counts[has]).to(torch.float32), mapping.num_rows)
     bound = mapping.num_rows ** -0.5
     init = torch.empty(mapping.num_rows, vectors.shape[1]).uniform_(
         -bound, bound, generator=torch.Generator().manual_seed(seed))
-    reached = mass > 0
-    init[reached] = sums[reached] / mass[reached, None]
+    init[reached] = means[reached]
     return init
 
 
@@ -335,7 +361,9 @@ def _fitted(
 __all__ = [
     "fit_full",
     "fit_mappings",
-    "learn_embeddings",
+    "LearnedModel",
+    "learn_model",
+    "row_means",
     "profile_tables",
     "share_tables",
     "warm_start_rows",

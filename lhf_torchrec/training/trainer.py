@@ -27,7 +27,7 @@ import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, FrozenSet, Iterator, List, Optional
+from typing import Any, Dict, FrozenSet, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -294,9 +294,14 @@ class Trainer:
             self.save_checkpoint(cfg.checkpoint_dir)
 
     # ------------------------------------------------------------------ evaluation
-    @torch.no_grad()
     def evaluate(self, data: CTRSource, batch_size: Optional[int] = None) -> Dict[str, float]:
         """Metrics over all of ``data`` (every rank evaluates its slice; the same result on every rank)."""
+        return binary_metrics(*self.predict(data, batch_size))
+
+    @torch.no_grad()
+    def predict(self, data: CTRSource, batch_size: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(logits, labels) of every example of ``data``, float32 on CPU, the same on every rank (each
+        rank predicts its slice; the slices are gathered in rank order)."""
         self.model.eval()
         batches = data.batches(batch_size or self.config.batch_size, rank=self.runtime.rank,
                                world_size=self.runtime.world_size)
@@ -312,7 +317,7 @@ class Trainer:
         local = (torch.cat(logits) if logits else torch.zeros(0), torch.cat(labels) if labels else torch.zeros(0))
         gathered: List[Any] = [None] * self.runtime.world_size
         dist.all_gather_object(gathered, local)
-        return binary_metrics(torch.cat([g[0] for g in gathered]), torch.cat([g[1] for g in gathered]))
+        return torch.cat([g[0] for g in gathered]), torch.cat([g[1] for g in gathered])
 
     # ------------------------------------------------------------------ weights
     def table_weights(self) -> Dict[str, torch.Tensor]:

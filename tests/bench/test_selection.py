@@ -18,6 +18,7 @@ from lhf_torchrec.mapping.methods import make_estimator
 from lhf_torchrec.mapping.profile import IdProfile
 from lhf_torchrec.pipeline.compare import RunRecord
 from lhf_torchrec.pipeline.methods import get_method
+from lhf_torchrec.pipeline.table_choice import TABLE_SETTINGS
 
 
 def _record(method: str, validation: float, test: float, seed: int = 0, compression: float = 10,
@@ -51,16 +52,14 @@ def test_combination_grid_settings_are_valid_and_one_tail_row_means_one_hash_row
             < layouts["combination [tail 1 row, floor 10, unseen ids 5%]"].num_entries)
 
 
-def test_combination_grid_mapping_share_clusters_more_ids_where_the_budget_raises_the_floor() -> None:
+def test_a_mapping_share_of_half_clusters_more_ids_where_the_budget_raises_the_floor() -> None:
     # Zipf-like: at 50x a quarter of the budget cannot hold an entry for every id seen 10 times (808). Ids spread
     # far apart, so that the entries need a sparse storage (a dense table of 2-byte rows would hold them all).
     rng = np.random.default_rng(0)
     profile = IdProfile.from_ids(rng.zipf(1.3, 200_000) % 20_000 * 7919)
     budget = profile.num_ids * 4 * 16 // 50
-    grid = {spec.label: spec.hyperparams for spec in SELECTION_GRIDS["combination"]}
-    default = plan_budget(profile, embedding_dim=16, total_bytes=budget, **grid["combination [tail 10%, floor 10]"])
-    half = plan_budget(profile, embedding_dim=16, total_bytes=budget,
-                       **grid["combination [tail 10%, floor 10, mapping 50%]"])
+    default = plan_budget(profile, embedding_dim=16, total_bytes=budget, **TABLE_SETTINGS["tail 10%, floor 10"])
+    half = plan_budget(profile, embedding_dim=16, total_bytes=budget, **TABLE_SETTINGS["tail 10%, mapping 50%"])
     assert default.hyperparams["min_count"] > 10  # the budget raised the floor
     assert half.hyperparams["min_count"] < default.hyperparams["min_count"]
     assert half.split.num_entries > default.split.num_entries and half.mapping_bytes > default.mapping_bytes
@@ -73,7 +72,7 @@ def test_selection_chooses_on_validation_never_on_test() -> None:
     records = [
         _record("combination [tail 10%, floor 10]", validation=0.50, test=0.40),  # best test, worse validation
         _record("combination [tail 1 row, floor 10, unseen ids 5%]", validation=0.45, test=0.48),
-        _record("combination [tail 10%, floor 10, mapping 50%]", validation=0.47, test=0.30),
+        _record("combination [per table on validation]", validation=0.47, test=0.30),
     ]
     selected, choices = select_on_validation(records)
     assert [r.method for r in selected] == ["combination"]

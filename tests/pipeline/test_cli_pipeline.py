@@ -80,3 +80,13 @@ def test_bad_inputs_name_the_file(tmp_path, capsys):
     # a mapping file where profiles are expected
     assert main(["fit", "--profiles", other, "--method", "hash", "--out", str(tmp_path / "m")]) == 2
     assert "other.safetensors: holds 'lhf_torchrec.mapping', expected 'lhf_torchrec.profiles/1'" in capsys.readouterr().err
+
+
+def test_train_with_each_tables_setting_chosen_on_validation(tmp_path, capsys):
+    results = str(tmp_path / "train.json")
+    assert main(["train", *DATA, *MODEL, *TRAIN, "--method", "combination", "--compression", "4", "--per-table",
+                 "--results", results]) == 0
+    outcome = json.loads(open(results).read())
+    assert outcome["table_settings"] and set(outcome["table_settings"]) <= set(outcome["table_rows"])
+    assert main(["train", *DATA, *MODEL, *TRAIN, "--method", "frequency", "--per-table"]) == 2
+    assert "needs a method that learns embeddings" in capsys.readouterr().err

@@ -11,7 +11,7 @@ from torchrec import EmbeddingBagConfig
 from lhf_torchrec.mapping import IdEmbeddings, IdProfile, fit_mapping
 from lhf_torchrec.mapping.tables import LEARN_HASH_SHARE, learn_mappings
 from lhf_torchrec.pipeline.compare import MethodSpec, learn_floors
-from lhf_torchrec.pipeline.steps import fit_mappings, learn_embeddings, profile_tables, warm_start_rows
+from lhf_torchrec.pipeline.steps import fit_mappings, learn_model, profile_tables, warm_start_rows
 from lhf_torchrec.training.trainer import TrainConfig
 
 
@@ -79,8 +79,8 @@ def test_learn_mappings_rejects_a_bad_floor():
 @pytest.mark.parametrize("min_count", [3, 10])
 def test_embeddings_cover_exactly_the_ids_at_or_above_the_floor(tiny_split, min_count):
     profiles = profile_tables(tiny_split.train, tiny_split.tables)
-    embeddings = learn_embeddings(tiny_split.train, tiny_split.tables, profiles, dim=4, min_count=min_count,
-                                  train_config=TrainConfig(batch_size=256, progress=False))
+    embeddings = learn_model(tiny_split.train, tiny_split.tables, profiles, dim=4, min_count=min_count,
+                             train_config=TrainConfig(batch_size=256, progress=False)).embeddings
     assert set(embeddings) == {t.name for t in tiny_split.tables}
     for name, profile in profiles.items():
         kept = profile.ids[profile.counts >= min_count]
