@@ -35,6 +35,7 @@ from lhf_torchrec.bench.selection import (
     select_on_validation,
     selection_methods,
     selection_report,
+    table_settings_report,
 )
 from lhf_torchrec.pipeline.compare import (
     MethodSpec,
@@ -151,7 +152,7 @@ def _train_all(config: QualityConfig, methods: Sequence[Any]) -> Tuple[List[RunR
             data = load_split(spec, config.embedding_dim, progress=runtime.is_main)
             train = TrainConfig(batch_size=config.batch_size.get(spec.kind, config.default_batch_size),
                                 epochs=config.epochs, progress=False)
-            logger.info("quality benchmark on %s: %d train rows", data.name, len(data.train))
+            logger.info("quality benchmark on %s: %d training examples", data.name, data.train.num_examples())
 
             def finished(record: RunRecord) -> None:
                 bar.update(1)
@@ -326,10 +327,15 @@ recovered: (hash - method) / (hash - full) of mean logloss, on each split. {_pas
 ## Every setting tried (mean over seeds)
 
 {all_settings_report(records)}
-"""
+{_table_choices(records)}"""
     os.makedirs(config.out_dir, exist_ok=True)
     write_results(records, text, config.out_dir, title=f"every setting tried: test quality vs total bytes ({epochs})")
     print(text)
+
+
+def _table_choices(records: Sequence[RunRecord]) -> str:
+    table = table_settings_report(records)
+    return ("\n## Each table's choice (the settings chosen per table on validation)\n\n" + table + "\n") if table else ""
 
 
 def _epochs_text(config: QualityConfig) -> str:

@@ -166,6 +166,17 @@ def all_settings_report(records: Sequence[RunRecord]) -> str:
     return "\n".join(lines)
 
 
+def table_settings_report(records: Sequence[RunRecord]) -> str:
+    """Markdown: the setting each table chose in the runs that chose per table (``MethodSpec.per_table``),
+    one line per dataset, budget and seed; "" when no run did."""
+    lines = [f"| {r.dataset} | {r.compression:g}x | {r.method} | {r.seed} | "
+             + "; ".join(f"{table}: {label}" for table, label in sorted(r.table_settings.items())) + " |"
+             for r in sorted(records, key=lambda r: (r.dataset, r.compression, r.method, r.seed))
+             if r.table_settings and not r.error]
+    return "\n".join(["| dataset | budget | setting | seed | each table's choice |", "|---|---|---|---|---|"]
+                     + lines) if lines else ""
+
+
 def selection_methods(wanted: Sequence[str] = ()) -> List[str]:
     """The methods to select among: ``wanted`` (default: all with a grid), always with ``full`` and
     ``hash``, which every gap needs."""
@@ -184,5 +195,6 @@ __all__ = [
     "select_on_validation",
     "selection_methods",
     "selection_report",
+    "table_settings_report",
     "validation_logloss",
 ]

@@ -166,6 +166,11 @@ class CTRSource(abc.ABC):
     @abc.abstractmethod
     def __len__(self) -> int: ...
 
+    def num_examples(self) -> int:
+        """Examples a pass yields: the rows, less any a reader skips as malformed (known where the
+        rows were checked already, e.g. a CSV's parse cache); what an epoch's steps follow."""
+        return len(self)
+
     @abc.abstractmethod
     def slice(self, start: int, stop: int) -> "CTRSource":
         """Rows ``[start, stop)``, clipped to the source."""

@@ -671,6 +671,14 @@ class CSVSource(StreamingSource):
                 bar.update(len(rows))
         return [int(np.flatnonzero(order == r)[0]) for r in bad]
 
+    def num_examples(self) -> int:
+        """The records of this slice, less the malformed ones ``on_error="skip"`` leaves out: counted
+        in the parse cache (without one, every record, as ``len``)."""
+        if self._cache is None:
+            return len(self)
+        start, stop = self._bounds()
+        return int(np.count_nonzero(self._cache.arrays["valid"][start:stop]))
+
     def _read(self, start: int, stop: int) -> Iterator[CTRData]:
         report = self.report = ParseReport()
         if self._cache is None and self.spec.order_by is not None:

@@ -179,7 +179,7 @@ def learn_model(
     trainer = Trainer(ModelConfig(embedding_dim=dim), config, small, len(train.dense_names), LearnedHashing(mappings),
                       runtime)
     trainer.fit(train)
-    payload = [trainer.table_weights() if trainer.runtime.is_main else None]
+    payload = [trainer.table_weights()]  # every rank gathers, rank 0 receives: it sends them to the others
     torch.distributed.broadcast_object_list(payload, src=0)
     weights = payload[0]
     embeddings = {t.name: _kept_embeddings(weights[t.name], profiles[t.name], mappings.get(t.name), min_count)

@@ -200,9 +200,9 @@ class Trainer:
         """Trains for ``epochs`` (or ``max_steps``), validating and checkpointing on the way."""
         cfg = self.config
         result = TrainResult(steps=0, train_seconds=0.0)
-        per_epoch = steps_per_epoch(len(train), cfg.batch_size, self.runtime.world_size)
+        per_epoch = steps_per_epoch(train.num_examples(), cfg.batch_size, self.runtime.world_size)
         if per_epoch == 0:
-            raise ValueError(f"the training data has {len(train):,} rows, fewer than one global batch "
+            raise ValueError(f"the training data has {train.num_examples():,} examples, fewer than one global batch "
                              f"({cfg.batch_size} per rank x {self.runtime.world_size} ranks); give a smaller "
                              f"--batch-size")
         if cfg.checkpoint_dir:

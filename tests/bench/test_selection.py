@@ -11,6 +11,7 @@ from lhf_torchrec.bench.selection import (
     select_on_validation,
     selection_methods,
     selection_report,
+    table_settings_report,
 )
 from lhf_torchrec.cli import main
 from lhf_torchrec.mapping.budget import plan_budget
@@ -153,3 +154,12 @@ def test_selection_report_says_where_the_selected_combination_loses_on_test(tmp_
     assert "d, 10x: combination test logloss 0.4700, 40% of the hashing trick's gap" in verdicts
     assert "**combination loses to**: mch (0.4600, +0.0100)." in verdicts
     assert "qr" not in verdicts
+
+
+def test_the_report_shows_each_tables_choice_of_the_runs_that_chose_per_table() -> None:
+    per_table = _record("combination [per table on validation]", 0.44, 0.45)
+    per_table.table_settings = {"t_user": "tail 1 row, floor 30", "t_item": "tail 10%, floor 10"}
+    report = table_settings_report([_record("combination [tail 10%, floor 10]", 0.42, 0.43), per_table])
+    assert report.count("\n") == 2  # header, separator, one run
+    assert "t_item: tail 10%, floor 10; t_user: tail 1 row, floor 30" in report
+    assert table_settings_report([_record("combination [tail 10%, floor 10]", 0.42, 0.43)]) == ""

@@ -286,6 +286,9 @@ def test_parse_cache_reads_what_the_text_gives(tmp_path: Path, rows: int, monkey
             np.testing.assert_array_equal(a, b)
         assert (got.report.lines_read, got.report.lines_skipped) == (want.report.lines_read, want.report.lines_skipped)
         assert got.report.lines_skipped > 0
+        # What an epoch's steps follow: the cache knows the valid records of any slice, the text only its records.
+        assert got.num_examples() == len(_tables(got)[0]) == stop - start - got.report.lines_skipped
+        assert want.num_examples() == len(want) == stop - start
         first_bad = first_bad or want.report.examples
         assert got.report.examples == [e for e in want.report.examples if e in first_bad]
 

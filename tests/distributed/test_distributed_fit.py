@@ -56,7 +56,9 @@ from lhf_torchrec.mapping.profile import IdProfile
 from lhf_torchrec.modules.cosharded import CoShardedIdRemap
 from lhf_torchrec.pipeline.artifacts import load_profile_shares, load_profiles, save_embeddings
 from lhf_torchrec.pipeline.datasets import DatasetSpec, load_split
-from lhf_torchrec.pipeline.steps import fit_mappings, share_tables
+from lhf_torchrec.pipeline.steps import fit_mappings, learn_model, profile_tables, share_tables
+from lhf_torchrec.pipeline.table_choice import fit_per_table
+from lhf_torchrec.training.trainer import TrainConfig
 from torchrec.sparse.jagged_tensor import JaggedTensor
 
 pytestmark = pytest.mark.distributed
@@ -272,6 +274,16 @@ def _worker(rank: int, world_size: int, path: str) -> None:
         written = load_mappings(os.path.join(path, "frequency2.safetensors"))
         assert {n: m.fingerprint for n, m in fitted.compression.mappings.items()} == {
             n: m.fingerprint for n, m in written.items()}
+        # `lhf train --per-table`'s path: every rank scores its slice of the validation split and all make one
+        # choice per table (a rank with other mappings could not train with the others).
+        profiles = profile_tables(data.train, data.tables)
+        learned = learn_model(data.train, data.tables, profiles, dim=4, train_config=TrainConfig(batch_size=128,
+                                                                                                 progress=False))
+        fitted, chosen = fit_per_table(learned, data.validation, data.tables, profiles, compression=2,
+                                       optimizer="rowwise_adagrad")
+        every = [None] * world_size
+        dist.all_gather_object(every, (chosen, {n: m.fingerprint for n, m in fitted.compression.mappings.items()}))
+        assert chosen and all(e == every[0] for e in every), every
         _distributed_fit_checks(rank, world_size)
     finally:
         dist.destroy_process_group()
