@@ -486,6 +486,8 @@ def _run_train(args: argparse.Namespace) -> int:
                            method=args.method, compression=args.compression, num_buckets=args.num_buckets,
                            per_table=args.per_table, results_path=args.results, evaluate_only=args.evaluate_only)
     if init_runtime().is_main:
+        for table, setting in outcome.get("table_settings", {}).items():
+            print(f"table {table}: {setting} (chosen on validation)")
         test = outcome["test"]
         print(f"test: logloss {test['logloss']:.5f}  AUC {test['auc']:.5f}  NE {test['ne']:.5f}  "
               f"({test['examples']:,} examples)")

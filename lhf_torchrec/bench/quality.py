@@ -81,6 +81,8 @@ QUALITY_METHODS: Tuple[Any, ...] = (
     MethodSpec("combination, 64 buckets", "combination", {"num_buckets": 64}),
     # 5% of the training ids replaced by ids never seen: trains the hash rows that ids new at test time land in.
     MethodSpec("combination, unseen ids 5%", "combination", unseen_id_rate=0.05),
+    # Each table's rare tail and clustering floor chosen on validation (pipeline/table_choice.py).
+    MethodSpec("combination, per table", "combination", per_table=True),
 )
 
 

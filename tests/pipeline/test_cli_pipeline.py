@@ -88,5 +88,7 @@ def test_train_with_each_tables_setting_chosen_on_validation(tmp_path, capsys):
                  "--results", results]) == 0
     outcome = json.loads(open(results).read())
     assert outcome["table_settings"] and set(outcome["table_settings"]) <= set(outcome["table_rows"])
+    printed = capsys.readouterr().out
+    assert all(f"table {t}: {s} (chosen on validation)" in printed for t, s in outcome["table_settings"].items())
     assert main(["train", *DATA, *MODEL, *TRAIN, "--method", "frequency", "--per-table"]) == 2
     assert "needs a method that learns embeddings" in capsys.readouterr().err
