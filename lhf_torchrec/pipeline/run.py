@@ -78,8 +78,7 @@ def run_training(
         if per_table and not get_method(method).needs_embeddings:
             raise ValueError(f"a per-table choice scores with the learn step's model: it needs a method that learns "
                              f"embeddings (learned, combination), not '{method}'")
-        if num_buckets is not None and runtime.world_size > 1 and num_buckets % runtime.world_size == 0 \
-                and not per_table:  # the per-table choice reads whole profiles
+        if num_buckets is not None and runtime.world_size > 1 and num_buckets % runtime.world_size == 0:
             # Each rank keeps only its buckets' share of the profiles (fit_mappings plans and fits from it).
             profiles = share_tables(data.train, data.tables, num_buckets, train_config.seed)
         else:

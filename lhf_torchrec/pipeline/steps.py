@@ -195,12 +195,16 @@ def _kept_embeddings(
     return IdEmbeddings(ids, weight.index_select(0, rows).float())
 
 
-def row_means(rows: torch.Tensor, vectors: torch.Tensor, weights: torch.Tensor, num_rows: int
-              ) -> Tuple[torch.Tensor, torch.Tensor]:
+def row_means(rows: torch.Tensor, vectors: torch.Tensor, weights: torch.Tensor, num_rows: int, *,
+              across_ranks: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """(means, reached): each of ``num_rows`` rows the ``weights``-weighted mean of the ``vectors``
-    mapped to it by ``rows``, and which rows any vector reached (the others' means are 0)."""
+    mapped to it by ``rows``, and which rows any vector reached (the others' means are 0).
+    ``across_ranks``: each rank holds some of the vectors; the means are of all of them (collective)."""
     sums = torch.zeros(num_rows, vectors.shape[1]).index_add_(0, rows, vectors * weights[:, None])
     mass = torch.zeros(num_rows).index_add_(0, rows, weights)
+    if across_ranks:
+        torch.distributed.all_reduce(sums)
+        torch.distributed.all_reduce(mass)
     reached = mass > 0
     sums[reached] /= mass[reached, None]
     return sums, reached

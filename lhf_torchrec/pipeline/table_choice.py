@@ -20,13 +20,14 @@ Only the validation split takes part; the test split is never read here.
 
 import logging
 import math
-from typing import Any, Dict, List, Mapping, Tuple
+from typing import Any, Dict, List, Mapping, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torchrec import EmbeddingBagConfig
 
 from lhf_torchrec.data.source import CTRSource
+from lhf_torchrec.distributed.fit import ProfileShare
 from lhf_torchrec.mapping.budget import row_bytes
 from lhf_torchrec.mapping.id_mapping import IdMapping
 from lhf_torchrec.mapping.profile import IdProfile
@@ -51,20 +52,26 @@ TABLE_SETTINGS: Dict[str, Dict[str, Any]] = {
 SIGNIFICANCE = 2.0
 
 
-def collided_rows(learned: LearnedModel, table: str, profile: IdProfile, mapping: IdMapping) -> torch.Tensor:
+def collided_rows(learned: LearnedModel, table: str, profile: Union[IdProfile, ProfileShare],
+                  mapping: IdMapping) -> torch.Tensor:
     """The learn model's rows of ``table`` as ``mapping`` would make them: each profiled id reads the
     access-weighted mean of the learned embeddings of the ids that share its row under ``mapping``
     (a learned row that several ids read, e.g. of the learn step's hashed region, gets their mean).
-    Rows no profiled id reads (unseen ids only) keep their learned values."""
+    Rows no profiled id reads (unseen ids only) keep their learned values.
+
+    ``profile``: the whole profile, or this rank's :class:`ProfileShare` of it (each id in one rank's
+    share): then the sums over ids are added up across the ranks (collective), the same rows on every rank."""
     if mapping.probes != 1:
         raise ValueError(f"table '{table}': a per-table choice needs one row per id, not {mapping.method}")
+    shared = isinstance(profile, ProfileShare)
+    ids_profile = profile.profile if shared else profile
     weight = learned.weights[table]
-    ids = torch.from_numpy(profile.ids)
-    counts = torch.from_numpy(profile.counts).to(torch.float32)
+    ids = torch.from_numpy(ids_profile.ids)
+    counts = torch.from_numpy(ids_profile.counts).to(torch.float32)
     learned_rows = learned.learned_rows(table, ids)
     rows = mapping(ids)
-    shared, _ = row_means(rows, weight[learned_rows], counts, mapping.num_rows)
-    collided, reached = row_means(learned_rows, shared[rows], counts, weight.shape[0])
+    means, _ = row_means(rows, weight[learned_rows], counts, mapping.num_rows, across_ranks=shared)
+    collided, reached = row_means(learned_rows, means[rows], counts, weight.shape[0], across_ranks=shared)
     return torch.where(reached[:, None], collided, weight)
 
 
@@ -74,7 +81,7 @@ def _example_losses(learned: LearnedModel, validation: CTRSource) -> torch.Tenso
 
 
 def table_losses(
-    learned: LearnedModel, validation: CTRSource, profiles: Mapping[str, IdProfile],
+    learned: LearnedModel, validation: CTRSource, profiles: Mapping[str, Union[IdProfile, ProfileShare]],
     candidates: Mapping[str, Mapping[str, IdMapping]],
 ) -> Dict[str, Dict[str, torch.Tensor]]:
     """table -> candidate label -> per-example validation loss of the learn model with that table's
@@ -111,7 +118,7 @@ def fit_per_table(
     learned: LearnedModel,
     validation: CTRSource,
     tables: List[EmbeddingBagConfig],
-    profiles: Mapping[str, IdProfile],
+    profiles: Mapping[str, Union[IdProfile, ProfileShare]],
     method: str = "combination",
     *,
     compression: float,
@@ -126,9 +133,8 @@ def fit_per_table(
 
     Each setting is fitted on every table (as :func:`~lhf_torchrec.pipeline.steps.fit_mappings`,
     with ``hyperparams`` too); a table's budget does not depend on the setting, so every table keeps
-    within its own bytes whichever it chooses. ``profiles`` must be whole (every profiled id)."""
-    if any(not isinstance(p, IdProfile) for p in profiles.values()):
-        raise ValueError("a per-table choice needs whole profiles (every profiled id and its count), not shares")
+    within its own bytes whichever it chooses. ``profiles``: whole, or each rank's shares (a bucketed fit
+    across ranks, :func:`~lhf_torchrec.pipeline.steps.share_tables`)."""
     fits = {label: fit_mappings(tables, profiles, method, compression=compression, optimizer=optimizer,
                                 embeddings=learned.embeddings, seed=seed, **{**hyperparams, **setting})
             for label, setting in settings.items()}

@@ -57,7 +57,7 @@ from lhf_torchrec.modules.cosharded import CoShardedIdRemap
 from lhf_torchrec.pipeline.artifacts import load_profile_shares, load_profiles, save_embeddings
 from lhf_torchrec.pipeline.datasets import DatasetSpec, load_split
 from lhf_torchrec.pipeline.steps import fit_mappings, learn_model, profile_tables, share_tables
-from lhf_torchrec.pipeline.table_choice import fit_per_table
+from lhf_torchrec.pipeline.table_choice import collided_rows, fit_per_table
 from lhf_torchrec.training.trainer import TrainConfig
 from torchrec.sparse.jagged_tensor import JaggedTensor
 
@@ -284,6 +284,20 @@ def _worker(rank: int, world_size: int, path: str) -> None:
         every = [None] * world_size
         dist.all_gather_object(every, (chosen, {n: m.fingerprint for n, m in fitted.compression.mappings.items()}))
         assert chosen and all(e == every[0] for e in every), every
+        # From each rank's shares of the profiles (`lhf train --per-table --num-buckets 4` on 2 ranks): the rows
+        # summed across the ranks are the whole profile's, and the choice and the mappings are the same.
+        shares = share_tables(data.train, data.tables, 4, 0)
+        by_shares, chosen_by_shares = fit_per_table(learned, data.validation, data.tables, shares, compression=2,
+                                                    optimizer="rowwise_adagrad", num_buckets=4)
+        by_whole, chosen_by_whole = fit_per_table(learned, data.validation, data.tables, profiles, compression=2,
+                                                  optimizer="rowwise_adagrad", num_buckets=4)
+        assert chosen_by_shares == chosen_by_whole
+        assert {n: m.fingerprint for n, m in by_shares.compression.mappings.items()} == {
+            n: m.fingerprint for n, m in by_whole.compression.mappings.items()}
+        name = sorted(chosen_by_whole)[0]
+        mapping = by_whole.compression.mappings[name]
+        assert torch.allclose(collided_rows(learned, name, shares[name], mapping),
+                              collided_rows(learned, name, profiles[name], mapping), atol=1e-6)
         _distributed_fit_checks(rank, world_size)
     finally:
         dist.destroy_process_group()

@@ -76,13 +76,10 @@ def test_a_per_table_fit_chooses_each_table_a_setting_within_its_budget(tiny_spl
     assert all(torch.equal(before[name], after[name]) for name in before)
 
 
-def test_a_per_table_fit_needs_whole_profiles_and_a_method_that_learns(tiny_split):
+def test_a_per_table_choice_needs_a_method_that_learns(tiny_split):
     with pytest.raises(ValueError, match="needs a method that learns embeddings"):
         compare_methods(tiny_split, [MethodSpec("f", "frequency", per_table=True)], [4], [0], ModelConfig(embedding_dim=8),
                         TrainConfig(batch_size=256, progress=False))
-    learned = LearnedModel(embeddings={}, trainer=None, weights={}, mappings={})
-    with pytest.raises(ValueError, match="needs whole profiles"):
-        fit_per_table(learned, tiny_split.validation, tiny_split.tables, {"t": object()}, compression=4)
 
 
 def test_compare_methods_records_each_tables_choice(tiny_split):
