@@ -81,20 +81,17 @@ def _example_losses(learned: LearnedModel, validation: CTRSource) -> torch.Tenso
 
 
 def table_losses(
-    learned: LearnedModel, validation: CTRSource, profiles: Mapping[str, Union[IdProfile, ProfileShare]],
-    candidates: Mapping[str, Mapping[str, IdMapping]],
-) -> Dict[str, Dict[str, torch.Tensor]]:
-    """table -> candidate label -> per-example validation loss of the learn model with that table's
-    rows collided by the candidate's mapping (:func:`collided_rows`), the other tables as learned.
-    ``candidates``: label -> table -> mapping, every label covering the same tables."""
-    out: Dict[str, Dict[str, torch.Tensor]] = {}
-    for table in next(iter(candidates.values())):
-        out[table] = {}
-        for label, mappings in candidates.items():
-            learned.trainer.write_table_weights({table: collided_rows(learned, table, profiles[table],
-                                                                      mappings[table])})
-            out[table][label] = _example_losses(learned, validation)
-        learned.trainer.write_table_weights({table: learned.weights[table]})
+    learned: LearnedModel, validation: CTRSource, table: str, profile: Union[IdProfile, ProfileShare],
+    candidates: Mapping[str, IdMapping],
+) -> Dict[str, torch.Tensor]:
+    """Candidate label -> per-example validation loss of the learn model with ``table``'s rows collided
+    by that candidate's mapping (:func:`collided_rows`), the other tables as learned; the learned rows
+    are written back afterwards."""
+    out: Dict[str, torch.Tensor] = {}
+    for label, mapping in candidates.items():
+        learned.trainer.write_table_weights({table: collided_rows(learned, table, profile, mapping)})
+        out[label] = _example_losses(learned, validation)
+    learned.trainer.write_table_weights({table: learned.weights[table]})
     return out
 
 
@@ -140,12 +137,10 @@ def fit_per_table(
             for label, setting in settings.items()}
     default = next(iter(fits.values()))
     compressed = [t.name for t in tables if t.name in default.budgets]
-    losses = table_losses(learned, validation, profiles,
-                          {label: {name: fit.compression.mappings[name] for name in compressed}
-                           for label, fit in fits.items()})
     chosen: Dict[str, str] = {}
-    for name in compressed:
-        chosen[name], means = choose(losses[name])
+    for name in compressed:  # one table's losses at a time: candidates x validation examples
+        chosen[name], means = choose(table_losses(learned, validation, name, profiles[name],
+                                                  {label: fit.compression.mappings[name] for label, fit in fits.items()}))
         logger.info("table '%s' at %gx: %s (validation loss with its rows collided: %s)", name, compression,
                     chosen[name], ", ".join(f"{label} {v:.5f}" for label, v in means.items()))
     mappings = dict(default.compression.mappings)
