@@ -291,7 +291,7 @@ def fit_mappings(
         except TooFewRowsForBuckets as e:
             logger.info("%s: fitted without buckets", e)
             mappings[name] = fit()
-    return _fitted(method, tables, profiles, mappings, optimizer, {n: b.budget_bytes for n, b in budgets.items()})
+    return fitted_tables(method, tables, profiles, mappings, optimizer, {n: b.budget_bytes for n, b in budgets.items()})
 
 
 def _fit_shares(
@@ -335,17 +335,17 @@ def _fit_shares(
         del whole
         record_entry_share_across_ranks(mappings[t.name], share)
     summaries = {name: share.summary for name, share in shares.items()}
-    return _fitted(method, tables, summaries, mappings, optimizer, budgets)
+    return fitted_tables(method, tables, summaries, mappings, optimizer, budgets)
 
 
 def fit_full(
     tables: List[EmbeddingBagConfig], profiles: Mapping[str, IdProfile], *, optimizer: str = "sgd", seed: int = 0
 ) -> FittedTables:
     """The uncompressed baseline: every table full size, behind a vocabulary where ids are sparse."""
-    return _fitted("full", tables, profiles, vocabulary_mappings(profiles, tables, seed), optimizer, {})
+    return fitted_tables("full", tables, profiles, vocabulary_mappings(profiles, tables, seed), optimizer, {})
 
 
-def _fitted(
+def fitted_tables(
     method: str,
     tables: List[EmbeddingBagConfig],
     profiles: Mapping[str, Union[IdProfile, ProfileSummary]],
@@ -353,6 +353,8 @@ def _fitted(
     optimizer: str,
     budgets: Dict[str, int],
 ) -> FittedTables:
+    """The :class:`FittedTables` of ``mappings``: a table with a budget has its mapping's rows, the others
+    their full rows (from ``profiles``); bytes are weights + ``optimizer`` state + mappings."""
     rows = {t.name: mappings[t.name].num_rows if t.name in budgets else full_rows(profiles[t.name], t) for t in tables}
     per_table = {t.name: rows[t.name] * row_bytes(t.embedding_dim, optimizer)
                  + (mappings[t.name].nbytes if t.name in mappings else 0) for t in tables}
@@ -365,6 +367,7 @@ def _fitted(
 __all__ = [
     "fit_full",
     "fit_mappings",
+    "fitted_tables",
     "LearnedModel",
     "learn_model",
     "row_means",

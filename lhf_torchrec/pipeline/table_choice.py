@@ -28,11 +28,10 @@ from torchrec import EmbeddingBagConfig
 
 from lhf_torchrec.data.source import CTRSource
 from lhf_torchrec.distributed.fit import ProfileShare
-from lhf_torchrec.mapping.budget import row_bytes
 from lhf_torchrec.mapping.id_mapping import IdMapping
 from lhf_torchrec.mapping.profile import IdProfile
-from lhf_torchrec.pipeline.steps import LearnedModel, fit_mappings, row_means
-from lhf_torchrec.training.compression import FittedTables, LearnedHashing
+from lhf_torchrec.pipeline.steps import LearnedModel, fit_mappings, fitted_tables, row_means
+from lhf_torchrec.training.compression import FittedTables
 
 logger = logging.getLogger(__name__)
 
@@ -143,16 +142,10 @@ def fit_per_table(
                                                   {label: fit.compression.mappings[name] for label, fit in fits.items()}))
         logger.info("table '%s' at %gx: %s (validation loss with its rows collided: %s)", name, compression,
                     chosen[name], ", ".join(f"{label} {v:.5f}" for label, v in means.items()))
-    mappings = dict(default.compression.mappings)
-    rows, per_table = dict(default.rows), dict(default.per_table_bytes)
-    for name, label in chosen.items():
-        mappings[name] = fits[label].compression.mappings[name]
-        rows[name], per_table[name] = fits[label].rows[name], fits[label].per_table_bytes[name]
-    table_bytes = sum(rows[t.name] * row_bytes(t.embedding_dim, optimizer) for t in tables)
-    mapping_bytes = sum(m.nbytes for m in mappings.values())
-    fitted = FittedTables(method, LearnedHashing(mappings), rows, int(table_bytes), int(mapping_bytes),
-                          default.budgets, per_table)
-    return fitted, chosen
+    mappings = {**default.compression.mappings,
+                **{name: fits[label].compression.mappings[name] for name, label in chosen.items()}}
+    summaries = {name: p.summary if isinstance(p, ProfileShare) else p for name, p in profiles.items()}
+    return fitted_tables(method, tables, summaries, mappings, optimizer, default.budgets), chosen
 
 
 __all__ = ["SIGNIFICANCE", "TABLE_SETTINGS", "choose", "collided_rows", "fit_per_table", "table_losses"]
