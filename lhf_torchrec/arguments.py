@@ -14,7 +14,7 @@ Example::
 
 import argparse
 import math
-from typing import Any, Callable, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from lhf_torchrec.files import check_output_dir, check_output_file
 
@@ -66,6 +66,39 @@ def comma_list(item: Callable[[str], Any]) -> Callable[[str], List[Any]]:
         return [item(x) for x in parts]
 
     return parse
+
+
+def fit_setting(text: str) -> Tuple[str, Union[int, float, str]]:
+    """``NAME=VALUE``, a setting of a mapping method's fit (``min_count=30``, ``hot_fraction=auto``): the
+    value an integer, a finite number or ``auto``. Whether the method takes it is checked by the command
+    (:func:`~lhf_torchrec.mapping.fit.check_fit_settings`)."""
+    name, equals, value = text.partition("=")
+    name, value = name.strip(), value.strip()
+    if not equals or not name.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE (e.g. min_count=30), got {text!r}")
+    if value == "auto":
+        return name, value
+    try:
+        return name, int(value)
+    except ValueError:
+        pass
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number):
+        raise argparse.ArgumentTypeError(f"{name}: expected a number or 'auto', got {value!r}")
+    return name, number
+
+
+def fit_settings_of(pairs: Optional[Sequence[Tuple[str, Any]]]) -> Dict[str, Any]:
+    """The settings of repeated ``--param NAME=VALUE`` flags as a dict (a name given twice is an error)."""
+    settings: Dict[str, Any] = {}
+    for name, value in pairs or ():
+        if name in settings:
+            raise ValueError(f"--param {name} is given twice ({settings[name]} and {value})")
+        settings[name] = value
+    return settings
 
 
 #: Bounds of settings that several commands take (lhf and examples/dlrm).

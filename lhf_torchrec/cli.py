@@ -24,6 +24,8 @@ from lhf_torchrec.arguments import (
     SEED,
     check_outputs,
     comma_list,
+    fit_setting,
+    fit_settings_of,
     float_in,
     input_path,
     int_in,
@@ -364,9 +366,33 @@ def _add_fit_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="bucketed mappings (to co-shard them row-wise with their tables; every planned world "
                              "size must divide B): rows rounded down to a multiple of B, each id stays in its "
                              "bucket's rows; tables with fewer than 2*B rows stay unbucketed (default: no buckets)")
+    _add_param_argument(parser)
     parser.add_argument("--out", type=output_file(MAPPINGS_FORMAT), required=True, metavar="FILE",
                         help="mappings (safetensors)")
     parser.set_defaults(handler=_run_fit)
+
+
+def _add_param_argument(parser: argparse.ArgumentParser, applies: str = "") -> None:
+    parser.add_argument("--param", type=fit_setting, action="append", dest="params", metavar="NAME=VALUE",
+                        help=f"{applies}a setting of the method's fit, repeatable: its estimator's hyper-parameters "
+                             "(combination: hot_fraction, hashed_fraction, min_count, n_iter; frequency and "
+                             "double_hash: hot_fraction) and, for learned and combination, mapping_share; e.g. "
+                             "--param hashed_fraction=0 --param min_count=30 (the setting 'tail 1 row, floor 30' of "
+                             "lhf bench quality --select, whose report gives each chosen setting's flags). Default: "
+                             "the method's defaults")
+
+
+def _checked_params(args: argparse.Namespace) -> dict:
+    """The --param settings of a command that fits ``args.method``, checked before any work."""
+    from lhf_torchrec.mapping.fit import check_fit_settings
+
+    settings = fit_settings_of(args.params)
+    if settings and (args.method == "full" or getattr(args, "mappings", None)):
+        raise ValueError("--param sets the fit of a compressed --method (fitted here), not of 'full' tables or "
+                         "of --mappings")
+    if settings:
+        check_fit_settings(args.method, settings)
+    return settings
 
 
 def _run_fit(args: argparse.Namespace) -> int:
@@ -381,6 +407,7 @@ def _run_fit(args: argparse.Namespace) -> int:
     runtime = init_runtime()
     if args.num_buckets is not None and args.method == "full":
         raise ValueError("--num-buckets applies to the compressed mapping methods, not 'full'")
+    settings = _checked_params(args)
     if args.num_buckets is not None and runtime.world_size > 1 and args.num_buckets % runtime.world_size == 0:
         # Each rank reads and keeps only its buckets' share of the profiles.
         profiles, tables = load_profile_shares(args.profiles, args.embedding_dim, args.num_buckets, args.seed)
@@ -396,7 +423,7 @@ def _run_fit(args: argparse.Namespace) -> int:
         require_tables(args.embeddings, embeddings, [t for t in summaries if summaries[t].num_ids])
     budget_settings = {} if args.num_buckets is None else {"num_buckets": args.num_buckets}
     fitted = fit_method(args.method, tables, profiles, FitInputs(embeddings), compression=args.compression,
-                        optimizer=args.optimizer, seed=args.seed, **budget_settings)
+                        optimizer=args.optimizer, seed=args.seed, **budget_settings, **settings)
     mappings = fitted.compression.mappings
     if runtime.is_main:
         save_mappings(args.out, mappings)
@@ -415,6 +442,8 @@ def _run_fit(args: argparse.Namespace) -> int:
         print(f"{t.name:<10} {m.num_rows:>10,} {lay.get('hot', 0):>8,} {lay.get('clustered', 0):>10,} "
               f"{lay.get('hashed', 0):>8,} {m.num_entries:>9,} {m.nbytes:>10,}B {m.storage:<7}"
               + (f"  {m.num_buckets or 'none'}" if args.num_buckets else ""))
+    if settings:
+        print(f"{args.method} with {', '.join(f'{k}={v}' for k, v in settings.items())}")
     print(f"{args.method}: {fitted.total_bytes:,} bytes (tables + {args.optimizer} state {fitted.table_bytes:,}, "
           f"mappings {fitted.mapping_bytes:,}) vs full {full:,} bytes: {full / fitted.total_bytes:.2f}x smaller")
     print(f"wrote {args.out}")
@@ -456,6 +485,7 @@ def _add_train_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="with --method combination or learned: choose each table's rare tail (10%% of the rows or "
                              "one shared row) and clustering floor on the validation split, scored by the learn "
                              "step's model (docs/method.md, 'Per-table choice')")
+    _add_param_argument(parser, "with --method: ")
     parser.add_argument("--results", type=output_file(RESULTS_FORMAT), metavar="FILE", help="write the metrics as JSON")
     parser.set_defaults(handler=_run_train, evaluate_only=False)
 
@@ -470,7 +500,7 @@ def _add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--mappings", type=input_path, metavar="FILE", help="the mappings the run trained with")
     parser.add_argument("--results", type=output_file(RESULTS_FORMAT), metavar="FILE", help="write the metrics as JSON")
     parser.set_defaults(handler=_run_train, evaluate_only=True, method="full", compression=1.0, num_buckets=None,
-                        per_table=False)
+                        per_table=False, params=None)
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -482,9 +512,11 @@ def _run_train(args: argparse.Namespace) -> int:
                          "as they are)")
     if args.per_table and (args.mappings or args.method == "full"):
         raise ValueError("--per-table chooses the settings of a --method fitted here (combination or learned)")
+    settings = _checked_params(args)
     outcome = run_training(_dataset(args), _model_config(args), _train_config(args), mappings_path=args.mappings,
                            method=args.method, compression=args.compression, num_buckets=args.num_buckets,
-                           per_table=args.per_table, results_path=args.results, evaluate_only=args.evaluate_only)
+                           per_table=args.per_table, fit_settings=settings, results_path=args.results,
+                           evaluate_only=args.evaluate_only)
     if init_runtime().is_main:
         for table, setting in outcome.get("table_settings", {}).items():
             print(f"table {table}: {setting} (chosen on validation)")

@@ -31,6 +31,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from lhf_torchrec.bench.selection import (
     TUNING_BUDGET,
     all_settings_report,
+    chosen_flags_report,
     grid_specs,
     select_on_validation,
     selection_methods,
@@ -329,7 +330,15 @@ recovered: (hash - method) / (hash - full) of mean logloss, on each split. {_pas
 ## Every setting tried (mean over seeds)
 
 {all_settings_report(records)}
-{_table_choices(records)}"""
+{_table_choices(records)}
+## Training a kept setting on your data
+
+`lhf train` with these flags (and the data, model and training flags of this run) trains the setting that
+selection kept; `lhf fit` takes the same `--param` flags (`--per-table` and `--unseen-id-rate` are `lhf train`'s:
+they need its validation split and its training).
+
+{chosen_flags_report(choices)}
+"""
     os.makedirs(config.out_dir, exist_ok=True)
     write_results(records, text, config.out_dir, title=f"every setting tried: test quality vs total bytes ({epochs})")
     print(text)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 from typing import Collection, Dict, List, Sequence, Tuple
 
 from lhf_torchrec.pipeline.compare import MethodSpec, RunRecord, epochs_seen_of
+from lhf_torchrec.pipeline.methods import get_method
 
 # The most settings any method may try: the same small tuning budget for every method.
 TUNING_BUDGET = 4
@@ -177,6 +178,39 @@ def table_settings_report(records: Sequence[RunRecord]) -> str:
                      + lines) if lines else ""
 
 
+def train_flags(spec: MethodSpec, compression: float) -> str:
+    """The ``lhf train`` flags that train the setting ``spec`` at ``compression`` on a user's data, or ""
+    where ``lhf train`` has no such method (QR, MCH and CCE are the benchmark's baselines)."""
+    if not get_method(spec.method).maps_ids or spec.warm_start:
+        return ""
+    flags = [f"--method {spec.method}"] + ([] if spec.method == "full" else [f"--compression {compression:g}"])
+    flags += [f"--param {name}={value}" for name, value in spec.hyperparams.items()]
+    if spec.unseen_id_rate:
+        flags.append(f"--unseen-id-rate {spec.unseen_id_rate:g}")
+    if spec.per_table:
+        flags.append("--per-table")
+    return " ".join(flags)
+
+
+def chosen_flags_report(choices: Sequence[Choice]) -> str:
+    """Markdown: each setting that selection kept, per dataset and budget, how many seeds kept it, and the
+    ``lhf train`` flags that train it (add the data, model and training flags of the benchmark's run)."""
+    specs = {spec.label: spec for grid in SELECTION_GRIDS.values() for spec in grid}
+    kept: Dict[Tuple[str, float, str, str], List[int]] = {}
+    for c in choices:
+        kept.setdefault((c.dataset, c.compression, c.method, c.setting), []).append(c.seed)
+    order = list(SELECTION_GRIDS)
+    lines = ["| dataset | budget | setting | kept on seeds | lhf train flags |", "|---|---|---|---|---|"]
+    for (dataset, compression, method, setting), seeds in sorted(
+            kept.items(), key=lambda kv: (kv[0][0], kv[0][1], order.index(kv[0][2]), kv[0][3])):
+        if method in ("full", "hash"):
+            continue
+        flags = train_flags(specs[setting], compression)
+        lines.append(f"| {dataset} | {compression:g}x | {setting} | {', '.join(map(str, sorted(seeds)))} | "
+                     f"{f'`{flags}`' if flags else 'a baseline of the benchmark, not in lhf train'} |")
+    return "\n".join(lines)
+
+
 def selection_methods(wanted: Sequence[str] = ()) -> List[str]:
     """The methods to select among: ``wanted`` (default: all with a grid), always with ``full`` and
     ``hash``, which every gap needs."""
@@ -190,11 +224,13 @@ __all__ = [
     "TUNING_BUDGET",
     "Choice",
     "all_settings_report",
+    "chosen_flags_report",
     "family_of",
     "grid_specs",
     "select_on_validation",
     "selection_methods",
     "selection_report",
     "table_settings_report",
+    "train_flags",
     "validation_logloss",
 ]

@@ -1,6 +1,7 @@
 """``fit_mapping``: one call from data (and embeddings) to a fitted :class:`IdMapping`."""
 
-from typing import Dict, Optional, Tuple
+import inspect
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -74,6 +75,32 @@ def fit_mapping(
                                **hyperparams)
     record_entry_share(mapping, profile)
     return mapping
+
+
+def fit_settings(method: str) -> Tuple[str, ...]:
+    """The settings :func:`fit_mapping` takes for ``method`` besides its data, rows or budget, seed and buckets:
+    the estimator's hyper-parameters (its constructor's keywords) and, for the learned methods, whose
+    clustering floor the budget raises, ``mapping_share``."""
+    if method not in METHODS:
+        raise ValueError(f"unknown mapping method '{method}'; choose one of {sorted(METHODS)}")
+    estimator = METHODS[method]
+    keywords = [name for name, p in inspect.signature(estimator.__init__).parameters.items()
+                if p.kind is p.KEYWORD_ONLY and name != "seed"]
+    return tuple(keywords + (["mapping_share"] if estimator.needs_embeddings else []))
+
+
+def check_fit_settings(method: str, settings: Mapping[str, Any]) -> None:
+    """Raises, before any work, what :func:`fit_mapping` would raise on ``settings`` at fit time: a name
+    ``method`` does not take (the error lists those it takes) or a value out of range (the estimator's
+    and the budget's own checks, run on a small made-up profile; their errors name the table
+    '(every table)')."""
+    known = fit_settings(method)
+    unknown = sorted(set(settings) - set(known))
+    if unknown:
+        raise ValueError(f"method '{method}' has no setting {', '.join(map(repr, unknown))}; its settings: "
+                         f"{', '.join(known) or 'none'}")
+    probe = IdProfile.from_ids(np.repeat(np.arange(100, dtype=np.int64), np.arange(1, 101)))
+    plan_budget(probe, embedding_dim=1, total_bytes=1 << 20, method=method, table="(every table)", **settings)
 
 
 def resolve_rows(

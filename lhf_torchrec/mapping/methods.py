@@ -281,7 +281,9 @@ class LearnedClustering(MappingEstimator):
         if isinstance(min_count, bool) or not isinstance(min_count, (int, np.integer)) or min_count < 1:
             raise ValueError(f"min_count must be an integer >= 1, got {min_count!r}")
         self.min_count = int(min_count)
-        self.n_iter = n_iter
+        if isinstance(n_iter, bool) or not isinstance(n_iter, (int, np.integer)) or n_iter < 1:
+            raise ValueError(f"n_iter must be an integer >= 1, got {n_iter!r}")
+        self.n_iter = int(n_iter)
 
     def split(self, profile: IdProfile, table: str = "table") -> RowSplit:
         self._check_num_rows(table)

@@ -15,13 +15,14 @@ from torchrec import EmbeddingBagConfig
 from lhf_torchrec.data.source import CTRSource
 from lhf_torchrec.distributed.planner import CoshardedTable
 from lhf_torchrec.files import atomic_write
+from lhf_torchrec.mapping.fit import check_fit_settings
 from lhf_torchrec.mapping.fused import runtime_bytes
 from lhf_torchrec.mapping.id_mapping import IdMapping, load_mappings
 from lhf_torchrec.pipeline.artifacts import RESULTS_FORMAT
 from lhf_torchrec.pipeline.datasets import DatasetSpec, load_split
 from lhf_torchrec.pipeline.methods import FitInputs, fit_method, get_method
 from lhf_torchrec.pipeline.steps import learn_model, profile_tables, share_tables
-from lhf_torchrec.pipeline.table_choice import fit_per_table
+from lhf_torchrec.pipeline.table_choice import TABLE_SETTINGS, fit_per_table
 from lhf_torchrec.training.compression import LearnedHashing
 from lhf_torchrec.training.metrics import untrained_warning
 from lhf_torchrec.training.model import ModelConfig
@@ -41,6 +42,7 @@ def run_training(
     compression: float = 10.0,
     num_buckets: Optional[int] = None,
     per_table: bool = False,
+    fit_settings: Optional[Mapping[str, Any]] = None,
     learn_dim: int = 8,
     results_path: Optional[str] = None,
     evaluate_only: bool = False,
@@ -54,7 +56,8 @@ def run_training(
     (:class:`~lhf_torchrec.training.compression.LearnedHashing` ``cosharded_world_size``); the
     others keep replicated remaps. ``per_table``: each table's rare tail and clustering floor are
     chosen on the validation split (:func:`~lhf_torchrec.pipeline.table_choice.fit_per_table`; a
-    learned method). Returns (and on rank 0 writes to ``results_path``) the validation
+    learned method). ``fit_settings``: the method's fit settings (:func:`~lhf_torchrec.mapping.fit.fit_settings`;
+    with ``per_table`` not those it chooses). Returns (and on rank 0 writes to ``results_path``) the validation
     history and test metrics, and a ``warning`` (logged too) when the model learned nothing
     (:func:`~lhf_torchrec.training.metrics.untrained_warning`).
     """
@@ -78,6 +81,13 @@ def run_training(
         if per_table and not get_method(method).needs_embeddings:
             raise ValueError(f"a per-table choice scores with the learn step's model: it needs a method that learns "
                              f"embeddings (learned, combination), not '{method}'")
+        fit_settings = dict(fit_settings or {})
+        if fit_settings:
+            check_fit_settings(method, fit_settings)  # before the profile and the learn step
+        chosen_per_table = sorted({k for setting in TABLE_SETTINGS.values() for k in setting} & set(fit_settings))
+        if per_table and chosen_per_table:
+            raise ValueError(f"a per-table choice sets {', '.join(chosen_per_table)} for each table: do not also give "
+                             f"them as fit settings")
         if num_buckets is not None and runtime.world_size > 1 and num_buckets % runtime.world_size == 0:
             # Each rank keeps only its buckets' share of the profiles (fit_mappings plans and fits from it).
             profiles = share_tables(data.train, data.tables, num_buckets, train_config.seed)
@@ -91,11 +101,11 @@ def run_training(
         if per_table:
             fitted, table_settings = fit_per_table(learned, data.validation, data.tables, profiles, method,
                                                    compression=compression, optimizer=train_config.optimizer,
-                                                   seed=train_config.seed, **bucketed)
+                                                   seed=train_config.seed, **bucketed, **fit_settings)
         else:
             fitted = fit_method(method, data.tables, profiles, FitInputs(learned.embeddings if learned else None),
                                 compression=compression, optimizer=train_config.optimizer, seed=train_config.seed,
-                                **bucketed)
+                                **bucketed, **fit_settings)
         mappings = fitted.compression.mappings
         del learned, fitted  # the learn model is not needed to train
     # Bucketed mappings whose bucket count the world size divides co-shard with their (row-wise) tables.
@@ -127,6 +137,7 @@ def run_training(
         world_size=runtime.world_size,
         cosharded_tables=tables_compression.cosharded_tables,
         table_settings=table_settings,
+        fit_settings=dict(fit_settings or {}) if not mappings_path else {},
         # What the mappings cost the whole job: a replicated mapping once per rank, with what its remap
         # adds to apply it (fused.runtime_bytes), a co-sharded one once (its layout, spread over the ranks).
         mapping_bytes=sum(CoshardedTable.of(name, m).nbytes if name in cosharded

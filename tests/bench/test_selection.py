@@ -6,14 +6,18 @@ import pytest
 from lhf_torchrec.bench.selection import (
     SELECTION_GRIDS,
     TUNING_BUDGET,
+    chosen_flags_report,
     family_of,
     grid_specs,
     select_on_validation,
     selection_methods,
     selection_report,
     table_settings_report,
+    train_flags,
 )
-from lhf_torchrec.cli import main
+from lhf_torchrec.arguments import fit_settings_of
+from lhf_torchrec.cli import build_parser, main
+from lhf_torchrec.mapping.fit import check_fit_settings
 from lhf_torchrec.mapping.budget import plan_budget
 from lhf_torchrec.mapping.methods import make_estimator
 from lhf_torchrec.mapping.profile import IdProfile
@@ -163,3 +167,32 @@ def test_the_report_shows_each_tables_choice_of_the_runs_that_chose_per_table() 
     assert report.count("\n") == 2  # header, separator, one run
     assert "t_item: tail 10%, floor 10; t_user: tail 1 row, floor 30" in report
     assert table_settings_report([_record("combination [tail 10%, floor 10]", 0.42, 0.43)]) == ""
+
+
+def test_every_kept_setting_has_the_lhf_train_flags_that_train_it() -> None:
+    parser = build_parser()
+    trainable = 0
+    for method, grid in SELECTION_GRIDS.items():
+        for spec in grid:
+            flags = train_flags(spec, 10)
+            if not get_method(method).maps_ids:
+                assert flags == "", spec.label  # QR, MCH, CCE: baselines of the benchmark only
+                continue
+            trainable += 1
+            args = parser.parse_args(["train", *flags.split()])
+            settings = fit_settings_of(args.params)
+            assert (args.method, settings, args.unseen_id_rate, args.per_table) == (
+                spec.method, dict(spec.hyperparams), spec.unseen_id_rate, spec.per_table), spec.label
+            if method != "full":
+                assert args.compression == 10
+            if settings:
+                check_fit_settings(spec.method, settings)
+    assert trainable == sum(len(SELECTION_GRIDS[m]) for m in ("full", "hash", "frequency", "double_hash", "combination"))
+    report = chosen_flags_report(select_on_validation([
+        _record("full", 0.40, 0.41), _record("hash", 0.50, 0.51), _record("mch [lfu]", 0.45, 0.46),
+        _record("combination [tail 1 row, floor 30]", 0.42, 0.43),
+        _record("combination [tail 1 row, floor 30]", 0.42, 0.43, seed=1)])[1])
+    assert ("| d | 10x | combination [tail 1 row, floor 30] | 0, 1 | `--method combination --compression 10 --param "
+            "hashed_fraction=0.0 --param min_count=30` |") in report
+    assert "| d | 10x | mch [lfu] | 0 | a baseline of the benchmark, not in lhf train |" in report
+    assert "| full |" not in report and "| hash |" not in report

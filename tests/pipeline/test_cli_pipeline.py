@@ -92,3 +92,44 @@ def test_train_with_each_tables_setting_chosen_on_validation(tmp_path, capsys):
     assert all(f"table {t}: {s} (chosen on validation)" in printed for t, s in outcome["table_settings"].items())
     assert main(["train", *DATA, *MODEL, *TRAIN, "--method", "frequency", "--per-table"]) == 2
     assert "needs a method that learns embeddings" in capsys.readouterr().err
+
+
+def test_fit_settings_reach_the_fit_and_bad_ones_stop_before_any_work(tmp_path, capsys):
+    from lhf_torchrec.mapping import load_mappings
+    from lhf_torchrec.pipeline.artifacts import load_embeddings, load_profiles
+    from lhf_torchrec.pipeline.methods import FitInputs, fit_method
+
+    p, e = str(tmp_path / "profiles.safetensors"), str(tmp_path / "embeddings.safetensors")
+    assert main(["profile", *DATA, "--out", p]) == 0
+    assert main(["learn", *DATA, *TRAIN, "--profiles", p, "--dim", "4", "--out", e]) == 0
+    fit = ["fit", "--profiles", p, "--embeddings", e, "--method", "combination", "--compression", "4",
+           "--embedding-dim", "8"]
+    default, tail = str(tmp_path / "default.safetensors"), str(tmp_path / "tail.safetensors")
+    assert main([*fit, "--out", default]) == 0
+    assert main([*fit, "--param", "hashed_fraction=0", "--param", "min_count=30", "--out", tail]) == 0
+    assert "combination with hashed_fraction=0, min_count=30" in capsys.readouterr().out
+    profiles, tables = load_profiles(p, 8)
+    expected = fit_method("combination", tables, profiles, FitInputs(load_embeddings(e)), compression=4,
+                          optimizer="rowwise_adagrad", hashed_fraction=0, min_count=30).compression.mappings
+    written, defaults = load_mappings(tail), load_mappings(default)
+    assert {n: m.fingerprint for n, m in written.items()} == {n: m.fingerprint for n, m in expected.items()}
+    assert any(written[n].fingerprint != defaults[n].fingerprint for n in written)
+    for argv, message in [
+        ([*fit, "--param", "tail=1"], "method 'combination' has no setting 'tail'; its settings: hot_fraction, "
+                                      "hashed_fraction, min_count, n_iter, mapping_share"),
+        ([*fit, "--param", "hashed_fraction=1.5"], "hashed_fraction must be in [0, 1] or 'auto', got 1.5"),
+        ([*fit, "--param", "min_count=2.5"], "min_count must be an integer >= 1, got 2.5"),
+        ([*fit, "--param", "n_iter=0"], "n_iter must be an integer >= 1, got 0"),
+        ([*fit, "--param", "min_count"], "expected NAME=VALUE"),
+        ([*fit, "--param", "min_count=3", "--param", "min_count=4"], "--param min_count is given twice"),
+        (["train", *DATA, "--param", "min_count=3"], "--param sets the fit of a compressed --method"),
+        (["train", *DATA, "--method", "frequency", "--param", "mapping_share=0.5"],
+         "method 'frequency' has no setting 'mapping_share'"),
+    ]:
+        try:
+            code = main([*argv, "--out" if argv[0] == "fit" else "--results", str(tmp_path / "never")])
+        except SystemExit as e:  # argparse's own errors
+            code = e.code
+        assert code == 2, argv
+        assert message in capsys.readouterr().err, argv
+        assert not os.path.exists(tmp_path / "never")
