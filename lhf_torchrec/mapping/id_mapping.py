@@ -483,11 +483,14 @@ class IdMapping(nn.Module):
 
     def _check_rows(self) -> None:
         if self.storage == "perfect_hash":
-            rows = self._slot_entries()[1]
+            low, high = perfect_hash.slot_row_range(dict(self.named_buffers()), self.num_rows)
         else:
             rows = {"dense": "table", "sorted": "values"}.get(self.storage)
             rows = getattr(self, rows) if rows is not None else None
-        if rows is not None and rows.numel() and (int(rows.max()) >= self.num_rows or int(rows.min()) < -1):
+            if rows is None or not rows.numel():
+                return
+            low, high = int(rows.min()), int(rows.max())
+        if high >= self.num_rows or low < -1:
             raise ValueError(f"table '{self.table_name}': stored rows exceed [0, {self.num_rows})")
 
     @property

@@ -477,3 +477,23 @@ def test_compiled_remainders_read_the_slots_apart_with_the_eager_rows():
     query = torch.from_numpy(np.concatenate([ids[::7], ids[::7] + 1, rng.integers(-(1 << 63), 1 << 63, 3000)]))
     torch._dynamo.reset()
     assert torch.equal(torch.compile(mapping, **COMPILE_SETTINGS)(query), mapping(query))
+
+
+@pytest.mark.parametrize("layout,key_dtype", [("split", torch.int32), ("split", torch.int64), ("records", torch.int64),
+                                              ("remainders", torch.int64)])
+def test_the_row_range_read_by_chunks_is_the_range_of_every_slots_row(layout, key_dtype):
+    # More slots than one chunk of the check (perfect_hash._CHUNK), rows of 3 bytes in the split layout.
+    rng = np.random.default_rng(5)
+    num_entries, num_rows = 300_000, 100_000
+    keys = torch.from_numpy(rng.choice(1 << 30, num_entries, replace=False).astype(np.int64))
+    rows = torch.from_numpy(rng.integers(3, num_rows - 7, num_entries))
+    tensors = perfect_hash.build(keys, rows, seed=1, key_dtype=key_dtype, num_rows=num_rows, slot_layout=layout)
+    assert max(t.numel() for t in tensors.values()) > perfect_hash._CHUNK
+    every = (perfect_hash.slot_row_values(tensors) if layout == "split" else
+             perfect_hash.record_values(tensors["slot_records"], num_rows)[1] if layout == "records" else
+             perfect_hash.remainder_values(tensors["slot_remainders"], tensors["group_pilots"],
+                                           tensors["group_hash"].tolist(), num_rows)[1])
+    stored = every[every != -1]
+    assert stored.numel() == num_entries
+    assert perfect_hash.slot_row_range(tensors, num_rows) == (int(stored.min()), int(stored.max())) == (
+        int(rows.min()), int(rows.max()))
