@@ -367,12 +367,19 @@ DIST_SUBSECTION = "### Distributed fit"
 
 def _id_vectors(ids: np.ndarray) -> torch.Tensor:
     """8-d pseudo-random vectors in [-0.5, 0.5), a fixed function of each id (one seeded hash per
-    dimension): every rank count sees the same embeddings."""
+    dimension): every rank count sees the same embeddings. Written 2^20 ids at a time: they are the
+    caller's input, and their temporaries (a stack of 8 columns, mix64's) would otherwise be the peak of
+    the fits measured after them."""
     from lhf_torchrec.mapping.hashing import bucket_key, mix64
 
     keys = torch.from_numpy(ids)
-    return torch.stack([((mix64(keys ^ bucket_key(j)) >> 40) & 0xFFFFFF).to(torch.float32) / (1 << 24) - 0.5
-                        for j in range(EMBEDDING_DIM)], dim=1)
+    out = torch.empty(len(ids), EMBEDDING_DIM)
+    for start in range(0, len(ids), 1 << 20):
+        chunk = keys[start:start + (1 << 20)]
+        for j in range(EMBEDDING_DIM):
+            out[start:start + len(chunk), j] = ((mix64(chunk ^ bucket_key(j)) >> 40) & 0xFFFFFF).to(
+                torch.float32) / (1 << 24) - 0.5
+    return out
 
 
 def _reset_peak_rss() -> float:
@@ -508,12 +515,14 @@ DIST_COLUMNS = {"library": _LIBRARY_COLUMNS, "sharded": _LIBRARY_COLUMNS, "pipel
 
 
 def distributed_fit_rows(sizes, methods=("frequency", "combination"), on_row=None, path: str = "library",
-                         world_sizes=DIST_WORLD_SIZES) -> list:
+                         world_sizes=DIST_WORLD_SIZES, repeats: int = 1) -> list:
     """Each (size, method) fitted on 1 and on 2 ranks (``world_sizes``, 1 first), side by side; every
     rank a fresh process that loads only its share of the profile (ids dealt round-robin: each id in one rank's data). ``path``: "library"
     (:func:`distributed_fit_rank`) or "pipeline" (:func:`distributed_pipeline_rank`). ``on_row(rows,
     pending)`` is called after each job (rows so far, jobs left), so a long run records what it has.
-    "sharded": the library path ending with each rank's shard and co-sharded remap instead of the gather."""
+    "sharded": the library path ending with each rank's shard and co-sharded remap instead of the gather.
+    ``repeats``: each job runs that many times (fresh processes each time), every number its median
+    over the runs (a rank's peak RSS moves by 10-25% from run to run with the heap glibc keeps)."""
     import socket
     import tempfile
 
@@ -522,31 +531,41 @@ def distributed_fit_rows(sizes, methods=("frequency", "combination"), on_row=Non
     rows = []
     jobs = [(n, m, w) for n in sizes for m in methods for w in world_sizes]
     profiles = {}
+    measured = DIST_COLUMNS[path] + ("peak_rss_mb", "fit_rss_mb", "rank_mb")
     for num_ids, method, world_size in tqdm(jobs, desc=f"distributed fit ({path})"):
         profile = profiles.setdefault(num_ids, zipf_profile(num_ids, seed=0, sparse_ids=False))
+        runs = []
         with tempfile.TemporaryDirectory(prefix="lhf-bench-distfit-") as parts_dir:
             for rank in range(world_size):
                 np.save(os.path.join(parts_dir, f"ids{rank}.npy"), profile.ids[rank::world_size])
                 np.save(os.path.join(parts_dir, f"counts{rank}.npy"), profile.counts[rank::world_size])
-            with socket.socket() as s:
-                s.bind(("localhost", 0))
-                port = s.getsockname()[1]
-            env = {**os.environ, "MASTER_ADDR": "localhost", "MASTER_PORT": str(port)}
-            procs = [subprocess.Popen([sys.executable, __file__, "--dist-child", str(num_ids), method, str(world_size),
-                                       str(rank), parts_dir, path], env=env, stdout=subprocess.PIPE, text=True)
-                     for rank in range(world_size)]
-            ranks = []
-            for proc in procs:
-                out, _ = proc.communicate()
-                if proc.returncode:
-                    raise RuntimeError(f"distributed fit of {num_ids} ids ({method}, {world_size} ranks, {path}) failed")
-                ranks.append(json.loads(out.strip().splitlines()[-1]))
-        rows.append({"ids": num_ids, "method": method, "ranks": world_size,
-                     "ids_per_rank": max(r["owned_ids"] for r in ranks),
-                     **{k: max(r[k] for r in ranks) for k in DIST_COLUMNS[path] + ("peak_rss_mb", "fit_rss_mb", "rank_mb")},
-                     # A shard's checksum covers its entries: the ranks' add up to the whole mapping's.
-                     "fingerprint": (f"{sum(r['fingerprint'] for r in ranks) % 2**64:016x}" if path == "sharded"
-                                     else ranks[0]["fingerprint"])[:12]})
+            for _ in range(repeats):
+                with socket.socket() as s:
+                    s.bind(("localhost", 0))
+                    port = s.getsockname()[1]
+                env = {**os.environ, "MASTER_ADDR": "localhost", "MASTER_PORT": str(port)}
+                procs = [subprocess.Popen([sys.executable, __file__, "--dist-child", str(num_ids), method,
+                                           str(world_size), str(rank), parts_dir, path], env=env,
+                                          stdout=subprocess.PIPE, text=True)
+                         for rank in range(world_size)]
+                ranks = []
+                for proc in procs:
+                    out, _ = proc.communicate()
+                    if proc.returncode:
+                        raise RuntimeError(f"distributed fit of {num_ids} ids ({method}, {world_size} ranks, {path}) "
+                                           "failed")
+                    ranks.append(json.loads(out.strip().splitlines()[-1]))
+                # A shard's checksum covers its entries: the ranks' add up to the whole mapping's.
+                fingerprint = (f"{sum(r['fingerprint'] for r in ranks) % 2**64:016x}" if path == "sharded"
+                               else ranks[0]["fingerprint"])[:12]
+                runs.append({"ids_per_rank": max(r["owned_ids"] for r in ranks), "fingerprint": fingerprint,
+                             **{k: max(r[k] for r in ranks) for k in measured}})
+        if len({r["fingerprint"] for r in runs}) > 1:
+            raise RuntimeError(f"distributed fit of {num_ids} ids ({method}, {world_size} ranks, {path}): the runs "
+                               f"fitted different mappings ({sorted({r['fingerprint'] for r in runs})})")
+        rows.append({"ids": num_ids, "method": method, "ranks": world_size, "ids_per_rank": runs[0]["ids_per_rank"],
+                     **{k: statistics.median(r[k] for r in runs) for k in measured},
+                     "repeats": repeats, "fingerprint": runs[0]["fingerprint"]})
         one = next(r for r in rows if (r["ids"], r["method"], r["ranks"]) == (num_ids, method, 1))
         row = rows[-1]
         row["time_vs_1_rank"] = row["total_s"] / one["total_s"]
@@ -564,7 +583,7 @@ def distributed_fit_rows(sizes, methods=("frequency", "combination"), on_row=Non
 def distributed_fit_section(done: dict, seconds: float, pending=()) -> str:
     """The "Distributed fit" subsection of docs/performance.md: a table per path of ``done`` (its rows)
     (``pending``: jobs not run yet, said so)."""
-    columns = ["ids", "method", "ranks", "ids_per_rank"]
+    columns = ["ids", "method", "ranks", "ids_per_rank", "repeats"]
     after = ["peak_rss_mb", "fit_rss_mb", "fit_rss_vs_1_rank", "rank_mb", "rank_vs_1_rank", "same_mapping"]
 
     def table(path: str) -> str:
@@ -841,6 +860,8 @@ def main() -> None:
                         help=f"with --distributed: these numbers of ranks, 1 first (a slice; default "
                              f"{' '.join(map(str, DIST_WORLD_SIZES))}; each rank a process: more ranks than cores "
                              f"time nothing, their memory still counts)")
+    parser.add_argument("--dist-repeats", type=int, default=1,
+                        help="with --distributed: run each job this many times, every number the median of the runs")
     parser.add_argument("--apply", action="store_true",
                         help="only the apply throughput table (replaces its subsection of docs/performance.md)")
     parser.add_argument("--dist-child", nargs=6, metavar=("IDS", "METHOD", "WORLD", "RANK", "DIR", "PATH"),
@@ -877,7 +898,8 @@ def main() -> None:
             return on_row
 
         for path in paths:
-            distributed_fit_rows(sizes, methods[path], on_row=record(path), path=path, world_sizes=world_sizes)
+            distributed_fit_rows(sizes, methods[path], on_row=record(path), path=path, world_sizes=world_sizes,
+                                 repeats=args.dist_repeats)
         return
 
     if args.apply:
