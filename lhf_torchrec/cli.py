@@ -304,6 +304,7 @@ def _run_profile(args: argparse.Namespace) -> int:
 
 
 def _add_learn_parser(subparsers: argparse._SubParsersAction) -> None:
+    from lhf_torchrec.mapping.methods import MIN_COUNT
     from lhf_torchrec.pipeline.artifacts import EMBEDDINGS_FORMAT
 
     parser = subparsers.add_parser("learn", help="learn low-dimensional id embeddings with a short full-table run")
@@ -312,6 +313,10 @@ def _add_learn_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--profiles", type=input_path, required=True, metavar="FILE", help="from lhf profile")
     parser.add_argument("--dim", type=int_in(*LEARN_DIMS), default=8,
                         help=f"embedding dim to learn ({LEARN_DIMS[0]}..{LEARN_DIMS[1]})")
+    parser.add_argument("--min-count", type=int_in(1), default=MIN_COUNT,
+                        help="learn the ids seen at least this often: at most the clustering floor of the fits that "
+                             "use the embeddings (lhf fit --param min_count=N); the ids of a lower floor have no "
+                             "embedding and are hashed (default: the methods' floor, %(default)s)")
     parser.add_argument("--out", type=output_file(EMBEDDINGS_FORMAT), required=True, metavar="FILE",
                         help="embeddings (safetensors)")
     parser.set_defaults(handler=_run_learn)
@@ -328,7 +333,7 @@ def _run_learn(args: argparse.Namespace) -> int:
     profiles, _ = load_profiles(args.profiles, args.dim)
     require_tables(args.profiles, profiles, [t.name for t in data.tables])
     embeddings = learn_model(data.train, data.tables, profiles, dim=args.dim, epochs=args.epochs,
-                             train_config=_train_config(args), runtime=runtime).embeddings
+                             min_count=args.min_count, train_config=_train_config(args), runtime=runtime).embeddings
     if runtime.is_main:
         save_embeddings(args.out, embeddings)
         print(f"wrote {args.out}: {args.dim}-d embeddings of {sum(e.ids.size for e in embeddings.values()):,} ids")

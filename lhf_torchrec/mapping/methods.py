@@ -297,11 +297,13 @@ class LearnedClustering(MappingEstimator):
         ids = profile.ids[positions]
         has, store, rows = embedding_rows(embeddings, ids, table, sorted_ids=(profile.ids, positions))
         if ids.size and not has.any():
-            raise ValueError(f"table '{table}': none of the {ids.size} ids to cluster has an embedding "
-                             f"(embeddings of another table or data?)")
+            raise ValueError(f"table '{table}': none of the {ids.size} ids to cluster has an embedding (embeddings "
+                             f"of another table or data, or learned only for ids seen more often than this fit's "
+                             f"min_count={self.min_count}: lhf learn --min-count)")
         if not has.all():
-            logger.warning("table '%s': %d of %d ids to cluster have no embedding; they are hashed",
-                           table, int((~has).sum()), ids.size)
+            logger.warning("table '%s': %d of %d ids to cluster have no embedding; they are hashed (embeddings "
+                           "learned from a floor above min_count=%d? lhf learn --min-count)",
+                           table, int((~has).sum()), ids.size, self.min_count)
             ids, positions = ids[has], positions[has]
         rows = torch.from_numpy(rows)
         if store.device.type != "cpu" or store.dtype != torch.float32:

@@ -18,6 +18,7 @@ from lhf_torchrec.files import atomic_write
 from lhf_torchrec.mapping.fit import check_fit_settings
 from lhf_torchrec.mapping.fused import runtime_bytes
 from lhf_torchrec.mapping.id_mapping import IdMapping, load_mappings
+from lhf_torchrec.mapping.methods import MIN_COUNT
 from lhf_torchrec.pipeline.artifacts import RESULTS_FORMAT
 from lhf_torchrec.pipeline.datasets import DatasetSpec, load_split
 from lhf_torchrec.pipeline.methods import FitInputs, fit_method, get_method
@@ -95,8 +96,9 @@ def run_training(
             profiles = profile_tables(data.train, data.tables)
         learned = None
         if get_method(method).needs_embeddings:
+            # The learn step keeps the ids from the fit's clustering floor (the budget only raises it).
             learned = learn_model(data.train, data.tables, profiles, dim=learn_dim, train_config=train_config,
-                                  runtime=runtime)
+                                  min_count=fit_settings.get("min_count", MIN_COUNT), runtime=runtime)
         bucketed = {} if num_buckets is None else {"num_buckets": num_buckets}
         if per_table:
             fitted, table_settings = fit_per_table(learned, data.validation, data.tables, profiles, method,

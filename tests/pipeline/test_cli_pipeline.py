@@ -1,6 +1,7 @@
 """The `lhf` pipeline end to end on tiny synthetic data, and its errors on bad input."""
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -94,7 +95,7 @@ def test_train_with_each_tables_setting_chosen_on_validation(tmp_path, capsys):
     assert "needs a method that learns embeddings" in capsys.readouterr().err
 
 
-def test_fit_settings_reach_the_fit_and_bad_ones_stop_before_any_work(tmp_path, capsys):
+def test_fit_settings_reach_the_fit_and_bad_ones_stop_before_any_work(tmp_path, capsys, caplog):
     from lhf_torchrec.mapping import load_mappings
     from lhf_torchrec.pipeline.artifacts import load_embeddings, load_profiles
     from lhf_torchrec.pipeline.methods import FitInputs, fit_method
@@ -114,6 +115,19 @@ def test_fit_settings_reach_the_fit_and_bad_ones_stop_before_any_work(tmp_path, 
     written, defaults = load_mappings(tail), load_mappings(default)
     assert {n: m.fingerprint for n, m in written.items()} == {n: m.fingerprint for n, m in expected.items()}
     assert any(written[n].fingerprint != defaults[n].fingerprint for n in written)
+    # A floor below the learn step's: those ids have no embedding (here none has: an error naming the fix),
+    # unless the embeddings are learned from that floor too.
+    assert main([*fit, "--param", "min_count=5", "--out", str(tmp_path / "low.safetensors")]) == 2
+    assert "has an embedding (embeddings of another table or data, or learned only for ids seen more often than " \
+           "this fit's min_count=5: lhf learn --min-count)" in capsys.readouterr().err
+    e5 = str(tmp_path / "embeddings5.safetensors")
+    assert main(["learn", *DATA, *TRAIN, "--profiles", p, "--dim", "4", "--min-count", "5", "--out", e5]) == 0
+    fit5 = [*fit[:4], e5, *fit[5:]]
+    with caplog.at_level(logging.WARNING, logger="lhf_torchrec.mapping.methods"):
+        assert main([*fit5, "--param", "min_count=5", "--out", str(tmp_path / "low5.safetensors")]) == 0
+        assert main(["train", *DATA, *MODEL, *TRAIN, "--max-steps", "2", "--method", "combination", "--compression",
+                     "4", "--param", "min_count=5"]) == 0
+    assert "have no embedding" not in caplog.text
     for argv, message in [
         ([*fit, "--param", "tail=1"], "method 'combination' has no setting 'tail'; its settings: hot_fraction, "
                                       "hashed_fraction, min_count, n_iter, mapping_share"),
