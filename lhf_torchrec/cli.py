@@ -378,25 +378,24 @@ def _add_fit_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _add_param_argument(parser: argparse.ArgumentParser, applies: str = "") -> None:
+    from lhf_torchrec.mapping.fit import fit_settings
+    from lhf_torchrec.mapping.methods import METHODS
+
+    accepted = "; ".join(f"{m}: {', '.join(fit_settings(m))}" for m in METHODS if fit_settings(m))
     parser.add_argument("--param", type=fit_setting, action="append", dest="params", metavar="NAME=VALUE",
-                        help=f"{applies}a setting of the method's fit, repeatable: its estimator's hyper-parameters "
-                             "(combination: hot_fraction, hashed_fraction, min_count, n_iter; frequency and "
-                             "double_hash: hot_fraction) and, for learned and combination, mapping_share; e.g. "
-                             "--param hashed_fraction=0 --param min_count=30 (the setting 'tail 1 row, floor 30' of "
-                             "lhf bench quality --select, whose report gives each chosen setting's flags). Default: "
-                             "the method's defaults")
+                        help=f"{applies}a setting of the method's fit, repeatable ({accepted}); e.g. --param "
+                             "hashed_fraction=0 --param min_count=30 (the setting 'tail 1 row, floor 30' of lhf bench "
+                             "quality --select, whose report gives each chosen setting's flags). Default: the "
+                             "method's defaults")
 
 
-def _checked_params(args: argparse.Namespace) -> dict:
-    """The --param settings of a command that fits ``args.method``, checked before any work."""
-    from lhf_torchrec.mapping.fit import check_fit_settings
-
+def _params(args: argparse.Namespace) -> dict:
+    """The --param settings of a command that fits ``args.method`` (checked against the method by the fit's
+    caller before any work: ``check_fit_settings``)."""
     settings = fit_settings_of(args.params)
     if settings and (args.method == "full" or getattr(args, "mappings", None)):
         raise ValueError("--param sets the fit of a compressed --method (fitted here), not of 'full' tables or "
                          "of --mappings")
-    if settings:
-        check_fit_settings(args.method, settings)
     return settings
 
 
@@ -404,6 +403,7 @@ def _run_fit(args: argparse.Namespace) -> int:
     import torch
 
     from lhf_torchrec.mapping import save_mappings
+    from lhf_torchrec.mapping.fit import check_fit_settings
     from lhf_torchrec.mapping.tables import full_table_bytes
     from lhf_torchrec.pipeline.artifacts import load_embeddings, load_profile_shares, load_profiles, require_tables
     from lhf_torchrec.pipeline.methods import FitInputs, fit_method, get_method
@@ -412,7 +412,9 @@ def _run_fit(args: argparse.Namespace) -> int:
     runtime = init_runtime()
     if args.num_buckets is not None and args.method == "full":
         raise ValueError("--num-buckets applies to the compressed mapping methods, not 'full'")
-    settings = _checked_params(args)
+    settings = _params(args)
+    if settings:
+        check_fit_settings(args.method, settings)  # before the profiles are read
     if args.num_buckets is not None and runtime.world_size > 1 and args.num_buckets % runtime.world_size == 0:
         # Each rank reads and keeps only its buckets' share of the profiles.
         profiles, tables = load_profile_shares(args.profiles, args.embedding_dim, args.num_buckets, args.seed)
@@ -517,7 +519,7 @@ def _run_train(args: argparse.Namespace) -> int:
                          "as they are)")
     if args.per_table and (args.mappings or args.method == "full"):
         raise ValueError("--per-table chooses the settings of a --method fitted here (combination or learned)")
-    settings = _checked_params(args)
+    settings = _params(args)  # run_training checks them before it reads the data
     outcome = run_training(_dataset(args), _model_config(args), _train_config(args), mappings_path=args.mappings,
                            method=args.method, compression=args.compression, num_buckets=args.num_buckets,
                            per_table=args.per_table, fit_settings=settings, results_path=args.results,

@@ -65,6 +65,13 @@ def run_training(
     runtime = init_runtime()
     if not evaluate_only:
         check_checkpoint_dir(train_config)  # before any work: never train for nothing
+    fit_settings = dict(fit_settings or {})
+    if fit_settings and not mappings_path:  # before the data, the profile and the learn step
+        check_fit_settings(method, fit_settings)
+        chosen_per_table = sorted({k for setting in TABLE_SETTINGS.values() for k in setting} & set(fit_settings))
+        if per_table and chosen_per_table:
+            raise ValueError(f"a per-table choice sets {', '.join(chosen_per_table)} for each table: do not also give "
+                             f"them as fit settings")
     data = load_split(dataset, model_config.embedding_dim, progress=runtime.is_main)
     table_settings: Dict[str, str] = {}  # the setting each table chose (per_table)
     if mappings_path:
@@ -82,13 +89,6 @@ def run_training(
         if per_table and not get_method(method).needs_embeddings:
             raise ValueError(f"a per-table choice scores with the learn step's model: it needs a method that learns "
                              f"embeddings (learned, combination), not '{method}'")
-        fit_settings = dict(fit_settings or {})
-        if fit_settings:
-            check_fit_settings(method, fit_settings)  # before the profile and the learn step
-        chosen_per_table = sorted({k for setting in TABLE_SETTINGS.values() for k in setting} & set(fit_settings))
-        if per_table and chosen_per_table:
-            raise ValueError(f"a per-table choice sets {', '.join(chosen_per_table)} for each table: do not also give "
-                             f"them as fit settings")
         if num_buckets is not None and runtime.world_size > 1 and num_buckets % runtime.world_size == 0:
             # Each rank keeps only its buckets' share of the profiles (fit_mappings plans and fits from it).
             profiles = share_tables(data.train, data.tables, num_buckets, train_config.seed)
@@ -139,7 +139,7 @@ def run_training(
         world_size=runtime.world_size,
         cosharded_tables=tables_compression.cosharded_tables,
         table_settings=table_settings,
-        fit_settings=dict(fit_settings or {}) if not mappings_path else {},
+        fit_settings={} if mappings_path else fit_settings,
         # What the mappings cost the whole job: a replicated mapping once per rank, with what its remap
         # adds to apply it (fused.runtime_bytes), a co-sharded one once (its layout, spread over the ranks).
         mapping_bytes=sum(CoshardedTable.of(name, m).nbytes if name in cosharded
