@@ -362,7 +362,8 @@ def _add_fit_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--embeddings", type=input_path, metavar="FILE", help="from lhf learn (learned and combination)")
     parser.add_argument("--method", choices=_methods(), default="combination")
     parser.add_argument("--compression", type=COMPRESSION, default=10.0,
-                        help="full table bytes / (table + mapping bytes) of each compressed table")
+                        help="full table bytes / (table + mapping bytes) of the compressed tables")
+    _add_budget_split_argument(parser)
     parser.add_argument("--embedding-dim", type=int_in(1), default=16)
     parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="rowwise_adagrad",
                         help="whose state counts in the budget")
@@ -375,6 +376,17 @@ def _add_fit_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", type=output_file(MAPPINGS_FORMAT), required=True, metavar="FILE",
                         help="mappings (safetensors)")
     parser.set_defaults(handler=_run_fit)
+
+
+def _add_budget_split_argument(parser: argparse.ArgumentParser, applies: str = "") -> None:
+    from lhf_torchrec.mapping.tables import ACCESS_SPLIT_FLOOR, BUDGET_SPLITS
+
+    parser.add_argument("--budget-split", choices=BUDGET_SPLITS, default="table",
+                        help=f"{applies}how the compression's bytes go to the tables: 'table' (default): each compressed "
+                             f"table at 1/compression of its full bytes; 'access': their total, split across the "
+                             f"tables by the share of a table's accesses an id's row takes (tables of few, often "
+                             f"seen ids grow, up to full size; no table below {ACCESS_SPLIT_FLOOR * 100:.0f}%% of its "
+                             f"own budget; docs/method.md, 'Splitting the budget across tables')")
 
 
 def _add_param_argument(parser: argparse.ArgumentParser, applies: str = "") -> None:
@@ -430,7 +442,8 @@ def _run_fit(args: argparse.Namespace) -> int:
         require_tables(args.embeddings, embeddings, [t for t in summaries if summaries[t].num_ids])
     budget_settings = {} if args.num_buckets is None else {"num_buckets": args.num_buckets}
     fitted = fit_method(args.method, tables, profiles, FitInputs(embeddings), compression=args.compression,
-                        optimizer=args.optimizer, seed=args.seed, **budget_settings, **settings)
+                        optimizer=args.optimizer, seed=args.seed, budget_split=args.budget_split, **budget_settings,
+                        **settings)
     mappings = fitted.compression.mappings
     if runtime.is_main:
         save_mappings(args.out, mappings)
@@ -479,6 +492,7 @@ def _add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     source.add_argument("--method", choices=_methods(), default="full",
                         help="fit this method here on the training split instead (default: full tables)")
     parser.add_argument("--compression", type=COMPRESSION, default=10.0, help="with --method")
+    _add_budget_split_argument(parser, "with --method: ")
     parser.add_argument("--unseen-id-rate", type=float_in(0, 1, high_open=True), default=0.0, metavar="P",
                         help="replace this share of the compressed tables' training ids by ids never seen, so the "
                              "hash rows that new ids land in are trained for them (docs/results.md, 'Unseen ids in "
@@ -507,7 +521,7 @@ def _add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--mappings", type=input_path, metavar="FILE", help="the mappings the run trained with")
     parser.add_argument("--results", type=output_file(RESULTS_FORMAT), metavar="FILE", help="write the metrics as JSON")
     parser.set_defaults(handler=_run_train, evaluate_only=True, method="full", compression=1.0, num_buckets=None,
-                        per_table=False, params=None)
+                        per_table=False, params=None, budget_split="table")
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -517,12 +531,15 @@ def _run_train(args: argparse.Namespace) -> int:
     if args.num_buckets is not None and (args.mappings or args.method == "full"):
         raise ValueError("--num-buckets applies to a compressed --method fitted here (bucketed --mappings co-shard "
                          "as they are)")
+    if args.budget_split != "table" and (args.mappings or args.method == "full"):
+        raise ValueError("--budget-split splits the bytes of a compressed --method fitted here (--mappings carry their "
+                         "own sizes)")
     if args.per_table and (args.mappings or args.method == "full"):
         raise ValueError("--per-table chooses the settings of a --method fitted here (combination or learned)")
     settings = _params(args)  # run_training checks them before it reads the data
     outcome = run_training(_dataset(args), _model_config(args), _train_config(args), mappings_path=args.mappings,
-                           method=args.method, compression=args.compression, num_buckets=args.num_buckets,
-                           per_table=args.per_table, fit_settings=settings, results_path=args.results,
+                           method=args.method, compression=args.compression, budget_split=args.budget_split,
+                           num_buckets=args.num_buckets, per_table=args.per_table, fit_settings=settings, results_path=args.results,
                            evaluate_only=args.evaluate_only)
     if init_runtime().is_main:
         for table, setting in outcome.get("table_settings", {}).items():
@@ -596,6 +613,7 @@ def _add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
                               "methods that learn embeddings first make (their learn step + --epochs; no change "
                               "when none of --methods does); "
                               "composes with --best-epoch (best of each method's own epochs)")
+    _add_budget_split_argument(quality, "for every method: ")
     quality.add_argument("--embedding-dim", type=int_in(1), default=16)
     quality.add_argument("--batch-size", type=int_in(1), default=None,
                          help="per rank, for every dataset (default: 1024, MovieLens 256)")
@@ -627,6 +645,7 @@ def _quality_config(args: argparse.Namespace):
     config.compressions = args.compressions or config.compressions
     config.seeds = args.seeds or config.seeds
     config.epochs, config.best_epoch, config.equal_passes = args.epochs, args.best_epoch, args.equal_passes
+    config.budget_split = args.budget_split
     config.embedding_dim = args.embedding_dim
     config.out_dir = args.out_dir or ("runs/selection" if args.select and not args.quick else config.out_dir)
     return config

@@ -277,8 +277,10 @@ def fit_cce(
     pointer_share: float = 0.25,
     rounds: int = 3,
     n_iter: int = 20,
+    budget_split: str = "table",
 ) -> FittedTables:
-    """CCE for every table at ``1 / compression`` of its full bytes (see the module doc).
+    """CCE for every table at ``1 / compression`` of its full bytes (see the module doc;
+    ``budget_split``: :func:`~lhf_torchrec.mapping.tables.table_budgets`').
 
     The fit sizes the tables and picks the ids with pointers; the clustering happens in training,
     through ``fitted.compression`` (a :class:`CCECompression`: ``rounds`` clusterings of ``n_iter``
@@ -288,7 +290,8 @@ def fit_cce(
         raise ValueError(f"rounds must be >= 0, got {rounds}")
     if not 0 <= pointer_share < 1:
         raise ValueError(f"pointer_share must be in [0, 1), got {pointer_share}")
-    budgets, vocabularies = table_budgets(tables, profiles, compression=compression, optimizer=optimizer, seed=seed)
+    budgets, vocabularies = table_budgets(tables, profiles, compression=compression, optimizer=optimizer, seed=seed,
+                                        budget_split=budget_split)
     pointers = {}
     for number, (name, budget) in enumerate(sorted(budgets.items())):
         dim = budget.config.embedding_dim

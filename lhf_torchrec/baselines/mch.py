@@ -173,14 +173,17 @@ def fit_mch(
     batch_size: int = 1024,
     eviction_policy: str = "lfu",
     eviction_interval: int = 1,
+    budget_split: str = "table",
 ) -> FittedTables:
-    """TorchRec's MCH for every table at ``1 / compression`` of its full bytes (see the module doc).
+    """TorchRec's MCH for every table at ``1 / compression`` of its full bytes (see the module doc;
+    ``budget_split``: :func:`~lhf_torchrec.mapping.tables.table_budgets`').
 
     ``train`` is profiled in data order in batches of ``batch_size``: the global training batch
     (per-rank batch x ranks), what one training step shows a TorchRec MCH whose shards see every
     rank's ids. ``seed`` only seeds the vocabularies of full-size tables (MCH is deterministic).
     """
-    budgets, vocabularies = table_budgets(tables, profiles, compression=compression, optimizer=optimizer, seed=seed)
+    budgets, vocabularies = table_budgets(tables, profiles, compression=compression, optimizer=optimizer, seed=seed,
+                                        budget_split=budget_split)
     zch_sizes = {}
     for name, budget in budgets.items():
         slots = budget.budget_bytes // (row_bytes(budget.config.embedding_dim, optimizer) + FROZEN_BYTES_PER_SLOT)

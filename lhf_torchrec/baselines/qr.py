@@ -230,8 +230,10 @@ def fit_qr(
     compression: float,
     optimizer: str = "sgd",
     seed: int = 0,
+    budget_split: str = "table",
 ) -> FittedTables:
-    """QR embeddings for every table at ``1 / compression`` of its full bytes (see the module doc).
+    """QR embeddings for every table at ``1 / compression`` of its full bytes (see the module doc;
+    ``budget_split``: :func:`~lhf_torchrec.mapping.tables.table_budgets`').
 
     Example::
 
@@ -239,7 +241,8 @@ def fit_qr(
                         optimizer="rowwise_adagrad")
         trainer = Trainer(model_config, train_config, split.tables, num_dense, fitted.compression)
     """
-    budgets, vocabularies = table_budgets(tables, profiles, compression=compression, optimizer=optimizer, seed=seed)
+    budgets, vocabularies = table_budgets(tables, profiles, compression=compression, optimizer=optimizer, seed=seed,
+                                        budget_split=budget_split)
     splits = {}
     for name, budget in budgets.items():
         budget_rows = budget.budget_bytes // row_bytes(budget.config.embedding_dim, optimizer)

@@ -99,6 +99,8 @@ class QualityConfig:
     best_epoch: bool = False
     # The methods without a learn step train epochs + its passes (compare_methods' equal_passes).
     equal_passes: bool = False
+    # How each compression's bytes go to the tables, the same for every method (mapping.tables.BUDGET_SPLITS).
+    budget_split: str = "table"
     embedding_dim: int = 16
     batch_size: Dict[str, int] = field(default_factory=lambda: {"movielens": 256})
     default_batch_size: int = 1024
@@ -168,7 +170,7 @@ def _train_all(config: QualityConfig, methods: Sequence[Any]) -> Tuple[List[RunR
             records += compare_methods(data, methods, config.compressions, config.seeds,
                                        ModelConfig(embedding_dim=config.embedding_dim), train,
                                        best_epoch=config.best_epoch, equal_passes=config.equal_passes,
-                                       runtime=runtime, on_record=finished)
+                                       budget_split=config.budget_split, runtime=runtime, on_record=finished)
     return records, runtime
 
 
@@ -280,9 +282,8 @@ Command: `{config.command}` ({seconds:.0f} s on this machine). Seeds {seeds}; {e
 method trains the same TorchRec DLRM (dim {config.embedding_dim}) with the same data, optimizer (fused
 row-wise Adagrad for the tables, Adam for the MLPs), learning rates (no per-method search: the same
 fixed values for all) and seeds. Budgets are total bytes: table weights + optimizer state + mappings
-+ any structure a method keeps (QR's two tables, MCH's slot ids, CCE's pointers), each table at
-1/compression of its full bytes; tables under 100 rows stay full size for every method. Metrics
-are on the test split (the last rows in time order), mean ± std over seeds. {_passes_text(config)}
++ any structure a method keeps (QR's two tables, MCH's slot ids, CCE's pointers), {_split_text(config)};
+tables under 100 rows stay full size for every method. Metrics are on the test split (the last rows in time order), mean ± std over seeds. {_passes_text(config)}
 
 ## Results
 
@@ -318,8 +319,8 @@ def write_selection_report(records: Sequence[RunRecord], config: QualityConfig, 
 Command: `{config.command}` ({seconds:.0f} s on this machine). Seeds {seeds}; {epochs}; the same DLRM
 (dim {config.embedding_dim}), data, optimizer and learning rates for every method. Each method tried the
 settings of its grid (at most {TUNING_BUDGET}, `lhf_torchrec/bench/selection.py`); per dataset, budget and
-seed the setting with the best **validation** logloss was kept and its **test** metrics are reported. Gap
-recovered: (hash - method) / (hash - full) of mean logloss, on each split. {_passes_text(config)}
+seed the setting with the best **validation** logloss was kept and its **test** metrics are reported. Budgets
+are total bytes (tables, optimizer state, mappings), {_split_text(config)}. Gap recovered: (hash - method) / (hash - full) of mean logloss, on each split. {_passes_text(config)}
 
 {_untrained_warning(untrained)}{selection_report(selected, choices, untrained=untrained)}
 
@@ -353,6 +354,13 @@ def _epochs_text(config: QualityConfig) -> str:
     epochs = f"best of {config.epochs} epochs on validation" if config.best_epoch else f"{config.epochs} epoch(s)"
     return epochs + (", + the learn step's passes for the methods without one (equal passes)" if config.equal_passes
                      else "")
+
+
+def _split_text(config: QualityConfig) -> str:
+    if config.budget_split == "access":
+        return ("the total of 1/compression of every compressed table's full bytes split across the tables by "
+                "access (`--budget-split access`: the same tables' bytes for every method)")
+    return "each table at 1/compression of its full bytes"
 
 
 def _passes_text(config: QualityConfig) -> str:

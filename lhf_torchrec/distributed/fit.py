@@ -152,6 +152,11 @@ def _all_gather(array: np.ndarray, group: ProcessGroup) -> List[np.ndarray]:
     return np.split(whole, np.cumsum(lengths)[:-1])
 
 
+def sum_across_ranks(array: np.ndarray, *, group: ProcessGroup = None) -> np.ndarray:
+    """The element-wise sum of every rank's 1-d int64 ``array`` (of one length on every rank). Collective."""
+    return _gather_concat(array.astype(np.int64)[None, :], group).sum(axis=0)
+
+
 def exchange_profiles(
     profile: IdProfile, num_buckets: int, seed: int = 0, *, table: str = "table", group: ProcessGroup = None
 ) -> IdProfile:

@@ -8,6 +8,8 @@ profiled id gets a row, and one extra row takes every id never seen.
 A compressed table's budget is its full rows x :func:`~lhf_torchrec.mapping.budget.row_bytes`
 (fp32 weights + the table optimizer's state) divided by the compression, whatever the method; tables
 with fewer than ``MIN_COMPRESSED_ROWS`` full rows (or no profiled id) stay full size for every method.
+With ``budget_split="access"`` the same total is split across the compressed tables by the accesses an
+id's row takes (:func:`split_by_access`), again the same for every method.
 
 The learn step (:func:`lhf_torchrec.pipeline.steps.learn_model`) does not train full tables:
 :func:`learn_mappings` gives it a row for each id seen at least ``min_count`` times (the ids the
@@ -16,19 +18,29 @@ learned methods can cluster) and a small hashed region for every other id.
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Tuple, Union
+from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 from torchrec import EmbeddingBagConfig
 
 from lhf_torchrec.mapping.budget import row_bytes
 from lhf_torchrec.mapping.fit import fit_mapping
-from lhf_torchrec.mapping.id_mapping import IdMapping
+from lhf_torchrec.mapping.id_mapping import IdMapping, storage_cost
 from lhf_torchrec.mapping.profile import IdProfile, ProfileSummary
 
 # Tables smaller than this stay full size for every method: compressing a table of a few rows
 # saves nothing and only adds noise to comparisons.
 MIN_COMPRESSED_ROWS = 100
+
+# How a compression's bytes go to the tables it compresses (every method gets the same budgets):
+# "table": each table 1 / compression of its full bytes; "access": their total, split by the share of
+# a table's accesses an id's row takes (split_by_access).
+BUDGET_SPLITS = ("table", "access")
+
+# Under the "access" split no table gets less than this share of its own "table" budget, so the large
+# tables of rarely seen ids keep rows for their hashed tail and their unseen ids. Chosen on validation
+# (docs/results.md, "Splitting the budget across tables").
+ACCESS_SPLIT_FLOOR = 0.5
 
 
 def needs_vocabulary(profile: Union[IdProfile, ProfileSummary], table: EmbeddingBagConfig) -> bool:
@@ -116,22 +128,98 @@ class TableBudget:
 
 def table_budgets(
     tables: List[EmbeddingBagConfig], profiles: Mapping[str, IdProfile], *, compression: float, optimizer: str,
-    seed: int = 0,
+    seed: int = 0, budget_split: str = "table",
 ) -> Tuple[Dict[str, TableBudget], Dict[str, IdMapping]]:
     """(budgets of the tables to compress, vocabularies of the full-size tables that need one)."""
     if compression < 1:
         raise ValueError(f"compression must be >= 1, got {compression}")
-    vocabularies = vocabulary_mappings(profiles, tables, seed)
-    budgets: Dict[str, TableBudget] = {}
-    for t in tables:
-        profile = profiles[t.name]
-        budget = compressed_budget(profile, t, compression, optimizer)
-        if budget is None:
-            continue
-        vocabularies.pop(t.name, None)
-        budgets[t.name] = TableBudget(t, profile, full_rows(profile, t), budget,
-                                      dense_ids=not needs_vocabulary(profile, t))
-    return budgets, vocabularies
+    budgets = compressed_budgets(tables, profiles, {n: p.summary() for n, p in profiles.items()},
+                                 compression=compression, optimizer=optimizer, budget_split=budget_split)
+    kept = {t.name: TableBudget(t, profiles[t.name], full_rows(profiles[t.name], t), budgets[t.name],
+                                dense_ids=not needs_vocabulary(profiles[t.name], t))
+            for t in tables if t.name in budgets}
+    return kept, vocabulary_mappings(profiles, [t for t in tables if t.name not in budgets], seed)
+
+
+def compressed_budgets(
+    tables: List[EmbeddingBagConfig], profiles: Mapping[str, IdProfile], summaries: Mapping[str, ProfileSummary], *,
+    compression: float, optimizer: str, budget_split: str,
+    sum_across: Callable[[np.ndarray], np.ndarray] = lambda counts: counts,
+) -> Dict[str, int]:
+    """The bytes of each table to compress (the others stay full size): :func:`compressed_budget` of each
+    table, split by :func:`split_by_access` for ``budget_split="access"`` (its ``profiles``, ``summaries`` and
+    ``sum_across``)."""
+    check_budget_split(budget_split)
+    budgets = {t.name: compressed_budget(summaries[t.name], t, compression, optimizer) for t in tables}
+    budgets = {name: b for name, b in budgets.items() if b is not None}
+    if budget_split == "access":
+        split = split_by_access(budgets, {t.name: t for t in tables}, profiles, summaries, optimizer, sum_across)
+        budgets = {name: b for name, b in split.items() if b is not None}
+    return budgets
+
+
+def check_budget_split(budget_split: str) -> None:
+    if budget_split not in BUDGET_SPLITS:
+        raise ValueError(f"budget_split must be one of {', '.join(map(repr, BUDGET_SPLITS))}, got {budget_split!r}")
+
+
+def full_size_bytes(profile: Union[IdProfile, ProfileSummary], table: EmbeddingBagConfig, optimizer: str) -> int:
+    """What the table costs at full size: its full rows and, for sparse ids, its vocabulary's entries."""
+    rows = full_rows(profile, table)
+    vocabulary = storage_cost(profile.num_ids, profile.max_id - profile.min_id + 1, rows)[1] \
+        if needs_vocabulary(profile, table) and profile.num_ids else 0
+    return rows * row_bytes(table.embedding_dim, optimizer) + vocabulary
+
+
+def split_by_access(
+    budgets: Mapping[str, int],
+    tables: Mapping[str, EmbeddingBagConfig],
+    profiles: Mapping[str, IdProfile],
+    summaries: Mapping[str, ProfileSummary],
+    optimizer: str,
+    sum_across: Callable[[np.ndarray], np.ndarray] = lambda counts: counts,
+) -> Dict[str, Optional[int]]:
+    """The total of the per-table ``budgets`` (bytes) split across their tables by access; ``None`` for
+    a table that gets its full size (it then stays full, as tables too small to compress do).
+
+    A row of its own is worth, to an id, the share of its table's accesses the id takes, per byte of the
+    table's row. One threshold on that worth, the same for every table, gives each table the bytes of the
+    rows of its ids above it: a table whose few ids each take a large share of its accesses (the small
+    tables, which a uniform compression leaves with a handful of rows) grows, up to its full size (with
+    its vocabulary's bytes where its ids are sparse), and the large tables of rarely seen ids give bytes
+    up, down to ``ACCESS_SPLIT_FLOOR`` of their own budget. The threshold is the lowest whose bytes fit
+    the total; what its ties leave over goes to the compressed tables in proportion to their bytes.
+
+    ``profiles`` hold this process's ids (every id, or a rank's share of them: then ``sum_across`` sums
+    the tables' counts of ids over the ranks, and ``summaries`` describe the whole profiles)."""
+    total = sum(budgets.values())
+    names = sorted(budgets)
+    rb = {n: row_bytes(tables[n].embedding_dim, optimizer) for n in names}
+    full = {n: full_size_bytes(summaries[n], tables[n], optimizer) for n in names}
+    floor = {n: int(ACCESS_SPLIT_FLOOR * budgets[n]) for n in names}
+    counts = {n: np.sort(profiles[n].counts) for n in names}  # ascending
+
+    def split_at(worth: float) -> Dict[str, Optional[int]]:
+        # Ids whose count / (table's accesses x row bytes) >= worth, in every table (summed over ranks).
+        above = sum_across(np.array([len(counts[n]) - np.searchsorted(
+            counts[n], worth * summaries[n].total * rb[n], side="left") for n in names], dtype=np.int64))
+        return {n: None if rows >= summaries[n].num_ids else max(floor[n], min(int(rows) * rb[n], full[n]))
+                for n, rows in zip(names, above)}
+
+    def spent(split: Dict[str, Optional[int]]) -> int:
+        return sum(full[n] if b is None else b for n, b in split.items())
+
+    low, high = 0.0, 2.0 / min(rb.values())  # every table full size; no id above (a count <= its total)
+    for _ in range(100):  # bisection to the float's precision
+        middle = (low + high) / 2
+        low, high = (middle, high) if spent(split_at(middle)) > total else (low, middle)
+    split = split_at(high)
+    compressed = {n: b for n, b in split.items() if b is not None}
+    left = total - spent(split)
+    if compressed and left > 0:
+        scale = 1 + left / sum(compressed.values())
+        split.update({n: min(int(b * scale), full[n] - 1) for n, b in compressed.items()})
+    return split
 
 
 def compressed_budget(

@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 from lhf_torchrec.files import atomic_write
 from lhf_torchrec.mapping.methods import MIN_COUNT
-from lhf_torchrec.mapping.tables import full_table_bytes
+from lhf_torchrec.mapping.tables import check_budget_split, full_table_bytes
 from lhf_torchrec.pipeline.datasets import SplitData
 from lhf_torchrec.pipeline.methods import FitInputs, fit_method, get_method
 from lhf_torchrec.pipeline.steps import learn_model, profile_tables, warm_start_rows
@@ -62,6 +62,8 @@ class RunRecord:
     id_passes: int = 0  # that read ids only, no gradient (MCH's replay of the stream), beyond the shared profile
     # The setting each table chose on validation (MethodSpec.per_table; table -> its TABLE_SETTINGS label).
     table_settings: Dict[str, str] = field(default_factory=dict)
+    # How the compression's bytes went to the tables (lhf_torchrec.mapping.tables.BUDGET_SPLITS).
+    budget_split: str = "table"
 
 
 def epochs_seen(record: RunRecord) -> str:
@@ -115,6 +117,7 @@ def compare_methods(
     learn_epochs: int = 1,
     best_epoch: bool = False,
     equal_passes: bool = False,
+    budget_split: str = "table",
     runtime: Optional[Runtime] = None,
     on_record: Optional[Callable[[RunRecord], None]] = None,
 ) -> List[RunRecord]:
@@ -127,9 +130,11 @@ def compare_methods(
     gradient passes over the training split (MCH's id-only replay not counted: it computes no
     gradient, as the profile every method reads). With ``best_epoch`` the test metrics are those of
     the epoch with the best validation logloss (best of the run's epochs), otherwise of the last
-    epoch. ``on_record`` is called with each record as soon as its run is done (:func:`num_runs` of
-    them), e.g. to show progress.
+    epoch. ``budget_split`` splits every method's bytes across the tables the same way
+    (:func:`~lhf_torchrec.mapping.tables.table_budgets`). ``on_record`` is called with each record as
+    soon as its run is done (:func:`num_runs` of them), e.g. to show progress.
     """
+    check_budget_split(budget_split)
     specs = [_spec(m) for m in methods]
     for s in specs:  # unknown names fail here, before any training
         if not get_method(s.method).maps_ids and (s.warm_start or s.unseen_id_rate):
@@ -176,11 +181,13 @@ def compare_methods(
                 if spec.per_table:
                     fitted, table_settings = fit_per_table(
                         model, data.validation, data.tables, profiles, spec.method, compression=compression,
-                        optimizer=train_config.optimizer, seed=seed, **dict(spec.hyperparams))
+                        optimizer=train_config.optimizer, seed=seed, budget_split=budget_split,
+                        **dict(spec.hyperparams))
                 else:
                     inputs = FitInputs(embeddings, data.train, config.batch_size * runtime.world_size)
                     fitted = fit_method(spec.method, data.tables, profiles, inputs, compression=compression,
-                                        optimizer=train_config.optimizer, seed=seed, **dict(spec.hyperparams))
+                                        optimizer=train_config.optimizer, seed=seed, budget_split=budget_split,
+                                        **dict(spec.hyperparams))
                 tables_compression = fitted.compression
                 if spec.warm_start:
                     mappings = tables_compression.mappings
@@ -190,7 +197,7 @@ def compare_methods(
             except ValueError as e:  # the method cannot represent some table at this budget
                 logger.warning("%s %s %gx seed %d does not fit: %s", data.name, spec.label, compression, seed, e)
                 records.append(RunRecord(data.name, spec.label, compression, seed, 0, 0, 0, full_bytes, 0.0, 0.0, 0,
-                                         {}, error=str(e), **passes))
+                                         {}, error=str(e), budget_split=budget_split, **passes))
                 if on_record is not None:
                     on_record(records[-1])
                 continue
@@ -200,7 +207,8 @@ def compare_methods(
             test, epoch, result = _train_and_test(trainer, data, run_config, best_epoch)
             record = RunRecord(data.name, spec.label, compression, seed, fitted.total_bytes, fitted.table_bytes,
                                fitted.mapping_bytes, full_bytes, fit_seconds, result.train_seconds, result.steps,
-                               test, result.validation, epoch, table_settings=table_settings, **passes)
+                               test, result.validation, epoch, table_settings=table_settings,
+                               budget_split=budget_split, **passes)
             logger.info("%s %s %.0fx seed %d (epochs seen %s): test %s", data.name, spec.label, compression, seed,
                         epochs_seen(record), test)
             records.append(record)

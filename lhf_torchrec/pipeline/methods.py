@@ -43,7 +43,7 @@ class FitInputs:
     batch_size: int = 1024
 
 
-# fit(tables, profiles, inputs, compression=..., optimizer=..., seed=..., **hyperparams)
+# fit(tables, profiles, inputs, compression=..., optimizer=..., seed=..., budget_split=..., **hyperparams)
 FitFunction = Callable[..., FittedTables]
 
 
@@ -58,32 +58,34 @@ class Method:
 
 
 def _mapping_method(name: str) -> Method:
-    def fit(tables, profiles, inputs, *, compression, optimizer, seed, **hyperparams):
+    def fit(tables, profiles, inputs, *, compression, optimizer, seed, budget_split, **hyperparams):
         return fit_mappings(tables, profiles, name, compression=compression, optimizer=optimizer,
-                            embeddings=inputs.embeddings, seed=seed, **hyperparams)
+                            embeddings=inputs.embeddings, seed=seed, budget_split=budget_split, **hyperparams)
 
     return Method(name, fit, needs_embeddings=MAPPING_METHODS[name].needs_embeddings, maps_ids=True)
 
 
-def _fit_full(tables, profiles, inputs, *, compression, optimizer, seed, **hyperparams):
+def _fit_full(tables, profiles, inputs, *, compression, optimizer, seed, budget_split, **hyperparams):
     if hyperparams:
         raise TypeError(f"method 'full' takes no hyper-parameters, got {sorted(hyperparams)}")
     return fit_full(tables, profiles, optimizer=optimizer, seed=seed)
 
 
-def _fit_qr(tables, profiles, inputs, *, compression, optimizer, seed, **hyperparams):
-    return fit_qr(tables, profiles, compression=compression, optimizer=optimizer, seed=seed, **hyperparams)
+def _fit_qr(tables, profiles, inputs, *, compression, optimizer, seed, budget_split, **hyperparams):
+    return fit_qr(tables, profiles, compression=compression, optimizer=optimizer, seed=seed, budget_split=budget_split,
+                  **hyperparams)
 
 
-def _fit_mch(tables, profiles, inputs, *, compression, optimizer, seed, **hyperparams):
+def _fit_mch(tables, profiles, inputs, *, compression, optimizer, seed, budget_split, **hyperparams):
     if inputs.train is None:
         raise ValueError("method 'mch' profiles the training stream: give FitInputs(train=...)")
     return fit_mch(tables, profiles, inputs.train, compression=compression, optimizer=optimizer, seed=seed,
-                   batch_size=inputs.batch_size, **hyperparams)
+                   batch_size=inputs.batch_size, budget_split=budget_split, **hyperparams)
 
 
-def _fit_cce(tables, profiles, inputs, *, compression, optimizer, seed, **hyperparams):
-    return fit_cce(tables, profiles, compression=compression, optimizer=optimizer, seed=seed, **hyperparams)
+def _fit_cce(tables, profiles, inputs, *, compression, optimizer, seed, budget_split, **hyperparams):
+    return fit_cce(tables, profiles, compression=compression, optimizer=optimizer, seed=seed, budget_split=budget_split,
+                  **hyperparams)
 
 
 METHODS: Dict[str, Method] = {
@@ -116,9 +118,12 @@ def fit_method(
     compression: float,
     optimizer: str = "sgd",
     seed: int = 0,
+    budget_split: str = "table",
     **hyperparams,
 ) -> FittedTables:
-    """Fits method ``name`` on every table at ``1 / compression`` of its full bytes (``full``: ignored).
+    """Fits method ``name`` on every table at ``1 / compression`` of its full bytes (``full``: ignored;
+    ``budget_split="access"``: their total split across the tables, the same for every method:
+    :func:`~lhf_torchrec.mapping.tables.split_by_access`).
 
     ``hyperparams`` go to the method's estimator or fit function (their defaults are there).
     """
@@ -126,4 +131,4 @@ def fit_method(
     if method.needs_embeddings and inputs.embeddings is None:
         raise ValueError(f"method '{name}' needs learned embeddings (lhf learn)")
     return method.fit(tables, profiles, inputs, compression=compression, optimizer=optimizer, seed=seed,
-                      **hyperparams)
+                      budget_split=budget_split, **hyperparams)

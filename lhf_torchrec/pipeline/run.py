@@ -19,6 +19,7 @@ from lhf_torchrec.mapping.fit import check_fit_settings
 from lhf_torchrec.mapping.fused import runtime_bytes
 from lhf_torchrec.mapping.id_mapping import IdMapping, load_mappings
 from lhf_torchrec.mapping.methods import MIN_COUNT
+from lhf_torchrec.mapping.tables import check_budget_split
 from lhf_torchrec.pipeline.artifacts import RESULTS_FORMAT
 from lhf_torchrec.pipeline.datasets import DatasetSpec, load_split
 from lhf_torchrec.pipeline.methods import FitInputs, fit_method, get_method
@@ -41,6 +42,7 @@ def run_training(
     mappings_path: Optional[str] = None,
     method: str = "full",
     compression: float = 10.0,
+    budget_split: str = "table",
     num_buckets: Optional[int] = None,
     per_table: bool = False,
     fit_settings: Optional[Mapping[str, Any]] = None,
@@ -52,7 +54,8 @@ def run_training(
 
     The tables are compressed by the mappings in ``mappings_path``, or else by ``method`` fitted
     here on the training split at ``compression`` (``"full"``: uncompressed, with a vocabulary
-    where ids are sparse; ``num_buckets``: bucketed mappings). Bucketed mappings (one row per id) whose
+    where ids are sparse; ``budget_split``: how its bytes go to the tables,
+    :func:`~lhf_torchrec.mapping.tables.table_budgets`; ``num_buckets``: bucketed mappings). Bucketed mappings (one row per id) whose
     bucket count the world size divides co-shard row-wise with their tables
     (:class:`~lhf_torchrec.training.compression.LearnedHashing` ``cosharded_world_size``); the
     others keep replicated remaps. ``per_table``: each table's rare tail and clustering floor are
@@ -66,6 +69,7 @@ def run_training(
     if not evaluate_only:
         check_checkpoint_dir(train_config)  # before any work: never train for nothing
     fit_settings = dict(fit_settings or {})
+    check_budget_split(budget_split)
     if fit_settings and not mappings_path:  # before the data, the profile and the learn step
         check_fit_settings(method, fit_settings)
         chosen_per_table = sorted({k for setting in TABLE_SETTINGS.values() for k in setting} & set(fit_settings))
@@ -103,11 +107,12 @@ def run_training(
         if per_table:
             fitted, table_settings = fit_per_table(learned, data.validation, data.tables, profiles, method,
                                                    compression=compression, optimizer=train_config.optimizer,
-                                                   seed=train_config.seed, **bucketed, **fit_settings)
+                                                   seed=train_config.seed, budget_split=budget_split, **bucketed,
+                                                   **fit_settings)
         else:
             fitted = fit_method(method, data.tables, profiles, FitInputs(learned.embeddings if learned else None),
                                 compression=compression, optimizer=train_config.optimizer, seed=train_config.seed,
-                                **bucketed, **fit_settings)
+                                budget_split=budget_split, **bucketed, **fit_settings)
         mappings = fitted.compression.mappings
         del learned, fitted  # the learn model is not needed to train
     # Bucketed mappings whose bucket count the world size divides co-shard with their (row-wise) tables.
@@ -140,6 +145,7 @@ def run_training(
         cosharded_tables=tables_compression.cosharded_tables,
         table_settings=table_settings,
         fit_settings={} if mappings_path else fit_settings,
+        budget_split=None if mappings_path or method == "full" else budget_split,
         # What the mappings cost the whole job: a replicated mapping once per rank, with what its remap
         # adds to apply it (fused.runtime_bytes), a co-sharded one once (its layout, spread over the ranks).
         mapping_bytes=sum(CoshardedTable.of(name, m).nbytes if name in cosharded

@@ -24,6 +24,7 @@ from lhf_torchrec.distributed.fit import (
     own_share,
     record_entry_share_across_ranks,
     share_profile,
+    sum_across_ranks,
 )
 from lhf_torchrec.mapping.buckets import TooFewRowsForBuckets, assemble_keyed, fit_bucket_range
 from lhf_torchrec.mapping.budget import plan_budget, row_bytes
@@ -39,7 +40,7 @@ from lhf_torchrec.mapping.profile import (
     merge_profiles,
 )
 from lhf_torchrec.mapping.tables import (
-    compressed_budget,
+    compressed_budgets,
     full_rows,
     learn_mappings,
     needs_vocabulary,
@@ -238,9 +239,11 @@ def fit_mappings(
     embeddings: Optional[Mapping[str, IdEmbeddings]] = None,
     seed: int = 0,
     num_buckets: Optional[int] = None,
+    budget_split: str = "table",
     **hyperparams,
 ) -> FittedTables:
-    """Fits mapping ``method`` on every table at ``1 / compression`` of its full bytes, mapping counted.
+    """Fits mapping ``method`` on every table at ``1 / compression`` of its full bytes, mapping counted
+    (``budget_split="access"``: their total split across the tables, :func:`~lhf_torchrec.mapping.tables.split_by_access`).
 
     Tables with fewer than ``MIN_COMPRESSED_ROWS`` full rows stay full size (behind a vocabulary
     where ids are sparse). Bytes count the fp32 weights, the ``optimizer``'s state and the mappings.
@@ -268,11 +271,13 @@ def fit_mappings(
         shares = {name: p if isinstance(p, ProfileShare) else own_share(p, num_buckets, seed, table=name)
                   for name, p in profiles.items()}
         return _fit_shares(tables, shares, method, compression=compression, optimizer=optimizer,
-                           embeddings=embeddings or {}, seed=seed, num_buckets=num_buckets, **hyperparams)
+                           embeddings=embeddings or {}, seed=seed, num_buckets=num_buckets,
+                           budget_split=budget_split, **hyperparams)
     if any(isinstance(p, ProfileShare) for p in profiles.values()):
         raise ValueError(f"shares of profiles are for bucketed fits across ranks whose world size divides the bucket "
                          f"count (num_buckets={num_buckets}, world size {world_size})")
-    budgets, mappings = table_budgets(tables, profiles, compression=compression, optimizer=optimizer, seed=seed)
+    budgets, mappings = table_budgets(tables, profiles, compression=compression, optimizer=optimizer, seed=seed,
+                                      budget_split=budget_split)
     for name, budget in budgets.items():
         fit = functools.partial(
             fit_mapping,
@@ -296,18 +301,17 @@ def fit_mappings(
 
 def _fit_shares(
     tables: List[EmbeddingBagConfig], shares: Mapping[str, ProfileShare], method: str, *, compression: float,
-    optimizer: str, embeddings: Mapping[str, IdEmbeddings], seed: int, num_buckets: int, **hyperparams,
+    optimizer: str, embeddings: Mapping[str, IdEmbeddings], seed: int, num_buckets: int, budget_split: str,
+    **hyperparams,
 ) -> FittedTables:
     """:func:`fit_mappings` across the ranks, from each rank's share of every table's profile (collective)."""
     mappings: Dict[str, IdMapping] = {}  # vocabularies first, as table_budgets gives them
-    budgets: Dict[str, int] = {}
-    for t in tables:
-        share = shares[t.name]
-        budget = compressed_budget(share.summary, t, compression, optimizer)
-        if budget is not None:
-            budgets[t.name] = budget
-        elif needs_vocabulary(share.summary, t):  # full size: fewer than MIN_COMPRESSED_ROWS ids, or none
-            mappings.update(vocabulary_mappings({t.name: gather_profile(share)}, [t], seed))
+    budgets = compressed_budgets(tables, {n: s.profile for n, s in shares.items()},
+                                 {n: s.summary for n, s in shares.items()}, compression=compression,
+                                 optimizer=optimizer, budget_split=budget_split, sum_across=sum_across_ranks)
+    for t in tables:  # full size: fewer than MIN_COMPRESSED_ROWS ids, none, or the split's choice
+        if t.name not in budgets and needs_vocabulary(shares[t.name].summary, t):
+            mappings.update(vocabulary_mappings({t.name: gather_profile(shares[t.name])}, [t], seed))
     for t in tables:
         if t.name not in budgets:
             continue

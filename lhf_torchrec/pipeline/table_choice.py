@@ -120,6 +120,7 @@ def fit_per_table(
     compression: float,
     optimizer: str = "sgd",
     seed: int = 0,
+    budget_split: str = "table",
     settings: Mapping[str, Mapping[str, Any]] = TABLE_SETTINGS,
     **hyperparams,
 ) -> Tuple[FittedTables, Dict[str, str]]:
@@ -132,7 +133,8 @@ def fit_per_table(
     within its own bytes whichever it chooses. ``profiles``: whole, or each rank's shares (a bucketed fit
     across ranks, :func:`~lhf_torchrec.pipeline.steps.share_tables`)."""
     fits = {label: fit_mappings(tables, profiles, method, compression=compression, optimizer=optimizer,
-                                embeddings=learned.embeddings, seed=seed, **{**hyperparams, **setting})
+                                embeddings=learned.embeddings, seed=seed, budget_split=budget_split,
+                                **{**hyperparams, **setting})
             for label, setting in settings.items()}
     default = next(iter(fits.values()))
     compressed = [t.name for t in tables if t.name in default.budgets]

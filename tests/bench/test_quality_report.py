@@ -93,6 +93,10 @@ def test_the_report_and_results_json_show_the_epochs_each_method_saw(tmp_path) -
     saved = json.loads((tmp_path / "results.json").read_text())
     assert [(r["train_epochs"], r["learn_epochs"], r["id_passes"]) for r in saved] == list(passes.values())
 
+    assert "each table at 1/compression of its full bytes" in report
+    write_report(records, QualityConfig(out_dir=str(tmp_path / "split"), seeds=(0,), budget_split="access"), 1.0)
+    assert "split across the tables by access (`--budget-split access`" in (tmp_path / "split" / "results.md").read_text()
+
     # results.json written before the passes were kept still loads; its passes read as unknown.
     old = {k: v for k, v in saved[3].items() if k not in ("train_epochs", "learn_epochs", "id_passes")}
     assert epochs_seen(RunRecord(**old)) == "?"
@@ -102,5 +106,6 @@ def test_equal_passes_and_best_epoch_are_quality_options() -> None:
     def config(*argv):
         return _quality_config(build_parser().parse_args(["bench", "quality", *argv]))
 
-    assert (config().equal_passes, config().best_epoch) == (False, False)
+    assert (config().equal_passes, config().best_epoch, config().budget_split) == (False, False, "table")
+    assert config("--budget-split", "access").budget_split == "access"
     assert (config("--equal-passes", "--best-epoch").equal_passes, config("--best-epoch").best_epoch) == (True, True)

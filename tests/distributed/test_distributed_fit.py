@@ -53,6 +53,7 @@ from lhf_torchrec.mapping.buckets import (
 from lhf_torchrec.mapping import load_mappings
 from lhf_torchrec.mapping.embeddings import IdEmbeddings
 from lhf_torchrec.mapping.profile import IdProfile
+from lhf_torchrec.mapping.tables import table_budgets
 from lhf_torchrec.modules.cosharded import CoShardedIdRemap
 from lhf_torchrec.pipeline.artifacts import load_profile_shares, load_profiles, save_embeddings
 from lhf_torchrec.pipeline.datasets import DatasetSpec, load_split
@@ -274,6 +275,14 @@ def _worker(rank: int, world_size: int, path: str) -> None:
         written = load_mappings(os.path.join(path, "frequency2.safetensors"))
         assert {n: m.fingerprint for n, m in fitted.compression.mappings.items()} == {
             n: m.fingerprint for n, m in written.items()}
+        # `--budget-split access` from the shares: the counts summed across the ranks split the bytes as one
+        # process splits them from the whole profiles.
+        split = fit_mappings(data.tables, share_tables(data.train, data.tables, 4, 0), "frequency", compression=2,
+                             optimizer="rowwise_adagrad", seed=0, num_buckets=4, budget_split="access")
+        want, vocabularies = table_budgets(data.tables, profile_tables(data.train, data.tables), compression=2,
+                                           optimizer="rowwise_adagrad", budget_split="access")
+        assert split.budgets == {n: b.budget_bytes for n, b in want.items()} != fitted.budgets
+        assert set(vocabularies) <= set(split.compression.mappings)
         # `lhf train --per-table`'s path: every rank scores its slice of the validation split and all make one
         # choice per table (a rank with other mappings could not train with the others).
         profiles = profile_tables(data.train, data.tables)

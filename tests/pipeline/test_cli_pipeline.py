@@ -147,3 +147,33 @@ def test_fit_settings_reach_the_fit_and_bad_ones_stop_before_any_work(tmp_path, 
         assert code == 2, argv
         assert message in capsys.readouterr().err, argv
         assert not os.path.exists(tmp_path / "never")
+
+
+def test_budget_split_by_access_reaches_fit_and_train(tmp_path, capsys):
+    from lhf_torchrec.mapping import load_mappings
+    from lhf_torchrec.pipeline.artifacts import load_profiles
+    from lhf_torchrec.pipeline.methods import FitInputs, fit_method
+
+    p, m = str(tmp_path / "profiles.safetensors"), str(tmp_path / "split.safetensors")
+    assert main(["profile", *DATA, "--out", p]) == 0
+    assert main(["fit", "--profiles", p, "--method", "frequency", "--compression", "10", "--embedding-dim", "8",
+                 "--budget-split", "access", "--out", m]) == 0
+    profiles, tables = load_profiles(p, 8)
+    want = fit_method("frequency", tables, profiles, FitInputs(), compression=10, optimizer="rowwise_adagrad",
+                      budget_split="access")
+    uniform = fit_method("frequency", tables, profiles, FitInputs(), compression=10, optimizer="rowwise_adagrad")
+    # The uniformly compressed tables' bytes, moved among themselves, within their budgets in all.
+    assert want.budgets != uniform.budgets and set(want.budgets) <= set(uniform.budgets)
+    assert sum(want.per_table_bytes[n] for n in uniform.budgets) <= sum(uniform.budgets.values())
+    written = load_mappings(m)
+    assert {n: x.fingerprint for n, x in written.items()} == {
+        n: x.fingerprint for n, x in want.compression.mappings.items()}
+    assert f"frequency: {want.total_bytes:,} bytes" in capsys.readouterr().out
+    results = str(tmp_path / "train.json")
+    assert main(["train", *DATA, *MODEL, *TRAIN, "--max-steps", "2", "--method", "frequency", "--compression", "10",
+                 "--budget-split", "access", "--results", results]) == 0
+    trained = json.load(open(results))
+    assert trained["budget_split"] == "access"
+    assert trained["table_rows"] == {t.name: want.rows[t.name] for t in tables}
+    assert main(["train", *DATA, *MODEL, *TRAIN, "--mappings", m, "--budget-split", "access"]) == 2
+    assert "--budget-split splits the bytes of a compressed --method fitted here" in capsys.readouterr().err
