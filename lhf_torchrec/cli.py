@@ -386,7 +386,8 @@ def _add_budget_split_argument(parser: argparse.ArgumentParser, applies: str = "
                              f"table at 1/compression of its full bytes; 'access': their total, split across the "
                              f"tables by the share of a table's accesses an id's row takes (tables of few, often "
                              f"seen ids grow, up to full size; no table below {ACCESS_SPLIT_FLOOR * 100:.0f}%% of its "
-                             f"own budget; docs/method.md, 'Splitting the budget across tables')")
+                             f"own budget; it helps where small tables carry the signal and hurts where they do not: compare "
+                             f"both on validation; docs/method.md, 'Splitting the budget across tables')")
 
 
 def _add_param_argument(parser: argparse.ArgumentParser, applies: str = "") -> None:
