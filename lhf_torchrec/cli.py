@@ -382,12 +382,13 @@ def _add_budget_split_argument(parser: argparse.ArgumentParser, applies: str = "
     from lhf_torchrec.mapping.tables import ACCESS_SPLIT_FLOOR, BUDGET_SPLITS
 
     parser.add_argument("--budget-split", choices=BUDGET_SPLITS, default="table",
-                        help=f"{applies}how the compression's bytes go to the tables: 'table' (default): each compressed "
-                             f"table at 1/compression of its full bytes; 'access': their total, split across the "
-                             f"tables by the share of a table's accesses an id's row takes (tables of few, often "
-                             f"seen ids grow, up to full size; no table below {ACCESS_SPLIT_FLOOR * 100:.0f}%% of its "
-                             f"own budget; it helps where small tables carry the signal and hurts where they do not: compare "
-                             f"both on validation; docs/method.md, 'Splitting the budget across tables')")
+                        help=f"{applies}how the compression's bytes go to the tables: 'table' (default): each "
+                             f"compressed table at 1/compression of its full bytes; 'access': their total, split "
+                             f"across the tables by the share of a table's accesses an id's row takes (tables of few, "
+                             f"often seen ids grow, up to full size; no table below {ACCESS_SPLIT_FLOOR * 100:.0f}%% "
+                             f"of its own budget; it helps where small tables carry the signal and hurts where they "
+                             f"do not: compare both on validation; docs/method.md, 'Splitting the budget across "
+                             f"tables')")
 
 
 def _add_param_argument(parser: argparse.ArgumentParser, applies: str = "") -> None:
@@ -540,8 +541,8 @@ def _run_train(args: argparse.Namespace) -> int:
     settings = _params(args)  # run_training checks them before it reads the data
     outcome = run_training(_dataset(args), _model_config(args), _train_config(args), mappings_path=args.mappings,
                            method=args.method, compression=args.compression, budget_split=args.budget_split,
-                           num_buckets=args.num_buckets, per_table=args.per_table, fit_settings=settings, results_path=args.results,
-                           evaluate_only=args.evaluate_only)
+                           num_buckets=args.num_buckets, per_table=args.per_table, fit_settings=settings,
+                           results_path=args.results, evaluate_only=args.evaluate_only)
     if init_runtime().is_main:
         for table, setting in outcome.get("table_settings", {}).items():
             print(f"table {table}: {setting} (chosen on validation)")

@@ -283,7 +283,8 @@ method trains the same TorchRec DLRM (dim {config.embedding_dim}) with the same 
 row-wise Adagrad for the tables, Adam for the MLPs), learning rates (no per-method search: the same
 fixed values for all) and seeds. Budgets are total bytes: table weights + optimizer state + mappings
 + any structure a method keeps (QR's two tables, MCH's slot ids, CCE's pointers), {_split_text(config)};
-tables under 100 rows stay full size for every method. Metrics are on the test split (the last rows in time order), mean ± std over seeds. {_passes_text(config)}
+tables under 100 rows stay full size for every method. Metrics are on the test split (the last rows in
+time order), mean ± std over seeds. {_passes_text(config)}
 
 ## Results
 
@@ -320,7 +321,8 @@ Command: `{config.command}` ({seconds:.0f} s on this machine). Seeds {seeds}; {e
 (dim {config.embedding_dim}), data, optimizer and learning rates for every method. Each method tried the
 settings of its grid (at most {TUNING_BUDGET}, `lhf_torchrec/bench/selection.py`); per dataset, budget and
 seed the setting with the best **validation** logloss was kept and its **test** metrics are reported. Budgets
-are total bytes (tables, optimizer state, mappings), {_split_text(config)}. Gap recovered: (hash - method) / (hash - full) of mean logloss, on each split. {_passes_text(config)}
+are total bytes (tables, optimizer state, mappings), {_split_text(config)}. Gap recovered:
+(hash - method) / (hash - full) of mean logloss, on each split. {_passes_text(config)}
 
 {_untrained_warning(untrained)}{selection_report(selected, choices, untrained=untrained)}
 

@@ -55,8 +55,8 @@ def run_training(
     The tables are compressed by the mappings in ``mappings_path``, or else by ``method`` fitted
     here on the training split at ``compression`` (``"full"``: uncompressed, with a vocabulary
     where ids are sparse; ``budget_split``: how its bytes go to the tables,
-    :func:`~lhf_torchrec.mapping.tables.table_budgets`; ``num_buckets``: bucketed mappings). Bucketed mappings (one row per id) whose
-    bucket count the world size divides co-shard row-wise with their tables
+    :func:`~lhf_torchrec.mapping.tables.table_budgets`; ``num_buckets``: bucketed mappings). Bucketed
+    mappings (one row per id) whose bucket count the world size divides co-shard row-wise with their tables
     (:class:`~lhf_torchrec.training.compression.LearnedHashing` ``cosharded_world_size``); the
     others keep replicated remaps. ``per_table``: each table's rare tail and clustering floor are
     chosen on the validation split (:func:`~lhf_torchrec.pipeline.table_choice.fit_per_table`; a

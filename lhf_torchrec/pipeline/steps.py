@@ -243,7 +243,8 @@ def fit_mappings(
     **hyperparams,
 ) -> FittedTables:
     """Fits mapping ``method`` on every table at ``1 / compression`` of its full bytes, mapping counted
-    (``budget_split="access"``: their total split across the tables, :func:`~lhf_torchrec.mapping.tables.split_by_access`).
+    (``budget_split="access"``: their total split across the tables,
+    :func:`~lhf_torchrec.mapping.tables.split_by_access`).
 
     Tables with fewer than ``MIN_COMPRESSED_ROWS`` full rows stay full size (behind a vocabulary
     where ids are sparse). Bytes count the fp32 weights, the ``optimizer``'s state and the mappings.

@@ -95,7 +95,8 @@ def test_the_report_and_results_json_show_the_epochs_each_method_saw(tmp_path) -
 
     assert "each table at 1/compression of its full bytes" in report
     write_report(records, QualityConfig(out_dir=str(tmp_path / "split"), seeds=(0,), budget_split="access"), 1.0)
-    assert "split across the tables by access (`--budget-split access`" in (tmp_path / "split" / "results.md").read_text()
+    split_report = (tmp_path / "split" / "results.md").read_text()
+    assert "split across the tables by access (`--budget-split access`" in split_report
 
     # results.json written before the passes were kept still loads; its passes read as unknown.
     old = {k: v for k, v in saved[3].items() if k not in ("train_epochs", "learn_epochs", "id_passes")}
