@@ -426,6 +426,8 @@ def _run_fit(args: argparse.Namespace) -> int:
     runtime = init_runtime()
     if args.num_buckets is not None and args.method == "full":
         raise ValueError("--num-buckets applies to the compressed mapping methods, not 'full'")
+    if args.budget_split != "table" and args.method == "full":
+        raise ValueError("--budget-split splits the bytes of the compressed mapping methods, not of 'full' tables")
     settings = _params(args)
     if settings:
         check_fit_settings(args.method, settings)  # before the profiles are read

@@ -152,7 +152,7 @@ def compressed_budgets(
     check_budget_split(budget_split)
     budgets = {t.name: compressed_budget(summaries[t.name], t, compression, optimizer) for t in tables}
     budgets = {name: b for name, b in budgets.items() if b is not None}
-    if budget_split == "access":
+    if budget_split == "access" and budgets:  # nothing to split when every table stays full size
         split = split_by_access(budgets, {t.name: t for t in tables}, profiles, summaries, optimizer, sum_across)
         budgets = {name: b for name, b in split.items() if b is not None}
     return budgets

@@ -83,6 +83,10 @@ def test_table_budgets_split_by_access_give_full_tables_a_vocabulary(tables_and_
     assert set(per_table) == {t.name for t in tables}
     assert "small" not in by_access and set(vocabularies) == {"small"}
     assert vocabularies["small"].num_rows == profiles["small"].num_ids + 1
+    # Nothing to split where every table is too small to compress.
+    small = [_table("tiny", 50)]
+    assert table_budgets(small, {"tiny": IdProfile.from_ids(np.arange(50))}, compression=50, optimizer=OPTIMIZER,
+                         budget_split="access")[0] == {}
     with pytest.raises(ValueError, match="budget_split must be one of 'table', 'access', got 'rows'"):
         table_budgets(tables, profiles, compression=50, optimizer=OPTIMIZER, budget_split="rows")
 

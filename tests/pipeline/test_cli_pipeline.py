@@ -177,3 +177,7 @@ def test_budget_split_by_access_reaches_fit_and_train(tmp_path, capsys):
     assert trained["table_rows"] == {t.name: want.rows[t.name] for t in tables}
     assert main(["train", *DATA, *MODEL, *TRAIN, "--mappings", m, "--budget-split", "access"]) == 2
     assert "--budget-split splits the bytes of a compressed --method fitted here" in capsys.readouterr().err
+    assert main(["fit", "--profiles", p, "--method", "full", "--budget-split", "access", "--out",
+                 str(tmp_path / "never.safetensors")]) == 2
+    assert "--budget-split splits the bytes of the compressed mapping methods" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "never.safetensors")
