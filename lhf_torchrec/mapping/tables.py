@@ -133,8 +133,8 @@ def table_budgets(
     """(budgets of the tables to compress, vocabularies of the full-size tables that need one)."""
     if compression < 1:
         raise ValueError(f"compression must be >= 1, got {compression}")
-    budgets = compressed_budgets(tables, profiles, {n: p.summary() for n, p in profiles.items()},
-                                 compression=compression, optimizer=optimizer, budget_split=budget_split)
+    budgets = compressed_budgets(tables, profiles, profiles, compression=compression, optimizer=optimizer,
+                                 budget_split=budget_split)
     kept = {t.name: TableBudget(t, profiles[t.name], full_rows(profiles[t.name], t), budgets[t.name],
                                 dense_ids=not needs_vocabulary(profiles[t.name], t))
             for t in tables if t.name in budgets}
@@ -142,13 +142,13 @@ def table_budgets(
 
 
 def compressed_budgets(
-    tables: List[EmbeddingBagConfig], profiles: Mapping[str, IdProfile], summaries: Mapping[str, ProfileSummary], *,
-    compression: float, optimizer: str, budget_split: str,
-    sum_across: Callable[[np.ndarray], np.ndarray] = lambda counts: counts,
+    tables: List[EmbeddingBagConfig], profiles: Mapping[str, IdProfile],
+    summaries: Mapping[str, Union[IdProfile, ProfileSummary]], *, compression: float, optimizer: str,
+    budget_split: str, sum_across: Optional[Callable[[np.ndarray], np.ndarray]] = None,
 ) -> Dict[str, int]:
     """The bytes of each table to compress (the others stay full size): :func:`compressed_budget` of each
     table, split by :func:`split_by_access` for ``budget_split="access"`` (its ``profiles``, ``summaries`` and
-    ``sum_across``)."""
+    ``sum_across``; ``summaries`` may be the ``profiles`` themselves when they are whole)."""
     check_budget_split(budget_split)
     budgets = {t.name: compressed_budget(summaries[t.name], t, compression, optimizer) for t in tables}
     budgets = {name: b for name, b in budgets.items() if b is not None}
@@ -175,9 +175,9 @@ def split_by_access(
     budgets: Mapping[str, int],
     tables: Mapping[str, EmbeddingBagConfig],
     profiles: Mapping[str, IdProfile],
-    summaries: Mapping[str, ProfileSummary],
+    summaries: Mapping[str, Union[IdProfile, ProfileSummary]],
     optimizer: str,
-    sum_across: Callable[[np.ndarray], np.ndarray] = lambda counts: counts,
+    sum_across: Optional[Callable[[np.ndarray], np.ndarray]] = None,
 ) -> Dict[str, Optional[int]]:
     """The total of the per-table ``budgets`` (bytes) split across their tables by access; ``None`` for
     a table that gets its full size (it then stays full, as tables too small to compress do).
@@ -191,7 +191,8 @@ def split_by_access(
     the total; what its ties leave over goes to the compressed tables in proportion to their bytes.
 
     ``profiles`` hold this process's ids (every id, or a rank's share of them: then ``sum_across`` sums
-    the tables' counts of ids over the ranks, and ``summaries`` describe the whole profiles)."""
+    the tables' counts of ids over the ranks, and ``summaries`` describe the whole profiles; without it the
+    counts are this process's)."""
     total = sum(budgets.values())
     names = sorted(budgets)
     rb = {n: row_bytes(tables[n].embedding_dim, optimizer) for n in names}
@@ -201,8 +202,9 @@ def split_by_access(
 
     def split_at(worth: float) -> Dict[str, Optional[int]]:
         # Ids whose count / (table's accesses x row bytes) >= worth, in every table (summed over ranks).
-        above = sum_across(np.array([len(counts[n]) - np.searchsorted(
-            counts[n], worth * summaries[n].total * rb[n], side="left") for n in names], dtype=np.int64))
+        above = np.array([len(counts[n]) - np.searchsorted(
+            counts[n], worth * summaries[n].total * rb[n], side="left") for n in names], dtype=np.int64)
+        above = above if sum_across is None else sum_across(above)
         return {n: None if rows >= summaries[n].num_ids else max(floor[n], min(int(rows) * rb[n], full[n]))
                 for n, rows in zip(names, above)}
 
