@@ -507,9 +507,10 @@ def _add_train_parser(subparsers: argparse._SubParsersAction) -> None:
                              "--mappings, and each rank profiles its share of the rows and fits only its own "
                              "buckets (default: no buckets; unbucketed mappings are fitted on every rank)")
     parser.add_argument("--per-table", action="store_true",
-                        help="with --method combination or learned: choose each table's rare tail (10%% of the rows or "
-                             "one shared row) and clustering floor on the validation split, scored by the learn "
-                             "step's model (docs/method.md, 'Per-table choice')")
+                        help="with --method combination or learned: choose each table's bytes (within the same "
+                             "total), then its rare tail (10%% of the rows or one shared row) and clustering floor, on "
+                             "the validation split, scored by the learn step's model (docs/method.md, 'Per-table "
+                             "choice')")
     _add_param_argument(parser, "with --method: ")
     parser.add_argument("--results", type=output_file(RESULTS_FORMAT), metavar="FILE", help="write the metrics as JSON")
     parser.set_defaults(handler=_run_train, evaluate_only=False)

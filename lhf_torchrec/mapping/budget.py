@@ -77,6 +77,10 @@ def row_bytes(embedding_dim: int, optimizer: str = "sgd") -> int:
     return WEIGHT_BYTES * (embedding_dim + state_floats(embedding_dim))
 
 
+class BudgetTooSmall(ValueError):
+    """A table's budget cannot hold the method at all (its smallest mapping and one row)."""
+
+
 @dataclass(frozen=True)
 class BudgetPlan:
     """A method's row split at a budget, and what each part costs in bytes."""
@@ -257,7 +261,7 @@ def plan_budget(
                 f"{low} rows each with method '{method}' ({smallest.total_bytes} bytes, {smallest.mapping_bytes} of "
                 f"them mapping; one row {per_row} bytes); use fewer buckets, a larger budget, or no buckets"
             )
-        raise ValueError(
+        raise BudgetTooSmall(
             f"table '{table}': a budget of {total_bytes} bytes cannot hold method '{method}': its mapping alone "
             f"needs {smallest.mapping_bytes} bytes and one row {per_row} bytes"
         )

@@ -128,13 +128,17 @@ class TableBudget:
 
 def table_budgets(
     tables: List[EmbeddingBagConfig], profiles: Mapping[str, IdProfile], *, compression: float, optimizer: str,
-    seed: int = 0, budget_split: str = "table",
+    seed: int = 0, budget_split: str = "table", budgets: Optional[Mapping[str, int]] = None,
 ) -> Tuple[Dict[str, TableBudget], Dict[str, IdMapping]]:
-    """(budgets of the tables to compress, vocabularies of the full-size tables that need one)."""
+    """(budgets of the tables to compress, vocabularies of the full-size tables that need one).
+
+    ``budgets``: each table to compress and its bytes, given (the others stay full size), in place of
+    the compression's (:func:`compressed_budgets`)."""
     if compression < 1:
         raise ValueError(f"compression must be >= 1, got {compression}")
-    budgets = compressed_budgets(tables, profiles, profiles, compression=compression, optimizer=optimizer,
-                                 budget_split=budget_split)
+    if budgets is None:
+        budgets = compressed_budgets(tables, profiles, profiles, compression=compression, optimizer=optimizer,
+                                     budget_split=budget_split)
     kept = {t.name: TableBudget(t, profiles[t.name], full_rows(profiles[t.name], t), budgets[t.name],
                                 dense_ids=not needs_vocabulary(profiles[t.name], t))
             for t in tables if t.name in budgets}
@@ -217,11 +221,18 @@ def split_by_access(
         low, high = (middle, high) if spent(split_at(middle)) > total else (low, middle)
     split = split_at(high)
     compressed = {n: b for n, b in split.items() if b is not None}
-    left = total - spent(split)
-    if compressed and left > 0:
-        scale = 1 + left / sum(compressed.values())
-        split.update({n: min(int(b * scale), full[n] - 1) for n, b in compressed.items()})
+    split.update(spread_leftover(compressed, total - spent(split), full))
     return split
+
+
+def spread_leftover(budgets: Mapping[str, int], left: int, full: Mapping[str, int]) -> Dict[str, int]:
+    """``budgets`` with ``left`` bytes more spread over them in proportion to their bytes, each table
+    staying under its ``full`` size (so it stays compressed): a split that left bytes unspent gives
+    them to the tables it compressed."""
+    if not budgets or left <= 0:
+        return dict(budgets)
+    scale = 1 + left / sum(budgets.values())
+    return {n: min(int(b * scale), full[n] - 1) for n, b in budgets.items()}
 
 
 def compressed_budget(

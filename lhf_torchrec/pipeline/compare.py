@@ -60,7 +60,8 @@ class RunRecord:
     train_epochs: int = 0  # of the DLRM's training
     learn_epochs: int = 0  # of the learn step (gradient passes of the model that learns the embeddings)
     id_passes: int = 0  # that read ids only, no gradient (MCH's replay of the stream), beyond the shared profile
-    # The setting each table chose on validation (MethodSpec.per_table; table -> its TABLE_SETTINGS label).
+    # What each table chose on validation (MethodSpec.per_table; table -> its bytes and TABLE_SETTINGS label,
+    # e.g. "x2 bytes, tail 10%, floor 10", or "full size").
     table_settings: Dict[str, str] = field(default_factory=dict)
     # How the compression's bytes went to the tables (lhf_torchrec.mapping.tables.BUDGET_SPLITS).
     budget_split: str = "table"
@@ -96,8 +97,9 @@ class MethodSpec:
     warm_start: bool = False
     # TrainConfig.unseen_id_rate of the run: training ids replaced by ids never seen (with_unseen_ids).
     unseen_id_rate: float = 0.0
-    # Each table's tail and clustering floor chosen among TABLE_SETTINGS on validation by the learn
-    # model (lhf_torchrec.pipeline.table_choice); hyperparams apply to every setting.
+    # Each table's bytes (within the same total) and its tail and clustering floor among TABLE_SETTINGS
+    # chosen on validation by the learn model (lhf_torchrec.pipeline.table_choice); hyperparams apply to
+    # every setting.
     per_table: bool = False
 
 

@@ -58,8 +58,8 @@ def run_training(
     :func:`~lhf_torchrec.mapping.tables.table_budgets`; ``num_buckets``: bucketed mappings). Bucketed
     mappings (one row per id) whose bucket count the world size divides co-shard row-wise with their tables
     (:class:`~lhf_torchrec.training.compression.LearnedHashing` ``cosharded_world_size``); the
-    others keep replicated remaps. ``per_table``: each table's rare tail and clustering floor are
-    chosen on the validation split (:func:`~lhf_torchrec.pipeline.table_choice.fit_per_table`; a
+    others keep replicated remaps. ``per_table``: each table's bytes, rare tail and clustering floor
+    are chosen on the validation split (:func:`~lhf_torchrec.pipeline.table_choice.fit_per_table`; a
     learned method). ``fit_settings``: the method's fit settings (:func:`~lhf_torchrec.mapping.fit.fit_settings`;
     with ``per_table`` not those it chooses). Returns (and on rank 0 writes to ``results_path``) the validation
     history and test metrics, and a ``warning`` (logged too) when the model learned nothing

@@ -240,11 +240,13 @@ def fit_mappings(
     seed: int = 0,
     num_buckets: Optional[int] = None,
     budget_split: str = "table",
+    budgets: Optional[Mapping[str, int]] = None,
     **hyperparams,
 ) -> FittedTables:
     """Fits mapping ``method`` on every table at ``1 / compression`` of its full bytes, mapping counted
     (``budget_split="access"``: their total split across the tables,
-    :func:`~lhf_torchrec.mapping.tables.split_by_access`).
+    :func:`~lhf_torchrec.mapping.tables.split_by_access`). ``budgets``: the bytes of each table to
+    compress, given instead (a table not in it stays full size, as one too small to compress does).
 
     Tables with fewer than ``MIN_COMPRESSED_ROWS`` full rows stay full size (behind a vocabulary
     where ids are sparse). Bytes count the fp32 weights, the ``optimizer``'s state and the mappings.
@@ -273,13 +275,13 @@ def fit_mappings(
                   for name, p in profiles.items()}
         return _fit_shares(tables, shares, method, compression=compression, optimizer=optimizer,
                            embeddings=embeddings or {}, seed=seed, num_buckets=num_buckets,
-                           budget_split=budget_split, **hyperparams)
+                           budget_split=budget_split, budgets=budgets, **hyperparams)
     if any(isinstance(p, ProfileShare) for p in profiles.values()):
         raise ValueError(f"shares of profiles are for bucketed fits across ranks whose world size divides the bucket "
                          f"count (num_buckets={num_buckets}, world size {world_size})")
-    budgets, mappings = table_budgets(tables, profiles, compression=compression, optimizer=optimizer, seed=seed,
-                                      budget_split=budget_split)
-    for name, budget in budgets.items():
+    kept, mappings = table_budgets(tables, profiles, compression=compression, optimizer=optimizer, seed=seed,
+                                   budget_split=budget_split, budgets=budgets)
+    for name, budget in kept.items():
         fit = functools.partial(
             fit_mapping,
             budget.profile,
@@ -297,17 +299,17 @@ def fit_mappings(
         except TooFewRowsForBuckets as e:
             logger.info("%s: fitted without buckets", e)
             mappings[name] = fit()
-    return fitted_tables(method, tables, profiles, mappings, optimizer, {n: b.budget_bytes for n, b in budgets.items()})
+    return fitted_tables(method, tables, profiles, mappings, optimizer, {n: b.budget_bytes for n, b in kept.items()})
 
 
 def _fit_shares(
     tables: List[EmbeddingBagConfig], shares: Mapping[str, ProfileShare], method: str, *, compression: float,
     optimizer: str, embeddings: Mapping[str, IdEmbeddings], seed: int, num_buckets: int, budget_split: str,
-    **hyperparams,
+    budgets: Optional[Mapping[str, int]], **hyperparams,
 ) -> FittedTables:
     """:func:`fit_mappings` across the ranks, from each rank's share of every table's profile (collective)."""
     mappings: Dict[str, IdMapping] = {}  # vocabularies first, as table_budgets gives them
-    budgets = compressed_budgets(tables, {n: s.profile for n, s in shares.items()},
+    budgets = dict(budgets) if budgets is not None else compressed_budgets(tables, {n: s.profile for n, s in shares.items()},
                                  {n: s.summary for n, s in shares.items()}, compression=compression,
                                  optimizer=optimizer, budget_split=budget_split, sum_across=sum_across_ranks)
     for t in tables:  # full size: fewer than MIN_COMPRESSED_ROWS ids, none, or the split's choice

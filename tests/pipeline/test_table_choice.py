@@ -1,13 +1,31 @@
-"""Each table's tail and clustering floor chosen on validation by the learn model (pipeline/table_choice.py)."""
+"""Each table's bytes, tail and clustering floor chosen on validation by the learn model (pipeline/table_choice.py)."""
+
+import itertools
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torchrec import EmbeddingBagConfig
 
 from lhf_torchrec.mapping import IdMapping, IdProfile
 from lhf_torchrec.pipeline.compare import MethodSpec, compare_methods
 from lhf_torchrec.pipeline.steps import LearnedModel, fit_mappings, learn_model, profile_tables
-from lhf_torchrec.pipeline.table_choice import SIGNIFICANCE, TABLE_SETTINGS, choose, collided_rows, fit_per_table
+from lhf_torchrec.mapping.budget import BudgetTooSmall
+from lhf_torchrec.mapping.tables import full_size_bytes
+from lhf_torchrec.pipeline import table_choice
+from lhf_torchrec.pipeline.table_choice import (
+    BYTES_MULTIPLES,
+    SIGNIFICANCE,
+    TABLE_SETTINGS,
+    cheapest_within,
+    choose,
+    choose_budgets,
+    collided_rows,
+    fit_per_table,
+)
 from lhf_torchrec.training.model import ModelConfig
 from lhf_torchrec.training.trainer import TrainConfig
 
@@ -54,20 +72,97 @@ def test_the_default_stays_unless_a_candidate_is_better_by_more_than_the_noise()
     assert SIGNIFICANCE > 1
 
 
-def test_a_per_table_fit_chooses_each_table_a_setting_within_its_budget(tiny_split):
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.tuples(st.integers(1, 40), st.integers(0, 100)), min_size=1, max_size=4), min_size=1,
+                max_size=4), st.integers(0, 120))
+def test_the_knapsack_finds_the_least_loss_within_the_total(tables, total):
+    options = {f"t{i}": {k: (cost, loss / 7) for k, (cost, loss) in enumerate(candidates)}
+               for i, candidates in enumerate(tables)}
+    feasible = [dict(zip(options, keys)) for keys in itertools.product(*(list(o) for o in options.values()))
+                if sum(options[t][k][0] for t, k in zip(options, keys)) <= total]
+    if not feasible:
+        with pytest.raises(ValueError, match="fits"):
+            cheapest_within(options, total)
+        return
+    chosen = cheapest_within(options, total)
+    assert sum(options[t][k][0] for t, k in chosen.items()) <= total
+    best = min(sum(options[t][k][1] for t, k in choice.items()) for choice in feasible)
+    assert sum(options[t][k][1] for t, k in chosen.items()) == pytest.approx(best)
+
+
+def _budget_choice(monkeypatch, loss_of):
+    """choose_budgets on two tables of 1,000 dense ids (16,000 bytes full) given 1,000 and 2,000 bytes by
+    their split, whose proxy losses are ``loss_of(table, bytes)`` (per-example vectors; the table's full
+    size is the learned rows: ``loss_of(None, None)``)."""
+    tables = [EmbeddingBagConfig(name=n, embedding_dim=4, num_embeddings=1000, feature_names=[n]) for n in "ab"]
+    profiles = {n: IdProfile(np.arange(1000), np.ones(1000, dtype=np.int64), 1000) for n in "ab"}
+
+    def fit(table, budget):  # a stand-in mapping that says its budget; under 300 bytes nothing fits
+        if budget < 300:
+            raise BudgetTooSmall(f"table '{table.name}': {budget} bytes")
+        return ("mapping", budget)
+
+    split = SimpleNamespace(budgets={"a": 1000, "b": 2000}, compression=SimpleNamespace(
+        mappings={"a": ("mapping", 1000), "b": ("mapping", 2000)}))
+    monkeypatch.setattr(table_choice, "_example_losses", lambda learned, validation: loss_of(None, None))
+    monkeypatch.setattr(table_choice, "table_losses", lambda learned, validation, name, profile, candidates: {
+        key: loss_of(name, mapping[1]) for key, mapping in candidates.items()})
+    return choose_budgets(None, None, tables, profiles, split, fit, "sgd")
+
+
+def test_bytes_go_where_the_proxy_loses_most_within_the_same_total(monkeypatch):
+    noise = 0.01 * torch.tensor([1.0, -1.0], dtype=torch.float64).repeat(5_000)
+
+    def loss_of(table, budget):  # "a" loses 0.01 per halving of its bytes from 4,000; "b" 0.001 from 2,000
+        if table == "a":
+            return 0.6 + 0.01 * np.log2(4000 / budget) + noise
+        return 0.6 + 0.001 * max(0.0, np.log2(2000 / (budget or 16_000))) + noise
+
+    budgets, labels = _budget_choice(monkeypatch, loss_of)
+    # Full size (16,000) fits neither; b cannot go under 300 bytes (a at 250 is no candidate): a at 2,000 and
+    # b at 1,000 lose least within the total of 3,000, and a at 3,000 would leave b nothing.
+    assert budgets == {"a": 2000, "b": 1000}
+    assert labels == {"a": "x2 bytes", "b": "x0.5 bytes"}
+
+
+def test_the_split_stays_where_the_proxy_sees_only_noise(monkeypatch):
+    def loss_of(table, budget):  # 1e-5 better with more bytes, under noise of 0.02 per example
+        generator = torch.Generator().manual_seed((budget or 0) + (table == "b"))
+        return 0.6 - 1e-5 * (budget or 16_000) / 1000 + 0.02 * torch.randn(10_000, generator=generator,
+                                                                             dtype=torch.float64)
+
+    budgets, labels = _budget_choice(monkeypatch, loss_of)
+    assert budgets == {"a": 1000, "b": 2000} and labels == {"a": "x1 bytes", "b": "x1 bytes"}
+    # The knapsack alone (no significance rule) would have moved bytes on that noise.
+    monkeypatch.setattr(table_choice, "SIGNIFICANCE", 0.0)
+    assert _budget_choice(monkeypatch, loss_of)[0] != {"a": 1000, "b": 2000}
+
+
+def test_a_per_table_fit_chooses_each_table_its_bytes_and_setting_within_the_total(tiny_split):
     profiles = profile_tables(tiny_split.train, tiny_split.tables)
     learned = learn_model(tiny_split.train, tiny_split.tables, profiles, dim=4,
                           train_config=TrainConfig(batch_size=256, progress=False))
     before = {name: w.clone() for name, w in learned.trainer.table_weights().items()}
+    split = fit_mappings(tiny_split.tables, profiles, "combination", compression=4, optimizer="rowwise_adagrad",
+                         embeddings=learned.embeddings)
 
     fitted, chosen = fit_per_table(learned, tiny_split.validation, tiny_split.tables, profiles, compression=4,
                                    optimizer="rowwise_adagrad")
 
-    assert chosen and set(chosen) == set(fitted.budgets)
-    assert set(chosen.values()) <= set(TABLE_SETTINGS)
+    assert set(chosen) == set(split.budgets) and set(fitted.budgets) <= set(split.budgets)
+    assert sum(fitted.budgets.values()) <= sum(split.budgets.values())
+    configs = {t.name: t for t in tiny_split.tables}
     for name, label in chosen.items():
+        if label == "full size":
+            assert name not in fitted.budgets
+            assert fitted.per_table_bytes[name] <= full_size_bytes(profiles[name], configs[name], "rowwise_adagrad")
+            continue
+        multiple, setting = label.split(" bytes, ", 1)
+        assert float(multiple[1:]) in BYTES_MULTIPLES and setting in TABLE_SETTINGS
+        # The knapsack's bytes, and a share of what it left unspent.
+        assert fitted.budgets[name] >= int(float(multiple[1:]) * split.budgets[name])
         alone = fit_mappings(tiny_split.tables, profiles, "combination", compression=4, optimizer="rowwise_adagrad",
-                             embeddings=learned.embeddings, **TABLE_SETTINGS[label])
+                             embeddings=learned.embeddings, budgets=fitted.budgets, **TABLE_SETTINGS[setting])
         assert fitted.compression.mappings[name].fingerprint == alone.compression.mappings[name].fingerprint
         assert fitted.per_table_bytes[name] <= fitted.budgets[name]
     assert fitted.total_bytes == fitted.table_bytes + fitted.mapping_bytes
@@ -88,4 +183,6 @@ def test_compare_methods_records_each_tables_choice(tiny_split):
                               TrainConfig(batch_size=256, progress=False))
     (record,) = records
     assert not record.error and record.learn_epochs == 1
-    assert record.table_settings and set(record.table_settings.values()) <= set(TABLE_SETTINGS)
+    assert record.table_settings
+    assert all(label == "full size" or label.split(" bytes, ", 1)[1] in TABLE_SETTINGS
+               for label in record.table_settings.values())
