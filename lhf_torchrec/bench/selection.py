@@ -12,7 +12,8 @@ trained for unseen ids by replacing 5% of the training ids by ids never seen) or
 the rows, and where the clustering floor lies: 10 or 30 accesses. Its fourth setting chooses both
 for each table on its own (:mod:`lhf_torchrec.pipeline.table_choice`: the learn step's model scores
 each table's candidates on validation, one training in all), among them half of the table's bytes
-for the mapping instead of a quarter, which lowers the floor where the budget raised it (high compression).
+for the mapping instead of a quarter, which lowers the floor where the budget raised it (high compression),
+and first each table's bytes within the same total (since stop 23; the label is unchanged).
 """
 
 import statistics

@@ -355,11 +355,15 @@ def write_records(records: Sequence[RunRecord], path: str) -> None:
 
 def write_results(records: Sequence[RunRecord], report: str, out_dir: str, title: str) -> str:
     """A comparison's three files in ``out_dir``: ``results.md`` (``report``), ``results.json``
-    (every run) and ``quality_vs_bytes.png`` (the :func:`summarize` rows, titled ``title``).
-    Returns the plot's path."""
+    (every run) and ``quality_vs_bytes.png`` (the :func:`summarize` rows, titled ``title``; none when
+    no run trained: every run's error is in the report and the records). Returns the plot's path, or ""."""
     with atomic_write(os.path.join(out_dir, "results.md")) as f:
         f.write(report.encode())
     write_records(records, os.path.join(out_dir, "results.json"))
+    rows = summarize(records)
+    if not rows:
+        logger.warning("no run trained (every fit failed): %s has no plot", out_dir)
+        return ""
     plot_path = os.path.join(out_dir, "quality_vs_bytes.png")
-    plot_quality_vs_bytes(summarize(records), plot_path, title=title)
+    plot_quality_vs_bytes(rows, plot_path, title=title)
     return plot_path

@@ -37,7 +37,7 @@ from lhf_torchrec.data.source import CTRSource
 from lhf_torchrec.distributed.fit import ProfileShare
 from lhf_torchrec.mapping.budget import BudgetTooSmall
 from lhf_torchrec.mapping.id_mapping import IdMapping
-from lhf_torchrec.mapping.profile import IdProfile
+from lhf_torchrec.mapping.profile import IdProfile, ProfileSummary
 from lhf_torchrec.mapping.tables import full_size_bytes, spread_leftover
 from lhf_torchrec.pipeline.steps import LearnedModel, fit_mappings, fitted_tables, row_means
 from lhf_torchrec.training.compression import FittedTables
@@ -60,7 +60,9 @@ TABLE_SETTINGS: Dict[str, Dict[str, Any]] = {
 SIGNIFICANCE = 2.0
 
 # The bytes a compressed table may take, as multiples of the budget its split gives it (its full size is
-# the other candidate): from half (the floor of the access split, mapping/tables.py) to 4x, in doubles.
+# the other candidate): a large table of rarely seen ids may give up to three quarters of its bytes, a
+# small one of often seen ids grow up to 8x or to its full size; steps of a half or less below 2x, so
+# that the bytes one table gives up can buy another a step. Chosen on validation (docs/results.md, stop 23).
 BYTES_MULTIPLES = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 8.0)
 
 
@@ -162,6 +164,8 @@ def choose_budgets(
     (:func:`cheapest_within`, on mean losses) is kept only when its summed per-example loss differences to
     the split's budgets are below zero by more than :data:`SIGNIFICANCE` standard errors; else the split's
     budgets stay."""
+    if not split.budgets:  # every table stays full size: no bytes to move
+        return {}, {}
     configs = {t.name: t for t in tables}
     unchanged = _example_losses(learned, validation)
     losses: Dict[str, Dict[Optional[float], torch.Tensor]] = {}
@@ -199,7 +203,7 @@ def _bytes_label(multiple: Optional[float]) -> str:
     return "full size" if multiple is None else f"x{multiple:g} bytes"
 
 
-def _summary(profile: Union[IdProfile, ProfileShare]):
+def _summary(profile: Union[IdProfile, ProfileShare]) -> Union[IdProfile, ProfileSummary]:
     return profile.summary if isinstance(profile, ProfileShare) else profile
 
 

@@ -110,3 +110,12 @@ def test_equal_passes_and_best_epoch_are_quality_options() -> None:
     assert (config().equal_passes, config().best_epoch, config().budget_split) == (False, False, "table")
     assert config("--budget-split", "access").budget_split == "access"
     assert (config("--equal-passes", "--best-epoch").equal_passes, config("--best-epoch").best_epoch) == (True, True)
+
+
+def test_a_report_whose_every_fit_failed_is_written_without_a_plot(tmp_path) -> None:
+    failed = RunRecord("tiny", "combination", 50, 0, 0, 0, 0, 1000, 0.0, 0.0, 0, {},
+                       error="table 't': a budget of 42 bytes cannot hold method 'combination'")
+    write_report([failed], QualityConfig(out_dir=str(tmp_path), seeds=(0,), compressions=(50,)), 1.0)
+    assert "a budget of 42 bytes cannot hold" in (tmp_path / "results.md").read_text()
+    assert json.loads((tmp_path / "results.json").read_text())[0]["error"]
+    assert not (tmp_path / "quality_vs_bytes.png").exists()

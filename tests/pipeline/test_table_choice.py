@@ -138,6 +138,11 @@ def test_the_split_stays_where_the_proxy_sees_only_noise(monkeypatch):
     assert _budget_choice(monkeypatch, loss_of)[0] != {"a": 1000, "b": 2000}
 
 
+def test_no_bytes_move_when_every_table_stays_full_size():
+    split = SimpleNamespace(budgets={}, compression=SimpleNamespace(mappings={}))
+    assert choose_budgets(None, None, [], {}, split, None, "sgd") == ({}, {})
+
+
 def test_a_per_table_fit_chooses_each_table_its_bytes_and_setting_within_the_total(tiny_split):
     profiles = profile_tables(tiny_split.train, tiny_split.tables)
     learned = learn_model(tiny_split.train, tiny_split.tables, profiles, dim=4,
