@@ -309,9 +309,10 @@ def _fit_shares(
 ) -> FittedTables:
     """:func:`fit_mappings` across the ranks, from each rank's share of every table's profile (collective)."""
     mappings: Dict[str, IdMapping] = {}  # vocabularies first, as table_budgets gives them
-    budgets = dict(budgets) if budgets is not None else compressed_budgets(tables, {n: s.profile for n, s in shares.items()},
-                                 {n: s.summary for n, s in shares.items()}, compression=compression,
-                                 optimizer=optimizer, budget_split=budget_split, sum_across=sum_across_ranks)
+    if budgets is None:
+        budgets = compressed_budgets(tables, {n: s.profile for n, s in shares.items()},
+                                     {n: s.summary for n, s in shares.items()}, compression=compression,
+                                     optimizer=optimizer, budget_split=budget_split, sum_across=sum_across_ranks)
     for t in tables:  # full size: fewer than MIN_COMPRESSED_ROWS ids, none, or the split's choice
         if t.name not in budgets and needs_vocabulary(shares[t.name].summary, t):
             mappings.update(vocabulary_mappings({t.name: gather_profile(shares[t.name])}, [t], seed))
@@ -342,7 +343,7 @@ def _fit_shares(
         del whole
         record_entry_share_across_ranks(mappings[t.name], share)
     summaries = {name: share.summary for name, share in shares.items()}
-    return fitted_tables(method, tables, summaries, mappings, optimizer, budgets)
+    return fitted_tables(method, tables, summaries, mappings, optimizer, dict(budgets))
 
 
 def fit_full(
