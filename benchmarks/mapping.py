@@ -24,7 +24,8 @@ is stopped resumes where it was; ``--fresh`` starts over.
 
 Apply: ids drawn from the same access distribution (1% never seen; ids dense, sparse 40-bit or
 sparse 64-bit), mapped by a fitted mapping in every storage that can hold it, eager and compiled
-(``IdMapping.compile``'s settings, one compile per mapping), next to a plain gather
+(``IdMapping.compile``'s settings, one compile per mapping; a mapping that applies through the CPU kernel
+also compiled with torch ops), next to a plain gather
 ``table.index_select(0, ids)`` from an int32 table of 1e6 rows, measured interleaved in one process
 on one torch thread; medians of repeated runs.
 
@@ -303,6 +304,16 @@ def _split_slots(mapping):
                      **mapping._settings())
 
 
+def _torch_ops(mapping):
+    """``mapping`` applied with torch ops where it would call the CPU kernel (native.py): the path of CUDA and of
+    CPUs without AVX-512. The same buffers and function."""
+    import copy
+
+    plain = copy.copy(mapping)
+    plain._native_layout = None
+    return plain
+
+
 def apply_rows(num_ids: int, batch: int, reps: int) -> list:
     """Apply throughput of every storage, eager and compiled, next to a plain gather, on one torch thread
     (the box is shared)."""
@@ -338,23 +349,32 @@ def apply_rows(num_ids: int, batch: int, reps: int) -> list:
         # IdMapping.forward (each mapping's constants are its own), so start each case afresh.
         torch._dynamo.reset()
         compiled = [_compiled(m, ids) for m in variants]
+        # Where a mapping calls the CPU kernel, the same mapping compiled with torch ops too.
+        kernel = [i for i, m in enumerate(variants) if m._native_layout is not None]
+        torch_compiled = {i: _compiled(_torch_ops(variants[i]), ids)[0] for i in kernel}
         # Apply (entries found, every other id hashed) eager and compiled, and the entry lookup alone
         # (what the storage does, eager).
         k = len(variants)
         times = time_median([lambda: floor_table.index_select(0, floor_ids)]
                             + [lambda m=m: m(ids) for m in variants]
                             + [lambda c=c: c(ids) for c, _ in compiled]
-                            + [lambda m=m: m._lookup(ids) for m in variants], reps)
+                            + [lambda m=m: m._lookup(ids) for m in variants]
+                            + [lambda c=torch_compiled[i]: c(ids) for i in kernel], reps)
+        for i in kernel:  # the kernel and the torch ops: one function
+            if not torch.equal(variants[i](ids), _torch_ops(variants[i])(ids)):
+                raise AssertionError(f"the CPU kernel maps ids differently from the torch ops ({storages[i]})")
         gather = times[0]
         for i, (storage, mapping) in enumerate(zip(storages, variants)):
             t_apply, t_compiled, t_lookup = times[1 + i], times[1 + k + i], times[1 + 2 * k + i]
+            t_torch = times[1 + 3 * k + kernel.index(i)] if i in kernel else t_compiled
             layout = perfect_hash.slot_layout_of(mapping._buffers) if storage == "perfect_hash" else ""
             rows.append({"ids": kind, "method": method,
                          "storage": f"{storage} {layout}".strip() + (" (fitted)" if mapping is fitted else ""),
                          "entries": mapping.num_entries, "hit": hit, "mapping_mb": mapping.nbytes / 2**20,
                          "gather_Mids_s": ids.numel() / gather / 1e6, "apply_Mids_s": ids.numel() / t_apply / 1e6,
                          "compiled_Mids_s": ids.numel() / t_compiled / 1e6, "apply/gather": t_apply / gather,
-                         "compiled/gather": t_compiled / gather, "lookup/gather": t_lookup / gather,
+                         "compiled/gather": t_compiled / gather, "kernel": "yes" if i in kernel else "no",
+                         "torch_compiled/gather": t_torch / gather, "lookup/gather": t_lookup / gather,
                          "compile_s": compiled[i][1]})
     torch.set_num_threads(threads)
     return rows
@@ -754,8 +774,9 @@ def zch_rows(num_ids: int, batch: int, reps: int) -> list:
 
 def apply_doc(rows: list, num_ids: int, batch: int, reps: int, zch: list) -> str:
     """The "Apply throughput" subsection."""
-    def worst(storage: str, column: str) -> str:
-        return f"{max(r[column] for r in rows if r['storage'].startswith(storage)):.2f}x"
+    def worst(storage: str, column: str, fitted: bool = False) -> str:
+        own = [r[column] for r in rows if r["storage"].startswith(storage) and (not fitted or "(fitted)" in r["storage"])]
+        return f"{max(own):.2f}x" if own else "-"
 
     def over(storage: str) -> str:
         own = [r for r in rows if r["storage"].startswith(storage)]
@@ -770,6 +791,12 @@ def apply_doc(rows: list, num_ids: int, batch: int, reps: int, zch: list) -> str
     sparse = [s for s in ("perfect_hash", "sorted") if any(r["storage"].startswith(s) for r in rows)]
     verdict = ". ".join(f"`{s}` eager {worst(s, 'apply/gather')}, compiled {worst(s, 'compiled/gather')} "
                         f"(compiled rows that {over(s)})" for s in sparse)
+    fitted_sparse = [r for r in rows if "(fitted)" in r["storage"] and r["ids"] != "dense"]
+    fitted = (f"{max(r['apply/gather'] for r in fitted_sparse):.2f}x eager, "
+              f"{max(r['compiled/gather'] for r in fitted_sparse):.2f}x compiled") if fitted_sparse else "none"
+    kernel_rows = [r for r in rows if r["kernel"] == "yes"]
+    kernel = (f"{min(r['torch_compiled/gather'] / r['compiled/gather'] for r in kernel_rows):.1f}-"
+              f"{max(r['torch_compiled/gather'] / r['compiled/gather'] for r in kernel_rows):.1f}x") if kernel_rows else "-"
     return "\n".join([
         APPLY_SUBSECTION,
         f"{batch:,} lookups drawn from the access distribution of {num_ids:,} profiled ids, plus 1% never-seen ids "
@@ -782,48 +809,42 @@ def apply_doc(rows: list, num_ids: int, batch: int, reps: int, zch: list) -> str
         "fit in 63: here the 40-bit ids) and `remainders` (full 64-bit keys: the mixed key above the row bits and "
         "the row in one int64, the key's low bits given back by the slot); a fitted `remainders` table is also "
         "timed in the `split` slots int64 keys took before it (same function, side by side). `hit` is the share of "
-        "lookups that find an entry (the others "
-        "are hashed by `hash_ids`). `apply` is eager `mapping(ids)`; `compiled` the same mapping compiled as "
-        "`mapping.compile()` does (`torch.compile` with `COMPILE_SETTINGS`: one graph, dynamic batch size, "
-        "inductor's scalar C++ code), once per mapping; `compile_s` is its first call (a cold compile, inductor's "
-        "caches off; the first one also loads inductor), and every compiled mapping gives the eager rows on these ids and on a batch of "
-        "another size without recompiling. `lookup/gather` times the storage alone, eager (`_lookup`: finds the "
-        "entries, hashes nothing). The floor is a plain `int32_table.index_select(0, int64_ids)` gather of as many "
-        f"ids from a {num_ids:,}-row table, timed in the same interleaved reps; median of {reps} reps of the "
-        "timing thread's CPU time, 1 torch thread. The box is shared with other jobs: absolute throughputs move "
-        "with its load, the ratios much less. Only CPU was measured; on CUDA `torch.compile` generates triton "
-        "code instead (not checked).",
+        "lookups that find an entry (the others are hashed by `hash_ids`). `kernel`: whether the mapping applies "
+        "through the CPU kernel (`lhf_torchrec/mapping/native_lookup.c`, AVX-512: `records` and `remainders` "
+        "tables; docs/method.md, \"Storage\"). `apply` is eager `mapping(ids)`; `compiled` the same mapping compiled "
+        "as `mapping.compile()` does (`torch.compile` with `COMPILE_SETTINGS`: one graph, dynamic batch size, "
+        "inductor's scalar C++ code, the kernel an op in it), once per mapping; `torch_compiled` the same mapping "
+        "compiled with torch ops instead of the kernel (the path of CUDA and of CPUs without AVX-512; equal to "
+        "`compiled` where there is no kernel); `compile_s` is the first call (a cold compile, inductor's caches "
+        "off; the first one also loads inductor), and every compiled mapping gives the eager rows on these ids "
+        "and on a batch of another size without recompiling (the kernel's rows are checked against the torch ops' "
+        "too). `lookup/gather` times the storage alone in torch ops, eager (`_lookup`: finds the entries, hashes "
+        "nothing). The floor is a plain `int32_table.index_select(0, int64_ids)` gather of as many ids from a "
+        f"{num_ids:,}-row table, timed in the same interleaved reps; median of {reps} reps of the timing thread's "
+        "CPU time, 1 torch thread. The box is shared with other jobs: absolute throughputs move with its load, "
+        "the ratios much less. Only CPU was measured; on CUDA `torch.compile` generates triton code instead "
+        "(not checked).",
         "",
-        markdown_table(rows, ["ids", "method", "storage", "entries", "hit", "mapping_mb", "gather_Mids_s",
-                              "apply_Mids_s", "compiled_Mids_s", "apply/gather", "compiled/gather", "lookup/gather",
-                              "compile_s"]),
+        markdown_table(rows, ["ids", "method", "storage", "entries", "hit", "mapping_mb", "kernel", "gather_Mids_s",
+                              "apply_Mids_s", "compiled_Mids_s", "apply/gather", "compiled/gather",
+                              "torch_compiled/gather", "lookup/gather", "compile_s"]),
         "",
-        f"Worst apply/gather (target for sparse storages <= {APPLY_TARGET:g}): {verdict}. Where few lookups hit an "
-        "entry, eager apply is mostly the cost of `hash_ids` on the misses (the `hash` row: the hashing trick "
-        "itself), ~20 int64 passes over memory; compiled, the hash of every id costs less than the gather (the "
-        "`hash` row), and the hashing trick, dense tables and small perfect-hash tables run several times "
-        "faster. Where the table outgrows the caches (`combination`, 1e6 entries, 8-11 MB), a perfect-hash lookup "
-        "fused into one loop is a chain of dependent random reads (pilot, then the slot) of which few are in flight "
-        "at once (10.5-11.6x the gather in the previous run of this table); compiled lookups of tables over 2 MiB of slots "
-        "(`perfect_hash.APART_BYTES`) therefore compute every slot in one kernel and read the slots in an op of "
-        "their own (`lhf_torchrec::gather_apart`, an `index_select` inductor cannot fuse), whose independent reads "
-        "the memory system overlaps; smaller tables stay fused (faster there: 50k-entry tables 1.9x fused vs 2.5x "
-        "apart, split layout, one-off run on an AMD EPYC 2-core box, stop 16). What is left at 1e6 entries is "
-        "the reads' footprint: in "
-        "one-off runs on that box (loaded) an `index_select` of 1e6 random ids from an 8 MB table costs 2.3-2.5x "
-        "the same gather from the 4 MB floor table whatever the element size (int32 or int64: the bytes the reads "
-        "spread over, not the bytes read, set it), so a 1e6-entry sparse table (8.4-8.5 MB of records or "
-        "remainders, 11.4 MB split with 64-bit keys) did not reach 3x the floor there with the slot computation and "
-        "the hash of the misses on top; 8 bytes a slot is about the least that holds a key exactly (a 64-bit key "
-        "beyond the 20 bits its slot gives back, and a 17-bit row, take 61). Eager, every "
-        "element-wise op of the slot computation is a pass over the ids (~20-25 passes, ~0.2x the gather each), "
-        "so eager apply stays several times over 3x (the `apply/gather` column). Also tried (one-off, not in this repository): (key, row) as a (S, 2) "
-        "int64 tensor, 16 bytes a slot, 9.4x compiled (its 16 MB footprint, and a 2-D `index_select` is slow on "
-        "CPU); a one-multiply key mixing instead of mix64 for records (4.40x vs 4.65x compiled side by side, 1e6 "
-        "entries, loaded box), dropped: it found no table for keys k * 7919 * 2^20. `sorted` is a binary search (~20 dependent reads per id) either way. In a one-off "
-        "measurement (2026-11-30, not in this repository) inductor's default (vectorized, AVX2) CPU code ran a "
-        "plain gather 2-3x slower than its scalar code on that box: it moves every gathered element through a stack "
-        "buffer; hence `cpp.simdlen: 1` in `COMPILE_SETTINGS`.",
+        f"Target for sparse storages: <= {APPLY_TARGET:g}x the gather. The storages the fit chose for sparse ids: "
+        f"worst {fitted}. Worst of every storage: {verdict}. The kernel against the same mapping compiled with "
+        f"torch ops: {kernel} faster (torch's CPU capability on this machine: "
+        f"{torch.backends.cpu.get_cpu_capability()}; the kernel needs AVX512). Blocks of 32 ids go through three "
+        "stages as a pipeline, eight ids at a time in AVX-512 (mix and group; slot from the pilot; read, compare "
+        "and hash the misses), each stage prefetching what the next one reads, so the next blocks' random reads "
+        "are in flight while one block is compared; in torch ops the lookup of a table that "
+        "outgrows the caches (1e6 entries, 8.4-8.5 MB of slots) is a chain of dependent reads (pilot, then slot) "
+        "between ~40 scalar int64 ops: inductor's fused loop keeps few reads in flight, and reading the slots in "
+        "an op of their own (`lhf_torchrec::gather_apart`, tables over `perfect_hash.APART_BYTES`) still leaves "
+        "the scalar slot arithmetic at about one gather (\"What the apply tried before the kernel\" below). "
+        "Eager torch ops make every element-wise op a pass over the ids (~20-25 passes), hence the `split` rows' "
+        "`apply/gather` (small tables: no kernel, compile them). `sorted` is a binary search (~20 dependent reads "
+        "per id) either way. `cpp.simdlen: 1` in `COMPILE_SETTINGS`: inductor's vectorized CPU code moves every "
+        "gathered element through a stack buffer, 2-3x slower than its scalar loads for a plain gather (one-off, "
+        "AVX2, 2026-11-30).",
         "",
         "FBGEMM's `torch.ops.fbgemm.zero_collision_hash` (TorchRec's `HashZchManagedCollisionModule`; its CPU path "
         "is read-only at lookup) on the entries of the sparse 64-bit `frequency` mapping, with as many identity "
@@ -836,7 +857,7 @@ def apply_doc(rows: list, num_ids: int, batch: int, reps: int, zch: list) -> str
         "Not used: a linear-probing table needs probe sequences (data-dependent length; `max_probe` bounds "
         "them, and an id that does not fit within it is silently not inserted), its layout is defined by the "
         "kernel's insert order and hash rather than a fixed function we can rebuild bit for bit in a checksum, and "
-        "our lookup is plain torch ops that run unchanged on CUDA and CPU.",
+        "our lookup runs the same function on CUDA (torch ops) and CPU (the kernel or torch ops).",
     ])
 
 

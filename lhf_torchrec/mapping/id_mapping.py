@@ -63,7 +63,7 @@ import torch
 from torch import nn
 
 from lhf_torchrec.files import atomic_write, read_safetensors
-from lhf_torchrec.mapping import perfect_hash
+from lhf_torchrec.mapping import native, perfect_hash
 from lhf_torchrec.mapping.hashing import bucket_hash, bucket_hashes, hash_ids, input_hash_size
 
 FORMAT_VERSION = 1
@@ -298,6 +298,9 @@ class IdMapping(nn.Module):
         for name, tensor in tensors.items():
             self.register_buffer(name, tensor.contiguous())
         self._check_rows()
+        # The slot layout the CPU kernel applies (native.py), where it can run.
+        self._native_layout = (perfect_hash.slot_layout_of(tensors) if storage == "perfect_hash" and probes == 1
+                               and num_buckets is None and native.load() else None)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -570,6 +573,16 @@ class IdMapping(nn.Module):
         if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
             raise TypeError(f"table '{self.table_name}': ids must be an integer tensor, got dtype {ids.dtype}")
         flat = self._keys_of(ids.reshape(-1))
+        if self._native_layout is not None and flat.device.type == "cpu":
+            if self._native_layout == "split":
+                slots, rows_low, rows_high = self.slot_keys, self.slot_rows, self.slot_rows_high
+            else:
+                slots = self.get_buffer(f"slot_{self._native_layout}")
+                rows_low = rows_high = self.group_pilots[:0]
+            return native.perfect_hash_rows(
+                flat, slots, rows_low, rows_high, self.group_pilots, self.group_hash, native.LAYOUTS[self._native_layout],
+                perfect_hash.record_row_bits(self.num_rows), self.offset, self.hash_offset, self.hash_rows,
+                self.seed).view(ids.shape)
         if self.storage == "dense" and self.probes == 1 and _eager_cpu(flat) and flat.numel():
             # Eager CPU fast path: when every id lies in the stored span (one reduction, no host sync
             # cost on CPU), a lookup is a single gather: no range masks, nothing to hash.

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from lhf_torchrec.mapping import IdEmbeddings, IdProfile
+from lhf_torchrec.mapping import IdEmbeddings, IdProfile, native
 
 
 @pytest.fixture(scope="module")
@@ -25,3 +25,10 @@ def planted():
     profile = IdProfile.from_ids(accesses)
     embeddings = IdEmbeddings(np.arange(num_ids), torch.tensor(vectors, dtype=torch.float32))
     return profile, embeddings, group_of
+
+
+@pytest.fixture
+def torch_ops_only(monkeypatch):
+    """Mappings built in the test apply with torch ops, as on CUDA or a CPU without the kernel (native.py)."""
+    monkeypatch.setattr(native, "_library", None)
+    monkeypatch.setattr(native, "_loaded", True)

@@ -26,6 +26,8 @@ def _bucketed(entry_ids, num_buckets, seed, probes=1):
 
 def _same(a: IdMapping, b: IdMapping, query: torch.Tensor) -> None:
     assert torch.equal(a(query), b(query))
+    if a._native_layout is not None:  # the CPU kernel applied a; the torch ops (CUDA, other CPUs) must agree
+        assert torch.equal(a._fill_hashed(*a._lookup(query), query), b(query))
     assert torch.equal(a.has_entry(query), b.has_entry(query))
     for x, y in zip(a.stored_entries(), b.stored_entries()):
         assert torch.equal(x, y)
@@ -245,8 +247,9 @@ def test_records_cost_less_than_int64_keys_and_split_files_still_load(tmp_path):
         IdMapping(1 << 17, storage="perfect_hash", offset=mapping.offset, tensors=bad, table_name="t")
 
 
-def test_compiled_lookups_of_large_tables_read_the_slots_apart():
-    """Above APART_BYTES of slots the compiled lookup gathers the slots in their own op, with the eager rows."""
+def test_compiled_lookups_of_large_tables_read_the_slots_apart(torch_ops_only):
+    """Above APART_BYTES of slots the compiled lookup gathers the slots in their own op, with the eager rows
+    (the torch ops: CUDA, CPUs without the kernel)."""
     rng = np.random.default_rng(2)
     ids = np.unique(rng.integers(0, 1 << 40, 300_000))  # 2.5 MB of records
     mapping = IdMapping.from_entries(ids, rng.integers(0, 1000, ids.size), 2000, hash_offset=1000, seed=1)
@@ -469,7 +472,7 @@ def test_remainders_of_structured_keys_build_and_find_only_their_keys():
                                               group_hash)[1].any()
 
 
-def test_compiled_remainders_read_the_slots_apart_with_the_eager_rows():
+def test_compiled_remainders_read_the_slots_apart_with_the_eager_rows(torch_ops_only):
     rng = np.random.default_rng(5)
     ids = np.unique(rng.integers(-(1 << 63), (1 << 63) - 1, 300_000, dtype=np.int64))  # 2.4 MB of slots
     mapping = IdMapping.from_entries(ids, rng.integers(0, 30_000, ids.size), 40_000, hash_offset=30_000, seed=1)
