@@ -32,3 +32,20 @@ def torch_ops_only(monkeypatch):
     """Mappings built in the test apply with torch ops, as on CUDA or a CPU without the kernel (native.py)."""
     monkeypatch.setattr(native, "_library", None)
     monkeypatch.setattr(native, "_loaded", True)
+
+
+@pytest.fixture
+def compiled_ops():
+    """``ops(module, ids)``: the ops of the graph ``torch.compile`` captures of ``module(ids)`` (fullgraph, dynamic
+    batch size), once that graph is checked to give the eager rows."""
+    def ops(module, ids):
+        graphs = []
+
+        def capture(gm, inputs):
+            graphs.append(gm)
+            return gm.forward
+
+        torch._dynamo.reset()
+        assert torch.equal(torch.compile(module, backend=capture, fullgraph=True, dynamic=True)(ids), module(ids))
+        return {node.target for gm in graphs for node in gm.graph.nodes}
+    return ops

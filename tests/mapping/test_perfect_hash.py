@@ -247,7 +247,7 @@ def test_records_cost_less_than_int64_keys_and_split_files_still_load(tmp_path):
         IdMapping(1 << 17, storage="perfect_hash", offset=mapping.offset, tensors=bad, table_name="t")
 
 
-def test_compiled_lookups_of_large_tables_read_the_slots_apart(torch_ops_only):
+def test_compiled_lookups_of_large_tables_read_the_slots_apart(torch_ops_only, compiled_ops):
     """Above APART_BYTES of slots the compiled lookup gathers the slots in their own op, with the eager rows
     (the torch ops: CUDA, CPUs without the kernel)."""
     rng = np.random.default_rng(2)
@@ -258,16 +258,7 @@ def test_compiled_lookups_of_large_tables_read_the_slots_apart(torch_ops_only):
     assert "slot_records" in mapping._buffers and "slot_keys" in wide._buffers
     query = torch.from_numpy(np.concatenate([ids[::7], rng.integers(-(1 << 63), 1 << 63, 3000)]))
     for m, apart in ((mapping, True), (wide, False)):
-        graphs = []
-
-        def capture(gm, inputs):
-            graphs.append(gm)
-            return gm.forward
-
-        torch._dynamo.reset()
-        assert torch.equal(torch.compile(m, backend=capture, fullgraph=True, dynamic=True)(query), m(query))
-        ops = {node.target for gm in graphs for node in gm.graph.nodes}
-        assert (torch.ops.lhf_torchrec.gather_apart.default in ops) == apart
+        assert (torch.ops.lhf_torchrec.gather_apart.default in compiled_ops(m, query)) == apart
     # Through inductor (the op stays an extern call between two kernels): the eager rows.
     torch._dynamo.reset()
     assert torch.equal(torch.compile(mapping, **COMPILE_SETTINGS)(query), mapping(query))
