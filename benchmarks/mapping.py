@@ -8,6 +8,7 @@
     .venv/bin/python benchmarks/mapping.py --fit-only --sizes 1e8   # one size (rows of others are kept)
     .venv/bin/python benchmarks/mapping.py --fit-only --sizes 1e8 --methods frequency   # and one method
     .venv/bin/python benchmarks/mapping.py --apply         # only the apply throughput table
+    .venv/bin/python benchmarks/mapping.py --apply-scale --large   # apply of 1e6-1e8 64-bit keys (~10 GB)
     .venv/bin/python benchmarks/mapping.py --distributed   # distributed fit, 2 gloo ranks vs 1 (~30 minutes, loaded box)
     .venv/bin/python benchmarks/mapping.py --distributed --sizes 1e7 --methods combination --paths library
                                                             # a slice: printed, docs left as they are
@@ -378,6 +379,77 @@ def apply_rows(num_ids: int, batch: int, reps: int) -> list:
                          "compile_s": compiled[i][1]})
     torch.set_num_threads(threads)
     return rows
+
+
+SCALE_SUBSECTION = "### Apply at scale"
+
+
+def scale_rows(sizes, batch: int, reps: int) -> list:
+    """Apply of tables of n random 64-bit keys (n / 10 rows) through the CPU kernel where it loads and compiled torch
+    ops, next to a gather of as many ids from an int32 table of n rows, on one torch thread."""
+    from lhf_torchrec.mapping import IdMapping, perfect_hash
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    rows = []
+    for n in sizes:
+        rng = np.random.default_rng(3)
+        keys = np.unique(rng.integers(-(1 << 63), (1 << 63) - 1, size=n + n // 100, dtype=np.int64))[:n]
+        num_rows = n // 10
+        started = time.perf_counter()
+        mapping = IdMapping.from_entries(keys, rng.integers(0, num_rows - num_rows // 10, size=keys.size), num_rows,
+                                         hash_offset=num_rows - num_rows // 10)
+        build_s = time.perf_counter() - started
+        # Zipf(1.1) over the keys in a random order, plus 1% never-seen ids.
+        weights = np.arange(1, n + 1, dtype=np.float64) ** -1.1
+        seen = keys[rng.permutation(n)[rng.choice(n, size=batch, p=weights / weights.sum())]]
+        del weights
+        unseen = rng.integers(-(1 << 63), (1 << 63) - 1, size=batch // 100, dtype=np.int64)
+        ids = torch.from_numpy(np.concatenate([seen, unseen])[rng.permutation(batch + batch // 100)])
+        # The floor reads the dense storage of the same lookups: each key's position among the keys (an unseen id
+        # a random one), so its reads are as skewed as the mapping's.
+        floor_table = torch.randint(0, num_rows, (n,), dtype=torch.int32)
+        floor_ids = torch.from_numpy(np.searchsorted(keys, ids.numpy()).clip(max=n - 1))
+        torch._dynamo.reset()
+        compiled, _ = _compiled(_torch_ops(mapping), ids)
+        if not torch.equal(compiled(ids), mapping(ids)):
+            raise AssertionError(f"the CPU kernel maps ids differently from the torch ops ({n:,} entries)")
+        gather, applied, torch_compiled = time_median(
+            [lambda: floor_table.index_select(0, floor_ids), lambda: mapping(ids), lambda: compiled(ids)], reps)
+        rows.append({"entries": n, "rows": num_rows, "layout": perfect_hash.slot_layout_of(mapping._buffers),
+                     "mapping_mb": mapping.nbytes / 2**20, "build_s": build_s,
+                     "kernel": "yes" if mapping._native_layout is not None else "no",
+                     "distinct_ids": int(np.unique(ids.numpy()).size), "gather_Mids_s": ids.numel() / gather / 1e6,
+                     "apply/gather": applied / gather, "torch_compiled/gather": torch_compiled / gather})
+        print(json.dumps(rows[-1]), flush=True)
+        del mapping, compiled, floor_table, floor_ids, ids, keys
+    torch.set_num_threads(threads)
+    return rows
+
+
+def scale_doc(rows: list, batch: int, reps: int) -> str:
+    """The "Apply at scale" subsection."""
+    def spread(column: str) -> str:
+        return f"{min(r[column] for r in rows):.2f}-{max(r[column] for r in rows):.2f}x"
+
+    return "\n".join([
+        SCALE_SUBSECTION,
+        f"Tables of n random 64-bit keys into n / 10 rows (the fit's storage for them: `perfect_hash` in "
+        f"`remainders`), {batch:,} lookups Zipf(1.1)-distributed over the keys in a random order plus 1% never-seen "
+        "ids (`distinct_ids`: how many of the lookups are different). `apply` is eager `mapping(ids)` (the CPU "
+        "kernel where `kernel` says so), `torch_compiled` the same mapping compiled with torch ops (the path of "
+        "CUDA and of CPUs without AVX-512); the floor a gather of as many ids from an int32 table of n rows (the "
+        "dense storage of n ids) at the position of each looked-up key (as skewed as the lookups; a never-seen id "
+        "at the position of the next key), in the same interleaved reps; median of "
+        f"{reps} reps of the timing thread's CPU time, 1 torch thread. `build_s`: the perfect hash table's build. "
+        "Beyond the last-level cache a lookup's slot is a random read from memory, as the floor's row is; the "
+        "kernel's pipeline keeps the next blocks' reads in flight, while in torch ops the slot arithmetic sits "
+        f"between dependent reads: apply/gather {spread('apply/gather')}, torch_compiled/gather "
+        f"{spread('torch_compiled/gather')} here.",
+        "",
+        markdown_table(rows, ["entries", "rows", "layout", "mapping_mb", "build_s", "kernel", "distinct_ids",
+                              "gather_Mids_s", "apply/gather", "torch_compiled/gather"]),
+    ])
 
 
 DIST_BUCKETS = 64
@@ -885,6 +957,10 @@ def main() -> None:
                         help="with --distributed: run each job this many times, every number the median of the runs")
     parser.add_argument("--apply", action="store_true",
                         help="only the apply throughput table (replaces its subsection of docs/performance.md)")
+    parser.add_argument("--apply-scale", action="store_true",
+                        help="only the apply of 1e6 and 1e7 random 64-bit keys (--large: and 1e8, ~10 GB), the "
+                             "kernel and compiled torch ops next to a gather (replaces its subsection of "
+                             "docs/performance.md)")
     parser.add_argument("--dist-child", nargs=6, metavar=("IDS", "METHOD", "WORLD", "RANK", "DIR", "PATH"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -930,6 +1006,15 @@ def main() -> None:
         text = text.replace("\n", f"\n`python benchmarks/mapping.py --apply --reps {args.reps}` "
                             f"({time.perf_counter() - started:.0f} s). {machine_description()}.\n\n", 1)
         _write_distributed_subsection(text, APPLY_SUBSECTION)
+        print(text)
+        return
+
+    if args.apply_scale:
+        started = time.perf_counter()
+        command = "python benchmarks/mapping.py --apply-scale" + (" --large" if args.large else "") + f" --reps {args.reps}"
+        text = scale_doc(scale_rows([10**6, 10**7] + ([10**8] if args.large else []), 10**6, args.reps), 10**6, args.reps)
+        text = text.replace("\n", f"\n`{command}` ({time.perf_counter() - started:.0f} s). {machine_description()}.\n\n", 1)
+        _write_distributed_subsection(text, SCALE_SUBSECTION)
         print(text)
         return
 

@@ -52,8 +52,9 @@ THREAD_CHUNK = 1 << 16
 
 _library: Optional[ctypes.CDLL] = None
 _loaded = False
+# Worker threads of large batches, and the process and size they were made for (a fork leaves a pool without threads).
 _pool: Optional[ThreadPoolExecutor] = None
-_pool_threads = 0
+_pool_key = (0, 0)
 
 
 def _cache_dir() -> Path:
@@ -171,11 +172,12 @@ def _perfect_hash_rows(ids: torch.Tensor, slots: torch.Tensor, rows_low: torch.T
     if threads <= 1:
         run(0, n)
         return out
-    global _pool, _pool_threads
-    if _pool_threads < threads:
-        if _pool is not None:
+    global _pool, _pool_key
+    if _pool_key != (os.getpid(), threads):
+        if _pool is not None and _pool_key[0] == os.getpid():
             _pool.shutdown(wait=False)
-        _pool, _pool_threads = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="lhf_native"), threads
+        _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="lhf_native")
+        _pool_key = (os.getpid(), threads)
     bounds = [n * i // threads for i in range(threads + 1)]
     for future in [_pool.submit(run, bounds[i], bounds[i + 1]) for i in range(threads)]:
         future.result()

@@ -2,6 +2,7 @@
 bit, whatever the batch; built once into the cache; the torch ops wherever it cannot run."""
 
 import logging
+import multiprocessing
 import os
 import shutil
 import stat
@@ -123,6 +124,35 @@ def test_a_batch_split_over_threads_gives_the_same_rows(monkeypatch):
             assert torch.equal(mapping(ids), expected)
     finally:
         torch.set_num_threads(threads)
+
+
+def _apply_in_child(mapping, ids, queue):
+    torch.set_num_threads(2)
+    queue.put(mapping(ids).tolist())  # a list: a tensor would go through shared memory the child takes with it
+
+
+@needs_kernel
+def test_a_forked_process_splits_a_batch_over_threads_with_the_parents_rows(monkeypatch):
+    """A forked process (a DataLoader worker) after the parent used its threads: the same rows, no hang."""
+    mapping = _mapping("int64", 3000, 300, seed=8)
+    ids = _queries(mapping, 5000, seed=8)
+    monkeypatch.setattr(native, "THREAD_CHUNK", 64)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        expected = mapping(ids)  # the parent's pool of 2 threads
+    finally:
+        torch.set_num_threads(threads)
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_apply_in_child, args=(mapping, ids, queue))
+    child.start()
+    try:
+        assert queue.get(timeout=60) == expected.tolist()
+    finally:
+        child.join(timeout=10)
+        if child.is_alive():
+            child.kill()
 
 
 @needs_kernel
