@@ -123,11 +123,6 @@ def _coefficients(hash_rows: int, seed: int) -> torch.Tensor:
     return torch.tensor([hash_rows, *hash_coefficients(seed)], dtype=torch.int64)
 
 
-def loaded() -> bool:
-    """Whether :func:`load` loaded the kernel (reads a flag only: safe while ``torch.compile`` traces)."""
-    return _library is not None
-
-
 def perfect_hash_rows(ids: torch.Tensor, slots: torch.Tensor, rows_low: torch.Tensor, rows_high: torch.Tensor,
                       pilots: torch.Tensor, group_hash: torch.Tensor, layout: int, low_bits: int, key_offset: int,
                       hash_offset: int, hash_rows: int, seed: int) -> torch.Tensor:

@@ -82,6 +82,19 @@ def test_every_layout_applies_through_the_kernel_with_the_rows_of_the_torch_ops(
 
 
 @needs_kernel
+def test_a_mapping_whose_buffers_a_fused_remap_packed_still_applies_alone():
+    """FusedIdMappings makes a table's buffers strided views of its packed records (int32 keys, 3-byte rows)."""
+    from lhf_torchrec.mapping.fused import FusedIdMappings
+
+    mapping = _mapping("int32", 3000, 1 << 16, seed=9)
+    ids = _queries(mapping, 2000, seed=9)
+    expected = _torch_rows(mapping, ids)
+    fused = FusedIdMappings({"t": mapping})
+    assert "t" in fused.tables and not mapping.slot_keys.is_contiguous()
+    assert torch.equal(mapping(ids), expected) and torch.equal(fused([ids], ["t"])[0], expected)
+
+
+@needs_kernel
 @settings(max_examples=30, deadline=None)
 @given(keys=st.sampled_from(sorted(KEY_SPANS)), num_entries=st.integers(1, 6000),
        num_rows=st.one_of(st.integers(2, 5000), st.sampled_from([1 << 16, (1 << 23) + 1])),
