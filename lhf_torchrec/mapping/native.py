@@ -11,8 +11,9 @@ It is used where it can run and the torch ops everywhere else, with the same row
 
 * the CPU has AVX-512 (F, DQ, BW, VL) as torch reports it (``torch.backends.cpu.get_cpu_capability()``:
   Intel Xeon since Skylake-SP, AMD since Zen 4); a C compiler (``$CC``, else ``cc``) builds the kernel
-  once per machine into ``$XDG_CACHE_HOME/lhf_torchrec`` (``~/.cache`` by default; the file's name is a
-  hash of the source, flags and compiler, written atomically, so ranks that build at once do not clash);
+  once per machine into ``$XDG_CACHE_HOME/lhf_torchrec`` (``~/.cache`` by default; the file is named by a
+  hash of the source, flags and compiler and by its own checksum, checked before loading, and written
+  atomically, so ranks that build at once do not clash);
 * ``LHF_TORCHREC_NATIVE=0`` turns it off (the torch ops then run everywhere);
 * CUDA ids, double hashing and bucketed mappings always take the torch ops, as does the fused remap of many
   tables (:mod:`~lhf_torchrec.mapping.fused`).
@@ -65,24 +66,33 @@ def _compiler() -> Optional[str]:
     return shutil.which(os.environ.get("CC") or "cc")
 
 
+def _checksum(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
 def _build(compiler: str) -> Path:
-    """The kernel's shared library, compiled into the cache unless a build of the same source, flags and
-    compiler is there already."""
+    """The kernel's shared library: ``native_lookup-<key>-<checksum>.so`` in the cache, the key a hash of the
+    source, flags and compiler, the checksum the file's own (checked before it is loaded: a damaged file is
+    removed and built again)."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
     source = SOURCE.read_bytes()
-    digest = hashlib.sha256(source + "\0".join((compiler, version, *FLAGS)).encode()).hexdigest()[:20]
-    path = _cache_dir() / f"native_lookup-{digest}.so"
-    if path.exists():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
+    key = hashlib.sha256(source + "\0".join((compiler, version, *FLAGS)).encode()).hexdigest()[:20]
+    cache = _cache_dir()
+    for path in sorted(cache.glob(f"native_lookup-{key}-*.so")):
+        if _checksum(path) == path.stem.rsplit("-", 1)[1]:
+            return path
+        LOG.warning("the cached kernel %s does not match its checksum: building it again", path)
+        path.unlink(missing_ok=True)
+    cache.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=cache, prefix=f".native_lookup-{key}.", suffix=".tmp")
     os.close(fd)
     try:
         result = subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True)
         if result.returncode:
             raise RuntimeError(f"{compiler} failed on {SOURCE.name}:\n{result.stderr.strip()}")
-        os.replace(tmp, path)  # atomic: a rank that builds at the same time sees the old state or this file
+        path = cache / f"native_lookup-{key}-{_checksum(tmp)}.so"
+        os.replace(tmp, path)  # atomic: a rank that builds at the same time sees no file or this whole one
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -200,6 +200,15 @@ def test_the_kernel_is_built_once_into_the_cache(fresh_state, monkeypatch):
     run = native.subprocess.run
     monkeypatch.setattr(native.subprocess, "run", lambda args, **kw: compiles.append(args) if "-o" in args else run(args, **kw))
     assert native.load() and not compiles
+    # A damaged file (its checksum no longer matches its name) is built again, not loaded.
+    with open(built[0], "ab") as f:
+        f.write(b"\0")
+    monkeypatch.setattr(native, "_library", None)
+    monkeypatch.setattr(native, "_loaded", False)
+    monkeypatch.setattr(native.subprocess, "run", run)
+    assert native.load()
+    rebuilt = list((fresh_state / "lhf_torchrec").glob("native_lookup-*.so"))
+    assert len(rebuilt) == 1 and native._checksum(rebuilt[0]) == rebuilt[0].stem.rsplit("-", 1)[1]
 
 
 def test_a_compiler_that_fails_leaves_the_torch_ops(fresh_state, monkeypatch, caplog):
