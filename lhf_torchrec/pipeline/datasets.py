@@ -22,9 +22,9 @@ or ``~/.cache/lhf_torchrec``) that every later pass and run on the same files re
 import json
 import logging
 import os
-from dataclasses import dataclass, field, fields as dataclass_fields
+from dataclasses import asdict, dataclass, field, fields as dataclass_fields
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from torchrec import EmbeddingBagConfig
 
@@ -83,6 +83,14 @@ class DatasetSpec:
             raise ValueError(f"split needs 3 fractions (train, validation, test), got {list(self.split)}")
         if self.kind == "csv" and not self.csv_spec:
             raise ValueError("dataset 'csv' needs a column spec (a JSON file with label, dense, categorical)")
+
+    def record(self) -> Dict[str, Any]:
+        """The spec as a run's results record it: ``rows`` and ``scale`` only for synthetic data, the one kind
+        they describe (files are read whole)."""
+        fields = asdict(self)
+        if self.kind != "synthetic":
+            del fields["rows"], fields["scale"]
+        return fields
 
 
 def read_csv_spec(path: str) -> CSVSpec:

@@ -138,7 +138,7 @@ def run_training(
     outcome["test"] = trainer.evaluate(data.test)
     outcome.update(
         format=RESULTS_FORMAT,
-        dataset=asdict(dataset),
+        dataset=dataset.record(),
         model=asdict(model_config),
         train=asdict(train_config),
         world_size=runtime.world_size,
