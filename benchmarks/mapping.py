@@ -846,9 +846,8 @@ def zch_rows(num_ids: int, batch: int, reps: int) -> list:
 
 def apply_doc(rows: list, num_ids: int, batch: int, reps: int, zch: list) -> str:
     """The "Apply throughput" subsection."""
-    def worst(storage: str, column: str, fitted: bool = False) -> str:
-        own = [r[column] for r in rows if r["storage"].startswith(storage) and (not fitted or "(fitted)" in r["storage"])]
-        return f"{max(own):.2f}x" if own else "-"
+    def worst(storage: str, column: str) -> str:
+        return f"{max(r[column] for r in rows if r['storage'].startswith(storage)):.2f}x"
 
     def over(storage: str) -> str:
         own = [r for r in rows if r["storage"].startswith(storage)]
@@ -882,8 +881,8 @@ def apply_doc(rows: list, num_ids: int, batch: int, reps: int, zch: list) -> str
         "the row in one int64, the key's low bits given back by the slot); a fitted `remainders` table is also "
         "timed in the `split` slots int64 keys took before it (same function, side by side). `hit` is the share of "
         "lookups that find an entry (the others are hashed by `hash_ids`). `kernel`: whether the mapping applies "
-        "through the CPU kernel (`lhf_torchrec/mapping/native_lookup.c`, AVX-512: `records` and `remainders` "
-        "tables; docs/method.md, \"Storage\"). `apply` is eager `mapping(ids)`; `compiled` the same mapping compiled "
+        "through the CPU kernel (`lhf_torchrec/mapping/native_lookup.c`, AVX-512, every slot layout; "
+        "docs/method.md, \"Storage\"). `apply` is eager `mapping(ids)`; `compiled` the same mapping compiled "
         "as `mapping.compile()` does (`torch.compile` with `COMPILE_SETTINGS`: one graph, dynamic batch size, "
         "inductor's scalar C++ code, the kernel an op in it), once per mapping; `torch_compiled` the same mapping "
         "compiled with torch ops instead of the kernel (the path of CUDA and of CPUs without AVX-512; equal to "

@@ -580,9 +580,9 @@ class IdMapping(nn.Module):
                 slots = self.get_buffer(f"slot_{self._native_layout}")
                 rows_low = rows_high = self.group_pilots[:0]
             return native.perfect_hash_rows(
-                flat, slots, rows_low, rows_high, self.group_pilots, self.group_hash, native.LAYOUTS[self._native_layout],
-                perfect_hash.record_row_bits(self.num_rows), self.offset, self.hash_offset, self.hash_rows,
-                self.seed).view(ids.shape)
+                flat, slots, rows_low, rows_high, self.group_pilots, self.group_hash,
+                native.LAYOUTS[self._native_layout], perfect_hash.record_row_bits(self.num_rows), self.offset,
+                self.hash_offset, self.hash_rows, self.seed).view(ids.shape)
         if self.storage == "dense" and self.probes == 1 and _eager_cpu(flat) and flat.numel():
             # Eager CPU fast path: when every id lies in the stored span (one reduction, no host sync
             # cost on CPU), a lookup is a single gather: no range masks, nothing to hash.

@@ -17,7 +17,8 @@ from lhf_torchrec.mapping import IdMapping, native, perfect_hash
 from lhf_torchrec.mapping.id_mapping import COMPILE_SETTINGS
 
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
-CAN_RUN = (torch.backends.cpu.get_cpu_capability() == "AVX512" and shutil.which(os.environ.get("CC") or "cc") is not None
+CAN_RUN = (torch.backends.cpu.get_cpu_capability() == "AVX512"
+           and shutil.which(os.environ.get("CC") or "cc") is not None
            and os.environ.get("LHF_TORCHREC_NATIVE", "1") != "0")
 needs_kernel = pytest.mark.skipif(not CAN_RUN, reason="the kernel needs an AVX-512 CPU and a C compiler")
 
@@ -59,7 +60,8 @@ def test_the_kernel_is_loaded_exactly_where_it_can_run():
 # Every slot layout, key width and row width of perfect_hash (layout, key dtype, row bytes).
 LAYOUT_CASES = [("int64", 3000, 300, "remainders", torch.int64, 0), ("40-bit", 3000, 700, "records", torch.int64, 0),
                 ("int64", 600, 700, "split", torch.int64, 2), ("int32", 3000, 700, "split", torch.int32, 2),
-                ("int32", 3000, 1 << 16, "split", torch.int32, 3), ("int64", 600, (1 << 23) + 1, "split", torch.int64, 4)]
+                ("int32", 3000, 1 << 16, "split", torch.int32, 3),
+                ("int64", 600, (1 << 23) + 1, "split", torch.int64, 4)]
 
 
 @needs_kernel
@@ -198,7 +200,8 @@ def test_the_kernel_is_built_once_into_the_cache(fresh_state, monkeypatch):
     monkeypatch.setattr(native, "_loaded", False)
     compiles = []
     run = native.subprocess.run
-    monkeypatch.setattr(native.subprocess, "run", lambda args, **kw: compiles.append(args) if "-o" in args else run(args, **kw))
+    monkeypatch.setattr(native.subprocess, "run",
+                        lambda args, **kw: compiles.append(args) if "-o" in args else run(args, **kw))
     assert native.load() and not compiles
     # A damaged file (its checksum no longer matches its name) is built again, not loaded.
     with open(built[0], "ab") as f:
@@ -213,7 +216,8 @@ def test_the_kernel_is_built_once_into_the_cache(fresh_state, monkeypatch):
 
 def test_a_compiler_that_fails_leaves_the_torch_ops(fresh_state, monkeypatch, caplog):
     compiler = fresh_state / "broken-cc"
-    compiler.write_text("#!/bin/sh\n[ \"$1\" = --version ] && echo broken 1.0 && exit 0\necho 'no AVX-512 here' >&2\nexit 1\n")
+    compiler.write_text("#!/bin/sh\n[ \"$1\" = --version ] && echo broken 1.0 && exit 0\n"
+                        "echo 'no AVX-512 here' >&2\nexit 1\n")
     compiler.chmod(compiler.stat().st_mode | stat.S_IXUSR)
     monkeypatch.setenv("CC", str(compiler))
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
